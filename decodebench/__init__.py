@@ -1,0 +1,3 @@
+"""DecodeBench: a reproducible benchmark harness for LLM decoding acceleration."""
+
+__version__ = "0.1.0"

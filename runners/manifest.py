@@ -1,0 +1,94 @@
+"""Provenance for every run: code version, library versions, hardware, threads, seed, times."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+import decodebench
+
+PACKAGES = ("torch", "transformers", "hydra-core", "datasets", "pandas", "decodebench")
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def git_info() -> dict[str, Any]:
+    """Commit and dirty flag of the DecodeBench source tree (null when not a git checkout)."""
+    source = Path(decodebench.__file__).resolve().parents[1]
+    def git(*args: str) -> Optional[str]:
+        try:
+            return subprocess.run(["git", "-C", str(source), *args], capture_output=True, text=True,
+                                  timeout=10, check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+    sha = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if sha else None
+    return {"sha": sha, "dirty": bool(status) if status is not None else None}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware(device: str) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "hostname": socket.gethostname(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "device": device,
+        "gpu": None,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def versions() -> dict[str, Optional[str]]:
+    found: dict[str, Optional[str]] = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def config_hash(resolved_config: dict[str, Any]) -> str:
+    """Hash of the resolved config minus where-it-runs keys (used to decide if a run can resume)."""
+    relevant = {k: v for k, v in resolved_config.items() if k not in ("run_dir", "progress", "overwrite")}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build_manifest(resolved_config: dict[str, Any], device: str, seed: int, extra: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "decodebench": decodebench.__version__,
+        "git": git_info(),
+        "versions": versions(),
+        "hardware": hardware(device),
+        "threads": torch.get_num_threads(),
+        "seed": seed,
+        "config_hash": config_hash(resolved_config),
+        "command": sys.argv,
+        "started": utc_now(),
+        "finished": None,
+        **extra,
+    }

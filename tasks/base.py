@@ -1,0 +1,127 @@
+"""The task contract: a task turns a data file into :class:`Sample` objects and chat messages.
+
+The config says where the data file lives (``data_file``, ``url``); a subclass says how one row
+becomes a Sample (:meth:`Task.to_sample`). Selection (categories, ids, per-category, limit) and
+message building are shared.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Optional, Union
+
+from decodebench.config import ConfigValueError, TaskConfig
+from decodebench.registry import DecodeBenchError, UnknownNameError
+from decodebench.tasks.data import load_jsonl_records, resolve_data_file
+
+
+@dataclass
+class Sample:
+    """One benchmark item: one or more user turns answered in sequence."""
+
+    sample_id: str
+    category: str  # the task's own category (Spec-Bench: 13 categories)
+    group: str  # the category group reported in tables (Spec-Bench: 6 groups)
+    turns: list[str]  # user messages, one per turn
+    # reference answers, one per turn when present (Spec-Bench RAG rows: a list of accepted answers)
+    reference: Optional[list[Any]] = None
+
+
+class Task(abc.ABC):
+    """Base class of benchmark tasks.
+
+    Args:
+        cfg: the task's configuration.
+        data_dir: folder searched first for ``data_file`` (config ``data_dir``), or None.
+        cache_dir: the DecodeBench cache (downloads and the ``datasets`` cache live there).
+    """
+
+    # Sample attribute that ``per_category`` counts by ("category" or "group").
+    per_category_key: ClassVar[str] = "category"
+
+    def __init__(self, cfg: TaskConfig, data_dir: Optional[Union[str, Path]],
+                 cache_dir: Union[str, Path]):
+        self.cfg = cfg
+        self.data_dir = data_dir
+        self.cache_dir = Path(cache_dir)
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    @abc.abstractmethod
+    def to_sample(self, row: dict[str, Any]) -> Sample:
+        """Turn one data-file row into a Sample."""
+
+    def data_path(self) -> Path:
+        if not self.cfg.data_file:
+            raise ConfigValueError(f"task '{self.name}' has no data file: set task.data_file")
+        return resolve_data_file(self.cfg.data_file, self.data_dir, self.cache_dir, self.cfg.url)
+
+    def all_samples(self) -> list[Sample]:
+        """Every sample of the data file, in file order."""
+        return [self.to_sample(row) for row in load_jsonl_records(self.data_path(), self.cache_dir)]
+
+    def load_samples(self) -> list[Sample]:
+        """The samples selected by the config, in file order.
+
+        Filters apply in this order: ``categories`` (category or group names), ``ids``,
+        ``per_category`` (first N per :attr:`per_category_key`), ``limit`` (first N overall).
+
+        Raises:
+            UnknownNameError: a category/group name that the data does not contain.
+            DecodeBenchError: sample ids that are not in the data (after the categories filter).
+        """
+        samples = self.all_samples()
+        cfg = self.cfg
+        if cfg.categories is not None:
+            known = {s.category for s in samples} | {s.group for s in samples}
+            for name in cfg.categories:
+                if name not in known:
+                    raise UnknownNameError(f"{self.name} category", name, known)
+            wanted = set(cfg.categories)
+            samples = [s for s in samples if s.category in wanted or s.group in wanted]
+        if cfg.ids is not None:
+            wanted_ids = [str(i) for i in cfg.ids]
+            missing = sorted(set(wanted_ids) - {s.sample_id for s in samples})
+            if missing:
+                raise DecodeBenchError(f"task.ids not found in {self.name} "
+                                       f"(after the categories filter): {', '.join(missing)}")
+            samples = [s for s in samples if s.sample_id in set(wanted_ids)]
+        if cfg.per_category is not None:
+            taken: dict[str, int] = {}
+            kept = []
+            for sample in samples:
+                key = getattr(sample, self.per_category_key)
+                if taken.get(key, 0) < cfg.per_category:
+                    taken[key] = taken.get(key, 0) + 1
+                    kept.append(sample)
+            samples = kept
+        if cfg.limit is not None:
+            samples = samples[: cfg.limit]
+        return samples
+
+    def build_messages(self, sample: Sample, turn: int,
+                       previous_answers: list[str]) -> list[dict[str, str]]:
+        """Chat messages for ``sample.turns[turn]``.
+
+        Args:
+            sample: the sample being decoded.
+            turn: 0-based turn index.
+            previous_answers: the model's own answers to turns ``0 .. turn-1``; they become the
+                assistant messages between the user turns.
+
+        Returns:
+            ``[{"role": ..., "content": ...}, ...]``, starting with the config's system prompt
+            when one is set and ending with the user message of ``turn``.
+        """
+        if not 0 <= turn < len(sample.turns) or len(previous_answers) != turn:
+            raise ValueError(f"turn {turn} of sample {sample.sample_id} needs {turn} previous answers "
+                             f"(got {len(previous_answers)}; the sample has {len(sample.turns)} turns)")
+        messages = [{"role": "system", "content": self.cfg.system_prompt}] if self.cfg.system_prompt else []
+        for question, answer in zip(sample.turns, previous_answers):
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        messages.append({"role": "user", "content": sample.turns[turn]})
+        return messages
