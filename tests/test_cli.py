@@ -1,0 +1,113 @@
+"""The ``decodebench`` CLI end to end: errors exit 2 with choices; a run writes a complete run dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from decodebench.config import GenConfig, RunConfig, to_run_config
+from decodebench.registry import DecodeBenchError
+from decodebench.runners.run_dir import read_records
+
+CLI = [sys.executable, "-m", "decodebench.cli"]
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=900)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["method=pldd"], "unknown method 'pldd'. Valid methods: ar, pld. Did you mean 'pld'?"),
+        (["task=spec_bnch"], "Did you mean 'spec_bench'?"),
+        (["model=tiny-lama"], "Did you mean 'tiny-llama'?"),
+        (["-m", "method=ar,pl"], "unknown method 'pl'"),
+    ],
+)
+def test_unknown_names_exit_2_with_suggestion(args, expected, tmp_path):
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr
+    assert not (tmp_path / "results").exists()  # nothing was started
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["gen.max_new_tokens=0"], "invalid value for 'gen.max_new_tokens': 0 (allowed: 1 .. 1000000)"),
+        (["method=pld", "+method.params.ngram=3"], "unknown parameter of method 'pld' 'ngram'"),
+        (["method=pld", "method.preset=gpu"], "invalid value for 'method.preset': 'gpu' (allowed: auto | paper | cpu)"),
+        (["baseline=hf"], "invalid value for 'baseline'"),
+    ],
+)
+def test_bad_values_exit_2_naming_the_key(args, expected, tmp_path):
+    result = run_cli(*args, "model=tiny-llama", f"results_dir={tmp_path}/results", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert expected in result.stderr + result.stdout
+
+
+def test_run_config_validation_in_python():
+    with pytest.raises(DecodeBenchError, match="gen.top_p"):
+        GenConfig(top_p=0.0)
+    with pytest.raises(DecodeBenchError, match="did you mean|Did you mean"):
+        to_run_config({"sed": 1})
+    assert to_run_config({"baseline": "none"}).baseline is None
+    assert RunConfig().cache_dir
+
+
+@pytest.mark.embedded
+def test_tiny_run_writes_run_dir_and_resumes(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    args = ["model=tiny-llama", "method=pld", "task.per_category=1", "task.categories=[mt_bench,qa]",
+            "gen.max_new_tokens=24", f"hydra.run.dir={run_dir}", f"data_dir={data_dir}", "progress=false"]
+    first = run_cli(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "pld[cpu]" in first.stdout and "| overall" in first.stdout
+    for name in ("config.yaml", "manifest.json", "records.jsonl", "summary.json"):
+        assert (run_dir / name).is_file(), name
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["git"].keys() == {"sha", "dirty"}
+    assert manifest["threads"] >= 1 and manifest["finished"] and manifest["versions"]["torch"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("method", "task", "model", "records", "errors", "new_tokens", "wall_s", "tokens_per_s", "tau",
+                "alpha", "speedup", "lossless_rate"):
+        assert key in summary
+    assert summary["method"] == "pld[cpu]" and summary["records"] == 3  # mt_bench: 2 turns, qa: 1
+    assert summary["errors"] == 0 and summary["lossless_rate"] == 1.0 and summary["speedup"] > 0
+    records = read_records(run_dir / "records.jsonl")
+    assert {(r.role, r.turn) for r in records} == {("baseline", 0), ("baseline", 1), ("method", 0), ("method", 1)}
+    assert all(r.new_tokens == len(r.output_ids) and r.steps == len(r.accepted_lengths) + 1 for r in records)
+
+    # kill-like state: last record torn, summary missing -> rerun completes without duplicates
+    lines = (run_dir / "records.jsonl").read_text().splitlines()
+    (run_dir / "records.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
+    (run_dir / "summary.json").unlink()
+    second = run_cli(*args, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    resumed = read_records(run_dir / "records.jsonl")
+    assert len(resumed) == len(records)
+    assert [r.output_ids for r in resumed] == [r.output_ids for r in records]
+    assert json.loads((run_dir / "manifest.json").read_text())["resumed_records"] == len(records) - 1
+
+
+@pytest.mark.embedded
+@pytest.mark.slow
+def test_embedded_model_pld_is_lossless_and_speculates(tmp_path, data_dir):
+    """SmolLM2-135M (fp32, greedy): PLD's output equals AR token for token, and it drafts usefully."""
+    run_dir = tmp_path / "run"
+    result = run_cli("method=pld", "task.per_category=1", "gen.max_new_tokens=64", f"hydra.run.dir={run_dir}",
+                     f"data_dir={data_dir}", "progress=false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["errors"] == 0 and summary["records"] == 7
+    assert summary["lossless_rate"] == 1.0
+    assert summary["tau"] > 1.0
+    records = [r for r in read_records(run_dir / "records.jsonl") if r.role == "method"]
+    assert all(r.first_divergence is None for r in records)

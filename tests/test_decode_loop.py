@@ -1,0 +1,147 @@
+"""The one decode loop: AR equals HF greedy generation; lossless methods equal AR token for token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from decodebench.config import MethodConfig, ModelConfig
+from decodebench.engine.backbone import Backbone
+from decodebench.engine.decode_loop import DecodeSettings, StopChecker, generate
+from decodebench.engine.drafting import Drafter, Proposal
+from decodebench.engine.sampling import SamplingParams
+from decodebench.methods import available_methods, build_method
+from decodebench.models.tiny import build_tiny
+
+TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1)
+PLD = dict(name="pld", impl="decodebench.methods.pld:PromptLookupDrafter")
+
+
+def tiny_backbone(arch: str) -> Backbone:
+    return Backbone(build_tiny(ModelConfig(name=f"tiny-{arch}", source="tiny", architecture=arch, tiny=TINY), seed=0))
+
+
+def prompts(count: int = 6) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(11)
+    out = []
+    for i in range(count):
+        motif = torch.randint(3, 101, (5 + i,), generator=gen).tolist()
+        noise = torch.randint(3, 101, (7,), generator=gen).tolist()
+        out.append(motif + noise + motif + noise[:3] + motif)  # repeated n-grams to look up
+    return out
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def backbone(request):
+    return tiny_backbone(request.param)
+
+
+def decode(backbone, drafter: Drafter, prompt, max_new_tokens=48, sampling=SamplingParams(), seed=None, eos=()):
+    drafter.setup(backbone)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    settings = DecodeSettings(max_new_tokens=max_new_tokens, sampling=sampling, eos_token_ids=eos)
+    return generate(backbone, drafter, prompt, settings, backbone.new_cache(16), generator)
+
+
+def test_ar_equals_hf_greedy_generate(backbone):
+    ar = build_method(MethodConfig())
+    for prompt in prompts(3):
+        ours = decode(backbone, ar, prompt, max_new_tokens=40)
+        with torch.inference_mode():
+            ids = torch.tensor([prompt])
+            theirs = backbone.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                             max_new_tokens=40, eos_token_id=None, pad_token_id=0)
+        assert ours.new_ids == theirs[0, len(prompt):].tolist()
+        assert ours.target_forwards == len(ours.new_ids)  # AR: one forward per token (tau = 1)
+
+
+@pytest.mark.parametrize("draft_tokens", [1, 2, 10])
+def test_pld_greedy_equals_ar(backbone, draft_tokens):
+    ar = build_method(MethodConfig())
+    pld = build_method(MethodConfig(**PLD, params={"num_draft_tokens": draft_tokens}))
+    accepted = 0
+    for prompt in prompts():
+        reference = decode(backbone, ar, prompt)
+        ours = decode(backbone, pld, prompt)
+        assert ours.new_ids == reference.new_ids
+        assert sum(s.emitted for s in ours.steps) + 1 == len(ours.new_ids)
+        assert all(s.drafted <= draft_tokens for s in ours.steps)
+        accepted += sum(s.accepted for s in ours.steps)
+    assert accepted > 0, "PLD never got a draft accepted: the losslessness check proves nothing"
+
+
+def test_pld_sampling_is_reproducible_and_uses_target_distribution(backbone):
+    pld = build_method(MethodConfig(**PLD))
+    sampling = SamplingParams(temperature=0.8)
+    first = decode(backbone, pld, prompts()[0], sampling=sampling, seed=3)
+    second = decode(backbone, pld, prompts()[0], sampling=sampling, seed=3)
+    assert first.new_ids == second.new_ids
+    assert len(first.new_ids) == 48
+
+
+def test_pld_proposals_follow_earliest_match():
+    pld = build_method(MethodConfig(**PLD, params={"num_draft_tokens": 3}))
+    pld.begin([])
+    context = [1, 2, 3, 4, 5, 9, 2, 3, 7, 8, 1, 2, 3]
+    assert pld.propose(context, 10).tokens == [4, 5, 9]  # trigram (1,2,3) first seen at 0
+    assert pld.propose(context + [6], 10).tokens == []  # (…, 3, 6) / (6,) never seen before
+    assert pld.propose(context + [9], 1).tokens == [2]  # budget respected
+    assert pld.propose([5], 10).tokens == []
+
+
+def test_stops_at_eos_and_counts_it(backbone):
+    ar = build_method(MethodConfig())
+    free = decode(backbone, ar, prompts()[1])
+    eos = free.new_ids[5]
+    stopped = decode(backbone, ar, prompts()[1], eos=[eos])
+    assert stopped.stop_reason == "eos"
+    assert stopped.new_ids == free.new_ids[: free.new_ids.index(eos) + 1]
+    pld = build_method(MethodConfig(**PLD))
+    assert decode(backbone, pld, prompts()[1], eos=[eos]).new_ids == stopped.new_ids
+
+
+def test_stop_strings_checked_token_by_token():
+    class FakeTokenizer:
+        def decode(self, ids, skip_special_tokens=False):
+            return " ".join(map(str, ids))
+
+    checker = StopChecker(DecodeSettings(max_new_tokens=100, stop_strings=["7 8"], tokenizer=FakeTokenizer()))
+    assert checker.check([1, 7]) is None
+    assert checker.check([1, 7, 8]) == "stop_string"
+    assert StopChecker(DecodeSettings(max_new_tokens=2)).check([1, 2]) == "max_new_tokens"
+
+
+def test_tree_proposals_are_verified_losslessly(backbone):
+    """A drafter proposing a 2-branch tree (one branch = AR's future) emits AR's tokens."""
+    ar = build_method(MethodConfig())
+    prompt = prompts()[2]
+    reference = decode(backbone, ar, prompt).new_ids
+
+    class OracleTree(Drafter):
+        def begin(self, prompt_ids):
+            self.prompt_len = len(prompt_ids)
+
+        def propose(self, context, max_tokens):
+            done = len(context) - self.prompt_len
+            truth = reference[done : done + 2]
+            if len(truth) < 2 or max_tokens < 2:
+                return Proposal()
+            wrong = (truth[0] + 1) % 101
+            # nodes: 0 = wrong, 1 = truth[0], 2 = child of wrong, 3 = truth[1] under truth[0]
+            return Proposal(tokens=[wrong, truth[0], 5, truth[1]], parents=[-1, -1, 0, 1])
+
+    out = decode(backbone, OracleTree(), prompt)
+    assert out.new_ids == reference
+    assert max(s.accepted for s in out.steps) == 2
+
+
+def test_every_method_yaml_builds():
+    for name in available_methods():
+        import yaml
+        from importlib import resources
+
+        data = yaml.safe_load((resources.files("decodebench.conf") / "method" / f"{name}.yaml").read_text())
+        cfg = MethodConfig(**data)
+        for device in ("cpu", "cuda"):
+            assert isinstance(build_method(cfg, device), Drafter)
