@@ -17,7 +17,6 @@ ifneq ($(wildcard $(SHARED_DATA)),)
 export DECODEBENCH_DATA ?= $(SHARED_DATA)
 endif
 export DECODEBENCH_CACHE ?= $(HOME)/.cache/decodebench
-export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 STAMP := $(VENV)/.decodebench-installed

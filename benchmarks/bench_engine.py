@@ -15,25 +15,22 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 from tqdm import tqdm
 
-from decodebench.config import MethodConfig, TaskConfig, default_cache_dir
+from decodebench.config import MethodConfig, compose_run_config
 from decodebench.engine.backbone import Backbone
 from decodebench.engine.decode_loop import DecodeSettings, generate
 from decodebench.methods import build_method
-from decodebench.models.loading import load_model, load_model_config
+from decodebench.models.loading import load_model
 from decodebench.runners.local import eos_token_ids
 from decodebench.runners.manifest import hardware, utc_now, versions
 from decodebench.tasks import build_task
 from decodebench.tasks.prompts import encode_prompt
-
-PLD = dict(name="pld", impl="decodebench.methods.pld:PromptLookupDrafter")
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,13 +43,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model_cfg = load_model_config(args.model)
-    loaded = load_model(model_cfg, cache_dir=default_cache_dir())
+    cfg = compose_run_config([f"model={args.model}", "method=pld", "task=spec_bench",
+                              f"task.per_category={args.per_category}"])
+    loaded = load_model(cfg.model, cache_dir=cfg.cache_dir)
     model, tokenizer = loaded.model, loaded.tokenizer
-    task = build_task(TaskConfig(name="spec_bench", impl="decodebench.tasks.spec_bench:SpecBench",
-                                 data_file="spec_bench/question.jsonl", per_category=args.per_category),
-                      data_dir=None, cache_dir=default_cache_dir())
-    prompts = [encode_prompt(tokenizer, task.build_messages(s, 0, []), True) for s in task.load_samples()]
+    task = build_task(cfg.task, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir)
+    prompts = [encode_prompt(tokenizer, task.build_messages(s, 0, []), cfg.model.chat_template)
+               for s in task.load_samples()]
 
     backbone = Backbone(model)
     cache = backbone.new_cache(2048)
@@ -74,13 +71,13 @@ def main() -> None:
             return out[0, len(prompt):].tolist()
         return run
 
+    pld = cfg.method  # conf/method/pld.yaml, as a run would use it
     contenders = {
         "hf_ar": hf(),
         "engine_ar": engine(MethodConfig(name="ar")),
         "hf_pld": hf(prompt_lookup_num_tokens=10, max_matching_ngram_size=3),
-        "engine_pld_cpu": engine(MethodConfig(**PLD, preset="cpu", params={}, presets={"cpu": {"num_draft_tokens": 2}})),
-        "engine_pld_paper": engine(MethodConfig(**PLD, params={"max_ngram_size": 3, "min_ngram_size": 1,
-                                                                "num_draft_tokens": 10})),
+        "engine_pld_cpu": engine(replace(pld, preset="cpu")),
+        "engine_pld_paper": engine(replace(pld, preset="paper")),
     }
     for run in contenders.values():  # warm-up
         run(prompts[0][:64])

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
-from decodebench.registry import DecodeBenchError
+from decodebench.registry import DecodeBenchError, unknown_name_message
 
 
 class ConfigValueError(DecodeBenchError, ValueError):
@@ -177,9 +177,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        from decodebench.registry import unknown_name_message
-
-        raise ConfigValueError(unknown_name_message(f"key in '{prefix or 'config'}'", unknown[0], known))
+        raise ConfigValueError(unknown_name_message("key", unknown[0], known, f" in '{prefix or 'config'}'"))
     nested = {"model": ModelConfig, "method": MethodConfig, "task": TaskConfig, "gen": GenConfig}
     kwargs = {}
     for key, value in data.items():
@@ -197,3 +195,12 @@ def to_run_config(cfg: Any) -> RunConfig:
     data.pop("hydra", None)
     data.pop("experiment", None)
     return _build(RunConfig, data, "")
+
+
+def compose_run_config(overrides: list[str] = ()) -> RunConfig:
+    """Compose ``conf/config.yaml`` with CLI-style overrides, exactly as ``decodebench`` does
+    (for the Python API, benchmarks and tests)."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("decodebench.conf", version_base="1.3"):
+        return to_run_config(compose("config", overrides=list(overrides)))

@@ -28,9 +28,11 @@ class UnknownNameError(DecodeBenchError, KeyError):
         return self.args[0]
 
 
-def unknown_name_message(kind: str, name: str, valid: Iterable[str]) -> str:
+def unknown_name_message(kind: str, name: str, valid: Iterable[str], where: str = "") -> str:
+    """``unknown method 'pldd'. Valid methods: ar, pld. Did you mean 'pld'?`` (``where`` is
+    inserted after the name, e.g. ``" for method 'pld'"``)."""
     valid = sorted(valid)
-    message = f"unknown {kind} '{name}'. Valid {kind}s: {', '.join(valid) or '(none)'}"
+    message = f"unknown {kind} '{name}'{where}. Valid {kind}s: {', '.join(valid) or '(none)'}"
     close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.5)
     if close:
         message += f". Did you mean '{close[0]}'?"

@@ -84,22 +84,23 @@ class Backbone:
         self,
         prefix_length: int,
         positions: torch.Tensor,
-        parents: Optional[Sequence[int]],
+        block: Optional[torch.Tensor],
         window: Optional[int],
     ) -> Optional[torch.Tensor]:
         """Attention mask for ``q`` new tokens over ``prefix_length`` cached ones.
 
+        ``block`` is the ``(q, q)`` bool mask among the new tokens (``None`` = causal chain).
         Returns ``None`` where the attention kernel's own default is exact (one query token, or a
         causal chain over an empty cache with sdpa); otherwise ``(1, 1, q, prefix + q)`` — bool for
         sdpa, additive float for eager.
         """
         q = positions.shape[0]
-        chain = is_chain(parents)
         within_window = window is None or prefix_length + q <= window
-        if within_window and (q == 1 or (chain and prefix_length == 0 and self.attn_implementation == "sdpa")):
+        if within_window and (q == 1 or (block is None and prefix_length == 0 and self.attn_implementation == "sdpa")):
             return None
-        block = torch.ones(q, q, dtype=torch.bool).tril_() if chain else ancestor_mask(parents)
-        mask = torch.cat([torch.ones(q, prefix_length, dtype=torch.bool), block], dim=1).to(self.device)
+        if block is None:
+            block = torch.ones(q, q, dtype=torch.bool).tril_()
+        mask = torch.cat([torch.ones(q, prefix_length, dtype=torch.bool), block.cpu()], dim=1).to(self.device)
         if not within_window:
             key_positions = torch.cat([torch.arange(prefix_length, device=self.device), positions])
             mask &= (positions[:, None] - key_positions[None, :]) < window
@@ -118,6 +119,8 @@ class Backbone:
         cache: KVCache,
         *,
         parents: Optional[Sequence[int]] = None,
+        block_mask: Optional[torch.Tensor] = None,
+        position_offsets: Optional[Sequence[int]] = None,
         layers: Optional[Sequence[int]] = None,
         logits_rows: Optional[slice | Sequence[int]] = None,
         output_hidden_states: bool = False,
@@ -130,6 +133,9 @@ class Backbone:
             cache: KV cache; every layer that runs appends ``q`` entries.
             parents: tree parent pointers within the block (``-1`` = attached to the prefix);
                 ``None`` = a causal chain.
+            block_mask, position_offsets: instead of ``parents``, any ``(q, q)`` bool mask among the
+                new tokens (True = attend) with each token's position offset from the block start
+                (e.g. LADE's Jacobi lookahead branch, which is not a tree).
             layers: indices of the decoder layers to run (default: all), e.g. a skip set.
             logits_rows: which rows of the block get logits (default: all). Prefill asks only for
                 the last row, which saves a ``(prompt, vocab)`` matmul.
@@ -145,10 +151,14 @@ class Backbone:
             if len(parents) != q:
                 raise ValueError(f"parents has {len(parents)} entries for {q} tokens")
             check_parents(parents)
+            if not is_chain(parents):
+                block_mask, position_offsets = ancestor_mask(parents), tree_depths(parents)
+        if block_mask is not None and (block_mask.shape != (q, q) or position_offsets is None
+                                       or len(position_offsets) != q):
+            raise ValueError(f"block_mask must be ({q}, {q}) with {q} position_offsets")
         base = cache.length if position_offset is None else position_offset
-        offsets = torch.tensor(tree_depths(parents), device=self.device) if parents is not None else torch.arange(
-            q, device=self.device
-        )
+        offsets = (torch.tensor(position_offsets, device=self.device) if block_mask is not None
+                   else torch.arange(q, device=self.device))
         positions = base + offsets
         cache.ensure_capacity(max(cache.lengths) + q)
 
@@ -159,7 +169,7 @@ class Backbone:
         for layer_index in range(self.num_layers) if layers is None else layers:
             key = (cache.lengths[layer_index], self.layer_windows[layer_index])
             if key not in masks:
-                masks[key] = self._block_mask(key[0], positions, parents, key[1])
+                masks[key] = self._block_mask(key[0], positions, block_mask, key[1])
             hidden = self.layers[layer_index](
                 hidden,
                 attention_mask=masks[key],

@@ -19,11 +19,11 @@ from typing import Any, Optional, Sequence
 import torch
 
 from decodebench.engine.backbone import Backbone
-from decodebench.engine.drafting import Drafter, StepOutcome
+from decodebench.engine.drafting import Drafter, Proposal, StepOutcome
 from decodebench.engine.kv_cache import KVCache
 from decodebench.engine.sampling import SamplingParams, next_token
 from decodebench.engine.timing import now
-from decodebench.engine.tree import chain_parents
+from decodebench.engine.tree import ancestor_mask, chain_parents, tree_depths
 from decodebench.engine.verify import verify_greedy, verify_sampling
 
 
@@ -32,7 +32,7 @@ class StepStats:
     drafted: int  # draft tokens proposed this step (tree nodes, root excluded)
     accepted: int  # draft tokens accepted (bonus excluded)
     emitted: int  # tokens appended to the output this step (accepted + bonus, after stop truncation)
-    tree_size: int  # tokens in the verified block (root included)
+    tree_size: int  # tokens in the target forward (root, drafts and auxiliary tokens)
     draft_s: float  # propose + feedback time
     verify_s: float  # target forward + verification + cache commit time
 
@@ -81,6 +81,19 @@ class StopChecker:
         return None
 
 
+def block_with_aux(block_parents: list[int], proposal: Proposal) -> tuple[torch.Tensor, list[int]]:
+    """``(q, q)`` mask and position offsets for [root, drafts, aux]: drafts see only their
+    ancestors (never aux tokens); aux tokens see what ``proposal.aux_mask`` says."""
+    n, aux = len(block_parents), len(proposal.aux_tokens)
+    if proposal.aux_mask is None or tuple(proposal.aux_mask.shape) != (aux, n + aux) or \
+            len(proposal.aux_offsets or []) != aux:
+        raise ValueError(f"aux_mask must be ({aux}, {n + aux}) with {aux} aux_offsets")
+    mask = torch.zeros(n + aux, n + aux, dtype=torch.bool)
+    mask[:n, :n] = ancestor_mask(block_parents)
+    mask[n:] = proposal.aux_mask.to(torch.bool).cpu()
+    return mask, [*tree_depths(block_parents), *proposal.aux_offsets]
+
+
 def generate(
     backbone: Backbone,
     drafter: Drafter,
@@ -111,7 +124,7 @@ def generate(
         proposal = drafter.propose(context, settings.max_new_tokens - len(new_ids) - 1)
         t_forward = now(device)
 
-        # 2. one target forward over [last emitted token] + drafts
+        # 2. one target forward over [last emitted token] + drafts (+ auxiliary tokens)
         block_tokens = [context[-1], *proposal.tokens]
         if proposal.parents is None:
             block_parents, tree = chain_parents(len(block_tokens)), None
@@ -119,20 +132,28 @@ def generate(
             block_parents = [-1, *(p + 1 for p in proposal.parents)]
             tree = block_parents
         base = cache.length
-        target = backbone.forward(
-            block_tokens, cache, parents=tree, output_hidden_states=drafter.needs_hidden_states
-        )
+        if proposal.aux_tokens:
+            block_mask, offsets = block_with_aux(block_parents, proposal)
+            target = backbone.forward(
+                [*block_tokens, *proposal.aux_tokens], cache, block_mask=block_mask, position_offsets=offsets,
+                output_hidden_states=drafter.needs_hidden_states,
+            )
+        else:
+            target = backbone.forward(
+                block_tokens, cache, parents=tree, output_hidden_states=drafter.needs_hidden_states
+            )
+        candidate_logits = target.logits[: len(block_tokens)]
 
         # 3. verify
         if params.greedy:
-            result = verify_greedy(block_tokens, block_parents, target.logits)
+            result = verify_greedy(block_tokens, block_parents, candidate_logits)
         else:
             draft_probs = None
             if proposal.probs is not None:  # row 0 (the root) is never a draft
                 draft_probs = torch.cat([proposal.probs[:1] * 0, proposal.probs.to(target.logits.device)])
-            result = verify_sampling(block_tokens, block_parents, target.logits, params, generator, draft_probs)
+            result = verify_sampling(block_tokens, block_parents, candidate_logits, params, generator, draft_probs)
 
-        # 4. commit: keep the root and the accepted path
+        # 4. commit: keep the root and the accepted path (drops rejected drafts and aux tokens)
         cache.compact(base, [0, *result.accepted_nodes])
         t_feedback = now(device)
 
@@ -163,7 +184,7 @@ def generate(
                 drafted=len(proposal),
                 accepted=result.accepted,
                 emitted=emitted,
-                tree_size=len(block_tokens),
+                tree_size=len(block_tokens) + len(proposal.aux_tokens),
                 draft_s=(t_forward - t_propose) + (t_done - t_feedback),
                 verify_s=t_feedback - t_forward,
             )

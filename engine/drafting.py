@@ -29,6 +29,13 @@ class Proposal:
     tokens: list[int] = field(default_factory=list)
     parents: Optional[list[int]] = None
     probs: Optional[torch.Tensor] = None
+    # Auxiliary tokens forwarded after the drafts in the same target forward but never accepted
+    # (e.g. LADE's Jacobi lookahead branch); their logits reach ``feedback``. ``aux_mask`` is
+    # ``(a, 1 + n + a)`` bool over [last emitted token, drafts, aux] (True = attend; the prefix is
+    # always visible) and ``aux_offsets`` their position offsets from the last emitted token.
+    aux_tokens: list[int] = field(default_factory=list)
+    aux_mask: Optional[torch.Tensor] = None
+    aux_offsets: Optional[list[int]] = None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -40,7 +47,7 @@ class StepOutcome:
 
     proposal: Proposal
     result: VerifyResult
-    block_tokens: list[int]  # root (last emitted token) + drafts
+    block_tokens: list[int]  # root (last emitted token) + drafts (aux tokens follow in the logits)
     block_parents: list[int]  # parent pointers within the block
     target: ForwardOutput  # target logits for every block node (hidden states if requested)
     context_length: int  # tokens (prompt + emitted) before this step's emitted tokens
@@ -52,8 +59,17 @@ class Drafter:
     #: set True when the drafter needs the target's per-layer hidden states in ``feedback``
     needs_hidden_states = False
 
-    def setup(self, backbone: Backbone) -> None:
-        """Called once after the target model is loaded (allocate state, read dimensions)."""
+    def setup(self, backbone: Backbone, cache_dir: Optional[str] = None) -> None:
+        """Called once after the target model is loaded (allocate state, read dimensions).
+        ``cache_dir`` is the DecodeBench cache, for drafters that persist state or checkpoints."""
+
+    def reset_state(self) -> None:
+        """Return learned state (pools, tries, matrices) to where it stood before the run; the
+        runner calls it after warm-up so warm-up prompts never leak into measured ones.
+        Stateless drafters ignore it."""
+
+    def finish(self) -> None:
+        """Called once after the run's last generation (e.g. to persist learned state)."""
 
     def begin(self, prompt_ids: list[int]) -> None:
         """Called at the start of each generation with the prompt's token ids."""

@@ -10,9 +10,11 @@ from __future__ import annotations
 import dataclasses
 from importlib import resources
 
+import yaml
+
 from decodebench.config import ConfigValueError, MethodConfig
 from decodebench.engine.drafting import Drafter
-from decodebench.registry import import_entry, unknown_name_message
+from decodebench.registry import UnknownNameError, import_entry, unknown_name_message
 
 
 def available_methods() -> list[str]:
@@ -21,11 +23,19 @@ def available_methods() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def method_config(name: str) -> MethodConfig:
+    """The MethodConfig of ``conf/method/<name>.yaml``."""
+    if name not in available_methods():
+        raise UnknownNameError("method", name, available_methods())
+    data = yaml.safe_load((resources.files("decodebench.conf") / "method" / f"{name}.yaml").read_text())
+    return MethodConfig(**data)
+
+
 def build_params(params_cls: type, values: dict, method: str):
     known = {f.name for f in dataclasses.fields(params_cls)}
     for key in values:
         if key not in known:
-            raise ConfigValueError(unknown_name_message(f"parameter of method '{method}'", key, known))
+            raise ConfigValueError(unknown_name_message("parameter", key, known, f" for method '{method}'"))
     return params_cls(**values)
 
 

@@ -129,7 +129,7 @@ class Runner:
         backbone = Backbone(loaded.model)
         contenders = self._contenders()
         for contender in contenders:
-            contender.drafter.setup(backbone)
+            contender.drafter.setup(backbone, cfg.cache_dir)
         cache = backbone.new_cache(2048)
 
         manifest = build_manifest(
@@ -142,6 +142,8 @@ class Runner:
         self.run_dir.write_json(MANIFEST, manifest)
 
         self._warm_up(task, samples, loaded, backbone, contenders, cache)
+        for contender in contenders:
+            contender.drafter.reset_state()
         records = list(done)
         finished = {(r.role, r.sample_id, r.turn) for r in done}
         total = sum(len(s.turns) for s in samples) * len(contenders)
@@ -166,6 +168,8 @@ class Runner:
                     answers.append(record.output_text)
                     progress.set_postfix(tok_s=f"{record.tokens_per_s:.1f}")
         progress.close()
+        for contender in contenders:
+            contender.drafter.finish()
 
         summary = self._summarize(records, contenders)
         self.run_dir.write_json(SUMMARY, summary)

@@ -6,6 +6,10 @@ from pathlib import Path
 
 import pytest
 
+# Tests never reach the Hugging Face hub (this machine has no network; CI must not depend on it).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 
 # --- tasks / data (owner: tasks/) -------------------------------------------------------------
 SHARED_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -10,7 +10,7 @@ from decodebench.engine.backbone import Backbone
 from decodebench.engine.decode_loop import DecodeSettings, StopChecker, generate
 from decodebench.engine.drafting import Drafter, Proposal
 from decodebench.engine.sampling import SamplingParams
-from decodebench.methods import available_methods, build_method
+from decodebench.methods import available_methods, build_method, method_config
 from decodebench.models.tiny import build_tiny
 
 TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -82,12 +82,22 @@ def test_pld_sampling_is_reproducible_and_uses_target_distribution(backbone):
 
 def test_pld_proposals_follow_earliest_match():
     pld = build_method(MethodConfig(**PLD, params={"num_draft_tokens": 3}))
-    pld.begin([])
     context = [1, 2, 3, 4, 5, 9, 2, 3, 7, 8, 1, 2, 3]
-    assert pld.propose(context, 10).tokens == [4, 5, 9]  # trigram (1,2,3) first seen at 0
-    assert pld.propose(context + [6], 10).tokens == []  # (…, 3, 6) / (6,) never seen before
-    assert pld.propose(context + [9], 1).tokens == [2]  # budget respected
-    assert pld.propose([5], 10).tokens == []
+
+    def propose(ctx, budget=10):  # a fresh request each time (the index assumes append-only context)
+        pld.begin(ctx)
+        return pld.propose(ctx, budget).tokens
+
+    assert propose(context) == [4, 5, 9]  # trigram (1,2,3) first seen at 0
+    assert propose(context + [6]) == []  # (…, 3, 6) / (6,) never seen before
+    assert propose(context + [9]) == [2, 3, 7]  # (3, 9) unseen -> unigram (9,) first at 5
+    assert propose(context + [9], 1) == [2]  # budget respected
+    assert propose([5]) == []
+    # growing the context step by step gives the same answers as a fresh index
+    pld.begin([])
+    for end in range(1, len(context) + 1):
+        assert pld.propose(context[:end], 10) == build_method(
+            MethodConfig(**PLD, params={"num_draft_tokens": 3})).propose(context[:end], 10)
 
 
 def test_stops_at_eos_and_counts_it(backbone):
@@ -138,10 +148,34 @@ def test_tree_proposals_are_verified_losslessly(backbone):
 
 def test_every_method_yaml_builds():
     for name in available_methods():
-        import yaml
-        from importlib import resources
-
-        data = yaml.safe_load((resources.files("decodebench.conf") / "method" / f"{name}.yaml").read_text())
-        cfg = MethodConfig(**data)
+        cfg = method_config(name)
         for device in ("cpu", "cuda"):
             assert isinstance(build_method(cfg, device), Drafter)
+
+
+def test_aux_tokens_never_change_the_output_and_get_logits(backbone):
+    """Auxiliary tokens (LADE's lookahead branch) share the forward but not the verification."""
+    ar = build_method(MethodConfig())
+    prompt = prompts()[3]
+    reference = decode(backbone, ar, prompt).new_ids
+    seen = []
+
+    class WithAux(Drafter):
+        def propose(self, context, max_tokens):
+            self.context = list(context)
+            aux = [7, 8, 9]
+            mask = torch.zeros(3, 2 + 3, dtype=torch.bool)  # over [root, draft, aux0, aux1, aux2]
+            mask[:, 0] = True  # every aux token sees the root ...
+            for j in range(3):
+                mask[j, 2 : 2 + j + 1] = True  # ... and the aux chain up to itself, never the draft
+            return Proposal(tokens=[5], aux_tokens=aux, aux_mask=mask, aux_offsets=[1, 2, 3])
+
+        def feedback(self, outcome):
+            seen.append((self.context, outcome.target.logits[2:].clone()))
+
+    out = decode(backbone, WithAux(), prompt)
+    assert out.new_ids == reference
+    context, aux_logits = seen[4]
+    with torch.inference_mode():
+        expected = backbone.model(torch.tensor([context + [7, 8, 9]])).logits[0, -3:]
+    torch.testing.assert_close(aux_logits, expected, atol=1e-4, rtol=0)

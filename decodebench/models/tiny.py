@@ -50,8 +50,8 @@ def build_tiny_config(cfg: ModelConfig) -> PreTrainedConfig:
     known = {f.name for f in dataclasses.fields(config_cls)}
     for key in cfg.tiny:
         if key not in known:
-            raise ConfigValueError(unknown_name_message(f"model.tiny key for {cfg.architecture}",
-                                                        key, known))
+            raise ConfigValueError(unknown_name_message("model.tiny key", key, known,
+                                                        f" for {cfg.architecture}"))
     kwargs = {"initializer_range": TINY_INITIALIZER_RANGE, **cfg.tiny}
     config = config_cls(**kwargs)
     config._attn_implementation = cfg.attn_implementation

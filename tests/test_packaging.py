@@ -1,0 +1,48 @@
+"""A non-editable install puts everything under the ONE import name ``decodebench``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import sysconfig
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_wheel_installs_only_decodebench_and_runs(tmp_path):
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dist),
+                    str(ROOT)], check=True, capture_output=True, cwd=tmp_path)
+    wheel = next(dist.glob("decodebench-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {name.split("/")[0] for name in names} == {"decodebench", wheel.name.split("-py")[0] + ".dist-info"}
+    for expected in ("decodebench/engine/backbone.py", "decodebench/methods/pld.py", "decodebench/tasks/spec_bench.py",
+                     "decodebench/conf/config.yaml", "decodebench/conf/method/pld.yaml",
+                     "decodebench/conf/experiment/bench.yaml"):
+        assert expected in names
+
+    # a fresh venv with the wheel; dependencies come from this environment's site-packages
+    fresh = tmp_path / "venv"
+    venv.create(fresh, with_pip=False)
+    python = fresh / "bin" / "python"
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", str(wheel)],
+                   check=True, capture_output=True)
+    fresh_site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                     check=True, capture_output=True, text=True).stdout.strip())
+    (fresh_site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    check = (
+        "import importlib.util, decodebench, decodebench.methods.pld, decodebench.engine.backbone\n"
+        f"assert decodebench.__file__.startswith({str(fresh_site)!r}), decodebench.__file__\n"
+        "for generic in ('methods', 'tasks', 'runners', 'analysis', 'engine', 'conf'):\n"
+        "    assert importlib.util.find_spec(generic) is None, generic\n"
+    )
+    subprocess.run([str(python), "-c", check], check=True, cwd=tmp_path)
+    composed = subprocess.run([str(python), "-m", "decodebench.cli", "method=pld", "--cfg", "job"],
+                              check=True, capture_output=True, text=True, cwd=tmp_path)
+    assert "impl: decodebench.methods.pld:PromptLookupDrafter" in composed.stdout
