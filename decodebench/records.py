@@ -57,6 +57,8 @@ class Record:
     output_ids: Optional[list[int]] = None
     output_sha: Optional[str] = None
     # lossless audit against the same-process AR baseline (null when not applicable):
+    # quality: the task's metrics for this output (Task.score), e.g. {"exact_match": 1.0}
+    quality: Optional[dict[str, float]] = None
     lossless: Optional[bool] = None  # output ids identical to the baseline's
     first_divergence: Optional[int] = None  # first differing new-token index, else null
     error: Optional[str] = None
@@ -104,6 +106,8 @@ class Summary:
     lossless_rate: Optional[float] = None
     # per_position_acceptance[i] = P(draft token i accepted | a draft of length > i was proposed).
     per_position_acceptance: list[float] = field(default_factory=list)
+    # quality[metric] = mean of the metric over the records that report it
+    quality: dict[str, float] = field(default_factory=dict)
     draft_s: Optional[float] = None
     verify_s: Optional[float] = None
     prefill_s: Optional[float] = None
@@ -131,6 +135,15 @@ def per_position_acceptance(records: list[Record]) -> list[float]:
     return [a / d for a, d in zip(accepted_at, drafted_at)]
 
 
+def mean_quality(records: list[Record]) -> dict[str, float]:
+    values: dict[str, list[float]] = {}
+    for rec in records:
+        for metric, value in (rec.quality or {}).items():
+            if value is not None:
+                values.setdefault(metric, []).append(float(value))
+    return {metric: sum(v) / len(v) for metric, v in sorted(values.items())}
+
+
 def summarize(records: list[Record], baseline: Optional[list[Record]] = None) -> Summary:
     """Aggregate one method's records; ``baseline`` (AR records) enables speedup and lossless rate.
 
@@ -154,6 +167,7 @@ def summarize(records: list[Record], baseline: Optional[list[Record]] = None) ->
         tau=_ratio(new_tokens, steps),
         alpha=_ratio(sum(r.accepted or 0 for r in ok), drafted) if drafted else None,
         per_position_acceptance=per_position_acceptance(ok),
+        quality=mean_quality(ok),
         draft_s=sum(r.draft_s or 0.0 for r in ok),
         verify_s=sum(r.verify_s or 0.0 for r in ok),
         prefill_s=sum(r.prefill_s or 0.0 for r in ok),

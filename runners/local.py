@@ -222,7 +222,10 @@ class Runner:
         record.output_ids = out.new_ids
         record.output_sha = ids_sha(out.new_ids)
         record.output_text = loaded.tokenizer.decode(out.new_ids, skip_special_tokens=True) if loaded.tokenizer else ""
-        record.lossless = None
+        try:
+            record.quality = task.score(sample, turn, record.output_text)
+        except Exception as error:  # a scoring bug must not discard the measured generation
+            log.warning("scoring sample %s turn %d failed: %s", sample.sample_id, turn, error)
         return record
 
     def _audit(self, record: Record, records: list[Record]) -> None:

@@ -125,3 +125,9 @@ class Task(abc.ABC):
             messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         messages.append({"role": "user", "content": sample.turns[turn]})
         return messages
+
+    def score(self, sample: Sample, turn: int, output_text: str) -> Optional[dict[str, float]]:
+        """Quality metrics of one output (e.g. ``{"exact_match": 1.0}``), or None when the task
+        has no automatic metric for this sample. Stored in the record's ``quality`` field and
+        averaged per metric in the summary."""
+        return None
