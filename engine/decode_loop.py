@@ -109,7 +109,7 @@ def generate(
     start = now(device)
     cache.reset()
     cache.ensure_capacity(len(prompt_ids) + settings.max_new_tokens + 64)
-    drafter.begin(list(prompt_ids))
+    drafter.start_request(list(prompt_ids), params, generator)
 
     prefill = backbone.forward(prompt_ids, cache, logits_rows=slice(-1, None))
     new_ids = [next_token(prefill.logits[0], params, generator)]

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from decodebench.engine.backbone import Backbone, ForwardOutput
+from decodebench.engine.sampling import SamplingParams
 from decodebench.engine.verify import VerifyResult
 
 
@@ -58,6 +59,25 @@ class Drafter:
 
     #: set True when the drafter needs the target's per-layer hidden states in ``feedback``
     needs_hidden_states = False
+    #: set True by methods that draft with a separate draft model (config ``model.draft``); the
+    #: runner loads it, checks it shares the target's tokenizer, and calls :meth:`attach_draft`.
+    needs_draft_model = False
+    #: the request's sampling parameters and RNG, set by :meth:`start_request` (drafters that
+    #: sample their drafts must draw from the same tempered distribution family as the target)
+    sampling: SamplingParams = SamplingParams()
+    generator: Optional[torch.Generator] = None
+
+    def attach_draft(self, draft: Backbone) -> None:
+        """Receive the draft model (only when ``needs_draft_model``)."""
+        raise TypeError(f"{type(self).__name__} does not use a draft model")
+
+    def start_request(
+        self, prompt_ids: list[int], sampling: SamplingParams, generator: Optional[torch.Generator]
+    ) -> None:
+        """Called by the decode loop at the start of each generation; records the sampling
+        settings, then calls :meth:`begin`."""
+        self.sampling, self.generator = sampling, generator
+        self.begin(prompt_ids)
 
     def setup(self, backbone: Backbone, cache_dir: Optional[str] = None) -> None:
         """Called once after the target model is loaded (allocate state, read dimensions).

@@ -17,13 +17,14 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
-from decodebench.config import MethodConfig, RunConfig
+from decodebench.config import ConfigValueError, MethodConfig, RunConfig
 from decodebench.engine.backbone import Backbone
 from decodebench.engine.decode_loop import DecodeSettings, GenerationOutput, generate
 from decodebench.engine.drafting import Drafter
 from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import build_method
-from decodebench.models.loading import LoadedModel, load_model
+from decodebench.models.loading import (LoadedModel, available_models, check_same_tokenizer, load_model,
+                                        load_model_config)
 from decodebench.records import Record, ids_sha, summarize
 from decodebench.runners.manifest import build_manifest, config_hash, utc_now
 from decodebench.runners.run_dir import MANIFEST, SUMMARY, RunDirectory
@@ -129,6 +130,8 @@ class Runner:
         backbone = Backbone(loaded.model)
         contenders = self._contenders()
         for contender in contenders:
+            if contender.drafter.needs_draft_model:
+                contender.drafter.attach_draft(self._load_draft(loaded))
             contender.drafter.setup(backbone, cfg.cache_dir)
         cache = backbone.new_cache(2048)
 
@@ -176,6 +179,17 @@ class Runner:
         manifest["finished"] = utc_now()
         self.run_dir.write_json(MANIFEST, manifest)
         return RunResult(self.run_dir.path, summary, records)
+
+    def _load_draft(self, target: LoadedModel) -> Backbone:
+        """The draft model named by ``model.draft``; it must share the target's tokenizer."""
+        cfg = self.cfg
+        if not cfg.model.draft:
+            raise ConfigValueError(f"method '{cfg.method.name}' drafts with a separate model: set model.draft to "
+                                   f"one of: {', '.join(available_models())}")
+        draft = load_model(load_model_config(cfg.model.draft), device=cfg.device, dtype=cfg.dtype,
+                           cache_dir=cfg.cache_dir, seed=cfg.seed + 1)
+        check_same_tokenizer(target, draft)
+        return Backbone(draft.model)
 
     def _warm_up(self, task: Task, samples: list[Sample], loaded, backbone, contenders, cache) -> None:
         """Untimed generations so allocator, kernels and caches are warm before measuring."""

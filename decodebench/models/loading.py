@@ -183,3 +183,19 @@ def _adopt_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
         token_id = getattr(tokenizer, key)
         setattr(model.config, key, token_id)
         setattr(model.generation_config, key, token_id)
+
+
+def check_same_tokenizer(target: LoadedModel, draft: LoadedModel) -> None:
+    """Draft-model speculation compares token ids: both models must use one vocabulary.
+
+    Raises:
+        ConfigValueError: the tokenizers differ (vocabulary or special ids).
+    """
+    if target.tokenizer is None or draft.tokenizer is None:
+        same = target.model.config.vocab_size == draft.model.config.vocab_size
+    else:
+        same = (target.tokenizer.get_vocab() == draft.tokenizer.get_vocab()
+                and target.tokenizer.eos_token_id == draft.tokenizer.eos_token_id)
+    if not same:
+        raise ConfigValueError(f"draft model '{draft.name}' does not share the tokenizer of target "
+                               f"'{target.name}'; pick a draft from the same model family")
