@@ -112,6 +112,19 @@ class Runner:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
+        # Validate everything that can fail on user input (method params, data, model) BEFORE the
+        # run directory is touched: a bad invocation never deletes records already computed.
+        contenders = self._contenders()
+        task = build_task(cfg.task, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir)
+        samples = task.load_samples()
+        log.info("task %s: %d samples, %d turns", task.name, len(samples), sum(len(s.turns) for s in samples))
+        loaded = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir, seed=cfg.seed)
+        backbone = Backbone(loaded.model)
+        for contender in contenders:
+            if contender.drafter.needs_draft_model:
+                contender.drafter.attach_draft(self._load_draft(loaded))
+            contender.drafter.setup(backbone, cfg.cache_dir)
+
         digest = config_hash(self.resolved_config)
         previous = self.run_dir.read_json(MANIFEST)
         if cfg.overwrite or (previous and previous.get("config_hash") != digest):
@@ -120,19 +133,8 @@ class Runner:
             self.run_dir.clear()
         done = self.run_dir.existing_records()
         self.run_dir.rewrite_records(done)  # drops a torn last line before appending
-        if done and self.run_dir.read_json(SUMMARY):
-            log.info("%s is complete (%d records); overwrite=true recomputes it", self.run_dir.path, len(done))
-
-        task = build_task(cfg.task, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir)
-        samples = task.load_samples()
-        log.info("task %s: %d samples, %d turns", task.name, len(samples), sum(len(s.turns) for s in samples))
-        loaded = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir, seed=cfg.seed)
-        backbone = Backbone(loaded.model)
-        contenders = self._contenders()
-        for contender in contenders:
-            if contender.drafter.needs_draft_model:
-                contender.drafter.attach_draft(self._load_draft(loaded))
-            contender.drafter.setup(backbone, cfg.cache_dir)
+        if done:
+            log.info("%s: resuming after %d records", self.run_dir.path, len(done))
         cache = backbone.new_cache(2048)
 
         manifest = build_manifest(

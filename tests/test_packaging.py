@@ -35,7 +35,8 @@ def test_wheel_installs_only_decodebench_and_runs(tmp_path):
                    check=True, capture_output=True)
     fresh_site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                      check=True, capture_output=True, text=True).stdout.strip())
-    (fresh_site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    dependency_dirs = [p for p in sys.path if p.endswith("site-packages")] or [sysconfig.get_paths()["purelib"]]
+    (fresh_site / "deps.pth").write_text("\n".join(dependency_dirs) + "\n")
     check = (
         "import importlib.util, decodebench, decodebench.methods.pld, decodebench.engine.backbone\n"
         f"assert decodebench.__file__.startswith({str(fresh_site)!r}), decodebench.__file__\n"
