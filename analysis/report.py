@@ -9,37 +9,57 @@ runs with separate invocations.
 
 The baseline appears as ``"<method> (baseline)"`` rows (speedup 1.00, τ 1.00, its tokens/s).
 
+Sweeps: the shards of one configuration (``shard=i/n``) pool into one row per group; incomplete or
+overlapping shard families are reported on stderr. Runs with ``baseline=shared`` are paired with
+the AR run of the same ``baseline_key`` and node type (:mod:`decodebench.analysis.merge`).
+
+Quality and the lossless audit (:mod:`decodebench.analysis.quality`) follow the speed table in md
+and LaTeX output (``--table`` picks one); a lossless method whose float32 greedy output differs from
+AR is reported on stderr as a LOSSLESS VIOLATION.
+
 CLI::
 
     decodebench-report results/sweep [more dirs] [--format md|latex|csv] [--layout long|wide]
+                       [--table speed|quality|audit|cost|all] [--curve CURVE]
+    decodebench-report results/sweep --paper paper/ [--curve CURVE]   # every table and figure + index.md
+
+``--table cost`` (part of ``all`` when a verify-latency curve is found: ``--curve``, or
+``latency_curve.json`` in a run dir) puts the cost model's predicted speedup next to the measured
+one, with the draft / verify / overhead split (:mod:`decodebench.analysis.cost_model`). ``--paper``
+writes the paper folder (:mod:`decodebench.analysis.paper`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import pandas as pd
 
+from decodebench.analysis.merge import attach_shared_baselines, shard_problems
+from decodebench.analysis.quality import quality_sections, render_section
 from decodebench.records import Record, summarize
 from decodebench.registry import DecodeBenchError
+from decodebench.runners.run_dir import RECORDS as RECORDS_FILE, read_record_rows
 
 log = logging.getLogger(__name__)
 
-RECORDS_FILE = "records.jsonl"
 OVERALL = "overall"
 BASELINE_SUFFIX = " (baseline)"
 KEYS = ["model", "task", "method", "group"]
-METRICS = ["speedup", "speedup_tps", "tau", "alpha", "tokens_per_s", "lossless_rate"]
+# token_match_rate / first_divergence: agreement of lossy methods with AR under greedy decoding
+# (decodebench.records defines both); the columns are left out when no record has them
+AGREEMENT = ["token_match_rate", "first_divergence"]
+METRICS = ["speedup", "speedup_tps", "tau", "alpha", "tokens_per_s", "lossless_rate", *AGREEMENT]
 COUNTS = ["records", "errors"]
 WIDE_METRICS = ["speedup", "tau"]  # Spec-Bench's main table: speedup and τ per group
 FORMATS = ("md", "latex", "csv")
+TABLES = ("speed", "quality", "audit", "cost", "all")
 LAYOUTS = ("long", "wide")
 
 
@@ -56,20 +76,6 @@ def find_run_dirs(path: Union[str, Path]) -> list[Path]:
     return run_dirs
 
 
-def read_records_file(path: Path) -> list[dict[str, Any]]:
-    """Parse one records.jsonl; a torn LAST line (writer killed mid-line) is skipped with a warning."""
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            if number < len(lines):
-                raise DecodeBenchError(f"{path}:{number}: not a JSON record ({error})") from error
-            log.warning("%s: skipping torn last line %d", path, number)
-    return rows
-
-
 def load_records(run_dirs: Sequence[Union[str, Path]]) -> pd.DataFrame:
     """One row per record of every run dir (the :class:`Record` fields plus ``run_dir``).
 
@@ -77,10 +83,10 @@ def load_records(run_dirs: Sequence[Union[str, Path]]) -> pd.DataFrame:
         DecodeBenchError: no records at all.
     """
     rows = [{**row, "run_dir": str(run_dir)}
-            for run_dir in run_dirs for row in read_records_file(Path(run_dir) / RECORDS_FILE)]
+            for run_dir in run_dirs for row in read_record_rows(Path(run_dir) / RECORDS_FILE)]
     if not rows:
         raise DecodeBenchError(f"no records in {', '.join(map(str, run_dirs))}")
-    return pd.DataFrame(rows)
+    return attach_shared_baselines(pd.DataFrame(rows))
 
 
 def _records_of(frame: pd.DataFrame) -> list[Record]:
@@ -109,9 +115,14 @@ def report_table(records: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (model, task), frame in records.groupby(["model", "task"], sort=False):
         baseline = frame[frame["role"] == "baseline"]
+        if "baseline_source" in frame.columns:  # a shared baseline counts once in its own rows
+            own = baseline.assign(run_dir=baseline["baseline_source"].fillna(baseline["run_dir"]))
+            baseline_rows = own.drop_duplicates(subset=["run_dir", "sample_id", "turn"])
+        else:
+            baseline_rows = baseline
         methods = frame[frame["role"] != "baseline"]
         for label, method_frame, is_baseline in (
-            *((f"{m}{BASELINE_SUFFIX}", f, True) for m, f in baseline.groupby("method", sort=False)),
+            *((f"{m}{BASELINE_SUFFIX}", f, True) for m, f in baseline_rows.groupby("method", sort=False)),
             *((m, f, False) for m, f in methods.groupby("method", sort=False)),
         ):
             for group in [*groups, OVERALL]:
@@ -123,7 +134,9 @@ def report_table(records: pd.DataFrame) -> pd.DataFrame:
                 summary = summarize(_records_of(in_group), _records_of(reference) or None)
                 rows.append({"model": model, "task": task, "method": label, "group": group,
                              **{name: getattr(summary, name) for name in METRICS + COUNTS}})
-    return pd.DataFrame(rows, columns=KEYS + METRICS + COUNTS)
+    table = pd.DataFrame(rows, columns=KEYS + METRICS + COUNTS)
+    return table.drop(columns=[c for c in AGREEMENT if table[c].isna().all()]).astype(
+        {c: float for c in AGREEMENT if c in table and not table[c].isna().all()})
 
 
 def wide_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -186,6 +199,23 @@ def render(table: pd.DataFrame, fmt: str) -> str:
     raise DecodeBenchError(f"unknown format '{fmt}' (valid: {', '.join(FORMATS)})")
 
 
+def _cost_section(records: pd.DataFrame, curve: Optional[Path], fmt: str, explicit: bool) -> list[str]:
+    """The cost model's table (analysis/cost_model.py), or nothing when no run has a curve."""
+    from decodebench.analysis.cost_model import COLUMNS, cost_table, curve_for_run
+    from decodebench.analysis.frame import frame_from_records
+
+    curves = {run_dir: curve_for_run(run_dir, curve) for run_dir in dict.fromkeys(records["run_dir"])}
+    if not any(curves.values()):
+        if explicit:
+            print("decodebench-report: no verify-latency curve (--curve, or latency_curve.json in a run dir): "
+                  "no cost model", file=sys.stderr)
+        return []
+    table = cost_table(frame_from_records(records), curves).drop(columns=["group"])
+    title = "Cost model: predicted vs measured speedup (decode phase; fractions of the method's wall time)"
+    body = render(table[[c for c in COLUMNS if c in table.columns]], fmt)
+    return [body if fmt == "csv" else f"% {title}\n{body}" if fmt == "latex" else f"**{title}**\n\n{body}"]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="decodebench-report",
                                      description="Speedup / τ / α tables from DecodeBench run directories.")
@@ -194,11 +224,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--layout", choices=LAYOUTS, default="long",
                         help="long: one row per method × group; wide: groups as column blocks")
     parser.add_argument("--output", type=Path, help="write here instead of stdout")
+    parser.add_argument("--table", choices=TABLES,
+                        help="which tables (default: all for md/latex, speed for csv); quality = quality "
+                             "metrics and Δ vs AR next to speedup/τ/lossless rate; audit = lossless audit")
+    parser.add_argument("--curve", type=Path,
+                        help="verify-latency curve JSON (decodebench-profile), or a folder of them, for the cost "
+                             "model; default: latency_curve.json in each run dir")
+    parser.add_argument("--paper", type=Path, metavar="OUT",
+                        help="write every table (md, tex, csv) and figure (png, pdf) with an index.md into OUT")
     args = parser.parse_args(argv)
     try:
+        if args.paper:
+            from decodebench.analysis.paper import write_paper  # matplotlib only when asked for
+
+            paper = write_paper(args.dirs, args.paper, curve=args.curve)
+            print(f"{paper.index} ({len(paper.tables)} tables, {len(paper.figures)} figures)")
+            return 0
         run_dirs = [run_dir for path in args.dirs for run_dir in find_run_dirs(path)]
-        table = report_table(load_records(run_dirs))
-        text = render(wide_table(table) if args.layout == "wide" else table, args.format)
+        for problem in shard_problems(run_dirs):
+            print(f"decodebench-report: warning: {problem}", file=sys.stderr)
+        records = load_records(run_dirs)
+        table = report_table(records)
+        which = args.table or ("speed" if args.format == "csv" else "all")
+        parts = [render(wide_table(table) if args.layout == "wide" else table, args.format)] \
+            if which in ("speed", "all") else []
+        sections = quality_sections(records, table)  # analysis/quality.py
+        for message in sections["violations"]:
+            print(f"decodebench-report: {message}", file=sys.stderr)
+        parts += [render_section(name, sections[name], args.format, render)
+                  for name in ("quality", "audit") if which in (name, "all") and not sections[name].empty]
+        if which in ("cost", "all"):
+            parts += _cost_section(records, args.curve, args.format, explicit=which == "cost")
+        text = "\n".join(parts)
     except DecodeBenchError as error:
         print(f"decodebench-report: error: {error}", file=sys.stderr)
         return error.exit_code

@@ -1,13 +1,21 @@
 """DecodeBench's engine vs transformers' own decoding, on the same prompts, in one process.
 
-Measures tokens/s (and checks the greedy outputs are identical) for:
-  * ``ar``  — DecodeBench AR through the engine vs HF ``generate`` (greedy);
-  * ``pld`` — DecodeBench prompt lookup (``cpu`` and ``paper`` presets) vs HF
-    ``generate(prompt_lookup_num_tokens=10, max_matching_ngram_size=3)``.
+Measures tokens/s (and checks the greedy outputs) for:
+  * ``hf_ar`` / ``hf_pld`` — HF ``generate`` greedy, and with
+    ``prompt_lookup_num_tokens=10, max_matching_ngram_size=3``, on an unmodified (eager) model;
+  * per engine backend B (``--backends``; ``engine.backend`` values, ``all`` = every one here):
+    ``B:ar``, ``B:pld_cpu`` and ``B:pld_paper`` — AR and prompt lookup through the engine. Each
+    backend runs on its own copy of the model; its packing / compile time is reported apart and
+    happens before the warm-up, never inside a timed region.
 Each prompt is decoded by every contender in turn (interleaved), after a warm-up, so the ratios
-are measured on the same machine state. Results print as a table and go to a JSON file.
+are measured on the same machine state. Lossless check: within a backend, PLD must reproduce that
+backend's AR token for token; across backends, the table says how many outputs differ from the
+first backend's AR (argmax differences in fp32 rounding, see ``decodebench-profile``).
 
-Usage: python benchmarks/bench_engine.py [--per-category 2] [--max-new-tokens 128] [--out DIR]
+Targets of issue 9 (best backend, one run): ``B:ar / hf_ar >= 1.3`` and ``B:pld_cpu / B:ar >= 1.3``.
+
+Usage: python benchmarks/bench_engine.py [--backends auto|all|eager,packed,compiled] [--per-category 2]
+       [--max-new-tokens 128] [--threads 2] [--out results/benchmarks]
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from tqdm import tqdm
 
 from decodebench.config import MethodConfig, compose_run_config
 from decodebench.engine.backbone import Backbone
+from decodebench.engine.backends import apply_backend, backends_for
 from decodebench.engine.decode_loop import DecodeSettings, generate
 from decodebench.methods import build_method
 from decodebench.models.loading import load_model
@@ -32,9 +41,12 @@ from decodebench.runners.manifest import hardware, utc_now, versions
 from decodebench.tasks import build_task
 from decodebench.tasks.prompts import encode_prompt
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--backends", default="auto", help="auto | all | comma list of eager,packed,compiled")
+    parser.add_argument("--buckets", default="1,4,8,16,32", help="engine.buckets")
     parser.add_argument("--per-category", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None)
@@ -42,6 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    buckets = [int(b) for b in args.buckets.split(",")]
 
     cfg = compose_run_config([f"model={args.model}", "method=pld", "task=spec_bench",
                               f"task.per_category={args.per_category}"])
@@ -50,16 +63,8 @@ def main() -> None:
     task = build_task(cfg.task, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir)
     prompts = [encode_prompt(tokenizer, task.build_messages(s, 0, []), cfg.model.chat_template)
                for s in task.load_samples()]
-
-    backbone = Backbone(model)
-    cache = backbone.new_cache(2048)
     eos = eos_token_ids(loaded)
     settings = DecodeSettings(max_new_tokens=args.max_new_tokens, eos_token_ids=eos)
-
-    def engine(method: MethodConfig) -> Callable[[list[int]], list[int]]:
-        drafter = build_method(method)
-        drafter.setup(backbone)
-        return lambda prompt: generate(backbone, drafter, prompt, settings, cache).new_ids
 
     def hf(**kwargs) -> Callable[[list[int]], list[int]]:
         def run(prompt: list[int]) -> list[int]:
@@ -71,45 +76,66 @@ def main() -> None:
             return out[0, len(prompt):].tolist()
         return run
 
+    def engine(backbone: Backbone, method: MethodConfig) -> Callable[[list[int]], list[int]]:
+        drafter = build_method(method)
+        drafter.setup(backbone, cfg.cache_dir)
+        cache = backbone.new_cache(2048)
+        return lambda prompt: generate(backbone, drafter, prompt, settings, cache).new_ids
+
+    names = backends_for("cpu") if args.backends == "all" else args.backends.split(",")
     pld = cfg.method  # conf/method/pld.yaml, as a run would use it
-    contenders = {
+    contenders: dict[str, Callable[[list[int]], list[int]]] = {
         "hf_ar": hf(),
-        "engine_ar": engine(MethodConfig(name="ar")),
         "hf_pld": hf(prompt_lookup_num_tokens=10, max_matching_ngram_size=3),
-        "engine_pld_cpu": engine(replace(pld, preset="cpu")),
-        "engine_pld_paper": engine(replace(pld, preset="paper")),
     }
+    engine_info = {}
+    for requested in names:
+        # each backend on its own model copy: packing swaps modules, and hf_* must stay eager
+        backbone = Backbone(load_model(cfg.model, cache_dir=cfg.cache_dir).model)
+        info = apply_backend(backbone, requested, buckets=buckets, model_name=cfg.model.name,
+                             cache_dir=cfg.cache_dir)
+        name = info.name
+        engine_info[name] = info.to_dict()
+        print(f"engine backend {requested} -> {name}: setup {info.setup_s:.1f} s (not timed), "
+              f"max |logit diff| vs eager {info.max_abs_logit_diff}")
+        contenders[f"{name}:ar"] = engine(backbone, MethodConfig(name="ar"))
+        contenders[f"{name}:pld_cpu"] = engine(backbone, replace(pld, preset="cpu"))
+        contenders[f"{name}:pld_paper"] = engine(backbone, replace(pld, preset="paper"))
+    backends = list(engine_info)
     for run in contenders.values():  # warm-up
         run(prompts[0][:64])
 
-    totals = {name: {"tokens": 0, "seconds": 0.0, "mismatches": 0} for name in contenders}
+    totals = {name: {"tokens": 0, "seconds": 0.0, "differ_from_own_ar": 0, "differ_from_hf_ar": 0}
+              for name in contenders}
     for prompt in tqdm(prompts, desc="prompts"):
-        reference = None
+        outputs = {}
         for name, run in contenders.items():
             start = time.perf_counter()
             ids = run(prompt)
             totals[name]["seconds"] += time.perf_counter() - start
             totals[name]["tokens"] += len(ids)
-            reference = reference or ids
-            totals[name]["mismatches"] += ids != reference
+            outputs[name] = ids
+        for name, ids in outputs.items():
+            own_ar = "hf_ar" if name.startswith("hf_") else f"{name.split(':')[0]}:ar"
+            totals[name]["differ_from_own_ar"] += ids != outputs[own_ar]
+            totals[name]["differ_from_hf_ar"] += ids != outputs["hf_ar"]
 
     for entry in totals.values():
         entry["tokens_per_s"] = entry["tokens"] / entry["seconds"]
     tps = {name: entry["tokens_per_s"] for name, entry in totals.items()}
-    ratios = {
-        "engine_ar / hf_ar": tps["engine_ar"] / tps["hf_ar"],
-        "engine_pld_cpu / hf_pld": tps["engine_pld_cpu"] / tps["hf_pld"],
-        "engine_pld_cpu / engine_ar": tps["engine_pld_cpu"] / tps["engine_ar"],
-        "engine_pld_paper / engine_ar": tps["engine_pld_paper"] / tps["engine_ar"],
-        "hf_pld / hf_ar": tps["hf_pld"] / tps["hf_ar"],
-    }
+    ratios = {"hf_pld / hf_ar": tps["hf_pld"] / tps["hf_ar"]}
+    for name in backends:
+        ratios[f"{name}:ar / hf_ar"] = tps[f"{name}:ar"] / tps["hf_ar"]
+        ratios[f"{name}:pld_cpu / {name}:ar"] = tps[f"{name}:pld_cpu"] / tps[f"{name}:ar"]
+        ratios[f"{name}:pld_paper / {name}:ar"] = tps[f"{name}:pld_paper"] / tps[f"{name}:ar"]
+        ratios[f"{name}:pld_cpu / hf_pld"] = tps[f"{name}:pld_cpu"] / tps["hf_pld"]
     print(f"\n{len(prompts)} Spec-Bench prompts x {args.max_new_tokens} new tokens, {args.model}, "
           f"{torch.get_num_threads()} threads")
-    print("| contender | tokens | seconds | tokens/s | outputs differing from hf_ar |")
-    print("|---|---|---|---|---|")
+    print("| contender | tokens | seconds | tokens/s | outputs != own AR (lossless: 0) | outputs != hf_ar |")
+    print("|---|---|---|---|---|---|")
     for name, entry in totals.items():
         print(f"| {name} | {entry['tokens']} | {entry['seconds']:.1f} | {entry['tokens_per_s']:.2f} | "
-              f"{entry['mismatches']} |")
+              f"{entry['differ_from_own_ar']} | {entry['differ_from_hf_ar']} |")
     print("\n| ratio (tokens/s) | value |\n|---|---|")
     for name, value in ratios.items():
         print(f"| {name} | {value:.3f} |")
@@ -117,9 +143,10 @@ def main() -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"bench_engine_{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"args": vars(args), "totals": totals, "ratios": ratios, "finished": utc_now(),
-                                "threads": torch.get_num_threads(), "hardware": hardware("cpu"),
-                                "versions": versions(), "model": loaded.info}, indent=2, default=str))
+    path.write_text(json.dumps({"args": vars(args), "totals": totals, "ratios": ratios, "engine": engine_info,
+                                "finished": utc_now(), "threads": torch.get_num_threads(),
+                                "hardware": hardware("cpu"), "versions": versions(), "model": loaded.info},
+                               indent=2, default=str))
     print(f"\nwritten: {path}")
 
 

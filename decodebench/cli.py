@@ -4,6 +4,11 @@ Config groups (``model=``, ``method=``, ``task=``, ``gen=``, ``experiment=``) ar
 Hydra composes, so an unknown name exits with code 2 and lists the valid choices with a "did you
 mean". Invalid values are caught by the typed config (:mod:`decodebench.config`) before any model
 is loaded; nothing already computed in a run directory is deleted by a bad invocation.
+
+In a sweep (``-m``) every cell is one run directory named from its overrides. A failing cell never
+stops the others, whatever the launcher (``hydra/launcher=slurm`` or ``local_pool`` included): its
+``status.json`` records the error, the sweep prints the failed cells and the merged report at the
+end (:mod:`decodebench.runners.sweep`), and ``decodebench`` exits with code 1.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import logging
 import sys
 from importlib import resources
+from pathlib import Path
 from typing import Optional
 
 import hydra
@@ -22,7 +28,10 @@ from decodebench.config import to_run_config
 from decodebench.registry import DecodeBenchError, UnknownNameError
 
 log = logging.getLogger("decodebench")
-GROUPS = ("model", "method", "task", "gen", "experiment")
+GROUPS = ("model", "method", "task", "gen", "experiment", "logger")
+
+# Sweep cell folders are named from overrides; a value such as shard=0/4 must not add a folder level.
+OmegaConf.register_new_resolver("path_safe", lambda text: str(text).replace("/", "_"), replace=True)
 
 
 def group_choices(group: str) -> list[str]:
@@ -42,22 +51,49 @@ def check_group_overrides(args: list[str]) -> None:
                 raise UnknownNameError(key, name, choices)
 
 
+def run_from_config(cfg: DictConfig, run_dir: str, sweep_dir: Optional[str]):
+    """Validate the composed config and run it into ``run_dir`` (``sweep_dir``: the W&B group)."""
+    from decodebench.runners.local import run
+
+    run_cfg = to_run_config(cfg)
+    run_cfg.run_dir = run_dir
+    if sweep_dir and run_cfg.logger.group is None:
+        run_cfg.logger.group = Path(sweep_dir).name
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved["run_dir"] = run_cfg.run_dir
+    return run(run_cfg, resolved)
+
+
+def run_cell(cfg: DictConfig, hydra_cfg) -> Optional[dict]:
+    """One cell of a sweep: its failure is recorded in ``status.json``, never raised to the launcher."""
+    from decodebench.runners.sweep import mark_cell
+
+    run_dir, overrides = hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task)
+    mark_cell(run_dir, "running", overrides)
+    try:
+        result = run_from_config(cfg, run_dir, hydra_cfg.sweep.dir)
+    except Exception as error:  # the sweep goes on and reports this cell at the end
+        log.error("cell %s failed: %s", run_dir, error, exc_info=not isinstance(error, DecodeBenchError))
+        mark_cell(run_dir, "failed", overrides, error)
+        return {"error": f"{type(error).__name__}: {error}"}
+    mark_cell(run_dir, "complete", overrides)
+    summary = result.summary
+    log.info("cell %s complete: %s records, speedup %s, tau %s", run_dir, summary.get("records"),
+             summary.get("speedup"), summary.get("tau"))
+    return summary
+
+
 @hydra.main(config_path="pkg://decodebench.conf", config_name="config", version_base="1.3")
 def hydra_app(cfg: DictConfig) -> Optional[dict]:
     from decodebench.analysis.report import load_records, render, report_table
-    from decodebench.runners.local import run
 
     hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return run_cell(cfg, hydra_cfg)
     try:
-        run_cfg = to_run_config(cfg)
-        run_cfg.run_dir = hydra_cfg.runtime.output_dir
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        resolved["run_dir"] = run_cfg.run_dir
-        result = run(run_cfg, resolved)
+        result = run_from_config(cfg, hydra_cfg.runtime.output_dir, None)
     except DecodeBenchError as error:
         log.error("%s", error)
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            raise  # the sweep reports the failed cell
         sys.exit(error.exit_code)
     print(render(report_table(load_records([result.run_dir])), "md"))
     print(f"\nrun dir: {result.run_dir}")
@@ -73,6 +109,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"decodebench: error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
     hydra_app()
+    from decodebench.runners.sweep import last_outcome
+
+    outcome = last_outcome()
+    if outcome is not None and not outcome.ok:
+        failed = len(outcome.cells) - len(outcome.with_status("complete"))
+        print(f"decodebench: error: {failed} of {len(outcome.cells)} cells did not complete (listed above; "
+              f"details in {outcome.sweep_dir}/sweep.json and each cell's status.json)", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

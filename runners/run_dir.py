@@ -7,6 +7,7 @@ being written; a torn last line is dropped when the directory is read back (resu
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -14,26 +15,45 @@ from typing import Any
 import yaml
 
 from decodebench.records import Record
+from decodebench.registry import DecodeBenchError
+
+log = logging.getLogger("decodebench")
 
 CONFIG, MANIFEST, RECORDS, SUMMARY = "config.yaml", "manifest.json", "records.jsonl", "summary.json"
 
 
-def read_records(path: Path) -> list[Record]:
-    """Records of a ``records.jsonl``; a torn (unparseable) last line is dropped."""
+class CorruptRecordsError(DecodeBenchError, json.JSONDecodeError):
+    """A ``records.jsonl`` line other than the last does not parse (the CLI exits with code 2)."""
+
+
+def read_record_rows(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a ``records.jsonl`` (none if it is missing).
+
+    A torn LAST line (writer killed mid-line) is dropped with a warning; an unparseable line
+    anywhere else is corruption: :class:`CorruptRecordsError` names the file and line.
+    """
     if not path.exists():
         return []
-    lines = path.read_text().splitlines()
-    records = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    last = max((number for number, line in enumerate(lines) if line.strip()), default=-1)
+    rows = []
     for number, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            records.append(Record.from_dict(json.loads(line)))
-        except json.JSONDecodeError:
-            if number == len(lines) - 1:
-                break  # torn by a kill mid-write
-            raise
-    return records
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number == last:
+                log.warning("%s: dropping torn last line %d", path, number + 1)
+                break
+            raise CorruptRecordsError(f"{path}:{number + 1}: not a JSON record ({error.msg})", error.doc,
+                                      error.pos) from error
+    return rows
+
+
+def read_records(path: Path) -> list[Record]:
+    """Records of a ``records.jsonl``; a torn last line is dropped (:func:`read_record_rows`)."""
+    return [Record.from_dict(row) for row in read_record_rows(path)]
 
 
 class RunDirectory:
@@ -47,7 +67,9 @@ class RunDirectory:
         tmp.replace(self.path / name)  # atomic: readers never see half a file
 
     def write_config(self, resolved: dict[str, Any]) -> None:
-        (self.path / CONFIG).write_text(yaml.safe_dump(resolved, sort_keys=False))
+        tmp = self.path / f".{CONFIG}.tmp"
+        tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
+        tmp.replace(self.path / CONFIG)  # atomic, like every file a reader may meet half-written
 
     def read_json(self, name: str) -> Any:
         path = self.path / name

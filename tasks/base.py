@@ -3,17 +3,24 @@
 The config says where the data file lives (``data_file``, ``url``); a subclass says how one row
 becomes a Sample (:meth:`Task.to_sample`). Selection (categories, ids, per-category, limit) and
 message building are shared.
+
+Task-specific settings live in ``TaskConfig.params`` and are validated against the subclass's
+``Params`` dataclass (unknown keys are errors with a "did you mean"). A task can ask the runner for
+per-turn prompt/generation settings (:meth:`Task.turn_settings`: chat template on/off, extra stop
+strings, a temperature) and scores each output (:meth:`Task.score`).
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Optional, Union
 
 from decodebench.config import ConfigValueError, TaskConfig
-from decodebench.registry import DecodeBenchError, UnknownNameError
+from decodebench.registry import DecodeBenchError, UnknownNameError, unknown_name_message
 from decodebench.tasks.data import load_jsonl_records, resolve_data_file
 
 
@@ -27,6 +34,52 @@ class Sample:
     turns: list[str]  # user messages, one per turn
     # reference answers, one per turn when present (Spec-Bench RAG rows: a list of accepted answers)
     reference: Optional[list[Any]] = None
+    # task-specific data the scorer needs (HumanEval: test code and entry point)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TurnSettings:
+    """What a task asks of the runner for one turn (defaults: the run's own settings)."""
+
+    # False: encode the messages as plain text even if the model has a chat template (completion
+    # prompts such as HumanEval's or few-shot GSM8K); True: follow ``model.chat_template``
+    chat_template: bool = True
+    stop_strings: tuple[str, ...] = ()  # added to ``gen.stop_strings``
+    temperature: Optional[float] = None  # replaces ``gen.temperature`` (MT-Bench per category)
+
+
+@dataclass
+class NoParams:
+    """Params of a task without task-specific settings."""
+
+
+def params_from_dict(cls: type, values: Optional[dict[str, Any]], where: str) -> Any:
+    """Build dataclass ``cls`` from ``values``; nested dataclass fields are built from dicts.
+
+    Args:
+        cls: a dataclass type.
+        values: its settings (None = all defaults).
+        where: config path used in messages, e.g. ``task.params`` for task ``gsm8k``.
+
+    Raises:
+        ConfigValueError: an unknown key (with a "did you mean") or a value of the wrong shape.
+    """
+    values = dict(values or {})
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise ConfigValueError(unknown_name_message("key", key, known, f" in '{where}'"))
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                raise ConfigValueError(f"'{where}.{key}' must be a mapping, got {value!r}")
+            values[key] = params_from_dict(hints[key], value, f"{where}.{key}")
+    try:
+        return cls(**values)
+    except TypeError as error:
+        raise ConfigValueError(f"invalid '{where}': {error}") from error
 
 
 class Task(abc.ABC):
@@ -40,12 +93,15 @@ class Task(abc.ABC):
 
     # Sample attribute that ``per_category`` counts by ("category" or "group").
     per_category_key: ClassVar[str] = "category"
+    # the dataclass that ``cfg.params`` must fit (subclasses define their own ``Params``)
+    Params: ClassVar[type] = NoParams
 
     def __init__(self, cfg: TaskConfig, data_dir: Optional[Union[str, Path]],
                  cache_dir: Union[str, Path]):
         self.cfg = cfg
         self.data_dir = data_dir
         self.cache_dir = Path(cache_dir)
+        self.params = params_from_dict(self.Params, cfg.params, "task.params")
 
     @property
     def name(self) -> str:
@@ -125,6 +181,14 @@ class Task(abc.ABC):
             messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         messages.append({"role": "user", "content": sample.turns[turn]})
         return messages
+
+    def resolve(self, relative_path: str, url: Optional[str] = None) -> Path:
+        """Locate another data file of this task (same lookup and download rules as ``data_file``)."""
+        return resolve_data_file(relative_path, self.data_dir, self.cache_dir, url)
+
+    def turn_settings(self, sample: Sample, turn: int) -> TurnSettings:
+        """Prompt/generation settings for ``sample.turns[turn]``; default: the run's own."""
+        return TurnSettings()
 
     def score(self, sample: Sample, turn: int, output_text: str) -> Optional[dict[str, float]]:
         """Quality metrics of one output (e.g. ``{"exact_match": 1.0}``), or None when the task

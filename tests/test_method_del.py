@@ -1,0 +1,168 @@
+"""DEL (dynamic exit layer): the tokens-per-layer choice, shadow-token acceptance estimates, greedy
+= AR token for token on tiny models and the embedded model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from decodebench.config import MethodConfig, ModelConfig, compose_run_config
+from decodebench.engine.backbone import Backbone
+from decodebench.engine.decode_loop import DecodeSettings, generate
+from decodebench.engine.sampling import SamplingParams
+from decodebench.methods import build_method, method_config
+from decodebench.methods.dynamic_exit import DynamicExitDrafter, best_exit, expected_tokens
+from decodebench.models.tiny import build_tiny
+
+IMPL = "decodebench.methods.dynamic_exit:DynamicExitDrafter"
+
+
+def damped_tiny(arch: str = "llama", layers: int = 6, vocab: int = 101, keep: int = 2, factor: float = 0.1,
+                seed: int = 0) -> Backbone:
+    """Tiny random model whose layers from ``keep`` on barely change the residual stream (early
+    exits from layer ``keep`` on mostly agree with the full model)."""
+    sizes = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1)
+    model = build_tiny(ModelConfig(name="tiny", source="tiny", architecture=arch, tiny=sizes), seed)
+    with torch.no_grad():
+        for layer in model.model.layers[keep:]:
+            layer.self_attn.o_proj.weight.mul_(factor)
+            layer.mlp.down_proj.weight.mul_(factor)
+    return Backbone(model)
+
+
+def prompts(count: int, vocab: int = 101, length: int = 12) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(5)
+    return [torch.randint(3, vocab, (length,), generator=generator).tolist() for _ in range(count)]
+
+
+def decode(backbone, drafter, prompt, max_new_tokens=40, sampling=SamplingParams(), seed=None):
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    settings = DecodeSettings(max_new_tokens=max_new_tokens, sampling=sampling)
+    return generate(backbone, drafter, prompt, settings, backbone.new_cache(16), generator)
+
+
+def drafter_for(backbone, **params) -> DynamicExitDrafter:
+    drafter = build_method(MethodConfig(name="del", impl=IMPL, params=params))
+    drafter.setup(backbone)
+    return drafter
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_tokens_per_layer_choice():
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+    assert expected_tokens(1.0, 3) == 4.0
+    # early layers that never agree: AR (no drafts) has the best tokens per layer
+    assert best_exit({1: 0.0, 2: 0.05}, num_layers=8, max_drafts=5)[:2] == (0, 0)
+    # a shallow layer that agrees almost always: draft from it, long chains
+    layer, drafts, tpl = best_exit({2: 0.95, 6: 0.99}, num_layers=8, max_drafts=10)
+    assert layer == 2 and drafts >= 5 and tpl > 1 / 8
+    # deeper layers pay only when the shallow one is poor
+    assert best_exit({1: 0.2, 4: 0.9}, num_layers=8, max_drafts=10)[0] == 4
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("params", [dict(), dict(exit_layer_stride=2, max_shadow_rows=2, max_draft_tokens=4)],
+                         ids=["paper", "strided"])
+def test_del_greedy_equals_ar(arch, params):
+    backbone = damped_tiny(arch)
+    ar = build_method(MethodConfig())
+    drafter = drafter_for(backbone, **params)
+    accepted = drafted = 0
+    for prompt in prompts(4):
+        ours = decode(backbone, drafter, prompt)
+        assert ours.new_ids == decode(backbone, ar, prompt).new_ids
+        accepted += sum(s.accepted for s in ours.steps)
+        drafted += sum(s.drafted for s in ours.steps)
+    assert 10 < accepted <= drafted
+    alphas = drafter.alphas()
+    assert set(alphas) == set(drafter.candidates) and all(0.0 <= a <= 1.0 for a in alphas.values())
+    # the damped model's layers from 2 on agree with the output far more than layer 1
+    assert max(alphas[layer] for layer in alphas if layer >= 2) > alphas.get(1, 0.0)
+
+
+def test_shadow_tokens_learn_without_drafting():
+    """With no usable exit (prior says AR), rounds draft nothing; the loop's verify forward still
+    yields hidden states, the estimates rise, and drafting starts."""
+    backbone = damped_tiny()
+    drafter = drafter_for(backbone, prior_tokens=1000.0)  # the prior l/L dominates at first
+    drafter.params.prior_tokens = 4.0  # ... then observations take over
+    drafter.matches[:] = 0.0
+    drafter.counts[:] = 40.0  # as if 40 tokens never matched: α ≈ 0 everywhere, AR wins
+    assert best_exit(drafter.alphas(), backbone.num_layers, 10)[1] == 0
+    out = decode(backbone, drafter, prompts(1)[0], max_new_tokens=60)
+    assert out.steps[0].drafted == 0
+    assert sum(s.drafted for s in out.steps) > 0, "shadow tokens never raised the estimates"
+
+
+def test_reset_state_forgets_estimates():
+    backbone = damped_tiny()
+    drafter = drafter_for(backbone)
+    decode(backbone, drafter, prompts(1)[0])
+    assert float(drafter.counts.sum()) > 0
+    drafter.reset_state()
+    assert float(drafter.counts.sum()) == 0
+
+
+def test_config_composes_with_presets():
+    cfg = compose_run_config(["method=del", "model=tiny-llama"])
+    assert isinstance(build_method(cfg.method, "cpu"), DynamicExitDrafter)
+    assert method_config("del").resolved_params("cpu")["exit_layer_stride"] == 5
+    assert method_config("del").resolved_params("cuda")["exit_layer_stride"] == 1
+
+
+# -- the embedded model ---------------------------------------------------------------------------
+EMBEDDED_PROMPTS = ["Explain in two sentences why the sky is blue.",
+                    "Write a Python function that returns the n-th Fibonacci number."]
+
+
+def embedded_lossless(method: str, prepare=None, **params) -> tuple[int, int]:
+    """SmolLM2-135M (fp32, greedy), ``method`` with its cpu preset (+ ``params``) vs AR on two chat
+    prompts, 48 new tokens each; returns (accepted, drafted)."""
+    from decodebench.config import default_cache_dir
+    from decodebench.models.embedded import embedded_model_dir, read_prepared_marker
+    from decodebench.models.loading import load_model, load_model_config
+    from decodebench.tasks.prompts import encode_prompt
+
+    cfg = load_model_config("smollm2-135m")
+    if read_prepared_marker(embedded_model_dir(cfg, default_cache_dir())) is None:
+        pytest.skip("smollm2-135m is not prepared (make setup)")
+    loaded = load_model(cfg)
+    backbone = Backbone(loaded.model)
+    method_cfg = method_config(method)
+    method_cfg.params.update(method_cfg.presets["cpu"], **params)
+    method_cfg.preset = None
+    drafter = build_method(method_cfg)
+    drafter.setup(backbone)
+    if prepare is not None:
+        prepare(drafter)
+    settings = DecodeSettings(max_new_tokens=48, eos_token_ids=[loaded.tokenizer.eos_token_id])
+    accepted = drafted = 0
+    for text in EMBEDDED_PROMPTS:
+        prompt = encode_prompt(loaded.tokenizer, [{"role": "user", "content": text}], cfg.chat_template)
+        reference = generate(backbone, build_method(MethodConfig()), prompt, settings, backbone.new_cache(256))
+        ours = generate(backbone, drafter, prompt, settings, backbone.new_cache(256))
+        assert ours.new_ids == reference.new_ids, text
+        accepted += sum(s.accepted for s in ours.steps)
+        drafted += sum(s.drafted for s in ours.steps)
+    return accepted, drafted
+
+
+@pytest.mark.embedded
+def test_embedded_model_del_is_lossless():
+    """Plain SmolLM2's early exits rarely agree with its output (DEL then decodes as AR): start from
+    optimistic estimates so the first rounds draft from shallow exits and reuse their K/V, until
+    the shadow tokens pull the estimates down."""
+    def optimistic(drafter):
+        drafter.counts[:] = 20.0
+        drafter.matches[:] = 19.0
+
+    accepted, drafted = embedded_lossless("del", prepare=optimistic, shadow_interval=1)
+    assert drafted > 0

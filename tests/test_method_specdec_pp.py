@@ -1,0 +1,183 @@
+"""SpecDec++: greedy = AR token for token (confidence fallback and a trained head), the stopping
+rule, the CPU training command's pieces on a tiny pair, and the head file round trip."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from decodebench.config import MethodConfig, ModelConfig
+from decodebench.engine.backbone import Backbone
+from decodebench.engine.decode_loop import DecodeSettings, generate
+from decodebench.engine.sampling import SamplingParams
+from decodebench.methods import build_method
+from decodebench.methods.specdec_pp import AcceptanceHead, head_path, load_head, model_key, save_head
+from decodebench.methods.specdec_pp_train import (HeadTrainingConfig, TrainingSequence, collect_examples, train_head,
+                                                   weighted_bce)
+from decodebench.models.tiny import build_tiny
+
+SPECDEC_PP = "decodebench.methods.specdec_pp:SpecDecPPDrafter"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models are dispatch-bound: one thread is fastest (no OpenMP spin-waits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_pair(noise: float = 0.05, vocab: int = 101) -> tuple[Backbone, Backbone]:
+    """A tiny random target (with a sharpened LM head) and a draft = the target with relative
+    weight noise ``noise``."""
+    sizes = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1)
+    target = build_tiny(ModelConfig(name="target", source="tiny", architecture="llama", tiny=sizes), 0)
+    with torch.no_grad():  # sharper next-token distributions: draft confidences spread over 0.3-0.97
+        target.lm_head.weight.mul_(8.0)
+    draft = copy.deepcopy(target)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for weight in draft.parameters():
+            if weight.numel() > 1:
+                weight.add_(torch.randn(weight.shape, generator=generator) * noise * weight.std())
+    return Backbone(target), Backbone(draft)
+
+
+def drafter_for(draft, target, cache_dir=None, **params):
+    drafter = build_method(MethodConfig(name="specdec_pp", impl=SPECDEC_PP, params=params))
+    drafter.attach_draft(draft)
+    drafter.setup(target, cache_dir)
+    return drafter
+
+
+def decode(target, drafter, prompt, max_new_tokens=40, sampling=SamplingParams(), seed=None):
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    settings = DecodeSettings(max_new_tokens=max_new_tokens, sampling=sampling)
+    return generate(target, drafter, prompt, settings, target.new_cache(16), generator)
+
+
+def prompts(count: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(5)
+    return [torch.randint(3, 101, (12,), generator=generator).tolist() for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return tiny_pair()
+
+
+@pytest.fixture(scope="module")
+def trained_heads(pair, tmp_path_factory):
+    """Heads trained by the training command's own functions, saved where the method looks."""
+    target, draft = pair
+    generator = torch.Generator().manual_seed(3)
+    sequences = [TrainingSequence(torch.randint(3, 101, (6,), generator=generator).tolist(),
+                                  torch.randint(3, 101, (24,), generator=generator).tolist()) for _ in range(12)]
+    examples = collect_examples(target, draft, sequences, temperature=1.0)
+    cache_dir = tmp_path_factory.mktemp("cache")
+    for mode, (features, labels) in examples.items():
+        head, _ = train_head(features, labels, HeadTrainingConfig(epochs=3))
+        save_head(head_path(str(cache_dir), target, draft, mode), head, {"mode": mode})
+    return str(cache_dir), examples
+
+
+def test_training_examples_match_inference_time_features(pair, trained_heads):
+    """The tree-forward features equal the draft's hidden state at a drafted token given the true
+    prefix (what the drafter sees), and labels are the acceptance indicator / probability."""
+    target, draft = pair
+    _, examples = trained_heads
+    features, labels = examples["greedy"]
+    assert features.shape == (12 * 24, 64) and set(labels.unique().tolist()) <= {0.0, 1.0}
+    assert 0.2 < float(labels.mean()) < 1.0
+    sampled_features, soft = examples["sampling"]
+    assert float(soft.min()) >= 0.0 and float(soft.max()) <= 1.0
+    generator = torch.Generator().manual_seed(3)
+    prompt = torch.randint(3, 101, (6,), generator=generator).tolist()
+    answer = torch.randint(3, 101, (24,), generator=generator).tolist()
+    with torch.inference_mode():
+        position = 5  # the drafted y_5 hangs off x_4: features row 5 of the first text
+        logits = draft.model(torch.tensor([prompt + answer[:position]])).logits[0, -1]
+        guess = int(logits.argmax())
+        hidden = draft.model(torch.tensor([prompt + answer[:position] + [guess]]),
+                             output_hidden_states=True).hidden_states[-1][0, -1]
+    torch.testing.assert_close(features[position], hidden, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("use_head", [False, True], ids=["confidence-fallback", "trained-head"])
+def test_specdec_pp_greedy_equals_ar(pair, trained_heads, use_head, caplog):
+    target, draft = pair
+    cache_dir, _ = trained_heads
+    ar = build_method(MethodConfig())
+    accepted, lengths = 0, set()
+    for prompt in prompts(4):
+        drafter = drafter_for(draft, target, cache_dir=cache_dir, use_head=use_head, stop_threshold=0.5)
+        out = decode(target, drafter, prompt)
+        assert (drafter.head is not None) == use_head
+        assert out.new_ids == decode(target, ar, prompt).new_ids
+        accepted += sum(s.accepted for s in out.steps)
+        lengths.update(s.drafted for s in out.steps[:-2])
+    assert accepted > 10
+    assert all(2 <= n <= 20 for n in lengths)
+    if not use_head:
+        assert len(lengths) > 1, "the draft length never adapted"
+
+
+def test_missing_head_falls_back_with_a_warning(pair, tmp_path, caplog):
+    target, draft = pair
+    drafter = drafter_for(draft, target, cache_dir=str(tmp_path))
+    with caplog.at_level("WARNING", logger="decodebench"):
+        decode(target, drafter, prompts(1)[0], max_new_tokens=8)
+    assert drafter.head is None and "specdec_pp_train" in caplog.text
+
+
+def test_stopping_rule_uses_predicted_rejection_probability(pair):
+    """With a head that predicts acceptance a for every token, the draft stops at the first i >=
+    min_draft_tokens with 1 - a^i > threshold."""
+    target, draft = pair
+    for accept, threshold, expected in [(0.9, 0.3, 4), (0.5, 0.3, 2), (0.99, 0.05, 6), (0.999, 0.5, 20)]:
+        drafter = drafter_for(draft, target)
+        drafter.start_request([1, 2, 3], SamplingParams(), None)
+        head = AcceptanceHead(64, 0)
+        with torch.no_grad():
+            head.output.weight.zero_()
+            head.output.bias.fill_(math.log(accept / (1 - accept)))
+        drafter.head = head
+        drafter.params.stop_threshold = threshold
+        assert len(drafter.propose([1, 2, 3, 4], 100).tokens) == expected
+    assert len(drafter.propose([1, 2, 3, 4], 7).tokens) == 7  # the loop's budget still binds
+
+
+def test_sampling_runs_with_the_sampling_head(pair, trained_heads):
+    target, draft = pair
+    cache_dir, _ = trained_heads
+    drafter = drafter_for(draft, target, cache_dir=cache_dir)
+    out = decode(target, drafter, prompts(1)[0], sampling=SamplingParams(temperature=1.0), seed=0)
+    assert drafter.head is drafter.heads["sampling"] is not None
+    assert len(out.new_ids) == 40
+
+
+def test_head_round_trip_and_width_check(tmp_path):
+    head = AcceptanceHead(16, 2)
+    path = tmp_path / "h" / "head-greedy.pt"
+    save_head(path, head, {"mode": "greedy"})
+    loaded = load_head(path, 16)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(loaded(x), head(x))
+    assert path.with_suffix(".json").is_file()
+    with pytest.raises(ValueError, match="hidden size 16"):
+        load_head(path, 32)
+
+
+def test_weighted_loss_and_model_keys(pair):
+    logits, labels = torch.tensor([2.0, -1.0]), torch.tensor([1.0, 0.0])
+    plain = weighted_bce(logits, labels, 1.0)
+    expected = -(torch.nn.functional.logsigmoid(torch.tensor(2.0)) + torch.nn.functional.logsigmoid(torch.tensor(1.0))) / 2
+    torch.testing.assert_close(plain, expected)
+    assert float(weighted_bce(logits, labels, 6.0)) < float(plain) * 6
+    target, _ = pair
+    assert model_key(target) == "llama-h64-l2-v101"
