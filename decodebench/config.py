@@ -154,8 +154,9 @@ ENGINE_BACKENDS = ("auto", "eager", "packed", "compiled")
 class EngineConfig:
     """How the engine runs every model it loads, target and draft (decodebench/engine/backends.py)."""
 
-    # auto: the fastest backend here (stored decodebench-profile curves, else compiled > packed >
-    # eager) that passes the exactness check; packed exists on CPUs with MKL only
+    # auto: the fastest cheap-to-set-up backend here (stored decodebench-profile curves, else
+    # packed > eager) that passes the exactness check; packed exists on CPUs with MKL only;
+    # compiled is opt-in (minutes of compilation per model on a CPU, cached under <cache>/inductor)
     backend: str = "auto"
     # static block sizes: drafts / trees of k tokens are padded to the next bucket (compiled: one
     # graph each, compiled at load time; packed: one prepacked weight copy per bucket >= 8)

@@ -19,8 +19,8 @@ speculation pays. Eager PyTorch has two costs that flatten differently:
   than the largest bucket (prefill), layer subsets and hidden-state requests take the eager path
   over the same cache.
 
-``auto`` picks the fastest backend for the device (from stored latency profiles when there are
-any, else compiled > packed > eager) that passes the exactness check: on a probe sequence its
+``auto`` picks the fastest of the backends with a cheap setup (eager, packed) for the device (from
+stored latency profiles when there are any, else packed > eager) that passes the exactness check: on a probe sequence its
 logits equal eager's within fp32 rounding and its argmax agrees. Tiny models (fewer than
 ``TINY_MODEL_PARAMETERS``) stay eager under ``auto``: compile time would never be repaid.
 """
@@ -276,8 +276,9 @@ def _install(backbone: "Backbone", name: str, buckets: Sequence[int]) -> list[in
 
 def _preference(backbone: "Backbone", model_name: Optional[str], cache_dir: Optional[str]) -> list[str]:
     """auto's candidates, best first: by stored profiles (mean ms over the measured k <= 8), else
-    compiled > packed > eager; tiny models: eager only."""
-    available = backends_for(backbone.device)
+    packed > eager; tiny models: eager only. ``compiled`` is opt-in (``engine.backend=compiled``):
+    its setup costs minutes per model on a CPU (one graph per bucket), more than a typical run."""
+    available = [b for b in backends_for(backbone.device) if b != "compiled"]
     if sum(p.numel() for p in backbone.model.parameters()) < TINY_MODEL_PARAMETERS:
         return ["eager"]
     if model_name:
@@ -290,7 +291,7 @@ def _preference(backbone: "Backbone", model_name: Optional[str], cache_dir: Opti
                     for b, c in curves.items() if c and min(c["k"]) <= 8}
         if measured:
             return sorted(available, key=lambda b: measured.get(b, float("inf")))
-    return [b for b in ("compiled", "packed", "eager") if b in available]
+    return [b for b in ("packed", "eager") if b in available]
 
 
 def apply_backend(backbone: "Backbone", name: str = "auto", *, buckets: Sequence[int] = DEFAULT_BUCKETS,

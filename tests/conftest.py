@@ -14,6 +14,52 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DECODEBENCH_ENGINE_BACKEND", "eager")
 
 
+# --- shared test scaffolding (tests/helpers.py) -----------------------------------------------
+# test modules `from helpers import ...`: pyproject.toml puts tests/ on the path (pythonpath)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def backbone(request):
+    """helpers.tiny_backbone for each architecture (a module's own ``backbone`` fixture overrides it)."""
+    from helpers import tiny_backbone
+
+    return tiny_backbone(request.param)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def pair(request):
+    """helpers.tiny_pair ``(target, draft)`` for each architecture (a module's own ``pair`` overrides it)."""
+    from helpers import tiny_pair
+
+    return tiny_pair(request.param)
+
+
+@pytest.fixture(scope="module")
+def ar_outputs(backbone):
+    """AR's greedy ids (48 new tokens) for every helpers.repeating_prompts() prompt, once per model."""
+    from decodebench.config import MethodConfig
+    from decodebench.methods import build_method
+    from helpers import decode, repeating_prompts
+
+    ar = build_method(MethodConfig())
+    ar.setup(backbone)
+    return [decode(backbone, ar, prompt).new_ids for prompt in repeating_prompts()]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models are dispatch-bound: one thread is fastest and avoids OpenMP spin-waits, which
+    make these tests 10x slower on a busy 2-core machine. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+# --- end shared test scaffolding --------------------------------------------------------------
+
+
 # --- tasks / data (owner: tasks/) -------------------------------------------------------------
 SHARED_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 

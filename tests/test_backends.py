@@ -26,11 +26,12 @@ from decodebench.engine.profile import load_latency_curve, profile_backend, prof
 from decodebench.methods import build_method
 from decodebench.models.tiny import build_tiny
 
+from helpers import TINY, decode, repeating_prompts  # tests/helpers.py (on sys.path via conftest)
+
 # The decode-loop tests, loaded from their file (pytest runs with --import-mode=importlib).
 _spec = importlib.util.spec_from_file_location("_decode_loop_tests", Path(__file__).with_name("test_decode_loop.py"))
 decode_loop_tests = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(decode_loop_tests)
-TINY = decode_loop_tests.TINY
 COMPILED_BUCKETS = (1, 4, 8)  # k = 11 (10 drafts) falls back to the eager path on purpose
 
 
@@ -106,9 +107,9 @@ def test_compiled_does_not_recompile_as_the_context_grows():
     counters = torch._dynamo.utils.counters
     graphs_before = counters["stats"]["unique_graphs"]
     ar = build_method(MethodConfig())
-    prompt = decode_loop_tests.prompts()[0]
+    prompt = repeating_prompts()[0]
     # 200 tokens: the cache grows past its capacity and the span crosses several SPAN_STEPs
-    out = decode_loop_tests.decode(backbone, ar, prompt, max_new_tokens=200)
+    out = decode(backbone, ar, prompt, max_new_tokens=200, setup=True)
     assert len(out.new_ids) == 200
     assert counters["stats"]["unique_graphs"] == graphs_before
 

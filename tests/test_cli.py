@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from decodebench.config import GenConfig, RunConfig, to_run_config
 from decodebench.registry import DecodeBenchError
 from decodebench.runners.run_dir import read_records
-
-CLI = [sys.executable, "-m", "decodebench.cli"]
-
-
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=900)
+from helpers import run_cli
 
 
 @pytest.mark.parametrize(
@@ -44,7 +34,7 @@ def test_unknown_names_exit_2_with_suggestion(args, expected, tmp_path):
     "args, expected",
     [
         (["gen.max_new_tokens=0"], "invalid value for 'gen.max_new_tokens': 0 (allowed: 1 .. 1000000)"),
-        (["method=pld", "+method.params.ngram=3"], "unknown parameter 'ngram' for method 'pld'. Valid parameters: max_ngram_size, min_ngram_size, num_draft_tokens"),
+        (["method=pld", "+method.params.ngram=3"], "unknown parameter 'ngram' for method 'pld'. Valid parameters: budget_from_curve, expected_acceptance, max_ngram_size, min_ngram_size, num_draft_tokens. Did you mean"),
         (["method=pld", "method.preset=gpu"], "invalid value for 'method.preset': 'gpu' (allowed: auto | paper | cpu)"),
         (["baseline=hf"], "invalid value for 'baseline'"),
     ],

@@ -2,51 +2,27 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
-from decodebench.config import MethodConfig, ModelConfig
-from decodebench.engine.backbone import Backbone
-from decodebench.engine.decode_loop import DecodeSettings, StopChecker, generate
+from decodebench.config import MethodConfig
+from decodebench.engine.decode_loop import DecodeSettings, StopChecker
 from decodebench.engine.drafting import Drafter, Proposal
 from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import available_methods, build_method, method_config
-from decodebench.models.tiny import build_tiny
+from helpers import decode as decode_once
+from helpers import repeating_prompts
 
-TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1)
 PLD = dict(name="pld", impl="decodebench.methods.pld:PromptLookupDrafter")
-
-
-def tiny_backbone(arch: str) -> Backbone:
-    return Backbone(build_tiny(ModelConfig(name=f"tiny-{arch}", source="tiny", architecture=arch, tiny=TINY), seed=0))
-
-
-def prompts(count: int = 6) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(11)
-    out = []
-    for i in range(count):
-        motif = torch.randint(3, 101, (5 + i,), generator=gen).tolist()
-        noise = torch.randint(3, 101, (7,), generator=gen).tolist()
-        out.append(motif + noise + motif + noise[:3] + motif)  # repeated n-grams to look up
-    return out
-
-
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def backbone(request):
-    return tiny_backbone(request.param)
-
-
-def decode(backbone, drafter: Drafter, prompt, max_new_tokens=48, sampling=SamplingParams(), seed=None, eos=()):
-    drafter.setup(backbone)
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    settings = DecodeSettings(max_new_tokens=max_new_tokens, sampling=sampling, eos_token_ids=eos)
-    return generate(backbone, drafter, prompt, settings, backbone.new_cache(16), generator)
+# every decode here starts from a freshly set-up drafter
+decode = partial(decode_once, setup=True)
 
 
 def test_ar_equals_hf_greedy_generate(backbone):
     ar = build_method(MethodConfig())
-    for prompt in prompts(3):
+    for prompt in repeating_prompts(3):
         ours = decode(backbone, ar, prompt, max_new_tokens=40)
         with torch.inference_mode():
             ids = torch.tensor([prompt])
@@ -61,7 +37,7 @@ def test_pld_greedy_equals_ar(backbone, draft_tokens):
     ar = build_method(MethodConfig())
     pld = build_method(MethodConfig(**PLD, params={"num_draft_tokens": draft_tokens}))
     accepted = 0
-    for prompt in prompts():
+    for prompt in repeating_prompts():
         reference = decode(backbone, ar, prompt)
         ours = decode(backbone, pld, prompt)
         assert ours.new_ids == reference.new_ids
@@ -74,8 +50,8 @@ def test_pld_greedy_equals_ar(backbone, draft_tokens):
 def test_pld_sampling_is_reproducible_and_uses_target_distribution(backbone):
     pld = build_method(MethodConfig(**PLD))
     sampling = SamplingParams(temperature=0.8)
-    first = decode(backbone, pld, prompts()[0], sampling=sampling, seed=3)
-    second = decode(backbone, pld, prompts()[0], sampling=sampling, seed=3)
+    first = decode(backbone, pld, repeating_prompts()[0], sampling=sampling, seed=3)
+    second = decode(backbone, pld, repeating_prompts()[0], sampling=sampling, seed=3)
     assert first.new_ids == second.new_ids
     assert len(first.new_ids) == 48
 
@@ -102,13 +78,13 @@ def test_pld_proposals_follow_earliest_match():
 
 def test_stops_at_eos_and_counts_it(backbone):
     ar = build_method(MethodConfig())
-    free = decode(backbone, ar, prompts()[1])
+    free = decode(backbone, ar, repeating_prompts()[1])
     eos = free.new_ids[5]
-    stopped = decode(backbone, ar, prompts()[1], eos=[eos])
+    stopped = decode(backbone, ar, repeating_prompts()[1], eos=[eos])
     assert stopped.stop_reason == "eos"
     assert stopped.new_ids == free.new_ids[: free.new_ids.index(eos) + 1]
     pld = build_method(MethodConfig(**PLD))
-    assert decode(backbone, pld, prompts()[1], eos=[eos]).new_ids == stopped.new_ids
+    assert decode(backbone, pld, repeating_prompts()[1], eos=[eos]).new_ids == stopped.new_ids
 
 
 def test_stop_strings_checked_token_by_token():
@@ -125,7 +101,7 @@ def test_stop_strings_checked_token_by_token():
 def test_tree_proposals_are_verified_losslessly(backbone):
     """A drafter proposing a 2-branch tree (one branch = AR's future) emits AR's tokens."""
     ar = build_method(MethodConfig())
-    prompt = prompts()[2]
+    prompt = repeating_prompts()[2]
     reference = decode(backbone, ar, prompt).new_ids
 
     class OracleTree(Drafter):
@@ -156,7 +132,7 @@ def test_every_method_yaml_builds():
 def test_aux_tokens_never_change_the_output_and_get_logits(backbone):
     """Auxiliary tokens (LADE's lookahead branch) share the forward but not the verification."""
     ar = build_method(MethodConfig())
-    prompt = prompts()[3]
+    prompt = repeating_prompts()[3]
     reference = decode(backbone, ar, prompt).new_ids
     seen = []
 

@@ -4,50 +4,17 @@ step, state policies, and greedy output identical to AR."""
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import torch
 
-from decodebench.config import MethodConfig, ModelConfig
-from decodebench.engine.backbone import Backbone
-from decodebench.engine.decode_loop import DecodeSettings, generate
+from decodebench.config import MethodConfig
 from decodebench.methods import aded as aded_module
 from decodebench.methods import build_method
 from decodebench.methods.aded_search import MctsConfig, TrigramMatrix, cut_to_choices, mcts_paths, paths_to_tree
-from decodebench.models.tiny import build_tiny
+from helpers import decode, embedded_method_summary, repeating_prompts, tiny_backbone
 
-TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1)
 ADED = dict(name="aded", impl="decodebench.methods.aded:AdedDrafter")
-
-
-def tiny_backbone(arch: str) -> Backbone:
-    return Backbone(build_tiny(ModelConfig(name=f"tiny-{arch}", source="tiny", architecture=arch, tiny=TINY), seed=0))
-
-
-def prompts(count: int = 4) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(11)
-    out = []
-    for i in range(count):
-        motif = torch.randint(3, 101, (5 + i,), generator=gen).tolist()
-        noise = torch.randint(3, 101, (7,), generator=gen).tolist()
-        out.append(motif + noise + motif + noise[:3] + motif)
-    return out
-
-
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def backbone(request):
-    return tiny_backbone(request.param)
-
-
-def decode(backbone, drafter, prompt, max_new_tokens=40):
-    settings = DecodeSettings(max_new_tokens=max_new_tokens)
-    return generate(backbone, drafter, prompt, settings, backbone.new_cache(16))
 
 
 def aded(**params):
@@ -61,9 +28,9 @@ def test_aded_greedy_equals_ar(backbone, params):
     ar.setup(backbone)
     drafter.setup(backbone)
     accepted = 0
-    for prompt in prompts():
-        reference = decode(backbone, ar, prompt)
-        ours = decode(backbone, drafter, prompt)
+    for prompt in repeating_prompts(4):
+        reference = decode(backbone, ar, prompt, max_new_tokens=40)
+        ours = decode(backbone, drafter, prompt, max_new_tokens=40)
         assert ours.new_ids == reference.new_ids
         assert all(s.drafted <= params.get("max_draft_tokens", 64) for s in ours.steps)
         accepted += sum(s.accepted for s in ours.steps)
@@ -179,7 +146,7 @@ def test_corpus_excludes_benchmark_rows_and_is_cached(tmp_path, monkeypatch):
 
 # -- state policies --------------------------------------------------------------------------------
 def test_state_policies(backbone, tmp_path):
-    prompt = prompts()[0]
+    prompt = repeating_prompts()[0]
     per_prompt = aded(state="per_prompt", mcts_iterations=10)
     per_prompt.setup(backbone)
     decode(backbone, per_prompt, prompt, max_new_tokens=8)
@@ -208,14 +175,7 @@ def test_state_policies(backbone, tmp_path):
 @pytest.mark.embedded
 @pytest.mark.slow
 def test_embedded_model_aded_is_lossless(tmp_path, data_dir):
-    run_dir = tmp_path / "run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DECODEBENCH_DATA": str(data_dir)}
-    result = subprocess.run(
-        [sys.executable, "-m", "decodebench.cli", "method=aded", "task.per_category=1", "gen.max_new_tokens=48",
-         "method.params.corpus_per_file=8", "method.params.corpus_max_new_tokens=32",
-         f"hydra.run.dir={run_dir}", f"data_dir={data_dir}", "progress=false"],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=1800)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    summary = embedded_method_summary("aded", tmp_path, data_dir, "method.params.corpus_per_file=8",
+                                      "method.params.corpus_max_new_tokens=32")
     assert summary["errors"] == 0 and summary["lossless_rate"] == 1.0
     assert summary["alpha"] > 0

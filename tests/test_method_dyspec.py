@@ -5,44 +5,17 @@ on the 2nd and 3rd tokens) — while a tree whose siblings are kept by their own
 
 from __future__ import annotations
 
-import copy
-import math
-
 import pytest
 import torch
 
-from decodebench.config import MethodConfig, ModelConfig
-from decodebench.engine.backbone import Backbone
-from decodebench.engine.decode_loop import DecodeSettings, generate
-from decodebench.engine.sampling import SamplingParams, logits_to_probs
+from decodebench.config import MethodConfig
+from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import build_method, method_config
 from decodebench.methods.dyspec import DySpecDrafter
-from decodebench.models.tiny import build_tiny
+from helpers import chi_square_p_value, decode, exact_second_and_third, random_prompts, tiny_pair
 
 DYSPEC = "decodebench.methods.dyspec:DySpecDrafter"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are dispatch-bound: one thread is fastest (no OpenMP spin-waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_pair(arch: str = "llama", vocab: int = 101, noise: float = 0.05, layers: int = 3) -> tuple[Backbone, Backbone]:
-    """A tiny random target and a draft = the target with relative weight noise ``noise``."""
-    sizes = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1)
-    target = build_tiny(ModelConfig(name="target", source="tiny", architecture=arch, tiny=sizes), 0)
-    draft = copy.deepcopy(target)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for weight in draft.parameters():
-            if weight.numel() > 1:
-                weight.add_(torch.randn(weight.shape, generator=generator) * noise * weight.std())
-    return Backbone(target), Backbone(draft)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def drafter_for(draft, target, cls=None, **params) -> DySpecDrafter:
@@ -53,29 +26,13 @@ def drafter_for(draft, target, cls=None, **params) -> DySpecDrafter:
     return drafter
 
 
-def decode(target, drafter, prompt, max_new_tokens=40, sampling=SamplingParams(), seed=None):
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    settings = DecodeSettings(max_new_tokens=max_new_tokens, sampling=sampling)
-    return generate(target, drafter, prompt, settings, target.new_cache(16), generator)
-
-
-def prompts(count: int, vocab: int = 101) -> list[list[int]]:
-    generator = torch.Generator().manual_seed(5)
-    return [torch.randint(3, vocab, (12,), generator=generator).tolist() for _ in range(count)]
-
-
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def pair(request):
-    return tiny_pair(request.param)
-
-
 @pytest.mark.parametrize("params", [dict(token_budget=6, max_depth=4), dict(token_budget=16), dict(token_budget=1)],
                          ids=["cpu", "b16", "b1"])
 def test_dyspec_greedy_equals_ar(pair, params):
     target, draft = pair
     ar = build_method(MethodConfig())
     accepted = 0
-    for prompt in prompts(2):
+    for prompt in random_prompts(2):
         reference = decode(target, ar, prompt, max_new_tokens=32)
         out = decode(target, drafter_for(draft, target, **params), prompt, max_new_tokens=32)
         assert out.new_ids == reference.new_ids
@@ -89,7 +46,7 @@ def test_greedy_tree_is_the_top_budget_set_of_paths():
     """Every drafted node is worth at least as much (product of draft probabilities) as any
     node that could have been added instead: the best child of each node not yet in the tree."""
     target, draft = tiny_pair(noise=0.3)
-    context = prompts(1)[0]
+    context = random_prompts(1)[0]
     drafter = drafter_for(draft, target, token_budget=8)
     drafter.start_request(context, SamplingParams(), None)
     proposal = drafter.propose(context, 100)
@@ -129,27 +86,6 @@ def test_cpu_preset_is_small():
 
 
 # --- sampling: the target distribution is preserved -------------------------------------------
-def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson chi-square goodness of fit (Wilson–Hilferty approximation of the p-value)."""
-    keep = probs > 0
-    expected = probs[keep] * counts.sum()
-    statistic = float(((counts[keep] - expected) ** 2 / expected).sum())
-    dof = int(keep.sum()) - 1
-    z = ((statistic / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
-    return 0.5 * math.erfc(z / math.sqrt(2))
-
-
-@torch.inference_mode()
-def exact_second_and_third(target: Backbone, prompt: list[int], params: SamplingParams) -> torch.Tensor:
-    """Exact P(t2, t3) = Σ_t1 p(t1 | prompt) p(t2 | prompt, t1) p(t3 | prompt, t1, t2), flattened."""
-    vocab = target.config.vocab_size
-    first = logits_to_probs(target.model(torch.tensor([prompt])).logits[0, -1], params)
-    logits = target.model(torch.tensor([prompt + [a, b] for a in range(vocab) for b in range(vocab)])).logits
-    second = logits_to_probs(logits[:, -2], params).view(vocab, vocab, vocab)[:, 0]
-    third = logits_to_probs(logits[:, -1], params).view(vocab, vocab, vocab)
-    return (first[:, None, None] * second[:, :, None] * third).sum(0).reshape(-1)
-
-
 def second_and_third_p_value(target, drafter, params: SamplingParams, runs: int) -> tuple[float, int, int]:
     """p-value of (t2, t3) over ``runs`` seeded 4-token generations (t2.. come from speculative
     steps: trees of depth <= 2), with the numbers of drafted and accepted tokens."""

@@ -3,49 +3,15 @@ policies, and greedy output identical to AR."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-from decodebench.config import MethodConfig, ModelConfig
-from decodebench.engine.backbone import Backbone
-from decodebench.engine.decode_loop import DecodeSettings, generate
+from decodebench.config import MethodConfig
 from decodebench.methods import build_method
 from decodebench.methods.lade import JacobiWindow, NGramPool, merge_into_tree
-from decodebench.models.tiny import build_tiny
+from helpers import decode, embedded_method_summary, repeating_prompts
 
-TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1)
 LADE = dict(name="lade", impl="decodebench.methods.lade:LookaheadJacobiDrafter")
-
-
-def tiny_backbone(arch: str) -> Backbone:
-    return Backbone(build_tiny(ModelConfig(name=f"tiny-{arch}", source="tiny", architecture=arch, tiny=TINY), seed=0))
-
-
-def prompts(count: int = 4) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(11)
-    out = []
-    for i in range(count):
-        motif = torch.randint(3, 101, (5 + i,), generator=gen).tolist()
-        noise = torch.randint(3, 101, (7,), generator=gen).tolist()
-        out.append(motif + noise + motif + noise[:3] + motif)
-    return out
-
-
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def backbone(request):
-    return tiny_backbone(request.param)
-
-
-def decode(backbone, drafter, prompt, max_new_tokens=40):
-    settings = DecodeSettings(max_new_tokens=max_new_tokens)
-    return generate(backbone, drafter, prompt, settings, backbone.new_cache(16))
 
 
 def lade(**params):
@@ -60,9 +26,9 @@ def test_lade_greedy_equals_ar(backbone, params):
     ar.setup(backbone)
     drafter.setup(backbone)
     accepted = 0
-    for prompt in prompts():
-        reference = decode(backbone, ar, prompt)
-        ours = decode(backbone, drafter, prompt)
+    for prompt in repeating_prompts(4):
+        reference = decode(backbone, ar, prompt, max_new_tokens=40)
+        ours = decode(backbone, drafter, prompt, max_new_tokens=40)
         assert ours.new_ids == reference.new_ids
         accepted += sum(s.accepted for s in ours.steps)
     assert accepted > 0, "no draft was ever accepted: the losslessness check proves nothing"
@@ -135,7 +101,7 @@ def test_lookahead_logits_equal_a_plain_forward_of_each_column(backbone):
 
     spy = Spy(type(lade()).Params(ngram_size=4, window_size=3))
     spy.setup(backbone)
-    decode(backbone, spy, prompts()[0], max_new_tokens=12)
+    decode(backbone, spy, repeating_prompts()[0], max_new_tokens=12)
     context, branch, aux_logits = seen[1]
     tokens, mask = branch.tokens, branch.mask
     for row in range(branch.top_rows.start, branch.top_rows.stop):
@@ -179,7 +145,7 @@ def test_pool_from_prompt_seeds_ngrams_and_guesses_start_with_the_last_token(bac
 
 # -- state policies --------------------------------------------------------------------------------
 def test_state_policies(backbone, tmp_path):
-    prompt = prompts()[0]
+    prompt = repeating_prompts()[0]
     per_prompt = lade(ngram_size=3, window_size=3, state="per_prompt")
     per_prompt.setup(backbone)
     decode(backbone, per_prompt, prompt, max_new_tokens=12)
@@ -208,13 +174,6 @@ def test_state_policies(backbone, tmp_path):
 @pytest.mark.embedded
 @pytest.mark.slow
 def test_embedded_model_lade_is_lossless(tmp_path, data_dir):
-    run_dir = tmp_path / "run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "decodebench.cli", "method=lade", "task.per_category=1", "gen.max_new_tokens=48",
-         f"hydra.run.dir={run_dir}", f"data_dir={data_dir}", "progress=false"],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=1800)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    summary = embedded_method_summary("lade", tmp_path, data_dir)
     assert summary["errors"] == 0 and summary["lossless_rate"] == 1.0
     assert summary["alpha"] > 0

@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from decodebench.config import ConfigValueError, MethodConfig, ModelConfig
-from decodebench.engine.backbone import Backbone
-from decodebench.engine.decode_loop import DecodeSettings, generate
+from decodebench.config import ConfigValueError
 from decodebench.methods import build_method, method_config
 from decodebench.methods.lookahead import LookaheadDrafter
 from decodebench.methods.lookahead_trie import (
@@ -25,44 +18,8 @@ from decodebench.methods.lookahead_trie import (
     parallel_branches,
 )
 from decodebench.methods.state_policy import state_path
-from decodebench.models.tiny import build_tiny
 from decodebench.runners.run_dir import read_records
-
-VOCAB = 101
-TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1)
-
-
-def tiny_backbone(arch: str) -> Backbone:
-    return Backbone(build_tiny(ModelConfig(name=f"tiny-{arch}", source="tiny", architecture=arch, tiny=TINY), seed=0))
-
-
-def prompts(count: int = 6) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(11)
-    out = []
-    for i in range(count):
-        motif = torch.randint(3, VOCAB, (5 + i,), generator=gen).tolist()
-        noise = torch.randint(3, VOCAB, (7,), generator=gen).tolist()
-        out.append(motif + noise + motif + noise[:3] + motif)
-    return out
-
-
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def backbone(request):
-    return tiny_backbone(request.param)
-
-
-@pytest.fixture(scope="module")
-def ar_outputs(backbone):
-    """AR's greedy ids for every test prompt, computed once per model."""
-    ar = build_method(MethodConfig())
-    ar.setup(backbone)
-    return [run(backbone, ar, prompt).new_ids for prompt in prompts()]
-
-
-def run(backbone, drafter, prompt, max_new_tokens=48):
-    """One generation (no setup: the caller decides when state is set up)."""
-    return generate(backbone, drafter, prompt, DecodeSettings(max_new_tokens=max_new_tokens), backbone.new_cache(16))
+from helpers import decode, embedded_method_summary, repeating_prompts
 
 
 def lookahead(preset: str = "paper", **params) -> LookaheadDrafter:
@@ -81,8 +38,8 @@ def test_greedy_output_equals_ar_and_drafts_get_accepted(backbone, ar_outputs, p
     drafter = lookahead(preset, decoding_mode=mode)
     drafter.setup(backbone)
     accepted = 0
-    for prompt, reference in zip(prompts(), ar_outputs):
-        ours = run(backbone, drafter, prompt)
+    for prompt, reference in zip(repeating_prompts(), ar_outputs):
+        ours = decode(backbone, drafter, prompt)
         assert ours.new_ids == reference
         assert all(s.drafted < drafter.params.decoding_length for s in ours.steps)
         accepted += sum(s.accepted for s in ours.steps)
@@ -220,18 +177,18 @@ def test_params_are_validated():
 def test_per_prompt_clears_the_trie_per_prompt(backbone):
     drafter = lookahead("cpu", state="per_prompt")
     drafter.setup(backbone)
-    run(backbone, drafter, prompts()[0])
-    drafter.begin(prompts()[1])
+    decode(backbone, drafter, repeating_prompts()[0])
+    drafter.begin(repeating_prompts()[1])
     anchors = set(drafter.cache.tries)
-    assert anchors <= set(prompts()[1])  # only the new prompt is in it
+    assert anchors <= set(repeating_prompts()[1])  # only the new prompt is in it
     assert all(node.output_count == 0 for trie in drafter.cache.tries.values() for node in trie.children.values())
 
 
 def test_per_task_keeps_outputs_and_reset_state_empties(backbone):
     drafter = lookahead("cpu", state="per_task")
     drafter.setup(backbone)
-    out = run(backbone, drafter, prompts()[0])
-    drafter.begin(prompts()[1])  # closes the first generation: its output is in the trie
+    out = decode(backbone, drafter, repeating_prompts()[0])
+    drafter.begin(repeating_prompts()[1])  # closes the first generation: its output is in the trie
     assert out.new_ids[0] in drafter.cache.tries
     assert any(node.output_count > 0 for node in drafter.cache.tries[out.new_ids[0]].children.values())
     drafter.reset_state()
@@ -242,7 +199,7 @@ def test_persistent_state_round_trips_through_the_cache_dir(backbone, tmp_path):
     first = lookahead("cpu", state="persistent")
     first.setup(backbone, str(tmp_path))
     assert first.cache.tries == {}
-    run(backbone, first, prompts()[0])
+    decode(backbone, first, repeating_prompts()[0])
     first.finish()
     saved = first.cache.to_tensors()
     path = state_path(str(tmp_path), "lookahead", backbone)
@@ -250,7 +207,7 @@ def test_persistent_state_round_trips_through_the_cache_dir(backbone, tmp_path):
     second = lookahead("cpu", state="persistent")
     second.setup(backbone, str(tmp_path))
     assert all(torch.equal(second.cache.to_tensors()[key], saved[key]) for key in saved)
-    run(backbone, second, prompts()[1])
+    decode(backbone, second, repeating_prompts()[1])
     second.reset_state()  # back to what setup loaded
     assert all(torch.equal(second.cache.to_tensors()[key], saved[key]) for key in saved)
 
@@ -260,15 +217,8 @@ def test_persistent_state_round_trips_through_the_cache_dir(backbone, tmp_path):
 @pytest.mark.slow
 def test_embedded_model_lookahead_is_lossless_and_speculates(tmp_path, data_dir):
     """SmolLM2-135M (fp32, greedy), default (cpu) preset: output equals AR token for token."""
-    run_dir = tmp_path / "run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "decodebench.cli", "method=lookahead", "task.per_category=1",
-         "gen.max_new_tokens=48", f"hydra.run.dir={run_dir}", f"data_dir={data_dir}", "progress=false"],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = embedded_method_summary("lookahead", tmp_path, data_dir, timeout=900)
     assert summary["errors"] == 0 and summary["lossless_rate"] == 1.0
     assert summary["tau"] > 1.0
-    records = [r for r in read_records(run_dir / "records.jsonl") if r.role == "method"]
+    records = [r for r in read_records(tmp_path / "run" / "records.jsonl") if r.role == "method"]
     assert records and all(r.first_divergence is None for r in records)

@@ -3,49 +3,23 @@ rule, the CPU training command's pieces on a tiny pair, and the head file round 
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
 
-from decodebench.config import MethodConfig, ModelConfig
-from decodebench.engine.backbone import Backbone
-from decodebench.engine.decode_loop import DecodeSettings, generate
+from decodebench.config import MethodConfig
 from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import build_method
 from decodebench.methods.specdec_pp import AcceptanceHead, head_path, load_head, model_key, save_head
 from decodebench.methods.specdec_pp_train import (HeadTrainingConfig, TrainingSequence, collect_examples, train_head,
                                                    weighted_bce)
-from decodebench.models.tiny import build_tiny
+from helpers import decode, random_prompts, tiny_pair
 
 SPECDEC_PP = "decodebench.methods.specdec_pp:SpecDecPPDrafter"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are dispatch-bound: one thread is fastest (no OpenMP spin-waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_pair(noise: float = 0.05, vocab: int = 101) -> tuple[Backbone, Backbone]:
-    """A tiny random target (with a sharpened LM head) and a draft = the target with relative
-    weight noise ``noise``."""
-    sizes = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1)
-    target = build_tiny(ModelConfig(name="target", source="tiny", architecture="llama", tiny=sizes), 0)
-    with torch.no_grad():  # sharper next-token distributions: draft confidences spread over 0.3-0.97
-        target.lm_head.weight.mul_(8.0)
-    draft = copy.deepcopy(target)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for weight in draft.parameters():
-            if weight.numel() > 1:
-                weight.add_(torch.randn(weight.shape, generator=generator) * noise * weight.std())
-    return Backbone(target), Backbone(draft)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def drafter_for(draft, target, cache_dir=None, **params):
@@ -55,20 +29,11 @@ def drafter_for(draft, target, cache_dir=None, **params):
     return drafter
 
 
-def decode(target, drafter, prompt, max_new_tokens=40, sampling=SamplingParams(), seed=None):
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    settings = DecodeSettings(max_new_tokens=max_new_tokens, sampling=sampling)
-    return generate(target, drafter, prompt, settings, target.new_cache(16), generator)
-
-
-def prompts(count: int) -> list[list[int]]:
-    generator = torch.Generator().manual_seed(5)
-    return [torch.randint(3, 101, (12,), generator=generator).tolist() for _ in range(count)]
-
-
 @pytest.fixture(scope="module")
 def pair():
-    return tiny_pair()
+    """A tiny llama target (2 layers, LM head x 8: draft confidences spread over 0.3-0.97) and its
+    noisy draft."""
+    return tiny_pair(layers=2, lm_head_scale=8.0)
 
 
 @pytest.fixture(scope="module")
@@ -114,11 +79,11 @@ def test_specdec_pp_greedy_equals_ar(pair, trained_heads, use_head, caplog):
     cache_dir, _ = trained_heads
     ar = build_method(MethodConfig())
     accepted, lengths = 0, set()
-    for prompt in prompts(4):
+    for prompt in random_prompts(4):
         drafter = drafter_for(draft, target, cache_dir=cache_dir, use_head=use_head, stop_threshold=0.5)
-        out = decode(target, drafter, prompt)
+        out = decode(target, drafter, prompt, max_new_tokens=40)
         assert (drafter.head is not None) == use_head
-        assert out.new_ids == decode(target, ar, prompt).new_ids
+        assert out.new_ids == decode(target, ar, prompt, max_new_tokens=40).new_ids
         accepted += sum(s.accepted for s in out.steps)
         lengths.update(s.drafted for s in out.steps[:-2])
     assert accepted > 10
@@ -131,7 +96,7 @@ def test_missing_head_falls_back_with_a_warning(pair, tmp_path, caplog):
     target, draft = pair
     drafter = drafter_for(draft, target, cache_dir=str(tmp_path))
     with caplog.at_level("WARNING", logger="decodebench"):
-        decode(target, drafter, prompts(1)[0], max_new_tokens=8)
+        decode(target, drafter, random_prompts(1)[0], max_new_tokens=8)
     assert drafter.head is None and "specdec_pp_train" in caplog.text
 
 
@@ -156,7 +121,8 @@ def test_sampling_runs_with_the_sampling_head(pair, trained_heads):
     target, draft = pair
     cache_dir, _ = trained_heads
     drafter = drafter_for(draft, target, cache_dir=cache_dir)
-    out = decode(target, drafter, prompts(1)[0], sampling=SamplingParams(temperature=1.0), seed=0)
+    out = decode(target, drafter, random_prompts(1)[0], max_new_tokens=40, sampling=SamplingParams(temperature=1.0),
+                 seed=0)
     assert drafter.head is drafter.heads["sampling"] is not None
     assert len(out.new_ids) == 40
 

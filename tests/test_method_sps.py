@@ -4,8 +4,6 @@ that speculative sampling leaves the target's distribution unchanged."""
 
 from __future__ import annotations
 
-import copy
-import math
 from types import SimpleNamespace
 
 import pytest
@@ -13,30 +11,14 @@ import torch
 
 from decodebench.config import ConfigValueError, MethodConfig, ModelConfig, RunConfig, compose_run_config
 from decodebench.engine.backbone import Backbone
-from decodebench.engine.decode_loop import DecodeSettings, generate
 from decodebench.engine.drafting import Proposal
-from decodebench.engine.sampling import SamplingParams, logits_to_probs
+from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import build_method, method_config
 from decodebench.methods.sps import DraftModelState, SpeculativeSamplingDrafter
-from decodebench.models.tiny import build_tiny
+from helpers import chi_square_p_value, decode, exact_second_and_third, random_prompts, tiny_pair
 
 SPS = "decodebench.methods.sps:SpeculativeSamplingDrafter"
-
-
-def tiny_pair(arch: str = "llama", vocab: int = 101, noise: float = 0.05, layers: int = 3,
-              seed: int = 0) -> tuple[Backbone, Backbone]:
-    """A tiny random target and a draft that is the target with relative weight noise ``noise``
-    (close enough that drafts are often, but not always, accepted)."""
-    sizes = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1)
-    target = build_tiny(ModelConfig(name="target", source="tiny", architecture=arch, tiny=sizes), seed)
-    draft = copy.deepcopy(target)
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for weight in draft.parameters():
-            if weight.numel() > 1:
-                weight.add_(torch.randn(weight.shape, generator=generator) * noise * weight.std())
-    return Backbone(target), Backbone(draft)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def drafter_for(draft: Backbone, target: Backbone, **params) -> SpeculativeSamplingDrafter:
@@ -46,41 +28,15 @@ def drafter_for(draft: Backbone, target: Backbone, **params) -> SpeculativeSampl
     return drafter
 
 
-def decode(target, drafter, prompt, max_new_tokens=40, sampling=SamplingParams(), seed=None):
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    settings = DecodeSettings(max_new_tokens=max_new_tokens, sampling=sampling)
-    return generate(target, drafter, prompt, settings, target.new_cache(16), generator)
-
-
-def prompts(count: int, vocab: int = 101, length: int = 12) -> list[list[int]]:
-    generator = torch.Generator().manual_seed(5)
-    return [torch.randint(3, vocab, (length,), generator=generator).tolist() for _ in range(count)]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are dispatch-bound: one thread is fastest and avoids OpenMP spin-waits, which
-    make these tests 10x slower on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def pair(request):
-    return tiny_pair(request.param)
-
-
 @pytest.mark.parametrize("params", [dict(num_draft_tokens=3), dict(num_draft_tokens=1),
                                     dict(num_draft_tokens=5, schedule="heuristic")], ids=["g3", "g1", "heuristic"])
 def test_sps_greedy_equals_ar(pair, params):
     target, draft = pair
     ar = build_method(MethodConfig())
     accepted = 0
-    for prompt in prompts(4):
-        reference = decode(target, ar, prompt)
-        ours = decode(target, drafter_for(draft, target, **params), prompt)
+    for prompt in random_prompts(4):
+        reference = decode(target, ar, prompt, max_new_tokens=40)
+        ours = decode(target, drafter_for(draft, target, **params), prompt, max_new_tokens=40)
         assert ours.new_ids == reference.new_ids
         assert all(s.drafted <= max(params["num_draft_tokens"], 32) for s in ours.steps)
         accepted += sum(s.accepted for s in ours.steps)
@@ -91,9 +47,9 @@ def test_sps_with_an_unrelated_draft_architecture_still_equals_ar():
     """Any same-vocabulary draft works (a qwen2 draft for a llama target); output = AR."""
     target, _ = tiny_pair("llama")
     other, _ = tiny_pair("qwen2", layers=2, seed=3)
-    for prompt in prompts(2):
-        assert decode(target, drafter_for(other, target), prompt).new_ids == \
-            decode(target, build_method(MethodConfig()), prompt).new_ids
+    for prompt in random_prompts(2):
+        assert decode(target, drafter_for(other, target), prompt, max_new_tokens=40).new_ids == \
+            decode(target, build_method(MethodConfig()), prompt, max_new_tokens=40).new_ids
 
 
 def test_draft_cache_is_kept_and_cropped(monkeypatch):
@@ -109,7 +65,7 @@ def test_draft_cache_is_kept_and_cropped(monkeypatch):
 
     monkeypatch.setattr(DraftModelState, "feed", counting_feed)
     drafter = drafter_for(draft, target, num_draft_tokens=4)
-    prompt = prompts(1)[0]
+    prompt = random_prompts(1)[0]
     out = decode(target, drafter, prompt, max_new_tokens=60)
     assert fed[0] == len(prompt) + 1  # prefill: prompt + first token
     assert max(fed[1:]) <= 2
@@ -191,29 +147,6 @@ def test_missing_draft_is_a_clear_error(monkeypatch):
 
 
 # --- sampling: the target distribution is preserved -------------------------------------------
-def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson chi-square goodness of fit (Wilson–Hilferty approximation of the p-value)."""
-    keep = probs > 0
-    expected = probs[keep] * counts.sum()
-    statistic = float(((counts[keep] - expected) ** 2 / expected).sum())
-    dof = int(keep.sum()) - 1
-    z = ((statistic / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
-    return 0.5 * math.erfc(z / math.sqrt(2))
-
-
-@torch.inference_mode()
-def exact_second_and_third(target: Backbone, prompt: list[int], params: SamplingParams) -> torch.Tensor:
-    """Exact target distribution of the 2nd and 3rd generated tokens, ``(vocab * vocab,)``:
-    P(t2, t3) = Σ_t1 p(t1 | prompt) p(t2 | prompt, t1) p(t3 | prompt, t1, t2)."""
-    vocab = target.config.vocab_size
-    first = logits_to_probs(target.model(torch.tensor([prompt])).logits[0, -1], params)
-    grid = torch.tensor([prompt + [a, b] for a in range(vocab) for b in range(vocab)])
-    logits = target.model(grid).logits
-    second = logits_to_probs(logits[:, -2], params).view(vocab, vocab, vocab)[:, 0]  # (t1, t2)
-    third = logits_to_probs(logits[:, -1], params).view(vocab, vocab, vocab)  # (t1, t2, t3)
-    return (first[:, None, None] * second[:, :, None] * third).sum(0).reshape(-1)
-
-
 def sampled_second_and_third(target, make_drafter, prompt, params, runs: int) -> tuple[torch.Tensor, int]:
     """Counts of (t2, t3) over ``runs`` seeded generations of 4 tokens (t1 comes from the prefill,
     t2.. from speculative steps), and the number of accepted drafts."""

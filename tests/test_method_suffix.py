@@ -3,50 +3,16 @@ when it is importable), state policies, and greedy output identical to AR."""
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import torch
 
-from decodebench.config import MethodConfig, ModelConfig
-from decodebench.engine.backbone import Backbone
-from decodebench.engine.decode_loop import DecodeSettings, generate
+from decodebench.config import MethodConfig
 from decodebench.methods import build_method
 from decodebench.methods.suffix_tree import StdMaxHeap, SuffixTree
-from decodebench.models.tiny import build_tiny
+from helpers import decode, embedded_method_summary, repeating_prompts, tiny_backbone
 
-TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1)
 SUFFIX = dict(name="suffix", impl="decodebench.methods.suffix:SuffixDecodingDrafter")
-
-
-def tiny_backbone(arch: str) -> Backbone:
-    return Backbone(build_tiny(ModelConfig(name=f"tiny-{arch}", source="tiny", architecture=arch, tiny=TINY), seed=0))
-
-
-def prompts(count: int = 6) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(11)
-    out = []
-    for i in range(count):
-        motif = torch.randint(3, 101, (5 + i,), generator=gen).tolist()
-        noise = torch.randint(3, 101, (7,), generator=gen).tolist()
-        out.append(motif + noise + motif + noise[:3] + motif)
-    return out
-
-
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def backbone(request):
-    return tiny_backbone(request.param)
-
-
-def decode(backbone, drafter, prompt, max_new_tokens=48):
-    settings = DecodeSettings(max_new_tokens=max_new_tokens)
-    return generate(backbone, drafter, prompt, settings, backbone.new_cache(16))
 
 
 def suffix(**params):
@@ -60,7 +26,7 @@ def test_suffix_greedy_equals_ar(backbone, params):
     ar.setup(backbone)
     drafter.setup(backbone)
     accepted = 0
-    for prompt in prompts():
+    for prompt in repeating_prompts():
         reference = decode(backbone, ar, prompt)
         ours = decode(backbone, drafter, prompt)
         assert ours.new_ids == reference.new_ids
@@ -222,13 +188,6 @@ def test_persistent_state_is_saved_and_loaded(tmp_path):
 @pytest.mark.embedded
 @pytest.mark.slow
 def test_embedded_model_suffix_is_lossless(tmp_path, data_dir):
-    run_dir = tmp_path / "run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "decodebench.cli", "method=suffix", "task.per_category=1", "gen.max_new_tokens=48",
-         f"hydra.run.dir={run_dir}", f"data_dir={data_dir}", "progress=false"],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=1800)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    summary = embedded_method_summary("suffix", tmp_path, data_dir)
     assert summary["errors"] == 0 and summary["lossless_rate"] == 1.0
     assert summary["alpha"] > 0

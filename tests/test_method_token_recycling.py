@@ -2,61 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
 
-from decodebench.config import ConfigValueError, MethodConfig, ModelConfig
-from decodebench.engine.backbone import Backbone, ForwardOutput
-from decodebench.engine.decode_loop import DecodeSettings, generate
+from decodebench.config import ConfigValueError
+from decodebench.engine.backbone import ForwardOutput
 from decodebench.engine.drafting import Proposal, StepOutcome
 from decodebench.engine.verify import VerifyResult
 from decodebench.methods import build_method, method_config
 from decodebench.methods.state_policy import state_path
 from decodebench.methods.token_recycling import PAPER_TREE, TokenRecyclingDrafter, TreeTemplate
-from decodebench.models.tiny import build_tiny
 from decodebench.runners.run_dir import read_records
-
-VOCAB = 101
-TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1)
-
-
-def tiny_backbone(arch: str) -> Backbone:
-    return Backbone(build_tiny(ModelConfig(name=f"tiny-{arch}", source="tiny", architecture=arch, tiny=TINY), seed=0))
-
-
-def prompts(count: int = 6) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(11)
-    out = []
-    for i in range(count):
-        motif = torch.randint(3, VOCAB, (5 + i,), generator=gen).tolist()
-        noise = torch.randint(3, VOCAB, (7,), generator=gen).tolist()
-        out.append(motif + noise + motif + noise[:3] + motif)
-    return out
-
-
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def backbone(request):
-    return tiny_backbone(request.param)
-
-
-@pytest.fixture(scope="module")
-def ar_outputs(backbone):
-    """AR's greedy ids for every test prompt, computed once per model."""
-    ar = build_method(MethodConfig())
-    ar.setup(backbone)
-    return [run(backbone, ar, prompt).new_ids for prompt in prompts()]
-
-
-def run(backbone, drafter, prompt, max_new_tokens=48):
-    """One generation (no setup: the caller decides when state is set up)."""
-    return generate(backbone, drafter, prompt, DecodeSettings(max_new_tokens=max_new_tokens), backbone.new_cache(16))
+from helpers import decode, embedded_method_summary, repeating_prompts
 
 
 def recycling(preset: str = "paper", **params) -> TokenRecyclingDrafter:
@@ -70,8 +30,8 @@ def test_greedy_output_equals_ar_and_drafts_get_accepted(backbone, ar_outputs, p
     drafter = recycling(preset)
     drafter.setup(backbone)
     accepted = 0
-    for prompt, reference in zip(prompts(), ar_outputs):
-        ours = run(backbone, drafter, prompt)
+    for prompt, reference in zip(repeating_prompts(), ar_outputs):
+        ours = decode(backbone, drafter, prompt)
         assert ours.new_ids == reference
         assert all(s.drafted <= len(drafter.template.parents) for s in ours.steps)
         accepted += sum(s.accepted for s in ours.steps)
@@ -153,18 +113,18 @@ def test_params_are_validated():
 def test_per_prompt_starts_every_prompt_from_an_empty_matrix(backbone):
     drafter = recycling("cpu", state="per_prompt")
     drafter.setup(backbone)
-    run(backbone, drafter, prompts()[0])
+    decode(backbone, drafter, repeating_prompts()[0])
     assert drafter.adj.any()
-    drafter.begin(prompts()[1])
+    drafter.begin(repeating_prompts()[1])
     assert not drafter.adj.any()
 
 
 def test_per_task_keeps_the_matrix_and_reset_state_clears_it(backbone):
     drafter = recycling("cpu", state="per_task")
     drafter.setup(backbone)
-    run(backbone, drafter, prompts()[0])
+    decode(backbone, drafter, repeating_prompts()[0])
     learned = drafter.adj.clone()
-    drafter.begin(prompts()[1])
+    drafter.begin(repeating_prompts()[1])
     assert torch.equal(drafter.adj, learned)
     drafter.reset_state()
     assert not drafter.adj.any()
@@ -174,14 +134,14 @@ def test_persistent_state_round_trips_through_the_cache_dir(backbone, tmp_path):
     first = recycling("cpu", state="persistent")
     first.setup(backbone, str(tmp_path))
     assert not first.adj.any()  # nothing saved yet
-    run(backbone, first, prompts()[0])
+    decode(backbone, first, repeating_prompts()[0])
     first.finish()
     path = state_path(str(tmp_path), "token_recycling", backbone)
     assert path.is_file() and path.parent == tmp_path / "state" and path.name.startswith("token_recycling-")
     second = recycling("cpu", state="persistent")
     second.setup(backbone, str(tmp_path))
     assert torch.equal(second.adj, first.adj)
-    run(backbone, second, prompts()[1])  # learn more, then the runner's reset returns to the loaded state
+    decode(backbone, second, repeating_prompts()[1])  # learn more, then the runner's reset returns to the loaded state
     second.reset_state()
     assert torch.equal(second.adj, first.adj)
     # a matrix of another shape (k) does not fit: start empty instead of failing
@@ -195,15 +155,8 @@ def test_persistent_state_round_trips_through_the_cache_dir(backbone, tmp_path):
 @pytest.mark.slow
 def test_embedded_model_token_recycling_is_lossless_and_speculates(tmp_path, data_dir):
     """SmolLM2-135M (fp32, greedy), default (cpu) preset: output equals AR token for token."""
-    run_dir = tmp_path / "run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "decodebench.cli", "method=token_recycling", "task.per_category=1",
-         "gen.max_new_tokens=48", f"hydra.run.dir={run_dir}", f"data_dir={data_dir}", "progress=false"],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = embedded_method_summary("token_recycling", tmp_path, data_dir, timeout=900)
     assert summary["errors"] == 0 and summary["lossless_rate"] == 1.0
     assert summary["tau"] > 1.0
-    records = [r for r in read_records(run_dir / "records.jsonl") if r.role == "method"]
+    records = [r for r in read_records(tmp_path / "run" / "records.jsonl") if r.role == "method"]
     assert records and all(r.first_divergence is None for r in records)

@@ -1,0 +1,151 @@
+"""Shared test scaffolding: tiny models, test prompts, one-call decoding, and the CLI subprocess.
+
+Import it as ``from helpers import tiny_backbone, repeating_prompts, decode, run_cli`` — the project
+runs pytest with ``--import-mode=importlib``, so tests/conftest.py puts tests/ on ``sys.path``.
+The shared *fixtures* built on these (``backbone``, ``ar_outputs``, ``one_thread``) are in
+tests/conftest.py, section "shared test scaffolding".
+
+Everything here is deterministic: the same call gives the same model weights and prompts, so
+expectations written against them stay valid.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from decodebench.config import ModelConfig
+from decodebench.engine.backbone import Backbone
+from decodebench.engine.decode_loop import DecodeSettings, GenerationOutput, generate
+from decodebench.engine.sampling import SamplingParams, logits_to_probs
+from decodebench.models.tiny import build_tiny
+
+# --- tiny models -------------------------------------------------------------------------------
+VOCAB = 101
+#: The tiny random model of the method tests (3 layers, GQA 4/2 heads, 101-token vocabulary).
+TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1)
+#: The architectures the ``backbone`` fixture runs every test on.
+ARCHS = ("llama", "qwen2")
+
+
+def tiny_backbone(arch: str = "llama", **overrides) -> Backbone:
+    """The TINY model (random weights, seed 0) of ``arch``, named ``tiny-<arch>``; ``overrides``
+    replace TINY's sizes (e.g. ``num_hidden_layers=4``)."""
+    config = ModelConfig(name=f"tiny-{arch}", source="tiny", architecture=arch, tiny={**TINY, **overrides})
+    return Backbone(build_tiny(config, seed=0))
+
+
+def tiny_pair(arch: str = "llama", vocab: int = VOCAB, noise: float = 0.05, layers: int = 3, seed: int = 0,
+              lm_head_scale: Optional[float] = None) -> tuple[Backbone, Backbone]:
+    """``(target, draft)`` for draft-model methods: a tiny random target (named ``target``, built with
+    ``seed``, max 512 positions) and a draft that is the target with relative weight noise ``noise``
+    (close enough that drafts are often, but not always, accepted). ``lm_head_scale`` multiplies the
+    target's LM head first (sharper next-token distributions)."""
+    sizes = {**TINY, "vocab_size": vocab, "num_hidden_layers": layers, "max_position_embeddings": 512}
+    target = build_tiny(ModelConfig(name="target", source="tiny", architecture=arch, tiny=sizes), seed)
+    if lm_head_scale is not None:
+        with torch.no_grad():
+            target.lm_head.weight.mul_(lm_head_scale)
+    draft = copy.deepcopy(target)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for weight in draft.parameters():
+            if weight.numel() > 1:
+                weight.add_(torch.randn(weight.shape, generator=generator) * noise * weight.std())
+    return Backbone(target), Backbone(draft)
+
+
+# --- prompts -----------------------------------------------------------------------------------
+def repeating_prompts(count: int = 6, vocab: int = VOCAB, seed: int = 11) -> list[list[int]]:
+    """``count`` prompts with repeated n-grams (something for lookup / n-gram drafters to find):
+    prompt ``i`` is ``motif + noise + motif + noise[:3] + motif`` with a random motif of ``5 + i``
+    tokens and 7 noise tokens, ids in ``[3, vocab)``. The first k prompts do not depend on ``count``."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(count):
+        motif = torch.randint(3, vocab, (5 + i,), generator=gen).tolist()
+        noise = torch.randint(3, vocab, (7,), generator=gen).tolist()
+        out.append(motif + noise + motif + noise[:3] + motif)
+    return out
+
+
+def random_prompts(count: int, vocab: int = VOCAB, length: int = 12, seed: int = 5) -> list[list[int]]:
+    """``count`` uniformly random prompts of ``length`` ids in ``[3, vocab)`` (draft-model tests)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (length,), generator=generator).tolist() for _ in range(count)]
+
+
+# --- decoding ----------------------------------------------------------------------------------
+def decode(backbone: Backbone, drafter, prompt: Sequence[int], max_new_tokens: int = 48,
+           sampling: Optional[SamplingParams] = None, generator: Optional[torch.Generator] = None, *,
+           seed: Optional[int] = None, eos: Sequence[int] = (), setup: bool = False) -> GenerationOutput:
+    """One :func:`generate` call on a fresh cache (block 16): greedy unless ``sampling`` is given;
+    ``seed`` makes a fresh ``torch.Generator`` (instead of passing ``generator``); ``eos`` are the
+    stop ids. The drafter is set up first only with ``setup=True`` (otherwise the caller decides when
+    state is set up)."""
+    if setup:
+        drafter.setup(backbone)
+    if seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+    settings = DecodeSettings(max_new_tokens=max_new_tokens, sampling=sampling or SamplingParams(),
+                              eos_token_ids=eos)
+    return generate(backbone, drafter, prompt, settings, backbone.new_cache(16), generator)
+
+
+# --- distribution checks -----------------------------------------------------------------------
+def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson chi-square goodness of fit (Wilson–Hilferty approximation of the p-value)."""
+    keep = probs > 0
+    expected = probs[keep] * counts.sum()
+    statistic = float(((counts[keep] - expected) ** 2 / expected).sum())
+    dof = int(keep.sum()) - 1
+    z = ((statistic / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+@torch.inference_mode()
+def exact_second_and_third(target: Backbone, prompt: list[int], params: SamplingParams) -> torch.Tensor:
+    """Exact target distribution of the 2nd and 3rd generated tokens, ``(vocab * vocab,)``:
+    P(t2, t3) = Σ_t1 p(t1 | prompt) p(t2 | prompt, t1) p(t3 | prompt, t1, t2)."""
+    vocab = target.config.vocab_size
+    first = logits_to_probs(target.model(torch.tensor([prompt])).logits[0, -1], params)
+    grid = torch.tensor([prompt + [a, b] for a in range(vocab) for b in range(vocab)])
+    logits = target.model(grid).logits
+    second = logits_to_probs(logits[:, -2], params).view(vocab, vocab, vocab)[:, 0]  # (t1, t2)
+    third = logits_to_probs(logits[:, -1], params).view(vocab, vocab, vocab)  # (t1, t2, t3)
+    return (first[:, None, None] * second[:, :, None] * third).sum(0).reshape(-1)
+
+
+# --- the CLI in a subprocess -------------------------------------------------------------------
+CLI = [sys.executable, "-m", "decodebench.cli"]
+
+
+def run_cli(*overrides: str, cwd: Path, timeout: float = 900,
+            env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """``python -m decodebench.cli *overrides`` in ``cwd`` (offline hub; ``env`` adds variables);
+    returns the completed process with text stdout / stderr."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([*CLI, *overrides], capture_output=True, text=True, cwd=cwd, env=full_env,
+                          timeout=timeout)
+
+
+def embedded_method_summary(method: str, tmp_path: Path, data_dir: Path, *overrides: str,
+                            max_new_tokens: int = 48, timeout: float = 1800) -> dict:
+    """Run ``method`` on the embedded model (one sample per category, ``max_new_tokens`` tokens) with
+    run dir ``tmp_path / "run"`` (records.jsonl is there too), assert it exits 0 (showing the tail of
+    stderr otherwise), and return its summary.json. ``overrides`` are extra CLI overrides."""
+    run_dir = tmp_path / "run"
+    result = run_cli(f"method={method}", "task.per_category=1", f"gen.max_new_tokens={max_new_tokens}", *overrides,
+                     f"hydra.run.dir={run_dir}", f"data_dir={data_dir}", "progress=false", cwd=tmp_path,
+                     timeout=timeout, env={"DECODEBENCH_DATA": str(data_dir)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((run_dir / "summary.json").read_text())
