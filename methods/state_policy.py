@@ -16,6 +16,8 @@ of tensors, numbers and strings, so ``torch.load(weights_only=True)`` can read i
 
 from __future__ import annotations
 
+import abc
+
 import copy
 import logging
 import os
@@ -58,7 +60,7 @@ def state_path(cache_dir: Optional[str], method: str, backbone: Backbone) -> Pat
     return root / "state" / f"{method}-{model_key(backbone)}.pt"
 
 
-class StatefulDrafter(Drafter):
+class StatefulDrafter(Drafter, abc.ABC):
     """A drafter whose learned state follows ``params.state`` (see the module docstring).
 
     Subclasses set ``state_name`` (the file prefix, normally the method's registry name) and
@@ -73,17 +75,17 @@ class StatefulDrafter(Drafter):
         self._initial: Optional[dict[str, Any]] = None  # snapshot taken at setup
 
     # -- hooks -------------------------------------------------------------------------------
+    @abc.abstractmethod
     def _clear_state(self) -> None:
         """Make the learned state empty (the state before any prompt was seen)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _state_dict(self) -> dict[str, Any]:
         """Snapshot of the learned state: tensors, numbers and strings only."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _load_state_dict(self, state: dict[str, Any]) -> bool:
         """Restore a snapshot; return False (leaving the state empty) if it does not fit."""
-        raise NotImplementedError
 
     def _end_generation(self) -> None:
         """Fold what the last generation left pending into the state (default: nothing)."""
