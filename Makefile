@@ -22,7 +22,7 @@ export TOKENIZERS_PARALLELISM ?= false
 STAMP := $(VENV)/.decodebench-installed
 BENCH_DIR ?= results/bench/$(shell date +%Y-%m-%d_%H-%M-%S)
 
-.PHONY: help setup model models-qwen profile bench bench-engine slurm test test-fast report paper clean
+.PHONY: help setup model models-qwen profile bench bench-engine bench-vs-hf slurm test test-fast report paper clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -53,6 +53,9 @@ bench: setup ## Main job: default method set on a Spec-Bench subset (embedded mo
 bench-engine: setup ## Engine AR/PLD per backend vs transformers generate / prompt lookup (tokens/s ratios, one run)
 	$(VENV)/bin/decodebench-profile --backend all
 	$(PY) benchmarks/bench_engine.py --backends all
+
+bench-vs-hf: setup ## DecodeBench ar/pld (and sps on the Qwen pair, if prepared) vs transformers' generate / prompt lookup / assisted generation, + harness overhead
+	$(PY) benchmarks/bench_vs_hf.py $(BENCH_VS_HF_ARGS)
 
 slurm: ## Start the local single-node SLURM cluster of the sweep tests (root + apt-get; idempotent, fast when up)
 	bash scripts/slurm.sh start

@@ -20,8 +20,12 @@ AR is reported on stderr as a LOSSLESS VIOLATION.
 CLI::
 
     decodebench-report results/sweep [more dirs] [--format md|latex|csv] [--layout long|wide]
-                       [--table speed|quality|audit|cost|all] [--curve CURVE]
+                       [--table speed|quality|audit|stats|cost|all] [--curve CURVE]
     decodebench-report results/sweep --paper paper/ [--curve CURVE]   # every table and figure + index.md
+
+``--table stats`` (part of ``all`` when records carry ``method_stats``) lists each method's own
+counters, averaged per generation: the exit layers DEL chose, SkipDecode's layer fraction,
+FFN-SkipLLM's skipped share, SWIFT's skip set size.
 
 ``--table cost`` (part of ``all`` when a verify-latency curve is found: ``--curve``, or
 ``latency_curve.json`` in a run dir) puts the cost model's predicted speedup next to the measured
@@ -59,7 +63,8 @@ METRICS = ["speedup", "speedup_tps", "tau", "alpha", "tokens_per_s", "lossless_r
 COUNTS = ["records", "errors"]
 WIDE_METRICS = ["speedup", "tau"]  # Spec-Bench's main table: speedup and τ per group
 FORMATS = ("md", "latex", "csv")
-TABLES = ("speed", "quality", "audit", "cost", "all")
+TABLES = ("speed", "quality", "audit", "stats", "cost", "all")
+STATS_TITLE = "Method statistics (Drafter.request_stats, mean per generation)"
 LAYOUTS = ("long", "wide")
 
 
@@ -199,6 +204,34 @@ def render(table: pd.DataFrame, fmt: str) -> str:
     raise DecodeBenchError(f"unknown format '{fmt}' (valid: {', '.join(FORMATS)})")
 
 
+def method_stats_table(records: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, task, method): the mean of every ``method_stats`` counter over the
+    records that report it (e.g. ``exit_layer`` for DEL, ``layer_fraction`` for SkipDecode,
+    ``ffn_skipped`` for FFN-SkipLLM), with ``records``; empty when no record has any."""
+    if "method_stats" not in records.columns:
+        return pd.DataFrame()
+    rows = []
+    for (model, task, method), frame in records[records["role"] != "baseline"].groupby(
+            ["model", "task", "method"], sort=False):
+        stats = [s for s in frame["method_stats"] if isinstance(s, dict) and s]
+        if stats:
+            means = pd.DataFrame(stats).mean(numeric_only=True).to_dict()
+            rows.append({"model": model, "task": task, "method": method, "records": len(stats), **means})
+    return pd.DataFrame(rows)
+
+
+def _stats_section(records: pd.DataFrame, fmt: str) -> list[str]:
+    table = method_stats_table(records)
+    if table.empty:
+        return []
+    if fmt == "csv":
+        return [render(table, fmt)]
+    if fmt == "latex":
+        styler = table.style.hide(axis="index").format(precision=2, na_rep="-", escape="latex")
+        return [f"% {STATS_TITLE}\n" + styler.format_index(escape="latex", axis=1).to_latex(hrules=True)]
+    return [f"**{STATS_TITLE}**\n\n{render(table, fmt)}"]
+
+
 def _cost_section(records: pd.DataFrame, curve: Optional[Path], fmt: str, explicit: bool) -> list[str]:
     """The cost model's table (analysis/cost_model.py), or nothing when no run has a curve."""
     from decodebench.analysis.cost_model import COLUMNS, cost_table, curve_for_run
@@ -226,7 +259,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--output", type=Path, help="write here instead of stdout")
     parser.add_argument("--table", choices=TABLES,
                         help="which tables (default: all for md/latex, speed for csv); quality = quality "
-                             "metrics and Δ vs AR next to speedup/τ/lossless rate; audit = lossless audit")
+                             "metrics and Δ vs AR next to speedup/τ/lossless rate; audit = lossless audit; "
+                             "stats = method counters (exit layers, skipped layers/FFN blocks)")
     parser.add_argument("--curve", type=Path,
                         help="verify-latency curve JSON (decodebench-profile), or a folder of them, for the cost "
                              "model; default: latency_curve.json in each run dir")
@@ -253,6 +287,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"decodebench-report: {message}", file=sys.stderr)
         parts += [render_section(name, sections[name], args.format, render)
                   for name in ("quality", "audit") if which in (name, "all") and not sections[name].empty]
+        if which in ("stats", "all"):
+            parts += _stats_section(records, args.format)
         if which in ("cost", "all"):
             parts += _cost_section(records, args.curve, args.format, explicit=which == "cost")
         text = "\n".join(parts)

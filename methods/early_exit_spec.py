@@ -64,6 +64,7 @@ class EarlyExitDrafter(Drafter):
         # hidden states of every layer for the last verified block (filled by verify_forward):
         # block_states[j] = output of layer j-1 ([0] = embeddings), each (q, hidden)
         self.block_states: Optional[list[torch.Tensor]] = None
+        self.exit_layers: list[int] = []  # exit layer of every drafting round of the current request
 
     def setup(self, backbone: Backbone, cache_dir: Optional[str] = None) -> None:
         self.backbone = backbone
@@ -71,6 +72,15 @@ class EarlyExitDrafter(Drafter):
     def begin(self, prompt_ids: list[int]) -> None:
         self.pending = None
         self.block_states = None
+        self.exit_layers = []
+
+    def request_stats(self) -> dict[str, float]:
+        """``exit_layer``: mean number of layers the drafts ran, over this request's drafting
+        rounds; ``exit_layer_min`` / ``exit_layer_max``: the range chosen (equal for a static E)."""
+        if not self.exit_layers:
+            return {}
+        return {"exit_layer": sum(self.exit_layers) / len(self.exit_layers),
+                "exit_layer_min": float(min(self.exit_layers)), "exit_layer_max": float(max(self.exit_layers))}
 
     # -- drafting ---------------------------------------------------------------------------------
     def check_exit_layer(self, exit_layer: int, key: str = "method.params.exit_layer") -> None:
@@ -93,6 +103,7 @@ class EarlyExitDrafter(Drafter):
             raise RuntimeError(f"{type(self).__name__} drafts on the decode loop's cache, which must hold "
                                f"exactly the committed context ({committed} tokens)")
         layers = range(exit_layer)
+        self.exit_layers.append(exit_layer)
         token = context[-1]
         tokens: list[int] = []
         rows: list[torch.Tensor] = []

@@ -31,13 +31,14 @@ from decodebench.engine.backbone import Backbone
 from decodebench.engine.backends import apply_backend
 from decodebench.engine.decode_loop import DecodeSettings, GenerationOutput, generate, generate_batch, never_drafts
 from decodebench.engine.drafting import Drafter
+from decodebench.engine.profile import load_latency_curve, profile_path
 from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import build_method
 from decodebench.models.loading import (LoadedModel, available_models, check_same_tokenizer, load_model,
                                         load_model_config)
 from decodebench.records import Record, first_divergence, ids_sha, summarize, token_match_rate
 from decodebench.runners.manifest import build_manifest, config_hash, slurm_info, utc_now
-from decodebench.runners.run_dir import MANIFEST, SUMMARY, RunDirectory
+from decodebench.runners.run_dir import LATENCY_CURVE, MANIFEST, SUMMARY, RunDirectory
 from decodebench.runners.wandb_logger import log_run
 from decodebench.tasks import build_task
 from decodebench.tasks.base import Sample, Task, TurnSettings
@@ -183,6 +184,7 @@ class Runner:
         )
         self.run_dir.write_config(self.resolved_config)
         self.run_dir.write_json(MANIFEST, manifest)
+        self._save_latency_curve(loaded)
 
         self._warm_up(task, samples, loaded, backbone, contenders, cache)
         for contender in contenders:
@@ -246,6 +248,16 @@ class Runner:
                              model_name=loaded.name, cache_dir=self.cfg.cache_dir)
         self.engine_info[loaded.name] = info.to_dict()
         return backbone
+
+    def _save_latency_curve(self, loaded: LoadedModel) -> None:
+        """Copy this machine's stored verify-latency curve (``decodebench-profile``) for the target
+        model and the backend in use into the run dir, so ``decodebench-report`` puts the cost
+        model's prediction next to the measured speedup without a ``--curve`` option."""
+        backend = (self.engine_info.get(loaded.name) or {}).get("name")
+        curve = backend and load_latency_curve(loaded.name, backend, self.cfg.device, self.cfg.cache_dir)
+        if curve:
+            self.run_dir.write_json(LATENCY_CURVE, {**curve, "source": str(
+                profile_path(loaded.name, backend, self.cfg.device, self.cfg.cache_dir))})
 
     def _warm_up(self, task: Task, samples: list[Sample], loaded, backbone, contenders, cache) -> None:
         """Untimed generations so allocator, kernels and caches are warm before measuring."""

@@ -20,6 +20,7 @@ from decodebench.registry import DecodeBenchError
 log = logging.getLogger("decodebench")
 
 CONFIG, MANIFEST, RECORDS, SUMMARY = "config.yaml", "manifest.json", "records.jsonl", "summary.json"
+LATENCY_CURVE = "latency_curve.json"  # the machine's stored verify-latency curve (decodebench-profile)
 
 
 class CorruptRecordsError(DecodeBenchError, json.JSONDecodeError):

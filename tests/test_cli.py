@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -103,3 +105,26 @@ def test_embedded_model_pld_is_lossless_and_speculates(tmp_path, data_dir):
     assert summary["tau"] > 1.0
     records = [r for r in read_records(run_dir / "records.jsonl") if r.role == "method"]
     assert all(r.first_divergence is None for r in records)
+
+
+@pytest.mark.embedded
+def test_run_copies_the_stored_latency_curve_for_the_cost_model(tmp_path, data_dir):
+    """With a profile stored for the model and backend in use, the run dir gets latency_curve.json
+    and the report's cost table appears without --curve."""
+    cache = tmp_path / "cache"
+    profile = cache / "profiles" / "tiny-llama__eager__cpu.json"
+    profile.parent.mkdir(parents=True)
+    profile.write_text(json.dumps({"model": "tiny-llama", "backend": "eager", "device": "cpu", "threads": 1,
+                                   "context": 64, "k": [1, 2, 4, 8], "ms": [1.0, 1.2, 1.5, 2.0],
+                                   "ratio": [1.0, 1.2, 1.5, 2.0]}))
+    run_dir = tmp_path / "run"
+    result = run_cli("model=tiny-llama", "method=pld", "engine.backend=eager", "task.per_category=1",
+                     "task.categories=[qa]", "gen.max_new_tokens=16", f"hydra.run.dir={run_dir}",
+                     f"data_dir={data_dir}", f"cache_dir={cache}", "progress=false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads((run_dir / "latency_curve.json").read_text())
+    assert saved["ratio"] == [1.0, 1.2, 1.5, 2.0] and saved["source"] == str(profile)
+    report = subprocess.run([sys.executable, "-m", "decodebench.analysis.report", str(run_dir), "--table", "cost"],
+                            capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr
+    assert "predicted" in report.stdout and "pld" in report.stdout

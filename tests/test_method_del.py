@@ -76,12 +76,19 @@ def test_del_greedy_equals_ar(arch, params):
     ar = build_method(MethodConfig())
     drafter = drafter_for(backbone, **params)
     accepted = drafted = 0
+    exits = []
     for prompt in prompts(4):
         ours = decode(backbone, drafter, prompt)
         assert ours.new_ids == decode(backbone, ar, prompt).new_ids
         accepted += sum(s.accepted for s in ours.steps)
         drafted += sum(s.drafted for s in ours.steps)
+        stats = ours.method_stats  # the exit layers this request's drafting rounds chose
+        if stats:
+            assert stats["exit_layer_min"] <= stats["exit_layer"] <= stats["exit_layer_max"]
+            assert set(drafter.exit_layers) <= set(drafter.candidates)
+            exits += drafter.exit_layers
     assert 10 < accepted <= drafted
+    assert exits, "drafting rounds must report their exit layers"
     alphas = drafter.alphas()
     assert set(alphas) == set(drafter.candidates) and all(0.0 <= a <= 1.0 for a in alphas.values())
     # the damped model's layers from 2 on agree with the output far more than layer 1

@@ -88,6 +88,9 @@ def test_early_exit_greedy_equals_ar(backbone, params):
         drafted += sum(s.drafted for s in ours.steps)
         steps += len(ours.steps)
         assert all(s.drafted <= params["num_draft_tokens"] for s in ours.steps)
+        if any(s.drafted for s in ours.steps):  # a static E: every round exits at the configured layer
+            assert ours.method_stats == {"exit_layer": params["exit_layer"], "exit_layer_min": params["exit_layer"],
+                                         "exit_layer_max": params["exit_layer"]}
     assert 10 < accepted < drafted, "drafts must be both accepted and rejected for the check to mean much"
     assert reused >= steps - 4, "verification must reuse the draft's first-E-layer K/V"
 

@@ -6,8 +6,8 @@ import json
 import pandas as pd
 import pytest
 
-from decodebench.analysis.report import (find_run_dirs, load_records, main, render, report_table,
-                                         wide_table)
+from decodebench.analysis.report import (find_run_dirs, load_records, main, method_stats_table, render,
+                                         report_table, wide_table)
 from decodebench.records import Record
 from decodebench.registry import DecodeBenchError
 
@@ -150,3 +150,24 @@ def test_cli(sweep, tmp_path, capsys):
     assert "\\toprule" in output.read_text()
     assert main([str(sweep / "0")]) == 0
     assert "| pld " in capsys.readouterr().out
+
+
+def test_method_stats_table_and_section(tmp_path, capsys):
+    """Drafters' own counters (e.g. DEL's exit layers) are averaged per method over the records that
+    report them; baselines and runs without counters add no row; the CLI prints the section."""
+    import dataclasses
+
+    stats = [{"exit_layer": 4.0, "exit_layer_min": 2.0}, {"exit_layer": 6.0, "exit_layer_min": 4.0}, None]
+    del_records = [dataclasses.replace(r, method="del", method_stats=s)
+                   for r, s in zip(PLD_RUN[4:7], stats)]
+    run = write_run(tmp_path / "del", baseline([1.0, 2.0, 3.0, 1.0]) + del_records)
+    write_run(tmp_path / "pld", PLD_RUN)
+    table = method_stats_table(load_records(find_run_dirs(tmp_path)))
+    assert list(table["method"]) == ["del"]
+    assert table.iloc[0]["records"] == 2
+    assert table.iloc[0]["exit_layer"] == pytest.approx(5.0) and table.iloc[0]["exit_layer_min"] == pytest.approx(3.0)
+    assert main([str(run), "--table", "stats"]) == 0
+    out = capsys.readouterr().out
+    assert "Method statistics" in out and "exit_layer" in out and "5.00" in out
+    assert main([str(tmp_path / "pld"), "--table", "stats"]) == 0
+    assert capsys.readouterr().out == ""
