@@ -10,12 +10,13 @@ blocks (how often they differ across backends; within one backend lossless metho
 Each curve is stored as ``$DECODEBENCH_CACHE/profiles/<model>__<backend>__<device>.json``::
 
     {"model": str, "backend": str, "device": str, "threads": int, "context": int,
-     "k": [...], "ms": [...], "ratio": [...], ...extras}
+     "k": [...], "ms": [...], "ratio": [...], ...extras,
+     "draft": {"model": str, "ms": float, "cost_ratio": float}}   # models with a draft (--draft)
 
 and read back by :func:`load_latency_curve` (``auto`` backend choice, the CPU presets' budgets).
 
 Usage: decodebench-profile [--model smollm2-135m] [--backend all] [--context 175]
-       [--ks 1,2,3,4,5,6,8,12,16,32] [--repeats 10] [--threads N] [--out extra.json]
+       [--ks 1,2,3,4,5,6,8,12,16,32] [--repeats 10] [--threads N] [--draft MODEL|none] [--out extra.json]
 """
 
 from __future__ import annotations
@@ -99,6 +100,20 @@ def profile_backend(backbone: Backbone, backend: str, *, model: str, context: in
     return curve, argmax
 
 
+def loaded_draft_name(model: str, cache_dir: str) -> Optional[str]:
+    """The model config's ``draft`` when it is ready to load offline (prepared embedded models;
+    hub models always count), else None."""
+    from decodebench.models.embedded import embedded_model_dir, read_prepared_marker
+    from decodebench.models.loading import load_model_config
+
+    name = load_model_config(model).draft
+    if not name:
+        return None
+    cfg = load_model_config(name)
+    ready = cfg.source != "embedded" or read_prepared_marker(embedded_model_dir(cfg, cache_dir))
+    return name if ready else None
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     from decodebench.models.loading import load_model, load_model_config
     from decodebench.runners.manifest import hardware
@@ -114,6 +129,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cache-dir", default=None, help="DecodeBench cache (default $DECODEBENCH_CACHE)")
+    parser.add_argument("--draft", default=None,
+                        help="also time this draft model's 1-token step (default: the model config's draft, if "
+                             "prepared; 'none' skips): stored as draft.cost_ratio = T_draft(1) / T_target(1)")
     parser.add_argument("--no-store", action="store_true", help="print only; do not store the curves")
     parser.add_argument("--out", default=None, help="also write all curves to this JSON file")
     args = parser.parse_args(argv)
@@ -129,12 +147,21 @@ def main(argv: Optional[list[str]] = None) -> None:
     reference = None
     if names != ["eager"]:
         _, reference = measure(backbone, args.context, ks, repeats=0, warmup=1)
+    draft_name = args.draft if args.draft is not None else loaded_draft_name(args.model, cache_dir)
+    draft = None
+    if draft_name and draft_name != "none":
+        draft = Backbone(load_model(load_model_config(draft_name), device=args.device, cache_dir=cache_dir).model)
     curves = []
     for name in names:
         curve, _ = profile_backend(backbone, name, model=args.model, context=args.context, ks=ks,
                                    repeats=args.repeats, buckets=buckets, cache_dir=cache_dir,
                                    reference_argmax=reference)
         curve["hardware"] = hardware(args.device)
+        if draft is not None:
+            draft_curve, _ = profile_backend(draft, name, model=draft_name, context=args.context, ks=[1],
+                                             repeats=args.repeats, buckets=buckets, cache_dir=cache_dir)
+            curve["draft"] = {"model": draft_name, "ms": draft_curve["ms"][0],
+                              "cost_ratio": round(draft_curve["ms"][0] / curve["ms"][0], 4)}
         curves.append(curve)
         if not args.no_store:
             path = profile_path(args.model, curve["backend"], args.device, cache_dir)
@@ -151,6 +178,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         cells = [f"{curve['ms'][0]:.1f} ms", *(f"{r:.2f}" for r in curve["ratio"][1:])]
         print(f"| {curve['backend']} | {curve['setup_s']:.1f} | "
               f"{'-' if differs is None else f'{differs:.2%}'} | " + " | ".join(cells) + " |")
+    for curve in curves:
+        if "draft" in curve:
+            print(f"draft {curve['draft']['model']} ({curve['backend']}): {curve['draft']['ms']:.1f} ms per 1-token "
+                  f"step, cost ratio T_draft(1)/T_target(1) = {curve['draft']['cost_ratio']:.3f}")
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

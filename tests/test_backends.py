@@ -208,6 +208,22 @@ def test_profile_stores_curves_and_pld_reads_them(tmp_path):
     assert (drafter.budget, drafter.budget_source) == (10, "params")
 
 
+def test_profile_cli_stores_the_draft_cost_ratio(tmp_path, capsys):
+    """decodebench-profile --draft times the draft's 1-token step next to the target's curve."""
+    from decodebench.engine.profile import main as profile_main
+
+    profile_main(["--model", "tiny-llama", "--draft", "tiny-llama-draft", "--backend", "eager", "--ks", "1,2",
+                  "--repeats", "2", "--context", "16", "--cache-dir", str(tmp_path)])
+    stored = json.loads(profile_path("tiny-llama", "eager", "cpu", str(tmp_path)).read_text())
+    draft = stored["draft"]
+    assert draft["model"] == "tiny-llama-draft" and draft["ms"] > 0
+    assert draft["cost_ratio"] == pytest.approx(draft["ms"] / stored["ms"][0], rel=1e-3)
+    assert "cost ratio T_draft(1)/T_target(1)" in capsys.readouterr().out
+    profile_main(["--model", "tiny-llama", "--draft", "none", "--backend", "eager", "--ks", "1,2", "--repeats", "1",
+                  "--context", "16", "--cache-dir", str(tmp_path)])
+    assert "draft" not in json.loads(profile_path("tiny-llama", "eager", "cpu", str(tmp_path)).read_text())
+
+
 # -- the embedded model ------------------------------------------------------------------------------
 @pytest.mark.embedded
 @pytest.mark.slow
