@@ -4,7 +4,6 @@ distribution, and the embedded model stays lossless."""
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -12,10 +11,11 @@ import torch
 from decodebench.config import ConfigValueError, MethodConfig, ModelConfig, compose_run_config
 from decodebench.engine.backbone import Backbone
 from decodebench.engine.decode_loop import DecodeSettings, generate
-from decodebench.engine.sampling import SamplingParams, logits_to_probs
+from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import build_method, method_config
 from decodebench.methods.early_exit_spec import EarlyExitSpecDrafter
 from decodebench.models.tiny import build_tiny
+from helpers import chi_square_p_value, exact_second_and_third
 
 IMPL = "decodebench.methods.early_exit_spec:EarlyExitSpecDrafter"
 
@@ -141,26 +141,8 @@ def test_config_composes_with_presets():
 
 
 # -- sampling: the target distribution is preserved -------------------------------------------
-def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson chi-square goodness of fit (Wilson–Hilferty approximation of the p-value)."""
-    keep = probs > 0
-    expected = probs[keep] * counts.sum()
-    statistic = float(((counts[keep] - expected) ** 2 / expected).sum())
-    dof = int(keep.sum()) - 1
-    z = ((statistic / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
-    return 0.5 * math.erfc(z / math.sqrt(2))
 
 
-@torch.inference_mode()
-def exact_second_and_third(backbone: Backbone, prompt: list[int], params: SamplingParams) -> torch.Tensor:
-    """Exact target distribution of the 2nd and 3rd generated tokens, ``(vocab * vocab,)``."""
-    vocab = backbone.config.vocab_size
-    first = logits_to_probs(backbone.model(torch.tensor([prompt])).logits[0, -1], params)
-    grid = torch.tensor([prompt + [a, b] for a in range(vocab) for b in range(vocab)])
-    logits = backbone.model(grid).logits
-    second = logits_to_probs(logits[:, -2], params).view(vocab, vocab, vocab)[:, 0]
-    third = logits_to_probs(logits[:, -1], params).view(vocab, vocab, vocab)
-    return (first[:, None, None] * second[:, :, None] * third).sum(0).reshape(-1)
 
 
 def test_early_exit_sampling_preserves_target_distribution():

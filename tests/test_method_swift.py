@@ -5,7 +5,6 @@ sampling keeps the target distribution, and the embedded model stays lossless.""
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -13,12 +12,13 @@ import torch
 from decodebench.config import ConfigValueError, MethodConfig, ModelConfig, compose_run_config
 from decodebench.engine.backbone import Backbone
 from decodebench.engine.decode_loop import DecodeSettings, generate
-from decodebench.engine.sampling import SamplingParams, logits_to_probs
+from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import build_method, method_config
 from decodebench.methods.swift import PrefixView, SwiftDrafter, candidate_count
 from decodebench.methods.swift_search import (LayerSetSearch, SearchSettings, SkipSet, initial_skip_set,
                                               load_skip_set)
 from decodebench.models.tiny import build_tiny
+from helpers import chi_square_p_value, exact_second_and_third
 
 IMPL = "decodebench.methods.swift:SwiftDrafter"
 
@@ -193,26 +193,8 @@ def test_config_interpolates_the_task_name():
 
 
 # -- sampling: the target distribution is preserved -------------------------------------------
-def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson chi-square goodness of fit (Wilson–Hilferty approximation of the p-value)."""
-    keep = probs > 0
-    expected = probs[keep] * counts.sum()
-    statistic = float(((counts[keep] - expected) ** 2 / expected).sum())
-    dof = int(keep.sum()) - 1
-    z = ((statistic / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
-    return 0.5 * math.erfc(z / math.sqrt(2))
 
 
-@torch.inference_mode()
-def exact_second_and_third(backbone: Backbone, prompt: list[int], params: SamplingParams) -> torch.Tensor:
-    """Exact target distribution of the 2nd and 3rd generated tokens, ``(vocab * vocab,)``."""
-    vocab = backbone.config.vocab_size
-    first = logits_to_probs(backbone.model(torch.tensor([prompt])).logits[0, -1], params)
-    grid = torch.tensor([prompt + [a, b] for a in range(vocab) for b in range(vocab)])
-    logits = backbone.model(grid).logits
-    second = logits_to_probs(logits[:, -2], params).view(vocab, vocab, vocab)[:, 0]
-    third = logits_to_probs(logits[:, -1], params).view(vocab, vocab, vocab)
-    return (first[:, None, None] * second[:, :, None] * third).sum(0).reshape(-1)
 
 
 def test_swift_tree_sampling_preserves_target_distribution(tmp_path):

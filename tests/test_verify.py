@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 
 from decodebench.engine.sampling import SamplingParams, logits_to_probs
 from decodebench.engine.verify import verify_greedy, verify_sampling
+from helpers import chi_square_p_value
 
 
 def one_hot_logits(rows: list[int], vocab: int = 10) -> torch.Tensor:
@@ -52,15 +52,6 @@ def test_top_p_and_top_k_filtering():
     assert probs.tolist() == [1.0, 0.0, 0.0, 0.0]
 
 
-def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson chi-square goodness of fit (scipy-free; Wilson–Hilferty approximation)."""
-    n = counts.sum()
-    keep = probs > 0
-    expected = probs[keep] * n
-    stat = float(((counts[keep] - expected) ** 2 / expected).sum())
-    dof = int(keep.sum()) - 1
-    z = ((stat / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
-    return 0.5 * math.erfc(z / math.sqrt(2))
 
 
 @pytest.mark.parametrize("with_draft_probs", [True, False], ids=["sampled-draft", "deterministic-draft"])
