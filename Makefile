@@ -47,7 +47,7 @@ profile: setup ## Verify-latency curves T(k)/T(1) of the eager and packed backen
 
 bench: setup ## Main job: default method set on a Spec-Bench subset (embedded model), then the report table
 	@test -f "$(DECODEBENCH_CACHE)/profiles/$(MODEL)__eager__cpu.json" || $(MAKE) --no-print-directory profile
-	$(VENV)/bin/decodebench -m experiment=bench hydra.sweep.dir=$(BENCH_DIR)
+	$(VENV)/bin/decodebench -m experiment=bench hydra.sweep.dir=$(BENCH_DIR) hydra.callbacks.sweep_status.print_report=false
 	$(VENV)/bin/decodebench-report $(BENCH_DIR)
 
 bench-engine: setup ## Engine AR/PLD per backend vs transformers generate / prompt lookup (tokens/s ratios, one run)
