@@ -24,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from decodebench.config import to_run_config
+from decodebench.config import params_given, to_run_config
 from decodebench.registry import DecodeBenchError, UnknownNameError
 
 log = logging.getLogger("decodebench")
@@ -56,6 +56,7 @@ def run_from_config(cfg: DictConfig, run_dir: str, sweep_dir: Optional[str]):
     from decodebench.runners.local import run
 
     run_cfg = to_run_config(cfg)
+    run_cfg.method.pinned = params_given(HydraConfig.get().overrides.task)  # they win over the preset
     run_cfg.run_dir = run_dir
     if sweep_dir and run_cfg.logger.group is None:
         run_cfg.logger.group = Path(sweep_dir).name

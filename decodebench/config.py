@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from decodebench.registry import DecodeBenchError, unknown_name_message
 
@@ -75,6 +75,9 @@ class MethodConfig:
     # preset: a key of ``presets``; "auto" picks "cpu" on a CPU device and "paper" elsewhere
     # when both exist; null uses ``params`` as written.
     preset: Optional[str] = None
+    # params set on the command line (``method.params.<key>=...``): they win over the preset's value
+    # (filled from the overrides by ``decodebench`` and ``compose_run_config``, see params_given)
+    pinned: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         valid = ["auto", *self.presets] if self.presets else []
@@ -89,8 +92,10 @@ class MethodConfig:
         return "paper" if "paper" in self.presets else None
 
     def resolved_params(self, device: str) -> dict[str, Any]:
+        """``params``, then the preset's values, then the params pinned on the command line."""
         preset = self.resolved_preset(device)
-        return {**self.params, **(self.presets.get(preset, {}) if preset else {})}
+        return {**self.params, **(self.presets.get(preset, {}) if preset else {}),
+                **{key: self.params[key] for key in self.pinned if key in self.params}}
 
     def label(self, device: str) -> str:
         """Name used in records and tables: ``pld`` or ``pld[cpu]`` when a preset applies."""
@@ -264,6 +269,13 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def params_given(overrides: Sequence[str]) -> list[str]:
+    """Method param names set by CLI-style overrides (``method.params.tree=...``, ``+method.params.x=1``)."""
+    prefix = "method.params."
+    keys = [o.lstrip("+~").partition("=")[0] for o in overrides]
+    return list(dict.fromkeys(k[len(prefix):].split(".")[0] for k in keys if k.startswith(prefix)))
+
+
 def to_run_config(cfg: Any) -> RunConfig:
     """Turn a composed Hydra/OmegaConf config (or a plain dict) into a validated RunConfig."""
     from omegaconf import DictConfig, OmegaConf
@@ -280,4 +292,6 @@ def compose_run_config(overrides: list[str] = ()) -> RunConfig:
     from hydra import compose, initialize_config_module
 
     with initialize_config_module("decodebench.conf", version_base="1.3"):
-        return to_run_config(compose("config", overrides=list(overrides)))
+        run_cfg = to_run_config(compose("config", overrides=list(overrides)))
+    run_cfg.method.pinned = params_given(overrides)
+    return run_cfg

@@ -178,7 +178,8 @@ class Runner:
         manifest = build_manifest(
             self.resolved_config, cfg.device, cfg.seed,
             {"model": loaded.info, "method": contenders[-1].label, "method_preset":
-             cfg.method.resolved_preset(cfg.device), "baseline": cfg.baseline, "baseline_key": cfg.baseline_key,
+             cfg.method.resolved_preset(cfg.device), "method_params": cfg.method.resolved_params(cfg.device),
+             "method_pinned": cfg.method.pinned, "baseline": cfg.baseline, "baseline_key": cfg.baseline_key,
              "shard": cfg.shard, "task_samples": len(samples), "resumed_records": len(done),
              "engine": self.engine_info},
         )

@@ -47,6 +47,18 @@ def test_bad_values_exit_2_naming_the_key(args, expected, tmp_path):
     assert expected in result.stderr + result.stdout
 
 
+def test_command_line_params_win_over_the_preset():
+    from decodebench.config import compose_run_config, params_given
+
+    assert params_given(["method=lade", "method.params.window_size=3", "+method.params.x.y=1", "seed=2"]) == \
+        ["window_size", "x"]
+    preset_only = compose_run_config(["method=token_recycling"]).method
+    assert preset_only.resolved_params("cpu")["tree"] == preset_only.presets["cpu"]["tree"]
+    pinned = compose_run_config(["method=token_recycling", "method.params.tree=[[0],[0,0]]"]).method
+    assert pinned.resolved_params("cpu")["tree"] == [[0], [0, 0]]
+    assert pinned.resolved_params("cpu")["candidates"] == pinned.presets["cpu"]["candidates"]
+
+
 def test_run_config_validation_in_python():
     with pytest.raises(DecodeBenchError, match="gen.top_p"):
         GenConfig(top_p=0.0)
@@ -59,7 +71,8 @@ def test_run_config_validation_in_python():
 @pytest.mark.embedded
 def test_tiny_run_writes_run_dir_and_resumes(tmp_path, data_dir):
     run_dir = tmp_path / "run"
-    args = ["model=tiny-llama", "method=pld", "task.per_category=1", "task.categories=[mt_bench,qa]",
+    args = ["model=tiny-llama", "method=pld", "method.params.max_ngram_size=2", "task.per_category=1",
+            "task.categories=[mt_bench,qa]",
             "gen.max_new_tokens=24", f"hydra.run.dir={run_dir}", f"data_dir={data_dir}", "progress=false"]
     first = run_cli(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -69,6 +82,9 @@ def test_tiny_run_writes_run_dir_and_resumes(tmp_path, data_dir):
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["git"].keys() == {"sha", "dirty"}
     assert manifest["threads"] >= 1 and manifest["finished"] and manifest["versions"]["torch"]
+    # the cpu preset applies, and a param given on the command line wins over it
+    assert manifest["method_preset"] == "cpu" and manifest["method_pinned"] == ["max_ngram_size"]
+    assert manifest["method_params"]["max_ngram_size"] == 2 and manifest["method_params"]["min_ngram_size"] == 2
     summary = json.loads((run_dir / "summary.json").read_text())
     for key in ("method", "task", "model", "records", "errors", "new_tokens", "wall_s", "tokens_per_s", "tau",
                 "alpha", "speedup", "lossless_rate"):
