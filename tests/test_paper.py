@@ -66,3 +66,13 @@ def test_main_table_experiment_composes_every_method():
             "smollm2-135m", "spec_bench", None, "cpu")
         assert cfg.gen.temperature == 0.0 and cfg.gen.max_new_tokens == 128 and cfg.baseline == "ar"
         assert cfg.method.label(cfg.device) == (method if method == "ar" else f"{method}[cpu]")
+
+
+def test_qwen_pair_experiment_composes_every_cell():
+    """experiment=qwen_pair: draft-model methods on the Qwen pair, greedy and T = 1.0."""
+    for method in ("sps", "dyspec", "specdec_pp"):
+        for gen, temperature in (("greedy", 0.0), ("sampling", 1.0)):
+            cfg = compose_run_config(["experiment=qwen_pair", f"method={method}", f"gen={gen}"])
+            assert (cfg.model.name, cfg.model.draft, cfg.task.name, cfg.task.per_category) == (
+                "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", "spec_bench", 1)
+            assert cfg.gen.temperature == temperature and cfg.gen.max_new_tokens == 64
