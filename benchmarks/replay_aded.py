@@ -23,14 +23,12 @@ from pathlib import Path
 
 import yaml
 
-from decodebench.config import MethodConfig, TaskConfig, default_cache_dir
+from decodebench.config import MethodConfig
 from decodebench.engine.backbone import Backbone
 from decodebench.engine.budget import block_cost
 from decodebench.methods import build_method
-from decodebench.models.loading import load_model, load_model_config, load_tokenizer
-from decodebench.runners.run_dir import read_records
-from decodebench.tasks import build_task
-from decodebench.tasks.prompts import encode_prompt
+from replay_common import ar_cases
+from decodebench.models.loading import load_model, load_model_config
 
 ADED = dict(name="aded", impl="decodebench.methods.aded:AdedDrafter")
 
@@ -86,19 +84,9 @@ def main() -> None:
     curve = data if "k" in data else next(c for c in data["curves"] if c["backend"] == args.backend) \
         if isinstance(data.get("curves"), list) else data[args.backend]
     t1 = curve["ms"][curve["k"].index(1)] / 1000.0
-    config = yaml.safe_load((args.run_dir / "config.yaml").read_text())
-    config["cache_dir"] = config.get("cache_dir") or str(default_cache_dir())
-    task = build_task(TaskConfig(**config["task"]), config.get("data_dir"), config["cache_dir"])
+    config, cases = ar_cases(args.run_dir)
     model_cfg = load_model_config(config["model"]["name"])
-    tokenizer = load_tokenizer(model_cfg, config["cache_dir"])
     backbone = Backbone(load_model(model_cfg, cache_dir=config["cache_dir"]).model)
-    samples = {s.sample_id: s for s in task.load_samples()}
-    cases = [
-        (encode_prompt(tokenizer, task.build_messages(samples[r.sample_id], 0, []), config["model"]["chat_template"]),
-         r.output_ids)
-        for r in read_records(args.run_dir / "records.jsonl")
-        if r.role == "baseline" and r.turn == 0 and r.error is None
-    ]
     grid = [(key, [yaml.safe_load(v) for v in values.split(",")])
             for key, values in (item.split("=") for item in args.grid.split(";"))]
     print(f"{len(cases)} AR outputs replayed; T(1) = {t1 * 1000:.1f} ms; curve k={curve['k']} ratio={curve['ratio']}")

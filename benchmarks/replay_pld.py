@@ -5,7 +5,7 @@ offline from the AR output: at each step, propose from the context and accept th
 that matches the true continuation. Pricing every step with the measured verify-latency curve
 T(k) (benchmarks/profile_verify.py) predicts each setting's speedup without running the model.
 
-Usage: python benchmarks/replay_pld.py RUN_DIR [--curve results/benchmarks/verify_curve.json]
+Usage: python benchmarks/replay_pld.py RUN_DIR [--curve $DECODEBENCH_CACHE/profiles/<model>__eager__cpu.json]
 RUN_DIR is a run with AR baseline records (turn-0 prompts are re-encoded from the task).
 """
 
@@ -16,14 +16,10 @@ import itertools
 import json
 from pathlib import Path
 
-import yaml
-
-from decodebench.config import MethodConfig, TaskConfig
+from decodebench.config import MethodConfig
+from decodebench.engine.profile import profile_path
 from decodebench.methods import build_method
-from decodebench.models.loading import load_model_config, load_tokenizer
-from decodebench.runners.run_dir import read_records
-from decodebench.tasks import build_task
-from decodebench.tasks.prompts import encode_prompt
+from replay_common import ar_cases
 
 PLD = dict(name="pld", impl="decodebench.methods.pld:PromptLookupDrafter")
 
@@ -50,19 +46,11 @@ def predicted_speedup(cases: list[tuple[list[int], list[int]]], params: dict, co
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--curve", type=Path, default=Path("results/benchmarks/verify_curve.json"))
+    parser.add_argument("--curve", type=Path, default=profile_path("smollm2-135m", "eager"),
+                        help="decodebench-profile curve (default: the stored eager curve of the embedded model)")
     args = parser.parse_args()
     curve = {int(k): v for k, v in json.loads(args.curve.read_text())["seconds"].items()}
-    config = yaml.safe_load((args.run_dir / "config.yaml").read_text())
-    task = build_task(TaskConfig(**config["task"]), config.get("data_dir"), config["cache_dir"])
-    tokenizer = load_tokenizer(load_model_config(config["model"]["name"]), config["cache_dir"])
-    samples = {s.sample_id: s for s in task.load_samples()}
-    cases = [
-        (encode_prompt(tokenizer, task.build_messages(samples[r.sample_id], 0, []), config["model"]["chat_template"]),
-         r.output_ids)
-        for r in read_records(args.run_dir / "records.jsonl")
-        if r.role == "baseline" and r.turn == 0 and r.error is None
-    ]
+    config, cases = ar_cases(args.run_dir)
     print(f"{len(cases)} AR outputs replayed; predicted speedup over AR (verify cost from {args.curve})")
     budgets = (1, 2, 3, 4, 5, 7, 10)
     print("| min n | max n | " + " | ".join(f"{d} drafts" for d in budgets) + " |")
