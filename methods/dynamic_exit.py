@@ -92,6 +92,7 @@ class DynamicExitDrafter(EarlyExitDrafter):
         self.counts: Optional[torch.Tensor] = None  # (candidates,) decayed shadow-token counts
         self.last_choice: tuple[int, int] = (0, 0)  # (exit layer, draft length) of the last round
         self.rounds = 0  # verification rounds seen (for shadow_interval)
+        self.planned: list[int] = []  # draft length chosen in each round of this request (0 = AR step)
 
     def setup(self, backbone: Backbone, cache_dir: Optional[str] = None) -> None:
         super().setup(backbone, cache_dir)
@@ -112,11 +113,25 @@ class DynamicExitDrafter(EarlyExitDrafter):
                 if self.counts[i] + prior > 0 else layer / num_layers
                 for i, layer in enumerate(self.candidates)}
 
+    def begin(self, prompt_ids: list[int]) -> None:
+        super().begin(prompt_ids)
+        self.planned = []
+
+    def request_stats(self) -> dict[str, float]:
+        """The base's exit-layer stats over drafting rounds, plus ``draft_round_share`` (rounds that
+        chose to draft; 0 = DEL judged every exit unprofitable) and ``planned_drafts`` (mean length)."""
+        stats = super().request_stats()
+        if self.planned:
+            stats.update(draft_round_share=sum(d > 0 for d in self.planned) / len(self.planned),
+                         planned_drafts=sum(self.planned) / len(self.planned))
+        return stats
+
     def propose(self, context: list[int], max_tokens: int) -> Proposal:
         self.pending = None
         exit_layer, drafts, _ = best_exit(self.alphas(), self.backbone.num_layers,
                                           min(self.params.max_draft_tokens, max_tokens))
         self.last_choice = (exit_layer, drafts)
+        self.planned.append(drafts)
         if drafts == 0:
             return Proposal()
         return self.draft_chain(context, exit_layer, drafts, self.params.stop_below)

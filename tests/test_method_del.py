@@ -83,7 +83,8 @@ def test_del_greedy_equals_ar(arch, params):
         accepted += sum(s.accepted for s in ours.steps)
         drafted += sum(s.drafted for s in ours.steps)
         stats = ours.method_stats  # the exit layers this request's drafting rounds chose
-        if stats:
+        assert 0.0 <= stats["draft_round_share"] <= 1.0 and stats["planned_drafts"] >= 0.0
+        if "exit_layer" in stats:
             assert stats["exit_layer_min"] <= stats["exit_layer"] <= stats["exit_layer_max"]
             assert set(drafter.exit_layers) <= set(drafter.candidates)
             exits += drafter.exit_layers
