@@ -152,7 +152,7 @@ class GenConfig:
         return self.temperature == 0.0
 
 
-ENGINE_BACKENDS = ("auto", "eager", "packed", "compiled")
+ENGINE_BACKENDS = ("auto", "eager", "packed", "onednn", "compiled")
 
 
 @dataclass
@@ -160,7 +160,7 @@ class EngineConfig:
     """How the engine runs every model it loads, target and draft (decodebench/engine/backends.py)."""
 
     # auto: the fastest cheap-to-set-up backend here (stored decodebench-profile curves, else
-    # packed > eager) that passes the exactness check; packed exists on CPUs with MKL only;
+    # onednn > packed > eager) that passes the exactness check; packed (MKL) and onednn are CPU only;
     # compiled is opt-in (minutes of compilation per model on a CPU, cached under <cache>/inductor)
     backend: str = "auto"
     # static block sizes: drafts / trees of k tokens are padded to the next bucket (compiled: one
@@ -240,8 +240,8 @@ class RunConfig:
         check(self.baseline != "shared" or bool(self.baseline_key), "baseline_key", self.baseline_key,
               "a name when baseline=shared (the method=ar run with the same key is the baseline)")
         parse_shard(self.shard)
-        check(self.device == "cpu" or self.engine.backend != "packed", "engine.backend", self.engine.backend,
-              "auto | eager | compiled (packed needs device=cpu)")
+        check(self.device == "cpu" or self.engine.backend not in ("packed", "onednn"), "engine.backend",
+              self.engine.backend, "auto | eager | compiled (packed and onednn need device=cpu)")
         check(self.warmup >= 0, "warmup", self.warmup, ">= 0")
         if self.baseline == "none":
             self.baseline = None

@@ -121,7 +121,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="decodebench-profile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--backend", default="all", help="all | auto | eager | packed | compiled (comma list ok)")
+    parser.add_argument("--backend", default="all", help="all | auto | eager | packed | onednn | compiled (comma list ok)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--context", type=int, default=175)
     parser.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)))

@@ -1,4 +1,4 @@
-"""Engine backends (eager | packed | compiled), draft budgets from the latency curve, the profiler.
+"""Engine backends (eager | packed | onednn | compiled), draft budgets from the latency curve, the profiler.
 
 Within one backend every lossless method reproduces AR token for token: the decode-loop tests of
 tests/test_decode_loop.py run here again, unchanged, against a Backbone running each backend
@@ -20,7 +20,7 @@ import torch
 from decodebench.config import ConfigValueError, EngineConfig, MethodConfig, ModelConfig, compose_run_config
 from decodebench.engine import backends
 from decodebench.engine.backbone import Backbone
-from decodebench.engine.backends import PackedLinear, apply_backend, bucket_for, remove_backend
+from decodebench.engine.backends import OneDNNLinear, PackedLinear, apply_backend, bucket_for, remove_backend
 from decodebench.engine.budget import block_cost, expected_tokens, pick_draft_budget
 from decodebench.engine.profile import load_latency_curve, profile_backend, profile_path
 from decodebench.methods import build_method
@@ -44,6 +44,8 @@ def tiny_backbone(arch: str, backend: str) -> Backbone:
 
 BACKEND_PARAMS = [pytest.param(("llama", "packed"), id="llama-packed"),
                   pytest.param(("qwen2", "packed"), id="qwen2-packed"),
+                  pytest.param(("llama", "onednn"), id="llama-onednn"),
+                  pytest.param(("qwen2", "onednn"), id="qwen2-onednn"),
                   pytest.param(("llama", "compiled"), id="llama-compiled", marks=pytest.mark.slow),
                   pytest.param(("qwen2", "compiled"), id="qwen2-compiled", marks=pytest.mark.slow)]
 
@@ -53,6 +55,8 @@ def backbone(request):
     arch, backend = request.param
     if backend == "packed" and not torch._C.has_mkl:
         pytest.skip("packed needs MKL")
+    if backend == "onednn" and not torch.backends.mkldnn.is_available():
+        pytest.skip("onednn needs oneDNN")
     built = tiny_backbone(arch, backend)
     assert built.backend == backend
     return built
@@ -73,12 +77,14 @@ def test_blocks_match_eager_logits(backbone):
     """Chains of every size (bucketed, padded, larger than every bucket) and a tree, on a growing
     cache: the backend's logits equal eager's within fp32 rounding."""
     eager = Backbone(backbone.model)
-    if backbone.backend == "packed":  # packing lives in the modules: compare with plain F.linear
+    swapped = backbone.backend in ("packed", "onednn")
+    if swapped:  # packing lives in the modules: compare with plain F.linear
         eager = None
     gen = torch.Generator().manual_seed(5)
     prefix = torch.randint(0, 101, (30,), generator=gen).tolist()
     blocks = [torch.randint(0, 101, (k,), generator=gen).tolist() for k in (1, 2, 3, 4, 5, 8, 9, 12, 1, 7)]
     tree = ([5, 17, 23, 42, 8, 61], [-1, 0, 0, 1, 1, 2])
+    ours_backend = backbone.backend
     ours_cache, ref_cache = backbone.new_cache(16), backbone.new_cache(16)
     outputs = []
     for run_cache in (ours_cache, ref_cache):
@@ -94,8 +100,8 @@ def test_blocks_match_eager_logits(backbone):
         logits.append(target.forward(blocks[5], run_cache, logits_rows=slice(-1, None)).logits)
         outputs.append(logits)
         assert run_cache.lengths == [run_cache.length] * backbone.num_layers
-    if eager is None:
-        apply_backend(backbone, "packed", buckets=COMPILED_BUCKETS)
+    if swapped:
+        apply_backend(backbone, ours_backend, buckets=COMPILED_BUCKETS)
     for ours, reference in zip(*outputs):
         torch.testing.assert_close(ours, reference, atol=1e-4, rtol=0)
         assert torch.equal(ours.argmax(-1), reference.argmax(-1))
@@ -124,6 +130,27 @@ def test_packed_swaps_every_linear_and_removes_cleanly():
     assert backbone.backend == "eager" and backbone.fast_forward is None
 
 
+def test_onednn_swaps_every_linear_rows_independent_and_trainable():
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("onednn needs oneDNN")
+    backbone = tiny_backbone("llama", "onednn")
+    linears = [m for m in backbone.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is OneDNNLinear for m in linears)
+    layer = linears[0]
+    x = torch.randn(8, layer.in_features, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        block, row = layer(x), layer(x[:1])
+    # a row's output does not depend on the rows sharing the call (what keeps verify == AR step)
+    assert torch.equal(block[:1], row)
+    torch.testing.assert_close(block, torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=0)
+    # with autograd (adapter / head training) it is a plain differentiable linear
+    x.requires_grad_(True)
+    layer(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    remove_backend(backbone)
+    assert all(type(m) is torch.nn.Linear for m in backbone.model.modules() if isinstance(m, torch.nn.Linear))
+
+
 def test_auto_keeps_tiny_models_eager():
     backbone = Backbone(build_tiny(ModelConfig(name="t", source="tiny", architecture="llama", tiny=TINY), seed=0))
     info = apply_backend(backbone, "auto")
@@ -134,7 +161,7 @@ def test_bad_backend_names_are_config_errors():
     backbone = Backbone(build_tiny(ModelConfig(name="t", source="tiny", architecture="llama", tiny=TINY), seed=0))
     with pytest.raises(ConfigValueError, match="engine.backend.*fast.*auto \\| eager"):
         apply_backend(backbone, "fast")
-    with pytest.raises(ConfigValueError, match="engine.backend.*turbo.*auto \\| eager \\| packed \\| compiled"):
+    with pytest.raises(ConfigValueError, match="engine.backend.*turbo.*auto \\| eager \\| packed \\| onednn \\| compiled"):
         EngineConfig(backend="turbo")
     with pytest.raises(ConfigValueError, match="engine.buckets"):
         EngineConfig(buckets=[0, 4])
@@ -142,7 +169,7 @@ def test_bad_backend_names_are_config_errors():
 
 
 def test_engine_config_composes():
-    with pytest.raises(ConfigValueError, match="engine.backend.*packed needs device=cpu"):
+    with pytest.raises(ConfigValueError, match="engine.backend.*packed and onednn need device=cpu"):
         compose_run_config(["engine.backend=packed", "device=cuda"])
     cfg = compose_run_config(["engine.backend=compiled", "engine.buckets=[1,8]"])
     assert cfg.engine == EngineConfig(backend="compiled", buckets=[1, 8])
