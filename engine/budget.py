@@ -58,3 +58,32 @@ def pick_draft_budget(curve: dict[str, Any], acceptance: float, max_draft_tokens
         if tokens / cost > best.tokens_per_cost + 1e-9:
             best = BudgetChoice(draft_tokens, tokens, cost, tokens / cost)
     return best
+
+
+def node_budget(curve: dict[str, Any], max_verify_cost: float, largest: int) -> int:
+    """Tokens per verify forward (root included) for a tree / draft method's CPU preset: the largest
+    ``k <= largest`` whose ``T(k)/T(1) <= max_verify_cost`` on ``curve``, and at least 2 (one draft,
+    so the method still drafts; on a curve where nothing that small pays it is as cheap as it gets).
+
+    Tree methods have no closed-form E(k) like :func:`pick_draft_budget`'s chains (their τ depends on
+    the tree shape and the data), so their presets bound what one verify may cost instead: on a flat
+    curve the tree grows, on a steep one it shrinks to a chain of one.
+    """
+    if max_verify_cost < 1.0:
+        raise ValueError(f"max_verify_cost must be >= 1.0, got {max_verify_cost}")
+    fitting = [k for k in range(2, largest + 1) if block_cost(curve, k) / block_cost(curve, 1) <= max_verify_cost]
+    return max(fitting, default=min(2, largest))
+
+
+def curve_node_budget(backbone, cache_dir: Optional[str], max_verify_cost: Optional[float],
+                      largest: int) -> Optional[tuple[int, str]]:
+    """:func:`node_budget` on the stored curve of ``backbone``'s model and backend in use, with where it
+    came from (``"curve:<backend>"``); None when ``max_verify_cost`` is unset or no curve is stored."""
+    if max_verify_cost is None or not getattr(backbone, "model_name", None):
+        return None
+    from decodebench.engine.profile import load_latency_curve  # noqa: profile imports the engine
+
+    curve = load_latency_curve(backbone.model_name, backbone.backend, backbone.device.type, cache_dir)
+    if curve is None:
+        return None
+    return node_budget(curve, max_verify_cost, largest), f"curve:{backbone.backend}"

@@ -88,6 +88,24 @@ class Drafter:
     #: prefix and must leave it as they found it (crop back to ``len(context) - 1``) before
     #: returning their proposal.
     target_cache: Optional[KVCache] = None
+    #: tokens per verify forward (root included) that :meth:`budget_from_curve` chose from the stored
+    #: latency curve of the backend in use (None: the method's params decide), and where it came from
+    verify_budget: Optional[int] = None
+    budget_source: str = "params"
+
+    def budget_from_curve(self, backbone: Backbone, cache_dir: Optional[str], max_verify_cost: Optional[float],
+                          largest: int) -> int:
+        """Tokens per verify forward for a CPU preset: the largest ``k <= largest`` whose verify costs
+        at most ``max_verify_cost`` × a 1-token step on the stored curve of ``backbone``'s backend
+        (:func:`decodebench.engine.budget.node_budget`); ``largest`` itself when ``max_verify_cost``
+        is None or no curve is stored. Records the choice (``verify_budget`` in the request stats)."""
+        from decodebench.engine.budget import curve_node_budget
+
+        chosen = curve_node_budget(backbone, cache_dir, max_verify_cost, largest)
+        if chosen is None:
+            return largest
+        self.verify_budget, self.budget_source = chosen
+        return self.verify_budget
 
     def attach_draft(self, draft: Backbone) -> None:
         """Receive the draft model (only when ``needs_draft_model``)."""
@@ -139,5 +157,6 @@ class Drafter:
 
     def request_stats(self) -> dict[str, float]:
         """Method-specific counters of the generation that just ended (recorded per record as
-        ``method_stats``), e.g. the fraction of FFN blocks skipped."""
-        return {}
+        ``method_stats``), e.g. the fraction of FFN blocks skipped. Base: the verify budget chosen
+        from the latency curve, when one was."""
+        return {} if self.verify_budget is None else {"verify_budget": float(self.verify_budget)}

@@ -94,8 +94,13 @@ class AdedDrafter(StatefulDrafter):
         corpus_max_new_tokens: int = 128
         state: str = "per_task"  # the reinforced matrix: per_prompt | per_task | persistent
         seed: int = 0  # MCTS rollouts (per prompt: seed and prompt hashed)
+        # cpu preset: max_draft_tokens from the stored latency curve of the backend in use (the largest
+        # tree whose verify costs <= this x a 1-token step, engine/budget.py node_budget)
+        max_verify_cost: Optional[float] = None
 
         def __post_init__(self) -> None:
+            check(self.max_verify_cost is None or self.max_verify_cost >= 1.0, "method.params.max_verify_cost",
+                  self.max_verify_cost, ">= 1.0 or null")
             for key in ("top_k", "mcts_iterations", "top_paths", "max_draft_tokens", "corpus_max_new_tokens"):
                 check(getattr(self, key) >= 1, f"method.params.{key}", getattr(self, key), ">= 1")
             check(self.path_length >= 2, "method.params.path_length", self.path_length, ">= 2")
@@ -113,6 +118,7 @@ class AdedDrafter(StatefulDrafter):
         self.matrix = TrigramMatrix()
         self.mcts = MctsConfig(params.mcts_iterations, params.path_length, params.top_paths)
         self.rng = random.Random(params.seed)
+        self.max_draft_tokens = params.max_draft_tokens
 
     # -- learned state (the reinforced matrix) ---------------------------------------------------
     def _clear_state(self) -> None:
@@ -135,6 +141,8 @@ class AdedDrafter(StatefulDrafter):
         """Build (or load the cached) corpus matrix, then apply the state policy."""
         sequences = self._corpus(backbone, cache_dir) if self.params.corpus_files else []
         self.corpus_matrix = TrigramMatrix.from_sequences(sequences, self.params.top_k)
+        self.max_draft_tokens = self.budget_from_curve(backbone, cache_dir, self.params.max_verify_cost,
+                                                       self.params.max_draft_tokens + 1) - 1
         log.info("aded: corpus matrix with %d token pairs from %d answers", len(self.corpus_matrix), len(sequences))
         super().setup(backbone, cache_dir)
 
@@ -149,7 +157,8 @@ class AdedDrafter(StatefulDrafter):
             return Proposal()
         paths = mcts_paths(self.matrix, (context[-2], context[-1]), self.mcts, self.rng)
         unique = [list(path) for path in dict.fromkeys(tuple(path) for path in paths)]
-        tokens, parents = paths_to_tree(cut_to_choices(unique, p.max_draft_tokens), p.max_draft_tokens, max_tokens)
+        budget = self.max_draft_tokens
+        tokens, parents = paths_to_tree(cut_to_choices(unique, budget), budget, max_tokens)
         return Proposal(tokens=tokens, parents=parents) if tokens else Proposal()
 
     # -- the corpus (a cached step) --------------------------------------------------------------

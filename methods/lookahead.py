@@ -68,8 +68,13 @@ class LookaheadDrafter(StatefulDrafter):
         max_output_nodes: int = 512  # ... or above this many output nodes (reference)
         squeeze_after: int = 1024  # squeeze once this many tries were updated (reference)
         state: str = "per_task"  # per_prompt | per_task | persistent (reference: kept on the model)
+        # cpu preset: decoding_length from the stored latency curve of the backend in use, the largest
+        # <= decoding_length whose verify costs <= this x a 1-token step (engine/budget.py node_budget)
+        max_verify_cost: Optional[float] = None
 
         def __post_init__(self) -> None:
+            check(self.max_verify_cost is None or self.max_verify_cost >= 1.0, "method.params.max_verify_cost",
+                  self.max_verify_cost, ">= 1.0 or null")
             check(self.decoding_length >= 2, "method.params.decoding_length", self.decoding_length, ">= 2")
             check(self.branch_length >= 1, "method.params.branch_length", self.branch_length, ">= 1")
             check(self.decoding_mode in DECODING_MODES, "method.params.decoding_mode", self.decoding_mode,
@@ -86,6 +91,7 @@ class LookaheadDrafter(StatefulDrafter):
         self.cache = self._new_cache()
         self.streamed = 0  # context positions already streamed into the trie
         self.prompt_length = 0
+        self.decoding_length = params.decoding_length
 
     def _new_cache(self) -> TrieCache:
         p = self.params
@@ -96,6 +102,8 @@ class LookaheadDrafter(StatefulDrafter):
     def setup(self, backbone: Backbone, cache_dir: Optional[str] = None) -> None:
         """Read the EOS ids, then apply the state policy."""
         self.eos_ids = eos_ids(backbone)
+        self.decoding_length = self.budget_from_curve(backbone, cache_dir, self.params.max_verify_cost,
+                                                      self.params.decoding_length)
         super().setup(backbone, cache_dir)
 
     def _clear_state(self) -> None:
@@ -126,10 +134,10 @@ class LookaheadDrafter(StatefulDrafter):
         self._stream(context[self.streamed :])  # the prefill's token never reaches feedback
         p = self.params
         # the loop allows at most max_tokens drafts (what can still be emitted), in total
-        settings = RetrievalSettings(max_drafts=min(p.decoding_length - 1, max_tokens),
+        settings = RetrievalSettings(max_drafts=min(self.decoding_length - 1, max_tokens),
                                      branch_length=min(p.branch_length, max_tokens),
                                      mode=p.trie_mode, output_weight=p.output_weight,
-                                     min_output_size=max(p.decoding_length // 2, 1))
+                                     min_output_size=max(self.decoding_length // 2, 1))
         if settings.max_drafts <= 0:
             return Proposal()
         tree = self.cache.retrieve(context[-QUERY_LENGTH:], settings)

@@ -35,7 +35,7 @@ Differs, and why:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -60,8 +60,13 @@ class SuffixDecodingDrafter(StatefulDrafter):
         use_tree: bool = True  # paper simulator default: tree speculation
         use_prompt_tree: bool = True  # per-request tree over prompt + output ("use_cached_prompt")
         state: str = "per_task"  # the global tree: per_prompt | per_task | persistent
+        # cpu preset: max_spec_tokens from the stored latency curve of the backend in use (the largest
+        # draft whose verify costs <= this x a 1-token step, engine/budget.py node_budget)
+        max_verify_cost: Optional[float] = None
 
         def __post_init__(self) -> None:
+            check(self.max_verify_cost is None or self.max_verify_cost >= 1.0, "method.params.max_verify_cost",
+                  self.max_verify_cost, ">= 1.0 or null")
             check(self.max_depth >= 2, "method.params.max_depth", self.max_depth, ">= 2")
             check(self.max_spec_tokens >= 1, "method.params.max_spec_tokens", self.max_spec_tokens, ">= 1")
             check(self.max_spec_factor > 0, "method.params.max_spec_factor", self.max_spec_factor, "> 0")
@@ -76,6 +81,13 @@ class SuffixDecodingDrafter(StatefulDrafter):
         self.responses: list[list[int]] = []  # the global tree's sequences, for snapshots
         self.local_tree = SuffixTree(params.max_depth)
         self.seen = 0  # context tokens already added to the trees
+        self.max_spec_tokens = params.max_spec_tokens
+
+    def setup(self, backbone, cache_dir: Optional[str] = None) -> None:
+        """Size the drafts from the latency curve (cpu preset), then apply the state policy."""
+        self.max_spec_tokens = self.budget_from_curve(backbone, cache_dir, self.params.max_verify_cost,
+                                                      self.params.max_spec_tokens + 1) - 1
+        super().setup(backbone, cache_dir)
 
     # -- learned state (the global tree) ---------------------------------------------------------
     def _clear_state(self) -> None:
@@ -114,7 +126,7 @@ class SuffixDecodingDrafter(StatefulDrafter):
 
     def propose(self, context: list[int], max_tokens: int) -> Proposal:
         self._observe(context, 0)
-        budget = min(self.params.max_spec_tokens, max_tokens)
+        budget = min(self.max_spec_tokens, max_tokens)
         if budget <= 0:
             return Proposal()
         draft = self.speculate(context[-self.params.max_depth:], budget)

@@ -30,7 +30,7 @@ Differs, and why:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -96,6 +96,13 @@ def check_tree(paths: list[list[int]], candidates: int) -> None:
         seen.add(key)
 
 
+def by_rank_sum(paths: list[list[int]]) -> list[list[int]]:
+    """Tree paths ordered by candidate rank sum plus depth (then depth, then the path): the likelier
+    nodes first, a parent always before its children, so every prefix of the order is a tree.
+    [0] (1), then [1] and [0, 0] (2), then [2], [0, 1], [1, 0], [0, 0, 0] (3), ..."""
+    return sorted((list(p) for p in paths), key=lambda p: (sum(p) + len(p), len(p), p))
+
+
 class TokenRecyclingDrafter(StatefulDrafter):
     """Drafts a static tree from the adjacency matrix of recycled top-k candidates."""
 
@@ -106,8 +113,14 @@ class TokenRecyclingDrafter(StatefulDrafter):
         candidates: int = 8  # k: top-k next tokens kept per token (reference --output-id-topk 8)
         tree: list[list[int]] = field(default_factory=lambda: [list(p) for p in PAPER_TREE])
         state: str = "per_task"  # per_prompt | per_task | persistent (reference: kept across prompts)
+        # cpu preset: keep the first nodes of ``tree`` in rank-sum order (:func:`by_rank_sum`), as many
+        # as the stored latency curve of the backend in use allows for a verify costing <= this x a
+        # 1-token step (engine/budget.py node_budget)
+        max_verify_cost: Optional[float] = None
 
         def __post_init__(self) -> None:
+            check(self.max_verify_cost is None or self.max_verify_cost >= 1.0, "method.params.max_verify_cost",
+                  self.max_verify_cost, ">= 1.0 or null")
             check(self.candidates >= 1, "method.params.candidates", self.candidates, ">= 1")
             self.tree = [list(path) for path in self.tree]
             check_tree(self.tree, self.candidates)
@@ -115,10 +128,14 @@ class TokenRecyclingDrafter(StatefulDrafter):
 
     def __init__(self, params: "TokenRecyclingDrafter.Params"):
         super().__init__(params)
-        self.template = TreeTemplate.from_paths(params.tree)
-        self.levels = self._levels(self.template)
+        self._use_tree(params.tree)
         self.vocab_size = 0
         self.adj = torch.zeros(0, params.candidates, dtype=torch.long)
+
+    def _use_tree(self, paths: list[list[int]]) -> None:
+        self.tree = [list(path) for path in paths]
+        self.template = TreeTemplate.from_paths(self.tree)
+        self.levels = self._levels(self.template)
 
     @staticmethod
     def _levels(template: TreeTemplate) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -137,6 +154,10 @@ class TokenRecyclingDrafter(StatefulDrafter):
     def setup(self, backbone, cache_dir=None) -> None:
         """Allocate ``adj`` for the target's vocabulary, then apply the state policy."""
         self.vocab_size = int(backbone.lm_head.weight.shape[0])  # rows of the logits
+        if self.params.max_verify_cost is not None:
+            ordered = by_rank_sum(self.params.tree)
+            self._use_tree(ordered[:self.budget_from_curve(backbone, cache_dir, self.params.max_verify_cost,
+                                                           len(ordered) + 1) - 1])
         super().setup(backbone, cache_dir)
 
     def _clear_state(self) -> None:

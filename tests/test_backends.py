@@ -21,7 +21,7 @@ from decodebench.config import ConfigValueError, EngineConfig, MethodConfig, Mod
 from decodebench.engine import backends
 from decodebench.engine.backbone import Backbone
 from decodebench.engine.backends import OneDNNLinear, PackedLinear, apply_backend, bucket_for, remove_backend
-from decodebench.engine.budget import block_cost, expected_tokens, pick_draft_budget
+from decodebench.engine.budget import block_cost, expected_tokens, node_budget, pick_draft_budget
 from decodebench.engine.profile import load_latency_curve, profile_backend, profile_path
 from decodebench.methods import build_method
 from decodebench.models.tiny import build_tiny
@@ -203,6 +203,54 @@ def test_pick_draft_budget():
     assert pick_draft_budget(FLAT, 0.95, max_draft_tokens=10).draft_tokens == 7
     with pytest.raises(ValueError):
         pick_draft_budget(FLAT, 1.5)
+
+
+def test_node_budget():
+    assert node_budget(FLAT, 1.25, 64) == 8  # T(8)/T(1) 1.20; k = 9..16 cost T(16) (padded up), 1.63
+    assert node_budget(FLAT, 1.7, 64) == 16
+    assert node_budget(FLAT, 1.25, 6) == 6
+    assert node_budget(STEEP, 1.05, 64) == 2  # nothing is that cheap: the smallest draft
+    assert node_budget(STEEP, 1.0, 1) == 1
+    with pytest.raises(ValueError):
+        node_budget(FLAT, 0.9, 8)
+
+
+def test_by_rank_sum_orders_likelier_nodes_first_and_every_prefix_is_a_tree():
+    from decodebench.methods.token_recycling import PAPER_TREE, by_rank_sum, check_tree
+
+    ordered = by_rank_sum([list(p) for p in PAPER_TREE])
+    assert ordered[:7] == [[0], [1], [0, 0], [2], [0, 1], [1, 0], [0, 0, 0]]
+    assert sorted(map(tuple, ordered)) == sorted(map(tuple, PAPER_TREE))
+    for size in range(1, len(ordered) + 1):
+        check_tree(ordered[:size], 8)  # raises when a parent is missing
+
+
+@pytest.mark.parametrize("method, attribute, expected, largest", [
+    ("lookahead", "decoding_length", 8, 64), ("suffix", "max_spec_tokens", 7, 64),
+    ("aded", "max_draft_tokens", 7, 64), ("token_recycling", "tree", 7, None)])
+def test_tree_methods_size_their_budget_from_the_curve(tmp_path, method, attribute, expected, largest):
+    """cpu presets (max_verify_cost): tokens per verify from the stored curve of the backend in use."""
+    from decodebench.methods import method_config
+
+    backbone = Backbone(build_tiny(ModelConfig(name="t", source="tiny", architecture="llama", tiny=TINY), seed=0))
+    backbone.model_name = "tiny-x"
+    path = profile_path("tiny-x", "eager", "cpu", str(tmp_path))
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({**FLAT, "model": "tiny-x", "backend": "eager", "device": "cpu"}))
+    overrides = {"max_verify_cost": 1.25, "corpus_files": []} if method == "aded" else {"max_verify_cost": 1.25}
+    cfg = method_config(method)
+    cfg.preset, cfg.pinned = "paper", list(overrides)
+    cfg.params.update(overrides)
+    drafter = build_method(cfg)
+    drafter.setup(backbone, str(tmp_path))
+    value = getattr(drafter, attribute)
+    assert (len(value) if attribute == "tree" else value) == expected  # k = 8 tokens: root + 7
+    assert drafter.budget_source == "curve:eager" and drafter.request_stats()["verify_budget"] == 8.0
+    drafter = build_method(cfg)
+    drafter.setup(backbone, str(tmp_path / "no-curve"))  # no stored curve: the params' cap
+    value = getattr(drafter, attribute)
+    assert drafter.budget_source == "params" and "verify_budget" not in drafter.request_stats()
+    assert (len(value) if attribute == "tree" else value) == (largest or len(cfg.presets["paper"]["tree"]))
 
 
 def test_profile_stores_curves_and_pld_reads_them(tmp_path):
