@@ -22,6 +22,7 @@ export TOKENIZERS_PARALLELISM ?= false
 STAMP := $(VENV)/.decodebench-installed
 BENCH_DIR ?= results/bench/$(shell date +%Y-%m-%d_%H-%M-%S)
 
+ENGINE_BACKENDS ?= eager,packed,onednn
 .PHONY: help setup model models-qwen profile bench bench-engine bench-vs-hf slurm test test-fast report paper clean
 
 help: ## Show this help
@@ -50,9 +51,9 @@ bench: setup ## Main job: default method set on a Spec-Bench subset (embedded mo
 	$(VENV)/bin/decodebench -m experiment=bench hydra.sweep.dir=$(BENCH_DIR) hydra.callbacks.sweep_status.print_report=false
 	$(VENV)/bin/decodebench-report $(BENCH_DIR)
 
-bench-engine: setup ## Engine AR/PLD per backend vs transformers generate / prompt lookup (tokens/s ratios, one run)
-	$(VENV)/bin/decodebench-profile --backend all
-	$(PY) benchmarks/bench_engine.py --backends all
+bench-engine: setup ## Engine AR/PLD per backend vs transformers generate / prompt lookup (tokens/s ratios, one run; ENGINE_BACKENDS=all adds compiled)
+	$(VENV)/bin/decodebench-profile --backend $(ENGINE_BACKENDS)
+	$(PY) benchmarks/bench_engine.py --backends $(ENGINE_BACKENDS)
 
 bench-vs-hf: setup ## DecodeBench ar/pld (and sps on the Qwen pair, if prepared) vs transformers' generate / prompt lookup / assisted generation, + harness overhead
 	$(PY) benchmarks/bench_vs_hf.py $(BENCH_VS_HF_ARGS)

@@ -14,7 +14,7 @@ first backend's AR (argmax differences in fp32 rounding, see ``decodebench-profi
 
 Targets of issue 9 (best backend, one run): ``B:ar / hf_ar >= 1.3`` and ``B:pld_cpu / B:ar >= 1.3``.
 
-Usage: python benchmarks/bench_engine.py [--backends auto|all|eager,packed,compiled] [--per-category 2]
+Usage: python benchmarks/bench_engine.py [--backends auto|all|eager,packed,onednn,compiled] [--per-category 2]
        [--max-new-tokens 128] [--threads 2] [--out results/benchmarks]
 """
 
@@ -45,7 +45,7 @@ from decodebench.tasks.prompts import encode_prompt
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--backends", default="auto", help="auto | all | comma list of eager,packed,compiled")
+    parser.add_argument("--backends", default="auto", help="auto | all | comma list of eager,packed,onednn,compiled")
     parser.add_argument("--buckets", default="1,4,8,16,32", help="engine.buckets")
     parser.add_argument("--per-category", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=128)

@@ -40,20 +40,24 @@ def expected_tokens(draft_tokens: int, acceptance: float) -> float:
     return sum(acceptance ** i for i in range(draft_tokens + 1))
 
 
-def pick_draft_budget(curve: dict[str, Any], acceptance: float, max_draft_tokens: Optional[int] = None) -> BudgetChoice:
+def pick_draft_budget(curve: dict[str, Any], acceptance: float, max_draft_tokens: Optional[int] = None,
+                      draft_cost_ratio: float = 0.0) -> BudgetChoice:
     """The draft budget maximising expected tokens per unit time on ``curve``.
 
     Args:
         curve: stored latency curve (``{"k": [...], "ratio": [...]}``, ratio = T(k)/T(1)).
         acceptance: per-draft acceptance probability of the method (0..1).
         max_draft_tokens: largest budget considered; default: the largest measured k minus one.
+        draft_cost_ratio: ``c`` = T_draft(1)/T_target(1) of a separate draft model (0 for drafters
+            that cost nothing): ``d`` drafts then cost ``d·c + T(d+1)/T(1)`` (Leviathan et al.'s
+            ``γc + 1`` with the measured verify cost in place of 1).
     """
     if not 0.0 <= acceptance <= 1.0:
         raise ValueError(f"acceptance must be in [0, 1], got {acceptance}")
     largest = max_draft_tokens if max_draft_tokens is not None else max(curve["k"]) - 1
     best = BudgetChoice(0, 1.0, 1.0, 1.0)
     for draft_tokens in range(1, largest + 1):
-        cost = block_cost(curve, draft_tokens + 1) / block_cost(curve, 1)
+        cost = block_cost(curve, draft_tokens + 1) / block_cost(curve, 1) + draft_tokens * draft_cost_ratio
         tokens = expected_tokens(draft_tokens, acceptance)
         if tokens / cost > best.tokens_per_cost + 1e-9:
             best = BudgetChoice(draft_tokens, tokens, cost, tokens / cost)

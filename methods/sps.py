@@ -141,9 +141,15 @@ class SpeculativeSamplingDrafter(DraftModelDrafter):
     class Params:
         num_draft_tokens: int = 5  # γ (the start value under the heuristic schedules)
         schedule: str = "constant"  # constant | heuristic | heuristic_transient
-        max_draft_tokens: int = 32  # cap for the heuristic schedules
+        max_draft_tokens: int = 32  # cap for the heuristic schedules (and for budget_from_curve)
+        # cpu preset: γ from the target's stored latency curve and its draft cost ratio c (decodebench-
+        # profile --draft): max E(γ) / (γc + T(γ+1)/T(1)) at this per-draft acceptance (engine/budget.py)
+        budget_from_curve: bool = False
+        expected_acceptance: float = 0.8
 
         def __post_init__(self) -> None:
+            check(0.0 <= self.expected_acceptance <= 1.0, "method.params.expected_acceptance",
+                  self.expected_acceptance, "0 .. 1")
             check(self.num_draft_tokens >= 1, "method.params.num_draft_tokens", self.num_draft_tokens, ">= 1")
             check(self.schedule in SCHEDULES, "method.params.schedule", self.schedule, " | ".join(SCHEDULES))
             check(self.max_draft_tokens >= self.num_draft_tokens, "method.params.max_draft_tokens",
@@ -152,15 +158,37 @@ class SpeculativeSamplingDrafter(DraftModelDrafter):
     def __init__(self, params: "SpeculativeSamplingDrafter.Params"):
         super().__init__()
         self.params = params
-        self.gamma = params.num_draft_tokens
+        self.gamma = self.start_gamma = params.num_draft_tokens
+
+    def setup(self, backbone: Backbone, cache_dir: Optional[str] = None) -> None:
+        super().setup(backbone, cache_dir)
+        self.gamma = self.start_gamma = self._gamma_from_curve(backbone, cache_dir) or self.params.num_draft_tokens
+
+    def _gamma_from_curve(self, backbone: Backbone, cache_dir: Optional[str]) -> Optional[int]:
+        """γ from the stored curve of the target's backend when it also holds this draft's cost ratio."""
+        if not self.params.budget_from_curve or not getattr(backbone, "model_name", None):
+            return None
+        from decodebench.engine.budget import pick_draft_budget
+        from decodebench.engine.profile import load_latency_curve
+
+        curve = load_latency_curve(backbone.model_name, backbone.backend, backbone.device.type, cache_dir)
+        draft = (curve or {}).get("draft") or {}
+        if draft.get("model") != getattr(self.draft.backbone, "model_name", None) or "cost_ratio" not in draft:
+            return None
+        choice = pick_draft_budget(curve, self.params.expected_acceptance, self.params.max_draft_tokens,
+                                   draft_cost_ratio=float(draft["cost_ratio"]))
+        if choice.draft_tokens < 1:
+            return None
+        self.verify_budget, self.budget_source = choice.draft_tokens + 1, f"curve:{backbone.backend}"
+        return choice.draft_tokens
 
     def reset_state(self) -> None:
-        self.gamma = self.params.num_draft_tokens
+        self.gamma = self.start_gamma
 
     def begin(self, prompt_ids: list[int]) -> None:
         super().begin(prompt_ids)
         if self.params.schedule == "heuristic_transient":
-            self.gamma = self.params.num_draft_tokens
+            self.gamma = self.start_gamma
 
     def propose(self, context: list[int], max_tokens: int) -> Proposal:
         budget = min(self.gamma, max_tokens)

@@ -302,7 +302,7 @@ def test_profile_cli_stores_the_draft_cost_ratio(tmp_path, capsys):
 # -- the embedded model ------------------------------------------------------------------------------
 @pytest.mark.embedded
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["packed", "compiled"])
+@pytest.mark.parametrize("backend", ["packed", "onednn", "compiled"])
 def test_embedded_pld_equals_ar_per_backend(backend):
     from decodebench.engine.decode_loop import DecodeSettings, generate
     from decodebench.models.loading import load_model, load_model_config

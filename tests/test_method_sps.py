@@ -103,6 +103,42 @@ def test_heuristic_schedule_adds_two_or_removes_one():
     assert transient.gamma == 5
 
 
+def test_gamma_from_the_curve_and_the_draft_cost_ratio(pair, tmp_path):
+    """cpu preset: γ maximising E(γ) / (γc + T(γ+1)/T(1)) on the target's stored curve, using the
+    draft cost ratio c stored with it for this draft (decodebench-profile --draft)."""
+    import json
+
+    from decodebench.engine.budget import expected_tokens, pick_draft_budget
+    from decodebench.engine.profile import profile_path
+
+    target, draft = pair
+    target.model_name, draft.model_name = "tiny-t", "tiny-d"
+    # Qwen2.5-Coder 1.5B's onednn curve here, with the 0.5B draft's measured cost ratio
+    curve = {"k": [1, 2, 3, 4, 5, 6, 8, 12, 16], "ratio": [1.0, 1.04, 1.13, 0.99, 1.08, 1.08, 1.2, 1.26, 1.44],
+             "model": "tiny-t", "backend": "eager",
+             "device": "cpu", "draft": {"model": "tiny-d", "ms": 1.0, "cost_ratio": 0.385}}
+    path = profile_path("tiny-t", "eager", "cpu", str(tmp_path))
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(curve))
+    choice = pick_draft_budget(curve, 0.8, 32, draft_cost_ratio=0.385)
+    assert choice.draft_tokens == 3  # (1 + .8 + .64 + .512) / (3 * .385 + T(4)/T(1)) = 1.38
+    assert choice.tokens_per_cost == pytest.approx(expected_tokens(3, 0.8) / (3 * 0.385 + 0.99))
+    assert pick_draft_budget(curve, 0.8, 32).draft_tokens > 3  # a free draft would draft more
+    params = dict(budget_from_curve=True, expected_acceptance=0.8, num_draft_tokens=5)
+    drafter = build_method(MethodConfig(name="sps", impl=SPS, params=params))
+    drafter.attach_draft(draft)
+    drafter.setup(target, str(tmp_path))
+    assert (drafter.gamma, drafter.budget_source, drafter.request_stats()) == (3, "curve:eager", {"verify_budget": 4.0})
+    drafter.gamma = 9
+    drafter.reset_state()
+    assert drafter.gamma == 3
+    draft.model_name = "another-draft"  # the stored ratio is for another draft: keep num_draft_tokens
+    drafter = build_method(MethodConfig(name="sps", impl=SPS, params=params))
+    drafter.attach_draft(draft)
+    drafter.setup(target, str(tmp_path))
+    assert (drafter.gamma, drafter.budget_source) == (5, "params")
+
+
 def test_bad_schedule_is_a_clear_error():
     with pytest.raises(ConfigValueError, match="schedule"):
         build_method(MethodConfig(name="sps", impl=SPS, params=dict(schedule="linear")))
