@@ -34,6 +34,7 @@ logits equal eager's within fp32 rounding and its argmax agrees. Tiny models (fe
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import statistics
@@ -103,7 +104,25 @@ def bucket_for(rows: int, buckets: Sequence[int]) -> Optional[int]:
 
 
 # -- packed ------------------------------------------------------------------------------------
-class PackedLinear(torch.nn.Linear):
+class _BackendLinear(torch.nn.Linear):
+    """An ``nn.Linear`` carrying a backend's copy of its weight in ``backend_attribute``.
+
+    A deep copy (Kangaroo's adapter copies a decoder layer, then trains or loads its weights) is a
+    plain ``nn.Linear``: the backend copy would go stale once the copy's weight changes, and oneDNN's
+    is an opaque tensor that cannot be deep-copied at all.
+    """
+
+    backend_attribute = ""
+
+    def __deepcopy__(self, memo):
+        plain = torch.nn.Linear.__new__(torch.nn.Linear)
+        memo[id(self)] = plain
+        state = {key: value for key, value in self.__dict__.items() if key != self.backend_attribute}
+        plain.__dict__.update(copy.deepcopy(state, memo))
+        return plain
+
+
+class PackedLinear(_BackendLinear):
     """An ``nn.Linear`` that also keeps its weight MKL-prepacked for fixed row counts.
 
     Installed by swapping the instance's class (parameters, names and weight tying unchanged);
@@ -111,6 +130,7 @@ class PackedLinear(torch.nn.Linear):
     """
 
     packed: dict[int, torch.Tensor]
+    backend_attribute = "packed"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
@@ -125,7 +145,7 @@ class PackedLinear(torch.nn.Linear):
 
 
 # -- onednn -------------------------------------------------------------------------------------
-class OneDNNLinear(torch.nn.Linear):
+class OneDNNLinear(_BackendLinear):
     """An ``nn.Linear`` that also keeps its weight in oneDNN's blocked layout (``onednn`` backend).
 
     Installed by swapping the instance's class like :class:`PackedLinear`; the original weight
@@ -133,6 +153,7 @@ class OneDNNLinear(torch.nn.Linear):
     """
 
     onednn_weight: torch.Tensor
+    backend_attribute = "onednn_weight"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):

@@ -151,6 +151,27 @@ def test_onednn_swaps_every_linear_rows_independent_and_trainable():
     assert all(type(m) is torch.nn.Linear for m in backbone.model.modules() if isinstance(m, torch.nn.Linear))
 
 
+@pytest.mark.parametrize("backend", ["packed", "onednn"])
+def test_deep_copies_of_swapped_layers_are_plain_and_equal(backend):
+    """Kangaroo copies a decoder layer for its adapter: the copy must work (oneDNN's weight is an
+    opaque tensor) and be a plain nn.Linear, since its weights are trained or loaded afterwards."""
+    import copy
+
+    if backend == "onednn" and not torch.backends.mkldnn.is_available():
+        pytest.skip("onednn needs oneDNN")
+    if backend == "packed" and not torch._C.has_mkl:
+        pytest.skip("packed needs MKL")
+    backbone = tiny_backbone("llama", backend)
+    mlp = backbone.layers[0].mlp
+    clone = copy.deepcopy(mlp)
+    assert all(type(m) is torch.nn.Linear for m in clone.modules() if isinstance(m, torch.nn.Linear))
+    x = torch.randn(5, mlp.gate_proj.in_features, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), mlp(x), atol=1e-5, rtol=0)
+    assert clone.gate_proj.weight.data_ptr() != mlp.gate_proj.weight.data_ptr()
+    assert type(mlp.gate_proj) is not torch.nn.Linear  # the original keeps its backend
+
+
 def test_auto_keeps_tiny_models_eager():
     backbone = Backbone(build_tiny(ModelConfig(name="t", source="tiny", architecture="llama", tiny=TINY), seed=0))
     info = apply_backend(backbone, "auto")
