@@ -1,14 +1,17 @@
 """Backbone: the engine's own forward loop over a Hugging Face decoder-only model's layers.
 
 No modeling code is copied: the loop calls the library's own modules
-(``embed_tokens`` → ``rotary_emb`` → each ``DecoderLayer`` → ``norm`` → ``lm_head``), so any
-Llama-family model (Llama, SmolLM2, Qwen2/2.5, Mistral) works. Owning the loop lets methods run a
-layer subset (skipping, early exit), read hidden states of any layer, and verify token trees
-with a custom mask against the harness-owned :class:`KVCache`.
+(``embed_tokens`` → ``rotary_emb`` → each ``DecoderLayer`` → ``norm`` → ``lm_head``); where a family
+keeps them and what it applies around them is in :mod:`decodebench.engine.architectures` (the
+families it lists run exactly; others are refused when the Backbone is built). Owning the loop lets
+methods run a layer subset (skipping, early exit), read hidden states of any layer, and verify
+token trees with a custom mask against the harness-owned :class:`KVCache`.
 
-transformers 5.x facts this relies on: a decoder layer returns a plain tensor; RoPE arrives only
-through ``position_embeddings=(cos, sin)``; attention calls ``past_key_values.update(k, v, idx)``;
-sdpa takes a bool mask (True = attend), eager an additive float mask.
+transformers 5.x facts this relies on: a decoder layer returns a plain tensor (or a tuple whose
+first item is the hidden state); RoPE arrives only through ``position_embeddings=(cos, sin)``;
+attention calls ``<cache>.update(k, v, idx)`` on the object passed as the layer's cache argument
+(``cache`` from 5.25, ``past_key_values`` before); sdpa takes a bool mask (True = attend), eager an
+additive float mask.
 """
 
 from __future__ import annotations
@@ -18,6 +21,14 @@ from typing import Collection, Optional, Sequence
 
 import torch
 
+from decodebench.engine.architectures import (
+    FAMILIES,
+    ResidualHalves,
+    UnsupportedArchitectureError,
+    cache_geometry,
+    model_parts,
+    sliding_windows,
+)
 from decodebench.engine.kv_cache import KVCache
 from decodebench.engine.tree import ancestor_mask, check_parents, is_chain, tree_depths
 
@@ -49,17 +60,73 @@ class MlpGate:
         """Called after a run MLP half with the residual stream before and after it."""
 
 
+@dataclass(frozen=True)
+class BlockLayout:
+    """How the ``q`` tokens of one block attend to each other and where they sit.
+
+    The default is a causal chain starting at ``cache.length``. ``parents`` makes the block a token
+    tree (parent pointers within the block, ``-1`` = attached to the prefix); ``mask`` with
+    ``offsets`` is any ``(q, q)`` bool mask among the new tokens (True = attend) with each token's
+    position offset from the block start (e.g. LADE's Jacobi lookahead branch, which is not a tree).
+    ``start`` is the position of the block's first token (default ``cache.length``).
+    """
+
+    parents: Optional[Sequence[int]] = None
+    mask: Optional[torch.Tensor] = None
+    offsets: Optional[Sequence[int]] = None
+    start: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.parents is not None and self.mask is not None:
+            raise ValueError("a block layout takes parents or a mask, not both")
+        if (self.mask is None) != (self.offsets is None):
+            raise ValueError("a block mask needs its position offsets (and offsets need a mask)")
+
+
+CHAIN = BlockLayout()
+
+
+@dataclass
+class ForwardPlan:
+    """Which part of the model a forward runs (default: everything, which keeps it exact).
+
+    Lossy methods (``lossless: false``: SkipDecode, FFN-SkipLLM) return a reduced plan from
+    ``Drafter.forward_plan`` and never draft, so each of their steps emits one token from a reduced
+    forward through the same decode loop; self-speculative drafters run reduced plans to draft.
+    """
+
+    layers: Optional[Sequence[int]] = None  # decoder layers to run, ascending (None = all)
+    mlp_gate: Optional[MlpGate] = None  # per-layer MLP skipping decided during the forward
+    # layers whose attention / MLP sublayer is skipped (the residual passes through; a skipped
+    # attention writes no K/V), e.g. SWIFT's draft
+    skip_attention: Collection[int] = ()
+    skip_mlp: Collection[int] = ()
+
+    @property
+    def splits_layers(self) -> bool:
+        """True when some layer runs as its two residual halves instead of the layer's own forward."""
+        return self.mlp_gate is not None or bool(self.skip_attention) or bool(self.skip_mlp)
+
+
+FULL_MODEL = ForwardPlan()
+
+
 class Backbone:
-    """Wraps an HF ``*ForCausalLM`` and runs its decoder layers in our own loop."""
+    """Wraps an HF ``*ForCausalLM`` and runs its decoder layers in our own loop.
+
+    Raises (on construction):
+        UnsupportedArchitectureError: a family (or variant) the loop cannot run exactly.
+    """
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        inner = model.model
-        self.embed_tokens = inner.embed_tokens
-        self.layers = inner.layers
-        self.norm = inner.norm
-        self.rotary_emb = inner.rotary_emb
-        self.lm_head = model.lm_head
+        self.parts = model_parts(model)
+        self.family = self.parts.family
+        self.embed_tokens = self.parts.embed_tokens
+        self.layers = self.parts.layers
+        self.norm = self.parts.norm
+        self.rotary_emb = self.parts.rotary_emb
+        self.lm_head = self.parts.lm_head
         self.config = model.config
         self.num_layers = len(self.layers)
         self.device = next(model.parameters()).device
@@ -75,31 +142,76 @@ class Backbone:
                 f"attention implementation '{self.attn_implementation}' is not supported by the "
                 "engine's masks; load the model with attn_implementation='sdpa' or 'eager'"
             )
-        self.head_dim = getattr(self.config, "head_dim", None) or (
-            self.config.hidden_size // self.config.num_attention_heads
-        )
-        layer_types = getattr(self.config, "layer_types", None) or ["full_attention"] * self.num_layers
-        window = getattr(self.config, "sliding_window", None)
-        # Mistral-style configs apply the window to every layer; Qwen2 only to "sliding_attention"
-        # layers (and only when use_sliding_window is set).
-        if getattr(self.config, "use_sliding_window", True) is False:
-            window = None
-        self.layer_windows: list[Optional[int]] = [
-            window if (kind == "sliding_attention" or self.config.model_type == "mistral") else None
-            for kind in layer_types
-        ]
+        self.cache_geometry = cache_geometry(self.config, self.family)
+        self.head_dim = self.cache_geometry.key_dim
+        self.halves = self.family.residual_halves(self.config)
+        self.layer_windows: list[Optional[int]] = sliding_windows(self.config, self.parts.layer_types)
+
+    # -- what an architecture allows -----------------------------------------------------------
+    def require_residual_halves(self, method: str) -> ResidualHalves:
+        """The layers' residual halves, for methods that skip or gate a sublayer (SWIFT, FFN-SkipLLM).
+
+        Raises:
+            UnsupportedArchitectureError: the family's layers have no such halves (parallel
+                attention/MLP residual: both read the same input).
+        """
+        if self.halves is None:
+            able = sorted(name for name, family in FAMILIES.items()
+                          if family.halves is not None or family.halves_for is not None)
+            raise UnsupportedArchitectureError(
+                f"method '{method}' skips attention / MLP sublayers, but '{self.config.model_type}' layers run "
+                f"attention and MLP in parallel on the same input (no separate residual halves to skip). "
+                f"Families with sublayer skipping: {', '.join(able)}")
+        return self.halves
 
     # -- cache -----------------------------------------------------------------------------------
-    def new_cache(self, capacity: int, batch_size: int = 1) -> KVCache:
+    def new_cache(self, capacity: int, batch_size: int = 1, num_layers: Optional[int] = None) -> KVCache:
+        geometry = self.cache_geometry
         return KVCache(
             batch_size=batch_size,
-            num_layers=self.num_layers,
-            num_kv_heads=self.config.num_key_value_heads,
-            head_dim=self.head_dim,
+            num_layers=self.num_layers if num_layers is None else num_layers,
+            num_kv_heads=geometry.heads,
+            head_dim=geometry.key_dim,
+            value_head_dim=geometry.value_dim,
             capacity=capacity,
             dtype=self.dtype,
             device=self.device,
         )
+
+    # -- pieces of the forward -----------------------------------------------------------------------
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """``(batch, q)`` ids → ``(batch, q, hidden)`` first-layer input (the family's multiplier applied)."""
+        hidden = self.embed_tokens(ids)
+        multiplier = self.parts.embedding_multiplier
+        return hidden if multiplier == 1.0 else hidden * multiplier
+
+    def position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict:
+        """Rotary ``(cos, sin)`` per layer type (one shared entry unless the family has per-layer RoPE)."""
+        if self.rotary_emb is None:
+            return {}
+        if self.parts.rotary_per_layer_type:
+            return {kind: self.rotary_emb(hidden, position_ids, kind) for kind in set(self.parts.layer_types)}
+        return {None: self.rotary_emb(hidden, position_ids)}
+
+    def _layer_rotary(self, position_embeddings: dict, layer_index: int):
+        if not position_embeddings:
+            return None
+        if self.parts.rotary_per_layer_type:
+            return position_embeddings[self.parts.layer_types[layer_index]]
+        return position_embeddings[None]
+
+    def layer_position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor, layer_index: int):
+        """The rotary ``(cos, sin)`` layer ``layer_index`` uses (e.g. for an adapter copied from it)."""
+        return self._layer_rotary(self.position_embeddings(hidden, position_ids), layer_index)
+
+    def cache_argument(self, cache) -> dict:
+        """The cache keyword argument of the decoder layers and their attention modules (``cache``
+        from transformers 5.25, ``past_key_values`` before, ``layer_past`` for GPT-NeoX / Falcon)."""
+        return {self.parts.cache_keyword: cache}
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head on final-normed states, with the family's logit transform (scale, soft-cap)."""
+        return self.parts.finish_logits(self.lm_head(hidden))
 
     # -- masks -----------------------------------------------------------------------------------
     def _block_mask(
@@ -140,16 +252,10 @@ class Backbone:
         input_ids: Sequence[int] | torch.Tensor,
         cache: KVCache,
         *,
-        parents: Optional[Sequence[int]] = None,
-        block_mask: Optional[torch.Tensor] = None,
-        position_offsets: Optional[Sequence[int]] = None,
-        layers: Optional[Sequence[int]] = None,
+        layout: BlockLayout = CHAIN,
+        plan: ForwardPlan = FULL_MODEL,
         logits_rows: Optional[slice | Sequence[int]] = None,
         output_hidden_states: bool = False,
-        position_offset: Optional[int] = None,
-        mlp_gate: Optional[MlpGate] = None,
-        skip_attention: Collection[int] = (),
-        skip_mlp: Collection[int] = (),
         input_hidden: Optional[torch.Tensor] = None,
     ) -> ForwardOutput:
         """Run ``q`` new tokens through the model on top of ``cache`` and append their K/V.
@@ -157,19 +263,12 @@ class Backbone:
         Args:
             input_ids: ``(q,)`` token ids of the block, in topological order for a tree.
             cache: KV cache; every layer that runs appends ``q`` entries.
-            parents: tree parent pointers within the block (``-1`` = attached to the prefix);
-                ``None`` = a causal chain.
-            block_mask, position_offsets: instead of ``parents``, any ``(q, q)`` bool mask among the
-                new tokens (True = attend) with each token's position offset from the block start
-                (e.g. LADE's Jacobi lookahead branch, which is not a tree).
-            layers: indices of the decoder layers to run (default: all), e.g. a skip set.
+            layout: how the block's tokens attend to each other and where they start (default: a
+                causal chain at ``cache.length``; :class:`BlockLayout`).
+            plan: which layers / sublayers run (default: all; :class:`ForwardPlan`).
             logits_rows: which rows of the block get logits (default: all). Prefill asks only for
                 the last row, which saves a ``(prompt, vocab)`` matmul.
             output_hidden_states: also return every layer's input/output hidden states.
-            position_offset: position of the block's first token; default ``cache.length``.
-            mlp_gate: per-layer MLP (FFN) skipping decided during the forward (lossy methods).
-            skip_attention, skip_mlp: layers whose attention / MLP sublayer is skipped (the
-                residual passes through; a skipped attention writes no K/V), e.g. SWIFT's draft.
             input_hidden: ``(q, hidden)`` states fed to the first layer run instead of the token
                 embeddings, to continue a forward from an intermediate layer (early-exit
                 verification); ``input_ids`` then only sets ``q``.
@@ -179,103 +278,106 @@ class Backbone:
         """
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device).reshape(-1)
         q = ids.shape[0]
-        if parents is not None:
+        block_mask, position_offsets = layout.mask, layout.offsets
+        if layout.parents is not None:
+            parents = layout.parents
             if len(parents) != q:
                 raise ValueError(f"parents has {len(parents)} entries for {q} tokens")
             check_parents(parents)
             if not is_chain(parents):
                 block_mask, position_offsets = ancestor_mask(parents), tree_depths(parents)
-        if block_mask is not None and (block_mask.shape != (q, q) or position_offsets is None
-                                       or len(position_offsets) != q):
+        if block_mask is not None and (block_mask.shape != (q, q) or len(position_offsets) != q):
             raise ValueError(f"block_mask must be ({q}, {q}) with {q} position_offsets")
-        base = cache.length if position_offset is None else position_offset
+        base = cache.length if layout.start is None else layout.start
         offsets = (torch.tensor(position_offsets, device=self.device) if block_mask is not None
                    else torch.arange(q, device=self.device))
         positions = base + offsets
         cache.ensure_capacity(max(cache.lengths) + q)
-        if (self.fast_forward is not None and layers is None and not output_hidden_states and mlp_gate is None
-                and not skip_attention and not skip_mlp and input_hidden is None and position_offset is None):
+        if (self.fast_forward is not None and plan.layers is None and not plan.splits_layers
+                and not output_hidden_states and input_hidden is None and layout.start is None):
             fast = self.fast_forward(ids, positions, block_mask, cache, logits_rows)
             if fast is not None:  # None: no static fast path for this block (e.g. prefill)
                 return fast
 
         if input_hidden is None:
-            hidden = self.embed_tokens(ids[None])  # (1, q, hidden)
+            hidden = self.embed(ids[None])  # (1, q, hidden)
         else:
             hidden = input_hidden.reshape(1, q, -1).to(self.dtype)
-        position_embeddings = self.rotary_emb(hidden, positions[None])
+        position_embeddings = self.position_embeddings(hidden, positions[None])
         all_hidden = [hidden[0]] if output_hidden_states else None
         masks: dict[tuple[int, Optional[int]], Optional[torch.Tensor]] = {}
-        for layer_index in range(self.num_layers) if layers is None else layers:
+        for layer_index in range(self.num_layers) if plan.layers is None else plan.layers:
             key = (cache.lengths[layer_index], self.layer_windows[layer_index])
             if key not in masks:
                 masks[key] = self._block_mask(key[0], positions, block_mask, key[1])
-            if layer_index in skip_attention or layer_index in skip_mlp:
-                hidden = self._sublayers(layer_index, hidden, masks[key], positions[None], cache,
-                                         position_embeddings, attention=layer_index not in skip_attention,
-                                         mlp=layer_index not in skip_mlp)
-            elif mlp_gate is None:
-                hidden = self.layers[layer_index](
-                    hidden,
-                    attention_mask=masks[key],
-                    position_ids=positions[None],
-                    past_key_values=cache,
-                    use_cache=True,
-                    position_embeddings=position_embeddings,
-                )
+            rotary = self._layer_rotary(position_embeddings, layer_index)
+            if layer_index in plan.skip_attention or layer_index in plan.skip_mlp or plan.mlp_gate is not None:
+                hidden = self._halves(layer_index, hidden, masks[key], positions[None], cache, rotary,
+                                      attention=layer_index not in plan.skip_attention,
+                                      mlp=layer_index not in plan.skip_mlp, gate=plan.mlp_gate)
             else:
-                hidden = self._gated_layer(layer_index, hidden, masks[key], positions[None], cache,
-                                           position_embeddings, mlp_gate)
+                hidden = self._layer(layer_index, hidden, masks[key], positions[None], cache, rotary)
             if output_hidden_states:
                 all_hidden.append(hidden[0])
         normed = self.norm(hidden)[0]  # (q, hidden)
         rows = normed if logits_rows is None else normed[logits_rows]
-        logits = self.lm_head(rows)
+        logits = self.head(rows)
         if logits.dim() == 1:
             logits = logits[None]
         return ForwardOutput(logits=logits.float(), hidden_states=all_hidden, last_hidden=normed)
 
-    def _gated_layer(self, layer_index: int, hidden: torch.Tensor, mask, position_ids: torch.Tensor,
-                     cache: KVCache, position_embeddings, gate: MlpGate) -> torch.Tensor:
-        """One decoder layer as its two residual halves (the Llama/Qwen2/Mistral layer structure:
-        ``input_layernorm → self_attn``, then ``post_attention_layernorm → mlp``), the MLP half
-        only when ``gate`` says so."""
-        layer = self.layers[layer_index]
-        attention, _ = layer.self_attn(
-            hidden_states=layer.input_layernorm(hidden), attention_mask=mask, position_ids=position_ids,
-            past_key_values=cache, use_cache=True, position_embeddings=position_embeddings,
+    def _layer(self, layer_index: int, hidden: torch.Tensor, mask, position_ids: torch.Tensor, cache,
+               position_embeddings) -> torch.Tensor:
+        """One decoder layer's own forward (``(batch, q, hidden)`` in and out)."""
+        out = self.layers[layer_index](
+            hidden, attention_mask=mask, position_ids=position_ids, use_cache=True,
+            position_embeddings=position_embeddings, **self.cache_argument(cache), **self.parts.layer_kwargs,
         )
-        hidden = hidden + attention
-        if gate.run_mlp(layer_index, hidden):
-            after = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-            gate.observe(layer_index, hidden, after)
+        return out[0] if isinstance(out, tuple) else out
+
+    def _halves(self, layer_index: int, hidden: torch.Tensor, mask, position_ids: torch.Tensor,
+                cache: KVCache, position_embeddings, attention: bool, mlp: bool,
+                gate: Optional[MlpGate] = None) -> torch.Tensor:
+        """One decoder layer as its two residual halves (:class:`ResidualHalves` of the family):
+        the attention half unless ``attention`` is False, then the MLP half unless ``mlp`` is False
+        or ``gate`` says to skip it (SWIFT's sublayer skipping, FFN-SkipLLM's gate)."""
+        halves = self.require_residual_halves("sublayer skipping")
+        layer = self.layers[layer_index]
+        multiplier = (getattr(self.config, halves.residual_multiplier_key)
+                      if halves.residual_multiplier_key else 1.0)
+
+        def norm(name: Optional[str], x: torch.Tensor) -> torch.Tensor:
+            return x if name is None else getattr(layer, name)(x)
+
+        if attention:
+            update, _ = layer.self_attn(
+                hidden_states=norm(halves.attention_norm, hidden), attention_mask=mask, position_ids=position_ids,
+                use_cache=True, position_embeddings=position_embeddings, **self.cache_argument(cache),
+            )
+            hidden = hidden + norm(halves.attention_post_norm, update) * multiplier
+        if mlp and (gate is None or gate.run_mlp(layer_index, hidden)):
+            update = layer.mlp(norm(halves.mlp_norm, hidden))
+            if isinstance(update, tuple):  # MoE blocks that also return router scores (gpt-oss)
+                update = update[0]
+            after = hidden + norm(halves.mlp_post_norm, update) * multiplier
+            if gate is not None:
+                gate.observe(layer_index, hidden, after)
             hidden = after
         return hidden
 
-    def _sublayers(self, layer_index: int, hidden: torch.Tensor, mask, position_ids: torch.Tensor,
-                   cache: KVCache, position_embeddings, attention: bool, mlp: bool) -> torch.Tensor:
-        """One decoder layer with its attention and/or MLP residual half left out (SWIFT's
-        sublayer skipping); same two halves as :meth:`_gated_layer`."""
-        layer = self.layers[layer_index]
-        if attention:
-            update, _ = layer.self_attn(
-                hidden_states=layer.input_layernorm(hidden), attention_mask=mask, position_ids=position_ids,
-                past_key_values=cache, use_cache=True, position_embeddings=position_embeddings,
-            )
-            hidden = hidden + update
-        if mlp:
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return hidden
-
     # -- batched forward (left padding) ----------------------------------------------------------
-    def _padded_mask(self, prefix_length: int, q: int, padding: torch.Tensor) -> torch.Tensor:
+    def _padded_mask(self, prefix_length: int, q: int, padding: torch.Tensor,
+                     window: Optional[int] = None) -> torch.Tensor:
         """``(batch, 1, q, prefix + q)`` mask of a causal block over a left-padded batch: a query
-        sees the non-padding keys up to itself; a padding query sees only itself (never an empty
-        row, whose softmax would be NaN)."""
+        sees the non-padding keys up to itself (and, with a sliding ``window``, fewer than
+        ``window`` positions back); a padding query sees only itself (never an empty row, whose
+        softmax would be NaN)."""
         total = prefix_length + q
         query_slots = torch.arange(prefix_length, total, device=self.device)
         key_slots = torch.arange(total, device=self.device)
         causal = key_slots[None, :] <= query_slots[:, None]  # (q, total)
+        if window is not None:  # within a row, slot distance = position distance
+            causal &= (query_slots[:, None] - key_slots[None, :]) < window
         real_key = key_slots[None, :] >= padding[:, None]  # (batch, total)
         mask = (causal[None] & real_key[:, None]) | (key_slots[None, :] == query_slots[:, None])[None]
         mask = mask[:, None]
@@ -291,21 +393,20 @@ class Backbone:
         input_ids: torch.Tensor,
         cache: KVCache,
         *,
-        layers: Optional[Sequence[int]] = None,
+        plan: ForwardPlan = FULL_MODEL,
         logits_rows: Optional[slice | Sequence[int]] = None,
-        mlp_gate: Optional[MlpGate] = None,
     ) -> ForwardOutput:
         """A causal block of ``q`` tokens for each of ``batch`` left-padded sequences.
 
         Slot ``s`` of row ``b`` holds position ``s - cache.padding[b]``; slots before
         ``cache.padding[b]`` are padding, never attended to by real tokens. Sliding windows are
-        not applied (batched decoding is for full-attention models).
+        applied per layer as in :meth:`forward`.
 
         Args:
             input_ids: ``(batch, q)`` token ids (padding ids in the padding slots).
             cache: a cache made with ``new_cache(capacity, batch_size=batch)``; every layer that
                 runs appends ``q`` slots to all rows.
-            layers, logits_rows, mlp_gate: as in :meth:`forward`.
+            plan, logits_rows: as in :meth:`forward` (layers and the MLP gate; no sublayer skip sets).
 
         Returns:
             ForwardOutput with ``logits`` of shape ``(batch, rows, vocab)`` and ``last_hidden``
@@ -320,24 +421,22 @@ class Backbone:
         positions = (base + torch.arange(q, device=self.device))[None, :] - padding[:, None]
         positions = positions.clamp_(min=0)  # (batch, q); padding slots get position 0
         cache.ensure_capacity(max(cache.lengths) + q)
-        hidden = self.embed_tokens(ids)  # (batch, q, hidden)
-        position_embeddings = self.rotary_emb(hidden, positions)
-        masks: dict[int, torch.Tensor] = {}
-        for layer_index in range(self.num_layers) if layers is None else layers:
-            prefix = cache.lengths[layer_index]
-            if prefix not in masks:
-                masks[prefix] = self._padded_mask(prefix, q, padding)
-            if mlp_gate is None:
-                hidden = self.layers[layer_index](
-                    hidden, attention_mask=masks[prefix], position_ids=positions, past_key_values=cache,
-                    use_cache=True, position_embeddings=position_embeddings,
-                )
+        hidden = self.embed(ids)  # (batch, q, hidden)
+        position_embeddings = self.position_embeddings(hidden, positions)
+        masks: dict[tuple[int, Optional[int]], torch.Tensor] = {}
+        for layer_index in range(self.num_layers) if plan.layers is None else plan.layers:
+            key = (cache.lengths[layer_index], self.layer_windows[layer_index])
+            if key not in masks:
+                masks[key] = self._padded_mask(key[0], q, padding, key[1])
+            rotary = self._layer_rotary(position_embeddings, layer_index)
+            if plan.mlp_gate is None:
+                hidden = self._layer(layer_index, hidden, masks[key], positions, cache, rotary)
             else:
-                hidden = self._gated_layer(layer_index, hidden, masks[prefix], positions, cache,
-                                           position_embeddings, mlp_gate)
+                hidden = self._halves(layer_index, hidden, masks[key], positions, cache, rotary,
+                                      attention=True, mlp=True, gate=plan.mlp_gate)
         normed = self.norm(hidden)  # (batch, q, hidden)
         rows = normed if logits_rows is None else normed[:, logits_rows]
-        logits = self.lm_head(rows)
+        logits = self.head(rows)
         if logits.dim() == 2:
             logits = logits[:, None]
         return ForwardOutput(logits=logits.float(), last_hidden=normed)
@@ -345,4 +444,4 @@ class Backbone:
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """Early-exit logits: the shared final norm and LM head on an intermediate hidden state."""
         with torch.inference_mode():
-            return self.lm_head(self.norm(hidden)).float()
+            return self.head(self.norm(hidden)).float()

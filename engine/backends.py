@@ -238,13 +238,13 @@ class CompiledStep:
         (1, kv_heads, span, head_dim) views. Returns normed hidden (bucket, hidden), logits (bucket, vocab)."""
         bb = self.backbone
         writer = _SlotWriter(keys, values, write_index)
-        hidden = bb.embed_tokens(ids)
-        position_embeddings = bb.rotary_emb(hidden, positions)
-        for layer in bb.layers:
-            hidden = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=writer,
-                           use_cache=True, position_embeddings=position_embeddings)
+        hidden = bb.embed(ids)
+        position_embeddings = bb.position_embeddings(hidden, positions)
+        for layer_index in range(bb.num_layers):
+            hidden = bb._layer(layer_index, hidden, mask, positions, writer,
+                               bb._layer_rotary(position_embeddings, layer_index))
         normed = bb.norm(hidden)[0]
-        return normed, bb.lm_head(normed)
+        return normed, bb.head(normed)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, block_mask: Optional[torch.Tensor],
                  cache: "KVCache", logits_rows) -> Optional["ForwardOutput"]:

@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from decodebench.engine.backbone import Backbone
+from decodebench.engine.backbone import Backbone, BlockLayout
 from decodebench.engine.drafting import Drafter, Proposal, StepOutcome
 from decodebench.engine.kv_cache import KVCache
 from decodebench.engine.sampling import SamplingParams, next_token
@@ -138,16 +138,16 @@ def generate(
         if proposal.aux_tokens:
             block_mask, offsets = block_with_aux(block_parents, proposal)
             target = backbone.forward(
-                [*block_tokens, *proposal.aux_tokens], cache, block_mask=block_mask, position_offsets=offsets,
-                output_hidden_states=drafter.needs_hidden_states, layers=plan.layers, mlp_gate=plan.mlp_gate,
+                [*block_tokens, *proposal.aux_tokens], cache, layout=BlockLayout(mask=block_mask, offsets=offsets),
+                output_hidden_states=drafter.needs_hidden_states, plan=plan,
             )
         else:
             # early-exit drafters finish the forward they started (their first layers' K/V are reused)
             target = drafter.verify_forward(block_tokens, block_parents, cache)
             if target is None:
                 target = backbone.forward(
-                    block_tokens, cache, parents=tree, output_hidden_states=drafter.needs_hidden_states,
-                    layers=plan.layers, mlp_gate=plan.mlp_gate,
+                    block_tokens, cache, layout=BlockLayout(parents=tree),
+                    output_hidden_states=drafter.needs_hidden_states, plan=plan,
                 )
         candidate_logits = target.logits[: len(block_tokens)]
 
@@ -277,7 +277,7 @@ def generate_batch(
         plan = drafter.forward_plan(generated)
         t_forward = now(device)
         last = torch.tensor([[row[-1]] for row in new_ids], device=device)
-        out = backbone.forward_batch(last, cache, layers=plan.layers, mlp_gate=plan.mlp_gate)
+        out = backbone.forward_batch(last, cache, plan=plan)
         for b in range(batch):
             if stop_reasons[b] is not None:
                 continue

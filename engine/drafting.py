@@ -13,7 +13,9 @@ from typing import Optional
 
 import torch
 
-from decodebench.engine.backbone import Backbone, ForwardOutput, MlpGate
+# ForwardPlan / FULL_MODEL are part of the drafter contract (Drafter.forward_plan); defined next to
+# the forward they configure
+from decodebench.engine.backbone import FULL_MODEL, Backbone, ForwardOutput, ForwardPlan, MlpGate  # noqa: F401
 from decodebench.engine.kv_cache import KVCache
 from decodebench.engine.sampling import SamplingParams
 from decodebench.engine.verify import VerifyResult
@@ -41,22 +43,6 @@ class Proposal:
 
     def __len__(self) -> int:
         return len(self.tokens)
-
-
-@dataclass
-class ForwardPlan:
-    """Which part of the model a decode step's target forward runs.
-
-    The default (everything) keeps the step exact. Lossy methods (``lossless: false``: SkipDecode,
-    FFN-SkipLLM) return a reduced plan from :meth:`Drafter.forward_plan` and never draft, so each
-    of their steps emits one token from a reduced forward through the same decode loop.
-    """
-
-    layers: Optional[list[int]] = None  # decoder layers to run, ascending (None = all)
-    mlp_gate: Optional[MlpGate] = None  # per-layer MLP skipping decided during the forward
-
-
-FULL_MODEL = ForwardPlan()
 
 
 @dataclass

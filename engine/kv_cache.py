@@ -21,6 +21,9 @@ import torch
 class KVCache:
     """Per-layer key/value buffers of shape ``(batch_size, kv_heads, capacity, head_dim)``.
 
+    Values may have their own width (``value_head_dim``): multi-head latent attention (DeepSeek-V3)
+    caches its compressed KV latent as the "key" and the shared rotary key as the "value".
+
     A batch (``batch_size > 1``, :meth:`Backbone.forward_batch`) is left-padded: every row has the
     same slot count per layer, and ``padding[b]`` leading slots of row ``b`` are padding (masked
     out; slot ``s`` holds position ``s - padding[b]``).
@@ -35,12 +38,14 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         batch_size: int = 1,
+        value_head_dim: Optional[int] = None,
     ):
         self.batch_size = batch_size
         self.padding = [0] * batch_size  # leading padding slots per row (left padding)
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
+        self.value_head_dim = head_dim if value_head_dim is None else value_head_dim
         self.dtype = dtype
         self.device = torch.device(device)
         self.capacity = 0
@@ -52,10 +57,11 @@ class KVCache:
     # -- sizing -------------------------------------------------------------------------------
     def _allocate(self, capacity: int) -> None:
         shape = (self.batch_size, self.num_kv_heads, capacity, self.head_dim)
+        value_shape = (*shape[:3], self.value_head_dim)
         # zeros, not empty: the compiled backend attends over whole fixed-size views with masks, and a
         # masked NaN left in uninitialised memory would still poison the softmax (0 * NaN = NaN)
         new_keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        new_values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        new_values = [torch.zeros(value_shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         for layer, length in enumerate(self.lengths):
             if length:
                 new_keys[layer][:, :, :length] = self.keys[layer][:, :, :length]

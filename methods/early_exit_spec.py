@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from decodebench.config import ConfigValueError, check
-from decodebench.engine.backbone import Backbone, ForwardOutput
+from decodebench.engine.backbone import Backbone, BlockLayout, ForwardOutput, ForwardPlan
 from decodebench.engine.drafting import Drafter, Proposal
 from decodebench.engine.kv_cache import KVCache
 from decodebench.engine.sampling import logits_to_probs, sample
@@ -109,7 +109,7 @@ class EarlyExitDrafter(Drafter):
         rows: list[torch.Tensor] = []
         states: list[list[torch.Tensor]] = []
         while True:
-            out = self.backbone.forward([token], cache, layers=layers, output_hidden_states=True)
+            out = self.backbone.forward([token], cache, plan=ForwardPlan(layers=layers), output_hidden_states=True)
             states.append(out.hidden_states)
             logits = out.logits[-1]
             if self.sampling.greedy:
@@ -144,11 +144,12 @@ class EarlyExitDrafter(Drafter):
         # 2. first E layers for the drafts not fed yet (the last one); no LM head needed
         rest = block_tokens[fed:]
         if rest:
-            out = backbone.forward(rest, cache, layers=early, output_hidden_states=True, logits_rows=slice(0, 0))
+            out = backbone.forward(rest, cache, plan=ForwardPlan(layers=early), output_hidden_states=True,
+                                   logits_rows=slice(0, 0))
             states = [torch.cat([done, new]) for done, new in zip(states, out.hidden_states)]
         # 3. layers E .. L-1 for the whole block, from the exit-layer states
-        late = backbone.forward(block_tokens, cache, layers=range(exit_layer, backbone.num_layers),
-                                input_hidden=states[-1], position_offset=pending.committed,
+        late = backbone.forward(block_tokens, cache, plan=ForwardPlan(layers=range(exit_layer, backbone.num_layers)),
+                                input_hidden=states[-1], layout=BlockLayout(start=pending.committed),
                                 output_hidden_states=True)
         self.block_states = [*states, *late.hidden_states[1:]]
         return ForwardOutput(logits=late.logits, hidden_states=self.block_states, last_hidden=late.last_hidden)

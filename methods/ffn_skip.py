@@ -83,6 +83,7 @@ class FFNSkip(Drafter):
         self._steps = 0
 
     def setup(self, backbone: Backbone, cache_dir: Optional[str] = None) -> None:
+        backbone.require_residual_halves("ffn_skip")  # gates each layer's MLP half
         self.gate = SaturationGate(backbone.num_layers, self.params)
 
     def begin(self, prompt_ids: list[int]) -> None:

@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from decodebench.config import check, default_cache_dir
-from decodebench.engine.backbone import Backbone
+from decodebench.engine.architectures import UnsupportedArchitectureError, cache_keyword
+from decodebench.engine.backbone import Backbone, ForwardPlan
 from decodebench.engine.drafting import Proposal
 from decodebench.engine.kv_cache import KVCache
 from decodebench.methods.early_exit_spec import EarlyExitDrafter, PendingDraft
@@ -61,10 +62,26 @@ class KangarooAdapter(nn.Module):
         self.output_norm = output_norm
         self.exit_layer = exit_layer
         self.attention.layer_idx = exit_layer  # its slot in the drafter's cache
+        self.cache_keyword = cache_keyword(attention)  # ``cache`` from transformers 5.25, ``past_key_values`` before
+
+    @staticmethod
+    def check_architecture(backbone: Backbone, exit_layer: int) -> None:
+        """The adapter is the target layer's pre-attention norm + attention + the final norm.
+
+        Raises:
+            UnsupportedArchitectureError: the family's layers have no pre-attention norm (post-norm
+                OLMo 2 / EXAONE 4, Falcon's ``ln_attn``).
+        """
+        layer = backbone.layers[exit_layer]
+        if getattr(layer, "input_layernorm", None) is None or getattr(layer, "self_attn", None) is None:
+            raise UnsupportedArchitectureError(
+                f"method 'kangaroo' builds its adapter from a layer's input_layernorm + self_attn, which "
+                f"'{backbone.config.model_type}' layers ({type(layer).__name__}) do not have")
 
     @classmethod
     def from_backbone(cls, backbone: Backbone, exit_layer: int) -> "KangarooAdapter":
         """A fresh adapter initialised from the target's layer ``exit_layer`` and final norm."""
+        cls.check_architecture(backbone, exit_layer)
         layer = backbone.layers[exit_layer]
         adapter = cls(copy.deepcopy(layer.input_layernorm), copy.deepcopy(layer.self_attn),
                       copy.deepcopy(backbone.norm), exit_layer)
@@ -76,7 +93,7 @@ class KangarooAdapter(nn.Module):
 
         ``attention_mask`` None with ``cache`` None means causal (sdpa's ``is_causal``)."""
         attended, _ = self.attention(hidden_states=self.input_norm(hidden), position_embeddings=position_embeddings,
-                                     attention_mask=attention_mask, past_key_values=cache)
+                                     attention_mask=attention_mask, **{self.cache_keyword: cache})
         return self.output_norm(hidden + attended)
 
 
@@ -117,8 +134,7 @@ class AdapterState:
     def __init__(self, backbone: Backbone, adapter: KangarooAdapter, capacity: int = 512):
         self.backbone = backbone
         self.adapter = adapter
-        self.cache = KVCache(adapter.exit_layer + 1, backbone.config.num_key_value_heads, backbone.head_dim,
-                             capacity, dtype=backbone.dtype, device=backbone.device)
+        self.cache = backbone.new_cache(capacity, num_layers=adapter.exit_layer + 1)
         self.fed: list[int] = []
 
     def reset(self) -> None:
@@ -143,9 +159,9 @@ class AdapterState:
         hidden = shallow[None]
         positions = torch.arange(base, base + hidden.shape[1], device=self.backbone.device)
         mask = self.backbone._block_mask(base, positions, None, None)
-        out = self.adapter(hidden, self.backbone.rotary_emb(hidden, positions[None]), mask, self.cache)
+        out = self.adapter(hidden, self.backbone.layer_position_embeddings(hidden, positions[None], self.adapter.exit_layer), mask, self.cache)
         self.fed.extend(int(t) for t in tokens)
-        return self.backbone.lm_head(out[0, -1]).float()
+        return self.backbone.head(out[0, -1]).float()
 
 
 class KangarooDrafter(EarlyExitDrafter):
@@ -170,6 +186,7 @@ class KangarooDrafter(EarlyExitDrafter):
     def setup(self, backbone: Backbone, cache_dir: Optional[str] = None) -> None:
         super().setup(backbone, cache_dir)
         self.check_exit_layer(self.params.exit_layer)
+        KangarooAdapter.check_architecture(backbone, self.params.exit_layer)
         path = Path(self.params.adapter_path).expanduser() if self.params.adapter_path else \
             adapter_path(cache_dir, backbone)
         if not path.is_file():
@@ -193,7 +210,7 @@ class KangarooDrafter(EarlyExitDrafter):
     def _shallow(self, tokens: Sequence[int]) -> list[torch.Tensor]:
         """Run the shallow layers for ``tokens`` at the end of the target cache (writing their K/V);
         returns ``[embedding, out_0, .., out_{exit-1}]``, each ``(q, hidden)``."""
-        out = self.backbone.forward(list(tokens), self.target_cache, layers=range(self.params.exit_layer),
+        out = self.backbone.forward(list(tokens), self.target_cache, plan=ForwardPlan(layers=range(self.params.exit_layer)),
                                     output_hidden_states=True, logits_rows=slice(0, 0))
         return out.hidden_states
 

@@ -212,11 +212,11 @@ def _adapter_logits(adapter: KangarooAdapter, backbone: Backbone, sequence: Trai
     length = hidden.shape[1]
     positions = torch.arange(length, device=hidden.device)
     mask = backbone._block_mask(0, positions, None, None)  # None (= causal) for sdpa
-    out = adapter(hidden, backbone.rotary_emb(hidden, positions[None]), mask)[0]
+    out = adapter(hidden, backbone.layer_position_embeddings(hidden, positions[None], adapter.exit_layer), mask)[0]
     rows = slice(sequence.answer_start - 1, length)
-    log_q = torch.log_softmax(backbone.lm_head(out[rows]).float(), dim=-1)
+    log_q = torch.log_softmax(backbone.head(out[rows]).float(), dim=-1)
     with torch.no_grad():
-        p = torch.softmax(backbone.lm_head(sequence.final[rows].clone()).float(), dim=-1)
+        p = torch.softmax(backbone.head(sequence.final[rows].clone()).float(), dim=-1)
     return log_q, p
 
 

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from decodebench.config import default_cache_dir
-from decodebench.engine.backbone import Backbone
+from decodebench.engine.backbone import Backbone, BlockLayout
 from decodebench.engine.sampling import SamplingParams, logits_to_probs
 from decodebench.methods.specdec_pp import MODES, AcceptanceHead, head_path, save_head
 from decodebench.methods.sps import fit_vocab
@@ -110,7 +110,8 @@ def collect_examples(
         for mode in modes:
             tokens += drafted[mode]
             parents += [first + t for t in range(count)]
-        hidden = draft.forward(tokens, draft.new_cache(len(tokens)), parents=parents, logits_rows=[]).last_hidden
+        hidden = draft.forward(tokens, draft.new_cache(len(tokens)), layout=BlockLayout(parents=parents),
+                           logits_rows=[]).last_hidden
         for index, mode in enumerate(modes):
             start = len(prefix) + index * count
             out[mode][0].append(hidden[start : start + count].float().clone())

@@ -1,7 +1,7 @@
 """SWIFT: on-the-fly self-speculative decoding by layer skipping (Xia et al. 2025, hemingkx/SWIFT).
 
 The draft model is the target with a set of attention and MLP *sublayers* of layers ``1 .. L−2``
-skipped (``Backbone.forward(skip_attention=, skip_mlp=)``; the first and last layers always run).
+skipped (``ForwardPlan(skip_attention=, skip_mlp=)``; the first and last layers always run).
 It drafts on top of the target's committed KV cache — the prefix's K/V are the full model's, as in
 the reference, which drafts on a copy of the verified cache — and the loop's target cache is
 cropped back to the committed prefix before the proposal is returned (skipped layers write no
@@ -43,7 +43,7 @@ from typing import Any, Optional
 import torch
 
 from decodebench.config import ConfigValueError, check, default_cache_dir
-from decodebench.engine.backbone import Backbone
+from decodebench.engine.backbone import Backbone, ForwardPlan
 from decodebench.engine.drafting import Drafter, Proposal
 from decodebench.engine.kv_cache import KVCache
 from decodebench.engine.sampling import logits_to_probs, sample
@@ -135,6 +135,7 @@ class SwiftDrafter(Drafter):
 
     # -- lifecycle --------------------------------------------------------------------------------
     def setup(self, backbone: Backbone, cache_dir: Optional[str] = None) -> None:
+        backbone.require_residual_halves("swift")  # skips attention / MLP sublayers
         self.backbone = backbone
         layers = backbone.num_layers
         if layers < 3:
@@ -198,7 +199,8 @@ class SwiftDrafter(Drafter):
         window = self.params.context_window
         generated = context[self.prompt_length : self.prompt_length + window + 1]
         view = PrefixView(self.target_cache, self.prompt_length)
-        out = self.backbone.forward(generated, view, skip_attention=skip_set.attention, skip_mlp=skip_set.mlp,
+        out = self.backbone.forward(generated, view, plan=ForwardPlan(skip_attention=skip_set.attention,
+                                                                      skip_mlp=skip_set.mlp),
                                     logits_rows=slice(0, window))
         predicted = out.logits.argmax(-1).cpu()
         return float((predicted == torch.tensor(generated[1:])).float().mean())
@@ -236,7 +238,8 @@ class SwiftDrafter(Drafter):
         spine_parent = -1
         token = context[-1]
         for _ in range(depth_budget):
-            out = self.backbone.forward([token], cache, skip_attention=self.skip.attention, skip_mlp=self.skip.mlp)
+            out = self.backbone.forward([token], cache, plan=ForwardPlan(skip_attention=self.skip.attention,
+                                                                         skip_mlp=self.skip.mlp))
             logits = out.logits[-1]
             raw = torch.softmax(logits, -1)
             if greedy:

@@ -33,6 +33,7 @@ from decodebench.engine.decode_loop import DecodeSettings, GenerationOutput, gen
 from decodebench.engine.drafting import Drafter
 from decodebench.engine.profile import load_latency_curve, profile_path
 from decodebench.engine.sampling import SamplingParams
+from decodebench.engine.self_check import self_check
 from decodebench.methods import build_method
 from decodebench.models.loading import (LoadedModel, available_models, check_same_tokenizer, load_model,
                                         load_model_config)
@@ -245,9 +246,13 @@ class Runner:
         """A Backbone running ``engine.backend``; packing / compiling happens here, before any timed
         region, and its time goes to the manifest (``engine``: one entry per loaded model)."""
         backbone = Backbone(loaded.model)
+        # before the backend: the HF model's own forward is the reference, and nothing is timed yet
+        checked = self_check(backbone)
+        log.info("engine self-check (%s, %s): max |logit diff| vs HF %.3g (tolerance %.3g), %.2f s",
+                 checked.architecture, checked.dtype, checked.max_abs_diff, checked.tolerance, checked.seconds)
         info = apply_backend(backbone, self.cfg.engine.backend, buckets=self.cfg.engine.buckets,
                              model_name=loaded.name, cache_dir=self.cfg.cache_dir)
-        self.engine_info[loaded.name] = info.to_dict()
+        self.engine_info[loaded.name] = {**info.to_dict(), "self_check": checked.to_dict()}
         return backbone
 
     def _save_latency_curve(self, loaded: LoadedModel) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from decodebench.config import ConfigValueError, EngineConfig, MethodConfig, ModelConfig, compose_run_config
 from decodebench.engine import backends
-from decodebench.engine.backbone import Backbone
+from decodebench.engine.backbone import Backbone, BlockLayout
 from decodebench.engine.backends import OneDNNLinear, PackedLinear, apply_backend, bucket_for, remove_backend
 from decodebench.engine.budget import block_cost, expected_tokens, node_budget, pick_draft_budget
 from decodebench.engine.profile import load_latency_curve, profile_backend, profile_path
@@ -95,7 +95,7 @@ def test_blocks_match_eager_logits(backbone):
         logits = [target.forward(prefix, run_cache).logits]
         for block in blocks:
             logits.append(target.forward(block, run_cache).logits)
-        logits.append(target.forward(tree[0], run_cache, parents=tree[1]).logits)
+        logits.append(target.forward(tree[0], run_cache, layout=BlockLayout(parents=tree[1])).logits)
         run_cache.crop(run_cache.length - 4)
         logits.append(target.forward(blocks[5], run_cache, logits_rows=slice(-1, None)).logits)
         outputs.append(logits)

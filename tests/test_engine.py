@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
-from decodebench.engine.backbone import Backbone
+from decodebench.engine.backbone import Backbone, BlockLayout, ForwardPlan
 from decodebench.engine.tree import ancestor_mask, tree_depths
 
 TINY = dict(
@@ -81,7 +81,7 @@ def test_tree_step_equals_each_branch_as_a_chain(model):
     backbone = Backbone(model)
     cache = backbone.new_cache(64)
     backbone.forward(prefix, cache)
-    tree = backbone.forward(tokens, cache, parents=parents)
+    tree = backbone.forward(tokens, cache, layout=BlockLayout(parents=parents))
     mask = ancestor_mask(parents)
     for node in range(len(tokens)):
         path = [tokens[j] for j in range(node + 1) if mask[node, j]]
@@ -97,7 +97,7 @@ def test_compact_keeps_accepted_path(model):
     cache = backbone.new_cache(64)
     backbone.forward(prefix, cache)
     base = cache.length
-    backbone.forward(tokens, cache, parents=parents)
+    backbone.forward(tokens, cache, layout=BlockLayout(parents=parents))
     cache.compact(base, [0, 2, 5])  # path 5 -> 23 -> 61
     out = backbone.forward([77], cache)
     expected = hf_logits(model, prefix + [5, 23, 61, 77])[-1]
@@ -119,9 +119,9 @@ def test_layer_subset_leaves_per_layer_lengths():
     backbone = Backbone(model)
     cache = backbone.new_cache(32)
     backbone.forward([1, 2, 3], cache)
-    backbone.forward([4], cache, layers=[0, 2])
+    backbone.forward([4], cache, plan=ForwardPlan(layers=[0, 2]))
     assert cache.lengths == [4, 3, 4]
-    hidden = backbone.forward([5], cache, output_hidden_states=True, position_offset=4).hidden_states
+    hidden = backbone.forward([5], cache, output_hidden_states=True, layout=BlockLayout(start=4)).hidden_states
     assert len(hidden) == backbone.num_layers + 1
 
 
@@ -143,4 +143,5 @@ def test_tree_helpers():
     mask = ancestor_mask(parents)
     assert mask[4].tolist() == [True, True, False, True, True]
     with pytest.raises(ValueError):
-        Backbone(tiny_model("llama")).forward([1, 2], Backbone(tiny_model("llama")).new_cache(4), parents=[-1, 1])
+        Backbone(tiny_model("llama")).forward([1, 2], Backbone(tiny_model("llama")).new_cache(4),
+                                             layout=BlockLayout(parents=[-1, 1]))

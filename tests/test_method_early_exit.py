@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from decodebench.config import ConfigValueError, MethodConfig, ModelConfig, compose_run_config
-from decodebench.engine.backbone import Backbone
+from decodebench.engine.backbone import Backbone, BlockLayout, ForwardPlan
 from decodebench.engine.decode_loop import DecodeSettings, generate
 from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import build_method, method_config
@@ -121,9 +121,9 @@ def test_continuing_from_an_intermediate_layer_equals_the_full_forward(backbone)
     ids = prompts(1)[0]
     full = backbone.forward(ids, backbone.new_cache(16))
     cache = backbone.new_cache(16)
-    early = backbone.forward(ids, cache, layers=range(2), output_hidden_states=True)
-    late = backbone.forward(ids, cache, layers=range(2, backbone.num_layers), input_hidden=early.hidden_states[-1],
-                            position_offset=0)
+    early = backbone.forward(ids, cache, plan=ForwardPlan(layers=range(2)), output_hidden_states=True)
+    late = backbone.forward(ids, cache, plan=ForwardPlan(layers=range(2, backbone.num_layers)),
+                            input_hidden=early.hidden_states[-1], layout=BlockLayout(start=0))
     torch.testing.assert_close(late.logits, full.logits, rtol=1e-4, atol=1e-4)
     assert cache.lengths == [len(ids)] * backbone.num_layers
 

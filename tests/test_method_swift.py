@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from decodebench.config import ConfigValueError, MethodConfig, ModelConfig, compose_run_config
-from decodebench.engine.backbone import Backbone
+from decodebench.engine.backbone import Backbone, ForwardPlan
 from decodebench.engine.decode_loop import DecodeSettings, generate
 from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import build_method, method_config
@@ -66,15 +66,15 @@ def test_backbone_skips_attention_and_mlp_sublayers():
     backbone = damped_tiny()
     ids = prompts(1)[0]
     full = backbone.forward(ids, backbone.new_cache(16))
-    same = backbone.forward(ids, backbone.new_cache(16), skip_attention=set(), skip_mlp=set())
+    same = backbone.forward(ids, backbone.new_cache(16), plan=ForwardPlan(skip_attention=set(), skip_mlp=set()))
     torch.testing.assert_close(same.logits, full.logits)
     cache = backbone.new_cache(16)
-    skipped = backbone.forward(ids, cache, skip_attention={2}, skip_mlp={2, 3})
+    skipped = backbone.forward(ids, cache, plan=ForwardPlan(skip_attention={2}, skip_mlp={2, 3}))
     assert cache.lengths == [12, 12, 0, 12, 12, 12]  # a skipped attention writes no K/V
     assert not torch.allclose(skipped.logits, full.logits)
     # skipping layer 2 entirely equals running the layer subset without it
-    subset = backbone.forward(ids, backbone.new_cache(16), layers=[0, 1, 3, 4, 5])
-    whole = backbone.forward(ids, backbone.new_cache(16), skip_attention={2}, skip_mlp={2})
+    subset = backbone.forward(ids, backbone.new_cache(16), plan=ForwardPlan(layers=[0, 1, 3, 4, 5]))
+    whole = backbone.forward(ids, backbone.new_cache(16), plan=ForwardPlan(skip_attention={2}, skip_mlp={2}))
     torch.testing.assert_close(whole.logits, subset.logits, rtol=1e-5, atol=1e-5)
 
 

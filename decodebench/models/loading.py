@@ -22,9 +22,10 @@ from typing import Any, Callable, Optional
 
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from decodebench.config import ConfigValueError, ModelConfig, _build, default_cache_dir
+from decodebench.engine.architectures import attention_implementation_for
 from decodebench.models.embedded import prepare_embedded, read_prepared_marker
 from decodebench.models.tiny import build_tiny
 from decodebench.registry import DecodeBenchError, UnknownNameError
@@ -100,8 +101,8 @@ def load_model(cfg: ModelConfig, *, device: str = "cpu", dtype: str = "float32",
         info["location"] = f"tiny(seed={seed})"
     else:
         location, revision = _pretrained_location(cfg, cache_dir, info)
-        model = _from_pretrained(AutoModelForCausalLM, cfg, location, revision,
-                                 dtype=DTYPES[dtype], attn_implementation=cfg.attn_implementation)
+        model = _from_pretrained(AutoModelForCausalLM, cfg, location, revision, dtype=DTYPES[dtype],
+                                 attn_implementation=_attention_for(cfg, location, revision))
         info["location"] = location
     tokenizer = _load_tokenizer(cfg, cache_dir, lookup)
     if tokenizer is not None:
@@ -119,7 +120,7 @@ def load_model(cfg: ModelConfig, *, device: str = "cpu", dtype: str = "float32",
         num_parameters=sum(p.numel() for p in model.parameters()),
         dtype=dtype,
         device=device,
-        attn_implementation=cfg.attn_implementation,
+        attn_implementation=config._attn_implementation,
         tokenizer=(cfg.tokenizer or cfg.name) if tokenizer is not None else None,
         load_seconds=round(time.perf_counter() - started, 3),
     )
@@ -167,6 +168,13 @@ def _from_pretrained(loader: Any, cfg: ModelConfig, location: str, revision: Opt
                 "model.source=path, or set HF_HUB_OFFLINE=1 with a filled HF cache)"
                 if cfg.source == "hub" else "")
         raise DecodeBenchError(f"could not load model '{cfg.name}' from {location}{hint}: {error}") from error
+
+
+def _attention_for(cfg: ModelConfig, location: str, revision: Optional[str]) -> str:
+    """``cfg.attn_implementation``, or ``eager`` for families transformers runs only eagerly
+    (Gemma 2's attention soft-capping, gpt-oss's attention sinks)."""
+    model_type = _from_pretrained(AutoConfig, cfg, location, revision).model_type
+    return attention_implementation_for(model_type, cfg.attn_implementation)
 
 
 def _check_vocab(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:

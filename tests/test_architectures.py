@@ -1,0 +1,232 @@
+"""Every family of engine/architectures.py runs exactly in the engine's own layer loop (fp32).
+
+One tiny random config per family (2 layers, hidden 64, large init so a wrong piece shows), seeded;
+the same checks tests/test_engine.py makes for Llama: prefill logits vs the HF model's own forward,
+cached steps, a tree block vs each branch as a chain, crop and compact; sliding windows short
+enough that the probes cross them; plus the residual halves that sublayer skipping runs, and the
+load-time self-check catching a broken layer.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from decodebench.engine.architectures import (
+    FAMILIES,
+    UnsupportedArchitectureError,
+    attention_implementation_for,
+    supported_families,
+)
+from decodebench.engine.backbone import Backbone, BlockLayout, ForwardPlan, MlpGate
+from decodebench.engine.self_check import SelfCheckError, self_check
+from decodebench.engine.tree import ancestor_mask
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VOCAB = 97
+WINDOW = 8  # sliding window of the tiny configs that have one: the 30-token probes cross it
+TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2)
+SLIDING_THEN_FULL = ["sliding_attention", "full_attention"]
+# model_type -> overrides of TINY (the family's own knobs set so that they matter)
+FAMILY_CONFIGS: dict[str, dict] = {
+    "llama": {},
+    "mistral": dict(sliding_window=WINDOW),
+    "mixtral": dict(sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2": dict(attention_bias=True, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
+                  layer_types=SLIDING_THEN_FULL),
+    "qwen3": dict(use_sliding_window=True, sliding_window=WINDOW, layer_types=SLIDING_THEN_FULL),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1),
+    "gemma": dict(head_dim=16),
+    "gemma2": dict(head_dim=16, sliding_window=WINDOW, layer_types=SLIDING_THEN_FULL, final_logit_softcapping=3.0,
+                   attn_logit_softcapping=5.0),
+    "gemma3_text": dict(head_dim=16, sliding_window=WINDOW, layer_types=SLIDING_THEN_FULL,
+                        final_logit_softcapping=3.0, rope_local_base_freq=100.0),
+    "phi3": dict(sliding_window=WINDOW, partial_rotary_factor=0.5, pad_token_id=0),
+    "phi": dict(partial_rotary_factor=0.5),
+    "glm": dict(head_dim=16, partial_rotary_factor=0.5, pad_token_id=0),
+    "smollm3": dict(pad_token_id=0, no_rope_layers=[1, 0]),
+    "olmo": dict(clip_qkv=2.0, pad_token_id=0),
+    "olmo2": dict(pad_token_id=0),
+    "granite": dict(embedding_multiplier=3.0, residual_multiplier=0.5, logits_scaling=2.5, attention_multiplier=0.3),
+    "starcoder2": dict(sliding_window=WINDOW, use_bias=True),
+    "stablelm": dict(partial_rotary_factor=0.5, use_qkv_bias=True),
+    "exaone4": dict(sliding_window=WINDOW, layer_types=SLIDING_THEN_FULL),
+    "gpt_oss": dict(head_dim=16, sliding_window=WINDOW, layer_types=SLIDING_THEN_FULL, num_local_experts=4,
+                    num_experts_per_tok=2),
+    "gpt_neox": dict(rotary_pct=0.5),
+    "falcon": dict(new_decoder_architecture=True, num_kv_heads=2, alibi=False),
+    "deepseek_v3": dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
+                        n_group=1, topk_group=1, rope_interleave=False),
+    "cohere": dict(logit_scale=0.25, use_qk_norm=False),
+}
+ATOL = 1e-4
+
+
+def tiny_family_model(model_type: str, **overrides) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **{**TINY, **FAMILY_CONFIGS[model_type], **overrides})
+    config._attn_implementation = attention_implementation_for(model_type, "sdpa")
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def hf_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def random_ids(count: int, seed: int) -> list[int]:
+    return torch.randint(0, VOCAB, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_every_family_is_tested():
+    assert set(FAMILY_CONFIGS) == set(FAMILIES)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILY_CONFIGS))
+def family_model(request):
+    return tiny_family_model(request.param)
+
+
+def test_prefill_and_cached_steps_equal_hf(family_model):
+    ids = random_ids(30, 2)
+    reference = hf_logits(family_model, ids)
+    backbone = Backbone(family_model)
+    cache = backbone.new_cache(8)  # too small on purpose: the cache must grow
+    out = backbone.forward(ids[:10], cache)
+    torch.testing.assert_close(out.logits, reference[:10], atol=ATOL, rtol=0)
+    for i in range(10, 13):  # single steps, a chain, then the rest (past the sliding window)
+        out = backbone.forward([ids[i]], cache)
+        torch.testing.assert_close(out.logits[0], reference[i], atol=ATOL, rtol=0)
+    out = backbone.forward(ids[13:18], cache)
+    torch.testing.assert_close(out.logits, reference[13:18], atol=ATOL, rtol=0)
+    out = backbone.forward(ids[18:], cache, logits_rows=slice(-1, None))
+    torch.testing.assert_close(out.logits[0], reference[-1], atol=ATOL, rtol=0)
+
+
+def test_tree_block_equals_each_branch_as_a_chain(family_model):
+    prefix = random_ids(12, 3)
+    tokens = [5, 17, 23, 42, 8, 61, 33]
+    parents = [-1, 0, 0, 1, 1, 2, 5]
+    backbone = Backbone(family_model)
+    cache = backbone.new_cache(64)
+    backbone.forward(prefix, cache)
+    tree = backbone.forward(tokens, cache, layout=BlockLayout(parents=parents))
+    mask = ancestor_mask(parents)
+    for node in range(len(tokens)):
+        path = [tokens[j] for j in range(node + 1) if mask[node, j]]
+        torch.testing.assert_close(tree.logits[node], hf_logits(family_model, prefix + path)[-1], atol=ATOL, rtol=0)
+
+
+def test_crop_and_compact_then_continue(family_model):
+    prefix = random_ids(6, 4)
+    tokens = [5, 17, 23, 42, 8, 61, 33]
+    backbone = Backbone(family_model)
+    cache = backbone.new_cache(64)
+    backbone.forward(prefix, cache)
+    base = cache.length
+    backbone.forward(tokens, cache, layout=BlockLayout(parents=[-1, 0, 0, 1, 1, 2, 5]))
+    cache.compact(base, [0, 2, 5])  # path 5 -> 23 -> 61
+    out = backbone.forward([77], cache)
+    torch.testing.assert_close(out.logits[0], hf_logits(family_model, prefix + [5, 23, 61, 77])[-1],
+                               atol=ATOL, rtol=0)
+    cache.crop(base + 1)
+    out = backbone.forward([50, 51], cache)
+    torch.testing.assert_close(out.logits, hf_logits(family_model, prefix + [5, 50, 51])[-2:], atol=ATOL, rtol=0)
+
+
+def test_left_padded_batch_equals_each_sequence(family_model):
+    """Batched decoding (SkipDecode, batched AR): a left-padded prefill, then cached steps past the
+    sliding window, equal each sequence run alone through the HF model."""
+    backbone = Backbone(family_model)
+    batch = [random_ids(14, 7), random_ids(9, 8)]
+    steps = [random_ids(6, 9), random_ids(6, 10)]
+    width = max(map(len, batch))
+    cache = backbone.new_cache(8, batch_size=len(batch))
+    cache.padding = [width - len(p) for p in batch]
+    out = backbone.forward_batch(torch.tensor([[0] * (width - len(p)) + p for p in batch]), cache,
+                                 logits_rows=slice(-1, None))
+    logits = [out.logits[:, -1]]
+    for step in range(6):
+        logits.append(backbone.forward_batch(torch.tensor([[s[step]] for s in steps]), cache).logits[:, -1])
+    for row, prompt in enumerate(batch):
+        reference = hf_logits(family_model, prompt + steps[row])[len(prompt) - 1:]
+        torch.testing.assert_close(torch.stack([step[row] for step in logits]), reference, atol=ATOL, rtol=0)
+
+
+def test_residual_halves_or_clear_refusal(family_model):
+    """Where a family has residual halves, running both equals the layer (what SWIFT and FFN-SkipLLM
+    rely on); where it has none, sublayer skipping is refused by name."""
+    backbone = Backbone(family_model)
+    ids = random_ids(9, 5)
+    if backbone.halves is None:
+        with pytest.raises(UnsupportedArchitectureError, match="parallel"):
+            backbone.forward(ids, backbone.new_cache(16), plan=ForwardPlan(skip_mlp={1}))
+        return
+    whole = backbone.forward(ids, backbone.new_cache(16))
+    # a gate that always runs the MLP sends every layer through its two halves
+    halves = backbone.forward(ids, backbone.new_cache(16), plan=ForwardPlan(mlp_gate=MlpGate()))
+    torch.testing.assert_close(halves.logits, whole.logits, atol=ATOL, rtol=0)
+    # and skipping a sublayer changes the result (the halves are really the layer's)
+    skipped = backbone.forward(ids, backbone.new_cache(16), plan=ForwardPlan(skip_mlp={1}))
+    assert (skipped.logits - whole.logits).abs().max() > 1e-3
+
+
+def test_early_exit_continuation_equals_full_forward(family_model):
+    """Layers 0..E-1 then E.. from their hidden state (early-exit verification) = the full forward."""
+    backbone = Backbone(family_model)
+    ids = random_ids(11, 6)
+    cache = backbone.new_cache(32)
+    early = backbone.forward(ids, cache, plan=ForwardPlan(layers=[0]), output_hidden_states=True)
+    late = backbone.forward(ids, cache, plan=ForwardPlan(layers=[1]), input_hidden=early.hidden_states[-1],
+                            layout=BlockLayout(start=0))
+    torch.testing.assert_close(late.logits, hf_logits(family_model, ids), atol=ATOL, rtol=0)
+
+
+def test_self_check_passes(family_model):
+    result = self_check(Backbone(family_model))
+    assert result.max_abs_diff <= result.tolerance
+
+
+def test_needs_eager_families_load_eager():
+    assert attention_implementation_for("gemma2", "sdpa") == "eager"
+    assert attention_implementation_for("gpt_oss", "sdpa") == "eager"
+    assert attention_implementation_for("llama", "sdpa") == "sdpa"
+
+
+def test_unsupported_family_is_refused_with_the_list():
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("gpt2", vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(UnsupportedArchitectureError, match="'gpt2' is not supported.*Supported: .*llama"):
+        Backbone(model)
+
+
+def test_falcon_with_alibi_is_refused():
+    model = tiny_family_model("falcon", alibi=True)
+    with pytest.raises(UnsupportedArchitectureError, match="ALiBi"):
+        Backbone(model)
+
+
+def test_self_check_catches_a_broken_layer(monkeypatch):
+    """A layer that computes something else than the HF model's layer stops the run, naming the
+    architecture and the difference."""
+    model = tiny_family_model("llama")
+    backbone = Backbone(model)
+    run_layer = Backbone._layer
+
+    def broken(self, layer_index, hidden, *args, **kwargs):
+        out = run_layer(self, layer_index, hidden, *args, **kwargs)
+        return out + 0.01 * out.roll(1, dims=-1) if layer_index == 1 else out  # 1 % of a neighbour leaks in
+
+    monkeypatch.setattr(Backbone, "_layer", broken)
+    with pytest.raises(SelfCheckError, match=r"'llama'.*max \|logit diff\|"):
+        self_check(backbone)
+    assert SelfCheckError.exit_code == 2
+
+
+def test_supported_families_listed():
+    assert {"llama", "qwen3_moe", "gemma3_text", "deepseek_v3", "cohere"} <= set(supported_families())
