@@ -9,6 +9,8 @@ load-time self-check catching a broken layer.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -68,7 +70,13 @@ ATOL = 1e-4
 
 def tiny_family_model(model_type: str, **overrides) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = AutoConfig.for_model(model_type, **{**TINY, **FAMILY_CONFIGS[model_type], **overrides})
+    kwargs = {**TINY, **FAMILY_CONFIGS[model_type], **overrides}
+    if "layer_types" in kwargs:  # the sliding / full pattern repeated over the layers
+        pattern = kwargs["layer_types"]
+        kwargs["layer_types"] = [pattern[i % len(pattern)] for i in range(kwargs["num_hidden_layers"])]
+    if model_type == "smollm3":  # RoPE on every other layer
+        kwargs["no_rope_layers"] = [(i + 1) % 2 for i in range(kwargs["num_hidden_layers"])]
+    config = AutoConfig.for_model(model_type, **kwargs)
     config._attn_implementation = attention_implementation_for(model_type, "sdpa")
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
@@ -214,15 +222,8 @@ def test_falcon_with_alibi_is_refused():
 def test_self_check_catches_a_broken_layer(monkeypatch):
     """A layer that computes something else than the HF model's layer stops the run, naming the
     architecture and the difference."""
-    model = tiny_family_model("llama")
-    backbone = Backbone(model)
-    run_layer = Backbone._layer
-
-    def broken(self, layer_index, hidden, *args, **kwargs):
-        out = run_layer(self, layer_index, hidden, *args, **kwargs)
-        return out + 0.01 * out.roll(1, dims=-1) if layer_index == 1 else out  # 1 % of a neighbour leaks in
-
-    monkeypatch.setattr(Backbone, "_layer", broken)
+    backbone = Backbone(tiny_family_model("llama"))
+    _break_layer_one(monkeypatch)
     with pytest.raises(SelfCheckError, match=r"'llama'.*max \|logit diff\|"):
         self_check(backbone)
     assert SelfCheckError.exit_code == 2
@@ -230,3 +231,109 @@ def test_self_check_catches_a_broken_layer(monkeypatch):
 
 def test_supported_families_listed():
     assert {"llama", "qwen3_moe", "gemma3_text", "deepseek_v3", "cohere"} <= set(supported_families())
+
+
+class PastKeyValuesLayer(torch.nn.Module):
+    """A decoder layer as transformers < 5.25 declares it: the cache argument is ``past_key_values``."""
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                position_embeddings=None, **kwargs):
+        return self.layer(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                          cache=past_key_values, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+
+
+def test_cache_argument_follows_the_layer_signature():
+    """transformers 5.25 renamed the layers' ``past_key_values`` to ``cache`` (the old name is removed
+    in 5.40): the engine passes whichever the layer declares, and never the deprecated one."""
+    model = tiny_family_model("llama")
+    ids = random_ids(12, 11)
+    reference = hf_logits(model, ids)
+    backbone = Backbone(model)
+    assert backbone.parts.cache_keyword == "cache"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = backbone.forward(ids, backbone.new_cache(16))
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+    torch.testing.assert_close(out.logits, reference, atol=ATOL, rtol=0)
+
+    model.model.layers = torch.nn.ModuleList(PastKeyValuesLayer(layer) for layer in model.model.layers)
+    old = Backbone(model)
+    assert old.parts.cache_keyword == "past_key_values"
+    cache = old.new_cache(16)
+    torch.testing.assert_close(old.forward(ids[:8], cache).logits, reference[:8], atol=ATOL, rtol=0)
+    torch.testing.assert_close(old.forward(ids[8:], cache).logits, reference[8:], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family, method", [("cohere", "swift"), ("phi", "ffn_skip"), ("gpt_neox", "swift"),
+                                            ("olmo2", "kangaroo")])
+def test_layer_skipping_methods_refuse_what_an_architecture_cannot_skip(family, method, tmp_path):
+    from decodebench.methods import build_method, method_config
+
+    backbone = Backbone(tiny_family_model(family, num_hidden_layers=4))
+    drafter = build_method(method_config(method))
+    with pytest.raises(UnsupportedArchitectureError, match=f"'{method}'.*'{family}'"):
+        drafter.setup(backbone, str(tmp_path))
+
+
+@pytest.mark.parametrize("family, method, params", [
+    ("deepseek_v3", "early_exit_spec", {"exit_layer": 2}), ("gpt_oss", "del", {}),
+    ("gemma3_text", "swift", {}), ("granite", "swift", {}),
+])
+def test_layer_skipping_on_other_architectures_drafts_and_stays_lossless(family, method, params, tmp_path):
+    """Whole-layer skipping (early exits reusing the first layers' K/V) works on every family, MLA's
+    latent cache and sliding windows included; sublayer skipping (SWIFT) where the family has
+    residual halves, per-layer RoPE and residual multipliers included. Greedy output = AR's."""
+    from helpers import decode
+
+    from decodebench.methods import build_method, method_config
+
+    backbone = Backbone(tiny_family_model(family, num_hidden_layers=4))
+    prompt = random_ids(6, 12) * 3
+    reference = decode(backbone, build_method(method_config("ar")), prompt, max_new_tokens=24, setup=True)
+    config = method_config(method)
+    config.params.update(params)
+    config.pinned = list(params)
+    drafter = build_method(config)
+    drafter.setup(backbone, str(tmp_path))
+    out = decode(backbone, drafter, prompt, max_new_tokens=24)
+    assert sum(step.drafted for step in out.steps) > 0
+    assert out.new_ids == reference.new_ids
+
+
+def _break_layer_one(monkeypatch) -> None:
+    run_layer = Backbone._layer
+
+    def broken(self, layer_index, hidden, *args, **kwargs):
+        out = run_layer(self, layer_index, hidden, *args, **kwargs)
+        return out + 0.01 * out.roll(1, dims=-1) if layer_index == 1 else out
+
+    monkeypatch.setattr(Backbone, "_layer", broken)
+
+
+@pytest.mark.embedded
+def test_run_records_the_self_check_and_a_failing_one_exits_2(tmp_path, data_dir, monkeypatch, capfd):
+    """The CLI: a passing self-check is in the manifest; a failing one stops the run with exit
+    code 2 before anything is timed or written."""
+    import json
+
+    from decodebench.cli import main
+
+    args = ["model=tiny-llama", "method=ar", "baseline=none", "task.per_category=1", "task.categories=[qa]",
+            "gen.max_new_tokens=4", "warmup=0", f"data_dir={data_dir}", "progress=false", "threads=1"]
+    main([*args, f"hydra.run.dir={tmp_path / 'good'}"])
+    manifest = json.loads((tmp_path / "good" / "manifest.json").read_text())
+    checked = manifest["engine"]["tiny-llama"]["self_check"]
+    assert checked["architecture"] == "llama" and checked["max_abs_diff"] <= checked["tolerance"]
+    assert checked["seconds"] > 0
+
+    _break_layer_one(monkeypatch)
+    with pytest.raises(SystemExit) as stopped:
+        main([*args, f"hydra.run.dir={tmp_path / 'broken'}"])
+    assert stopped.value.code == 2
+    printed = capfd.readouterr()
+    assert "engine self-check failed for architecture 'llama'" in printed.out + printed.err
+    assert not (tmp_path / "broken" / "records.jsonl").exists()

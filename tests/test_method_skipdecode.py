@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from decodebench.config import MethodConfig, ModelConfig, compose_run_config
-from decodebench.engine.backbone import Backbone
+from decodebench.engine.backbone import FULL_MODEL, Backbone
 from decodebench.engine.decode_loop import DecodeSettings, generate, generate_batch
 from decodebench.methods import build_method, method_config
 from decodebench.methods.skipdecode import layer_budget, skipdecode_layers
@@ -72,7 +72,7 @@ def test_reduced_forward_runs_the_planned_layers_with_complete_kv(backbone, monk
     original = Backbone.forward
 
     def spying_forward(self, input_ids, cache, **kwargs):
-        layers = kwargs.get("layers")
+        layers = kwargs.get("plan", FULL_MODEL).layers
         run = list(range(self.num_layers)) if layers is None else list(layers)
         seen.append((run, [cache.lengths[i] for i in run], cache.length))
         return original(self, input_ids, cache, **kwargs)
