@@ -105,8 +105,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
         attention_norm="input_layernorm", mlp_norm="post_attention_layernorm")),
     Family("falcon", halves=None, refuse=_falcon_refusal),
 ]}
-# model_type of a multimodal wrapper config -> the text family run by the loop
-ALIASES = {"gemma3": "gemma3_text"}
+# families refused by name, with the reason (families neither here nor in FAMILIES: "not supported")
+REFUSED = {
+    "gemma3": "a multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration: vision tower + language model); "
+              "the engine runs text decoders, e.g. Gemma 3 1B or a text-only export (model_type gemma3_text)",
+}
 
 
 def supported_families() -> list[str]:
@@ -119,8 +122,10 @@ def family_of(config) -> Family:
     Raises:
         UnsupportedArchitectureError: unknown family or a variant the loop cannot run exactly.
     """
-    name = ALIASES.get(config.model_type, config.model_type)
-    family = FAMILIES.get(name)
+    family = FAMILIES.get(config.model_type)
+    if config.model_type in REFUSED:
+        raise UnsupportedArchitectureError(f"architecture '{config.model_type}' is refused: "
+                                           f"{REFUSED[config.model_type]}. Supported: {', '.join(supported_families())}")
     if family is None:
         raise UnsupportedArchitectureError(
             f"architecture '{config.model_type}' is not supported by the engine's layer loop. "
@@ -135,7 +140,7 @@ def family_of(config) -> Family:
 def attention_implementation_for(model_type: str, requested: str) -> str:
     """The attention implementation to load ``model_type`` with: ``eager`` for families whose
     attention transformers only runs eagerly (soft-capping, sinks), else ``requested``."""
-    family = FAMILIES.get(ALIASES.get(model_type, model_type))
+    family = FAMILIES.get(model_type)
     return "eager" if family is not None and family.needs_eager else requested
 
 

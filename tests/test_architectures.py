@@ -337,3 +337,26 @@ def test_run_records_the_self_check_and_a_failing_one_exits_2(tmp_path, data_dir
     printed = capfd.readouterr()
     assert "engine self-check failed for architecture 'llama'" in printed.out + printed.err
     assert not (tmp_path / "broken" / "records.jsonl").exists()
+
+
+@pytest.mark.embedded
+def test_local_directory_loads_eager_when_the_family_needs_it(tmp_path):
+    """A Gemma 2 checkpoint (sdpa refused by transformers) loads with eager attention although the
+    model config asks for sdpa, and passes the self-check."""
+    from decodebench.config import ModelConfig
+    from decodebench.models.loading import load_model
+
+    tiny_family_model("gemma2", vocab_size=49152).save_pretrained(tmp_path / "gemma2")
+    loaded = load_model(ModelConfig(name="mine", source="path", path=str(tmp_path / "gemma2"),
+                                    tokenizer="smollm2-135m", attn_implementation="sdpa"))
+    assert loaded.info["attn_implementation"] == "eager" and loaded.model.config._attn_implementation == "eager"
+    assert self_check(Backbone(loaded.model)).max_abs_diff <= 1e-3
+
+
+def test_unsupported_local_directory_is_refused_before_its_weights_load(tmp_path):
+    from decodebench.config import ModelConfig
+    from decodebench.models.loading import load_model
+
+    AutoConfig.for_model("gpt2", n_embd=64, n_layer=2, n_head=4).save_pretrained(tmp_path / "gpt2")  # no weights
+    with pytest.raises(UnsupportedArchitectureError, match="'gpt2' is not supported"):
+        load_model(ModelConfig(name="mine", source="path", path=str(tmp_path / "gpt2")))

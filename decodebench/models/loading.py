@@ -25,7 +25,7 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from decodebench.config import ConfigValueError, ModelConfig, _build, default_cache_dir
-from decodebench.engine.architectures import attention_implementation_for
+from decodebench.engine.architectures import attention_implementation_for, family_of
 from decodebench.models.embedded import prepare_embedded, read_prepared_marker
 from decodebench.models.tiny import build_tiny
 from decodebench.registry import DecodeBenchError, UnknownNameError
@@ -172,9 +172,11 @@ def _from_pretrained(loader: Any, cfg: ModelConfig, location: str, revision: Opt
 
 def _attention_for(cfg: ModelConfig, location: str, revision: Optional[str]) -> str:
     """``cfg.attn_implementation``, or ``eager`` for families transformers runs only eagerly
-    (Gemma 2's attention soft-capping, gpt-oss's attention sinks)."""
-    model_type = _from_pretrained(AutoConfig, cfg, location, revision).model_type
-    return attention_implementation_for(model_type, cfg.attn_implementation)
+    (Gemma 2's attention soft-capping, gpt-oss's attention sinks). An architecture the engine
+    cannot run exactly is refused here, before the weights are loaded."""
+    config = _from_pretrained(AutoConfig, cfg, location, revision)
+    family_of(config)
+    return attention_implementation_for(config.model_type, cfg.attn_implementation)
 
 
 def _check_vocab(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
