@@ -124,8 +124,9 @@ def family_of(config) -> Family:
     """
     family = FAMILIES.get(config.model_type)
     if config.model_type in REFUSED:
-        raise UnsupportedArchitectureError(f"architecture '{config.model_type}' is refused: "
-                                           f"{REFUSED[config.model_type]}. Supported: {', '.join(supported_families())}")
+        reason = REFUSED[config.model_type]
+        raise UnsupportedArchitectureError(f"architecture '{config.model_type}' is refused: {reason}. "
+                                           f"Supported: {', '.join(supported_families())}")
     if family is None:
         raise UnsupportedArchitectureError(
             f"architecture '{config.model_type}' is not supported by the engine's layer loop. "

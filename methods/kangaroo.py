@@ -159,7 +159,8 @@ class AdapterState:
         hidden = shallow[None]
         positions = torch.arange(base, base + hidden.shape[1], device=self.backbone.device)
         mask = self.backbone._block_mask(base, positions, None, None)
-        out = self.adapter(hidden, self.backbone.layer_position_embeddings(hidden, positions[None], self.adapter.exit_layer), mask, self.cache)
+        rotary = self.backbone.layer_position_embeddings(hidden, positions[None], self.adapter.exit_layer)
+        out = self.adapter(hidden, rotary, mask, self.cache)
         self.fed.extend(int(t) for t in tokens)
         return self.backbone.head(out[0, -1]).float()
 
@@ -210,7 +211,8 @@ class KangarooDrafter(EarlyExitDrafter):
     def _shallow(self, tokens: Sequence[int]) -> list[torch.Tensor]:
         """Run the shallow layers for ``tokens`` at the end of the target cache (writing their K/V);
         returns ``[embedding, out_0, .., out_{exit-1}]``, each ``(q, hidden)``."""
-        out = self.backbone.forward(list(tokens), self.target_cache, plan=ForwardPlan(layers=range(self.params.exit_layer)),
+        out = self.backbone.forward(list(tokens), self.target_cache,
+                                    plan=ForwardPlan(layers=range(self.params.exit_layer)),
                                     output_hidden_states=True, logits_rows=slice(0, 0))
         return out.hidden_states
 

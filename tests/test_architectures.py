@@ -19,6 +19,7 @@ from decodebench.engine.architectures import (
     FAMILIES,
     UnsupportedArchitectureError,
     attention_implementation_for,
+    family_of,
     supported_families,
 )
 from decodebench.engine.backbone import Backbone, BlockLayout, ForwardPlan, MlpGate
@@ -60,9 +61,9 @@ FAMILY_CONFIGS: dict[str, dict] = {
                     num_experts_per_tok=2),
     "gpt_neox": dict(rotary_pct=0.5),
     "falcon": dict(new_decoder_architecture=True, num_kv_heads=2, alibi=False),
-    "deepseek_v3": dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
-                        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
-                        n_group=1, topk_group=1, rope_interleave=False),
+    "deepseek_v3": dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                        v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                        first_k_dense_replace=1, n_group=1, topk_group=1, rope_interleave=False),
     "cohere": dict(logit_scale=0.25, use_qk_norm=False),
 }
 ATOL = 1e-4
@@ -211,6 +212,11 @@ def test_unsupported_family_is_refused_with_the_list():
     model = AutoModelForCausalLM.from_config(config).eval()
     with pytest.raises(UnsupportedArchitectureError, match="'gpt2' is not supported.*Supported: .*llama"):
         Backbone(model)
+
+
+def test_multimodal_gemma3_is_refused_by_name():
+    with pytest.raises(UnsupportedArchitectureError, match="multimodal Gemma 3.*gemma3_text"):
+        family_of(AutoConfig.for_model("gemma3"))
 
 
 def test_falcon_with_alibi_is_refused():
