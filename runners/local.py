@@ -34,8 +34,8 @@ from decodebench.engine.drafting import Drafter
 from decodebench.engine.profile import load_latency_curve, profile_path
 from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import build_method
-from decodebench.models.loading import (LoadedModel, available_models, check_same_tokenizer, load_model,
-                                        load_model_config)
+from decodebench.models.loading import (LoadedModel, available_models, check_same_tokenizer, draft_model_config,
+                                        load_model)
 from decodebench.records import Record, first_divergence, ids_sha, summarize, token_match_rate
 from decodebench.runners.manifest import build_manifest, config_hash, slurm_info, utc_now
 from decodebench.runners.run_dir import LATENCY_CURVE, MANIFEST, SUMMARY, RunDirectory
@@ -142,6 +142,7 @@ class Runner:
         # Validate everything that can fail on user input (method params, data, model) BEFORE the
         # run directory is touched: a bad invocation never deletes records already computed.
         contenders = self._contenders()
+        self._check_draft_model(contenders)
         digest = config_hash(self.resolved_config)
         previous = self.run_dir.read_json(MANIFEST)
         # a requeued SLURM task (preemption, timeout) resumes its own records even with overwrite=true
@@ -230,13 +231,22 @@ class Runner:
                     tags=[cfg.method.name, contenders[-1].label, task.name, cfg.model.name])
         return RunResult(self.run_dir.path, summary, records)
 
-    def _load_draft(self, target: LoadedModel) -> Backbone:
-        """The draft model named by ``model.draft``; it must share the target's tokenizer."""
+    def _check_draft_model(self, contenders: list[Contender]) -> None:
+        """Before any model is loaded: a draft-model method needs ``model.draft`` (catalogue) or
+        ``model.draft_id`` (``model=hf``), naming something that exists."""
         cfg = self.cfg
-        if not cfg.model.draft:
-            raise ConfigValueError(f"method '{cfg.method.name}' drafts with a separate model: set model.draft to "
-                                   f"one of: {', '.join(available_models())}")
-        draft = load_model(load_model_config(cfg.model.draft), device=cfg.device, dtype=cfg.dtype,
+        if not any(c.drafter.needs_draft_model for c in contenders):
+            return
+        if draft_model_config(cfg.model) is None:
+            where = ("set model.draft_id to the draft's hub id or local directory (same tokenizer as the target)"
+                     if cfg.model.source == "hf" else f"set model.draft to one of: {', '.join(available_models())}")
+            raise ConfigValueError(f"method '{cfg.method.name}' drafts with a separate model: {where}")
+
+    def _load_draft(self, target: LoadedModel) -> Backbone:
+        """The draft model of ``model.draft`` / ``model.draft_id``, in the target's dtype; it must
+        share the target's tokenizer."""
+        cfg = self.cfg
+        draft = load_model(draft_model_config(cfg.model), device=cfg.device, dtype=target.info["dtype"],
                            cache_dir=cfg.cache_dir, seed=cfg.seed + 1)
         check_same_tokenizer(target, draft)
         return self._backbone(draft)
@@ -266,7 +276,7 @@ class Runner:
             return
         turn = task.turn_settings(samples[0], 0)
         prompt = encode_prompt(loaded.tokenizer, task.build_messages(samples[0], 0, []),
-                               self.cfg.model.chat_template and turn.chat_template)
+                               loaded.info["chat_template"] and turn.chat_template)
         settings = self._decode_settings(loaded, min(32, self.cfg.gen.max_new_tokens), turn)
         for _ in range(self.cfg.warmup):
             for contender in contenders:
@@ -283,7 +293,7 @@ class Runner:
         try:
             messages = task.build_messages(sample, turn, answers)
             prompt = encode_prompt(loaded.tokenizer, messages,  # not timed
-                                   cfg.model.chat_template and turn_settings.chat_template)
+                                   loaded.info["chat_template"] and turn_settings.chat_template)
             out: GenerationOutput = generate(
                 backbone, contender.drafter, prompt,
                 self._decode_settings(loaded, cfg.gen.max_new_tokens, turn_settings), cache,
@@ -357,7 +367,7 @@ class Runner:
                             group[1].append(sample)
                     for turn_settings, members in groups:
                         prompts = [encode_prompt(loaded.tokenizer, task.build_messages(s, turn, answers[s.sample_id]),
-                                                 cfg.model.chat_template and turn_settings.chat_template)
+                                                 loaded.info["chat_template"] and turn_settings.chat_template)
                                    for s in members]
                         settings = self._decode_settings(loaded, cfg.gen.max_new_tokens, turn_settings)
                         if len(members) not in caches:
