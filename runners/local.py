@@ -35,7 +35,7 @@ from decodebench.engine.profile import load_latency_curve, profile_path
 from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import build_method
 from decodebench.models.loading import (LoadedModel, available_models, check_same_tokenizer, draft_model_config,
-                                        load_model)
+                                        hf_location, load_model)
 from decodebench.records import Record, first_divergence, ids_sha, summarize, token_match_rate
 from decodebench.runners.manifest import build_manifest, config_hash, slurm_info, utc_now
 from decodebench.runners.run_dir import LATENCY_CURVE, MANIFEST, SUMMARY, RunDirectory
@@ -142,7 +142,7 @@ class Runner:
         # Validate everything that can fail on user input (method params, data, model) BEFORE the
         # run directory is touched: a bad invocation never deletes records already computed.
         contenders = self._contenders()
-        self._check_draft_model(contenders)
+        self._check_models(contenders)
         digest = config_hash(self.resolved_config)
         previous = self.run_dir.read_json(MANIFEST)
         # a requeued SLURM task (preemption, timeout) resumes its own records even with overwrite=true
@@ -231,10 +231,14 @@ class Runner:
                     tags=[cfg.method.name, contenders[-1].label, task.name, cfg.model.name])
         return RunResult(self.run_dir.path, summary, records)
 
-    def _check_draft_model(self, contenders: list[Contender]) -> None:
-        """Before any model is loaded: a draft-model method needs ``model.draft`` (catalogue) or
-        ``model.draft_id`` (``model=hf``), naming something that exists."""
+    def _check_models(self, contenders: list[Contender]) -> None:
+        """Before any data or model is loaded: ``model.id`` / ``model.draft_id`` (``model=hf``) name an
+        existing directory or a hub id, and a draft-model method has ``model.draft`` (catalogue) or
+        ``model.draft_id``, naming something that exists."""
         cfg = self.cfg
+        for model_id in (cfg.model.id, cfg.model.draft_id) if cfg.model.source == "hf" else ():
+            if model_id:
+                hf_location(model_id)
         if not any(c.drafter.needs_draft_model for c in contenders):
             return
         if draft_model_config(cfg.model) is None:

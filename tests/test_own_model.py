@@ -147,3 +147,10 @@ def test_missing_draft_is_a_clear_error_before_loading(tmp_path, method):
     output = result.stdout + result.stderr  # hydra logs the error
     assert "model.draft_id" in output and f"method '{method}'" in output
     assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+def test_bad_model_id_exits_2_before_loading(tmp_path):
+    result = run_cli("model=hf", f"model.id={tmp_path / 'missing'}", "method=pld", "data_dir=/nonexistent",
+                     f"hydra.run.dir={tmp_path / 'run'}", "progress=false", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "invalid value for 'model.id'" in result.stdout + result.stderr
