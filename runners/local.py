@@ -31,7 +31,7 @@ from decodebench.engine.backbone import Backbone
 from decodebench.engine.backends import apply_backend
 from decodebench.engine.decode_loop import DecodeSettings, GenerationOutput, generate, generate_batch, never_drafts
 from decodebench.engine.drafting import Drafter
-from decodebench.engine.profile import load_latency_curve, profile_path
+from decodebench.engine.profile import ensure_latency_curve, load_latency_curve, stored_curve_path
 from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import build_method
 from decodebench.models.loading import (LoadedModel, available_models, check_same_tokenizer, draft_model_config,
@@ -161,9 +161,15 @@ class Runner:
                  len(samples), sum(len(s.turns) for s in samples))
         loaded = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir, seed=cfg.seed)
         backbone = self._backbone(loaded)
+        needs_draft = any(c.drafter.needs_draft_model for c in contenders)
+        draft = self._load_draft(loaded) if needs_draft else None
         for contender in contenders:
             if contender.drafter.needs_draft_model:
-                contender.drafter.attach_draft(self._load_draft(loaded))
+                contender.drafter.attach_draft(draft)
+        curve = None
+        if any(c.drafter.reads_latency_curve() for c in contenders):  # a cpu preset sizes drafts from it
+            curve = ensure_latency_curve(backbone, cfg.cache_dir, draft=draft)
+        for contender in contenders:
             contender.drafter.setup(backbone, cfg.cache_dir)
 
         if restart:
@@ -182,7 +188,7 @@ class Runner:
              cfg.method.resolved_preset(cfg.device), "method_params": cfg.method.resolved_params(cfg.device),
              "method_pinned": cfg.method.pinned, "baseline": cfg.baseline, "baseline_key": cfg.baseline_key,
              "shard": cfg.shard, "task_samples": len(samples), "resumed_records": len(done),
-             "engine": self.engine_info},
+             "engine": self.engine_info, "latency_curve": curve.to_dict() if curve else None},
         )
         self.run_dir.write_config(self.resolved_config)
         self.run_dir.write_json(MANIFEST, manifest)
@@ -272,7 +278,7 @@ class Runner:
         curve = backend and load_latency_curve(loaded.name, backend, self.cfg.device, self.cfg.cache_dir)
         if curve:
             self.run_dir.write_json(LATENCY_CURVE, {**curve, "source": str(
-                profile_path(loaded.name, backend, self.cfg.device, self.cfg.cache_dir))})
+                stored_curve_path(loaded.name, backend, self.cfg.device, self.cfg.cache_dir))})
 
     def _warm_up(self, task: Task, samples: list[Sample], loaded, backbone, contenders, cache) -> None:
         """Untimed generations so allocator, kernels and caches are warm before measuring."""
