@@ -26,7 +26,7 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
-from decodebench.config import ConfigValueError, MethodConfig, RunConfig, parse_shard
+from decodebench.config import ConfigValueError, MethodConfig, ModelConfig, RunConfig, parse_shard
 from decodebench.engine.backbone import Backbone
 from decodebench.engine.backends import apply_backend
 from decodebench.engine.decode_loop import DecodeSettings, GenerationOutput, generate, generate_batch, never_drafts
@@ -239,24 +239,33 @@ class Runner:
 
     def _check_models(self, contenders: list[Contender]) -> None:
         """Before any data or model is loaded: ``model.id`` / ``model.draft_id`` (``model=hf``) name an
-        existing directory or a hub id, and a draft-model method has ``model.draft`` (catalogue) or
-        ``model.draft_id``, naming something that exists."""
+        existing directory or a hub id, and a draft-model method has its draft (:meth:`_draft_config`)."""
         cfg = self.cfg
         for model_id in (cfg.model.id, cfg.model.draft_id) if cfg.model.source == "hf" else ():
             if model_id:
                 hf_location(model_id)
-        if not any(c.drafter.needs_draft_model for c in contenders):
-            return
-        if draft_model_config(cfg.model) is None:
+        if any(c.drafter.needs_draft_model for c in contenders):
+            self._draft_config()
+
+    def _draft_config(self) -> ModelConfig:
+        """The draft of ``model.draft`` (a catalogue name) or ``model.draft_id`` (``model=hf``).
+
+        Raises:
+            ConfigValueError: the draft-model method has no draft model.
+        """
+        cfg = self.cfg
+        draft = draft_model_config(cfg.model)
+        if draft is None:
             where = ("set model.draft_id to the draft's hub id or local directory (same tokenizer as the target)"
                      if cfg.model.source == "hf" else f"set model.draft to one of: {', '.join(available_models())}")
             raise ConfigValueError(f"method '{cfg.method.name}' drafts with a separate model: {where}")
+        return draft
 
     def _load_draft(self, target: LoadedModel) -> Backbone:
-        """The draft model of ``model.draft`` / ``model.draft_id``, in the target's dtype; it must
-        share the target's tokenizer."""
+        """The draft model (:meth:`_draft_config`), in the target's dtype; it must share the target's
+        tokenizer."""
         cfg = self.cfg
-        draft = load_model(draft_model_config(cfg.model), device=cfg.device, dtype=target.info["dtype"],
+        draft = load_model(self._draft_config(), device=cfg.device, dtype=target.info["dtype"],
                            cache_dir=cfg.cache_dir, seed=cfg.seed + 1)
         check_same_tokenizer(target, draft)
         return self._backbone(draft)
