@@ -58,6 +58,9 @@ class Record:
     prefill_s: Optional[float] = None
     draft_s: Optional[float] = None  # Σ time spent in the drafter's propose()
     verify_s: Optional[float] = None  # Σ time of target forwards + verification after prefill
+    # forward_s: Σ time of the target forwards alone after prefill (part of verify_s); the decode
+    # time outside model forwards is wall_s - prefill_s - forward_s (see harness_overhead_share)
+    forward_s: Optional[float] = None
     # steps: target forward passes, prefill included (AR: steps == new_tokens).
     steps: Optional[int] = None
     # drafted / accepted: draft tokens proposed to / accepted by the verifier (bonus excluded).

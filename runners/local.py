@@ -31,6 +31,7 @@ from decodebench.engine.backbone import Backbone
 from decodebench.engine.backends import apply_backend
 from decodebench.engine.decode_loop import DecodeSettings, GenerationOutput, generate, generate_batch, never_drafts
 from decodebench.engine.drafting import Drafter
+from decodebench.engine.memory import peak_memory, reset_peak_memory
 from decodebench.engine.profile import ensure_latency_curve, load_latency_curve, stored_curve_path
 from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import build_method
@@ -159,6 +160,7 @@ class Runner:
         samples = select_shard(task.load_samples(), cfg.shard)
         log.info("task %s%s: %d samples, %d turns", task.name, f" shard {cfg.shard}" if cfg.shard else "",
                  len(samples), sum(len(s.turns) for s in samples))
+        reset_peak_memory(cfg.device)
         loaded = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir, seed=cfg.seed)
         backbone = self._backbone(loaded)
         needs_draft = any(c.drafter.needs_draft_model for c in contenders)
@@ -231,6 +233,7 @@ class Runner:
         summary = self._summarize(records, contenders)
         self.run_dir.write_json(SUMMARY, summary)
         manifest["finished"] = utc_now()
+        manifest["memory"] = peak_memory(cfg.device)  # peak RSS; on CUDA peak allocated / reserved bytes
         self.run_dir.write_json(MANIFEST, manifest)
         if cfg.logger.name == "wandb":
             log_run(cfg.logger, self.run_dir.path, self.resolved_config, records, summary,
@@ -336,6 +339,7 @@ class Runner:
         record.method_stats = out.method_stats or None
         record.draft_s = sum(s.draft_s for s in out.steps)
         record.verify_s = sum(s.verify_s for s in out.steps)
+        record.forward_s = sum(s.forward_s for s in out.steps) / batch_size
         record.steps = out.target_forwards
         record.drafted = sum(s.drafted for s in out.steps)
         record.accepted = sum(s.accepted for s in out.steps)
