@@ -39,6 +39,7 @@ import torch
 from decodebench.config import default_cache_dir
 from decodebench.engine.backbone import Backbone
 from decodebench.engine.backends import DEFAULT_BUCKETS, apply_backend, backends_for, remove_backend
+from decodebench.engine.timing import now
 
 log = logging.getLogger("decodebench")
 
@@ -108,12 +109,10 @@ def measure(backbone: Backbone, context: int, ks: list[int], repeats: int,
     for repeat in range(repeats + warmup):
         for k in ks:
             block = [(200 + 13 * i) % vocab for i in range(k)]
-            start = time.perf_counter()
+            start = now(backbone.device)  # synchronised on CUDA, like the decode loop's timers
             out = backbone.forward(block, cache)
-            if backbone.device.type == "cuda":
-                torch.cuda.synchronize(backbone.device)
             if repeat >= warmup:
-                times[k].append(time.perf_counter() - start)
+                times[k].append(now(backbone.device) - start)
             argmax[k] = out.logits.argmax(-1).cpu()
             cache.crop(context)
     return {k: statistics.median(values) if values else float("nan") for k, values in times.items()}, argmax
