@@ -154,3 +154,12 @@ def test_bad_model_id_exits_2_before_loading(tmp_path):
                      f"hydra.run.dir={tmp_path / 'run'}", "progress=false", cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "invalid value for 'model.id'" in result.stdout + result.stderr
+
+
+def test_hub_id_goes_through_the_hub_loader_with_an_offline_hint(monkeypatch):
+    """A hub id is loaded by from_pretrained(id, revision=...); offline and uncached, the error says what to do."""
+    from decodebench.registry import DecodeBenchError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DecodeBenchError, match="no network\\? run `hf download ID --local-dir DIR`"):
+        load_model(ModelConfig(name="x", source="hf", id="someorg/not-cached-model", revision="main"))
