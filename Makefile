@@ -23,7 +23,8 @@ STAMP := $(VENV)/.decodebench-installed
 BENCH_DIR ?= results/bench/$(shell date +%Y-%m-%d_%H-%M-%S)
 
 ENGINE_BACKENDS ?= eager,packed,onednn
-.PHONY: help setup model models-qwen profile bench bench-engine bench-vs-hf slurm test test-fast report paper clean
+GPU_CHECK_DEVICE ?= cuda
+.PHONY: help setup model models-qwen profile bench bench-engine bench-vs-hf gpu-check slurm test test-fast report paper clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -47,7 +48,7 @@ profile: setup ## Verify-latency curves T(k)/T(1) of the eager, packed and onedn
 	$(VENV)/bin/decodebench-profile --model $(MODEL) --backend eager,packed,onednn
 
 bench: setup ## Main job: default method set on a Spec-Bench subset (embedded model), then the report table
-	@test -f "$(DECODEBENCH_CACHE)/profiles/$(MODEL)__onednn__cpu.json" || $(MAKE) --no-print-directory profile
+	@$(PY) -c "import sys; from decodebench.engine.profile import load_latency_curve as c; sys.exit(c('$(MODEL)', 'onednn') is None)" || $(MAKE) --no-print-directory profile
 	$(VENV)/bin/decodebench -m experiment=bench hydra.sweep.dir=$(BENCH_DIR) hydra.callbacks.sweep_status.print_report=false
 	$(VENV)/bin/decodebench-report $(BENCH_DIR)
 
@@ -57,6 +58,9 @@ bench-engine: setup ## Engine AR/PLD per backend vs transformers generate / prom
 
 bench-vs-hf: setup ## DecodeBench ar/pld (and sps on the Qwen pair, if prepared) vs transformers' generate / prompt lookup / assisted generation, + harness overhead
 	$(PY) benchmarks/bench_vs_hf.py $(BENCH_VS_HF_ARGS)
+
+gpu-check: setup ## Engine equivalence tests + a Spec-Bench PLD smoke on CUDA (bf16), harness overhead share; GPU_CHECK_DEVICE=cpu: dry run
+	$(PY) benchmarks/gpu_check.py --device $(GPU_CHECK_DEVICE) $(GPU_CHECK_ARGS)
 
 slurm: ## Start the local single-node SLURM cluster of the sweep tests (root + apt-get; idempotent, fast when up)
 	bash scripts/slurm.sh start

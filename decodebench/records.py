@@ -28,6 +28,17 @@ def first_divergence(ours: list[int], reference: list[int]) -> Optional[int]:
     return next((i for i, (a, b) in enumerate(zip(ours, reference)) if a != b), min(len(ours), len(reference)))
 
 
+def harness_overhead_share(records: Iterable["Record"]) -> Optional[float]:
+    """Share of decode time spent outside the target's forwards: Σ (wall - prefill - forward) /
+    Σ (wall - prefill) over the records that carry ``forward_s`` (drafting, verification, cache
+    bookkeeping, stop checks, Python); None when none do. For AR this is the harness's own cost."""
+    timed = [r for r in records if r.forward_s is not None and r.wall_s is not None and r.error is None]
+    decode = sum(r.wall_s - (r.prefill_s or 0.0) for r in timed)
+    if not timed or decode <= 0:
+        return None
+    return sum(r.wall_s - (r.prefill_s or 0.0) - r.forward_s for r in timed) / decode
+
+
 def ids_sha(token_ids: Iterable[int]) -> str:
     """Short stable hash of a token-id sequence (used to compare outputs across runs)."""
     return hashlib.sha256(",".join(map(str, token_ids)).encode()).hexdigest()[:16]
@@ -58,6 +69,9 @@ class Record:
     prefill_s: Optional[float] = None
     draft_s: Optional[float] = None  # Σ time spent in the drafter's propose()
     verify_s: Optional[float] = None  # Σ time of target forwards + verification after prefill
+    # forward_s: Σ time of the target forwards alone after prefill (part of verify_s); the decode
+    # time outside model forwards is wall_s - prefill_s - forward_s (see harness_overhead_share)
+    forward_s: Optional[float] = None
     # steps: target forward passes, prefill included (AR: steps == new_tokens).
     steps: Optional[int] = None
     # drafted / accepted: draft tokens proposed to / accepted by the verifier (bonus excluded).

@@ -232,9 +232,12 @@ class Backbone:
         within_window = window is None or prefix_length + q <= window
         if within_window and (q == 1 or (block is None and prefix_length == 0 and self.attn_implementation == "sdpa")):
             return None
+        # built on the device: only the (q, q) block among the new tokens may come from the host
+        mask = torch.ones(q, prefix_length + q, dtype=torch.bool, device=self.device)
         if block is None:
-            block = torch.ones(q, q, dtype=torch.bool).tril_()
-        mask = torch.cat([torch.ones(q, prefix_length, dtype=torch.bool), block.cpu()], dim=1).to(self.device)
+            mask[:, prefix_length:].tril_()
+        else:
+            mask[:, prefix_length:] = block
         if not within_window:
             key_positions = torch.cat([torch.arange(prefix_length, device=self.device), positions])
             mask &= (positions[:, None] - key_positions[None, :]) < window

@@ -8,7 +8,14 @@ Per step:
   5. feedback  — the drafter sees the outcome (acceptance, target logits);
   6. emit/stop — append accepted tokens + bonus token; stop on EOS, max new tokens, stop strings.
 
-:class:`StepStats` are recorded here, where the truth is, and never re-derived later.
+:class:`StepStats` are recorded here, where the truth is, and never re-derived later. Every time
+reading is :func:`decodebench.engine.timing.now`, which synchronises a CUDA device first.
+
+Host round trips per step (what a GPU waits on): the verifier reads the block's argmax (greedy) or
+its acceptance draws (sampling) on the host, since drafts, the output and the stop checks live
+there; the block's ids, position offsets and (tree) ancestor mask go to the device (``q`` and
+``q × q`` elements; the mask over the cached prefix is built on the device); compact sends the kept
+slots. Drafters may read logits on the host in ``feedback`` (their own cost, in ``draft_s``).
 """
 
 from __future__ import annotations
@@ -35,6 +42,9 @@ class StepStats:
     tree_size: int  # tokens in the target forward (root, drafts and auxiliary tokens)
     draft_s: float  # propose + feedback time
     verify_s: float  # target forward + verification + cache commit time
+    # the target forward alone (part of verify_s); decode time outside model forwards, i.e. the
+    # harness + drafter overhead, is wall - prefill - Σ forward_s (minus a draft model's forwards)
+    forward_s: float = 0.0
 
 
 @dataclass
@@ -150,6 +160,7 @@ def generate(
                     output_hidden_states=drafter.needs_hidden_states, plan=plan,
                 )
         candidate_logits = target.logits[: len(block_tokens)]
+        t_verify = now(device)  # the verifier reads the logits on the host next: no extra stall on CUDA
 
         # 3. verify
         if params.greedy:
@@ -194,6 +205,7 @@ def generate(
                 tree_size=len(block_tokens) + len(proposal.aux_tokens),
                 draft_s=(t_forward - t_propose) + (t_done - t_feedback),
                 verify_s=t_feedback - t_forward,
+                forward_s=t_verify - t_forward,
             )
         )
 
@@ -278,6 +290,7 @@ def generate_batch(
         t_forward = now(device)
         last = torch.tensor([[row[-1]] for row in new_ids], device=device)
         out = backbone.forward_batch(last, cache, plan=plan)
+        t_next = now(device)
         for b in range(batch):
             if stop_reasons[b] is not None:
                 continue
@@ -287,7 +300,8 @@ def generate_batch(
         for b in range(batch):
             if len(steps[b]) < len(new_ids[b]) - 1:
                 steps[b].append(StepStats(drafted=0, accepted=0, emitted=1, tree_size=1,
-                                          draft_s=t_forward - t_plan, verify_s=t_done - t_forward))
+                                          draft_s=t_forward - t_plan, verify_s=t_done - t_forward,
+                                          forward_s=t_next - t_forward))
         generated += 1
 
     wall_s = now(device) - start

@@ -8,6 +8,7 @@ speculation this step" needs no special path (and AR itself is the drafter that 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -19,6 +20,8 @@ from decodebench.engine.backbone import FULL_MODEL, Backbone, ForwardOutput, For
 from decodebench.engine.kv_cache import KVCache
 from decodebench.engine.sampling import SamplingParams
 from decodebench.engine.verify import VerifyResult
+
+log = logging.getLogger("decodebench")
 
 
 @dataclass
@@ -79,6 +82,13 @@ class Drafter:
     verify_budget: Optional[int] = None
     budget_source: str = "params"
 
+    def reads_latency_curve(self) -> bool:
+        """True when :meth:`setup` sizes the drafts from the stored verify-latency curve (the ``cpu``
+        presets: ``budget_from_curve: true`` for chain budgets, ``max_verify_cost`` for trees); the
+        runner then makes sure a curve is stored, measuring one on first use, before ``setup``."""
+        params = getattr(self, "params", None)
+        return bool(getattr(params, "budget_from_curve", False)) or getattr(params, "max_verify_cost", None) is not None
+
     def budget_from_curve(self, backbone: Backbone, cache_dir: Optional[str], max_verify_cost: Optional[float],
                           largest: int) -> int:
         """Tokens per verify forward for a CPU preset: the largest ``k <= largest`` whose verify costs
@@ -89,6 +99,11 @@ class Drafter:
 
         chosen = curve_node_budget(backbone, cache_dir, max_verify_cost, largest)
         if chosen is None:
+            if max_verify_cost is not None:
+                log.warning("%s: no verify-latency curve stored for %s (%s backend): drafting the full budget "
+                            "(%d tokens per verify); run decodebench-profile or decode through the runner, which "
+                            "measures one on first use", type(self).__name__, getattr(backbone, "model_name", None),
+                            getattr(backbone, "backend", None), largest)
             return largest
         self.verify_budget, self.budget_source = chosen
         return self.verify_budget

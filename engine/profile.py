@@ -7,13 +7,17 @@ forward of k chain tokens on top of a ``context``-token cache (the k are measure
 machine noise hits every k alike), and compares the backend's argmax with eager's on the same
 blocks (how often they differ across backends; within one backend lossless methods are exact).
 
-Each curve is stored as ``$DECODEBENCH_CACHE/profiles/<model>__<backend>__<device>.json``::
+Each curve is stored as ``$DECODEBENCH_CACHE/profiles/<model>__<backend>__cpu__<threads>t.json``
+(CPU: the thread count changes the curve's shape) or ``<model>__<backend>__<device type>.json``::
 
     {"model": str, "backend": str, "device": str, "threads": int, "context": int,
-     "k": [...], "ms": [...], "ratio": [...], ...extras,
+     "k": [...], "ms": [...], "ratio": [...], "measured_by": "decodebench-profile" | "first use", ...extras,
      "draft": {"model": str, "ms": float, "cost_ratio": float}}   # models with a draft (--draft)
 
 and read back by :func:`load_latency_curve` (``auto`` backend choice, the CPU presets' budgets).
+A CPU curve stored before curves were keyed by threads (no ``__<threads>t``) is read when its
+``threads`` field matches. A run whose ``cpu`` preset sizes its drafts from the curve and finds
+none measures a short one first (:func:`ensure_latency_curve`, called by the runner before timing).
 
 Usage: decodebench-profile [--model smollm2-135m] [--backend all] [--context 175]
        [--ks 1,2,3,4,5,6,8,12,16,32] [--repeats 10] [--threads N] [--draft MODEL|none] [--out extra.json]
@@ -23,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,18 +39,32 @@ import torch
 from decodebench.config import default_cache_dir
 from decodebench.engine.backbone import Backbone
 from decodebench.engine.backends import DEFAULT_BUCKETS, apply_backend, backends_for, remove_backend
+from decodebench.engine.timing import now
+
+log = logging.getLogger("decodebench")
 
 DEFAULT_KS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 32)
+# The short curve measured on first use (a few seconds): the block sizes the cpu presets choose
+# among (k <= 16: longer blocks cost > 1.5 steps on every CPU curve measured so far), few repeats.
+FIRST_USE_KS = (1, 2, 3, 4, 6, 8, 12, 16)
+FIRST_USE_REPEATS = 5
+DEFAULT_CONTEXT = 175
 
 
-def profile_path(model: str, backend: str, device: str = "cpu", cache_dir: Optional[str] = None) -> Path:
+def profile_path(model: str, backend: str, device: str = "cpu", cache_dir: Optional[str] = None,
+                 threads: Optional[int] = None) -> Path:
+    """Where the curve of ``model`` / ``backend`` / device type is stored; on a CPU keyed by
+    ``threads`` too (default: torch's current intra-op thread count)."""
+    kind = torch.device(device).type
+    suffix = f"__{threads or torch.get_num_threads()}t" if kind == "cpu" else ""
+    return Path(cache_dir or default_cache_dir()) / "profiles" / f"{model}__{backend}__{kind}{suffix}.json"
+
+
+def _legacy_profile_path(model: str, backend: str, device: str, cache_dir: Optional[str]) -> Path:
     return Path(cache_dir or default_cache_dir()) / "profiles" / f"{model}__{backend}__{torch.device(device).type}.json"
 
 
-def load_latency_curve(model: str, backend: str, device: str = "cpu",
-                       cache_dir: Optional[str] = None) -> Optional[dict[str, Any]]:
-    """The stored curve of ``model`` under ``backend`` on this device type, or None when not profiled."""
-    path = profile_path(model, backend, device, cache_dir)
+def _read_curve(path: Path) -> Optional[dict[str, Any]]:
     if not path.is_file():
         return None
     try:
@@ -52,6 +72,28 @@ def load_latency_curve(model: str, backend: str, device: str = "cpu",
     except (OSError, json.JSONDecodeError):
         return None
     return curve if curve.get("k") and len(curve["k"]) == len(curve.get("ratio", [])) else None
+
+
+def stored_curve_path(model: str, backend: str, device: str = "cpu", cache_dir: Optional[str] = None,
+                      threads: Optional[int] = None) -> Optional[Path]:
+    """The file :func:`load_latency_curve` reads, or None when no curve is stored."""
+    path = profile_path(model, backend, device, cache_dir, threads)
+    if _read_curve(path) is not None:
+        return path
+    legacy = _legacy_profile_path(model, backend, device, cache_dir)
+    curve = _read_curve(legacy) if legacy != path else None
+    if curve is not None and (torch.device(device).type != "cpu"
+                              or curve.get("threads") == (threads or torch.get_num_threads())):
+        return legacy
+    return None
+
+
+def load_latency_curve(model: str, backend: str, device: str = "cpu", cache_dir: Optional[str] = None,
+                       threads: Optional[int] = None) -> Optional[dict[str, Any]]:
+    """The stored curve of ``model`` under ``backend`` on this device type (on a CPU: at ``threads``,
+    default the current thread count), or None when not profiled."""
+    path = stored_curve_path(model, backend, device, cache_dir, threads)
+    return None if path is None else _read_curve(path)
 
 
 def measure(backbone: Backbone, context: int, ks: list[int], repeats: int,
@@ -67,12 +109,10 @@ def measure(backbone: Backbone, context: int, ks: list[int], repeats: int,
     for repeat in range(repeats + warmup):
         for k in ks:
             block = [(200 + 13 * i) % vocab for i in range(k)]
-            start = time.perf_counter()
+            start = now(backbone.device)  # synchronised on CUDA, like the decode loop's timers
             out = backbone.forward(block, cache)
-            if backbone.device.type == "cuda":
-                torch.cuda.synchronize(backbone.device)
             if repeat >= warmup:
-                times[k].append(time.perf_counter() - start)
+                times[k].append(now(backbone.device) - start)
             argmax[k] = out.logits.argmax(-1).cpu()
             cache.crop(context)
     return {k: statistics.median(values) if values else float("nan") for k, values in times.items()}, argmax
@@ -90,7 +130,7 @@ def profile_backend(backbone: Backbone, backend: str, *, model: str, context: in
         "ratio": [round(seconds[k] / seconds[ks[0]], 4) for k in ks],
         "seconds": {str(k): seconds[k] for k in ks},  # benchmarks/replay_pld.py reads this
         "setup_s": info.setup_s, "buckets": info.buckets, "max_abs_logit_diff_vs_eager": info.max_abs_logit_diff,
-        "repeats": repeats, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "repeats": repeats, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "measured_by": "decodebench-profile",
     }
     if reference_argmax is not None:
         rows = sum(reference_argmax[k].numel() for k in ks)
@@ -98,6 +138,73 @@ def profile_backend(backbone: Backbone, backend: str, *, model: str, context: in
         curve["argmax_rows"], curve["argmax_differs_vs_eager"] = rows, differ / rows
     remove_backend(backbone)
     return curve, argmax
+
+
+@dataclass
+class CurveProvision:
+    """Where a run's verify-latency curve came from (the manifest's ``latency_curve``)."""
+
+    path: str
+    measured_now: bool  # False: it was stored already
+    threads: int
+    ks: list[int]
+    repeats: int
+    measure_s: float = 0.0  # time spent measuring it now (target curve + draft step)
+    draft_model: Optional[str] = None  # the draft whose 1-token step the curve also holds
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def ensure_latency_curve(backbone: Backbone, cache_dir: Optional[str], draft: Optional[Backbone] = None,
+                         ks: tuple[int, ...] = FIRST_USE_KS, repeats: int = FIRST_USE_REPEATS,
+                         context: int = DEFAULT_CONTEXT) -> Optional[CurveProvision]:
+    """The stored curve of ``backbone``'s model / backend / device / threads, measured now when none
+    is stored (short: ``ks``, ``repeats``) and stored where ``decodebench-profile`` stores curves.
+
+    With ``draft`` (a draft model's backbone, for SpS-style presets) the curve must also hold that
+    draft's 1-token step time (``draft.cost_ratio``); it is measured and added when missing.
+    Call it after the backend is applied and before anything is timed. None when the backbone
+    carries no model name (no place to store a curve).
+    """
+    model = getattr(backbone, "model_name", None)
+    if not model:
+        return None
+    threads = torch.get_num_threads()
+    draft_name = getattr(draft, "model_name", None) if draft is not None else None
+    device = backbone.device.type
+    stored_at = stored_curve_path(model, backbone.backend, device, cache_dir)
+    curve = None if stored_at is None else _read_curve(stored_at)
+    needs_draft = draft_name is not None and (curve or {}).get("draft", {}).get("model") != draft_name
+    if curve is not None and not needs_draft:
+        return CurveProvision(str(stored_at), False, curve.get("threads", threads), list(curve["k"]),
+                              curve.get("repeats", 0), draft_model=(curve.get("draft") or {}).get("model"))
+    started = time.perf_counter()
+    if curve is None:
+        log.info("no stored verify-latency curve for %s on %s/%s at %d threads: measuring one now "
+                 "(k = %s, median of %d, %d-token context)", model, backbone.backend, device, threads,
+                 ",".join(map(str, ks)), repeats, context)
+        seconds, _ = measure(backbone, context, list(ks), repeats, warmup=1)
+        curve = {"model": model, "backend": backbone.backend, "device": device, "threads": threads,
+                 "context": context, "k": list(ks), "ms": [round(seconds[k] * 1e3, 3) for k in ks],
+                 "ratio": [round(seconds[k] / seconds[ks[0]], 4) for k in ks],
+                 "seconds": {str(k): seconds[k] for k in ks}, "repeats": repeats,
+                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "measured_by": "first use"}
+    if needs_draft:
+        log.info("verify-latency curve of %s lacks draft %s: timing its 1-token step", model, draft_name)
+        draft_seconds, _ = measure(draft, context, [1], repeats, warmup=1)
+        draft_ms = draft_seconds[1] * 1e3
+        curve["draft"] = {"model": draft_name, "ms": round(draft_ms, 3),
+                          "cost_ratio": round(draft_ms / curve["ms"][0], 4)}
+    measure_s = round(time.perf_counter() - started, 3)
+    path = profile_path(model, backbone.backend, device, cache_dir, threads)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(curve, indent=2))
+    log.info("stored %s (%.1f s): T(k)/T(1) = %s%s", path, measure_s,
+             ", ".join(f"{r:.2f} (k={k})" for k, r in zip(curve["k"][1:], curve["ratio"][1:])),
+             f"; draft cost ratio {curve['draft']['cost_ratio']:.3f}" if "draft" in curve else "")
+    return CurveProvision(str(path), True, threads, list(curve["k"]), curve.get("repeats", repeats), measure_s,
+                          (curve.get("draft") or {}).get("model"))
 
 
 def loaded_draft_name(model: str, cache_dir: str) -> Optional[str]:

@@ -26,17 +26,18 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
-from decodebench.config import ConfigValueError, MethodConfig, RunConfig, parse_shard
+from decodebench.config import ConfigValueError, MethodConfig, ModelConfig, RunConfig, parse_shard
 from decodebench.engine.backbone import Backbone
 from decodebench.engine.backends import apply_backend
 from decodebench.engine.decode_loop import DecodeSettings, GenerationOutput, generate, generate_batch, never_drafts
 from decodebench.engine.drafting import Drafter
-from decodebench.engine.profile import load_latency_curve, profile_path
+from decodebench.engine.memory import peak_memory, reset_peak_memory
+from decodebench.engine.profile import ensure_latency_curve, load_latency_curve, stored_curve_path
 from decodebench.engine.sampling import SamplingParams
 from decodebench.engine.self_check import self_check
 from decodebench.methods import build_method
-from decodebench.models.loading import (LoadedModel, available_models, check_same_tokenizer, load_model,
-                                        load_model_config)
+from decodebench.models.loading import (LoadedModel, available_models, check_same_tokenizer, draft_model_config,
+                                        hf_location, load_model)
 from decodebench.records import Record, first_divergence, ids_sha, summarize, token_match_rate
 from decodebench.runners.manifest import build_manifest, config_hash, slurm_info, utc_now
 from decodebench.runners.run_dir import LATENCY_CURVE, MANIFEST, SUMMARY, RunDirectory
@@ -143,6 +144,7 @@ class Runner:
         # Validate everything that can fail on user input (method params, data, model) BEFORE the
         # run directory is touched: a bad invocation never deletes records already computed.
         contenders = self._contenders()
+        self._check_models(contenders)
         digest = config_hash(self.resolved_config)
         previous = self.run_dir.read_json(MANIFEST)
         # a requeued SLURM task (preemption, timeout) resumes its own records even with overwrite=true
@@ -159,11 +161,18 @@ class Runner:
         samples = select_shard(task.load_samples(), cfg.shard)
         log.info("task %s%s: %d samples, %d turns", task.name, f" shard {cfg.shard}" if cfg.shard else "",
                  len(samples), sum(len(s.turns) for s in samples))
+        reset_peak_memory(cfg.device)
         loaded = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir, seed=cfg.seed)
         backbone = self._backbone(loaded)
+        needs_draft = any(c.drafter.needs_draft_model for c in contenders)
+        draft = self._load_draft(loaded) if needs_draft else None
         for contender in contenders:
             if contender.drafter.needs_draft_model:
-                contender.drafter.attach_draft(self._load_draft(loaded))
+                contender.drafter.attach_draft(draft)
+        curve = None
+        if any(c.drafter.reads_latency_curve() for c in contenders):  # a cpu preset sizes drafts from it
+            curve = ensure_latency_curve(backbone, cfg.cache_dir, draft=draft)
+        for contender in contenders:
             contender.drafter.setup(backbone, cfg.cache_dir)
 
         if restart:
@@ -182,7 +191,7 @@ class Runner:
              cfg.method.resolved_preset(cfg.device), "method_params": cfg.method.resolved_params(cfg.device),
              "method_pinned": cfg.method.pinned, "baseline": cfg.baseline, "baseline_key": cfg.baseline_key,
              "shard": cfg.shard, "task_samples": len(samples), "resumed_records": len(done),
-             "engine": self.engine_info},
+             "engine": self.engine_info, "latency_curve": curve.to_dict() if curve else None},
         )
         self.run_dir.write_config(self.resolved_config)
         self.run_dir.write_json(MANIFEST, manifest)
@@ -225,19 +234,42 @@ class Runner:
         summary = self._summarize(records, contenders)
         self.run_dir.write_json(SUMMARY, summary)
         manifest["finished"] = utc_now()
+        manifest["memory"] = peak_memory(cfg.device)  # peak RSS; on CUDA peak allocated / reserved bytes
         self.run_dir.write_json(MANIFEST, manifest)
         if cfg.logger.name == "wandb":
             log_run(cfg.logger, self.run_dir.path, self.resolved_config, records, summary,
                     tags=[cfg.method.name, contenders[-1].label, task.name, cfg.model.name])
         return RunResult(self.run_dir.path, summary, records)
 
-    def _load_draft(self, target: LoadedModel) -> Backbone:
-        """The draft model named by ``model.draft``; it must share the target's tokenizer."""
+    def _check_models(self, contenders: list[Contender]) -> None:
+        """Before any data or model is loaded: ``model.id`` / ``model.draft_id`` (``model=hf``) name an
+        existing directory or a hub id, and a draft-model method has its draft (:meth:`_draft_config`)."""
         cfg = self.cfg
-        if not cfg.model.draft:
-            raise ConfigValueError(f"method '{cfg.method.name}' drafts with a separate model: set model.draft to "
-                                   f"one of: {', '.join(available_models())}")
-        draft = load_model(load_model_config(cfg.model.draft), device=cfg.device, dtype=cfg.dtype,
+        for model_id in (cfg.model.id, cfg.model.draft_id) if cfg.model.source == "hf" else ():
+            if model_id:
+                hf_location(model_id)
+        if any(c.drafter.needs_draft_model for c in contenders):
+            self._draft_config()
+
+    def _draft_config(self) -> ModelConfig:
+        """The draft of ``model.draft`` (a catalogue name) or ``model.draft_id`` (``model=hf``).
+
+        Raises:
+            ConfigValueError: the draft-model method has no draft model.
+        """
+        cfg = self.cfg
+        draft = draft_model_config(cfg.model)
+        if draft is None:
+            where = ("set model.draft_id to the draft's hub id or local directory (same tokenizer as the target)"
+                     if cfg.model.source == "hf" else f"set model.draft to one of: {', '.join(available_models())}")
+            raise ConfigValueError(f"method '{cfg.method.name}' drafts with a separate model: {where}")
+        return draft
+
+    def _load_draft(self, target: LoadedModel) -> Backbone:
+        """The draft model (:meth:`_draft_config`), in the target's dtype; it must share the target's
+        tokenizer."""
+        cfg = self.cfg
+        draft = load_model(self._draft_config(), device=cfg.device, dtype=target.info["dtype"],
                            cache_dir=cfg.cache_dir, seed=cfg.seed + 1)
         check_same_tokenizer(target, draft)
         return self._backbone(draft)
@@ -263,7 +295,7 @@ class Runner:
         curve = backend and load_latency_curve(loaded.name, backend, self.cfg.device, self.cfg.cache_dir)
         if curve:
             self.run_dir.write_json(LATENCY_CURVE, {**curve, "source": str(
-                profile_path(loaded.name, backend, self.cfg.device, self.cfg.cache_dir))})
+                stored_curve_path(loaded.name, backend, self.cfg.device, self.cfg.cache_dir))})
 
     def _warm_up(self, task: Task, samples: list[Sample], loaded, backbone, contenders, cache) -> None:
         """Untimed generations so allocator, kernels and caches are warm before measuring."""
@@ -271,7 +303,7 @@ class Runner:
             return
         turn = task.turn_settings(samples[0], 0)
         prompt = encode_prompt(loaded.tokenizer, task.build_messages(samples[0], 0, []),
-                               self.cfg.model.chat_template and turn.chat_template)
+                               loaded.info["chat_template"] and turn.chat_template)
         settings = self._decode_settings(loaded, min(32, self.cfg.gen.max_new_tokens), turn)
         for _ in range(self.cfg.warmup):
             for contender in contenders:
@@ -288,7 +320,7 @@ class Runner:
         try:
             messages = task.build_messages(sample, turn, answers)
             prompt = encode_prompt(loaded.tokenizer, messages,  # not timed
-                                   cfg.model.chat_template and turn_settings.chat_template)
+                                   loaded.info["chat_template"] and turn_settings.chat_template)
             out: GenerationOutput = generate(
                 backbone, contender.drafter, prompt,
                 self._decode_settings(loaded, cfg.gen.max_new_tokens, turn_settings), cache,
@@ -312,6 +344,7 @@ class Runner:
         record.method_stats = out.method_stats or None
         record.draft_s = sum(s.draft_s for s in out.steps)
         record.verify_s = sum(s.verify_s for s in out.steps)
+        record.forward_s = sum(s.forward_s for s in out.steps) / batch_size
         record.steps = out.target_forwards
         record.drafted = sum(s.drafted for s in out.steps)
         record.accepted = sum(s.accepted for s in out.steps)
@@ -362,7 +395,7 @@ class Runner:
                             group[1].append(sample)
                     for turn_settings, members in groups:
                         prompts = [encode_prompt(loaded.tokenizer, task.build_messages(s, turn, answers[s.sample_id]),
-                                                 cfg.model.chat_template and turn_settings.chat_template)
+                                                 loaded.info["chat_template"] and turn_settings.chat_template)
                                    for s in members]
                         settings = self._decode_settings(loaded, cfg.gen.max_new_tokens, turn_settings)
                         if len(members) not in caches:

@@ -128,13 +128,13 @@ def test_run_copies_the_stored_latency_curve_for_the_cost_model(tmp_path, data_d
     """With a profile stored for the model and backend in use, the run dir gets latency_curve.json
     and the report's cost table appears without --curve."""
     cache = tmp_path / "cache"
-    profile = cache / "profiles" / "tiny-llama__eager__cpu.json"
+    profile = cache / "profiles" / "tiny-llama__eager__cpu__1t.json"  # the run's thread count keys the curve
     profile.parent.mkdir(parents=True)
     profile.write_text(json.dumps({"model": "tiny-llama", "backend": "eager", "device": "cpu", "threads": 1,
                                    "context": 64, "k": [1, 2, 4, 8], "ms": [1.0, 1.2, 1.5, 2.0],
                                    "ratio": [1.0, 1.2, 1.5, 2.0]}))
     run_dir = tmp_path / "run"
-    result = run_cli("model=tiny-llama", "method=pld", "engine.backend=eager", "task.per_category=1",
+    result = run_cli("model=tiny-llama", "method=pld", "engine.backend=eager", "threads=1", "task.per_category=1",
                      "task.categories=[qa]", "gen.max_new_tokens=16", f"hydra.run.dir={run_dir}",
                      f"data_dir={data_dir}", f"cache_dir={cache}", "progress=false", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

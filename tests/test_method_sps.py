@@ -155,13 +155,14 @@ def test_qwen_target_names_its_draft_and_methods_compose():
 
 
 def _runner_with_draft(monkeypatch, target_vocab: int, draft_vocab: int, draft_name="tiny-draft"):
+    from decodebench.models import loading
     from decodebench.models.loading import load_model
     from decodebench.runners import local
 
     sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                  num_key_value_heads=1, max_position_embeddings=128)
     catalogue = {"tiny-draft": ModelConfig(name="tiny-draft", source="tiny", tiny={**sizes, "vocab_size": draft_vocab})}
-    monkeypatch.setattr(local, "load_model_config", lambda name: catalogue[name])
+    monkeypatch.setattr(loading, "load_model_config", lambda name: catalogue[name])
     target_cfg = ModelConfig(name="tiny-target", source="tiny", tiny={**sizes, "vocab_size": target_vocab},
                              draft=draft_name)
     runner = local.Runner(RunConfig(model=target_cfg, method=method_config("sps")), {})

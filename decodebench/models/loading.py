@@ -8,13 +8,19 @@ Sources (``ModelConfig.source``):
 - ``path``: a local Hugging Face model directory.
 - ``tiny``: random init in code (:func:`decodebench.models.tiny.build_tiny`); the tokenizer is
   the one of the catalogue model named by ``ModelConfig.tokenizer``, or None.
+- ``hf``: your own model (``model=hf model.id=...``): ``id`` is a local Hugging Face directory
+  when one exists at that path, else a hub id (``revision`` applies); tokenizer, chat template and
+  dtype come from the checkpoint, the draft model from ``draft_id`` (:func:`draft_model_config`).
 
 Every load passes ``attn_implementation`` and ``dtype`` explicitly (no library defaults).
+``dtype="auto"`` is the checkpoint config's ``torch_dtype`` for ``hf`` models and float32 for the
+catalogue (its prepared copies are fp32); the manifest says which (``dtype_source``).
 """
 
 from __future__ import annotations
 
 import importlib.resources
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +33,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from decodebench.config import ConfigValueError, ModelConfig, _build, default_cache_dir
 from decodebench.engine.architectures import attention_implementation_for, family_of
 from decodebench.models.embedded import prepare_embedded, read_prepared_marker
+from decodebench.models.naming import is_local_model_dir, looks_like_path, model_name_from_id
 from decodebench.models.tiny import build_tiny
 from decodebench.registry import DecodeBenchError, UnknownNameError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "org/name"
 
 
 @dataclass
@@ -41,10 +49,11 @@ class LoadedModel:
         model: causal LM in eval mode, on the requested device and dtype.
         tokenizer: its tokenizer, or None (a tiny model without ``tokenizer``).
         name: catalogue name (``ModelConfig.name``).
-        source: embedded | hub | path | tiny.
+        source: embedded | hub | path | tiny | hf.
         info: facts for the run manifest: num_layers, hidden_size, vocab_size, num_parameters,
-            dtype, device, architecture, attn_implementation, location (directory, hub id or
-            ``tiny(seed=N)``), load_seconds, and for embedded models the preparation marker.
+            dtype and dtype_source, device, architecture, attn_implementation, location (directory,
+            hub id or ``tiny(seed=N)``), chat_template (whether prompts are wrapped with the
+            tokenizer's template), load_seconds, and for embedded models the preparation marker.
     """
 
     model: PreTrainedModel
@@ -54,10 +63,14 @@ class LoadedModel:
     info: dict[str, Any]
 
 
+OWN_MODEL = "hf"  # conf/model/hf.yaml: not a catalogue model but any model given by model.id
+
+
 def available_models() -> list[str]:
-    """Names of the model YAMLs shipped in ``conf/model/``."""
+    """Names of the catalogue models: the model YAMLs shipped in ``conf/model/`` but ``hf``."""
     folder = importlib.resources.files("decodebench.conf") / "model"
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir()
+                  if p.name.endswith(".yaml") and p.name != f"{OWN_MODEL}.yaml")
 
 
 def load_model_config(name: str) -> ModelConfig:
@@ -67,7 +80,7 @@ def load_model_config(name: str) -> ModelConfig:
         UnknownNameError: no such YAML (the message lists the valid names).
     """
     resource = importlib.resources.files("decodebench.conf") / "model" / f"{name}.yaml"
-    if not resource.is_file():
+    if name == OWN_MODEL or not resource.is_file():
         raise UnknownNameError("model", name, available_models())
     data = yaml.safe_load(resource.read_text()) or {}
     return _build(ModelConfig, data, "model")  # rejects unknown keys by name
@@ -81,7 +94,7 @@ def load_model(cfg: ModelConfig, *, device: str = "cpu", dtype: str = "float32",
     Args:
         cfg: the model config.
         device: torch device string (``cpu``, ``cuda:0``, ...).
-        dtype: float32 | float16 | bfloat16.
+        dtype: auto | float32 | float16 | bfloat16 (auto: :func:`resolve_dtype`).
         cache_dir: DecodeBench cache root (embedded models); None = ``default_cache_dir()``.
         seed: weight-init seed for ``source=tiny`` (ignored otherwise).
         catalogue_lookup: resolves ``cfg.tokenizer`` to a ModelConfig; default
@@ -90,19 +103,21 @@ def load_model(cfg: ModelConfig, *, device: str = "cpu", dtype: str = "float32",
     Raises:
         DecodeBenchError: the model or tokenizer cannot be found or does not fit.
     """
-    if dtype not in DTYPES:
-        raise ConfigValueError(f"invalid value for 'dtype': {dtype!r} (allowed: {' | '.join(DTYPES)})")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ConfigValueError(f"invalid value for 'dtype': {dtype!r} (allowed: auto | {' | '.join(DTYPES)})")
     cache_dir = cache_dir or default_cache_dir()
     lookup = catalogue_lookup or load_model_config
     started = time.perf_counter()
     info: dict[str, Any] = {}
     if cfg.source == "tiny":
+        dtype, info["dtype_source"] = resolve_dtype(cfg, dtype, None, None)
         model = build_tiny(cfg, seed)
         info["location"] = f"tiny(seed={seed})"
     else:
         location, revision = _pretrained_location(cfg, cache_dir, info)
-        model = _from_pretrained(AutoModelForCausalLM, cfg, location, revision, dtype=DTYPES[dtype],
-                                 attn_implementation=_attention_for(cfg, location, revision))
+        dtype, info["dtype_source"] = resolve_dtype(cfg, dtype, location, revision)
+        model = _from_pretrained(AutoModelForCausalLM, cfg, location, revision,
+                                 dtype=DTYPES[dtype], attn_implementation=_attention_for(cfg, location, revision))
         info["location"] = location
     tokenizer = _load_tokenizer(cfg, cache_dir, lookup)
     if tokenizer is not None:
@@ -122,9 +137,61 @@ def load_model(cfg: ModelConfig, *, device: str = "cpu", dtype: str = "float32",
         device=device,
         attn_implementation=config._attn_implementation,
         tokenizer=(cfg.tokenizer or cfg.name) if tokenizer is not None else None,
+        chat_template=bool(cfg.chat_template and getattr(tokenizer, "chat_template", None)),
         load_seconds=round(time.perf_counter() - started, 3),
     )
     return LoadedModel(model=model, tokenizer=tokenizer, name=cfg.name, source=cfg.source, info=info)
+
+
+def resolve_dtype(cfg: ModelConfig, requested: str, location: Optional[str],
+                  revision: Optional[str]) -> tuple[str, str]:
+    """The dtype to load ``cfg`` in and where it came from (recorded as ``dtype_source``).
+
+    ``requested`` wins unless it is ``auto``; then an ``hf`` model takes its checkpoint config's
+    ``torch_dtype`` (float32 when the config names none or a non-float one) and the catalogue
+    float32 (embedded models are prepared as fp32 copies; tiny models are built in fp32).
+    """
+    if requested != "auto":
+        return requested, "dtype="
+    if cfg.source != "hf":
+        return "float32", "catalogue (fp32)"
+    config = _from_pretrained(AutoConfig, cfg, location, revision)
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(stored).removeprefix("torch.") if stored is not None else None
+    if name in DTYPES:
+        return name, "checkpoint config torch_dtype"
+    return "float32", f"float32 (the checkpoint config's torch_dtype is {name})"
+
+
+def draft_model_config(cfg: ModelConfig) -> Optional[ModelConfig]:
+    """The draft model of ``cfg`` for draft-model methods, or None when it names none: ``draft_id``
+    (``model=hf``: a hub id or directory, loaded like the target) or ``draft`` (a catalogue name).
+
+    Raises:
+        UnknownNameError: ``draft`` names no catalogue model.
+        ConfigValueError: both are set.
+    """
+    if cfg.draft_id and cfg.draft:
+        raise ConfigValueError(f"model.draft_id ({cfg.draft_id!r}) and model.draft ({cfg.draft!r}) are both set; "
+                               "set one of them")
+    if cfg.draft_id:
+        return ModelConfig(name=model_name_from_id(cfg.draft_id), source="hf", id=cfg.draft_id,
+                           chat_template=cfg.chat_template, attn_implementation=cfg.attn_implementation)
+    return load_model_config(cfg.draft) if cfg.draft else None
+
+
+def hf_location(model_id: str) -> tuple[str, bool]:
+    """``model.id`` as ``(location, is_local)``: an existing directory, else a hub id.
+
+    Raises:
+        ConfigValueError: a path that is not a directory, or text that is no hub id.
+    """
+    if is_local_model_dir(model_id):
+        return str(Path(model_id).expanduser().resolve()), True
+    if looks_like_path(model_id) or not HUB_ID.match(model_id):
+        raise ConfigValueError(f"invalid value for 'model.id': {model_id!r} (allowed: a local Hugging Face model "
+                               "directory that exists, or a hub id such as Qwen/Qwen2.5-0.5B-Instruct)")
+    return model_id, False
 
 
 def load_tokenizer(cfg: ModelConfig, cache_dir: Optional[str] = None) -> PreTrainedTokenizerBase:
@@ -154,6 +221,9 @@ def _pretrained_location(cfg: ModelConfig, cache_dir: str, info: dict) -> tuple[
         if not model_dir.is_dir():
             raise DecodeBenchError(f"model.path '{model_dir}' of model '{cfg.name}' is not a directory")
         return str(model_dir), None
+    if cfg.source == "hf":
+        location, local = hf_location(cfg.id)
+        return location, None if local else cfg.revision
     return cfg.hub_id, cfg.revision
 
 
@@ -164,9 +234,10 @@ def _from_pretrained(loader: Any, cfg: ModelConfig, location: str, revision: Opt
     try:
         return loader.from_pretrained(location, **kwargs)
     except OSError as error:  # hub unreachable, missing files, gated repo
-        hint = (" (no network? run `hf download` where the hub is reachable and use "
-                "model.source=path, or set HF_HUB_OFFLINE=1 with a filled HF cache)"
-                if cfg.source == "hub" else "")
+        hint = ""
+        if cfg.source == "hub" or (cfg.source == "hf" and not is_local_model_dir(location)):
+            hint = (" (no network? run `hf download ID --local-dir DIR` where the hub is reachable and pass "
+                    "model=hf model.id=DIR, or set HF_HUB_OFFLINE=1 with a filled HF cache)")
         raise DecodeBenchError(f"could not load model '{cfg.name}' from {location}{hint}: {error}") from error
 
 
