@@ -92,20 +92,22 @@ def _provenance(frame: pd.DataFrame, curves: dict) -> list[str]:
     return lines + [""]
 
 
-def write_paper(paths: Sequence[PathLike], out: PathLike, curve: Optional[PathLike] = None) -> Paper:
+def write_paper(paths: Sequence[PathLike], out: PathLike, curve: Optional[PathLike] = None,
+                imported: Sequence[pd.DataFrame] = ()) -> Paper:
     """Load ``paths`` (run or sweep dirs) and write the paper folder ``out`` (module docstring).
 
     Args:
         paths: run directories or sweep directories.
         out: the output folder (created; files in it are overwritten).
         curve: verify-latency curve file or folder for the cost model (else each run dir's own).
+        imported: record frames of imported Spec-Bench results (``analysis.specbench``), shown beside.
 
     Raises:
         DecodeBenchError: no records under ``paths``, or an unreadable curve.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    frame = load_frame(paths)
+    frame = load_frame(paths, imported)
     paper = Paper(out=out, index=out / "index.md", parquet=save_parquet(frame, out / "records.parquet"))
     agg = aggregate(frame)
     agg.assign(per_position_acceptance=agg["per_position_acceptance"].map(json.dumps)).to_csv(

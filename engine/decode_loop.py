@@ -35,6 +35,7 @@ class StepStats:
     tree_size: int  # tokens in the target forward (root, drafts and auxiliary tokens)
     draft_s: float  # propose + feedback time
     verify_s: float  # target forward + verification + cache commit time
+    depth: int = 0  # draft levels: the longest root-to-leaf draft path (a chain: its length)
 
 
 @dataclass
@@ -194,6 +195,7 @@ def generate(
                 tree_size=len(block_tokens) + len(proposal.aux_tokens),
                 draft_s=(t_forward - t_propose) + (t_done - t_feedback),
                 verify_s=t_feedback - t_forward,
+                depth=draft_depth(proposal.parents, len(proposal)),
             )
         )
 
@@ -205,6 +207,17 @@ def generate(
         stop_reason=stop_reason,
         method_stats=drafter.request_stats(),
     )
+
+
+def draft_depth(parents: Optional[Sequence[int]], drafted: int) -> int:
+    """Levels of a draft: a chain's length, or the deepest node of a tree given parent pointers
+    among the drafts (-1 = the root; parents come before children)."""
+    if parents is None:
+        return drafted
+    depths: list[int] = []
+    for parent in parents:
+        depths.append(1 if parent < 0 else depths[parent] + 1)
+    return max(depths, default=0)
 
 
 def never_drafts(drafter: Drafter) -> bool:
