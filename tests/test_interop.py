@@ -268,3 +268,12 @@ def test_records_frame_joins_baseline():
                seed=0, new_tokens=4, wall_s=1.0, steps=2)
     totals = prompt_totals(records_frame([m], [a]))
     assert totals.loc["1", "ar_wall_s"] == 2.0 and totals.loc["1", "speed"] == 4.0 and totals.loc["1", "ar_speed"] == 2.0
+
+
+def test_figure_error_bars_are_the_intervals():
+    from decodebench.analysis.plots import interval_errors
+
+    rows = pd.DataFrame({"group": ["qa", "overall"], "speedup": [1.5, 1.2], "speedup_lo": [1.2, math.nan],
+                         "speedup_hi": [1.9, math.nan]}).set_index("group")
+    errors = interval_errors(rows, "speedup", ["qa", "overall"])
+    assert errors[:, 0] == pytest.approx([0.3, 0.4]) and list(errors[:, 1]) == [0.0, 0.0]
