@@ -8,7 +8,8 @@ method's records are paired with the baseline records of the SAME run directory 
 dedicated AR run on the same machine and settings), so speedups never mix machines or processes.
 Run dirs of one method label are repeats: metrics are means over them. Speedup and τ carry a
 seeded 95 % bootstrap interval over prompts (``speedup 95% CI``; :mod:`decodebench.analysis.uncertainty`).
-``--convention specbench`` shows Spec-Bench's speedup and mean accepted tokens instead.
+``--convention specbench`` shows Spec-Bench's speedup and mean accepted tokens instead, with the
+baseline's tokens recounted from its answer text as Spec-Bench's ``speed.py`` does.
 
 The baseline appears as ``"<method> (baseline)"`` rows (speedup 1.00, τ 1.00, its tokens/s).
 
@@ -302,6 +303,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--convention", choices=tuple(CONVENTIONS), default="decodebench",
                         help="speed columns: decodebench (speedup = Σ AR wall / Σ wall, τ per target forward) or "
                              "specbench (Spec-Bench speed.py's speedup and mean accepted tokens)")
+    parser.add_argument("--tokenizer-path", type=Path,
+                        help="with --convention specbench: the tokenizer that recounts the baseline's answers (as "
+                             "speed.py's --tokenizer-path); default: the catalogue model's")
     parser.add_argument("--curve", type=Path,
                         help="verify-latency curve JSON (decodebench-profile), or a folder of them, for the cost "
                              "model; default: latency_curve.json in each run dir")
@@ -315,7 +319,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                          "'[Spec-Bench import]'); repeatable")
     args = parser.parse_args(argv)
     from decodebench.analysis.frame import aggregate, frame_from_records  # frame.py imports this module
-    from decodebench.analysis.specbench import export_specbench, import_specbench
+    from decodebench.analysis.specbench import export_specbench, import_specbench, recount_baseline_tokens
 
     try:
         if not args.dirs and not args.import_specbench:
@@ -338,6 +342,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       f"python evaluation/speed.py --file-path {exported.path} --base-path {exported.baseline_path} "
                       "--tokenizer-path <model>")
             return 0
+        if args.convention == "specbench":  # speed.py's baseline token count (analysis/specbench.py)
+            frame = recount_baseline_tokens(frame, args.tokenizer_path)
         agg = aggregate(frame)
         table = speed_table(agg, args.convention)
         which = args.table or ("speed" if args.format == "csv" else "all")

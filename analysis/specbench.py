@@ -12,11 +12,12 @@ one JSON object per question and line::
 ``speed.py`` computes, per category group, speed = Σ new_tokens / Σ wall_time of each question
 (``choices[0]``), speedup = mean question speed / mean baseline question speed, and "#Mean
 accepted tokens" = the mean of every ``accept_lengths`` entry. DecodeBench's ``speedup_tps`` and
-``mean_accepted_tokens`` (:class:`decodebench.records.Summary`) are those definitions, so
-``decodebench-report --convention specbench`` prints what ``speed.py`` prints on the export.
-One difference is Spec-Bench's, not ours: ``speed.py`` recounts the BASELINE's tokens by
-re-tokenizing its answer text (``len(tokenizer(turn).input_ids) - 1``), which drops the EOS token
-and, for tokenizers without a BOS token, one more; DecodeBench counts emitted ids for both sides.
+``mean_accepted_tokens`` (:class:`decodebench.records.Summary`) are those definitions. ``speed.py``
+counts the BASELINE's tokens by re-tokenizing its answer text (``len(tokenizer(turn).input_ids)
+- 1``: drops the EOS token, and for tokenizers without a BOS token one more), where DecodeBench
+counts emitted ids; ``decodebench-report --convention specbench`` does the same recount
+(:func:`recount_baseline_tokens`, the catalogue model's tokenizer or ``--tokenizer-path``), so it
+prints what ``speed.py`` prints on the export.
 
 Export (:func:`export_specbench`, ``decodebench-report DIR --export-specbench OUT``): per repeat
 (run dir) and method, ``OUT/<run>/<model>-<method>.jsonl`` and the AR records it was paired with
@@ -149,6 +150,51 @@ def export_specbench(frame: pd.DataFrame, out: PathLike) -> list[ExportedFile]:
     if not written:
         raise DecodeBenchError("nothing to export in Spec-Bench's layout: no method record with an AR baseline")
     return written
+
+
+def speed_py_count(tokenizer: Any, text: str) -> int:
+    """Tokens of one answer as ``speed.py`` counts the baseline's: ``len(tokenizer(turn).input_ids) - 1``."""
+    return len(tokenizer(text).input_ids) - 1
+
+
+def tokenizer_for(model: str, tokenizer_path: Optional[PathLike], cache_dir: Optional[PathLike] = None) -> Any:
+    """``tokenizer_path`` (a folder or hub id, like speed.py's ``--tokenizer-path``) when given, else
+    the catalogue model's tokenizer.
+
+    Raises:
+        DecodeBenchError: no tokenizer_path and ``model`` is not in the catalogue (e.g. imported files).
+    """
+    if tokenizer_path:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(tokenizer_path))
+    from decodebench.models.loading import available_models
+    from decodebench.tasks.speed_bench import context_tokenizer
+
+    if model not in available_models():
+        raise DecodeBenchError(f"--convention specbench recounts the baseline's tokens from its answer text as "
+                               f"Spec-Bench's speed.py does: model '{model}' is not in the catalogue, give "
+                               "--tokenizer-path (the tokenizer speed.py would use)")
+    from decodebench.config import default_cache_dir
+
+    return context_tokenizer(model, cache_dir or default_cache_dir())
+
+
+def recount_baseline_tokens(frame: pd.DataFrame, tokenizer_path: Optional[PathLike] = None) -> pd.DataFrame:
+    """``frame`` with ``ar_counted_tokens``: each row's AR partner's answer recounted as ``speed.py``
+    counts the baseline (:func:`speed_py_count`), so ``speedup_tps`` is what speed.py prints."""
+    frame = frame.copy()
+    tokenizers: dict[str, Any] = {}
+    counts = []
+    for model, index in zip(frame["model"], frame["baseline_index"]):
+        if pd.isna(index):
+            counts.append(float("nan"))
+            continue
+        if model not in tokenizers:
+            tokenizers[model] = tokenizer_for(model, tokenizer_path)
+        counts.append(float(speed_py_count(tokenizers[model], frame.at[int(index), "output_text"] or "")))
+    frame["ar_counted_tokens"] = counts
+    return frame
 
 
 def _read_answers(path: Path) -> list[dict[str, Any]]:

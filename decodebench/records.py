@@ -144,6 +144,8 @@ class Summary:
     speedup: Optional[float] = None
     # speedup_tps = Spec-Bench's speedup (evaluation/speed.py): per prompt, speed = Σ new tokens / Σ wall
     # time over its turns; speedup_tps = mean prompt speed / mean AR prompt speed (paired turns only).
+    # AR tokens are emitted ids; `decodebench-report --convention specbench` recounts them from the
+    # answer text as speed.py does (len(tokenizer(turn).input_ids) - 1 per turn).
     speedup_tps: Optional[float] = None
     # mean_accepted_tokens = Spec-Bench's "#Mean accepted tokens" (EAGLE's average acceptance length τ,
     # vLLM's mean acceptance length when every step drafts) = mean over decode steps of the tokens the
@@ -231,6 +233,13 @@ def _step_lists(row: dict[str, Any]) -> tuple[list[int], list[int], list[int]]:
     return accepted, depths, emitted
 
 
+def _ar_tokens(row: dict[str, Any]) -> float:
+    """The AR partner's token count for ``speedup_tps``: its emitted ids, or ``ar_counted_tokens`` when
+    the frame carries a recount (Spec-Bench's convention: ``analysis.specbench.recount_baseline_tokens``)."""
+    counted = row.get("ar_counted_tokens")
+    return float(row["ar_new_tokens"]) if counted is None or _missing(counted) else float(counted)
+
+
 def prompt_totals(frame: pd.DataFrame) -> pd.DataFrame:
     """Per-prompt totals (one row per ``sample_id``, its turns summed) of the successful records in
     ``frame``: the numerators and denominators of :data:`RATIOS`.
@@ -257,7 +266,7 @@ def prompt_totals(frame: pd.DataFrame) -> pd.DataFrame:
             "overhead_s": wall - sum(parts),
             "paired_wall_s": wall if paired else 0.0, "ar_wall_s": float(row["ar_wall_s"]) if paired else 0.0,
             "paired_tokens": float(row["new_tokens"]) if paired else 0.0,
-            "ar_tokens": float(row["ar_new_tokens"]) if paired else 0.0,
+            "ar_tokens": _ar_tokens(row) if paired else 0.0,
         })
     columns = ["sample_id", "new_tokens", "steps", "wall_s", "accepted", "drafted", "depth", "decode_tokens",
                "decode_steps", "verified", "prefill_s", "draft_s", "verify_s", "overhead_s", "paired_wall_s",

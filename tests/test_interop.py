@@ -153,11 +153,20 @@ def spec_bench_run(path, seed: int = 0) -> RunDirectory:
     return run
 
 
-def speed_py(file_path, base_path, task):
+@pytest.fixture(scope="module")
+def tokenizer_path():
+    """The embedded model's folder (its tokenizer is what speed.py's --tokenizer-path would name)."""
+    from decodebench.config import default_cache_dir
+    from decodebench.tasks.speed_bench import context_tokenizer
+
+    return context_tokenizer("smollm2-135m", default_cache_dir()).name_or_path
+
+
+def speed_py(file_path, base_path, task, tokenizer):
     """What Spec-Bench's evaluation/speed.py computes for one task (category group), from its result
-    layout: per question Σ new_tokens / Σ wall_time of choices[0]; accept_lengths pooled; speedup =
-    mean speed / mean baseline speed. (speed.py recounts the baseline's tokens by re-tokenizing its
-    text; the export's baseline ``new_tokens`` are the emitted ids that recount approximates.)"""
+    layout: per question Σ new_tokens / Σ wall_time of choices[0]; accept_lengths pooled; the
+    baseline's tokens recounted from its answer text, len(tokenizer(turn).input_ids) - 1 per turn;
+    speedup = mean speed / mean baseline speed."""
     mt_bench_list = ["writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"]
 
     def questions(path):
@@ -173,8 +182,8 @@ def speed_py(file_path, base_path, task):
         choice = datapoint["choices"][0]
         accept_lengths.extend(choice["accept_lengths"])
         speeds.append(sum(choice["new_tokens"]) / sum(choice["wall_time"]))
-    base_speeds = [sum(d["choices"][0]["new_tokens"]) / sum(d["choices"][0]["wall_time"])
-                   for d in questions(base_path)]
+    base_speeds = [sum(len(tokenizer(turn).input_ids) - 1 for turn in d["choices"][0]["turns"])
+                   / sum(d["choices"][0]["wall_time"]) for d in questions(base_path)]
     return np.array(speeds).mean() / np.array(base_speeds).mean(), np.mean(accept_lengths)
 
 
@@ -184,7 +193,8 @@ def report_csv(capsys, *args) -> pd.DataFrame:
                        keep_default_na=False)
 
 
-def test_export_round_trips_through_spec_bench_layout(tmp_path, capsys):
+@pytest.mark.embedded
+def test_export_round_trips_through_spec_bench_layout(tmp_path, capsys, tokenizer_path):
     run = spec_bench_run(tmp_path / "run")
     out = tmp_path / "export"
     assert main([str(run.path), "--export-specbench", str(out)]) == 0
@@ -198,10 +208,13 @@ def test_export_round_trips_through_spec_bench_layout(tmp_path, capsys):
     assert set(first["choices"][0]) == {"index", "turns", "decoding_steps", "new_tokens", "wall_time",
                                         "accept_lengths"}
 
-    table = report_csv(capsys, run.path)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    table = report_csv(capsys, run.path, "--tokenizer-path", tokenizer_path)
     pld = table[table["method"] == "pld[cpu]"].set_index("group")
     for group in SPEC_BENCH_GROUPS:
-        speedup, accepted = speed_py(method_file, base_file, group)
+        speedup, accepted = speed_py(method_file, base_file, group, tokenizer)
         assert f"{speedup:.2f}" == pld.loc[group, "speedup_tps"], group
         assert f"{accepted:.2f}" == pld.loc[group, "mean_accepted_tokens"], group
     # the decodebench convention's Σ-wall speedup is a different number on these varied prompts
@@ -210,13 +223,15 @@ def test_export_round_trips_through_spec_bench_layout(tmp_path, capsys):
     assert ours.loc[("pld[cpu]", "overall"), "speedup"] != float(pld.loc["overall", "speedup_tps"])
 
 
-def test_import_spec_bench_files_beside_runs(tmp_path, capsys):
+@pytest.mark.embedded
+def test_import_spec_bench_files_beside_runs(tmp_path, capsys, tokenizer_path):
     run = spec_bench_run(tmp_path / "run")
     assert main([str(run.path), "--export-specbench", str(tmp_path / "export")]) == 0
     capsys.readouterr()
     method_file, base_file = tmp_path / "export" / "run" / "m-pld-cpu.jsonl", tmp_path / "export" / "run" / \
         "m-pld-cpu.baseline.jsonl"
-    table = report_csv(capsys, run.path, "--import-specbench", method_file, base_file)
+    table = report_csv(capsys, run.path, "--import-specbench", method_file, base_file, "--tokenizer-path",
+                       tokenizer_path)
     imported = table[table["method"] == "m-pld[cpu] [Spec-Bench import]"].set_index("group")
     ours = table[table["method"] == "pld[cpu]"].set_index("group")
     assert list(imported.index) == SPEC_BENCH_GROUPS
@@ -227,6 +242,8 @@ def test_import_spec_bench_files_beside_runs(tmp_path, capsys):
     # import alone (no run dir), and into the paper tables
     assert main(["--import-specbench", str(method_file), str(base_file)]) == 0
     assert "[Spec-Bench import]" in capsys.readouterr().out
+    assert main(["--import-specbench", str(method_file), str(base_file), "--convention", "specbench"]) == 2
+    assert "give --tokenizer-path" in capsys.readouterr().err  # imported model: not in the catalogue
     paper = tmp_path / "paper"
     assert main([str(run.path), "--import-specbench", str(method_file), str(base_file), "--paper", str(paper)]) == 0
     tables = "\n".join(p.read_text() for p in (paper / "tables").glob("main_*.md"))
