@@ -214,6 +214,12 @@ def _missing(value: Any) -> bool:
     return value is None or value is pd.NA or (isinstance(value, float) and value != value)
 
 
+def _number(row: dict[str, Any], key: str) -> float:
+    """A numeric field of a record row; a missing one (null, NaN, absent) counts 0."""
+    value = row.get(key)
+    return 0.0 if value is None or _missing(value) else float(value)
+
+
 def _lengths(value: Any) -> list[int]:
     return [int(v) for v in value] if value is not None and not _missing(value) and len(value) else []
 
@@ -251,21 +257,18 @@ def prompt_totals(frame: pd.DataFrame) -> pd.DataFrame:
     ok = frame[frame["error"].isna()] if "error" in frame.columns else frame
     rows = []
     for row in ok.to_dict("records"):
-        accepted, depths, emitted = _step_lists(row)
+        _, depths, emitted = _step_lists(row)
         paired = "ar_wall_s" in row and not _missing(row["ar_wall_s"])
-        wall = float(row["wall_s"])
-        parts = [float(row.get(k) or 0.0) if not _missing(row.get(k)) else 0.0
-                 for k in ("prefill_s", "draft_s", "verify_s")]
+        wall = _number(row, "wall_s")
+        parts = [_number(row, key) for key in ("prefill_s", "draft_s", "verify_s")]
         rows.append({
-            "sample_id": str(row["sample_id"]), "new_tokens": float(row["new_tokens"]), "steps": float(row["steps"]),
-            "wall_s": wall, "accepted": float(row.get("accepted") or 0) if not _missing(row.get("accepted")) else 0.0,
-            "drafted": float(row.get("drafted") or 0) if not _missing(row.get("drafted")) else 0.0,
-            "depth": float(sum(depths)), "decode_tokens": float(sum(emitted)), "decode_steps": float(len(emitted)),
-            "verified": float(sum(_lengths(row.get("tree_sizes")))),
-            "prefill_s": parts[0], "draft_s": parts[1], "verify_s": parts[2],
-            "overhead_s": wall - sum(parts),
-            "paired_wall_s": wall if paired else 0.0, "ar_wall_s": float(row["ar_wall_s"]) if paired else 0.0,
-            "paired_tokens": float(row["new_tokens"]) if paired else 0.0,
+            "sample_id": str(row["sample_id"]), "new_tokens": _number(row, "new_tokens"),
+            "steps": _number(row, "steps"), "wall_s": wall, "accepted": _number(row, "accepted"),
+            "drafted": _number(row, "drafted"), "depth": float(sum(depths)), "decode_tokens": float(sum(emitted)),
+            "decode_steps": float(len(emitted)), "verified": float(sum(_lengths(row.get("tree_sizes")))),
+            "prefill_s": parts[0], "draft_s": parts[1], "verify_s": parts[2], "overhead_s": wall - sum(parts),
+            "paired_wall_s": wall if paired else 0.0, "ar_wall_s": _number(row, "ar_wall_s") if paired else 0.0,
+            "paired_tokens": _number(row, "new_tokens") if paired else 0.0,
             "ar_tokens": _ar_tokens(row) if paired else 0.0,
         })
     columns = ["sample_id", "new_tokens", "steps", "wall_s", "accepted", "drafted", "depth", "decode_tokens",
