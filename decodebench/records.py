@@ -2,10 +2,7 @@
 
 A run directory holds ``records.jsonl`` — one :class:`Record` per (sample × turn × method) — and
 ``summary.json`` — one :class:`Summary` per method. Every metric is defined ONCE, here, next to
-its field; the report recomputes group-level numbers from records with the same definitions
-(:func:`summarize`).
-
-Every metric is computed by ONE function, :func:`summarize_frame`, over a frame of records joined
+its field, and computed by ONE function, :func:`summarize_frame`, over a frame of records joined
 with their AR baseline (``ar_wall_s``, ``ar_new_tokens``); :func:`summarize` (the runner's
 ``summary.json``) and the analysis package (report, paper tables, W&B) both call it. Ratio
 metrics are ratios of per-prompt totals (:func:`prompt_totals`, :data:`RATIOS`), so the bootstrap

@@ -211,13 +211,17 @@ def generate(
 
 def draft_depth(parents: Optional[Sequence[int]], drafted: int) -> int:
     """Levels of a draft: a chain's length, or the deepest node of a tree given parent pointers
-    among the drafts (-1 = the root; parents come before children)."""
+    among the drafts (-1 = the root)."""
     if parents is None:
         return drafted
-    depths: list[int] = []
-    for parent in parents:
-        depths.append(1 if parent < 0 else depths[parent] + 1)
-    return max(depths, default=0)
+    depths: dict[int, int] = {}
+
+    def depth(node: int) -> int:
+        if node not in depths:
+            depths[node] = 1 if parents[node] < 0 else depth(parents[node]) + 1
+        return depths[node]
+
+    return max((depth(node) for node in range(len(parents))), default=0)
 
 
 def never_drafts(drafter: Drafter) -> bool:
