@@ -38,7 +38,7 @@ import pandas as pd
 
 from decodebench.analysis.merge import WHERE_KEYS, node_type, read_config
 from decodebench.analysis.report import BASELINE_SUFFIX, OVERALL, find_run_dirs, load_records
-from decodebench.analysis.uncertainty import BOOTSTRAP_SEED, bootstrap_interval, latency_percentiles
+from decodebench.analysis.uncertainty import BOOTSTRAP_SEED, bootstrap_intervals, latency_percentiles
 from decodebench.records import acceptance_by_position, prompt_totals, summarize_frame
 
 KEYS = ["model", "task", "method", "group"]
@@ -206,8 +206,9 @@ def _cell(model: str, task: str, method: str, group: str, rows: pd.DataFrame, bo
     bootstrap interval over prompts of :data:`CI_METRICS`, pooled acceptance curves and latency percentiles."""
     units = [unit for _, unit in rows.groupby("repeat", sort=False)]
     totals = [prompt_totals(unit) for unit in units]
-    summaries = [summarize_frame(unit) for unit in units]
-    per_position, conditional = acceptance_by_position(rows)
+    summaries = [summarize_frame(unit, unit_totals) for unit, unit_totals in zip(units, totals)]
+    per_position, conditional = (summaries[0]["per_position_acceptance"], summaries[0]["conditional_acceptance"]) \
+        if len(units) == 1 else acceptance_by_position(rows)
     row = {"model": model, "task": task, "method": method, "group": group,
            "method_name": rows["method_name"].iloc[0], "lossless_method": rows["lossless_method"].iloc[0],
            "repeats": len(units), "records": len(rows),
@@ -219,9 +220,9 @@ def _cell(model: str, task: str, method: str, group: str, rows: pd.DataFrame, bo
         values = pd.Series([s["quality"].get(key) if key else s.get(name) for s in summaries], dtype=float).dropna()
         row[name] = values.mean() if len(values) else math.nan
         row[f"{name}_std"] = values.std(ddof=1) if len(values) > 1 else math.nan
+    intervals = bootstrap_intervals(totals, [m for m in CI_METRICS if not math.isnan(row[m])], seed=bootstrap_seed)
     for name in CI_METRICS:
-        row[f"{name}_lo"], row[f"{name}_hi"] = bootstrap_interval(totals, name, seed=bootstrap_seed) \
-            if not math.isnan(row[name]) else (math.nan, math.nan)
+        row[f"{name}_lo"], row[f"{name}_hi"] = intervals.get(name, (math.nan, math.nan))
     row.update(latency_percentiles(rows))
     return row
 

@@ -29,40 +29,52 @@ CONFIDENCE = 0.95
 LATENCY_PERCENTILES = (50, 95, 99)
 
 
-def bootstrap_interval(units: Sequence[pd.DataFrame], metric: str, samples: int = BOOTSTRAP_SAMPLES,
-                       seed: int = BOOTSTRAP_SEED, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``metric`` over prompts (module docstring).
+def bootstrap_intervals(units: Sequence[pd.DataFrame], metrics: Sequence[str], samples: int = BOOTSTRAP_SAMPLES,
+                        seed: int = BOOTSTRAP_SEED, confidence: float = CONFIDENCE) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of ``metrics`` over prompts (module docstring); one draw of
+    prompts serves every metric.
 
     Args:
         units: one frame of per-prompt totals per repeat (``prompt_totals``, indexed by sample_id).
-        metric: a name in :data:`decodebench.records.RATIOS`.
+        metrics: names in :data:`decodebench.records.RATIOS`.
         samples: number of bootstrap draws.
-        seed: seed of the draws (the same seed gives the same interval).
+        seed: seed of the draws (the same seed gives the same intervals).
         confidence: coverage of the interval (0.95 = the 2.5th..97.5th percentiles).
 
     Returns:
-        (low, high); (nan, nan) when no draw defines the metric (e.g. no AR partner for speedup).
+        metric -> (low, high); (nan, nan) when no draw defines the metric (e.g. no AR partner).
     """
-    numerator, denominator = RATIOS[metric]
     prompts = list(dict.fromkeys(p for unit in units for p in unit.index))
     if not prompts:
-        return math.nan, math.nan
+        return {metric: (math.nan, math.nan) for metric in metrics}
+    n = len(prompts)
     rng = np.random.default_rng(seed)
-    counts = rng.multinomial(len(prompts), np.full(len(prompts), 1.0 / len(prompts)), size=samples)
-    per_repeat = []
-    for unit in units:
-        aligned = unit.reindex(prompts).fillna(0.0)
-        top, bottom = counts @ aligned[numerator].to_numpy(), counts @ aligned[denominator].to_numpy()
-        with np.errstate(divide="ignore", invalid="ignore"):
-            per_repeat.append(np.where(bottom > 0, top / bottom, np.nan))
-    stacked = np.vstack(per_repeat)
-    defined = ~np.isnan(stacked).all(axis=0)
-    if not defined.any():
-        return math.nan, math.nan
-    draws = np.nanmean(stacked[:, defined], axis=0)
+    drawn = rng.integers(0, n, size=(samples, n)) + n * np.arange(samples)[:, None]
+    counts = np.bincount(drawn.ravel(), minlength=samples * n).reshape(samples, n).astype(float)
+    aligned = [unit.reindex(prompts).fillna(0.0) for unit in units]
     tail = (1.0 - confidence) / 2.0
-    low, high = np.quantile(draws, [tail, 1.0 - tail])
-    return float(low), float(high)
+    intervals = {}
+    for metric in metrics:
+        numerator, denominator = RATIOS[metric]
+        per_repeat = []
+        for unit in aligned:
+            top, bottom = counts @ unit[numerator].to_numpy(), counts @ unit[denominator].to_numpy()
+            with np.errstate(divide="ignore", invalid="ignore"):
+                per_repeat.append(np.where(bottom > 0, top / bottom, np.nan))
+        stacked = np.vstack(per_repeat)
+        defined = ~np.isnan(stacked).all(axis=0)
+        if not defined.any():
+            intervals[metric] = (math.nan, math.nan)
+            continue
+        low, high = np.quantile(np.nanmean(stacked[:, defined], axis=0), [tail, 1.0 - tail])
+        intervals[metric] = (float(low), float(high))
+    return intervals
+
+
+def bootstrap_interval(units: Sequence[pd.DataFrame], metric: str, samples: int = BOOTSTRAP_SAMPLES,
+                       seed: int = BOOTSTRAP_SEED, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The interval of one metric (:func:`bootstrap_intervals`)."""
+    return bootstrap_intervals(units, [metric], samples, seed, confidence)[metric]
 
 
 def ms_per_token(frame: pd.DataFrame) -> pd.Series:

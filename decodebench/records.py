@@ -290,6 +290,8 @@ def acceptance_by_position(frame: pd.DataFrame) -> tuple[list[float], list[float
     Position k (1-based) is drafted in a step whose draft depth is ≥ k; it is accepted when the
     step accepted ≥ k tokens (accepted tokens form a prefix of the accepted path).
     """
+    if "drafted" in frame.columns and not frame["drafted"].fillna(0).any():
+        return [], []  # nothing drafted (AR, lossy methods)
     drafted_at: list[int] = []  # steps whose draft reached position k+1
     after_accepted_at: list[int] = []  # ... and whose position k was accepted (all steps for k = 0)
     accepted_at: list[int] = []  # ... and whose position k+1 was accepted
@@ -321,16 +323,17 @@ def mean_quality(frame: pd.DataFrame) -> dict[str, float]:
     return {metric: sum(v) / len(v) for metric, v in sorted(values.items())}
 
 
-def summarize_frame(frame: pd.DataFrame) -> dict[str, Any]:
+def summarize_frame(frame: pd.DataFrame, totals: Optional[pd.DataFrame] = None) -> dict[str, Any]:
     """Every :class:`Summary` metric of one set of records (a frame of Record fields joined with
     their AR baseline as ``ar_wall_s`` / ``ar_new_tokens``; see :func:`prompt_totals`).
 
     Errored records count in ``records`` / ``errors`` only. Speedups use the turns with an AR
     partner; lossless rate, token match rate and first divergence the records audited for them
-    (the runner audits against the same-process baseline).
+    (the runner audits against the same-process baseline). ``totals``: ``prompt_totals(frame)``
+    when the caller has it already.
     """
     ok = frame[frame["error"].isna()] if "error" in frame.columns else frame
-    totals = prompt_totals(frame)
+    totals = prompt_totals(frame) if totals is None else totals
     values: dict[str, Any] = {"records": len(frame), "errors": len(frame) - len(ok),
                               "new_tokens": int(totals["new_tokens"].sum()), "wall_s": float(totals["wall_s"].sum())}
     values.update(ratio_metrics(totals))
