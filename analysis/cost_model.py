@@ -41,6 +41,7 @@ import pandas as pd
 
 from decodebench.analysis.frame import is_ar, labelled, read_config
 from decodebench.analysis.report import OVERALL
+from decodebench.records import summarize_frame
 from decodebench.registry import DecodeBenchError
 
 RUN_CURVE_FILES = ("latency_curve.json", "verify_curve.json")
@@ -203,20 +204,17 @@ def predict(rows: pd.DataFrame, curves: dict[str, Optional[LatencyCurve]], t1: d
 
 
 def measured(rows: pd.DataFrame) -> dict[str, Any]:
-    """Measured time split of the records and their (decode-phase) speedup over the joined AR."""
-    ok = rows[rows["error"].isna()]
-    wall = ok["wall_s"].sum()
-    parts = {name: ok[name].fillna(0.0).sum() for name in ("prefill_s", "draft_s", "verify_s")}
-    paired = ok[ok["ar_wall_s"].notna()]
+    """Measured time split of the records and their speedup over the joined AR, pooled over the rows
+    (the definitions of ``records.summarize_frame``), and the decode-phase speedup (prefill excluded)."""
+    summary = summarize_frame(rows)
+    paired = rows[rows["error"].isna() & rows["ar_wall_s"].notna()]
     decode = (paired["wall_s"] - paired["prefill_s"].fillna(0.0)).sum()
     ar_decode = (paired["ar_wall_s"] - paired["ar_prefill_s"].fillna(0.0)).sum()
-    return {"measured_speedup": paired["ar_wall_s"].sum() / paired["wall_s"].sum() if len(paired) else math.nan,
+    return {"measured_speedup": _nan(summary["speedup"]),
             "measured_decode_speedup": ar_decode / decode if len(paired) and decode else math.nan,
-            "prefill_frac": parts["prefill_s"] / wall if wall else math.nan,
-            "draft_frac": parts["draft_s"] / wall if wall else math.nan,
-            "verify_frac": parts["verify_s"] / wall if wall else math.nan,
-            "overhead_frac": (wall - sum(parts.values())) / wall if wall else math.nan,
-            "verify_s": parts["verify_s"]}
+            "prefill_frac": _nan(summary["prefill_share"]), "draft_frac": _nan(summary["draft_share"]),
+            "verify_frac": _nan(summary["verify_share"]), "overhead_frac": _nan(summary["overhead_share"]),
+            "verify_s": summary["verify_s"]}
 
 
 def curves_for(frame: pd.DataFrame, option: Optional[Union[str, Path]] = None) -> dict[str, Optional[LatencyCurve]]:

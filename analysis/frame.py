@@ -16,10 +16,12 @@ same-process baseline, or a shared baseline attached by :mod:`decodebench.analys
 otherwise an AR record of another run with the same ``machine`` and ``setting`` is used (a
 dedicated ``method=ar`` run first). AR records are their own baseline (speedup 1.00).
 
-Aggregation (:func:`aggregate`): one row per (model, task, method, group) plus ``overall``; each
-metric is computed per repeat with :func:`decodebench.records.summarize` (the one definition) over
-the joined pairs, then reported as the mean over repeats with its standard deviation
-(``<metric>_std``; NaN with a single repeat). A repeat is one run dir, except that the shards
+Aggregation (:func:`aggregate`, the ONE aggregation the report, the paper tables, the plots and
+the W&B table read): one row per (model, task, method, group) plus ``overall``; each metric is
+computed per repeat with :func:`decodebench.records.summarize_frame` (the one definition) over the
+joined rows, then reported as the mean over repeats with its standard deviation
+(``<metric>_std``; NaN with a single repeat), with a seeded bootstrap interval over prompts
+(``<metric>_lo`` / ``_hi``, :mod:`decodebench.analysis.uncertainty`). A repeat is one run dir, except that the shards
 (``shard=i/n``) of one configuration and seed pool into one repeat. In-process baselines are
 labelled ``"<method> (baseline)"`` as in :mod:`decodebench.analysis.report`.
 """
@@ -36,14 +38,19 @@ import pandas as pd
 
 from decodebench.analysis.merge import WHERE_KEYS, node_type, read_config
 from decodebench.analysis.report import BASELINE_SUFFIX, OVERALL, find_run_dirs, load_records
-from decodebench.records import Record, summarize
+from decodebench.analysis.uncertainty import BOOTSTRAP_SEED, bootstrap_intervals, latency_percentiles
+from decodebench.records import acceptance_by_position, prompt_totals, summarize_frame
 
 KEYS = ["model", "task", "method", "group"]
 JOIN_KEYS = ["model", "task", "sample_id", "turn", "seed"]
 # Aggregated metrics (definitions: decodebench.records.Summary); quality.<metric> columns follow.
-METRICS = ["speedup", "speedup_tps", "tau", "alpha", "tokens_per_s", "lossless_rate"]
+METRICS = ["speedup", "speedup_tps", "tau", "mean_accepted_tokens", "alpha", "alpha_per_token", "tokens_per_s",
+           "lossless_rate", "token_match_rate", "first_divergence", "drafted_per_step", "verified_per_step",
+           "prefill_share", "draft_share", "verify_share", "overhead_share"]
+# Metrics with a bootstrap interval over prompts (<metric>_lo, <metric>_hi)
+CI_METRICS = ["speedup", "speedup_tps", "tau", "mean_accepted_tokens"]
 QUALITY_PREFIX = "quality."
-LIST_COLUMNS = ["accepted_lengths", "drafted_lengths", "tree_sizes", "output_ids"]
+LIST_COLUMNS = ["accepted_lengths", "drafted_lengths", "draft_depths", "emitted_lengths", "tree_sizes", "output_ids"]
 AR_COLUMNS = ["wall_s", "new_tokens", "prefill_s", "verify_s", "steps"]
 PathLike = Union[str, Path]
 
@@ -96,14 +103,16 @@ def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA
 
 
-def load_frame(paths: Sequence[PathLike]) -> pd.DataFrame:
-    """The tidy frame of every run dir at or below ``paths``, joined with its AR baseline.
+def load_frame(paths: Sequence[PathLike], imported: Sequence[pd.DataFrame] = ()) -> pd.DataFrame:
+    """The tidy frame of every run dir at or below ``paths`` (plus ``imported`` record frames, e.g.
+    Spec-Bench result files read by ``analysis.specbench.import_specbench``), joined with AR.
 
     Raises:
         DecodeBenchError: a path holds no records.jsonl, or no records at all.
     """
     run_dirs = [run_dir for path in paths for run_dir in find_run_dirs(path)]
-    return frame_from_records(load_records(run_dirs))  # the report's reader: torn lines, shared baselines
+    loaded = [load_records(run_dirs)] if run_dirs else []  # the report's reader: torn lines, shared baselines
+    return frame_from_records(pd.concat([*loaded, *imported], ignore_index=True))
 
 
 def frame_from_records(records: pd.DataFrame) -> pd.DataFrame:
@@ -179,25 +188,6 @@ def read_parquet(path: PathLike) -> pd.DataFrame:
 
 # -- aggregation -----------------------------------------------------------------------------------
 
-def _record(row: dict[str, Any], key: str) -> Record:
-    clean = {k: None if _missing(v) else v for k, v in row.items()}
-    clean["sample_id"] = key  # unique per joined pair: summarize pairs by (sample_id, turn)
-    return Record.from_dict(clean)
-
-
-def unit_summary(rows: pd.DataFrame, frame: pd.DataFrame) -> dict[str, Any]:
-    """Summary of one (model, task, method, group, repeat) unit against its joined AR records."""
-    records = [_record(r, str(i)) for i, r in zip(rows.index, rows.to_dict("records"))]
-    baseline = [_record(frame.loc[int(b)].to_dict(), str(i))
-                for i, b in zip(rows.index, rows["baseline_index"]) if not _missing(b)]
-    summary = summarize(records, baseline or None)
-    values = {name: getattr(summary, name) for name in METRICS}
-    values.update({QUALITY_PREFIX + m: v for m, v in summary.quality.items()})
-    values["per_position_acceptance"] = summary.per_position_acceptance
-    values["records"], values["errors"] = summary.records, summary.errors
-    return values
-
-
 def labelled(frame: pd.DataFrame) -> pd.DataFrame:
     """Rows to aggregate, with the table label in ``method``: baselines as ``"ar (baseline)"``.
 
@@ -211,12 +201,42 @@ def labelled(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([baseline, frame[frame["role"] != "baseline"]])
 
 
-def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
-    """Mean ± std over repeats per (model, task, method, group) and ``overall`` (module docstring).
+def _cell(model: str, task: str, method: str, group: str, rows: pd.DataFrame, bootstrap_seed: int) -> dict[str, Any]:
+    """One aggregate row: every metric per repeat (``summarize_frame``), mean ± std over repeats, the
+    bootstrap interval over prompts of :data:`CI_METRICS`, pooled acceptance curves and latency percentiles."""
+    units = [unit for _, unit in rows.groupby("repeat", sort=False)]
+    totals = [prompt_totals(unit) for unit in units]
+    summaries = [summarize_frame(unit, unit_totals) for unit, unit_totals in zip(units, totals)]
+    per_position, conditional = (summaries[0]["per_position_acceptance"], summaries[0]["conditional_acceptance"]) \
+        if len(units) == 1 else acceptance_by_position(rows)
+    row = {"model": model, "task": task, "method": method, "group": group,
+           "method_name": rows["method_name"].iloc[0], "lossless_method": rows["lossless_method"].iloc[0],
+           "repeats": len(units), "records": len(rows),
+           "errors": int(rows["error"].notna().sum()) if "error" in rows.columns else 0,
+           "per_position_acceptance": per_position, "conditional_acceptance": conditional}
+    names = METRICS + [QUALITY_PREFIX + m for m in dict.fromkeys(m for s in summaries for m in s["quality"])]
+    for name in names:
+        key = name[len(QUALITY_PREFIX):] if name.startswith(QUALITY_PREFIX) else None
+        values = pd.Series([s["quality"].get(key) if key else s.get(name) for s in summaries], dtype=float).dropna()
+        row[name] = values.mean() if len(values) else math.nan
+        row[f"{name}_std"] = values.std(ddof=1) if len(values) > 1 else math.nan
+    intervals = bootstrap_intervals(totals, [m for m in CI_METRICS if not math.isnan(row[m])], seed=bootstrap_seed)
+    for name in CI_METRICS:
+        row[f"{name}_lo"], row[f"{name}_hi"] = intervals.get(name, (math.nan, math.nan))
+    row.update(latency_percentiles(rows))
+    return row
 
-    Columns: KEYS, ``method_name``, ``lossless_method``, ``repeats``, ``records``, ``errors``, every
-    metric of :data:`METRICS` and ``quality.<metric>`` with a ``<metric>_std`` partner, and
-    ``per_position_acceptance`` (pooled over all records of the row, not averaged).
+
+def aggregate(frame: pd.DataFrame, bootstrap_seed: int = BOOTSTRAP_SEED) -> pd.DataFrame:
+    """THE aggregation of the analysis package (report, paper tables, plots and W&B all read it):
+    one row per (model, task, method, group) plus ``overall`` (module docstring).
+
+    Columns: KEYS, ``method_name``, ``lossless_method``, ``repeats``, ``records``, ``errors``;
+    every metric of :data:`METRICS` and ``quality.<metric>`` as the mean over repeats with a
+    ``<metric>_std`` partner (NaN with one repeat); ``<metric>_lo`` / ``_hi``: the seeded 95 %
+    bootstrap interval over prompts of :data:`CI_METRICS` (``analysis/uncertainty.py``);
+    ``latency_p50_ms`` / ``_p95_ms`` / ``_p99_ms`` (per-token decode latency over the records);
+    ``per_position_acceptance`` and ``conditional_acceptance`` (pooled over all records of the row).
     """
     rows = []
     data = labelled(frame)
@@ -224,25 +244,11 @@ def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
     for (model, task, method), method_rows in data.groupby(["model", "task", "method"], sort=False):
         for group in [*groups, OVERALL]:
             in_group = method_rows if group == OVERALL else method_rows[method_rows["group"] == group]
-            if in_group.empty:
-                continue
-            units = [unit_summary(unit, frame) for _, unit in in_group.groupby("repeat", sort=False)]
-            pooled = unit_summary(in_group, frame)
-            row = {"model": model, "task": task, "method": method, "group": group,
-                   "method_name": in_group["method_name"].iloc[0],
-                   "lossless_method": in_group["lossless_method"].iloc[0],
-                   "repeats": len(units), "records": pooled["records"], "errors": pooled["errors"],
-                   "per_position_acceptance": pooled["per_position_acceptance"]}
-            names = list(dict.fromkeys(n for u in units for n in u
-                                       if n in METRICS or n.startswith(QUALITY_PREFIX)))
-            for name in names:
-                values = pd.Series([u.get(name) for u in units], dtype=float).dropna()
-                row[name] = values.mean() if len(values) else math.nan
-                row[f"{name}_std"] = values.std(ddof=1) if len(values) > 1 else math.nan
-            rows.append(row)
+            if not in_group.empty:
+                rows.append(_cell(model, task, method, group, in_group, bootstrap_seed))
     table = pd.DataFrame(rows)
-    for name in METRICS:
-        for column in (name, f"{name}_std"):
+    for name in METRICS + [f"{m}_{suffix}" for m in CI_METRICS for suffix in ("lo", "hi")]:
+        for column in (name, f"{name}_std") if name in METRICS else (name,):
             if column not in table.columns:
                 table[column] = math.nan
     return table

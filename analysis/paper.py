@@ -6,7 +6,7 @@ writes::
     OUT/index.md                      tables inline, figures embedded, provenance
     OUT/records.parquet               the tidy frame (analysis/frame.py), one row per record
     OUT/aggregate.csv                 mean ± std over repeats per (model, task, method, group)
-    OUT/tables/{main,quality,cost}_<task>_<model>.{md,tex,csv}
+    OUT/tables/{main,quality,cost,latency}_<task>_<model>.{md,tex,csv}
     OUT/tables/audit.md               lossless audit (analysis/quality.py), when anything was audited
     OUT/figures/<figure>_<task>_<model>.{png,pdf}
 
@@ -92,23 +92,26 @@ def _provenance(frame: pd.DataFrame, curves: dict) -> list[str]:
     return lines + [""]
 
 
-def write_paper(paths: Sequence[PathLike], out: PathLike, curve: Optional[PathLike] = None) -> Paper:
+def write_paper(paths: Sequence[PathLike], out: PathLike, curve: Optional[PathLike] = None,
+                imported: Sequence[pd.DataFrame] = ()) -> Paper:
     """Load ``paths`` (run or sweep dirs) and write the paper folder ``out`` (module docstring).
 
     Args:
         paths: run directories or sweep directories.
         out: the output folder (created; files in it are overwritten).
         curve: verify-latency curve file or folder for the cost model (else each run dir's own).
+        imported: record frames of imported Spec-Bench results (``analysis.specbench``), shown beside.
 
     Raises:
         DecodeBenchError: no records under ``paths``, or an unreadable curve.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    frame = load_frame(paths)
+    frame = load_frame(paths, imported)
     paper = Paper(out=out, index=out / "index.md", parquet=save_parquet(frame, out / "records.parquet"))
     agg = aggregate(frame)
-    agg.assign(per_position_acceptance=agg["per_position_acceptance"].map(json.dumps)).to_csv(
+    agg.assign(per_position_acceptance=agg["per_position_acceptance"].map(json.dumps),
+               conditional_acceptance=agg["conditional_acceptance"].map(json.dumps)).to_csv(
         out / "aggregate.csv", index=False, float_format="%.6g")
     curves = curves_for(frame, curve)
     cost = cost_table(frame, curves)
@@ -128,6 +131,7 @@ def write_paper(paths: Sequence[PathLike], out: PathLike, curve: Optional[PathLi
         lines += _table_section(tables.main_table(agg, model, task), out, f"main_{name}", paper)
         lines += _table_section(tables.quality_table(agg, model, task), out, f"quality_{name}", paper)
         lines += _table_section(tables.cost_table(cost, model, task), out, f"cost_{name}", paper)
+        lines += _table_section(tables.latency_table(agg, model, task), out, f"latency_{name}", paper)
         lines += _figure_section(plots.speedup_by_group(agg, model, task, figures, f"speedup_by_group_{name}"), out,
                                  paper)
         lines += _figure_section(plots.tau_vs_speedup(agg, cost, model, task, figures, f"tau_vs_speedup_{name}"),

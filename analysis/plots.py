@@ -66,8 +66,22 @@ def _methods(rows: pd.DataFrame, with_baseline: bool = False) -> list[str]:
     return methods if with_baseline else [m for m in methods if not is_reference(m)]
 
 
+def interval_errors(rows: pd.DataFrame, metric: str, groups: list[str]) -> np.ndarray:
+    """Asymmetric error bars (2 × len(groups)) from ``<metric>_lo`` / ``_hi`` of rows indexed by group
+    (0 where there is no interval)."""
+    lows, highs = [], []
+    for group in groups:
+        value = rows[metric].get(group, math.nan)
+        low = rows[f"{metric}_lo"].get(group, math.nan) if f"{metric}_lo" in rows else math.nan
+        high = rows[f"{metric}_hi"].get(group, math.nan) if f"{metric}_hi" in rows else math.nan
+        lows.append(0.0 if pd.isna(low) or pd.isna(value) else max(0.0, value - low))
+        highs.append(0.0 if pd.isna(high) or pd.isna(value) else max(0.0, high - value))
+    return np.array([lows, highs])
+
+
 def speedup_by_group(agg: pd.DataFrame, model: str, task: str, out_dir: Path, name: str) -> Optional[FigureFile]:
-    """Grouped bars: one group of bars per category group (+ overall), one bar per method, ± std."""
+    """Grouped bars: one group of bars per category group (+ overall), one bar per method, with the
+    95 % bootstrap interval over prompts as error bars."""
     rows = _rows(agg, model, task)
     methods = _methods(rows)
     groups = [g for g in dict.fromkeys(rows["group"]) if g != OVERALL] + [OVERALL]
@@ -81,16 +95,16 @@ def speedup_by_group(agg: pd.DataFrame, model: str, task: str, out_dir: Path, na
     for i, method in enumerate(methods):
         by_group = rows[rows["method"] == method].set_index("group")
         values = [by_group["speedup"].get(g, math.nan) for g in groups]
-        errors = [by_group["speedup_std"].get(g, math.nan) for g in groups]
-        ax.bar(x - 0.4 + width * (i + 0.5), values, width, yerr=np.nan_to_num(errors), label=method,
-               capsize=2, error_kw={"linewidth": 0.8})
+        ax.bar(x - 0.4 + width * (i + 0.5), values, width, yerr=interval_errors(by_group, "speedup", groups),
+               label=method, capsize=2, error_kw={"linewidth": 0.8})
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="AR (1.00×)")
     ax.set_xticks(x, [GROUP_NAMES.get(g, g) for g in groups], rotation=20 if len(groups) > 4 else 0)
     ax.set_ylabel("Speedup over AR (×, wall time)")
     ax.set_title(f"Speedup per category group — {task}, {model}", fontsize="medium")
     _legend_outside(ax)
     return _save(fig, out_dir, name, "Speedup per category group",
-                 "Σ AR wall time / Σ method wall time per category group; error bars: std over repeats.")
+                 "Σ AR wall time / Σ method wall time per category group; error bars: 95 % bootstrap interval "
+                 "over prompts (seeded).")
 
 
 def tau_vs_speedup(agg: pd.DataFrame, cost: Optional[pd.DataFrame], model: str, task: str, out_dir: Path,
@@ -119,8 +133,9 @@ def tau_vs_speedup(agg: pd.DataFrame, cost: Optional[pd.DataFrame], model: str, 
     colors = iter(f"C{i}" for i in range(100))
     for row in rows.to_dict("records"):
         color = next(colors)
-        ax.errorbar(row["tau"], row["speedup"], xerr=np.nan_to_num(row.get("tau_std", math.nan)),
-                    yerr=np.nan_to_num(row.get("speedup_std", math.nan)), fmt="o", color=color, label=row["method"],
+        one = pd.DataFrame([row]).set_index("group")
+        ax.errorbar(row["tau"], row["speedup"], xerr=interval_errors(one, "tau", [OVERALL]),
+                    yerr=interval_errors(one, "speedup", [OVERALL]), fmt="o", color=color, label=row["method"],
                     capsize=2)
         if row["method"] in predicted:
             ax.plot([row["tau"]] * 2, [row["speedup"], predicted[row["method"]]], color=color, linewidth=0.8)
@@ -133,8 +148,8 @@ def tau_vs_speedup(agg: pd.DataFrame, cost: Optional[pd.DataFrame], model: str, 
     ax.set_title(f"τ vs speedup — {task}, {model}", fontsize="medium")
     _legend_outside(ax)
     return _save(fig, out_dir, name, "τ vs speedup with the cost model",
-                 "Filled: measured; hollow: cost-model prediction (decode phase) from the verify-latency curve; "
-                 "dotted: a step costing c AR steps gives speedup τ/c.")
+                 "Filled: measured, with 95 % bootstrap intervals over prompts; hollow: cost-model prediction "
+                 "(decode phase) from the verify-latency curve; dotted: a step costing c AR steps gives speedup τ/c.")
 
 
 def acceptance_curves(agg: pd.DataFrame, model: str, task: str, out_dir: Path, name: str) -> Optional[FigureFile]:

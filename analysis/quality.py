@@ -25,7 +25,8 @@ import pandas as pd
 import yaml
 
 KEYS = ["model", "task", "method", "group"]
-SPEED_COLUMNS = ["speedup", "tau", "lossless_rate", "token_match_rate"]  # agreement with AR next to Δ quality
+# speed next to quality (with the bootstrap intervals of the speed table); agreement with AR next to Δ quality
+SPEED_COLUMNS = ["speedup", "speedup_lo", "speedup_hi", "tau", "tau_lo", "tau_hi", "lossless_rate", "token_match_rate"]
 PASS_AT_K = (1, 10, 100)
 SAMPLE_SEPARATOR = "#"  # HumanEval with num_samples > 1: "<problem>#<i>" (tasks/humaneval.py)
 BASELINE_SUFFIX = " (baseline)"

@@ -1,11 +1,15 @@
 """Report tables from run directories: records.jsonl → DataFrame → speedup / τ / α table.
 
-Rows are keyed by (model, task, method label, category group), pooled over every run directory
-given (a sweep holds one method per run dir, each with its own same-process AR baseline). Every
-number comes from :func:`decodebench.records.summarize`; a method's records are paired with the
-baseline records of the SAME run directory (and group), so speedups never mix machines or
-processes. Runs of one method label that differ in other parameters are pooled: report such
-runs with separate invocations.
+Rows are keyed by (model, task, method label, category group) over every run directory given (a
+sweep holds one method per run dir, each with its own same-process AR baseline). Every number
+comes from :func:`decodebench.analysis.frame.aggregate` — the one aggregation the paper tables,
+plots and W&B also read — with the definitions of :func:`decodebench.records.summarize_frame`; a
+method's records are paired with the baseline records of the SAME run directory (else a
+dedicated AR run on the same machine and settings), so speedups never mix machines or processes.
+Run dirs of one method label are repeats: metrics are means over them. Speedup and τ carry a
+seeded 95 % bootstrap interval over prompts (``speedup 95% CI``; :mod:`decodebench.analysis.uncertainty`).
+``--convention specbench`` shows Spec-Bench's speedup and mean accepted tokens instead, with the
+baseline's tokens recounted from its answer text as Spec-Bench's ``speed.py`` does.
 
 The baseline appears as ``"<method> (baseline)"`` rows (speedup 1.00, τ 1.00, its tokens/s).
 
@@ -20,8 +24,11 @@ AR is reported on stderr as a LOSSLESS VIOLATION.
 CLI::
 
     decodebench-report results/sweep [more dirs] [--format md|latex|csv] [--layout long|wide]
-                       [--table speed|quality|audit|stats|cost|all] [--curve CURVE]
+                       [--table speed|quality|audit|stats|latency|cost|all] [--curve CURVE]
+                       [--convention decodebench|specbench] [--import-specbench METHOD BASE ...]
     decodebench-report results/sweep --paper paper/ [--curve CURVE]   # every table and figure + index.md
+    decodebench-report results/sweep --export-specbench OUT            # Spec-Bench result files
+    (:mod:`decodebench.analysis.specbench`)
 
 ``--table stats`` (part of ``all`` when records carry ``method_stats``) lists each method's own
 counters, averaged per generation: the exit layers DEL chose, SkipDecode's layer fraction,
@@ -36,9 +43,7 @@ writes the paper folder (:mod:`decodebench.analysis.paper`).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
-import math
 import sys
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -47,7 +52,6 @@ import pandas as pd
 
 from decodebench.analysis.merge import attach_shared_baselines, shard_problems
 from decodebench.analysis.quality import quality_sections, render_section
-from decodebench.records import Record, summarize
 from decodebench.registry import DecodeBenchError
 from decodebench.runners.run_dir import RECORDS as RECORDS_FILE, read_record_rows
 
@@ -61,9 +65,15 @@ KEYS = ["model", "task", "method", "group"]
 AGREEMENT = ["token_match_rate", "first_divergence"]
 METRICS = ["speedup", "speedup_tps", "tau", "alpha", "tokens_per_s", "lossless_rate", *AGREEMENT]
 COUNTS = ["records", "errors"]
+# convention -> (speed metrics of the table, those shown with their bootstrap interval)
+CONVENTIONS = {"decodebench": (["speedup", "speedup_tps", "tau"], ["speedup", "tau"]),
+               "specbench": (["speedup_tps", "mean_accepted_tokens"], ["speedup_tps", "mean_accepted_tokens"])}
+CI_LABEL = "95% CI"
+LATENCY_COLUMNS = ["latency_p50_ms", "latency_p95_ms", "latency_p99_ms"]
+LATENCY_TITLE = "Per-token decode latency (ms/token, prefill excluded; percentiles over records)"
 WIDE_METRICS = ["speedup", "tau"]  # Spec-Bench's main table: speedup and τ per group
 FORMATS = ("md", "latex", "csv")
-TABLES = ("speed", "quality", "audit", "stats", "cost", "all")
+TABLES = ("speed", "quality", "audit", "stats", "latency", "cost", "all")
 STATS_TITLE = "Method statistics (Drafter.request_stats, mean per generation)"
 LAYOUTS = ("long", "wide")
 
@@ -94,62 +104,77 @@ def load_records(run_dirs: Sequence[Union[str, Path]]) -> pd.DataFrame:
     return attach_shared_baselines(pd.DataFrame(rows))
 
 
-def _records_of(frame: pd.DataFrame) -> list[Record]:
-    """Rebuild Records from DataFrame rows; pairing keys are made unique per run dir.
-
-    pandas turns missing numbers into NaN; they go back to None so ``summarize`` sees null
-    metrics. ``sample_id`` gets the run dir as prefix because ``summarize`` pairs a method's
-    records with baseline records by (sample_id, turn), which must stay within one run.
-    """
-    records = []
-    for row in frame.to_dict("records"):
-        clean = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
-        record = Record.from_dict(clean)
-        records.append(dataclasses.replace(record, sample_id=f"{row['run_dir']}::{record.sample_id}"))
-    return records
-
-
-def report_table(records: pd.DataFrame) -> pd.DataFrame:
+def report_table(records: pd.DataFrame, convention: str = "decodebench") -> pd.DataFrame:
     """Long table: one row per (model, task, method, group) plus an ``overall`` group per method.
 
-    Columns: model, task, method, group, speedup (Σ AR wall / Σ method wall), speedup_tps
-    (Spec-Bench's ratio of mean tokens/s), tau, alpha, tokens_per_s, lossless_rate, records,
-    errors. Baseline rows come first within each (model, task); groups keep data order.
+    ``records`` is :func:`load_records` output (joined with AR here) or an already joined tidy
+    frame; the numbers come from :func:`decodebench.analysis.frame.aggregate` (the one
+    aggregation) through :func:`speed_table`.
     """
-    groups = list(dict.fromkeys(records["group"]))
-    rows = []
-    for (model, task), frame in records.groupby(["model", "task"], sort=False):
-        baseline = frame[frame["role"] == "baseline"]
-        if "baseline_source" in frame.columns:  # a shared baseline counts once in its own rows
-            own = baseline.assign(run_dir=baseline["baseline_source"].fillna(baseline["run_dir"]))
-            baseline_rows = own.drop_duplicates(subset=["run_dir", "sample_id", "turn"])
-        else:
-            baseline_rows = baseline
-        methods = frame[frame["role"] != "baseline"]
-        for label, method_frame, is_baseline in (
-            *((f"{m}{BASELINE_SUFFIX}", f, True) for m, f in baseline_rows.groupby("method", sort=False)),
-            *((m, f, False) for m, f in methods.groupby("method", sort=False)),
-        ):
-            for group in [*groups, OVERALL]:
-                in_group = method_frame if group == OVERALL else method_frame[method_frame["group"] == group]
-                if in_group.empty:
-                    continue
-                base_group = baseline if group == OVERALL else baseline[baseline["group"] == group]
-                reference = in_group if is_baseline else base_group
-                summary = summarize(_records_of(in_group), _records_of(reference) or None)
-                rows.append({"model": model, "task": task, "method": label, "group": group,
-                             **{name: getattr(summary, name) for name in METRICS + COUNTS}})
-    table = pd.DataFrame(rows, columns=KEYS + METRICS + COUNTS)
-    return table.drop(columns=[c for c in AGREEMENT if table[c].isna().all()]).astype(
-        {c: float for c in AGREEMENT if c in table and not table[c].isna().all()})
+    from decodebench.analysis.frame import aggregate, frame_from_records
+
+    check_convention(convention)
+    frame = records if "baseline_index" in records.columns else frame_from_records(records)
+    return speed_table(aggregate(frame), convention)
+
+
+def check_convention(convention: str) -> None:
+    if convention not in CONVENTIONS:
+        raise DecodeBenchError(f"unknown convention '{convention}' (valid: {', '.join(CONVENTIONS)})")
+
+
+def speed_table(agg: pd.DataFrame, convention: str = "decodebench") -> pd.DataFrame:
+    """The speed table's columns of an aggregate (``frame.aggregate``): model, task, method, group,
+    the convention's speed metrics each followed by its 95 % bootstrap interval over prompts
+    (``<metric>_lo``, ``<metric>_hi``), alpha, tokens_per_s, lossless_rate (+ agreement columns
+    for lossy methods), records, errors. Metrics are means over repeats.
+
+    Conventions (:data:`CONVENTIONS`): ``decodebench`` = speedup (Σ AR wall / Σ method wall),
+    speedup_tps (Spec-Bench's), tau (tokens per target forward); ``specbench`` = Spec-Bench's
+    speedup (speedup_tps: mean prompt tokens/s ratio) and mean accepted tokens, as its
+    ``evaluation/speed.py`` prints them. Baseline rows come first within each (model, task).
+    """
+    check_convention(convention)
+    speed, with_ci = CONVENTIONS[convention]
+    columns = KEYS + [c for m in speed for c in ((m, f"{m}_lo", f"{m}_hi") if m in with_ci else (m,))]
+    columns += [m for m in METRICS if m not in speed and m not in ("speedup_tps", "tau")] + COUNTS
+    table = agg[columns].copy()
+    return table.drop(columns=[c for c in AGREEMENT if table[c].isna().all()])
+
+
+def latency_table(agg: pd.DataFrame) -> pd.DataFrame:
+    """Per-token decode latency percentiles per (model, task, method) (overall rows of the aggregate)."""
+    rows = agg[agg["group"] == OVERALL]
+    return rows[["model", "task", "method", *LATENCY_COLUMNS, "records"]].reset_index(drop=True)
+
+
+def ci_text(low: float, high: float) -> Optional[str]:
+    """An interval as ``[low, high]`` with the table's 2 decimals (None when undefined)."""
+    return None if pd.isna(low) or pd.isna(high) else f"[{low:.2f}, {high:.2f}]"
+
+
+def with_ci_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """Long table for reading: each ``<m>_lo`` / ``<m>_hi`` pair becomes one ``<m> 95% CI`` column."""
+    table = table.copy()
+    for column in [c for c in table.columns if isinstance(c, str) and c.endswith("_lo")]:
+        metric = column[:-3]
+        if f"{metric}_hi" in table.columns:
+            position = table.columns.get_loc(column)
+            text = [ci_text(lo, hi) for lo, hi in zip(table[column], table[f"{metric}_hi"])]
+            table = table.drop(columns=[column, f"{metric}_hi"])
+            table.insert(position, f"{metric} {CI_LABEL}", text)
+    return table
 
 
 def wide_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Spec-Bench layout: one row per (model, task, method); a (speedup, tau) block per group."""
-    wide = table.pivot(index=["model", "task", "method"], columns="group", values=WIDE_METRICS)
+    """Spec-Bench layout: one row per (model, task, method); a (speedup, tau) block per group (with
+    their intervals; the ``specbench`` convention's speedup_tps and mean accepted tokens instead)."""
+    main = WIDE_METRICS if "speedup" in table.columns else ["speedup_tps", "mean_accepted_tokens"]
+    metrics = [c for m in main for c in (m, f"{m}_lo", f"{m}_hi") if c in table.columns]
+    wide = table.pivot(index=["model", "task", "method"], columns="group", values=metrics)
     wide = wide.swaplevel(axis=1)
     groups = list(dict.fromkeys(table["group"]))
-    wide = wide.reindex(columns=[(g, m) for g in groups for m in WIDE_METRICS])
+    wide = wide.reindex(columns=[(g, m) for g in groups for m in metrics])
     order = list(dict.fromkeys(zip(table["model"], table["task"], table["method"])))
     return wide.reindex(order).reset_index()
 
@@ -164,9 +189,14 @@ def best_speedup_mask(table: pd.DataFrame) -> pd.DataFrame:
     candidate = ~_column(table, "method").str.endswith(BASELINE_SUFFIX)
     keys = [_column(table, "model"), _column(table, "task")]
     if isinstance(table.columns, pd.MultiIndex):
-        speedup_columns = [c for c in table.columns if c[1] == "speedup"]
-    else:
-        speedup_columns, keys = ["speedup"], keys + [table["group"]]
+        speedup_columns = [c for c in table.columns if c[1] in ("speedup", "speedup_tps")]
+        if any(c[1] == "speedup" for c in speedup_columns):
+            speedup_columns = [c for c in speedup_columns if c[1] == "speedup"]
+    elif "group" in table.columns:
+        speedup_columns = [c for c in ("speedup", "speedup_tps") if c in table.columns][:1]
+        keys = keys + [table["group"]]
+    else:  # not a speed table (e.g. latency)
+        return mask
     for column in speedup_columns:
         values = table[column].where(candidate).astype(float)
         best = values.groupby(keys).transform("max")
@@ -183,18 +213,22 @@ def _flat_columns(table: pd.DataFrame) -> pd.DataFrame:
 def render(table: pd.DataFrame, fmt: str) -> str:
     """Render a long or wide table as ``md`` (pipe table), ``latex`` (booktabs) or ``csv``.
 
-    Numbers have 2 decimals; missing values show as "-" (empty in csv). LaTeX bolds the best
-    non-baseline speedup per group.
+    Numbers have 2 decimals; missing values show as "-" (empty in csv). Bootstrap intervals
+    (``<m>_lo`` / ``<m>_hi``) read ``[low, high]`` in one ``<m> 95% CI`` column (csv keeps both
+    numbers). LaTeX bolds the best non-baseline speedup per group.
     """
     if fmt == "csv":
         return _flat_columns(table).to_csv(index=False, float_format="%.2f")
     if fmt == "md":
         from tabulate import tabulate
 
-        flat = _flat_columns(table).astype(object).where(table.notna().to_numpy(), None)
+        flat = with_ci_columns(_flat_columns(table))
+        flat = flat.astype(object).where(flat.notna().to_numpy(), None)
         return tabulate(flat, headers="keys", tablefmt="pipe", floatfmt=".2f", missingval="-",
                         showindex=False) + "\n"
     if fmt == "latex":
+        if not isinstance(table.columns, pd.MultiIndex):
+            table = with_ci_columns(table)
         mask = best_speedup_mask(table)
         styler = table.style.hide(axis="index")
         styler = styler.format(precision=2, na_rep="-", escape="latex").format_index(escape="latex", axis=1)
@@ -246,13 +280,17 @@ def _cost_section(records: pd.DataFrame, curve: Optional[Path], fmt: str, explic
     table = cost_table(frame_from_records(records), curves).drop(columns=["group"])
     title = "Cost model: predicted vs measured speedup (decode phase; fractions of the method's wall time)"
     body = render(table[[c for c in COLUMNS if c in table.columns]], fmt)
-    return [body if fmt == "csv" else f"% {title}\n{body}" if fmt == "latex" else f"**{title}**\n\n{body}"]
+    return [_titled(body, title, fmt)]
+
+
+def _titled(body: str, title: str, fmt: str) -> str:
+    return body if fmt == "csv" else f"% {title}\n{body}" if fmt == "latex" else f"**{title}**\n\n{body}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="decodebench-report",
                                      description="Speedup / τ / α tables from DecodeBench run directories.")
-    parser.add_argument("dirs", nargs="+", type=Path, help="run directories or sweep directories")
+    parser.add_argument("dirs", nargs="*", type=Path, help="run directories or sweep directories")
     parser.add_argument("--format", choices=FORMATS, default="md")
     parser.add_argument("--layout", choices=LAYOUTS, default="long",
                         help="long: one row per method × group; wide: groups as column blocks")
@@ -260,35 +298,66 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--table", choices=TABLES,
                         help="which tables (default: all for md/latex, speed for csv); quality = quality "
                              "metrics and Δ vs AR next to speedup/τ/lossless rate; audit = lossless audit; "
-                             "stats = method counters (exit layers, skipped layers/FFN blocks)")
+                             "stats = method counters (exit layers, skipped layers/FFN blocks); latency = "
+                             "per-token latency p50/p95/p99")
+    parser.add_argument("--convention", choices=tuple(CONVENTIONS), default="decodebench",
+                        help="speed columns: decodebench (speedup = Σ AR wall / Σ wall, τ per target forward) or "
+                             "specbench (Spec-Bench speed.py's speedup and mean accepted tokens)")
+    parser.add_argument("--tokenizer-path", type=Path,
+                        help="with --convention specbench: the tokenizer that recounts the baseline's answers (as "
+                             "speed.py's --tokenizer-path); default: the catalogue model's")
     parser.add_argument("--curve", type=Path,
                         help="verify-latency curve JSON (decodebench-profile), or a folder of them, for the cost "
                              "model; default: latency_curve.json in each run dir")
     parser.add_argument("--paper", type=Path, metavar="OUT",
                         help="write every table (md, tex, csv) and figure (png, pdf) with an index.md into OUT")
+    parser.add_argument("--export-specbench", type=Path, metavar="OUT",
+                        help="write every method (and the AR records it was paired with) as Spec-Bench result "
+                             "files under OUT (evaluation/speed.py reads them)")
+    parser.add_argument("--import-specbench", nargs=2, action="append", type=Path, metavar=("METHOD", "BASE"),
+                        default=[], help="add a Spec-Bench result file and its baseline file (labelled "
+                                         "'[Spec-Bench import]'); repeatable")
     args = parser.parse_args(argv)
+    from decodebench.analysis.frame import aggregate, frame_from_records  # frame.py imports this module
+    from decodebench.analysis.specbench import export_specbench, import_specbench, recount_baseline_tokens
+
     try:
+        if not args.dirs and not args.import_specbench:
+            raise DecodeBenchError("give run or sweep directories, or --import-specbench METHOD BASE")
+        imported = [import_specbench(method, base) for method, base in args.import_specbench]
         if args.paper:
             from decodebench.analysis.paper import write_paper  # matplotlib only when asked for
 
-            paper = write_paper(args.dirs, args.paper, curve=args.curve)
+            paper = write_paper(args.dirs, args.paper, curve=args.curve, imported=imported)
             print(f"{paper.index} ({len(paper.tables)} tables, {len(paper.figures)} figures)")
             return 0
         run_dirs = [run_dir for path in args.dirs for run_dir in find_run_dirs(path)]
         for problem in shard_problems(run_dirs):
             print(f"decodebench-report: warning: {problem}", file=sys.stderr)
-        records = load_records(run_dirs)
-        table = report_table(records)
+        records = pd.concat(([load_records(run_dirs)] if run_dirs else []) + imported, ignore_index=True)
+        frame = frame_from_records(records)
+        if args.export_specbench:
+            for exported in export_specbench(frame, args.export_specbench):
+                print(f"{exported.method}: {exported.questions} questions ({exported.left_out} left out) -> "
+                      f"python evaluation/speed.py --file-path {exported.path} --base-path {exported.baseline_path} "
+                      "--tokenizer-path <model>")
+            return 0
+        if args.convention == "specbench":  # speed.py's baseline token count (analysis/specbench.py)
+            frame = recount_baseline_tokens(frame, args.tokenizer_path)
+        agg = aggregate(frame)
+        table = speed_table(agg, args.convention)
         which = args.table or ("speed" if args.format == "csv" else "all")
         parts = [render(wide_table(table) if args.layout == "wide" else table, args.format)] \
             if which in ("speed", "all") else []
-        sections = quality_sections(records, table)  # analysis/quality.py
+        sections = quality_sections(records, speed_table(agg))  # analysis/quality.py
         for message in sections["violations"]:
             print(f"decodebench-report: {message}", file=sys.stderr)
         parts += [render_section(name, sections[name], args.format, render)
                   for name in ("quality", "audit") if which in (name, "all") and not sections[name].empty]
         if which in ("stats", "all"):
             parts += _stats_section(records, args.format)
+        if which in ("latency", "all"):
+            parts += [_titled(render(latency_table(agg), args.format), LATENCY_TITLE, args.format)]
         if which in ("cost", "all"):
             parts += _cost_section(records, args.curve, args.format, explicit=which == "cost")
         text = "\n".join(parts)

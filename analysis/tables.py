@@ -26,7 +26,8 @@ METRIC_NAMES = {"speedup": "Speedup", "speedup_tps": "Speedup (tok/s)", "tau": "
                 "measured_decode_speedup": "Measured (decode)", "measured_speedup": "Measured (wall)",
                 "tokens_per_step": "Tokens/step", "verify_ratio": "T(k)/T(1)", "draft_share": "Draft/T(1)",
                 "prefill_frac": "Prefill %", "draft_frac": "Draft %", "verify_frac": "Verify %",
-                "overhead_frac": "Overhead %"}
+                "overhead_frac": "Overhead %", "latency_p50_ms": "p50 ms/token", "latency_p95_ms": "p95 ms/token",
+                "latency_p99_ms": "p99 ms/token", "mean_accepted_tokens": "Mean accepted tokens"}
 LATEX_METRIC_NAMES = {"tau": r"$\tau$", "alpha": r"$\alpha$", "verify_ratio": r"$T(k)/T(1)$",
                       "draft_share": r"Draft$/T(1)$", "prefill_frac": r"Prefill \%", "draft_frac": r"Draft \%",
                       "verify_frac": r"Verify \%", "overhead_frac": r"Overhead \%"}
@@ -94,7 +95,8 @@ def main_table(agg: pd.DataFrame, model: str, task: str, metrics: tuple[str, ...
         blocks = [OVERALL]
     table = _pivot(rows, blocks, list(metrics), f"Speedup and τ over AR — {task}, {model}")
     table.notes.append("speedup = Σ AR wall time / Σ method wall time on the same prompts and machine; "
-                       "τ = emitted tokens / target forwards. Mean ± std over repeats; best in bold.")
+                       "τ = emitted tokens / target forwards. Mean ± std over repeats; best in bold. 95 % bootstrap "
+                       "intervals over prompts: aggregate.csv (speedup_lo/hi, tau_lo/hi), the report and the figures.")
     return table
 
 
@@ -108,6 +110,19 @@ def quality_table(agg: pd.DataFrame, model: str, task: str) -> Optional[PaperTab
                    f"Quality — {task}, {model}")
     table.notes.append("quality = mean of each task metric over the records that report it; lossless = "
                        "fraction of greedy outputs identical to AR (lossless methods).")
+    return table
+
+
+def latency_table(agg: pd.DataFrame, model: str, task: str) -> Optional[PaperTable]:
+    """Per-token decode latency percentiles per method (overall rows; lower is better, nothing bold)."""
+    rows = agg[(agg["model"] == model) & (agg["task"] == task) & (agg["group"] == OVERALL)]
+    metrics = ["latency_p50_ms", "latency_p95_ms", "latency_p99_ms"]
+    if rows.empty or rows[metrics].isna().all().all():
+        return None
+    table = _pivot(rows, [OVERALL], metrics, f"Per-token latency — {task}, {model}")
+    table.bold_best = False
+    table.notes.append("(wall − prefill) / (new tokens − 1) per record, in ms; percentiles over the records "
+                       "of all repeats.")
     return table
 
 

@@ -2,8 +2,13 @@
 
 A run directory holds ``records.jsonl`` — one :class:`Record` per (sample × turn × method) — and
 ``summary.json`` — one :class:`Summary` per method. Every metric is defined ONCE, here, next to
-its field; the report recomputes group-level numbers from records with the same definitions
-(:func:`summarize`).
+its field, and computed by ONE function, :func:`summarize_frame`, over a frame of records joined
+with their AR baseline (``ar_wall_s``, ``ar_new_tokens``); :func:`summarize` (the runner's
+``summary.json``) and the analysis package (report, paper tables, W&B) both call it. Ratio
+metrics are ratios of per-prompt totals (:func:`prompt_totals`, :data:`RATIOS`), so the bootstrap
+over prompts (``decodebench.analysis.uncertainty``) resamples exactly what they sum.
+
+The README's *Metrics* table maps these names to Spec-Bench's, vLLM's and EAGLE's.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
+
+import pandas as pd
 
 
 def token_match_rate(ours: list[int], reference: list[int]) -> float:
@@ -77,9 +84,15 @@ class Record:
     # drafted / accepted: draft tokens proposed to / accepted by the verifier (bonus excluded).
     drafted: Optional[int] = None
     accepted: Optional[int] = None
-    accepted_lengths: Optional[list[int]] = None  # per decode step: accepted draft tokens
-    drafted_lengths: Optional[list[int]] = None  # per decode step: draft tokens proposed
-    tree_sizes: Optional[list[int]] = None  # per decode step: nodes in the verified tree
+    accepted_lengths: Optional[list[int]] = None  # per decode step: accepted draft tokens (bonus excluded)
+    drafted_lengths: Optional[list[int]] = None  # per decode step: draft tokens proposed (tree nodes, root excluded)
+    # per decode step: draft levels = the longest root-to-leaf path of the draft tree (a chain: its length);
+    # the most draft tokens one step could accept. Null in records written before the field existed.
+    draft_depths: Optional[list[int]] = None
+    # per decode step: tokens appended to the output (accepted + bonus; the last step may stop early) =
+    # Spec-Bench's ``accept_lengths``. Null in records written before the field existed.
+    emitted_lengths: Optional[list[int]] = None
+    tree_sizes: Optional[list[int]] = None  # per decode step: tokens in the target forward (root, drafts, aux)
     stop_reason: Optional[str] = None  # "eos" | "max_new_tokens" | "stop_string"
     output_text: Optional[str] = None
     output_ids: Optional[list[int]] = None
@@ -117,7 +130,11 @@ class Record:
 
 @dataclass
 class Summary:
-    """Aggregate numbers for one method over a set of records (see :func:`summarize`)."""
+    """Aggregate numbers for one method over a set of records (see :func:`summarize_frame`).
+
+    "Decode step" = one target forward after prefill; a record's ``steps`` counts the prefill too.
+    Ratios are Σ numerator / Σ denominator over the records (pooled), named in :data:`RATIOS`.
+    """
 
     method: str
     task: str
@@ -128,16 +145,37 @@ class Summary:
     wall_s: float
     # tokens_per_s = Σ new tokens / Σ wall time
     tokens_per_s: Optional[float]
-    # tau (mean accepted tokens per target forward, bonus included) = Σ new tokens / Σ steps;
-    # AR = 1.00 exactly.
+    # tau (τ, mean tokens per target forward, bonus token included) = Σ new tokens / Σ steps, prefill
+    # counted as a step that emits one token; AR = 1.00 exactly.
     tau: Optional[float]
-    # alpha (draft acceptance rate) = Σ accepted draft tokens / Σ drafted tokens; null if nothing drafted.
+    # alpha (acceptance rate per drafted token; for trees per tree NODE) = Σ accepted / Σ drafted;
+    # null if nothing was drafted. vLLM's draft_acceptance_rate for chains.
     alpha: Optional[float]
     # speedup = Σ AR wall time / Σ method wall time over the same (sample, turn) pairs, same process.
     speedup: Optional[float] = None
-    # speedup_tps = mean over records of method tokens/s / mean over records of AR tokens/s
-    # (Spec-Bench leaderboard convention, for comparison with its published numbers).
+    # speedup_tps = Spec-Bench's speedup (evaluation/speed.py): per prompt, speed = Σ new tokens / Σ wall
+    # time over its turns; speedup_tps = mean prompt speed / mean AR prompt speed (paired turns only).
+    # AR tokens are emitted ids; `decodebench-report --convention specbench` recounts them from the
+    # answer text as speed.py does (len(tokenizer(turn).input_ids) - 1 per turn).
     speedup_tps: Optional[float] = None
+    # mean_accepted_tokens = Spec-Bench's "#Mean accepted tokens" (EAGLE's average acceptance length τ,
+    # vLLM's mean acceptance length when every step drafts) = mean over decode steps of the tokens the
+    # step emitted (accepted + bonus) = Σ emitted_lengths / Σ decode steps; AR = 1.00.
+    mean_accepted_tokens: Optional[float] = None
+    # alpha_per_token (acceptance rate per draft POSITION) = Σ accepted / Σ draft_depths: for chains =
+    # alpha; for trees the share of the deepest path's positions that were accepted.
+    alpha_per_token: Optional[float] = None
+    # drafted_per_step = Σ drafted / Σ decode steps (draft tokens / tree nodes proposed per step)
+    drafted_per_step: Optional[float] = None
+    # verified_per_step = Σ tree_sizes / Σ decode steps (tokens in each target forward: root + drafts + aux)
+    verified_per_step: Optional[float] = None
+    # time shares of the method's wall time (sum to 1): prefill, draft (propose + feedback), verify
+    # (target forward + verification + cache commit) and overhead (= wall − the other three: stop checks,
+    # bookkeeping, Python)
+    prefill_share: Optional[float] = None
+    draft_share: Optional[float] = None
+    verify_share: Optional[float] = None
+    overhead_share: Optional[float] = None
     # lossless_rate = fraction of records whose output ids equal the AR baseline's (null when no baseline
     # or the method is not lossless under this decoding setting).
     lossless_rate: Optional[float] = None
@@ -146,8 +184,12 @@ class Summary:
     # first_divergence = mean over agreement-audited records of the first token index that differs
     # from AR, an identical output counting as its full length (= mean length of the agreeing prefix)
     first_divergence: Optional[float] = None
-    # per_position_acceptance[i] = P(draft token i accepted | a draft of length > i was proposed).
+    # per_position_acceptance[k] = P(draft position k+1 accepted | the step drafted ≥ k+1 levels)
+    # (vLLM's per-position acceptance rate: accepted at position k / drafts reaching position k)
     per_position_acceptance: list[float] = field(default_factory=list)
+    # conditional_acceptance[k] = P(position k+1 accepted | position k accepted, drafted ≥ k+1 levels)
+    # (EAGLE's n-α, SPEED-Bench's conditional acceptance rate); [0] equals per_position_acceptance[0]
+    conditional_acceptance: list[float] = field(default_factory=list)
     # quality[metric] = mean of the metric over the records that report it
     quality: dict[str, float] = field(default_factory=dict)
     draft_s: Optional[float] = None
@@ -158,32 +200,184 @@ class Summary:
         return dataclasses.asdict(self)
 
 
-def _ratio(num: float, den: float) -> Optional[float]:
-    return num / den if den else None
+# Ratio metrics: name -> (numerator, denominator) columns of prompt_totals(); metric = Σ num / Σ den.
+RATIOS: dict[str, tuple[str, str]] = {
+    "speedup": ("ar_wall_s", "paired_wall_s"),
+    "speedup_tps": ("speed", "ar_speed"),
+    "tau": ("new_tokens", "steps"),
+    "mean_accepted_tokens": ("decode_tokens", "decode_steps"),
+    "alpha": ("accepted", "drafted"),
+    "alpha_per_token": ("accepted", "depth"),
+    "tokens_per_s": ("new_tokens", "wall_s"),
+    "drafted_per_step": ("drafted", "decode_steps"),
+    "verified_per_step": ("verified", "decode_steps"),
+    "prefill_share": ("prefill_s", "wall_s"),
+    "draft_share": ("draft_s", "wall_s"),
+    "verify_share": ("verify_s", "wall_s"),
+    "overhead_share": ("overhead_s", "wall_s"),
+}
+# Ratios that are null rather than 0/0-undefined when the denominator is zero for a reason (no drafts)
+_DRAFT_RATIOS = ("alpha", "alpha_per_token")
+PAIR_KEYS = ["sample_id", "turn"]
 
 
-def per_position_acceptance(records: list[Record]) -> list[float]:
-    """P(position i accepted | drafted beyond i), from per-step drafted/accepted lengths."""
-    drafted_at: list[int] = []
-    accepted_at: list[int] = []
-    for rec in records:
-        for drafted, accepted in zip(rec.drafted_lengths or [], rec.accepted_lengths or []):
-            while len(drafted_at) < drafted:
+def _missing(value: Any) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and value != value)
+
+
+def _number(row: dict[str, Any], key: str) -> float:
+    """A numeric field of a record row; a missing one (null, NaN, absent) counts 0."""
+    value = row.get(key)
+    return 0.0 if value is None or _missing(value) else float(value)
+
+
+def _lengths(value: Any) -> list[int]:
+    return [int(v) for v in value] if value is not None and not _missing(value) and len(value) else []
+
+
+def _step_lists(row: dict[str, Any]) -> tuple[list[int], list[int], list[int]]:
+    """Per decode step (accepted, depth, emitted) of one record. Records written before
+    ``draft_depths`` / ``emitted_lengths`` existed: depth = drafted (chains), emitted = accepted + 1
+    with the last step taking what is left of ``new_tokens − 1``."""
+    accepted = _lengths(row.get("accepted_lengths"))
+    depths = _lengths(row.get("draft_depths")) or _lengths(row.get("drafted_lengths"))
+    emitted = _lengths(row.get("emitted_lengths"))
+    if not emitted and not _missing(row.get("steps")):
+        decode_steps = int(row["steps"]) - 1
+        emitted = [a + 1 for a in accepted[:decode_steps]] or [1] * decode_steps
+        if emitted:
+            emitted[-1] = int(row["new_tokens"]) - 1 - sum(emitted[:-1])
+    return accepted, depths, emitted
+
+
+def _ar_tokens(row: dict[str, Any]) -> float:
+    """The AR partner's token count for ``speedup_tps``: its emitted ids, or ``ar_counted_tokens`` when
+    the frame carries a recount (Spec-Bench's convention: ``analysis.specbench.recount_baseline_tokens``)."""
+    counted = row.get("ar_counted_tokens")
+    return float(row["ar_new_tokens"]) if counted is None or _missing(counted) else float(counted)
+
+
+def prompt_totals(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per-prompt totals (one row per ``sample_id``, its turns summed) of the successful records in
+    ``frame``: the numerators and denominators of :data:`RATIOS`.
+
+    ``frame`` holds Record fields plus ``ar_wall_s`` / ``ar_new_tokens`` (the joined AR record;
+    NaN when there is none). ``paired_wall_s`` counts only turns with an AR partner; ``speed`` /
+    ``ar_speed`` are the prompt's Σ tokens / Σ wall over those turns (0 when none).
+    """
+    ok = frame[frame["error"].isna()] if "error" in frame.columns else frame
+    rows = []
+    for row in ok.to_dict("records"):
+        _, depths, emitted = _step_lists(row)
+        paired = "ar_wall_s" in row and not _missing(row["ar_wall_s"])
+        wall = _number(row, "wall_s")
+        parts = [_number(row, key) for key in ("prefill_s", "draft_s", "verify_s")]
+        rows.append({
+            "sample_id": str(row["sample_id"]), "new_tokens": _number(row, "new_tokens"),
+            "steps": _number(row, "steps"), "wall_s": wall, "accepted": _number(row, "accepted"),
+            "drafted": _number(row, "drafted"), "depth": float(sum(depths)), "decode_tokens": float(sum(emitted)),
+            "decode_steps": float(len(emitted)), "verified": float(sum(_lengths(row.get("tree_sizes")))),
+            "prefill_s": parts[0], "draft_s": parts[1], "verify_s": parts[2], "overhead_s": wall - sum(parts),
+            "paired_wall_s": wall if paired else 0.0, "ar_wall_s": _number(row, "ar_wall_s") if paired else 0.0,
+            "paired_tokens": _number(row, "new_tokens") if paired else 0.0,
+            "ar_tokens": _ar_tokens(row) if paired else 0.0,
+        })
+    columns = ["sample_id", "new_tokens", "steps", "wall_s", "accepted", "drafted", "depth", "decode_tokens",
+               "decode_steps", "verified", "prefill_s", "draft_s", "verify_s", "overhead_s", "paired_wall_s",
+               "ar_wall_s", "paired_tokens", "ar_tokens"]
+    totals = pd.DataFrame(rows, columns=columns).groupby("sample_id", sort=False).sum()
+    with_pair = totals["paired_wall_s"] > 0
+    totals["speed"] = (totals["paired_tokens"] / totals["paired_wall_s"]).where(with_pair, 0.0)
+    totals["ar_speed"] = (totals["ar_tokens"] / totals["ar_wall_s"]).where(with_pair, 0.0)
+    return totals
+
+
+def ratio_metrics(totals: pd.DataFrame) -> dict[str, Optional[float]]:
+    """Every metric of :data:`RATIOS` from per-prompt totals (None where the denominator is 0)."""
+    sums = totals.sum()
+    return {name: (float(sums[num] / sums[den]) if sums[den] else None) for name, (num, den) in RATIOS.items()}
+
+
+def acceptance_by_position(frame: pd.DataFrame) -> tuple[list[float], list[float]]:
+    """(per-position, conditional) acceptance pooled over the successful records' decode steps.
+
+    Position k (1-based) is drafted in a step whose draft depth is ≥ k; it is accepted when the
+    step accepted ≥ k tokens (accepted tokens form a prefix of the accepted path).
+    """
+    if "drafted" in frame.columns and not frame["drafted"].fillna(0).any():
+        return [], []  # nothing drafted (AR, lossy methods)
+    drafted_at: list[int] = []  # steps whose draft reached position k+1
+    after_accepted_at: list[int] = []  # ... and whose position k was accepted (all steps for k = 0)
+    accepted_at: list[int] = []  # ... and whose position k+1 was accepted
+    ok = frame[frame["error"].isna()] if "error" in frame.columns else frame
+    for row in ok.to_dict("records"):
+        accepted, depths, _ = _step_lists(row)
+        for depth, taken in zip(depths, accepted):
+            while len(drafted_at) < depth:
                 drafted_at.append(0)
+                after_accepted_at.append(0)
                 accepted_at.append(0)
-            for i in range(drafted):
-                drafted_at[i] += 1
-                accepted_at[i] += i < accepted
-    return [a / d for a, d in zip(accepted_at, drafted_at)]
+            for k in range(depth):
+                drafted_at[k] += 1
+                after_accepted_at[k] += k == 0 or taken >= k
+                accepted_at[k] += taken > k
+    per_position = [a / d for a, d in zip(accepted_at, drafted_at)]
+    conditional = [a / r if r else float("nan") for a, r in zip(accepted_at, after_accepted_at)]
+    return per_position, conditional
 
 
-def mean_quality(records: list[Record]) -> dict[str, float]:
+def mean_quality(frame: pd.DataFrame) -> dict[str, float]:
+    """Mean of each quality metric over the successful records that report it."""
     values: dict[str, list[float]] = {}
-    for rec in records:
-        for metric, value in (rec.quality or {}).items():
-            if value is not None:
+    ok = frame[frame["error"].isna()] if "error" in frame.columns else frame
+    for quality in ok.get("quality", pd.Series(dtype=object)):
+        for metric, value in (quality if isinstance(quality, dict) else {}).items():
+            if not _missing(value):
                 values.setdefault(metric, []).append(float(value))
     return {metric: sum(v) / len(v) for metric, v in sorted(values.items())}
+
+
+def summarize_frame(frame: pd.DataFrame, totals: Optional[pd.DataFrame] = None) -> dict[str, Any]:
+    """Every :class:`Summary` metric of one set of records (a frame of Record fields joined with
+    their AR baseline as ``ar_wall_s`` / ``ar_new_tokens``; see :func:`prompt_totals`).
+
+    Errored records count in ``records`` / ``errors`` only. Speedups use the turns with an AR
+    partner; lossless rate, token match rate and first divergence the records audited for them
+    (the runner audits against the same-process baseline). ``totals``: ``prompt_totals(frame)``
+    when the caller has it already.
+    """
+    ok = frame[frame["error"].isna()] if "error" in frame.columns else frame
+    totals = prompt_totals(frame) if totals is None else totals
+    values: dict[str, Any] = {"records": len(frame), "errors": len(frame) - len(ok),
+                              "new_tokens": int(totals["new_tokens"].sum()), "wall_s": float(totals["wall_s"].sum())}
+    values.update(ratio_metrics(totals))
+    if not totals["drafted"].sum():
+        values.update({name: None for name in _DRAFT_RATIOS})
+    if not totals["paired_wall_s"].sum():
+        values["speedup"] = values["speedup_tps"] = None
+    if not totals["verified"].sum():  # records without tree_sizes
+        values["verified_per_step"] = None
+    values["per_position_acceptance"], values["conditional_acceptance"] = acceptance_by_position(frame)
+    values["quality"] = mean_quality(frame)
+    for name in ("draft_s", "verify_s", "prefill_s"):
+        values[name] = float(totals[name].sum())
+    audited = [bool(v) for v in ok.get("lossless", pd.Series(dtype=object)) if not _missing(v)]
+    values["lossless_rate"] = sum(audited) / len(audited) if audited else None
+    matched = ok[ok["token_match_rate"].notna()] if "token_match_rate" in ok.columns else ok.iloc[:0]
+    values["token_match_rate"] = float(matched["token_match_rate"].mean()) if len(matched) else None
+    values["first_divergence"] = float(sum(
+        r["new_tokens"] if _missing(r.get("first_divergence")) else r["first_divergence"]
+        for r in matched.to_dict("records")) / len(matched)) if len(matched) else None
+    return values
+
+
+def records_frame(records: list[Record], baseline: Optional[list[Record]] = None) -> pd.DataFrame:
+    """Records as a frame joined with their baseline by (sample_id, turn) (``ar_wall_s``, ``ar_new_tokens``)."""
+    frame = pd.DataFrame([r.to_dict() for r in records], columns=[f.name for f in dataclasses.fields(Record)])
+    ar = {(b.sample_id, b.turn): b for b in baseline or [] if b.error is None}
+    frame["ar_wall_s"] = [ar[k].wall_s if k in ar else None for k in zip(frame["sample_id"], frame["turn"])]
+    frame["ar_new_tokens"] = [ar[k].new_tokens if k in ar else None for k in zip(frame["sample_id"], frame["turn"])]
+    return frame.astype({"ar_wall_s": float, "ar_new_tokens": float})
 
 
 def summarize(records: list[Record], baseline: Optional[list[Record]] = None) -> Summary:
@@ -191,42 +385,8 @@ def summarize(records: list[Record], baseline: Optional[list[Record]] = None) ->
 
     Speedup pairs records by (sample_id, turn); pairs where either side errored are left out.
     """
-    ok = [r for r in records if r.error is None]
     first = records[0] if records else None
-    new_tokens = sum(r.new_tokens for r in ok)
-    wall = sum(r.wall_s for r in ok)
-    steps = sum(r.steps for r in ok)
-    drafted = sum(r.drafted or 0 for r in ok)
-    summary = Summary(
-        method=first.method if first else "",
-        task=first.task if first else "",
-        model=first.model if first else "",
-        records=len(records),
-        errors=len(records) - len(ok),
-        new_tokens=new_tokens,
-        wall_s=wall,
-        tokens_per_s=_ratio(new_tokens, wall),
-        tau=_ratio(new_tokens, steps),
-        alpha=_ratio(sum(r.accepted or 0 for r in ok), drafted) if drafted else None,
-        per_position_acceptance=per_position_acceptance(ok),
-        quality=mean_quality(ok),
-        draft_s=sum(r.draft_s or 0.0 for r in ok),
-        verify_s=sum(r.verify_s or 0.0 for r in ok),
-        prefill_s=sum(r.prefill_s or 0.0 for r in ok),
-    )
-    if baseline:
-        by_key = {(b.sample_id, b.turn): b for b in baseline if b.error is None}
-        pairs = [(r, by_key[(r.sample_id, r.turn)]) for r in ok if (r.sample_id, r.turn) in by_key]
-        if pairs:
-            summary.speedup = _ratio(sum(b.wall_s for _, b in pairs), sum(r.wall_s for r, _ in pairs))
-            mean_tps = sum(r.tokens_per_s for r, _ in pairs) / len(pairs)
-            mean_base_tps = sum(b.tokens_per_s for _, b in pairs) / len(pairs)
-            summary.speedup_tps = _ratio(mean_tps, mean_base_tps)
-        audited = [r.lossless for r in ok if r.lossless is not None]
-        summary.lossless_rate = sum(audited) / len(audited) if audited else None
-        matched = [r for r in ok if r.token_match_rate is not None]
-        if matched:
-            summary.token_match_rate = sum(r.token_match_rate for r in matched) / len(matched)
-            summary.first_divergence = sum(r.new_tokens if r.first_divergence is None else r.first_divergence
-                                           for r in matched) / len(matched)
-    return summary
+    values = summarize_frame(records_frame(records, baseline))
+    names = {f.name for f in dataclasses.fields(Summary)}
+    return Summary(method=first.method if first else "", task=first.task if first else "",
+                   model=first.model if first else "", **{k: v for k, v in values.items() if k in names})

@@ -45,6 +45,7 @@ class StepStats:
     # the target forward alone (part of verify_s); decode time outside model forwards, i.e. the
     # harness + drafter overhead, is wall - prefill - Σ forward_s (minus a draft model's forwards)
     forward_s: float = 0.0
+    depth: int = 0  # draft levels: the longest root-to-leaf draft path (a chain: its length)
 
 
 @dataclass
@@ -206,6 +207,7 @@ def generate(
                 draft_s=(t_forward - t_propose) + (t_done - t_feedback),
                 verify_s=t_feedback - t_forward,
                 forward_s=t_verify - t_forward,
+                depth=draft_depth(proposal.parents, len(proposal)),
             )
         )
 
@@ -217,6 +219,21 @@ def generate(
         stop_reason=stop_reason,
         method_stats=drafter.request_stats(),
     )
+
+
+def draft_depth(parents: Optional[Sequence[int]], drafted: int) -> int:
+    """Levels of a draft: a chain's length, or the deepest node of a tree given parent pointers
+    among the drafts (-1 = the root)."""
+    if parents is None:
+        return drafted
+    depths: dict[int, int] = {}
+
+    def depth(node: int) -> int:
+        if node not in depths:
+            depths[node] = 1 if parents[node] < 0 else depth(parents[node]) + 1
+        return depths[node]
+
+    return max((depth(node) for node in range(len(parents))), default=0)
 
 
 def never_drafts(drafter: Drafter) -> bool:

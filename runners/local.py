@@ -350,6 +350,8 @@ class Runner:
         record.accepted = sum(s.accepted for s in out.steps)
         record.drafted_lengths = [s.drafted for s in out.steps]
         record.accepted_lengths = [s.accepted for s in out.steps]
+        record.draft_depths = [s.depth for s in out.steps]
+        record.emitted_lengths = [s.emitted for s in out.steps]
         record.tree_sizes = [s.tree_size for s in out.steps]
         record.stop_reason = out.stop_reason
         record.output_ids = out.new_ids

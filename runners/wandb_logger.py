@@ -2,8 +2,9 @@
 
 Logged per run: the resolved config; every record as rows of a ``wandb.Table``
 (``records_table``); the summary metrics of ``summary.json`` under the same names (speedup,
-speedup_tps, tau, alpha, tokens_per_s, lossless_rate, ``quality/<metric>``, counts; the baseline's
-under ``baseline/``); the run's report per category group (``report_table``) and a bar plot of
+speedup_tps, tau, mean_accepted_tokens, alpha, alpha_per_token, tokens_per_s, lossless_rate,
+``quality/<metric>``, counts; the baseline's under ``baseline/``); the run's report per category
+group (``report_table``: the analysis package's one aggregation, with bootstrap intervals) and a bar plot of
 speedup per group (``speedup_by_group``). Runs are
 grouped by sweep (the sweep directory's name unless ``logger.group`` says otherwise) and tagged
 with method, task and model.
@@ -33,8 +34,8 @@ RECORD_COLUMNS = (
     "wall_s", "prefill_s", "draft_s", "verify_s", "steps", "drafted", "accepted", "stop_reason",
     "output_sha", "lossless", "first_divergence", "error",
 )
-SUMMARY_METRICS = ("speedup", "speedup_tps", "tau", "alpha", "tokens_per_s", "lossless_rate", "records",
-                   "errors", "new_tokens", "wall_s")
+SUMMARY_METRICS = ("speedup", "speedup_tps", "tau", "mean_accepted_tokens", "alpha", "alpha_per_token",
+                   "tokens_per_s", "lossless_rate", "records", "errors", "new_tokens", "wall_s")
 
 
 def summary_metrics(summary: dict[str, Any]) -> dict[str, Any]:

@@ -18,12 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_paper_folder(analysis_sweep, tmp_path, capsys):
     out = tmp_path / "paper"
     assert main([str(analysis_sweep), "--paper", str(out)]) == 0
-    assert f"{out / 'index.md'} (10 tables, 5 figures)" in capsys.readouterr().out
+    assert f"{out / 'index.md'} (13 tables, 5 figures)" in capsys.readouterr().out  # + per-token latency
     index = (out / "index.md").read_text()
     for suffix in ("md", "tex", "csv"):
         assert (out / "tables" / f"main_spec_bench_tiny.{suffix}").is_file()
         assert (out / "tables" / f"quality_spec_bench_tiny.{suffix}").is_file()
         assert (out / "tables" / f"cost_spec_bench_tiny.{suffix}").is_file()
+        assert (out / "tables" / f"latency_spec_bench_tiny.{suffix}").is_file()
     for name in ("speedup_by_group", "tau_vs_speedup", "acceptance", "pareto", "latency"):
         assert (out / "figures" / f"{name}_spec_bench_tiny.pdf").is_file()
     # every link in the index resolves
@@ -33,7 +34,9 @@ def test_paper_folder(analysis_sweep, tmp_path, capsys):
     assert "| pld[cpu] | 2.25 ± 0.35 | 1.80 ± 0.00 |" in index
     assert "## Lossless audit" in index and "## Provenance" in index and "0123456789" in index
     assert len(pd.read_parquet(out / "records.parquet")) == 18
-    assert "per_position_acceptance" in (out / "aggregate.csv").read_text().splitlines()[0]
+    header = (out / "aggregate.csv").read_text().splitlines()[0]
+    assert "per_position_acceptance" in header and "conditional_acceptance" in header and "speedup_lo" in header
+    assert "p99 ms/token" in index
 
 
 def test_paper_with_curve_option_and_errors(analysis_sweep, tmp_path, capsys):

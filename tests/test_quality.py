@@ -148,7 +148,8 @@ def test_quality_table_has_deltas_against_ar_on_the_same_samples(tmp_path):
     assert pld["rougeL"] == pytest.approx(0.4) and pld["Δ rougeL"] == pytest.approx(-0.1)
     assert pld["bleu"] == 20.0 and pld["Δ bleu"] == 0.0
     assert pld["speedup"] == pytest.approx(2.0) and pld["lossless_rate"] == pytest.approx(2 / 3)
-    assert list(table.columns[:7]) == ["model", "task", "method", "group", "speedup", "tau", "lossless_rate"]
+    assert list(table.columns[:11]) == ["model", "task", "method", "group", "speedup", "speedup_lo", "speedup_hi",
+                                        "tau", "tau_lo", "tau_hi", "lossless_rate"]  # with the bootstrap intervals
     assert set(table["group"]) == {"summarization", "translation", "overall"}  # mt_bench has no quality
     base = table[table["method"] == "ar (baseline)"]
     assert base["Δ rougeL"].isna().all()
@@ -183,7 +184,7 @@ def test_report_cli_prints_quality_and_audit_and_flags_violations(tmp_path, caps
     assert "LOSSLESS VIOLATION: pld on humaneval" in captured.err
     assert main([str(run), "--format", "csv", "--table", "quality"]) == 0
     csv = capsys.readouterr().out
-    assert csv.splitlines()[0].startswith("model,task,method,group,speedup,tau,lossless_rate,pass@1")
+    assert csv.splitlines()[0].startswith("model,task,method,group,speedup,speedup_lo,speedup_hi,tau,tau_lo,tau_hi,lossless_rate,pass@1")
     assert main([str(run), "--format", "latex", "--table", "audit"]) == 0
     assert "\\toprule" in capsys.readouterr().out
     assert main([str(run), "--format", "csv"]) == 0  # csv: the speed table only, by default

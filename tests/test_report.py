@@ -81,7 +81,8 @@ def test_long_table_numbers(sweep):
 
     pld_all = row(table, "pld", "overall")
     assert (pld_all.speedup, pld_all.tau, pld_all.alpha, pld_all.tokens_per_s) == (2.0, 2.5, 0.6, 20.0)
-    assert pld_all.speedup_tps == pytest.approx(((20 + 40 / 3 + 30) / 3) / 10)
+    # Spec-Bench's speedup: per question Σ tokens / Σ wall (81: 30/2.0, 401: 30/1.0; AR 10 and 10)
+    assert pld_all.speedup_tps == pytest.approx(((15 + 30) / 2) / 10)
     assert (pld_all.records, pld_all.errors) == (4, 1)
 
     lade = row(table, "lade", "mt_bench")  # against run 1's baseline (4.0 s), not run 0's (3.0 s)
@@ -89,9 +90,9 @@ def test_long_table_numbers(sweep):
     assert row(table, "lade", "qa").lossless_rate == 0.5
     assert row(table, "lade", "overall").speedup == pytest.approx(8.0 / 3.8)
 
-    base = row(table, "ar (baseline)", "mt_bench")  # both runs' baselines pooled
+    base = row(table, "ar (baseline)", "mt_bench")  # both runs' baselines: one repeat each, mean over them
     assert (base.speedup, base.tau, base.records) == (1.0, 1.0, 4)
-    assert base.tokens_per_s == pytest.approx(60 / 7)
+    assert base.tokens_per_s == pytest.approx((30 / 3 + 30 / 4) / 2)
     assert pd.isna(base.alpha) and pd.isna(base.lossless_rate)
 
 
@@ -112,7 +113,8 @@ def test_formats(sweep):
     assert "\\textbf{2.22}" in latex and "\\textbf{3.00}" in latex  # best per group: lade mt, pld qa
     assert "\\textbf{1.00}" not in latex  # the baseline is never "best"
     assert "ar (baseline)" in latex and "tokens\\_per\\_s" in latex
-    assert "\\begin{tabular}{llll" + "r" * 8 + "}" in latex
+    # speedup, its interval (text), speedup_tps, tau, its interval, alpha, tokens/s, lossless, records, errors
+    assert "\\begin{tabular}{llll" + "rlrrlrrrrr" + "}" in latex and "[2.00, 2.00]" in latex
 
     parsed = pd.read_csv(io.StringIO(render(table, "csv")))
     assert list(parsed.columns) == list(table.columns)
@@ -126,7 +128,9 @@ def test_wide_layout(sweep):
     assert wide.loc[2, ("overall", "tau")] == pytest.approx(70 / 35)
     assert "mt_bench speedup" in render(wide, "md").splitlines()[0]
     assert "\\textbf{2.22}" in render(wide, "latex")
-    assert render(wide, "csv").splitlines()[0].startswith("model,task,method,mt_bench speedup,mt_bench tau")
+    assert render(wide, "csv").splitlines()[0].startswith(
+        "model,task,method,mt_bench speedup,mt_bench speedup_lo,mt_bench speedup_hi,mt_bench tau")
+    assert "mt_bench speedup 95% CI" in render(wide, "md").splitlines()[0]
 
 
 def test_torn_last_line_is_skipped(tmp_path, sweep):
