@@ -267,11 +267,34 @@ def run_program(program: str, limits: SandboxLimits = SandboxLimits()) -> Sandbo
     return result
 
 
-def kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+def kill_group(pgid: int, wait_s: float = 5.0) -> None:
+    """SIGKILL the process group, then wait until none of it runs (zombies aside): bubblewrap's PID
+    namespace goes down with its init a few milliseconds after the outer bwrap is killed."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return
+        if not live_members(pgid) or time.monotonic() > deadline:
+            return
+        time.sleep(0.005)
+
+
+def live_members(pgid: int) -> list[int]:
+    """Processes of group ``pgid`` that are not zombies (from /proc/<pid>/stat)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in "ZX":
+            found.append(int(entry.name))
+    return found
 
 
 def interpret(tail: str, nonce: str, returncode: Optional[int], timed_out: bool, wall_s: float,
