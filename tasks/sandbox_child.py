@@ -180,17 +180,17 @@ def main() -> None:
     sys.modules.pop("_signal", None)  # a later import goes through the guard's import check
     # everything the report needs after the program, bound now (it may rebind modules and builtins)
     write, exit_now, encode, slice_of, cut = os.write, os._exit, str.encode, str.__getitem__, slice(0, 500)
-    translate, replace, safe = bytes.translate, bytes.replace, JSON_SAFE
+    translate, replace, safe, type_of, base_exception = bytes.translate, bytes.replace, JSON_SAFE, type, BaseException
     if settings["audit_guard"]:
         sys.addaudithook(make_guard(workdir))
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)
     try:
         exec(compile(program, "<candidate>", "exec"), {"__name__": "__main__"})
-    except BaseException as error:  # SystemExit and KeyboardInterrupt too: the tests did not finish
+    except base_exception as error:  # SystemExit and KeyboardInterrupt too: the tests did not finish
         try:
-            detail = f"{type(error).__name__}: {error}"
-        except BaseException:  # a hostile __str__
+            detail = f"{type_of(error).__name__}: {error}"
+        except base_exception:  # a hostile __str__
             detail = "unprintable exception"
         detail = translate(encode(slice_of(detail, cut), "ascii", "replace"), safe)
         detail = replace(replace(detail, b"\\", b"\\\\"), b'"', b'\\"')
