@@ -258,3 +258,47 @@ def test_guard_refuses(guard, event, args):
     args = tuple(a.replace("{box}", str(box)) if isinstance(a, str) else a for a in args)
     with pytest.raises(PermissionError, match="sandbox"):
         hook(event, args)
+
+
+# --- no OS sandbox: a clear error, and nothing runs ----------------------------------------------
+@pytest.fixture
+def no_cached_probe():
+    from decodebench.tasks import sandbox
+
+    sandbox.ensure_sandbox.cache_clear()
+    sandbox.probe.cache_clear()
+    yield sandbox
+    sandbox.ensure_sandbox.cache_clear()
+    sandbox.probe.cache_clear()
+
+
+@pytest.mark.parametrize("missing", ["bwrap", "user", "python"])
+def test_without_an_os_sandbox_nothing_runs_and_the_error_says_why(missing, no_cached_probe, monkeypatch, tmp_path):
+    sandbox = no_cached_probe
+    canary = tmp_path / "ran"
+    if missing == "bwrap":
+        monkeypatch.setattr(sandbox.shutil, "which", lambda name, *a, **k: None)
+        expected = "bubblewrap (bwrap) is not installed"
+    elif missing == "user":
+        if os.geteuid() != 0:
+            pytest.skip("the dedicated sandbox user is needed only by a root harness")
+        monkeypatch.setattr(sandbox, "SANDBOX_USER", "no-such-sandbox-user")
+        expected = "'no-such-sandbox-user' that sandboxed programs run as does not exist"
+    else:
+        expected = "/nonexistent/python3: no such file"
+    limits = SandboxLimits(python="/nonexistent/python3" if missing == "python" else None)
+    with pytest.raises(sandbox.SandboxUnavailableError, match="make setup") as error:
+        run_program(f"open({str(canary)!r}, 'w').write('ran')\n", limits)
+    assert expected in str(error.value) and not canary.exists()
+
+
+def test_humaneval_checks_the_sandbox_before_loading_anything(no_cached_probe, monkeypatch, tmp_path):
+    from decodebench.config import compose_run_config
+    from decodebench.tasks import build_task
+
+    sandbox = no_cached_probe
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name, *a, **k: None)
+    cfg = compose_run_config(["task=humaneval", "task.limit=1"])
+    task = build_task(cfg.task, data_dir=None, cache_dir=tmp_path)
+    with pytest.raises(sandbox.SandboxUnavailableError, match="bwrap"):
+        task.load_samples()
