@@ -140,16 +140,23 @@ def sandbox_user() -> SandboxUser:
     return SandboxUser(entry.pw_name, entry.pw_uid, entry.pw_gid)
 
 
-def bwrap_command(python: str, workdir: str) -> list[str]:
-    """bubblewrap's command line around ``python``: read-only root, private /tmp, only ``workdir`` writable."""
+def bwrap_command(workdir: str) -> list[str]:
+    """bubblewrap's command line (the program's command follows it): read-only root, private /tmp,
+    only ``workdir`` writable, every namespace new (an empty network one), no capabilities."""
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         raise SandboxUnavailableError(f"bubblewrap (bwrap) is not installed: {SETUP_HINT} "
                                       "(apt-get install bubblewrap)")
     return [bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
             "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--tmpfs", "/dev/shm",
-            "--bind", workdir, workdir, "--chdir", workdir, "--hostname", "sandbox",
-            python, "-I", "-B", "-c", CHILD_SCRIPT.read_text(encoding="utf-8"), CHILD_MARKER]
+            "--bind", workdir, workdir, "--chdir", workdir, "--hostname", "sandbox"]
+
+
+def child_command(python: str, workdir: str, settings: dict) -> list[str]:
+    """The bootstrap, given to the interpreter on its command line (the sandbox user need not be
+    able to read the harness's files)."""
+    return [python, "-I", "-B", "-c", CHILD_SCRIPT.read_text(encoding="utf-8"), CHILD_MARKER, workdir,
+            json.dumps(settings)]
 
 
 def start_sandboxed(command: list[str], user: SandboxUser, workdir: str, **popen) -> subprocess.Popen:
@@ -172,7 +179,7 @@ def probe(python: str) -> Optional[str]:
     user = sandbox_user()
     workdir = fresh_workdir(user)
     try:
-        command = bwrap_command(python, workdir)[:-4] + ["-I", "-c", "import json, resource, ctypes"]
+        command = [*bwrap_command(workdir), python, "-I", "-c", "import json, resource, ctypes"]
         done = start_sandboxed(command, user, workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             out, err = done.communicate(timeout=60)
@@ -242,7 +249,7 @@ def run_program(program: str, limits: SandboxLimits = SandboxLimits()) -> Sandbo
     timed_out = False
     try:
         with open(os.path.join(private, "report"), "w+b") as report:
-            process = start_sandboxed([*bwrap_command(python, workdir), workdir, json.dumps(settings)], user,
+            process = start_sandboxed([*bwrap_command(workdir), *child_command(python, workdir, settings)], user,
                                       workdir, stdin=subprocess.PIPE, stdout=report, stderr=subprocess.DEVNULL)
             try:
                 process.stdin.write(json.dumps({"nonce": nonce, "program": program}).encode())
