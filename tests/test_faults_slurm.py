@@ -48,13 +48,14 @@ def cell_process(run_dir: Path) -> psutil.Process | None:
     except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
         return None
     for process in psutil.process_iter(["name"]):
+        if "python" not in (process.info["name"] or ""):
+            continue
         try:
             environ = process.environ()
         except (psutil.Error, OSError):
             continue
         if (environ.get("SLURM_ARRAY_JOB_ID") == slurm["array_job_id"]
-                and environ.get("SLURM_ARRAY_TASK_ID") == slurm["array_task_id"]
-                and "python" in (process.info["name"] or "")):
+                and environ.get("SLURM_ARRAY_TASK_ID") == slurm["array_task_id"]):
             return process
     return None
 
@@ -125,7 +126,7 @@ def test_sigkill_at_random_points_of_a_slurm_array_then_resume(slurm_cluster, da
     assert final.returncode == 0, final.stderr[-3000:]
     assert uninterrupted.wait(timeout=900) == 0, uninterrupted.stderr.read()[-3000:]
     lost = duplicated = 0
-    cells = sorted(p.name for p in sweep.glob("*/summary.json"))
+    cells = sorted(p.parent.name for p in sweep.glob("*/summary.json"))
     assert cells == sorted(p.parent.name for p in reference.glob("*/summary.json")) and len(cells) == 4
     for cell in cells:
         resumed = read_records(sweep / cell / "records.jsonl")
