@@ -60,13 +60,21 @@ lock: ## Regenerate requirements.lock: all dependencies and extras, exact versio
 	  --constraint $(LOCK_VENV)/torch-constraint.txt $(LOCK_ARGS) --python $(PYTHON) \
 	  --custom-compile-command "make lock" --quiet -o $(LOCK)
 
+# The lock's own resolver and inputs, without the lock: the newest versions pyproject.toml allows today.
 test-latest: ## Newest versions pyproject.toml allows (no lock) in a scratch venv + the fast tests: upstream breakage, early (not in CI)
+	test -x $(LOCK_VENV)/bin/uv || { $(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install -q "$(UV_SPEC)"; }
 	rm -rf $(LATEST_VENV) && $(PYTHON) -m venv $(LATEST_VENV)
-	$(LATEST_VENV)/bin/pip install -q --upgrade pip setuptools wheel
+	echo "$(TORCH_LOCK_SPEC)" > $(LOCK_VENV)/torch-constraint.txt
+	$(LOCK_VENV)/bin/uv pip compile pyproject.toml --all-extras --no-emit-package torch \
+	  --constraint $(LOCK_VENV)/torch-constraint.txt $(LOCK_ARGS) --python $(PYTHON) --quiet -o $(LATEST_VENV)/latest.txt
+	$(LATEST_VENV)/bin/pip install -q $(BOOTSTRAP_SPEC)
+	$(LATEST_VENV)/bin/pip install -q --no-deps -r $(LATEST_VENV)/latest.txt
 	$(LATEST_VENV)/bin/pip install -q "$(TORCH_SPEC)" $(TORCH_INDEX)
-	$(LATEST_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[all,test]"
+	$(LATEST_VENV)/bin/pip install -q --no-deps -e .
+	$(LATEST_VENV)/bin/pip check
 	$(LATEST_VENV)/bin/python -m decodebench.lockfile $(LOCK)  # what moved since the lock
-	$(LATEST_VENV)/bin/pytest -m "not slow and not slurm" -q $(PYTEST_ARGS)
+	$(LATEST_VENV)/bin/pytest -m "not slow and not slurm" -q $(PYTEST_ARGS) \
+	  --deselect tests/test_lock.py::test_this_environment_is_the_lock_exactly_and_the_manifest_says_so
 
 sandbox: $(STAMP) ## The OS sandbox of generated code: bubblewrap + the decodebench-sandbox user + /usr/bin/python3 (root + apt-get; idempotent)
 	DECODEBENCH_PYTHON=$(PY) bash scripts/sandbox.sh setup
