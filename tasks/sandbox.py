@@ -275,22 +275,28 @@ def run_program(program: str, limits: SandboxLimits = SandboxLimits()) -> Sandbo
 
 
 def kill_group(pgid: int, wait_s: float = 5.0) -> None:
-    """SIGKILL the process group, then wait until none of it runs (zombies aside): bubblewrap's PID
-    namespace goes down with its init a few milliseconds after the outer bwrap is killed."""
+    """SIGKILL the sandbox: its process group and every process below its bwrap (bubblewrap's
+    PID-namespace init and the program run in sessions of their own; when the init dies the kernel
+    kills the rest of the namespace), then wait until none of them runs (zombies aside)."""
+    table = process_table()
+    doomed = {pid for pid, (_, _, group) in table.items() if group == pgid} | descendants(pgid, table)
     deadline = time.monotonic() + wait_s
     while True:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            return
-        if not live_members(pgid) or time.monotonic() > deadline:
+        for pid in doomed:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        table = process_table()
+        doomed = {pid for pid in doomed if pid in table and table[pid][0] not in "ZX"}
+        if not doomed or time.monotonic() > deadline:
             return
         time.sleep(0.005)
 
 
-def live_members(pgid: int) -> list[int]:
-    """Processes of group ``pgid`` that are not zombies (from /proc/<pid>/stat)."""
-    found = []
+def process_table() -> dict[int, tuple[str, int, int]]:
+    """``{pid: (state, parent pid, process group)}`` of every process, from /proc/<pid>/stat."""
+    table = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -299,8 +305,15 @@ def live_members(pgid: int) -> list[int]:
                 fields = stat.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid and fields[0] not in "ZX":
-            found.append(int(entry.name))
+        table[int(entry.name)] = (fields[0], int(fields[1]), int(fields[2]))
+    return table
+
+
+def descendants(pid: int, table: dict[int, tuple[str, int, int]]) -> set[int]:
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, (_, parent, _) in table.items() if parent in frontier} - found
+        found |= frontier
     return found
 
 
