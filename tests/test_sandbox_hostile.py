@@ -278,7 +278,15 @@ def test_hostile_programs_leave_the_canary_untouched(mode, guard, request):
     path, outside = make_canary(mode, request)
     before = canary_state(path)
     programs = {name: code.format(canary=str(path), outside=str(outside)) for name, code in ATTACKS.items()}
-    results = dict(zip(programs, run_as(mode, list(programs.values()), guard, harness)))
+    leaked = None
+    if mode == "root":  # a careless harness: the canary open for writing in an inheritable fd
+        leaked = os.open(path, os.O_WRONLY | os.O_APPEND)
+        os.set_inheritable(leaked, True)
+    try:
+        results = dict(zip(programs, run_as(mode, list(programs.values()), guard, harness)))
+    finally:
+        if leaked is not None:
+            os.close(leaked)
     assert canary_state(path) == before, "the canary changed"
     lines = [f"  {name:<30} {r['status']:<9} {r['detail'][:90]}" for name, r in results.items()]
     print(f"\nhostile programs as {mode}, guard {'on' if guard else 'off'}: canary untouched\n" + "\n".join(lines))
