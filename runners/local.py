@@ -40,7 +40,7 @@ from decodebench.models.loading import (LoadedModel, available_models, check_sam
                                         hf_location, load_model)
 from decodebench.records import Record, first_divergence, ids_sha, summarize, token_match_rate
 from decodebench.runners.manifest import build_manifest, config_hash, slurm_info, utc_now
-from decodebench.runners.run_dir import LATENCY_CURVE, MANIFEST, SUMMARY, RunDirectory
+from decodebench.runners.run_dir import CONFIG_SCHEMA, LATENCY_CURVE, MANIFEST, SUMMARY, RunDirectory, check_schema
 from decodebench.runners.wandb_logger import log_run
 from decodebench.tasks import build_task
 from decodebench.tasks.base import Sample, Task, TurnSettings
@@ -149,6 +149,8 @@ class Runner:
         previous = self.run_dir.read_json(MANIFEST)
         # a requeued SLURM task (preemption, timeout) resumes its own records even with overwrite=true
         overwrite = cfg.overwrite and int((slurm_info() or {}).get("restart_count") or 0) == 0
+        if not overwrite:
+            check_schema(previous, self.run_dir.path)  # another schema's records are never resumed or cleared
         restart = overwrite or bool(previous and previous.get("config_hash") != digest)
         finished_summary = None if restart else self.run_dir.read_json(SUMMARY)
         if finished_summary is not None:
@@ -191,7 +193,8 @@ class Runner:
              cfg.method.resolved_preset(cfg.device), "method_params": cfg.method.resolved_params(cfg.device),
              "method_pinned": cfg.method.pinned, "baseline": cfg.baseline, "baseline_key": cfg.baseline_key,
              "shard": cfg.shard, "task_samples": len(samples), "resumed_records": len(done),
-             "engine": self.engine_info, "latency_curve": curve.to_dict() if curve else None},
+             "config_schema": CONFIG_SCHEMA, "engine": self.engine_info,
+             "latency_curve": curve.to_dict() if curve else None},
         )
         self.run_dir.write_config(self.resolved_config)
         self.run_dir.write_json(MANIFEST, manifest)

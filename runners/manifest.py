@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 
 import decodebench
+from decodebench.lockfile import lock_info
 
 PACKAGES = ("torch", "transformers", "hydra-core", "datasets", "pandas", "decodebench")
 
@@ -97,6 +98,7 @@ def build_manifest(resolved_config: dict[str, Any], device: str, seed: int, extr
         "decodebench": decodebench.__version__,
         "git": git_info(),
         "versions": versions(),
+        "lock": lock_info(),  # requirements.lock's sha256 and the installed packages that differ from it
         "hardware": hardware(device),
         "threads": torch.get_num_threads(),
         "seed": seed,

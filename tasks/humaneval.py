@@ -6,7 +6,8 @@ strings (a new top-level statement). With ``strip_prompt`` (bigcode-evaluation-h
 the prompt's surrounding whitespace is removed: a prompt ending in "\n" forces a token boundary
 that BPE tokenizers never produce before an indented line, and models then tend to end the
 function at once. Each completion, cut at the first stop string, is appended to the prompt as
-given and runs with the problem's tests in the sandbox (:mod:`decodebench.tasks.sandbox`) through
+given and runs with the problem's tests in the OS sandbox (:mod:`decodebench.tasks.sandbox`; checked
+when the samples are loaded, before the model: none here is an error) through
 the ``code_pass_at_k`` metric module; the record's quality is ``{"pass@1": 0 or 1}``.
 
 With ``num_samples: n > 1`` every problem is decoded n times (sample ids ``HumanEval/0#0`` ..
@@ -30,7 +31,7 @@ from decodebench.tasks.base import Sample, Task, TurnSettings
 from decodebench.tasks.data import DataFileNotFoundError
 from decodebench.tasks.metrics import compute
 from decodebench.tasks.quality import truncate_at_stop
-from decodebench.tasks.sandbox import SandboxLimits
+from decodebench.tasks.sandbox import SandboxLimits, ensure_sandbox
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ class HumanEval(Task):
         )
 
     def load_samples(self) -> list[Sample]:
+        # before any model is loaded: no OS sandbox here -> a clear error and no run (tasks/sandbox.py)
+        ensure_sandbox(self.params.sandbox.python)
         problems = super().load_samples()
         if self.params.num_samples == 1:
             return problems

@@ -1,8 +1,8 @@
 """The code sandbox contains hostile completions, records them as failures and keeps running.
 
-Each layer is tested on its own where the machine allows it: the audit-hook guard (always), and with
-the guard OFF the OS layers — process limit and unprivileged uid, network namespace — which are
-skipped where the kernel or the interpreter does not allow them (the skip says why).
+Each layer is tested on its own: the audit-hook guard, and with the guard OFF the OS boundary
+(bubblewrap as an unprivileged uid: process limit, read-only file system, no network). The hostile
+programs of tests/test_sandbox_hostile.py attack the sandbox itself, as root and as a normal user.
 """
 
 from __future__ import annotations
@@ -11,13 +11,15 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 
-from decodebench.tasks.sandbox import CHILD_SCRIPT, SandboxLimits, can_drop_privileges, run_program
+from decodebench.tasks.sandbox import CHILD_MARKER, SandboxLimits, run_program
 from decodebench.tasks.sandbox_child import make_guard
 
 # generous wall clock for programs that end by themselves (a loaded CI machine starts Python slowly);
@@ -29,34 +31,28 @@ SHORT = SandboxLimits(timeout_s=1.5, cpu_time_s=2, memory_mb=384)
 def sandbox_children() -> list[psutil.Process]:
     """Processes still running the sandbox bootstrap (leftovers of a run)."""
     found = []
-    for process in psutil.process_iter(["cmdline"]):
-        if str(CHILD_SCRIPT) in " ".join(process.info["cmdline"] or []):
+    for process in psutil.process_iter(["cmdline", "status"]):
+        if CHILD_MARKER in (process.info["cmdline"] or []) and process.info["status"] != psutil.STATUS_ZOMBIE:
             found.append(process)
     return found
 
 
 @pytest.fixture(scope="module")
 def unguarded() -> SandboxLimits:
-    """Limits with the audit guard OFF, for testing the OS layers alone; skips unless programs run
-    under a uid whose process limit the kernel enforces (never root)."""
-    python = sys.executable
-    if os.geteuid() == 0:
-        system_python = shutil.which("python3", path="/usr/bin:/bin")
-        if system_python and can_drop_privileges(system_python):
-            python = system_python
-    limits = SandboxLimits(timeout_s=4.0, cpu_time_s=3, memory_mb=384, max_processes=16, audit_guard=False,
-                           python=python)
-    probe = run_program("pass\n", limits)
-    if probe.isolation.get("uid") == 0:
-        pytest.skip("programs would run as root (no world-readable interpreter to drop to nobody): "
-                    "RLIMIT_NPROC is not enforced for root, so the unguarded fork bomb is not run")
+    """Limits with the audit guard OFF, for testing the OS boundary alone."""
+    limits = SandboxLimits(timeout_s=4.0, cpu_time_s=3, memory_mb=384, max_processes=16, audit_guard=False)
+    assert run_program("pass\n", limits).isolation["uid"] != 0
     return limits
 
 
 def test_a_correct_program_passes_and_reports_its_isolation():
     result = run_program("def add(a, b):\n    return a + b\n\nassert add(2, 3) == 5\n", FAST)
     assert result.passed and result.status == "passed" and result.detail == ""
-    assert set(result.isolation) == {"network", "uid", "audit_guard"} and result.isolation["audit_guard"]
+    isolation = result.isolation
+    assert isolation["boundary"] == "bwrap" and isolation["network"] == "none" and isolation["audit_guard"]
+    assert isolation["uid"] != 0 and isolation["child_uid"] == isolation["uid"]  # never root, inside or out
+    if os.geteuid() == 0:
+        assert isolation["user"] == "decodebench-sandbox"
 
 
 @pytest.mark.parametrize("program, reason", [
@@ -133,11 +129,15 @@ def test_writes_and_deletes_outside_the_sandbox_are_refused(tmp_path):
     assert not target.exists() and precious.read_text() == "keep me"
 
 
-def test_writes_outside_without_the_guard_meet_the_unprivileged_uid(tmp_path, unguarded):
-    tmp_path.chmod(0o755)  # readable by everyone, writable by its owner only
-    target = tmp_path / "written.txt"
-    result = run_program(f"open({str(target)!r}, 'w').write('x')\n", unguarded)
-    assert result.status == "failed" and "PermissionError" in result.detail and not target.exists()
+def test_writes_outside_without_the_guard_meet_the_read_only_file_system(unguarded):
+    outside = Path(tempfile.mkdtemp(prefix="decodebench-outside-", dir="/var/tmp"))  # /tmp is private in there
+    try:
+        outside.chmod(0o777)  # writable by every uid: only the sandbox's read-only view stops the write
+        target = outside / "written.txt"
+        result = run_program(f"open({str(target)!r}, 'w').write('x')\n", unguarded)
+        assert result.status == "failed" and "Read-only file system" in result.detail and not target.exists()
+    finally:
+        shutil.rmtree(outside)
 
 
 def test_the_working_directory_is_fresh_and_private_to_each_program():
@@ -205,11 +205,9 @@ def test_sockets_are_refused_by_the_guard(listener):
 
 
 def test_network_namespace_alone_reaches_nothing(listener):
-    limits = SandboxLimits(timeout_s=3, audit_guard=False, drop_privileges=False)
+    limits = SandboxLimits(timeout_s=3, audit_guard=False)
     result = run_program(exfiltrate(listener.port), limits)
-    if result.isolation.get("network") == "none":
-        pytest.skip("this kernel allows no network namespace here (the guard alone refuses sockets)")
-    assert result.status == "failed" and listener.received == b""
+    assert result.status == "failed" and "Connection refused" in result.detail and listener.received == b""
 
 
 def test_harness_keeps_running_after_hostile_programs():
@@ -260,3 +258,47 @@ def test_guard_refuses(guard, event, args):
     args = tuple(a.replace("{box}", str(box)) if isinstance(a, str) else a for a in args)
     with pytest.raises(PermissionError, match="sandbox"):
         hook(event, args)
+
+
+# --- no OS sandbox: a clear error, and nothing runs ----------------------------------------------
+@pytest.fixture
+def no_cached_probe():
+    from decodebench.tasks import sandbox
+
+    sandbox.ensure_sandbox.cache_clear()
+    sandbox.probe.cache_clear()
+    yield sandbox
+    sandbox.ensure_sandbox.cache_clear()
+    sandbox.probe.cache_clear()
+
+
+@pytest.mark.parametrize("missing", ["bwrap", "user", "python"])
+def test_without_an_os_sandbox_nothing_runs_and_the_error_says_why(missing, no_cached_probe, monkeypatch, tmp_path):
+    sandbox = no_cached_probe
+    canary = tmp_path / "ran"
+    if missing == "bwrap":
+        monkeypatch.setattr(sandbox.shutil, "which", lambda name, *a, **k: None)
+        expected = "bubblewrap (bwrap) is not installed"
+    elif missing == "user":
+        if os.geteuid() != 0:
+            pytest.skip("the dedicated sandbox user is needed only by a root harness")
+        monkeypatch.setattr(sandbox, "SANDBOX_USER", "no-such-sandbox-user")
+        expected = "'no-such-sandbox-user' that sandboxed programs run as does not exist"
+    else:
+        expected = "/nonexistent/python3: no such file"
+    limits = SandboxLimits(python="/nonexistent/python3" if missing == "python" else None)
+    with pytest.raises(sandbox.SandboxUnavailableError, match="make setup") as error:
+        run_program(f"open({str(canary)!r}, 'w').write('ran')\n", limits)
+    assert expected in str(error.value) and not canary.exists()
+
+
+def test_humaneval_checks_the_sandbox_before_loading_anything(no_cached_probe, monkeypatch, tmp_path):
+    from decodebench.config import compose_run_config
+    from decodebench.tasks import build_task
+
+    sandbox = no_cached_probe
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name, *a, **k: None)
+    cfg = compose_run_config(["task=humaneval", "task.limit=1"])
+    task = build_task(cfg.task, data_dir=None, cache_dir=tmp_path)
+    with pytest.raises(sandbox.SandboxUnavailableError, match="bwrap"):
+        task.load_samples()
