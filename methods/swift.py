@@ -98,6 +98,7 @@ class SwiftDrafter(Drafter):
         max_draft_steps: int = 25
         stop_threshold: float = 0.8  # stop drafting after a draft with top-1 prob below this
         confidence_thresholds: list[float] = field(default_factory=lambda: [0.95, 0.8, 0.5])
+        # tree width per depth by confidence bin (reference get_choices_list)
         candidates_greedy: list[int] = field(default_factory=lambda: [3, 5, 8, 10])
         candidates_sampling: list[int] = field(default_factory=lambda: [1, 3, 5, 10])
         seed: int = 1  # the search's random candidates and the optimiser (reference: random_state=1)

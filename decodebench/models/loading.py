@@ -14,20 +14,18 @@ Every load passes ``attn_implementation`` and ``dtype`` explicitly (no library d
 
 from __future__ import annotations
 
-import importlib.resources
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from decodebench.config import ConfigValueError, ModelConfig, _build, default_cache_dir
+from decodebench.config import ConfigValueError, ModelConfig, default_cache_dir, group_choices, group_config
 from decodebench.models.embedded import prepare_embedded, read_prepared_marker
 from decodebench.models.tiny import build_tiny
-from decodebench.registry import DecodeBenchError, UnknownNameError
+from decodebench.registry import DecodeBenchError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -55,8 +53,7 @@ class LoadedModel:
 
 def available_models() -> list[str]:
     """Names of the model YAMLs shipped in ``conf/model/``."""
-    folder = importlib.resources.files("decodebench.conf") / "model"
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return group_choices("model")
 
 
 def load_model_config(name: str) -> ModelConfig:
@@ -65,11 +62,7 @@ def load_model_config(name: str) -> ModelConfig:
     Raises:
         UnknownNameError: no such YAML (the message lists the valid names).
     """
-    resource = importlib.resources.files("decodebench.conf") / "model" / f"{name}.yaml"
-    if not resource.is_file():
-        raise UnknownNameError("model", name, available_models())
-    data = yaml.safe_load(resource.read_text()) or {}
-    return _build(ModelConfig, data, "model")  # rejects unknown keys by name
+    return ModelConfig(**group_config("model", name))
 
 
 def load_model(cfg: ModelConfig, *, device: str = "cpu", dtype: str = "float32",
