@@ -205,6 +205,7 @@ class GenConfig:
 
 
 ENGINE_BACKENDS = ("auto", "eager", "packed", "onednn", "compiled")
+DEFAULT_BUCKETS = (1, 4, 8, 16, 32)  # engine.buckets (also decodebench-profile's default)
 
 
 @dataclass
@@ -217,7 +218,7 @@ class EngineConfig:
     backend: str = "auto"
     # static block sizes: drafts / trees of k tokens are padded to the next bucket (compiled: one
     # graph each, compiled at load time; packed: one prepacked weight copy per bucket >= 8)
-    buckets: list[int] = field(default_factory=lambda: [1, 4, 8, 16, 32])
+    buckets: list[int] = field(default_factory=lambda: list(DEFAULT_BUCKETS))
 
     def __post_init__(self) -> None:
         check(self.backend in ENGINE_BACKENDS, "engine.backend", self.backend, " | ".join(ENGINE_BACKENDS))
