@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q "$(TORCH_SPEC)" $(TORCH_INDEX)
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[all]"
 	touch $@
 
 setup: $(STAMP) model ## Venv, torch, the package, and the embedded model (idempotent)

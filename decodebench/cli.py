@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from decodebench.config import (compose_run_config, group_choices, params_given, sweep_cells, to_run_config,
                                 validate_before_loading)
+from decodebench.extras import require_launcher
 from decodebench.registry import DecodeBenchError, UnknownNameError
 
 log = logging.getLogger("decodebench")
@@ -54,6 +55,10 @@ def check_invocation(args: list[str]) -> None:
     group names, then each cell of the (sweep) invocation composed, typed and validated."""
     check_group_overrides(args)
     overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key == "hydra/launcher":
+            require_launcher(value)
     overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]  # Hydra checks its own
     multirun = "-m" in args or "--multirun" in args
     for cell in sweep_cells(overrides) if multirun else [overrides]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import sys
 from importlib import resources
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -343,13 +344,22 @@ def check_params(params_cls: type, values: dict[str, Any], where: str, kind: str
     for key in values:
         if key not in known:
             raise ConfigValueError(unknown_name_message(kind, key, known, f" for {owner}"))
-    defaults = OmegaConf.structured(params_cls)
-    OmegaConf.set_readonly(defaults, False)  # frozen dataclasses (e.g. tasks' sandbox limits)
+    defaults = _writable(OmegaConf.structured(params_cls))
     try:
         merged = OmegaConf.merge(defaults, values)
     except OmegaConfBaseException as error:
         raise config_error(error, where, kind, params_cls, f" for {owner}") from error
     return OmegaConf.to_container(merged, resolve=False)  # type: ignore[return-value]
+
+
+def _writable(node: Any) -> Any:
+    """``node`` with the read-only flag of frozen dataclasses (e.g. a task's sandbox limits) cleared
+    at every level, so values can be merged into it (the dataclass checks them when built)."""
+    if isinstance(node, DictConfig):
+        OmegaConf.set_readonly(node, False)
+        for key in node:
+            _writable(node._get_node(key))
+    return node
 
 
 def check_method_params(method: MethodConfig) -> None:
@@ -478,12 +488,21 @@ def sweep_cells(overrides: Sequence[str]) -> list[list[str]]:
 def validate_before_loading(cfg: RunConfig) -> None:
     """Checks that need the chosen method or this machine, run before any model is loaded: the
     device exists, a draft-model method has ``model.draft``, batched decoding has a method that
-    never drafts."""
+    never drafts, the optional features chosen have their extras (decodebench/extras.py)."""
     import torch
 
     from decodebench.engine.decode_loop import never_drafts
+    from decodebench.extras import require_extra
     from decodebench.methods import build_method
     from decodebench.models.loading import available_models
+    from decodebench.tasks import metrics
+
+    if cfg.logger.name == "wandb":
+        require_extra("wandb", "wandb", "logger=wandb")
+    task_module = sys.modules[import_entry(cfg.task.impl).__module__]
+    if getattr(task_module, "compute", None) is metrics.compute:  # scores with the evaluate metric modules
+        for module in metrics.QUALITY_MODULES:
+            require_extra("quality", module, f"task={cfg.task.name} (its quality metrics)")
 
     if cfg.device.startswith("cuda"):
         index = int(cfg.device.partition(":")[2] or 0)
