@@ -17,8 +17,8 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 
@@ -45,7 +45,7 @@ def tiny_backbone(arch: str = "llama", **overrides) -> Backbone:
 
 
 def tiny_pair(arch: str = "llama", vocab: int = VOCAB, noise: float = 0.05, layers: int = 3, seed: int = 0,
-              lm_head_scale: Optional[float] = None) -> tuple[Backbone, Backbone]:
+              lm_head_scale: float | None = None) -> tuple[Backbone, Backbone]:
     """``(target, draft)`` for draft-model methods: a tiny random target (named ``target``, built with
     ``seed``, max 512 positions) and a draft that is the target with relative weight noise ``noise``
     (close enough that drafts are often, but not always, accepted). ``lm_head_scale`` multiplies the
@@ -86,8 +86,8 @@ def random_prompts(count: int, vocab: int = VOCAB, length: int = 12, seed: int =
 
 # --- decoding ----------------------------------------------------------------------------------
 def decode(backbone: Backbone, drafter, prompt: Sequence[int], max_new_tokens: int = 48,
-           sampling: Optional[SamplingParams] = None, generator: Optional[torch.Generator] = None, *,
-           seed: Optional[int] = None, eos: Sequence[int] = (), setup: bool = False,
+           sampling: SamplingParams | None = None, generator: torch.Generator | None = None, *,
+           seed: int | None = None, eos: Sequence[int] = (), setup: bool = False,
            cache=None) -> GenerationOutput:
     """One :func:`generate` call on ``cache`` (default: a fresh one, block 16): greedy unless ``sampling`` is given;
     ``seed`` makes a fresh ``torch.Generator`` (instead of passing ``generator``); ``eos`` are the
@@ -131,7 +131,7 @@ CLI = [sys.executable, "-m", "decodebench.cli"]
 
 
 def run_cli(*overrides: str, cwd: Path, timeout: float = 900,
-            env: Optional[dict] = None) -> subprocess.CompletedProcess:
+            env: dict | None = None) -> subprocess.CompletedProcess:
     """``python -m decodebench.cli *overrides`` in ``cwd`` (offline hub; ``env`` adds variables);
     returns the completed process with text stdout / stderr."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}

@@ -11,6 +11,7 @@ import pytest
 from decodebench.config import GenConfig, RunConfig, to_run_config
 from decodebench.registry import DecodeBenchError
 from decodebench.runners.run_dir import read_records
+
 from helpers import run_cli
 
 
