@@ -76,7 +76,7 @@ def test_reduced_forward_runs_the_planned_layers_with_complete_kv(backbone, monk
     out = generate(backbone, method, prompts()[0], DecodeSettings(max_new_tokens=20), backbone.new_cache(8))
     assert len(out.new_ids) == 20 and all(s.drafted == 0 and s.emitted == 1 for s in out.steps)
     assert len(seen[-1][0]) == 3 and seen[-1][0] == [0, 4, 5]  # 6 layers at 0.5: layer 0 + top 2
-    for run, lengths, length in seen:
+    for _run, lengths, length in seen:
         assert all(n == length for n in lengths)  # every run layer holds all earlier positions
     assert 0.5 < out.method_stats["layer_fraction"] < 1.0
 
