@@ -52,7 +52,7 @@ CI_METRICS = ["speedup", "speedup_tps", "tau", "mean_accepted_tokens"]
 QUALITY_PREFIX = "quality."
 LIST_COLUMNS = ["accepted_lengths", "drafted_lengths", "draft_depths", "emitted_lengths", "tree_sizes", "output_ids"]
 AR_COLUMNS = ["wall_s", "new_tokens", "prefill_s", "verify_s", "steps"]
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 
 def _digest(value: Any) -> str:

@@ -1,9 +1,12 @@
 """``decodebench``: the Hydra app (one run, or a sweep with ``-m``).
 
-Config groups (``model=``, ``method=``, ``task=``, ``gen=``, ``experiment=``) are checked before
-Hydra composes, so an unknown name exits with code 2 and lists the valid choices with a "did you
-mean". Invalid values are caught by the typed config (:mod:`decodebench.config`) before any model
-is loaded; nothing already computed in a run directory is deleted by a bad invocation.
+Before Hydra runs anything, :func:`check_invocation` checks the command line: config group names
+(``model=``, ``method=``, ``task=``, ``gen=``, ``experiment=``, ``logger=``) against the YAMLs of
+``conf/<group>/`` (the valid choices and a "did you mean"), then every cell's composed config
+against the typed schema (:mod:`decodebench.config`: a wrong type or unknown key, named by its full
+key) and :func:`~decodebench.config.validate_before_loading` (draft model, batching, device).
+Any of these exits with code 2 before a model is loaded; nothing already computed in a run
+directory is deleted by a bad invocation.
 
 In a sweep (``-m``) every cell is one run directory named from its overrides. A failing cell never
 stops the others, whatever the launcher (``hydra/launcher=slurm`` or ``local_pool`` included): its
@@ -15,16 +18,23 @@ from __future__ import annotations
 
 import logging
 import sys
-from importlib import resources
 from pathlib import Path
-from typing import Optional
+from typing import Any, cast
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from decodebench.config import params_given, to_run_config
+from decodebench.config import (
+    compose_run_config,
+    group_choices,
+    params_given,
+    sweep_cells,
+    to_run_config,
+    validate_before_loading,
+)
+from decodebench.extras import require_launcher
 from decodebench.registry import DecodeBenchError, UnknownNameError
 
 log = logging.getLogger("decodebench")
@@ -32,11 +42,6 @@ GROUPS = ("model", "method", "task", "gen", "experiment", "logger")
 
 # Sweep cell folders are named from overrides; a value such as shard=0/4 must not add a folder level.
 OmegaConf.register_new_resolver("path_safe", lambda text: str(text).replace("/", "_"), replace=True)
-
-
-def group_choices(group: str) -> list[str]:
-    folder = resources.files("decodebench.conf") / group
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
 def check_group_overrides(args: list[str]) -> None:
@@ -51,7 +56,22 @@ def check_group_overrides(args: list[str]) -> None:
                 raise UnknownNameError(key, name, choices)
 
 
-def run_from_config(cfg: DictConfig, run_dir: str, sweep_dir: Optional[str]):
+def check_invocation(args: list[str]) -> None:
+    """Everything a user can get wrong on the command line, checked before any model is loaded:
+    group names, then each cell of the (sweep) invocation composed, typed and validated."""
+    check_group_overrides(args)
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key == "hydra/launcher":
+            require_launcher(value)
+    overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]  # Hydra checks its own
+    multirun = "-m" in args or "--multirun" in args
+    for cell in sweep_cells(overrides) if multirun else [overrides]:
+        validate_before_loading(compose_run_config(cell))
+
+
+def run_from_config(cfg: DictConfig, run_dir: str, sweep_dir: str | None):
     """Validate the composed config and run it into ``run_dir`` (``sweep_dir``: the W&B group)."""
     from decodebench.runners.local import run
 
@@ -60,12 +80,14 @@ def run_from_config(cfg: DictConfig, run_dir: str, sweep_dir: Optional[str]):
     run_cfg.run_dir = run_dir
     if sweep_dir and run_cfg.logger.group is None:
         run_cfg.logger.group = Path(sweep_dir).name
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     resolved["run_dir"] = run_cfg.run_dir
+    resolved["method"]["params"] = run_cfg.method.params  # complete: the Params defaults included
+    resolved["task"]["params"] = run_cfg.task.params
     return run(run_cfg, resolved)
 
 
-def run_cell(cfg: DictConfig, hydra_cfg) -> Optional[dict]:
+def run_cell(cfg: DictConfig, hydra_cfg) -> dict | None:
     """One cell of a sweep: its failure is recorded in ``status.json``, never raised to the launcher."""
     from decodebench.runners.sweep import mark_cell
 
@@ -85,7 +107,7 @@ def run_cell(cfg: DictConfig, hydra_cfg) -> Optional[dict]:
 
 
 @hydra.main(config_path="pkg://decodebench.conf", config_name="config", version_base="1.3")
-def hydra_app(cfg: DictConfig) -> Optional[dict]:
+def hydra_app(cfg: DictConfig) -> dict | None:
     from decodebench.analysis.report import load_records, render, report_table
 
     hydra_cfg = HydraConfig.get()
@@ -101,11 +123,11 @@ def hydra_app(cfg: DictConfig) -> Optional[dict]:
     return result.summary
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     try:
-        check_group_overrides(sys.argv[1:])
+        check_invocation(sys.argv[1:])
     except DecodeBenchError as error:
         print(f"decodebench: error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)

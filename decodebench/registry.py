@@ -1,16 +1,17 @@
-"""A small generic name → object registry with lazy ``"module:attr"`` entries.
+"""Names → objects: lazy ``"module:attr"`` entries and the errors about names.
 
-Heavy optional dependencies are imported only when an entry is chosen. Unknown names raise
-:class:`UnknownNameError`, which lists the valid names and a "did you mean" suggestion.
+The registries are the config folders: a method is ``conf/method/<name>.yaml`` whose ``impl:
+"module:attr"`` is imported (:func:`import_entry`) only when chosen, so heavy optional
+dependencies load only then. Unknown names raise :class:`UnknownNameError`, which lists the valid
+names and a "did you mean" suggestion.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
-from typing import Any, Callable, Generic, Iterable, TypeVar
-
-T = TypeVar("T")
+from collections.abc import Iterable
+from typing import Any
 
 
 class DecodeBenchError(Exception):
@@ -44,40 +45,3 @@ def import_entry(spec: str) -> Any:
     module_name, _, attr = spec.partition(":")
     module = importlib.import_module(module_name)
     return getattr(module, attr) if attr else module
-
-
-class Registry(Generic[T]):
-    """Maps names to objects or lazy ``"module:attr"`` strings."""
-
-    def __init__(self, kind: str):
-        self.kind = kind
-        self._entries: dict[str, Any] = {}
-
-    def register(self, name: str, entry: Any = None) -> Any:
-        """Register ``entry`` under ``name``; usable as a decorator when ``entry`` is omitted."""
-
-        def add(obj: Any) -> Any:
-            if name in self._entries and self._entries[name] is not obj:
-                raise ValueError(f"duplicate {self.kind} name '{name}'")
-            self._entries[name] = obj
-            return obj
-
-        return add if entry is None else add(entry)
-
-    def get(self, name: str) -> T:
-        if name not in self._entries:
-            raise UnknownNameError(self.kind, name, self._entries)
-        entry = self._entries[name]
-        if isinstance(entry, str):
-            entry = import_entry(entry)
-            self._entries[name] = entry
-        return entry
-
-    def names(self) -> list[str]:
-        return sorted(self._entries)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._entries
-
-    def factory(self, name: str) -> Callable[..., T]:
-        return self.get(name)  # type: ignore[return-value]

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from decodebench.config import ConfigValueError
+from decodebench.config import DEFAULT_BUCKETS, ConfigValueError
 
 if TYPE_CHECKING:
     from decodebench.engine.backbone import Backbone, ForwardOutput
@@ -54,8 +54,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("decodebench")
 
-BACKENDS = ("eager", "packed", "onednn", "compiled")
-DEFAULT_BUCKETS = (1, 4, 8, 16, 32)
 # Below 4 rows MKL's small-M SGEMM path is already flat (T(2)/T(1) = 1.07 here); packing pays from 4.
 PACK_MIN_ROWS = 4
 # Attention span granularity of the compiled step (keeps the span dimension away from 0/1).

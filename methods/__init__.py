@@ -8,27 +8,22 @@ class's ``Params`` dataclass, so a misspelt or out-of-range hyperparameter is a 
 from __future__ import annotations
 
 import dataclasses
-from importlib import resources
 
-import yaml
-
-from decodebench.config import ConfigValueError, MethodConfig
+from decodebench.config import ConfigValueError, MethodConfig, check_method_params, group_choices, group_config
 from decodebench.engine.drafting import Drafter
-from decodebench.registry import UnknownNameError, import_entry, unknown_name_message
+from decodebench.registry import import_entry, unknown_name_message
 
 
 def available_methods() -> list[str]:
     """Names of the methods that have a YAML in conf/method/."""
-    folder = resources.files("decodebench.conf") / "method"
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return group_choices("method")
 
 
 def method_config(name: str) -> MethodConfig:
-    """The MethodConfig of ``conf/method/<name>.yaml``."""
-    if name not in available_methods():
-        raise UnknownNameError("method", name, available_methods())
-    data = yaml.safe_load((resources.files("decodebench.conf") / "method" / f"{name}.yaml").read_text())
-    return MethodConfig(**data)
+    """The MethodConfig of ``conf/method/<name>.yaml``, its ``params`` complete (Params defaults)."""
+    cfg = MethodConfig(**group_config("method", name))
+    check_method_params(cfg)
+    return cfg
 
 
 def build_params(params_cls: type, values: dict, method: str):

@@ -81,7 +81,7 @@ class AdedDrafter(StatefulDrafter):
     @dataclass
     class Params:
         top_k: int = 12  # successors kept per token pair when the corpus matrix is built
-        mcts_iterations: int = 150
+        mcts_iterations: int = 150  # reference: MCTS::run(150)
         path_length: int = 4  # MCTS path: the root pair + 3 tokens
         top_paths: int = 24  # most visited search nodes turned into draft paths
         max_draft_tokens: int = 64  # cut_to_choices budget and tree size cap

@@ -22,14 +22,14 @@ from decodebench.engine.drafting import Drafter, Proposal
 class PromptLookupDrafter(Drafter):
     @dataclass
     class Params:
-        max_ngram_size: int = 3
+        max_ngram_size: int = 3  # paper / Spec-Bench: n-gram window 3 -> 1
         min_ngram_size: int = 1
-        num_draft_tokens: int = 10
+        num_draft_tokens: int = 10  # paper / Spec-Bench: 10 candidate tokens
         # true: draft the budget that maximises expected tokens per unit time on the stored latency
         # curve of the model and engine backend in use (decodebench-profile; engine/budget.py),
         # with ``expected_acceptance`` per draft; num_draft_tokens is the fallback when no curve is stored
         budget_from_curve: bool = False
-        expected_acceptance: float = 0.6
+        expected_acceptance: float = 0.6  # per-draft acceptance assumed when picking from the curve
 
         def __post_init__(self) -> None:
             check(self.min_ngram_size >= 1, "method.params.min_ngram_size", self.min_ngram_size, ">= 1")

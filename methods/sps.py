@@ -145,7 +145,7 @@ class SpeculativeSamplingDrafter(DraftModelDrafter):
         # cpu preset: γ from the target's stored latency curve and its draft cost ratio c (decodebench-
         # profile --draft): max E(γ) / (γc + T(γ+1)/T(1)) at this per-draft acceptance (engine/budget.py)
         budget_from_curve: bool = False
-        expected_acceptance: float = 0.8
+        expected_acceptance: float = 0.8  # per-draft acceptance assumed when picking γ from the curve
 
         def __post_init__(self) -> None:
             check(0.0 <= self.expected_acceptance <= 1.0, "method.params.expected_acceptance",

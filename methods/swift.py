@@ -47,6 +47,7 @@ from decodebench.engine.backbone import Backbone, ForwardPlan
 from decodebench.engine.drafting import Drafter, Proposal
 from decodebench.engine.kv_cache import KVCache
 from decodebench.engine.sampling import logits_to_probs, sample
+from decodebench.extras import require_extra
 from decodebench.methods.state_policy import model_key
 from decodebench.methods.swift_search import (LayerSetSearch, SearchSettings, SkipSet, initial_skip_set,
                                               load_skip_set, save_skip_set, skip_set_path)
@@ -98,6 +99,7 @@ class SwiftDrafter(Drafter):
         max_draft_steps: int = 25
         stop_threshold: float = 0.8  # stop drafting after a draft with top-1 prob below this
         confidence_thresholds: list[float] = field(default_factory=lambda: [0.95, 0.8, 0.5])
+        # tree width per depth by confidence bin (reference get_choices_list)
         candidates_greedy: list[int] = field(default_factory=lambda: [3, 5, 8, 10])
         candidates_sampling: list[int] = field(default_factory=lambda: [1, 3, 5, 10])
         seed: int = 1  # the search's random candidates and the optimiser (reference: random_state=1)
@@ -124,6 +126,8 @@ class SwiftDrafter(Drafter):
                       f"{len(self.confidence_thresholds) + 1} counts in 1 .. {TOP_K} (one per confidence bin)")
 
     def __init__(self, params: "SwiftDrafter.Params"):
+        if params.optimize:  # the layer-set search's Bayesian optimiser (methods/swift_search.py)
+            require_extra("swift", "bayes_opt", "method=swift with method.params.optimize=true")
         self.params = params
         self.backbone: Optional[Backbone] = None
         self.skip: SkipSet = SkipSet()

@@ -26,10 +26,10 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
-from decodebench.config import ConfigValueError, MethodConfig, ModelConfig, RunConfig, parse_shard
+from decodebench.config import ConfigValueError, MethodConfig, ModelConfig, RunConfig, parse_shard, validate_before_loading
 from decodebench.engine.backbone import Backbone
 from decodebench.engine.backends import apply_backend
-from decodebench.engine.decode_loop import DecodeSettings, GenerationOutput, generate, generate_batch, never_drafts
+from decodebench.engine.decode_loop import DecodeSettings, GenerationOutput, generate, generate_batch
 from decodebench.engine.drafting import Drafter
 from decodebench.engine.memory import peak_memory, reset_peak_memory
 from decodebench.engine.profile import ensure_latency_curve, load_latency_curve, stored_curve_path
@@ -143,8 +143,9 @@ class Runner:
         seed_everything(cfg.seed)
         # Validate everything that can fail on user input (method params, data, model) BEFORE the
         # run directory is touched: a bad invocation never deletes records already computed.
+        validate_before_loading(cfg)  # draft model, batching, device
         contenders = self._contenders()
-        self._check_models(contenders)
+        self._check_models()
         digest = config_hash(self.resolved_config)
         previous = self.run_dir.read_json(MANIFEST)
         # a requeued SLURM task (preemption, timeout) resumes its own records even with overwrite=true
@@ -244,15 +245,14 @@ class Runner:
                     tags=[cfg.method.name, contenders[-1].label, task.name, cfg.model.name])
         return RunResult(self.run_dir.path, summary, records)
 
-    def _check_models(self, contenders: list[Contender]) -> None:
+    def _check_models(self) -> None:
         """Before any data or model is loaded: ``model.id`` / ``model.draft_id`` (``model=hf``) name an
-        existing directory or a hub id, and a draft-model method has its draft (:meth:`_draft_config`)."""
+        existing directory or a hub id (``validate_before_loading`` checked that a draft-model method has
+        its draft)."""
         cfg = self.cfg
         for model_id in (cfg.model.id, cfg.model.draft_id) if cfg.model.source == "hf" else ():
             if model_id:
                 hf_location(model_id)
-        if any(c.drafter.needs_draft_model for c in contenders):
-            self._draft_config()
 
     def _draft_config(self) -> ModelConfig:
         """The draft of ``model.draft`` (a catalogue name) or ``model.draft_id`` (``model=hf``).
@@ -316,10 +316,7 @@ class Runner:
     def _decode_turn(self, task, sample: Sample, turn: int, answers: list[str], loaded, backbone, contender,
                      cache, turn_settings: TurnSettings = TurnSettings()) -> Record:
         cfg = self.cfg
-        record = Record(
-            method=contender.label, role=contender.role, task=task.name, model=cfg.model.name,
-            sample_id=sample.sample_id, category=sample.category, group=sample.group, turn=turn, seed=cfg.seed,
-        )
+        record = self._new_record(task, sample, turn, contender)
         try:
             messages = task.build_messages(sample, turn, answers)
             prompt = encode_prompt(loaded.tokenizer, messages,  # not timed
@@ -334,6 +331,12 @@ class Runner:
             record.error = f"{type(error).__name__}: {error}"
             return record
         return self._fill_record(record, task, sample, turn, prompt, out, loaded)
+
+    def _new_record(self, task, sample: Sample, turn: int, contender: Contender) -> Record:
+        """The record of one generation before its measurements (:meth:`_fill_record`)."""
+        return Record(method=contender.label, role=contender.role, task=task.name, model=self.cfg.model.name,
+                      sample_id=sample.sample_id, category=sample.category, group=sample.group, turn=turn,
+                      seed=self.cfg.seed)
 
     def _fill_record(self, record: Record, task, sample: Sample, turn: int, prompt: list[int],
                      out: GenerationOutput, loaded, batch_size: int = 1) -> Record:
@@ -373,10 +376,6 @@ class Runner:
         (AR baseline first) through :func:`generate_batch`. Samples of a chunk whose turn settings
         differ (MT-Bench sets a temperature per category) are batched separately."""
         cfg, size = self.cfg, self.cfg.gen.batch_size
-        for contender in contenders:
-            if not never_drafts(contender.drafter):
-                raise ConfigValueError(f"gen.batch_size={size}: method '{cfg.method.name}' drafts tokens; batched "
-                                       "decoding is for AR and the lossy methods (skipdecode, ffn_skip)")
         caches: dict[int, Any] = {}
         pad_id = getattr(loaded.tokenizer, "pad_token_id", None) or 0
         warmed: set[tuple[str, int]] = set()  # (role, batch size) already warmed up
@@ -388,17 +387,12 @@ class Runner:
                     key=lambda r: r.turn)] for s in chunk}
                 failed: set[str] = set()
                 for turn in range(max(len(s.turns) for s in chunk)):
-                    todo = [s for s in chunk if turn < len(s.turns) and s.sample_id not in failed
-                            and (contender.role, s.sample_id, turn) not in finished]
-                    groups: list[tuple[TurnSettings, list[Sample]]] = []
-                    for sample in todo:
-                        settings = task.turn_settings(sample, turn)
-                        group = next((g for g in groups if g[0] == settings), None)
-                        if group is None:
-                            groups.append((settings, [sample]))
-                        else:
-                            group[1].append(sample)
-                    for turn_settings, members in groups:
+                    groups: dict[TurnSettings, list[Sample]] = {}  # insertion-ordered
+                    for sample in chunk:
+                        if turn < len(sample.turns) and sample.sample_id not in failed \
+                                and (contender.role, sample.sample_id, turn) not in finished:
+                            groups.setdefault(task.turn_settings(sample, turn), []).append(sample)
+                    for turn_settings, members in groups.items():
                         prompts = [encode_prompt(loaded.tokenizer, task.build_messages(s, turn, answers[s.sample_id]),
                                                  loaded.info["chat_template"] and turn_settings.chat_template)
                                    for s in members]
@@ -419,9 +413,8 @@ class Runner:
                             log.debug("batched generation failed", exc_info=True)
                             batch, error = None, f"{type(exc).__name__}: {exc}"
                         for index, (sample, prompt) in enumerate(zip(members, prompts)):
-                            record = Record(method=contender.label, role=contender.role, task=task.name,
-                                            model=cfg.model.name, sample_id=sample.sample_id, category=sample.category,
-                                            group=sample.group, turn=turn, seed=cfg.seed, error=error)
+                            record = self._new_record(task, sample, turn, contender)
+                            record.error = error
                             if batch is not None:
                                 self._fill_record(record, task, sample, turn, prompt, batch.outputs[index], loaded,
                                                   batch_size=len(members))

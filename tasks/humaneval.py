@@ -38,11 +38,6 @@ log = logging.getLogger(__name__)
 SAMPLE_SEPARATOR = "#"  # sample id = "<task_id>#<i>" when num_samples > 1
 
 
-def problem_id(sample_id: str) -> str:
-    """``HumanEval/3#2`` → ``HumanEval/3`` (the problem a sample belongs to)."""
-    return sample_id.split(SAMPLE_SEPARATOR, 1)[0]
-
-
 class HumanEval(Task):
     @dataclass
     class Params:

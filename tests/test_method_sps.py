@@ -178,9 +178,11 @@ def test_draft_with_another_vocabulary_is_a_clear_error(monkeypatch):
 
 
 def test_missing_draft_is_a_clear_error(monkeypatch):
+    from decodebench.config import validate_before_loading
+
     runner, target = _runner_with_draft(monkeypatch, 101, 101, draft_name=None)
-    with pytest.raises(ConfigValueError, match="set model.draft"):
-        runner._load_draft(target)
+    with pytest.raises(ConfigValueError, match="set model.draft"):  # checked before any model is loaded
+        validate_before_loading(runner.cfg)
 
 
 # --- sampling: the target distribution is preserved -------------------------------------------

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import yaml
 
 from decodebench.config import ConfigValueError
 from decodebench.engine.backbone import ForwardOutput
@@ -42,10 +39,10 @@ def test_paper_tree_is_the_reference_template():
     template = TreeTemplate.from_paths(PAPER_TREE)
     assert len(PAPER_TREE) == 80 and max(template.depths) == 6
     assert [template.depths.count(d) for d in range(1, 7)] == [8, 21, 25, 15, 8, 3]
-    config = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "conf", "method",
-                                              "token_recycling.yaml")))
-    assert config["params"]["tree"] == PAPER_TREE == config["presets"]["paper"]["tree"]
-    assert config["params"]["candidates"] == 8
+    # the Params default is the one source of the tree; the paper preset keeps it
+    paper = method_config("token_recycling").resolved_params("cuda")
+    assert TokenRecyclingDrafter.Params().tree == PAPER_TREE == paper["tree"]
+    assert paper["candidates"] == 8
     # parents come first and a node's parent path is its path minus the last rank
     for i, path in enumerate(PAPER_TREE):
         parent = template.parents[i]

@@ -14,6 +14,37 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def installed_modules_expected() -> list[str]:
+    """``decodebench/<path>`` in the wheel for every module of every package folder of the checkout:
+    ``decodebench/x.py`` stays, ``<folder>/x.py`` becomes ``decodebench/<folder>/x.py``."""
+    expected = []
+    for init in ROOT.rglob("__init__.py"):
+        folder = init.parent.relative_to(ROOT)
+        if folder.parts[0] in ("tests", ".venv", "build") or folder.parts[0].startswith("."):
+            continue
+        inside = folder if folder.parts[0] == "decodebench" else Path("decodebench", folder)
+        expected += [(inside / module.name).as_posix() for module in init.parent.glob("*.py")]
+    return expected
+
+
+def test_package_discovery_finds_every_package_folder(tmp_path):
+    """setup.py walks its roots: a new sub-package (here a scratch ``engine/kernels/``) is found."""
+    import runpy
+
+    layout = runpy.run_path(str(ROOT / "setup.py"), run_name="layout")
+    packages = layout["find_packages_under_roots"]()
+    assert {"decodebench", "decodebench.engine", "decodebench.models", "decodebench.conf"} <= set(packages)
+    folders = {init.parent.relative_to(ROOT).as_posix() for init in ROOT.rglob("__init__.py")
+               if not init.relative_to(ROOT).parts[0].startswith((".", "tests", "build"))}
+    assert len(packages) == len(folders), (packages, folders)
+    scratch = tmp_path / "checkout"  # a new sub-package in a scratch tree, found without editing setup.py
+    for folder in ("engine", "engine/kernels"):
+        (scratch / folder).mkdir(parents=True)
+        (scratch / folder / "__init__.py").write_text("")
+    layout["find_packages_under_roots"].__globals__["HERE"] = scratch
+    assert layout["find_packages_under_roots"]() == ["decodebench.engine", "decodebench.engine.kernels"]
+
+
 @pytest.mark.slow
 def test_wheel_installs_only_decodebench_and_runs(tmp_path):
     dist = tmp_path / "dist"
@@ -26,6 +57,8 @@ def test_wheel_installs_only_decodebench_and_runs(tmp_path):
                      "decodebench/conf/config.yaml", "decodebench/conf/method/pld.yaml",
                      "decodebench/conf/experiment/bench.yaml"):
         assert expected in names
+    # every folder of the checkout with an __init__.py (tests aside) is in the wheel, with all its modules
+    assert set(installed_modules_expected()) <= set(names), set(installed_modules_expected()) - set(names)
 
     # a fresh venv with the wheel; dependencies come from this environment's site-packages
     fresh = tmp_path / "venv"

@@ -19,7 +19,6 @@ catalogue (its prepared copies are fp32); the manifest says which (``dtype_sourc
 
 from __future__ import annotations
 
-import importlib.resources
 import re
 import time
 from dataclasses import dataclass
@@ -27,10 +26,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from decodebench.config import ConfigValueError, ModelConfig, _build, default_cache_dir
+from decodebench.config import ConfigValueError, ModelConfig, default_cache_dir, group_choices, group_config
 from decodebench.engine.architectures import attention_implementation_for, family_of
 from decodebench.models.embedded import prepare_embedded, read_prepared_marker
 from decodebench.models.naming import is_local_model_dir, looks_like_path, model_name_from_id
@@ -68,9 +66,7 @@ OWN_MODEL = "hf"  # conf/model/hf.yaml: not a catalogue model but any model give
 
 def available_models() -> list[str]:
     """Names of the catalogue models: the model YAMLs shipped in ``conf/model/`` but ``hf``."""
-    folder = importlib.resources.files("decodebench.conf") / "model"
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir()
-                  if p.name.endswith(".yaml") and p.name != f"{OWN_MODEL}.yaml")
+    return [name for name in group_choices("model") if name != OWN_MODEL]
 
 
 def load_model_config(name: str) -> ModelConfig:
@@ -79,11 +75,9 @@ def load_model_config(name: str) -> ModelConfig:
     Raises:
         UnknownNameError: no such YAML (the message lists the valid names).
     """
-    resource = importlib.resources.files("decodebench.conf") / "model" / f"{name}.yaml"
-    if name == OWN_MODEL or not resource.is_file():
+    if name == OWN_MODEL:
         raise UnknownNameError("model", name, available_models())
-    data = yaml.safe_load(resource.read_text()) or {}
-    return _build(ModelConfig, data, "model")  # rejects unknown keys by name
+    return ModelConfig(**group_config("model", name))
 
 
 def load_model(cfg: ModelConfig, *, device: str = "cpu", dtype: str = "float32",
@@ -124,7 +118,7 @@ def load_model(cfg: ModelConfig, *, device: str = "cpu", dtype: str = "float32",
         _check_vocab(cfg, model, tokenizer)
         if cfg.source == "tiny":  # a random model knows nothing of the tokenizer's special ids
             _adopt_special_tokens(model, tokenizer)
-    model = model.to(device=device, dtype=DTYPES[dtype]).eval()
+    model = model.to(device=device, dtype=DTYPES[dtype]).eval()  # type: ignore[call-arg]  # transformers' typing
     config = model.config
     info.update(
         source=cfg.source,
