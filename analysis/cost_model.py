@@ -172,6 +172,11 @@ def _sizes(row: dict[str, Any]) -> list[int]:
     return []
 
 
+def _nan(value: Any) -> float:
+    """A summary value as a float, NaN where it is missing."""
+    return math.nan if value is None or pd.isna(value) else float(value)
+
+
 def predict(rows: pd.DataFrame, curves: dict[str, Optional[LatencyCurve]], t1: dict[str, float]) -> dict[str, Any]:
     """Cost-model numbers of one set of method records (module docstring); NaN where unknown."""
     tokens = steps = verify_units = draft_units = 0.0
