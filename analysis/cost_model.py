@@ -34,7 +34,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -45,9 +45,26 @@ from decodebench.records import summarize_frame
 from decodebench.registry import DecodeBenchError
 
 RUN_CURVE_FILES = ("latency_curve.json", "verify_curve.json")
-COLUMNS = ["model", "task", "method", "group", "tokens_per_step", "verify_ratio", "draft_share",
-           "predicted_speedup", "measured_decode_speedup", "measured_speedup", "prefill_frac", "draft_frac",
-           "verify_frac", "overhead_frac", "predicted_verify_s", "verify_s", "t1_ms", "curve"]
+COLUMNS = [
+    "model",
+    "task",
+    "method",
+    "group",
+    "tokens_per_step",
+    "verify_ratio",
+    "draft_share",
+    "predicted_speedup",
+    "measured_decode_speedup",
+    "measured_speedup",
+    "prefill_frac",
+    "draft_frac",
+    "verify_frac",
+    "overhead_frac",
+    "predicted_verify_s",
+    "verify_s",
+    "t1_ms",
+    "curve",
+]
 
 
 @dataclass
@@ -56,12 +73,12 @@ class LatencyCurve:
 
     k: list[int]
     ratio: list[float]
-    ms: Optional[list[float]] = None
-    model: Optional[str] = None
-    device: Optional[str] = None
-    threads: Optional[int] = None
-    context: Optional[int] = None
-    backend: Optional[str] = None
+    ms: list[float] | None = None
+    model: str | None = None
+    device: str | None = None
+    threads: int | None = None
+    context: int | None = None
+    backend: str | None = None
     source: str = ""  # the file it was read from
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -74,7 +91,7 @@ class LatencyCurve:
         return max(0.0, float(ratios[-1] + slope * (k - ks[-1])))
 
     @property
-    def t1_s(self) -> Optional[float]:
+    def t1_s(self) -> float | None:
         """Seconds of a 1-token forward on the profiled machine (None without absolute times)."""
         if not self.ms or 1 not in self.k:
             return None
@@ -110,13 +127,21 @@ def parse_curve(data: dict[str, Any], source: str = "") -> LatencyCurve:
     if not ks:
         raise DecodeBenchError(f"{source}: empty verify-latency curve")
     order = sorted(range(len(ks)), key=ks.__getitem__)
-    return LatencyCurve(k=[ks[i] for i in order], ratio=[ratios[i] for i in order],
-                        ms=[ms[i] for i in order] if ms else None, model=data.get("model"), device=device,
-                        threads=data.get("threads"), context=data.get("context"), backend=data.get("backend"),
-                        source=source, extra=extra)
+    return LatencyCurve(
+        k=[ks[i] for i in order],
+        ratio=[ratios[i] for i in order],
+        ms=[ms[i] for i in order] if ms else None,
+        model=data.get("model"),
+        device=device,
+        threads=data.get("threads"),
+        context=data.get("context"),
+        backend=data.get("backend"),
+        source=source,
+        extra=extra,
+    )
 
 
-def load_curve(path: Union[str, Path]) -> LatencyCurve:
+def load_curve(path: str | Path) -> LatencyCurve:
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -125,14 +150,17 @@ def load_curve(path: Union[str, Path]) -> LatencyCurve:
     return parse_curve(data, str(path))
 
 
-def _matches(curve: LatencyCurve, config: dict[str, Any], threads: Optional[int]) -> bool:
+def _matches(curve: LatencyCurve, config: dict[str, Any], threads: int | None) -> bool:
     model = (config.get("model") or {}).get("name")
     device = str(config.get("device") or "cpu")
-    return ((curve.model in (None, model)) and (curve.device in (None, device) or device.startswith(str(curve.device)))
-            and (threads is None or curve.threads in (None, threads)))
+    return (
+        (curve.model in (None, model))
+        and (curve.device in (None, device) or device.startswith(str(curve.device)))
+        and (threads is None or curve.threads in (None, threads))
+    )
 
 
-def curve_for_run(run_dir: Union[str, Path], option: Optional[Union[str, Path]] = None) -> Optional[LatencyCurve]:
+def curve_for_run(run_dir: str | Path, option: str | Path | None = None) -> LatencyCurve | None:
     """The curve that describes ``run_dir``: ``option`` (file, or folder searched by model/device/
     threads) first, else one saved in the run dir; None when there is none."""
     run_dir = Path(run_dir)
@@ -177,7 +205,7 @@ def _nan(value: Any) -> float:
     return math.nan if value is None or pd.isna(value) else float(value)
 
 
-def predict(rows: pd.DataFrame, curves: dict[str, Optional[LatencyCurve]], t1: dict[str, float]) -> dict[str, Any]:
+def predict(rows: pd.DataFrame, curves: dict[str, LatencyCurve | None], t1: dict[str, float]) -> dict[str, Any]:
     """Cost-model numbers of one set of method records (module docstring); NaN where unknown."""
     tokens = steps = verify_units = draft_units = 0.0
     ar_tokens_s = method_s = predicted_verify = 0.0
@@ -199,9 +227,14 @@ def predict(rows: pd.DataFrame, curves: dict[str, Optional[LatencyCurve]], t1: d
         predicted_verify += ratio * step_s
     if not steps:
         return {"curve": None}
-    return {"tokens_per_step": tokens / steps, "verify_ratio": verify_units / steps,
-            "draft_share": draft_units / steps, "predicted_speedup": ar_tokens_s / method_s if method_s else math.nan,
-            "predicted_verify_s": predicted_verify, "curve": ", ".join(dict.fromkeys(used))}
+    return {
+        "tokens_per_step": tokens / steps,
+        "verify_ratio": verify_units / steps,
+        "draft_share": draft_units / steps,
+        "predicted_speedup": ar_tokens_s / method_s if method_s else math.nan,
+        "predicted_verify_s": predicted_verify,
+        "curve": ", ".join(dict.fromkeys(used)),
+    }
 
 
 def measured(rows: pd.DataFrame) -> dict[str, Any]:
@@ -211,18 +244,22 @@ def measured(rows: pd.DataFrame) -> dict[str, Any]:
     paired = rows[rows["error"].isna() & rows["ar_wall_s"].notna()]
     decode = (paired["wall_s"] - paired["prefill_s"].fillna(0.0)).sum()
     ar_decode = (paired["ar_wall_s"] - paired["ar_prefill_s"].fillna(0.0)).sum()
-    return {"measured_speedup": _nan(summary["speedup"]),
-            "measured_decode_speedup": ar_decode / decode if len(paired) and decode else math.nan,
-            "prefill_frac": _nan(summary["prefill_share"]), "draft_frac": _nan(summary["draft_share"]),
-            "verify_frac": _nan(summary["verify_share"]), "overhead_frac": _nan(summary["overhead_share"]),
-            "verify_s": summary["verify_s"]}
+    return {
+        "measured_speedup": _nan(summary["speedup"]),
+        "measured_decode_speedup": ar_decode / decode if len(paired) and decode else math.nan,
+        "prefill_frac": _nan(summary["prefill_share"]),
+        "draft_frac": _nan(summary["draft_share"]),
+        "verify_frac": _nan(summary["verify_share"]),
+        "overhead_frac": _nan(summary["overhead_share"]),
+        "verify_s": summary["verify_s"],
+    }
 
 
-def curves_for(frame: pd.DataFrame, option: Optional[Union[str, Path]] = None) -> dict[str, Optional[LatencyCurve]]:
+def curves_for(frame: pd.DataFrame, option: str | Path | None = None) -> dict[str, LatencyCurve | None]:
     return {run_dir: curve_for_run(run_dir, option) for run_dir in dict.fromkeys(frame["run_dir"])}
 
 
-def cost_table(frame: pd.DataFrame, curves: dict[str, Optional[LatencyCurve]], by_group: bool = False) -> pd.DataFrame:
+def cost_table(frame: pd.DataFrame, curves: dict[str, LatencyCurve | None], by_group: bool = False) -> pd.DataFrame:
     """One row per (model, task, method[, group]) plus ``overall``: predicted next to measured.
 
     Args:

@@ -31,8 +31,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import pandas as pd
 
@@ -44,9 +45,24 @@ from decodebench.records import acceptance_by_position, prompt_totals, summarize
 KEYS = ["model", "task", "method", "group"]
 JOIN_KEYS = ["model", "task", "sample_id", "turn", "seed"]
 # Aggregated metrics (definitions: decodebench.records.Summary); quality.<metric> columns follow.
-METRICS = ["speedup", "speedup_tps", "tau", "mean_accepted_tokens", "alpha", "alpha_per_token", "tokens_per_s",
-           "lossless_rate", "token_match_rate", "first_divergence", "drafted_per_step", "verified_per_step",
-           "prefill_share", "draft_share", "verify_share", "overhead_share"]
+METRICS = [
+    "speedup",
+    "speedup_tps",
+    "tau",
+    "mean_accepted_tokens",
+    "alpha",
+    "alpha_per_token",
+    "tokens_per_s",
+    "lossless_rate",
+    "token_match_rate",
+    "first_divergence",
+    "drafted_per_step",
+    "verified_per_step",
+    "prefill_share",
+    "draft_share",
+    "verify_share",
+    "overhead_share",
+]
 # Metrics with a bootstrap interval over prompts (<metric>_lo, <metric>_hi)
 CI_METRICS = ["speedup", "speedup_tps", "tau", "mean_accepted_tokens"]
 QUALITY_PREFIX = "quality."
@@ -88,14 +104,16 @@ def _clean(frame: pd.DataFrame) -> pd.DataFrame:
     if "lossless" in frame.columns:
         frame["lossless"] = pd.array([None if _missing(v) else bool(v) for v in frame["lossless"]], dtype="boolean")
     if "first_divergence" in frame.columns:
-        frame["first_divergence"] = pd.array([None if _missing(v) else int(v) for v in frame["first_divergence"]],
-                                             dtype="Int64")
+        frame["first_divergence"] = pd.array(
+            [None if _missing(v) else int(v) for v in frame["first_divergence"]], dtype="Int64"
+        )
     if "quality" in frame.columns:
         frame["quality"] = [v if isinstance(v, dict) else None for v in frame["quality"]]
         metrics = list(dict.fromkeys(m for q in frame["quality"] if q for m in q))
         for metric in metrics:
-            frame[QUALITY_PREFIX + metric] = [float(q[metric]) if q and q.get(metric) is not None else math.nan
-                                              for q in frame["quality"]]
+            frame[QUALITY_PREFIX + metric] = [
+                float(q[metric]) if q and q.get(metric) is not None else math.nan for q in frame["quality"]
+            ]
     return frame
 
 
@@ -137,14 +155,16 @@ def join_baseline(frame: pd.DataFrame) -> pd.DataFrame:
     candidates = frame[is_ar(frame) & ok]
     # a dedicated method=ar run is preferred over another run's in-process baseline
     candidates = candidates.assign(_rank=(candidates["role"] == "baseline").astype(int)).sort_values(
-        "_rank", kind="stable")
-    own_run = {tuple(k): i for k, i in zip(candidates[["run_dir", *JOIN_KEYS]].itertuples(index=False),
-                                           candidates.index)}
+        "_rank", kind="stable"
+    )
+    own_run = {
+        tuple(k): i for k, i in zip(candidates[["run_dir", *JOIN_KEYS]].itertuples(index=False), candidates.index)
+    }
     same_machine: dict[tuple, int] = {}
     for key, index in zip(candidates[[*JOIN_KEYS, "machine", "setting"]].itertuples(index=False), candidates.index):
         same_machine.setdefault(tuple(key), index)
     with_baseline = set(frame.loc[frame["role"] == "baseline", "run_dir"])
-    matched: list[Optional[int]] = []
+    matched: list[int | None] = []
     ar_rows = is_ar(frame)
     for index, row in zip(frame.index, frame.to_dict("records")):
         if ar_rows[index]:
@@ -166,6 +186,7 @@ def join_baseline(frame: pd.DataFrame) -> pd.DataFrame:
 
 # -- parquet ---------------------------------------------------------------------------------------
 
+
 def save_parquet(frame: pd.DataFrame, path: PathLike) -> Path:
     """Write the tidy frame; the ``quality`` dict column is stored only as ``quality.<metric>`` columns."""
     path = Path(path)
@@ -178,8 +199,10 @@ def read_parquet(path: PathLike) -> pd.DataFrame:
     """Read a frame written by :func:`save_parquet`, with the ``quality`` dicts rebuilt."""
     frame = pd.read_parquet(path)
     metrics = [c for c in frame.columns if c.startswith(QUALITY_PREFIX)]
-    frame["quality"] = [{m[len(QUALITY_PREFIX):]: v for m, v in zip(metrics, values) if not _missing(v)} or None
-                        for values in frame[metrics].itertuples(index=False)]
+    frame["quality"] = [
+        {m[len(QUALITY_PREFIX) :]: v for m, v in zip(metrics, values) if not _missing(v)} or None
+        for values in frame[metrics].itertuples(index=False)
+    ]
     for column in LIST_COLUMNS:
         if column in frame.columns:
             frame[column] = [None if v is None else [int(x) for x in v] for v in frame[column]]
@@ -187,6 +210,7 @@ def read_parquet(path: PathLike) -> pd.DataFrame:
 
 
 # -- aggregation -----------------------------------------------------------------------------------
+
 
 def labelled(frame: pd.DataFrame) -> pd.DataFrame:
     """Rows to aggregate, with the table label in ``method``: baselines as ``"ar (baseline)"``.
@@ -207,16 +231,27 @@ def _cell(model: str, task: str, method: str, group: str, rows: pd.DataFrame, bo
     units = [unit for _, unit in rows.groupby("repeat", sort=False)]
     totals = [prompt_totals(unit) for unit in units]
     summaries = [summarize_frame(unit, unit_totals) for unit, unit_totals in zip(units, totals)]
-    per_position, conditional = (summaries[0]["per_position_acceptance"], summaries[0]["conditional_acceptance"]) \
-        if len(units) == 1 else acceptance_by_position(rows)
-    row = {"model": model, "task": task, "method": method, "group": group,
-           "method_name": rows["method_name"].iloc[0], "lossless_method": rows["lossless_method"].iloc[0],
-           "repeats": len(units), "records": len(rows),
-           "errors": int(rows["error"].notna().sum()) if "error" in rows.columns else 0,
-           "per_position_acceptance": per_position, "conditional_acceptance": conditional}
+    per_position, conditional = (
+        (summaries[0]["per_position_acceptance"], summaries[0]["conditional_acceptance"])
+        if len(units) == 1
+        else acceptance_by_position(rows)
+    )
+    row = {
+        "model": model,
+        "task": task,
+        "method": method,
+        "group": group,
+        "method_name": rows["method_name"].iloc[0],
+        "lossless_method": rows["lossless_method"].iloc[0],
+        "repeats": len(units),
+        "records": len(rows),
+        "errors": int(rows["error"].notna().sum()) if "error" in rows.columns else 0,
+        "per_position_acceptance": per_position,
+        "conditional_acceptance": conditional,
+    }
     names = METRICS + [QUALITY_PREFIX + m for m in dict.fromkeys(m for s in summaries for m in s["quality"])]
     for name in names:
-        key = name[len(QUALITY_PREFIX):] if name.startswith(QUALITY_PREFIX) else None
+        key = name[len(QUALITY_PREFIX) :] if name.startswith(QUALITY_PREFIX) else None
         values = pd.Series([s["quality"].get(key) if key else s.get(name) for s in summaries], dtype=float).dropna()
         row[name] = values.mean() if len(values) else math.nan
         row[f"{name}_std"] = values.std(ddof=1) if len(values) > 1 else math.nan
@@ -256,5 +291,4 @@ def aggregate(frame: pd.DataFrame, bootstrap_seed: int = BOOTSTRAP_SEED) -> pd.D
 
 def quality_metrics(table: pd.DataFrame) -> list[str]:
     """Quality metric names present in an aggregate table (without the ``quality.`` prefix)."""
-    return [c[len(QUALITY_PREFIX):] for c in table.columns
-            if c.startswith(QUALITY_PREFIX) and not c.endswith("_std")]
+    return [c[len(QUALITY_PREFIX) :] for c in table.columns if c.startswith(QUALITY_PREFIX) and not c.endswith("_std")]

@@ -21,7 +21,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pandas as pd
 import yaml
@@ -39,15 +39,20 @@ def read_config(run_dir: Path) -> dict[str, Any]:
     return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
 
 
-def node_type(run_dir: Path) -> Optional[tuple]:
+def node_type(run_dir: Path) -> tuple | None:
     """Hardware fingerprint from ``manifest.json`` (host excluded: same node type, any node)."""
     path = Path(run_dir) / "manifest.json"
     if not path.exists():
         return None
     manifest = json.loads(path.read_text())
     hardware = manifest.get("hardware") or {}
-    return (hardware.get("cpu"), hardware.get("gpu"), hardware.get("device"), hardware.get("cpu_count"),
-            manifest.get("threads"))
+    return (
+        hardware.get("cpu"),
+        hardware.get("gpu"),
+        hardware.get("device"),
+        hardware.get("cpu_count"),
+        manifest.get("threads"),
+    )
 
 
 def _digest(config: dict[str, Any], drop: tuple[str, ...]) -> str:
@@ -57,7 +62,7 @@ def _digest(config: dict[str, Any], drop: tuple[str, ...]) -> str:
 
 def shard_problems(run_dirs: list[Path]) -> list[str]:
     """Incomplete, duplicated or overlapping shard families among ``run_dirs`` (empty = fine)."""
-    families: dict[str, list[tuple[Optional[str], Path]]] = {}
+    families: dict[str, list[tuple[str | None, Path]]] = {}
     for run_dir in run_dirs:
         config = read_config(run_dir)
         if config:
@@ -85,7 +90,7 @@ def shard_problems(run_dirs: list[Path]) -> list[str]:
     return problems
 
 
-def _first_divergence(ours: list[int], theirs: list[int]) -> Optional[int]:
+def _first_divergence(ours: list[int], theirs: list[int]) -> int | None:
     if ours == theirs:
         return None
     return next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
@@ -93,8 +98,11 @@ def _first_divergence(ours: list[int], theirs: list[int]) -> Optional[int]:
 
 def _audit(method_rows: pd.DataFrame, baseline_rows: pd.DataFrame) -> pd.DataFrame:
     """Lossless audit of greedy method rows against shared-baseline rows (same sample and turn)."""
-    reference = {(r["sample_id"], r["turn"]): r["output_ids"] for _, r in baseline_rows.iterrows()
-                 if not isinstance(r.get("error"), str)}
+    reference = {
+        (r["sample_id"], r["turn"]): r["output_ids"]
+        for _, r in baseline_rows.iterrows()
+        if not isinstance(r.get("error"), str)
+    }
     method_rows = method_rows.astype({"lossless": object, "first_divergence": object})
     for index, row in method_rows.iterrows():
         theirs = reference.get((row["sample_id"], row["turn"]))
@@ -128,12 +136,25 @@ def attach_shared_baselines(frame: pd.DataFrame) -> pd.DataFrame:
     for consumer in consumers:
         config = configs[consumer]
         wanted = ({k: config.get(k) for k in SAME_PROMPTS_KEYS}, config.get("baseline_key"), node_type(Path(consumer)))
-        match = next((p for p in providers
-                      if ({k: configs[p].get(k) for k in SAME_PROMPTS_KEYS}, configs[p].get("baseline_key"),
-                          node_type(Path(p))) == wanted), None)
+        match = next(
+            (
+                p
+                for p in providers
+                if (
+                    {k: configs[p].get(k) for k in SAME_PROMPTS_KEYS},
+                    configs[p].get("baseline_key"),
+                    node_type(Path(p)),
+                )
+                == wanted
+            ),
+            None,
+        )
         if match is None:
-            log.warning("%s: no method=ar run with baseline_key=%s on the same node type and prompts; "
-                        "its speedup stays empty", consumer, config.get("baseline_key"))
+            log.warning(
+                "%s: no method=ar run with baseline_key=%s on the same node type and prompts; its speedup stays empty",
+                consumer,
+                config.get("baseline_key"),
+            )
             continue
         copies = frame[(frame["run_dir"] == match) & (frame["role"] == "method")].copy()
         copies["role"], copies["run_dir"], copies["baseline_source"] = "baseline", consumer, match

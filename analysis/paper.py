@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 import pandas as pd
 
@@ -61,16 +61,23 @@ def _links(paths: list[Path], out: Path) -> str:
     return " · ".join(f"[{p.suffix[1:]}]({p.relative_to(out).as_posix()})" for p in paths)
 
 
-def _table_section(table: Optional[tables.PaperTable], out: Path, name: str, paper: Paper) -> list[str]:
+def _table_section(table: tables.PaperTable | None, out: Path, name: str, paper: Paper) -> list[str]:
     if table is None:
         return []
     paths = _write_table(table, out, name)
     paper.tables += paths
-    return [f"### {table.title}", "", tables.render_markdown(table), *[f"*{note}*" for note in table.notes], "",
-            f"Files: {_links(paths, out)}", ""]
+    return [
+        f"### {table.title}",
+        "",
+        tables.render_markdown(table),
+        *[f"*{note}*" for note in table.notes],
+        "",
+        f"Files: {_links(paths, out)}",
+        "",
+    ]
 
 
-def _figure_section(figure: Optional[plots.FigureFile], out: Path, paper: Paper) -> list[str]:
+def _figure_section(figure: plots.FigureFile | None, out: Path, paper: Paper) -> list[str]:
     if figure is None:
         return []
     paper.figures.append(figure)
@@ -87,13 +94,16 @@ def _provenance(frame: pd.DataFrame, curves: dict) -> list[str]:
         sha = (git.get("sha") or "-")[:10] + (" (dirty)" if git.get("dirty") else "")
         curve = curves.get(run_dir)
         method = rows.loc[rows["role"] == "method", "method"]
-        lines.append(f"| {run_dir} | {method.iloc[0] if len(method) else '-'} | {rows['machine'].iloc[0]} | {sha} | "
-                     f"{curve.source if curve else '-'} |")
+        lines.append(
+            f"| {run_dir} | {method.iloc[0] if len(method) else '-'} | {rows['machine'].iloc[0]} | {sha} | "
+            f"{curve.source if curve else '-'} |"
+        )
     return lines + [""]
 
 
-def write_paper(paths: Sequence[PathLike], out: PathLike, curve: Optional[PathLike] = None,
-                imported: Sequence[pd.DataFrame] = ()) -> Paper:
+def write_paper(
+    paths: Sequence[PathLike], out: PathLike, curve: PathLike | None = None, imported: Sequence[pd.DataFrame] = ()
+) -> Paper:
     """Load ``paths`` (run or sweep dirs) and write the paper folder ``out`` (module docstring).
 
     Args:
@@ -110,21 +120,29 @@ def write_paper(paths: Sequence[PathLike], out: PathLike, curve: Optional[PathLi
     frame = load_frame(paths, imported)
     paper = Paper(out=out, index=out / "index.md", parquet=save_parquet(frame, out / "records.parquet"))
     agg = aggregate(frame)
-    agg.assign(per_position_acceptance=agg["per_position_acceptance"].map(json.dumps),
-               conditional_acceptance=agg["conditional_acceptance"].map(json.dumps)).to_csv(
-        out / "aggregate.csv", index=False, float_format="%.6g")
+    agg.assign(
+        per_position_acceptance=agg["per_position_acceptance"].map(json.dumps),
+        conditional_acceptance=agg["conditional_acceptance"].map(json.dumps),
+    ).to_csv(out / "aggregate.csv", index=False, float_format="%.6g")
     curves = curves_for(frame, curve)
     cost = cost_table(frame, curves)
     figures = out / "figures"
 
     runs = frame["run_dir"].nunique()
-    lines = ["# DecodeBench paper tables and figures", "",
-             f"{runs} run dir(s), {len(frame)} records ({int(frame['error'].notna().sum())} errors) from "
-             f"{', '.join(f'`{p}`' for p in paths)}. Tidy records: [records.parquet](records.parquet); "
-             "aggregates: [aggregate.csv](aggregate.csv).", ""]
+    lines = [
+        "# DecodeBench paper tables and figures",
+        "",
+        f"{runs} run dir(s), {len(frame)} records ({int(frame['error'].notna().sum())} errors) from "
+        f"{', '.join(f'`{p}`' for p in paths)}. Tidy records: [records.parquet](records.parquet); "
+        "aggregates: [aggregate.csv](aggregate.csv).",
+        "",
+    ]
     if not any(curves.values()):
-        lines += ["*No verify-latency curve (pass `--curve`, or save `latency_curve.json` in the run dir): the "
-                  "cost model's predictions are empty.*", ""]
+        lines += [
+            "*No verify-latency curve (pass `--curve`, or save `latency_curve.json` in the run dir): the "
+            "cost model's predictions are empty.*",
+            "",
+        ]
     for (model, task), _ in agg.groupby(["model", "task"], sort=False):
         name = slug(task, model)
         lines += [f"## {task} — {model}", ""]
@@ -132,14 +150,15 @@ def write_paper(paths: Sequence[PathLike], out: PathLike, curve: Optional[PathLi
         lines += _table_section(tables.quality_table(agg, model, task), out, f"quality_{name}", paper)
         lines += _table_section(tables.cost_table(cost, model, task), out, f"cost_{name}", paper)
         lines += _table_section(tables.latency_table(agg, model, task), out, f"latency_{name}", paper)
-        lines += _figure_section(plots.speedup_by_group(agg, model, task, figures, f"speedup_by_group_{name}"), out,
-                                 paper)
-        lines += _figure_section(plots.tau_vs_speedup(agg, cost, model, task, figures, f"tau_vs_speedup_{name}"),
-                                 out, paper)
+        lines += _figure_section(
+            plots.speedup_by_group(agg, model, task, figures, f"speedup_by_group_{name}"), out, paper
+        )
+        lines += _figure_section(
+            plots.tau_vs_speedup(agg, cost, model, task, figures, f"tau_vs_speedup_{name}"), out, paper
+        )
         lines += _figure_section(plots.acceptance_curves(agg, model, task, figures, f"acceptance_{name}"), out, paper)
         lines += _figure_section(plots.pareto(agg, model, task, figures, f"pareto_{name}"), out, paper)
-        lines += _figure_section(plots.latency_distribution(frame, model, task, figures, f"latency_{name}"), out,
-                                 paper)
+        lines += _figure_section(plots.latency_distribution(frame, model, task, figures, f"latency_{name}"), out, paper)
     audit = lossless_audit(frame)
     if not audit.empty:
         path = out / "tables" / "audit.md"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -80,7 +79,7 @@ def interval_errors(rows: pd.DataFrame, metric: str, groups: list[str]) -> np.nd
     return np.array([lows, highs])
 
 
-def speedup_by_group(agg: pd.DataFrame, model: str, task: str, out_dir: Path, name: str) -> Optional[FigureFile]:
+def speedup_by_group(agg: pd.DataFrame, model: str, task: str, out_dir: Path, name: str) -> FigureFile | None:
     """Grouped bars: one group of bars per category group (+ overall), one bar per method, with the
     95 % bootstrap interval over prompts as error bars."""
     rows = _rows(agg, model, task)
@@ -96,20 +95,33 @@ def speedup_by_group(agg: pd.DataFrame, model: str, task: str, out_dir: Path, na
     for i, method in enumerate(methods):
         by_group = rows[rows["method"] == method].set_index("group")
         values = [by_group["speedup"].get(g, math.nan) for g in groups]
-        ax.bar(x - 0.4 + width * (i + 0.5), values, width, yerr=interval_errors(by_group, "speedup", groups),
-               label=method, capsize=2, error_kw={"linewidth": 0.8})
+        ax.bar(
+            x - 0.4 + width * (i + 0.5),
+            values,
+            width,
+            yerr=interval_errors(by_group, "speedup", groups),
+            label=method,
+            capsize=2,
+            error_kw={"linewidth": 0.8},
+        )
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="AR (1.00×)")
     ax.set_xticks(x, [GROUP_NAMES.get(g, g) for g in groups], rotation=20 if len(groups) > 4 else 0)
     ax.set_ylabel("Speedup over AR (×, wall time)")
     ax.set_title(f"Speedup per category group — {task}, {model}", fontsize="medium")
     _legend_outside(ax)
-    return _save(fig, out_dir, name, "Speedup per category group",
-                 "Σ AR wall time / Σ method wall time per category group; error bars: 95 % bootstrap interval "
-                 "over prompts (seeded).")
+    return _save(
+        fig,
+        out_dir,
+        name,
+        "Speedup per category group",
+        "Σ AR wall time / Σ method wall time per category group; error bars: 95 % bootstrap interval "
+        "over prompts (seeded).",
+    )
 
 
-def tau_vs_speedup(agg: pd.DataFrame, cost: Optional[pd.DataFrame], model: str, task: str, out_dir: Path,
-                   name: str) -> Optional[FigureFile]:
+def tau_vs_speedup(
+    agg: pd.DataFrame, cost: pd.DataFrame | None, model: str, task: str, out_dir: Path, name: str
+) -> FigureFile | None:
     """Measured (τ, speedup) per method, the cost model's prediction, and iso-cost lines.
 
     A method whose every step costs ``c`` AR steps (verify ratio + draft share) lies on the line
@@ -135,9 +147,16 @@ def tau_vs_speedup(agg: pd.DataFrame, cost: Optional[pd.DataFrame], model: str, 
     for row in rows.to_dict("records"):
         color = next(colors)
         one = pd.DataFrame([row]).set_index("group")
-        ax.errorbar(row["tau"], row["speedup"], xerr=interval_errors(one, "tau", [OVERALL]),
-                    yerr=interval_errors(one, "speedup", [OVERALL]), fmt="o", color=color, label=row["method"],
-                    capsize=2)
+        ax.errorbar(
+            row["tau"],
+            row["speedup"],
+            xerr=interval_errors(one, "tau", [OVERALL]),
+            yerr=interval_errors(one, "speedup", [OVERALL]),
+            fmt="o",
+            color=color,
+            label=row["method"],
+            capsize=2,
+        )
         if row["method"] in predicted:
             ax.plot([row["tau"]] * 2, [row["speedup"], predicted[row["method"]]], color=color, linewidth=0.8)
             ax.plot(row["tau"], predicted[row["method"]], "o", markerfacecolor="none", color=color)
@@ -148,17 +167,25 @@ def tau_vs_speedup(agg: pd.DataFrame, cost: Optional[pd.DataFrame], model: str, 
     ax.set_ylabel("Speedup over AR (×)")
     ax.set_title(f"τ vs speedup — {task}, {model}", fontsize="medium")
     _legend_outside(ax)
-    return _save(fig, out_dir, name, "τ vs speedup with the cost model",
-                 "Filled: measured, with 95 % bootstrap intervals over prompts; hollow: cost-model prediction "
-                 "(decode phase) from the verify-latency curve; dotted: a step costing c AR steps gives speedup τ/c.")
+    return _save(
+        fig,
+        out_dir,
+        name,
+        "τ vs speedup with the cost model",
+        "Filled: measured, with 95 % bootstrap intervals over prompts; hollow: cost-model prediction "
+        "(decode phase) from the verify-latency curve; dotted: a step costing c AR steps gives speedup τ/c.",
+    )
 
 
-def acceptance_curves(agg: pd.DataFrame, model: str, task: str, out_dir: Path, name: str) -> Optional[FigureFile]:
+def acceptance_curves(agg: pd.DataFrame, model: str, task: str, out_dir: Path, name: str) -> FigureFile | None:
     """P(draft token i accepted | drafted beyond i) per method (pooled over all records)."""
     rows = _rows(agg, model, task)
     rows = rows[(rows["group"] == OVERALL) & ~rows["method"].map(is_reference).astype(bool)]
-    curves = {r["method"]: r["per_position_acceptance"] for r in rows.to_dict("records")
-              if isinstance(r["per_position_acceptance"], (list, np.ndarray)) and len(r["per_position_acceptance"])}
+    curves = {
+        r["method"]: r["per_position_acceptance"]
+        for r in rows.to_dict("records")
+        if isinstance(r["per_position_acceptance"], (list, np.ndarray)) and len(r["per_position_acceptance"])
+    }
     if not curves:
         return None
     fig, ax = _figure()
@@ -169,12 +196,18 @@ def acceptance_curves(agg: pd.DataFrame, model: str, task: str, out_dir: Path, n
     ax.set_ylim(0, 1.02)
     ax.set_title(f"Per-position acceptance — {task}, {model}", fontsize="medium")
     _legend_outside(ax)
-    return _save(fig, out_dir, name, "Per-position acceptance",
-                 "P(draft token i accepted | a draft longer than i was proposed), pooled over records.")
+    return _save(
+        fig,
+        out_dir,
+        name,
+        "Per-position acceptance",
+        "P(draft token i accepted | a draft longer than i was proposed), pooled over records.",
+    )
 
 
-def pareto(agg: pd.DataFrame, model: str, task: str, out_dir: Path, name: str,
-           metric: Optional[str] = None) -> Optional[FigureFile]:
+def pareto(
+    agg: pd.DataFrame, model: str, task: str, out_dir: Path, name: str, metric: str | None = None
+) -> FigureFile | None:
     """Speed vs quality: lossy methods filled, lossless hollow (reference), and the Pareto front."""
     rows = _rows(agg, model, task)
     rows = rows[rows["group"] == OVERALL]
@@ -187,8 +220,14 @@ def pareto(agg: pd.DataFrame, model: str, task: str, out_dir: Path, name: str,
     lossy = points["lossless_method"].astype("boolean").fillna(False) == False  # noqa: E712
     fig, ax = _figure()
     for row, is_lossy, color in zip(points.to_dict("records"), lossy, (f"C{i}" for i in range(100))):
-        ax.plot(row["speedup"], row[column], "o", color=color, markerfacecolor=color if is_lossy else "none",
-                label=row["method"] + ("" if is_lossy else " (lossless)"))
+        ax.plot(
+            row["speedup"],
+            row[column],
+            "o",
+            color=color,
+            markerfacecolor=color if is_lossy else "none",
+            label=row["method"] + ("" if is_lossy else " (lossless)"),
+        )
     front = points.sort_values("speedup", ascending=False)
     best, kept = -math.inf, []
     for row in front.to_dict("records"):
@@ -202,20 +241,25 @@ def pareto(agg: pd.DataFrame, model: str, task: str, out_dir: Path, name: str,
     ax.set_ylabel(metric)
     ax.set_title(f"Speed vs quality ({metric}) — {task}, {model}", fontsize="medium")
     _legend_outside(ax)
-    caption = "Filled: lossy methods; hollow: lossless methods (reference)." if lossy.any() else \
-        "No lossy method in these runs: every point is a lossless method (quality differs only by sampling)."
+    caption = (
+        "Filled: lossy methods; hollow: lossless methods (reference)."
+        if lossy.any()
+        else "No lossy method in these runs: every point is a lossless method (quality differs only by sampling)."
+    )
     return _save(fig, out_dir, name, f"Speed-quality trade-off ({metric})", caption)
 
 
-def latency_distribution(frame: pd.DataFrame, model: str, task: str, out_dir: Path,
-                         name: str) -> Optional[FigureFile]:
+def latency_distribution(frame: pd.DataFrame, model: str, task: str, out_dir: Path, name: str) -> FigureFile | None:
     """Per-token decode latency per record (ms/token, prefill excluded), one box per method."""
-    rows = frame[(frame["model"] == model) & (frame["task"] == task) & frame["error"].isna()
-                 & (frame["new_tokens"] > 1)]
+    rows = frame[
+        (frame["model"] == model) & (frame["task"] == task) & frame["error"].isna() & (frame["new_tokens"] > 1)
+    ]
     if rows.empty:
         return None
-    rows = rows.assign(label=np.where(rows["role"] == "baseline", rows["method"] + BASELINE_SUFFIX, rows["method"]),
-                       ms=1e3 * (rows["wall_s"] - rows["prefill_s"].fillna(0.0)) / (rows["new_tokens"] - 1))
+    rows = rows.assign(
+        label=np.where(rows["role"] == "baseline", rows["method"] + BASELINE_SUFFIX, rows["method"]),
+        ms=1e3 * (rows["wall_s"] - rows["prefill_s"].fillna(0.0)) / (rows["new_tokens"] - 1),
+    )
     labels = list(dict.fromkeys(rows.sort_values("role", key=lambda r: r != "baseline", kind="stable")["label"]))
     data = [rows.loc[rows["label"] == label, "ms"].to_numpy() for label in labels]
     fig, ax = _figure(height=0.45 * len(labels) + 1.4)
@@ -223,5 +267,10 @@ def latency_distribution(frame: pd.DataFrame, model: str, task: str, out_dir: Pa
     ax.invert_yaxis()
     ax.set_xlabel("Decode latency per token (ms/token, prefill excluded)")
     ax.set_title(f"Per-token latency — {task}, {model}", fontsize="medium")
-    return _save(fig, out_dir, name, "Per-token latency distribution",
-                 "One value per record: (wall − prefill) / (new tokens − 1); box: quartiles, whiskers: 1.5 IQR.")
+    return _save(
+        fig,
+        out_dir,
+        name,
+        "Per-token latency distribution",
+        "One value per record: (wall − prefill) / (new tokens − 1); box: quartiles, whiskers: 1.5 IQR.",
+    )

@@ -18,8 +18,9 @@ guaranteed in fp32 (noted).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import pandas as pd
 import yaml
@@ -31,8 +32,18 @@ PASS_AT_K = (1, 10, 100)
 SAMPLE_SEPARATOR = "#"  # HumanEval with num_samples > 1: "<problem>#<i>" (tasks/humaneval.py)
 BASELINE_SUFFIX = " (baseline)"
 OVERALL = "overall"
-AUDIT_COLUMNS = ["model", "task", "method", "dtype", "audited", "lossless_rate", "diverged",
-                 "first_divergence", "examples", "verdict"]
+AUDIT_COLUMNS = [
+    "model",
+    "task",
+    "method",
+    "dtype",
+    "audited",
+    "lossless_rate",
+    "diverged",
+    "first_divergence",
+    "examples",
+    "verdict",
+]
 HALF_DTYPES = ("float16", "bfloat16")
 
 
@@ -45,11 +56,19 @@ def _metric_rows(frame: pd.DataFrame) -> pd.DataFrame:
             continue
         for metric, value in quality.items():
             if value is not None and not (isinstance(value, float) and math.isnan(value)):
-                rows.append({**{k: record[k] for k in ("model", "task", "method", "role", "group", "run_dir",
-                                                       "sample_id", "turn")}, "metric": metric,
-                             "value": float(value)})
-    return pd.DataFrame(rows, columns=["model", "task", "method", "role", "group", "run_dir", "sample_id", "turn",
-                                       "metric", "value"])
+                rows.append(
+                    {
+                        **{
+                            k: record[k]
+                            for k in ("model", "task", "method", "role", "group", "run_dir", "sample_id", "turn")
+                        },
+                        "metric": metric,
+                        "value": float(value),
+                    }
+                )
+    return pd.DataFrame(
+        rows, columns=["model", "task", "method", "role", "group", "run_dir", "sample_id", "turn", "metric", "value"]
+    )
 
 
 def pass_at_k(frame: pd.DataFrame) -> dict[str, float]:
@@ -68,8 +87,11 @@ def pass_at_k(frame: pd.DataFrame) -> dict[str, float]:
     n = int(counts["count"].min())
     if n <= 1 or (counts["count"] != n).any():
         return {}
-    return {f"pass@{k}": float(estimate_pass_at_k(n, counts["sum"].astype(int).tolist(), k).mean())
-            for k in PASS_AT_K if 1 < k <= n}
+    return {
+        f"pass@{k}": float(estimate_pass_at_k(n, counts["sum"].astype(int).tolist(), k).mean())
+        for k in PASS_AT_K
+        if 1 < k <= n
+    }
 
 
 def _means(frame: pd.DataFrame) -> dict[str, float]:
@@ -81,8 +103,10 @@ def _deltas(method: pd.DataFrame, baseline: pd.DataFrame) -> dict[str, float]:
     """Method mean − AR mean per metric over the (run, sample, turn) pairs both scored."""
     keys = ["run_dir", "sample_id", "turn", "metric"]
     paired = method.merge(baseline[keys + ["value"]], on=keys, suffixes=("", "_ar"))
-    deltas = {f"Δ {metric}": float((group["value"] - group["value_ar"]).mean())
-              for metric, group in paired.groupby("metric", sort=False)}
+    deltas = {
+        f"Δ {metric}": float((group["value"] - group["value_ar"]).mean())
+        for metric, group in paired.groupby("metric", sort=False)
+    }
     method_k, baseline_k = pass_at_k(method), pass_at_k(baseline)
     deltas.update({f"Δ {metric}": method_k[metric] - baseline_k[metric] for metric in method_k if metric in baseline_k})
     return deltas
@@ -150,10 +174,11 @@ def lossless_audit(records: pd.DataFrame) -> pd.DataFrame:
     for (model, task, method, dtype), frame in audited.groupby(["model", "task", "method", "dtype"], sort=False):
         diverged = frame[frame["lossless"] == False]  # noqa: E712 (pandas element-wise comparison)
         positions = diverged.get("first_divergence", pd.Series(dtype=float)).dropna()
-        first: Optional[int] = int(positions.min()) if not positions.empty else None
+        first: int | None = int(positions.min()) if not positions.empty else None
         examples = ", ".join(
             f"{r['sample_id']}:{int(r['turn'])}@{_position(r.get('first_divergence'))}"
-            for r in diverged.sort_values("first_divergence", na_position="last").head(5).to_dict("records"))
+            for r in diverged.sort_values("first_divergence", na_position="last").head(5).to_dict("records")
+        )
         if diverged.empty:
             verdict = "ok"
         elif dtype in HALF_DTYPES:
@@ -162,22 +187,38 @@ def lossless_audit(records: pd.DataFrame) -> pd.DataFrame:
             verdict = "BUG: a lossless method diverged from AR under float32 greedy decoding"
         else:
             verdict = "diverged; dtype unknown (no config.yaml)"
-        rows.append({"model": model, "task": task, "method": method, "dtype": dtype, "audited": len(frame),
-                     "lossless_rate": float((frame["lossless"] == True).mean()),  # noqa: E712
-                     "diverged": len(diverged), "first_divergence": first, "examples": examples, "verdict": verdict})
+        rows.append(
+            {
+                "model": model,
+                "task": task,
+                "method": method,
+                "dtype": dtype,
+                "audited": len(frame),
+                "lossless_rate": float((frame["lossless"] == True).mean()),  # noqa: E712
+                "diverged": len(diverged),
+                "first_divergence": first,
+                "examples": examples,
+                "verdict": verdict,
+            }
+        )
     return pd.DataFrame(rows, columns=AUDIT_COLUMNS)
 
 
 def violations(audit: pd.DataFrame) -> list[str]:
     """One message per audit row flagged as a bug (fp32 divergence of a lossless method)."""
-    return [f"LOSSLESS VIOLATION: {row['method']} on {row['task']} ({row['model']}, {row['dtype']}): "
-            f"{row['diverged']} of {row['audited']} records differ from AR, first at token "
-            f"{_position(row['first_divergence'])} ({row['examples']})"
-            for row in audit.to_dict("records") if str(row["verdict"]).startswith("BUG")]
+    return [
+        f"LOSSLESS VIOLATION: {row['method']} on {row['task']} ({row['model']}, {row['dtype']}): "
+        f"{row['diverged']} of {row['audited']} records differ from AR, first at token "
+        f"{_position(row['first_divergence'])} ({row['examples']})"
+        for row in audit.to_dict("records")
+        if str(row["verdict"]).startswith("BUG")
+    ]
 
 
-TITLES = {"quality": "Quality (mean per record; Δ = method − AR on the same samples)",
-          "audit": "Lossless audit (greedy; lossless methods vs AR token ids)"}
+TITLES = {
+    "quality": "Quality (mean per record; Δ = method − AR on the same samples)",
+    "audit": "Lossless audit (greedy; lossless methods vs AR token ids)",
+}
 
 
 def render_section(name: str, table: pd.DataFrame, fmt: str, render: Callable[[pd.DataFrame, str], str]) -> str:

@@ -45,15 +45,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 import pandas as pd
 
 from decodebench.analysis.merge import attach_shared_baselines, shard_problems
 from decodebench.analysis.quality import quality_sections, render_section
 from decodebench.registry import DecodeBenchError
-from decodebench.runners.run_dir import RECORDS as RECORDS_FILE, read_record_rows
+from decodebench.runners.run_dir import RECORDS as RECORDS_FILE
+from decodebench.runners.run_dir import read_record_rows
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,10 @@ AGREEMENT = ["token_match_rate", "first_divergence"]
 METRICS = ["speedup", "speedup_tps", "tau", "alpha", "tokens_per_s", "lossless_rate", *AGREEMENT]
 COUNTS = ["records", "errors"]
 # convention -> (speed metrics of the table, those shown with their bootstrap interval)
-CONVENTIONS = {"decodebench": (["speedup", "speedup_tps", "tau"], ["speedup", "tau"]),
-               "specbench": (["speedup_tps", "mean_accepted_tokens"], ["speedup_tps", "mean_accepted_tokens"])}
+CONVENTIONS = {
+    "decodebench": (["speedup", "speedup_tps", "tau"], ["speedup", "tau"]),
+    "specbench": (["speedup_tps", "mean_accepted_tokens"], ["speedup_tps", "mean_accepted_tokens"]),
+}
 CI_LABEL = "95% CI"
 LATENCY_COLUMNS = ["latency_p50_ms", "latency_p95_ms", "latency_p99_ms"]
 LATENCY_TITLE = "Per-token decode latency (ms/token, prefill excluded; percentiles over records)"
@@ -78,7 +81,7 @@ STATS_TITLE = "Method statistics (Drafter.request_stats, mean per generation)"
 LAYOUTS = ("long", "wide")
 
 
-def find_run_dirs(path: Union[str, Path]) -> list[Path]:
+def find_run_dirs(path: str | Path) -> list[Path]:
     """Run directories (folders holding ``records.jsonl``) at or below ``path``, sorted.
 
     Raises:
@@ -86,19 +89,24 @@ def find_run_dirs(path: Union[str, Path]) -> list[Path]:
     """
     run_dirs = sorted({records.parent for records in Path(path).rglob(RECORDS_FILE)})
     if not run_dirs:
-        raise DecodeBenchError(f"no {RECORDS_FILE} found in '{path}' (expected a run directory or a "
-                               "sweep directory containing run directories)")
+        raise DecodeBenchError(
+            f"no {RECORDS_FILE} found in '{path}' (expected a run directory or a "
+            "sweep directory containing run directories)"
+        )
     return run_dirs
 
 
-def load_records(run_dirs: Sequence[Union[str, Path]]) -> pd.DataFrame:
+def load_records(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
     """One row per record of every run dir (the :class:`Record` fields plus ``run_dir``).
 
     Raises:
         DecodeBenchError: no records at all.
     """
-    rows = [{**row, "run_dir": str(run_dir)}
-            for run_dir in run_dirs for row in read_record_rows(Path(run_dir) / RECORDS_FILE)]
+    rows = [
+        {**row, "run_dir": str(run_dir)}
+        for run_dir in run_dirs
+        for row in read_record_rows(Path(run_dir) / RECORDS_FILE)
+    ]
     if not rows:
         raise DecodeBenchError(f"no records in {', '.join(map(str, run_dirs))}")
     return attach_shared_baselines(pd.DataFrame(rows))
@@ -148,7 +156,7 @@ def latency_table(agg: pd.DataFrame) -> pd.DataFrame:
     return rows[["model", "task", "method", *LATENCY_COLUMNS, "records"]].reset_index(drop=True)
 
 
-def ci_text(low: float, high: float) -> Optional[str]:
+def ci_text(low: float, high: float) -> str | None:
     """An interval as ``[low, high]`` with the table's 2 decimals (None when undefined)."""
     return None if pd.isna(low) or pd.isna(high) else f"[{low:.2f}, {high:.2f}]"
 
@@ -224,8 +232,7 @@ def render(table: pd.DataFrame, fmt: str) -> str:
 
         flat = with_ci_columns(_flat_columns(table))
         flat = flat.astype(object).where(flat.notna().to_numpy(), None)
-        return tabulate(flat, headers="keys", tablefmt="pipe", floatfmt=".2f", missingval="-",
-                        showindex=False) + "\n"
+        return tabulate(flat, headers="keys", tablefmt="pipe", floatfmt=".2f", missingval="-", showindex=False) + "\n"
     if fmt == "latex":
         if not isinstance(table.columns, pd.MultiIndex):
             table = with_ci_columns(table)
@@ -246,7 +253,8 @@ def method_stats_table(records: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     rows = []
     for (model, task, method), frame in records[records["role"] != "baseline"].groupby(
-            ["model", "task", "method"], sort=False):
+        ["model", "task", "method"], sort=False
+    ):
         stats = [s for s in frame["method_stats"] if isinstance(s, dict) and s]
         if stats:
             means = pd.DataFrame(stats).mean(numeric_only=True).to_dict()
@@ -266,7 +274,7 @@ def _stats_section(records: pd.DataFrame, fmt: str) -> list[str]:
     return [f"**{STATS_TITLE}**\n\n{render(table, fmt)}"]
 
 
-def _cost_section(records: pd.DataFrame, curve: Optional[Path], fmt: str, explicit: bool) -> list[str]:
+def _cost_section(records: pd.DataFrame, curve: Path | None, fmt: str, explicit: bool) -> list[str]:
     """The cost model's table (analysis/cost_model.py), or nothing when no run has a curve."""
     from decodebench.analysis.cost_model import COLUMNS, cost_table, curve_for_run
     from decodebench.analysis.frame import frame_from_records
@@ -274,8 +282,11 @@ def _cost_section(records: pd.DataFrame, curve: Optional[Path], fmt: str, explic
     curves = {run_dir: curve_for_run(run_dir, curve) for run_dir in dict.fromkeys(records["run_dir"])}
     if not any(curves.values()):
         if explicit:
-            print("decodebench-report: no verify-latency curve (--curve, or latency_curve.json in a run dir): "
-                  "no cost model", file=sys.stderr)
+            print(
+                "decodebench-report: no verify-latency curve (--curve, or latency_curve.json in a run dir): "
+                "no cost model",
+                file=sys.stderr,
+            )
         return []
     table = cost_table(frame_from_records(records), curves).drop(columns=["group"])
     title = "Cost model: predicted vs measured speedup (decode phase; fractions of the method's wall time)"
@@ -287,36 +298,68 @@ def _titled(body: str, title: str, fmt: str) -> str:
     return body if fmt == "csv" else f"% {title}\n{body}" if fmt == "latex" else f"**{title}**\n\n{body}"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="decodebench-report",
-                                     description="Speedup / τ / α tables from DecodeBench run directories.")
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="decodebench-report", description="Speedup / τ / α tables from DecodeBench run directories."
+    )
     parser.add_argument("dirs", nargs="*", type=Path, help="run directories or sweep directories")
     parser.add_argument("--format", choices=FORMATS, default="md")
-    parser.add_argument("--layout", choices=LAYOUTS, default="long",
-                        help="long: one row per method × group; wide: groups as column blocks")
+    parser.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="long",
+        help="long: one row per method × group; wide: groups as column blocks",
+    )
     parser.add_argument("--output", type=Path, help="write here instead of stdout")
-    parser.add_argument("--table", choices=TABLES,
-                        help="which tables (default: all for md/latex, speed for csv); quality = quality "
-                             "metrics and Δ vs AR next to speedup/τ/lossless rate; audit = lossless audit; "
-                             "stats = method counters (exit layers, skipped layers/FFN blocks); latency = "
-                             "per-token latency p50/p95/p99")
-    parser.add_argument("--convention", choices=tuple(CONVENTIONS), default="decodebench",
-                        help="speed columns: decodebench (speedup = Σ AR wall / Σ wall, τ per target forward) or "
-                             "specbench (Spec-Bench speed.py's speedup and mean accepted tokens)")
-    parser.add_argument("--tokenizer-path", type=Path,
-                        help="with --convention specbench: the tokenizer that recounts the baseline's answers (as "
-                             "speed.py's --tokenizer-path); default: the catalogue model's")
-    parser.add_argument("--curve", type=Path,
-                        help="verify-latency curve JSON (decodebench-profile), or a folder of them, for the cost "
-                             "model; default: latency_curve.json in each run dir")
-    parser.add_argument("--paper", type=Path, metavar="OUT",
-                        help="write every table (md, tex, csv) and figure (png, pdf) with an index.md into OUT")
-    parser.add_argument("--export-specbench", type=Path, metavar="OUT",
-                        help="write every method (and the AR records it was paired with) as Spec-Bench result "
-                             "files under OUT (evaluation/speed.py reads them)")
-    parser.add_argument("--import-specbench", nargs=2, action="append", type=Path, metavar=("METHOD", "BASE"),
-                        default=[], help="add a Spec-Bench result file and its baseline file (labelled "
-                                         "'[Spec-Bench import]'); repeatable")
+    parser.add_argument(
+        "--table",
+        choices=TABLES,
+        help="which tables (default: all for md/latex, speed for csv); quality = quality "
+        "metrics and Δ vs AR next to speedup/τ/lossless rate; audit = lossless audit; "
+        "stats = method counters (exit layers, skipped layers/FFN blocks); latency = "
+        "per-token latency p50/p95/p99",
+    )
+    parser.add_argument(
+        "--convention",
+        choices=tuple(CONVENTIONS),
+        default="decodebench",
+        help="speed columns: decodebench (speedup = Σ AR wall / Σ wall, τ per target forward) or "
+        "specbench (Spec-Bench speed.py's speedup and mean accepted tokens)",
+    )
+    parser.add_argument(
+        "--tokenizer-path",
+        type=Path,
+        help="with --convention specbench: the tokenizer that recounts the baseline's answers (as "
+        "speed.py's --tokenizer-path); default: the catalogue model's",
+    )
+    parser.add_argument(
+        "--curve",
+        type=Path,
+        help="verify-latency curve JSON (decodebench-profile), or a folder of them, for the cost "
+        "model; default: latency_curve.json in each run dir",
+    )
+    parser.add_argument(
+        "--paper",
+        type=Path,
+        metavar="OUT",
+        help="write every table (md, tex, csv) and figure (png, pdf) with an index.md into OUT",
+    )
+    parser.add_argument(
+        "--export-specbench",
+        type=Path,
+        metavar="OUT",
+        help="write every method (and the AR records it was paired with) as Spec-Bench result "
+        "files under OUT (evaluation/speed.py reads them)",
+    )
+    parser.add_argument(
+        "--import-specbench",
+        nargs=2,
+        action="append",
+        type=Path,
+        metavar=("METHOD", "BASE"),
+        default=[],
+        help="add a Spec-Bench result file and its baseline file (labelled '[Spec-Bench import]'); repeatable",
+    )
     args = parser.parse_args(argv)
     from decodebench.analysis.frame import aggregate, frame_from_records  # frame.py imports this module
     from decodebench.analysis.specbench import export_specbench, import_specbench, recount_baseline_tokens
@@ -338,22 +381,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         frame = frame_from_records(records)
         if args.export_specbench:
             for exported in export_specbench(frame, args.export_specbench):
-                print(f"{exported.method}: {exported.questions} questions ({exported.left_out} left out) -> "
-                      f"python evaluation/speed.py --file-path {exported.path} --base-path {exported.baseline_path} "
-                      "--tokenizer-path <model>")
+                print(
+                    f"{exported.method}: {exported.questions} questions ({exported.left_out} left out) -> "
+                    f"python evaluation/speed.py --file-path {exported.path} --base-path {exported.baseline_path} "
+                    "--tokenizer-path <model>"
+                )
             return 0
         if args.convention == "specbench":  # speed.py's baseline token count (analysis/specbench.py)
             frame = recount_baseline_tokens(frame, args.tokenizer_path)
         agg = aggregate(frame)
         table = speed_table(agg, args.convention)
         which = args.table or ("speed" if args.format == "csv" else "all")
-        parts = [render(wide_table(table) if args.layout == "wide" else table, args.format)] \
-            if which in ("speed", "all") else []
+        parts = (
+            [render(wide_table(table) if args.layout == "wide" else table, args.format)]
+            if which in ("speed", "all")
+            else []
+        )
         sections = quality_sections(records, speed_table(agg))  # analysis/quality.py
         for message in sections["violations"]:
             print(f"decodebench-report: {message}", file=sys.stderr)
-        parts += [render_section(name, sections[name], args.format, render)
-                  for name in ("quality", "audit") if which in (name, "all") and not sections[name].empty]
+        parts += [
+            render_section(name, sections[name], args.format, render)
+            for name in ("quality", "audit")
+            if which in (name, "all") and not sections[name].empty
+        ]
         if which in ("stats", "all"):
             parts += _stats_section(records, args.format)
         if which in ("latency", "all"):

@@ -45,7 +45,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import pandas as pd
 
@@ -54,7 +54,7 @@ from decodebench.records import Record
 from decodebench.registry import DecodeBenchError
 from decodebench.tasks.spec_bench import GROUP_OF_CATEGORY
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 IMPORT_LABEL = " [Spec-Bench import]"
 
 
@@ -73,7 +73,7 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-")
 
 
-def _question_id(sample_id: str) -> Union[int, str]:
+def _question_id(sample_id: str) -> int | str:
     return int(sample_id) if str(sample_id).isdigit() else str(sample_id)
 
 
@@ -103,14 +103,16 @@ def _answer_line(rows: list[dict[str, Any]], model_id: str) -> dict[str, Any]:
         "category": first["category"],
         "answer_id": hashlib.sha256(f"{first['run_dir']}::{model_id}::{first['sample_id']}".encode()).hexdigest()[:22],
         "model_id": model_id,
-        "choices": [{
-            "index": 0,
-            "turns": [row.get("output_text") or "" for row in rows],
-            "decoding_steps": [len(_emitted(row)) for row in rows],
-            "new_tokens": [int(row["new_tokens"]) for row in rows],
-            "wall_time": [float(row["wall_s"]) for row in rows],
-            "accept_lengths": accepts,
-        }],
+        "choices": [
+            {
+                "index": 0,
+                "turns": [row.get("output_text") or "" for row in rows],
+                "decoding_steps": [len(_emitted(row)) for row in rows],
+                "new_tokens": [int(row["new_tokens"]) for row in rows],
+                "wall_time": [float(row["wall_s"]) for row in rows],
+                "accept_lengths": accepts,
+            }
+        ],
         "tstamp": time.time(),
     }
 
@@ -126,7 +128,7 @@ def export_specbench(frame: pd.DataFrame, out: PathLike) -> list[ExportedFile]:
     data = labelled(frame)
     methods = data[(data["role"] != "baseline") & ~data["method"].str.endswith(IMPORT_LABEL)]
     written = []
-    for (model, method, repeat), rows in methods.groupby(["model", "method", "repeat"], sort=False):
+    for (model, method, _repeat), rows in methods.groupby(["model", "method", "repeat"], sort=False):
         folder = out / _slug(Path(str(rows["run_dir"].iloc[0])).name)
         model_id = f"{model}-{method}"
         method_lines, base_lines, left_out = [], [], 0
@@ -157,7 +159,7 @@ def speed_py_count(tokenizer: Any, text: str) -> int:
     return len(tokenizer(text).input_ids) - 1
 
 
-def tokenizer_for(model: str, tokenizer_path: Optional[PathLike], cache_dir: Optional[PathLike] = None) -> Any:
+def tokenizer_for(model: str, tokenizer_path: PathLike | None, cache_dir: PathLike | None = None) -> Any:
     """``tokenizer_path`` (a folder or hub id, like speed.py's ``--tokenizer-path``) when given, else
     the catalogue model's tokenizer.
 
@@ -172,15 +174,17 @@ def tokenizer_for(model: str, tokenizer_path: Optional[PathLike], cache_dir: Opt
     from decodebench.tasks.speed_bench import context_tokenizer
 
     if model not in available_models():
-        raise DecodeBenchError(f"--convention specbench recounts the baseline's tokens from its answer text as "
-                               f"Spec-Bench's speed.py does: model '{model}' is not in the catalogue, give "
-                               "--tokenizer-path (the tokenizer speed.py would use)")
+        raise DecodeBenchError(
+            f"--convention specbench recounts the baseline's tokens from its answer text as "
+            f"Spec-Bench's speed.py does: model '{model}' is not in the catalogue, give "
+            "--tokenizer-path (the tokenizer speed.py would use)"
+        )
     from decodebench.config import default_cache_dir
 
     return context_tokenizer(model, cache_dir or default_cache_dir())
 
 
-def recount_baseline_tokens(frame: pd.DataFrame, tokenizer_path: Optional[PathLike] = None) -> pd.DataFrame:
+def recount_baseline_tokens(frame: pd.DataFrame, tokenizer_path: PathLike | None = None) -> pd.DataFrame:
     """``frame`` with ``ar_counted_tokens``: each row's AR partner's answer recounted as ``speed.py``
     counts the baseline (:func:`speed_py_count`), so ``speedup_tps`` is what speed.py prints."""
     frame = frame.copy()
@@ -205,8 +209,10 @@ def _read_answers(path: Path) -> list[dict[str, Any]]:
     for number, line in enumerate(lines, 1):
         choice = (line.get("choices") or [None])[0]
         if not isinstance(choice, dict) or not {"new_tokens", "wall_time"} <= set(choice) or "question_id" not in line:
-            raise DecodeBenchError(f"{path}:{number}: not a Spec-Bench answer (needs question_id and choices[0] with "
-                                   "new_tokens and wall_time)")
+            raise DecodeBenchError(
+                f"{path}:{number}: not a Spec-Bench answer (needs question_id and choices[0] with "
+                "new_tokens and wall_time)"
+            )
     if not lines:
         raise DecodeBenchError(f"{path}: no answers")
     return lines
@@ -218,7 +224,7 @@ def _turn_accepts(choice: dict[str, Any]) -> list[list[int]]:
     steps = _int_list(choice.get("decoding_steps"))
     if len(steps) == turns and sum(steps) == len(accepts):
         bounds = [sum(steps[:i]) for i in range(turns + 1)]
-        return [accepts[bounds[i]:bounds[i + 1]] for i in range(turns)]
+        return [accepts[bounds[i] : bounds[i + 1]] for i in range(turns)]
     return [accepts] + [[] for _ in range(turns - 1)]
 
 
@@ -227,19 +233,33 @@ def _records(lines: list[dict[str, Any]], role: str, method: str, model: str) ->
     for line in lines:
         choice = line["choices"][0]
         category = str(line.get("category"))
-        for turn, (tokens, wall, accepts) in enumerate(zip(choice["new_tokens"], choice["wall_time"],
-                                                            _turn_accepts(choice))):
+        for turn, (tokens, wall, accepts) in enumerate(
+            zip(choice["new_tokens"], choice["wall_time"], _turn_accepts(choice))
+        ):
             steps = len(accepts) + 1 if accepts else int(tokens)  # AR files carry no accept lengths
-            records.append(Record(
-                method=method, role=role, task="spec_bench", model=model, sample_id=str(line["question_id"]),
-                category=category, group=GROUP_OF_CATEGORY.get(category, category), turn=turn, seed=0,
-                new_tokens=int(tokens), wall_s=float(wall), steps=steps,
-                emitted_lengths=accepts or None, accepted_lengths=[a - 1 for a in accepts] or None,
-                output_text=(choice.get("turns") or [None] * (turn + 1))[turn]))
+            records.append(
+                Record(
+                    method=method,
+                    role=role,
+                    task="spec_bench",
+                    model=model,
+                    sample_id=str(line["question_id"]),
+                    category=category,
+                    group=GROUP_OF_CATEGORY.get(category, category),
+                    turn=turn,
+                    seed=0,
+                    new_tokens=int(tokens),
+                    wall_s=float(wall),
+                    steps=steps,
+                    emitted_lengths=accepts or None,
+                    accepted_lengths=[a - 1 for a in accepts] or None,
+                    output_text=(choice.get("turns") or [None] * (turn + 1))[turn],
+                )
+            )
     return records
 
 
-def import_specbench(method_file: PathLike, base_file: PathLike, label: Optional[str] = None) -> pd.DataFrame:
+def import_specbench(method_file: PathLike, base_file: PathLike, label: str | None = None) -> pd.DataFrame:
     """Records of a Spec-Bench method file and its baseline file, as :func:`report.load_records`
     rows (``run_dir`` = the method file), labelled as imported (module docstring).
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 import pandas as pd
 
@@ -19,18 +18,47 @@ from decodebench.analysis.frame import QUALITY_PREFIX, quality_metrics
 from decodebench.analysis.report import BASELINE_SUFFIX, OVERALL
 
 # Spec-Bench's column headers for its six category groups.
-GROUP_NAMES = {"mt_bench": "MT-Bench", "translation": "Translation", "summarization": "Summarization",
-               "qa": "QA", "math_reasoning": "Math", "rag": "RAG", OVERALL: "Overall"}
-METRIC_NAMES = {"speedup": "Speedup", "speedup_tps": "Speedup (tok/s)", "tau": "τ", "alpha": "α",
-                "tokens_per_s": "tok/s", "lossless_rate": "Lossless", "predicted_speedup": "Predicted",
-                "measured_decode_speedup": "Measured (decode)", "measured_speedup": "Measured (wall)",
-                "tokens_per_step": "Tokens/step", "verify_ratio": "T(k)/T(1)", "draft_share": "Draft/T(1)",
-                "prefill_frac": "Prefill %", "draft_frac": "Draft %", "verify_frac": "Verify %",
-                "overhead_frac": "Overhead %", "latency_p50_ms": "p50 ms/token", "latency_p95_ms": "p95 ms/token",
-                "latency_p99_ms": "p99 ms/token", "mean_accepted_tokens": "Mean accepted tokens"}
-LATEX_METRIC_NAMES = {"tau": r"$\tau$", "alpha": r"$\alpha$", "verify_ratio": r"$T(k)/T(1)$",
-                      "draft_share": r"Draft$/T(1)$", "prefill_frac": r"Prefill \%", "draft_frac": r"Draft \%",
-                      "verify_frac": r"Verify \%", "overhead_frac": r"Overhead \%"}
+GROUP_NAMES = {
+    "mt_bench": "MT-Bench",
+    "translation": "Translation",
+    "summarization": "Summarization",
+    "qa": "QA",
+    "math_reasoning": "Math",
+    "rag": "RAG",
+    OVERALL: "Overall",
+}
+METRIC_NAMES = {
+    "speedup": "Speedup",
+    "speedup_tps": "Speedup (tok/s)",
+    "tau": "τ",
+    "alpha": "α",
+    "tokens_per_s": "tok/s",
+    "lossless_rate": "Lossless",
+    "predicted_speedup": "Predicted",
+    "measured_decode_speedup": "Measured (decode)",
+    "measured_speedup": "Measured (wall)",
+    "tokens_per_step": "Tokens/step",
+    "verify_ratio": "T(k)/T(1)",
+    "draft_share": "Draft/T(1)",
+    "prefill_frac": "Prefill %",
+    "draft_frac": "Draft %",
+    "verify_frac": "Verify %",
+    "overhead_frac": "Overhead %",
+    "latency_p50_ms": "p50 ms/token",
+    "latency_p95_ms": "p95 ms/token",
+    "latency_p99_ms": "p99 ms/token",
+    "mean_accepted_tokens": "Mean accepted tokens",
+}
+LATEX_METRIC_NAMES = {
+    "tau": r"$\tau$",
+    "alpha": r"$\alpha$",
+    "verify_ratio": r"$T(k)/T(1)$",
+    "draft_share": r"Draft$/T(1)$",
+    "prefill_frac": r"Prefill \%",
+    "draft_frac": r"Draft \%",
+    "verify_frac": r"Verify \%",
+    "overhead_frac": r"Overhead \%",
+}
 PERCENT = ("prefill_frac", "draft_frac", "verify_frac", "overhead_frac")
 FORMATS = ("md", "latex", "csv")
 
@@ -66,7 +94,7 @@ def is_reference(label: str) -> bool:
 
 def _name(metric: str, latex: bool = False) -> str:
     if metric.startswith(QUALITY_PREFIX):
-        metric = metric[len(QUALITY_PREFIX):]
+        metric = metric[len(QUALITY_PREFIX) :]
     if latex and metric in LATEX_METRIC_NAMES:
         return LATEX_METRIC_NAMES[metric]
     name = METRIC_NAMES.get(metric, metric)
@@ -94,26 +122,29 @@ def main_table(agg: pd.DataFrame, model: str, task: str, metrics: tuple[str, ...
     if len(blocks) == 2:  # a single-group task: its group equals overall
         blocks = [OVERALL]
     table = _pivot(rows, blocks, list(metrics), f"Speedup and τ over AR — {task}, {model}")
-    table.notes.append("speedup = Σ AR wall time / Σ method wall time on the same prompts and machine; "
-                       "τ = emitted tokens / target forwards. Mean ± std over repeats; best in bold. 95 % bootstrap "
-                       "intervals over prompts: aggregate.csv (speedup_lo/hi, tau_lo/hi), the report and the figures.")
+    table.notes.append(
+        "speedup = Σ AR wall time / Σ method wall time on the same prompts and machine; "
+        "τ = emitted tokens / target forwards. Mean ± std over repeats; best in bold. 95 % bootstrap "
+        "intervals over prompts: aggregate.csv (speedup_lo/hi, tau_lo/hi), the report and the figures."
+    )
     return table
 
 
-def quality_table(agg: pd.DataFrame, model: str, task: str) -> Optional[PaperTable]:
+def quality_table(agg: pd.DataFrame, model: str, task: str) -> PaperTable | None:
     """Overall speed next to every quality metric (None when no record carries quality)."""
     rows = agg[(agg["model"] == model) & (agg["task"] == task) & (agg["group"] == OVERALL)]
     metrics = [QUALITY_PREFIX + m for m in quality_metrics(rows) if rows[QUALITY_PREFIX + m].notna().any()]
     if not metrics:
         return None
-    table = _pivot(rows, [OVERALL], ["speedup", "tau", "lossless_rate", *metrics],
-                   f"Quality — {task}, {model}")
-    table.notes.append("quality = mean of each task metric over the records that report it; lossless = "
-                       "fraction of greedy outputs identical to AR (lossless methods).")
+    table = _pivot(rows, [OVERALL], ["speedup", "tau", "lossless_rate", *metrics], f"Quality — {task}, {model}")
+    table.notes.append(
+        "quality = mean of each task metric over the records that report it; lossless = "
+        "fraction of greedy outputs identical to AR (lossless methods)."
+    )
     return table
 
 
-def latency_table(agg: pd.DataFrame, model: str, task: str) -> Optional[PaperTable]:
+def latency_table(agg: pd.DataFrame, model: str, task: str) -> PaperTable | None:
     """Per-token decode latency percentiles per method (overall rows; lower is better, nothing bold)."""
     rows = agg[(agg["model"] == model) & (agg["task"] == task) & (agg["group"] == OVERALL)]
     metrics = ["latency_p50_ms", "latency_p95_ms", "latency_p99_ms"]
@@ -121,29 +152,43 @@ def latency_table(agg: pd.DataFrame, model: str, task: str) -> Optional[PaperTab
         return None
     table = _pivot(rows, [OVERALL], metrics, f"Per-token latency — {task}, {model}")
     table.bold_best = False
-    table.notes.append("(wall − prefill) / (new tokens − 1) per record, in ms; percentiles over the records "
-                       "of all repeats.")
+    table.notes.append(
+        "(wall − prefill) / (new tokens − 1) per record, in ms; percentiles over the records of all repeats."
+    )
     return table
 
 
-def cost_table(cost: pd.DataFrame, model: str, task: str) -> Optional[PaperTable]:
+def cost_table(cost: pd.DataFrame, model: str, task: str) -> PaperTable | None:
     """The cost model's prediction next to the measured speedup and time split (overall rows)."""
     rows = cost[(cost["model"] == model) & (cost["task"] == task) & (cost["group"] == OVERALL)]
     if rows.empty:
         return None
-    metrics = ["tokens_per_step", "verify_ratio", "draft_share", "predicted_speedup", "measured_decode_speedup",
-               "measured_speedup", "prefill_frac", "draft_frac", "verify_frac", "overhead_frac"]
+    metrics = [
+        "tokens_per_step",
+        "verify_ratio",
+        "draft_share",
+        "predicted_speedup",
+        "measured_decode_speedup",
+        "measured_speedup",
+        "prefill_frac",
+        "draft_frac",
+        "verify_frac",
+        "overhead_frac",
+    ]
     table = _pivot(rows, [OVERALL], metrics, f"Cost model: predicted vs measured speedup — {task}, {model}")
     table.bold_best = False
     curves = ", ".join(dict.fromkeys(c for c in rows["curve"].dropna()))
-    table.notes.append("predicted = tokens/step ÷ (T(k)/T(1) + draft/T(1)), decode phase, with T(1) the AR step "
-                       "measured in the run; measured (decode) excludes prefill from both sides. Time split: share "
-                       "of the method's wall time; overhead = wall − prefill − draft − verify. "
-                       + (f"Curve: {curves}." if curves else "No verify-latency curve: no prediction."))
+    table.notes.append(
+        "predicted = tokens/step ÷ (T(k)/T(1) + draft/T(1)), decode phase, with T(1) the AR step "
+        "measured in the run; measured (decode) excludes prefill from both sides. Time split: share "
+        "of the method's wall time; overhead = wall − prefill − draft − verify. "
+        + (f"Curve: {curves}." if curves else "No verify-latency curve: no prediction.")
+    )
     return table
 
 
 # -- rendering -------------------------------------------------------------------------------------
+
 
 def _number(value: float, metric: str, digits: int) -> str:
     return f"{100 * value:.0f}" if metric in PERCENT else f"{value:.{digits}f}"
@@ -183,9 +228,20 @@ def render_markdown(table: PaperTable) -> str:
 
 
 def _latex_escape(text: str) -> str:
-    for char, escaped in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("$", r"\$"), ("#", r"\#"),
-                          ("_", r"\_"), ("{", r"\{"), ("}", r"\}"), ("~", r"\textasciitilde{}"),
-                          ("^", r"\textasciicircum{}"), ("τ", r"$\tau$"), ("α", r"$\alpha$")):
+    for char, escaped in (
+        ("\\", r"\textbackslash{}"),
+        ("&", r"\&"),
+        ("%", r"\%"),
+        ("$", r"\$"),
+        ("#", r"\#"),
+        ("_", r"\_"),
+        ("{", r"\{"),
+        ("}", r"\}"),
+        ("~", r"\textasciitilde{}"),
+        ("^", r"\textasciicircum{}"),
+        ("τ", r"$\tau$"),
+        ("α", r"$\alpha$"),
+    ):
         text = text.replace(char, escaped)
     return text
 
@@ -195,13 +251,13 @@ def render_latex(table: PaperTable) -> str:
     best = table.best()
     blocks = list(dict.fromkeys(b for b, _ in table.mean.columns))
     per_block = len(table.mean.columns) // len(blocks)
-    lines = [f"% {_latex_escape(table.title)}", r"\begin{tabular}{l" + "r" * len(table.mean.columns) + "}",
-             r"\toprule"]
+    lines = [f"% {_latex_escape(table.title)}", r"\begin{tabular}{l" + "r" * len(table.mean.columns) + "}", r"\toprule"]
     if len(blocks) > 1:
         spans = [rf"\multicolumn{{{per_block}}}{{c}}{{{_latex_escape(GROUP_NAMES.get(b, b))}}}" for b in blocks]
         lines.append(" & ".join(["", *spans]) + r" \\")
-        lines.append(" ".join(rf"\cmidrule(lr){{{2 + i * per_block}-{1 + (i + 1) * per_block}}}"
-                              for i in range(len(blocks))))
+        lines.append(
+            " ".join(rf"\cmidrule(lr){{{2 + i * per_block}-{1 + (i + 1) * per_block}}}" for i in range(len(blocks)))
+        )
         metric_names = [_name(m, latex=True) for _, m in table.mean.columns]
     else:
         metric_names = _headers(table, latex=True)

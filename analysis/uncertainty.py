@@ -16,7 +16,7 @@ from prompt to prompt); run-to-run timing noise is what the std over repeats sho
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -29,8 +29,13 @@ CONFIDENCE = 0.95
 LATENCY_PERCENTILES = (50, 95, 99)
 
 
-def bootstrap_intervals(units: Sequence[pd.DataFrame], metrics: Sequence[str], samples: int = BOOTSTRAP_SAMPLES,
-                        seed: int = BOOTSTRAP_SEED, confidence: float = CONFIDENCE) -> dict[str, tuple[float, float]]:
+def bootstrap_intervals(
+    units: Sequence[pd.DataFrame],
+    metrics: Sequence[str],
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    confidence: float = CONFIDENCE,
+) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap intervals of ``metrics`` over prompts (module docstring); one draw of
     prompts serves every metric.
 
@@ -71,8 +76,13 @@ def bootstrap_intervals(units: Sequence[pd.DataFrame], metrics: Sequence[str], s
     return intervals
 
 
-def bootstrap_interval(units: Sequence[pd.DataFrame], metric: str, samples: int = BOOTSTRAP_SAMPLES,
-                       seed: int = BOOTSTRAP_SEED, confidence: float = CONFIDENCE) -> tuple[float, float]:
+def bootstrap_interval(
+    units: Sequence[pd.DataFrame],
+    metric: str,
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    confidence: float = CONFIDENCE,
+) -> tuple[float, float]:
     """The interval of one metric (:func:`bootstrap_intervals`)."""
     return bootstrap_intervals(units, [metric], samples, seed, confidence)[metric]
 
@@ -87,5 +97,6 @@ def ms_per_token(frame: pd.DataFrame) -> pd.Series:
 def latency_percentiles(frame: pd.DataFrame) -> dict[str, float]:
     """``latency_p50_ms`` / ``_p95_ms`` / ``_p99_ms`` of :func:`ms_per_token` over the records (NaN if none)."""
     values = ms_per_token(frame).to_numpy(dtype=float)
-    return {f"latency_p{p}_ms": float(np.percentile(values, p)) if len(values) else math.nan
-            for p in LATENCY_PERCENTILES}
+    return {
+        f"latency_p{p}_ms": float(np.percentile(values, p)) if len(values) else math.nan for p in LATENCY_PERCENTILES
+    }

@@ -23,9 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -56,13 +56,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     buckets = [int(b) for b in args.buckets.split(",")]
 
-    cfg = compose_run_config([f"model={args.model}", "method=pld", "task=spec_bench",
-                              f"task.per_category={args.per_category}"])
+    cfg = compose_run_config(
+        [f"model={args.model}", "method=pld", "task=spec_bench", f"task.per_category={args.per_category}"]
+    )
     loaded = load_model(cfg.model, cache_dir=cfg.cache_dir)
     model, tokenizer = loaded.model, loaded.tokenizer
     task = build_task(cfg.task, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir)
-    prompts = [encode_prompt(tokenizer, task.build_messages(s, 0, []), cfg.model.chat_template)
-               for s in task.load_samples()]
+    prompts = [
+        encode_prompt(tokenizer, task.build_messages(s, 0, []), cfg.model.chat_template) for s in task.load_samples()
+    ]
     eos = eos_token_ids(loaded)
     settings = DecodeSettings(max_new_tokens=args.max_new_tokens, eos_token_ids=eos)
 
@@ -70,10 +72,17 @@ def main() -> None:
         def run(prompt: list[int]) -> list[int]:
             with torch.inference_mode():
                 ids = torch.tensor([prompt])
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                     max_new_tokens=args.max_new_tokens, eos_token_id=eos,
-                                     pad_token_id=eos[0], **kwargs)
-            return out[0, len(prompt):].tolist()
+                out = model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    do_sample=False,
+                    max_new_tokens=args.max_new_tokens,
+                    eos_token_id=eos,
+                    pad_token_id=eos[0],
+                    **kwargs,
+                )
+            return out[0, len(prompt) :].tolist()
+
         return run
 
     def engine(backbone: Backbone, method: MethodConfig) -> Callable[[list[int]], list[int]]:
@@ -92,12 +101,13 @@ def main() -> None:
     for requested in names:
         # each backend on its own model copy: packing swaps modules, and hf_* must stay eager
         backbone = Backbone(load_model(cfg.model, cache_dir=cfg.cache_dir).model)
-        info = apply_backend(backbone, requested, buckets=buckets, model_name=cfg.model.name,
-                             cache_dir=cfg.cache_dir)
+        info = apply_backend(backbone, requested, buckets=buckets, model_name=cfg.model.name, cache_dir=cfg.cache_dir)
         name = info.name
         engine_info[name] = info.to_dict()
-        print(f"engine backend {requested} -> {name}: setup {info.setup_s:.1f} s (not timed), "
-              f"max |logit diff| vs eager {info.max_abs_logit_diff}")
+        print(
+            f"engine backend {requested} -> {name}: setup {info.setup_s:.1f} s (not timed), "
+            f"max |logit diff| vs eager {info.max_abs_logit_diff}"
+        )
         contenders[f"{name}:ar"] = engine(backbone, MethodConfig(name="ar"))
         contenders[f"{name}:pld_cpu"] = engine(backbone, replace(pld, preset="cpu"))
         contenders[f"{name}:pld_paper"] = engine(backbone, replace(pld, preset="paper"))
@@ -105,8 +115,9 @@ def main() -> None:
     for run in contenders.values():  # warm-up
         run(prompts[0][:64])
 
-    totals = {name: {"tokens": 0, "seconds": 0.0, "differ_from_own_ar": 0, "differ_from_hf_ar": 0}
-              for name in contenders}
+    totals = {
+        name: {"tokens": 0, "seconds": 0.0, "differ_from_own_ar": 0, "differ_from_hf_ar": 0} for name in contenders
+    }
     for prompt in tqdm(prompts, desc="prompts"):
         outputs = {}
         for name, run in contenders.items():
@@ -129,13 +140,17 @@ def main() -> None:
         ratios[f"{name}:pld_cpu / {name}:ar"] = tps[f"{name}:pld_cpu"] / tps[f"{name}:ar"]
         ratios[f"{name}:pld_paper / {name}:ar"] = tps[f"{name}:pld_paper"] / tps[f"{name}:ar"]
         ratios[f"{name}:pld_cpu / hf_pld"] = tps[f"{name}:pld_cpu"] / tps["hf_pld"]
-    print(f"\n{len(prompts)} Spec-Bench prompts x {args.max_new_tokens} new tokens, {args.model}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"\n{len(prompts)} Spec-Bench prompts x {args.max_new_tokens} new tokens, {args.model}, "
+        f"{torch.get_num_threads()} threads"
+    )
     print("| contender | tokens | seconds | tokens/s | outputs != own AR (lossless: 0) | outputs != hf_ar |")
     print("|---|---|---|---|---|---|")
     for name, entry in totals.items():
-        print(f"| {name} | {entry['tokens']} | {entry['seconds']:.1f} | {entry['tokens_per_s']:.2f} | "
-              f"{entry['differ_from_own_ar']} | {entry['differ_from_hf_ar']} |")
+        print(
+            f"| {name} | {entry['tokens']} | {entry['seconds']:.1f} | {entry['tokens_per_s']:.2f} | "
+            f"{entry['differ_from_own_ar']} | {entry['differ_from_hf_ar']} |"
+        )
     print("\n| ratio (tokens/s) | value |\n|---|---|")
     for name, value in ratios.items():
         print(f"| {name} | {value:.3f} |")
@@ -143,10 +158,23 @@ def main() -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"bench_engine_{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"args": vars(args), "totals": totals, "ratios": ratios, "engine": engine_info,
-                                "finished": utc_now(), "threads": torch.get_num_threads(),
-                                "hardware": hardware("cpu"), "versions": versions(), "model": loaded.info},
-                               indent=2, default=str))
+    path.write_text(
+        json.dumps(
+            {
+                "args": vars(args),
+                "totals": totals,
+                "ratios": ratios,
+                "engine": engine_info,
+                "finished": utc_now(),
+                "threads": torch.get_num_threads(),
+                "hardware": hardware("cpu"),
+                "versions": versions(),
+                "model": loaded.info,
+            },
+            indent=2,
+            default=str,
+        )
+    )
     print(f"\nwritten: {path}")
 
 

@@ -32,21 +32,20 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
 
-from decodebench.config import MethodConfig, compose_run_config
+from decodebench.config import MethodConfig, compose_run_config, default_cache_dir
 from decodebench.engine.backbone import Backbone
 from decodebench.engine.backends import apply_backend
 from decodebench.engine.decode_loop import DecodeSettings, generate
 from decodebench.methods import build_method
-from decodebench.models.loading import LoadedModel, check_same_tokenizer, load_model, load_model_config
-from decodebench.config import default_cache_dir
 from decodebench.models.embedded import embedded_model_dir, read_prepared_marker
+from decodebench.models.loading import LoadedModel, check_same_tokenizer, load_model, load_model_config
 from decodebench.runners.local import eos_token_ids
 from decodebench.runners.manifest import hardware, utc_now, versions
 from decodebench.tasks import build_task
@@ -92,37 +91,58 @@ class Contender:
     outputs: list[list[int]] = field(default_factory=list)
 
     def summary(self) -> dict:
-        return {"tokens": self.tokens, "seconds": self.seconds, "tokens_per_s": self.tokens / self.seconds,
-                "overhead_share": 1.0 - self.forward_seconds / self.seconds,
-                "differ_from_own_ar": self.differ_from_own_ar, "differ_from_hf_ar": self.differ_from_hf_ar}
+        return {
+            "tokens": self.tokens,
+            "seconds": self.seconds,
+            "tokens_per_s": self.tokens / self.seconds,
+            "overhead_share": 1.0 - self.forward_seconds / self.seconds,
+            "differ_from_own_ar": self.differ_from_own_ar,
+            "differ_from_hf_ar": self.differ_from_hf_ar,
+        }
 
 
 def spec_bench_prompts(model: LoadedModel, model_name: str, per_category: int) -> list[list[int]]:
     cfg = compose_run_config([f"model={model_name}", "task=spec_bench", f"task.per_category={per_category}"])
     task = build_task(cfg.task, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir)
-    return [encode_prompt(model.tokenizer, task.build_messages(s, 0, []), cfg.model.chat_template)
-            for s in task.load_samples()]
+    return [
+        encode_prompt(model.tokenizer, task.build_messages(s, 0, []), cfg.model.chat_template)
+        for s in task.load_samples()
+    ]
 
 
-def hf_contender(name: str, model: LoadedModel, max_new_tokens: int, assistant: Optional[LoadedModel] = None,
-                 **generate_kwargs) -> Contender:
+def hf_contender(
+    name: str, model: LoadedModel, max_new_tokens: int, assistant: LoadedModel | None = None, **generate_kwargs
+) -> Contender:
     eos = eos_token_ids(model)
     timer = ForwardTimer(model.model, *([assistant.model] if assistant else []))
 
     def run(prompt: list[int]) -> list[int]:
         with torch.inference_mode():
             ids = torch.tensor([prompt], device=model.model.device)
-            out = model.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                       max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos[0],
-                                       **({"assistant_model": assistant.model} if assistant else {}),
-                                       **generate_kwargs)
-        return out[0, len(prompt):].tolist()
+            out = model.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos,
+                pad_token_id=eos[0],
+                **({"assistant_model": assistant.model} if assistant else {}),
+                **generate_kwargs,
+            )
+        return out[0, len(prompt) :].tolist()
 
     return Contender(name, run, timer, own_ar="hf:ar")
 
 
-def db_contender(name: str, backbone: Backbone, model: LoadedModel, method: MethodConfig, max_new_tokens: int,
-                 cache_dir: str, draft: Optional[Backbone] = None) -> Contender:
+def db_contender(
+    name: str,
+    backbone: Backbone,
+    model: LoadedModel,
+    method: MethodConfig,
+    max_new_tokens: int,
+    cache_dir: str,
+    draft: Backbone | None = None,
+) -> Contender:
     drafter = build_method(method)
     if draft is not None:
         drafter.attach_draft(draft)
@@ -130,8 +150,9 @@ def db_contender(name: str, backbone: Backbone, model: LoadedModel, method: Meth
     cache = backbone.new_cache(2048)
     settings = DecodeSettings(max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids(model))
     timer = ForwardTimer(backbone, *([draft] if draft is not None else []))
-    return Contender(name, lambda prompt: generate(backbone, drafter, prompt, settings, cache).new_ids, timer,
-                     own_ar="db:ar")
+    return Contender(
+        name, lambda prompt: generate(backbone, drafter, prompt, settings, cache).new_ids, timer, own_ar="db:ar"
+    )
 
 
 def engine_backbone(model: LoadedModel, backend: str, model_name: str, cache_dir: str) -> tuple[Backbone, dict]:
@@ -164,13 +185,16 @@ def measure(contenders: list[Contender], prompts: list[list[int]], label: str) -
 
 def print_section(title: str, contenders: list[Contender], pairs: list[tuple[str, str]]) -> dict:
     print(f"\n### {title}\n")
-    print("| contender | tokens | seconds | tokens/s | overhead (outside forwards) | != own AR (lossless: 0) "
-          "| != hf:ar |")
+    print(
+        "| contender | tokens | seconds | tokens/s | overhead (outside forwards) | != own AR (lossless: 0) | != hf:ar |"
+    )
     print("|---|---|---|---|---|---|---|")
     for c in contenders:
         s = c.summary()
-        print(f"| {c.name} | {s['tokens']} | {s['seconds']:.1f} | {s['tokens_per_s']:.2f} | "
-              f"{100 * s['overhead_share']:.1f} % | {s['differ_from_own_ar']} | {s['differ_from_hf_ar']} |")
+        print(
+            f"| {c.name} | {s['tokens']} | {s['seconds']:.1f} | {s['tokens_per_s']:.2f} | "
+            f"{100 * s['overhead_share']:.1f} % | {s['differ_from_own_ar']} | {s['differ_from_hf_ar']} |"
+        )
     tps = {c.name: c.tokens / c.seconds for c in contenders}
     ratios = {f"{a} / {b}": tps[a] / tps[b] for a, b in pairs}
     print("\n| ratio (tokens/s) | value |\n|---|---|")
@@ -195,11 +219,24 @@ def embedded_section(args, results: dict) -> None:
     ]
     measure(contenders, prompts, args.model)
     title = f"{args.model}: {len(prompts)} Spec-Bench prompts x {n} new tokens, engine {engine['name']}"
-    section = print_section(title, contenders, [("db:ar", "hf:ar"), ("db:pld_paper", "hf:pld"),
-                                                ("db:pld_cpu", "hf:pld"), ("hf:pld", "hf:ar"),
-                                                ("db:pld_cpu", "db:ar")])
-    results["embedded"] = {"model": args.model, "prompts": len(prompts), "max_new_tokens": n, "engine": engine,
-                           **section}
+    section = print_section(
+        title,
+        contenders,
+        [
+            ("db:ar", "hf:ar"),
+            ("db:pld_paper", "hf:pld"),
+            ("db:pld_cpu", "hf:pld"),
+            ("hf:pld", "hf:ar"),
+            ("db:pld_cpu", "db:ar"),
+        ],
+    )
+    results["embedded"] = {
+        "model": args.model,
+        "prompts": len(prompts),
+        "max_new_tokens": n,
+        "engine": engine,
+        **section,
+    }
 
 
 def pair_section(args, results: dict) -> None:
@@ -231,26 +268,54 @@ def pair_section(args, results: dict) -> None:
 
     contenders = [
         hf_contender("hf:ar", target, n),
-        assisted("hf:assisted_matched", num_assistant_tokens=3, num_assistant_tokens_schedule="constant",
-                 **no_confidence_stop),
-        assisted("hf:assisted_heuristic", num_assistant_tokens=5, num_assistant_tokens_schedule="heuristic_transient",
-                 **no_confidence_stop),
-        assisted("hf:assisted_default", num_assistant_tokens=20, num_assistant_tokens_schedule="constant",
-                 assistant_confidence_threshold=0.4),
+        assisted(
+            "hf:assisted_matched",
+            num_assistant_tokens=3,
+            num_assistant_tokens_schedule="constant",
+            **no_confidence_stop,
+        ),
+        assisted(
+            "hf:assisted_heuristic",
+            num_assistant_tokens=5,
+            num_assistant_tokens_schedule="heuristic_transient",
+            **no_confidence_stop,
+        ),
+        assisted(
+            "hf:assisted_default",
+            num_assistant_tokens=20,
+            num_assistant_tokens_schedule="constant",
+            assistant_confidence_threshold=0.4,
+        ),
         db_contender("db:ar", target_bb, target, MethodConfig(name="ar"), n, cfg.cache_dir),
         db_contender("db:sps_cpu", target_bb, target, replace(cfg.method, preset="cpu"), n, cfg.cache_dir, draft_bb),
-        db_contender("db:sps_adaptive", target_bb, target, replace(cfg.method, preset="adaptive"), n, cfg.cache_dir,
-                     draft_bb),
+        db_contender(
+            "db:sps_adaptive", target_bb, target, replace(cfg.method, preset="adaptive"), n, cfg.cache_dir, draft_bb
+        ),
     ]
     measure(contenders, prompts, args.target)
-    title = (f"{args.draft} -> {args.target}: {len(prompts)} Spec-Bench prompts x {n} new tokens, "
-             f"engine {engine['name']}")
-    section = print_section(title, contenders, [("db:ar", "hf:ar"), ("db:sps_cpu", "hf:assisted_matched"),
-                                                ("db:sps_adaptive", "hf:assisted_heuristic"),
-                                                ("db:sps_cpu", "hf:assisted_default"), ("db:sps_cpu", "db:ar"),
-                                                ("hf:assisted_default", "hf:ar")])
-    results["pair"] = {"draft": args.draft, "target": args.target, "prompts": len(prompts), "max_new_tokens": n,
-                       "engine": engine, **section}
+    title = (
+        f"{args.draft} -> {args.target}: {len(prompts)} Spec-Bench prompts x {n} new tokens, engine {engine['name']}"
+    )
+    section = print_section(
+        title,
+        contenders,
+        [
+            ("db:ar", "hf:ar"),
+            ("db:sps_cpu", "hf:assisted_matched"),
+            ("db:sps_adaptive", "hf:assisted_heuristic"),
+            ("db:sps_cpu", "hf:assisted_default"),
+            ("db:sps_cpu", "db:ar"),
+            ("hf:assisted_default", "hf:ar"),
+        ],
+    )
+    results["pair"] = {
+        "draft": args.draft,
+        "target": args.target,
+        "prompts": len(prompts),
+        "max_new_tokens": n,
+        "engine": engine,
+        **section,
+    }
 
 
 def main() -> None:
@@ -259,8 +324,12 @@ def main() -> None:
     parser.add_argument("--backend", default="auto", help="engine.backend for the embedded model's engine copy")
     parser.add_argument("--per-category", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--pair", choices=["auto", "on", "off"], default="auto",
-                        help="the Qwen draft/target section: auto = when both models are prepared")
+    parser.add_argument(
+        "--pair",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="the Qwen draft/target section: auto = when both models are prepared",
+    )
     parser.add_argument("--draft", default="qwen2.5-coder-0.5b")
     parser.add_argument("--target", default="qwen2.5-coder-1.5b")
     parser.add_argument("--pair-per-category", type=int, default=1)
@@ -272,11 +341,17 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    results: dict = {"args": vars(args), "threads": torch.get_num_threads(), "hardware": hardware("cpu"),
-                     "versions": versions()}
+    results: dict = {
+        "args": vars(args),
+        "threads": torch.get_num_threads(),
+        "hardware": hardware("cpu"),
+        "versions": versions(),
+    }
     embedded_section(args, results)
-    pair_ready = all(read_prepared_marker(embedded_model_dir(load_model_config(name), default_cache_dir()))
-                     for name in (args.draft, args.target))
+    pair_ready = all(
+        read_prepared_marker(embedded_model_dir(load_model_config(name), default_cache_dir()))
+        for name in (args.draft, args.target)
+    )
     if args.pair == "on" or (args.pair == "auto" and pair_ready):
         pair_section(args, results)
     elif args.pair == "auto":

@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 
 import yaml
+from replay_common import ar_cases
 
 from decodebench.config import MethodConfig
 from decodebench.engine.backbone import Backbone
 from decodebench.engine.budget import block_cost
 from decodebench.methods import build_method
-from replay_common import ar_cases
 from decodebench.models.loading import load_model, load_model_config
 
 ADED = dict(name="aded", impl="decodebench.methods.aded:AdedDrafter")
@@ -68,8 +68,13 @@ def replay(cases, params: dict, backbone: Backbone, cache_dir: str, curve: dict,
         emitted += len(output) - 1
         drafter.finish()
     total = verify_cost + draft_s / t1
-    return dict(tau=emitted / steps, drafted_steps=drafted_steps / steps, verify=verify_cost / emitted,
-                draft=draft_s / t1 / emitted, speedup=emitted / total)
+    return dict(
+        tau=emitted / steps,
+        drafted_steps=drafted_steps / steps,
+        verify=verify_cost / emitted,
+        draft=draft_s / t1 / emitted,
+        speedup=emitted / total,
+    )
 
 
 def main() -> None:
@@ -77,26 +82,43 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--curve", type=Path, required=True, help="decodebench-profile JSON (a curve or --out file)")
     parser.add_argument("--backend", default="eager", help="which curve of an --out file")
-    parser.add_argument("--grid", default="mcts_iterations=150;max_draft_tokens=64,32,16,8,4",
-                        help="param=v1,v2;param=... (cartesian product)")
+    parser.add_argument(
+        "--grid",
+        default="mcts_iterations=150;max_draft_tokens=64,32,16,8,4",
+        help="param=v1,v2;param=... (cartesian product)",
+    )
     args = parser.parse_args()
     data = json.loads(args.curve.read_text())
-    curve = data if "k" in data else next(c for c in data["curves"] if c["backend"] == args.backend) \
-        if isinstance(data.get("curves"), list) else data[args.backend]
+    curve = (
+        data
+        if "k" in data
+        else next(c for c in data["curves"] if c["backend"] == args.backend)
+        if isinstance(data.get("curves"), list)
+        else data[args.backend]
+    )
     t1 = curve["ms"][curve["k"].index(1)] / 1000.0
     config, cases = ar_cases(args.run_dir)
     model_cfg = load_model_config(config["model"]["name"])
     backbone = Backbone(load_model(model_cfg, cache_dir=config["cache_dir"]).model)
-    grid = [(key, [yaml.safe_load(v) for v in values.split(",")])
-            for key, values in (item.split("=") for item in args.grid.split(";"))]
+    grid = [
+        (key, [yaml.safe_load(v) for v in values.split(",")])
+        for key, values in (item.split("=") for item in args.grid.split(";"))
+    ]
     print(f"{len(cases)} AR outputs replayed; T(1) = {t1 * 1000:.1f} ms; curve k={curve['k']} ratio={curve['ratio']}")
-    print("| " + " | ".join(k for k, _ in grid) + " | tau | drafting steps | verify cost/token | draft cost/token | predicted speedup |")
+    print(
+        "| "
+        + " | ".join(k for k, _ in grid)
+        + " | tau | drafting steps | verify cost/token | draft cost/token | predicted speedup |"
+    )
     print("|" + "---|" * (len(grid) + 5))
     for values in itertools.product(*(v for _, v in grid)):
         params = dict(zip((k for k, _ in grid), values))
         r = replay(cases, params, backbone, config["cache_dir"], curve, t1)
-        print("| " + " | ".join(map(str, values)) + f" | {r['tau']:.2f} | {r['drafted_steps']:.2f} | {r['verify']:.3f} |"
-              f" {r['draft']:.3f} | {r['speedup']:.2f} |", flush=True)
+        print(
+            "| " + " | ".join(map(str, values)) + f" | {r['tau']:.2f} | {r['drafted_steps']:.2f} | {r['verify']:.3f} |"
+            f" {r['draft']:.3f} | {r['speedup']:.2f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -23,8 +23,12 @@ def ar_cases(run_dir: Path) -> tuple[dict[str, Any], list[tuple[list[int], list[
     tokenizer = load_tokenizer(load_model_config(config["model"]["name"]), config["cache_dir"])
     samples = {s.sample_id: s for s in task.load_samples()}
     cases = [
-        (encode_prompt(tokenizer, task.build_messages(samples[r.sample_id], 0, []), config["model"]["chat_template"]),
-         r.output_ids)
+        (
+            encode_prompt(
+                tokenizer, task.build_messages(samples[r.sample_id], 0, []), config["model"]["chat_template"]
+            ),
+            r.output_ids,
+        )
         for r in read_records(run_dir / "records.jsonl")
         if r.role == "baseline" and r.turn == 0 and r.error is None
     ]

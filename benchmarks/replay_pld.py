@@ -16,10 +16,11 @@ import itertools
 import json
 from pathlib import Path
 
+from replay_common import ar_cases
+
 from decodebench.config import MethodConfig
 from decodebench.engine.profile import profile_path
 from decodebench.methods import build_method
-from replay_common import ar_cases
 
 PLD = dict(name="pld", impl="decodebench.methods.pld:PromptLookupDrafter")
 
@@ -35,8 +36,10 @@ def predicted_speedup(cases: list[tuple[list[int], list[int]]], params: dict, co
         position = 1  # the prefill emitted output[0]
         while position < len(output):
             draft = drafter.propose(prompt + output[:position], len(output) - position - 1).tokens
-            accepted = next((i for i, (a, b) in enumerate(zip(draft, output[position:])) if a != b),
-                            min(len(draft), len(output) - position))
+            accepted = next(
+                (i for i, (a, b) in enumerate(zip(draft, output[position:])) if a != b),
+                min(len(draft), len(output) - position),
+            )
             block = 1 + len(draft)
             pld_total += cost.get(block) or cost[min((k for k in cost if k >= block), default=largest)]
             position += accepted + 1
@@ -46,8 +49,12 @@ def predicted_speedup(cases: list[tuple[list[int], list[int]]], params: dict, co
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--curve", type=Path, default=profile_path("smollm2-135m", "eager"),
-                        help="decodebench-profile curve (default: the stored eager curve of the embedded model)")
+    parser.add_argument(
+        "--curve",
+        type=Path,
+        default=profile_path("smollm2-135m", "eager"),
+        help="decodebench-profile curve (default: the stored eager curve of the embedded model)",
+    )
     args = parser.parse_args()
     curve = {int(k): v for k, v in json.loads(args.curve.read_text())["seconds"].items()}
     config, cases = ar_cases(args.run_dir)
@@ -56,8 +63,10 @@ def main() -> None:
     print("| min n | max n | " + " | ".join(f"{d} drafts" for d in budgets) + " |")
     print("|---|---|" + "---|" * len(budgets))
     for min_n, max_n in itertools.product((1, 2, 3), (3,)):
-        cells = [predicted_speedup(cases, dict(min_ngram_size=min_n, max_ngram_size=max_n, num_draft_tokens=d), curve)
-                 for d in budgets]
+        cells = [
+            predicted_speedup(cases, dict(min_ngram_size=min_n, max_ngram_size=max_n, num_draft_tokens=d), curve)
+            for d in budgets
+        ]
         print(f"| {min_n} | {max_n} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
 
 

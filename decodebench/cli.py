@@ -101,8 +101,13 @@ def run_cell(cfg: DictConfig, hydra_cfg) -> dict | None:
         return {"error": f"{type(error).__name__}: {error}"}
     mark_cell(run_dir, "complete", overrides)
     summary = result.summary
-    log.info("cell %s complete: %s records, speedup %s, tau %s", run_dir, summary.get("records"),
-             summary.get("speedup"), summary.get("tau"))
+    log.info(
+        "cell %s complete: %s records, speedup %s, tau %s",
+        run_dir,
+        summary.get("records"),
+        summary.get("speedup"),
+        summary.get("tau"),
+    )
     return summary
 
 
@@ -137,8 +142,11 @@ def main(argv: list[str] | None = None) -> None:
     outcome = last_outcome()
     if outcome is not None and not outcome.ok:
         failed = len(outcome.cells) - len(outcome.with_status("complete"))
-        print(f"decodebench: error: {failed} of {len(outcome.cells)} cells did not complete (listed above; "
-              f"details in {outcome.sweep_dir}/sweep.json and each cell's status.json)", file=sys.stderr)
+        print(
+            f"decodebench: error: {failed} of {len(outcome.cells)} cells did not complete (listed above; "
+            f"details in {outcome.sweep_dir}/sweep.json and each cell's status.json)",
+            file=sys.stderr,
+        )
         sys.exit(1)
 
 

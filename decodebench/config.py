@@ -101,21 +101,42 @@ class ModelConfig:
     draft: str | None = None  # name of a draft model in the catalogue (draft-model methods)
 
     def __post_init__(self) -> None:
-        check(self.source in ("embedded", "hub", "path", "tiny", "hf"), "model.source", self.source,
-              "embedded | hub | path | tiny | hf")
+        check(
+            self.source in ("embedded", "hub", "path", "tiny", "hf"),
+            "model.source",
+            self.source,
+            "embedded | hub | path | tiny | hf",
+        )
         if self.source == "hf":
-            check(bool(self.id), "model.id", self.id, "a hub id or a local model directory when model=hf, "
-                  "e.g. model.id=Qwen/Qwen2.5-0.5B-Instruct or model.id=/path/to/dir")
-        check(self.source == "hf" or not self.draft_id, "model.draft_id", self.draft_id,
-              "null unless model=hf (catalogue models name their draft in model.draft)")
-        check(self.attn_implementation in ("sdpa", "eager"), "model.attn_implementation",
-              self.attn_implementation, "sdpa | eager")
+            check(
+                bool(self.id),
+                "model.id",
+                self.id,
+                "a hub id or a local model directory when model=hf, "
+                "e.g. model.id=Qwen/Qwen2.5-0.5B-Instruct or model.id=/path/to/dir",
+            )
+        check(
+            self.source == "hf" or not self.draft_id,
+            "model.draft_id",
+            self.draft_id,
+            "null unless model=hf (catalogue models name their draft in model.draft)",
+        )
+        check(
+            self.attn_implementation in ("sdpa", "eager"),
+            "model.attn_implementation",
+            self.attn_implementation,
+            "sdpa | eager",
+        )
         if self.source == "hub":
             check(bool(self.hub_id), "model.hub_id", self.hub_id, "a hub id when model.source=hub")
         if self.source == "path":
             check(bool(self.path), "model.path", self.path, "a directory when model.source=path")
-        check(not (self.gguf_package and self.gguf_parts), "model.gguf_parts", self.gguf_parts,
-              "empty when model.gguf_package is set (one wheel) or a list of chunk packages without it")
+        check(
+            not (self.gguf_package and self.gguf_parts),
+            "model.gguf_parts",
+            self.gguf_parts,
+            "empty when model.gguf_package is set (one wheel) or a list of chunk packages without it",
+        )
         check(self.gguf_size is None or self.gguf_size > 0, "model.gguf_size", self.gguf_size, "> 0 or null")
 
 
@@ -141,8 +162,12 @@ class MethodConfig:
 
     def __post_init__(self) -> None:
         valid = ["auto", *self.presets] if self.presets else []
-        check(self.preset is None or self.preset in valid, "method.preset", self.preset,
-              " | ".join(valid) or "null (this method has no presets)")
+        check(
+            self.preset is None or self.preset in valid,
+            "method.preset",
+            self.preset,
+            " | ".join(valid) or "null (this method has no presets)",
+        )
 
     def resolved_preset(self, device: str) -> str | None:
         if self.preset != "auto":
@@ -154,8 +179,11 @@ class MethodConfig:
     def resolved_params(self, device: str) -> dict[str, Any]:
         """``params``, then the preset's values, then the params pinned on the command line."""
         preset = self.resolved_preset(device)
-        return {**self.params, **(self.presets.get(preset, {}) if preset else {}),
-                **{key: self.params[key] for key in self.pinned if key in self.params}}
+        return {
+            **self.params,
+            **(self.presets.get(preset, {}) if preset else {}),
+            **{key: self.params[key] for key in self.pinned if key in self.params},
+        }
 
     def label(self, device: str) -> str:
         """Name used in records and tables: ``pld`` or ``pld[cpu]`` when a preset applies."""
@@ -181,8 +209,12 @@ class TaskConfig:
     params: dict[str, Any] = field(default_factory=dict, metadata=OPEN)
 
     def __post_init__(self) -> None:
-        check(self.per_category is None or self.per_category >= 1, "task.per_category",
-              self.per_category, "an integer >= 1 or null")
+        check(
+            self.per_category is None or self.per_category >= 1,
+            "task.per_category",
+            self.per_category,
+            "an integer >= 1 or null",
+        )
         check(self.limit is None or self.limit >= 1, "task.limit", self.limit, "an integer >= 1 or null")
 
 
@@ -203,8 +235,7 @@ class GenConfig:
 
     def __post_init__(self) -> None:
         check(self.batch_size >= 1, "gen.batch_size", self.batch_size, ">= 1")
-        check(1 <= self.max_new_tokens <= 1_000_000, "gen.max_new_tokens", self.max_new_tokens,
-              "1 .. 1000000")
+        check(1 <= self.max_new_tokens <= 1_000_000, "gen.max_new_tokens", self.max_new_tokens, "1 .. 1000000")
         check(self.temperature >= 0.0, "gen.temperature", self.temperature, ">= 0 (0 = greedy)")
         check(0.0 < self.top_p <= 1.0, "gen.top_p", self.top_p, "(0, 1]")
         check(self.top_k >= 0, "gen.top_k", self.top_k, ">= 0 (0 = off)")
@@ -232,8 +263,12 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         check(self.backend in ENGINE_BACKENDS, "engine.backend", self.backend, " | ".join(ENGINE_BACKENDS))
-        check(bool(self.buckets) and all(isinstance(b, int) and b >= 1 for b in self.buckets), "engine.buckets",
-              self.buckets, "a non-empty list of integers >= 1")
+        check(
+            bool(self.buckets) and all(isinstance(b, int) and b >= 1 for b in self.buckets),
+            "engine.buckets",
+            self.buckets,
+            "a non-empty list of integers >= 1",
+        )
 
 
 @schema("logger")
@@ -251,8 +286,7 @@ class LoggerConfig:
 
     def __post_init__(self) -> None:
         check(self.name in ("none", "wandb"), "logger.name", self.name, "none | wandb")
-        check(self.mode in ("offline", "online", "disabled"), "logger.mode", self.mode,
-              "offline | online | disabled")
+        check(self.mode in ("offline", "online", "disabled"), "logger.mode", self.mode, "offline | online | disabled")
 
 
 def parse_shard(shard: str | None) -> tuple[int, int] | None:
@@ -296,17 +330,33 @@ class RunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
-        check(self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps",
-              "device", self.device, "cpu | cuda | cuda:N | mps")
-        check(self.dtype in ("auto", "float32", "float16", "bfloat16"), "dtype", self.dtype,
-              "auto | float32 | float16 | bfloat16 (auto: model=hf the checkpoint's torch_dtype, else float32)")
+        check(
+            self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps",
+            "device",
+            self.device,
+            "cpu | cuda | cuda:N | mps",
+        )
+        check(
+            self.dtype in ("auto", "float32", "float16", "bfloat16"),
+            "dtype",
+            self.dtype,
+            "auto | float32 | float16 | bfloat16 (auto: model=hf the checkpoint's torch_dtype, else float32)",
+        )
         check(self.threads is None or self.threads >= 1, "threads", self.threads, ">= 1 or null")
         check(self.baseline in (None, "ar", "none", "shared"), "baseline", self.baseline, "ar | none | shared")
-        check(self.baseline != "shared" or bool(self.baseline_key), "baseline_key", self.baseline_key,
-              "a name when baseline=shared (the method=ar run with the same key is the baseline)")
+        check(
+            self.baseline != "shared" or bool(self.baseline_key),
+            "baseline_key",
+            self.baseline_key,
+            "a name when baseline=shared (the method=ar run with the same key is the baseline)",
+        )
         parse_shard(self.shard)
-        check(self.device == "cpu" or self.engine.backend not in ("packed", "onednn"), "engine.backend",
-              self.engine.backend, "auto | eager | compiled (packed and onednn need device=cpu)")
+        check(
+            self.device == "cpu" or self.engine.backend not in ("packed", "onednn"),
+            "engine.backend",
+            self.engine.backend,
+            "auto | eager | compiled (packed and onednn need device=cpu)",
+        )
         check(self.warmup >= 0, "warmup", self.warmup, ">= 0")
         if self.baseline == "none":
             self.baseline = None
@@ -333,8 +383,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def config_error(error: OmegaConfBaseException, prefix: str = "", kind: str = "key",
-                 schema_cls: type | None = None, where: str = "") -> ConfigValueError:
+def config_error(
+    error: OmegaConfBaseException, prefix: str = "", kind: str = "key", schema_cls: type | None = None, where: str = ""
+) -> ConfigValueError:
     """An OmegaConf type / key error as a :class:`ConfigValueError` naming the full key
     (``prefix`` is prepended to OmegaConf's own ``full_key``)."""
     full_key = ".".join(part for part in (prefix, str(error.full_key or error.key or "")) if part)
@@ -417,7 +468,7 @@ def params_given(overrides: Sequence[str]) -> list[str]:
     """Method param names set by CLI-style overrides (``method.params.tree=...``, ``+method.params.x=1``)."""
     prefix = "method.params."
     keys = [o.lstrip("+~").partition("=")[0] for o in overrides]
-    return list(dict.fromkeys(k[len(prefix):].split(".")[0] for k in keys if k.startswith(prefix)))
+    return list(dict.fromkeys(k[len(prefix) :].split(".")[0] for k in keys if k.startswith(prefix)))
 
 
 def to_run_config(cfg: Any) -> RunConfig:
@@ -516,19 +567,32 @@ def validate_before_loading(cfg: RunConfig) -> None:
     if cfg.device.startswith("cuda"):
         index = int(cfg.device.partition(":")[2] or 0)
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        check(index < count, "device", cfg.device,
-              f"cpu (this machine has {count} CUDA devices; torch {torch.__version__}, CUDA build "
-              f"{torch.version.cuda or 'none'})" if count == 0 else f"cpu | cuda:0 .. cuda:{count - 1}")
+        check(
+            index < count,
+            "device",
+            cfg.device,
+            f"cpu (this machine has {count} CUDA devices; torch {torch.__version__}, CUDA build "
+            f"{torch.version.cuda or 'none'})"
+            if count == 0
+            else f"cpu | cuda:0 .. cuda:{count - 1}",
+        )
     if cfg.device == "mps":
         check(torch.backends.mps.is_available(), "device", cfg.device, "cpu (MPS is not available here)")
     drafter = build_method(cfg.method, cfg.device)
     if drafter.needs_draft_model and not (cfg.model.draft or cfg.model.draft_id):
-        where = ("set model.draft_id to the draft's hub id or local directory (same tokenizer as the target)"
-                 if cfg.model.source == "hf" else
-                 f"set model.draft to one of: {', '.join(available_models())} (model=qwen2.5-coder-1.5b has one)")
+        where = (
+            "set model.draft_id to the draft's hub id or local directory (same tokenizer as the target)"
+            if cfg.model.source == "hf"
+            else f"set model.draft to one of: {', '.join(available_models())} (model=qwen2.5-coder-1.5b has one)"
+        )
         raise ConfigValueError(
-            f"method '{cfg.method.name}' drafts with a separate model, but model '{cfg.model.name}' names none: {where}")
+            f"method '{cfg.method.name}' drafts with a separate model, but model '{cfg.model.name}' names none: {where}"
+        )
     if cfg.gen.batch_size > 1:
-        check(never_drafts(drafter), "gen.batch_size", cfg.gen.batch_size,
-              f"1 for method '{cfg.method.name}', which drafts tokens; batched decoding is for AR and the "
-              "lossy methods that never draft (skipdecode, ffn_skip)")
+        check(
+            never_drafts(drafter),
+            "gen.batch_size",
+            cfg.gen.batch_size,
+            f"1 for method '{cfg.method.name}', which drafts tokens; batched decoding is for AR and the "
+            "lossy methods that never draft (skipdecode, ffn_skip)",
+        )

@@ -30,8 +30,10 @@ def require_extra(extra: str, module: str, feature: str) -> None:
     except ModuleNotFoundError:  # a parent package (hydra_plugins) is missing
         found = False
     if not found:
-        raise MissingExtraError(f"{feature} needs the '{extra}' extra (module '{module}' is not installed): "
-                                f"pip install 'decodebench[{extra}]'")
+        raise MissingExtraError(
+            f"{feature} needs the '{extra}' extra (module '{module}' is not installed): "
+            f"pip install 'decodebench[{extra}]'"
+        )
 
 
 # the Hydra launchers of ``hydra/launcher=<name>`` (conf/hydra/launcher/) -> (extra, module)

@@ -12,7 +12,7 @@ import re
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import decodebench
 
@@ -30,7 +30,7 @@ def read_pins(text: str) -> dict[str, str]:
     return {name.lower().replace("_", "-"): version for name, version in PIN.findall(text)}
 
 
-def drift(pins: dict[str, str]) -> dict[str, dict[str, Optional[str]]]:
+def drift(pins: dict[str, str]) -> dict[str, dict[str, str | None]]:
     """Packages whose installed version is not the locked one: ``{name: {"locked", "installed"}}``."""
     moved = {}
     for name, locked in sorted(pins.items()):
@@ -43,25 +43,31 @@ def drift(pins: dict[str, str]) -> dict[str, dict[str, Optional[str]]]:
     return moved
 
 
-def lock_info(path: Optional[Path] = None) -> Optional[dict[str, Any]]:
+def lock_info(path: Path | None = None) -> dict[str, Any] | None:
     """``{"file", "sha256", "packages", "drift"}`` of the lock, or None without one (a wheel install)."""
     path = path or default_lock_path()
     if not path.is_file():
         return None
     text = path.read_text(encoding="utf-8")
     pins = read_pins(text)
-    return {"file": str(path), "sha256": hashlib.sha256(text.encode()).hexdigest(), "packages": len(pins),
-            "drift": drift(pins)}
+    return {
+        "file": str(path),
+        "sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "packages": len(pins),
+        "drift": drift(pins),
+    }
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     info = lock_info(Path(argv[0]) if argv else None)
     if info is None:
         print("no lock file", file=sys.stderr)
         return 2
-    print(f"{info['file']}: {info['packages']} packages, sha256 {info['sha256'][:16]}; "
-          f"{len(info['drift'])} installed differently")
+    print(
+        f"{info['file']}: {info['packages']} packages, sha256 {info['sha256'][:16]}; "
+        f"{len(info['drift'])} installed differently"
+    )
     for name, versions in info["drift"].items():
         print(f"  {name:<28} locked {versions['locked']:<14} installed {versions['installed']}")
     return 0

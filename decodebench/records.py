@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any
 
 import pandas as pd
 
@@ -28,14 +29,14 @@ def token_match_rate(ours: list[int], reference: list[int]) -> float:
     return sum(a == b for a, b in zip(ours, reference)) / longest if longest else 1.0
 
 
-def first_divergence(ours: list[int], reference: list[int]) -> Optional[int]:
+def first_divergence(ours: list[int], reference: list[int]) -> int | None:
     """First new-token index where the outputs differ (a length difference counts); None if identical."""
     if ours == reference:
         return None
     return next((i for i, (a, b) in enumerate(zip(ours, reference)) if a != b), min(len(ours), len(reference)))
 
 
-def harness_overhead_share(records: Iterable["Record"]) -> Optional[float]:
+def harness_overhead_share(records: Iterable[Record]) -> float | None:
     """Share of decode time spent outside the target's forwards: Σ (wall - prefill - forward) /
     Σ (wall - prefill) over the records that carry ``forward_s`` (drafting, verification, cache
     bookkeeping, stop checks, Python); None when none do. For AR this is the harness's own cost."""
@@ -67,54 +68,54 @@ class Record:
     group: str  # the category group reported in tables (Spec-Bench: 6 groups)
     turn: int  # 0-based turn index within a multi-turn sample
     seed: int
-    prompt_tokens: Optional[int] = None
+    prompt_tokens: int | None = None
     # new_tokens: emitted token ids after the prompt, counted from ids (never re-tokenised text),
     # the same way for every method; includes the EOS token when one was generated.
-    new_tokens: Optional[int] = None
+    new_tokens: int | None = None
     # wall_s: time of the whole turn, prefill included, tokenisation excluded.
-    wall_s: Optional[float] = None
-    prefill_s: Optional[float] = None
-    draft_s: Optional[float] = None  # Σ time spent in the drafter's propose()
-    verify_s: Optional[float] = None  # Σ time of target forwards + verification after prefill
+    wall_s: float | None = None
+    prefill_s: float | None = None
+    draft_s: float | None = None  # Σ time spent in the drafter's propose()
+    verify_s: float | None = None  # Σ time of target forwards + verification after prefill
     # forward_s: Σ time of the target forwards alone after prefill (part of verify_s); the decode
     # time outside model forwards is wall_s - prefill_s - forward_s (see harness_overhead_share)
-    forward_s: Optional[float] = None
+    forward_s: float | None = None
     # steps: target forward passes, prefill included (AR: steps == new_tokens).
-    steps: Optional[int] = None
+    steps: int | None = None
     # drafted / accepted: draft tokens proposed to / accepted by the verifier (bonus excluded).
-    drafted: Optional[int] = None
-    accepted: Optional[int] = None
-    accepted_lengths: Optional[list[int]] = None  # per decode step: accepted draft tokens (bonus excluded)
-    drafted_lengths: Optional[list[int]] = None  # per decode step: draft tokens proposed (tree nodes, root excluded)
+    drafted: int | None = None
+    accepted: int | None = None
+    accepted_lengths: list[int] | None = None  # per decode step: accepted draft tokens (bonus excluded)
+    drafted_lengths: list[int] | None = None  # per decode step: draft tokens proposed (tree nodes, root excluded)
     # per decode step: draft levels = the longest root-to-leaf path of the draft tree (a chain: its length);
     # the most draft tokens one step could accept. Null in records written before the field existed.
-    draft_depths: Optional[list[int]] = None
+    draft_depths: list[int] | None = None
     # per decode step: tokens appended to the output (accepted + bonus; the last step may stop early) =
     # Spec-Bench's ``accept_lengths``. Null in records written before the field existed.
-    emitted_lengths: Optional[list[int]] = None
-    tree_sizes: Optional[list[int]] = None  # per decode step: tokens in the target forward (root, drafts, aux)
-    stop_reason: Optional[str] = None  # "eos" | "max_new_tokens" | "stop_string"
-    output_text: Optional[str] = None
-    output_ids: Optional[list[int]] = None
-    output_sha: Optional[str] = None
+    emitted_lengths: list[int] | None = None
+    tree_sizes: list[int] | None = None  # per decode step: tokens in the target forward (root, drafts, aux)
+    stop_reason: str | None = None  # "eos" | "max_new_tokens" | "stop_string"
+    output_text: str | None = None
+    output_ids: list[int] | None = None
+    output_sha: str | None = None
     # lossless audit against the same-process AR baseline (null when not applicable):
     # quality: the task's metrics for this output (Task.score), e.g. {"exact_match": 1.0}
-    quality: Optional[dict[str, float]] = None
-    lossless: Optional[bool] = None  # output ids identical to the baseline's
-    first_divergence: Optional[int] = None  # first differing new-token index, else null
+    quality: dict[str, float] | None = None
+    lossless: bool | None = None  # output ids identical to the baseline's
+    first_divergence: int | None = None  # first differing new-token index, else null
     # agreement of a LOSSY method with the same-process AR baseline under greedy decoding (null for
     # lossless methods, which have ``lossless``, and without a baseline): see token_match_rate() above.
-    token_match_rate: Optional[float] = None
+    token_match_rate: float | None = None
     # batch_size: generations decoded together in one batch (gen.batch_size > 1); wall_s and
     # prefill_s are then the batch's times divided by it (so Σ wall_s = the batch's wall time).
-    batch_size: Optional[int] = None
+    batch_size: int | None = None
     # method_stats: method-specific counters of this generation (Drafter.request_stats), e.g.
     # ffn_skip's {"ffn_skipped": fraction of FFN blocks skipped}, skipdecode's {"layer_fraction": ...}
-    method_stats: Optional[dict[str, float]] = None
-    error: Optional[str] = None
+    method_stats: dict[str, float] | None = None
+    error: str | None = None
 
     @property
-    def tokens_per_s(self) -> Optional[float]:
+    def tokens_per_s(self) -> float | None:
         if self.error or not self.wall_s:
             return None
         return self.new_tokens / self.wall_s
@@ -123,7 +124,7 @@ class Record:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Record":
+    def from_dict(cls, data: dict[str, Any]) -> Record:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
@@ -144,46 +145,46 @@ class Summary:
     new_tokens: int
     wall_s: float
     # tokens_per_s = Σ new tokens / Σ wall time
-    tokens_per_s: Optional[float]
+    tokens_per_s: float | None
     # tau (τ, mean tokens per target forward, bonus token included) = Σ new tokens / Σ steps, prefill
     # counted as a step that emits one token; AR = 1.00 exactly.
-    tau: Optional[float]
+    tau: float | None
     # alpha (acceptance rate per drafted token; for trees per tree NODE) = Σ accepted / Σ drafted;
     # null if nothing was drafted. vLLM's draft_acceptance_rate for chains.
-    alpha: Optional[float]
+    alpha: float | None
     # speedup = Σ AR wall time / Σ method wall time over the same (sample, turn) pairs, same process.
-    speedup: Optional[float] = None
+    speedup: float | None = None
     # speedup_tps = Spec-Bench's speedup (evaluation/speed.py): per prompt, speed = Σ new tokens / Σ wall
     # time over its turns; speedup_tps = mean prompt speed / mean AR prompt speed (paired turns only).
     # AR tokens are emitted ids; `decodebench-report --convention specbench` recounts them from the
     # answer text as speed.py does (len(tokenizer(turn).input_ids) - 1 per turn).
-    speedup_tps: Optional[float] = None
+    speedup_tps: float | None = None
     # mean_accepted_tokens = Spec-Bench's "#Mean accepted tokens" (EAGLE's average acceptance length τ,
     # vLLM's mean acceptance length when every step drafts) = mean over decode steps of the tokens the
     # step emitted (accepted + bonus) = Σ emitted_lengths / Σ decode steps; AR = 1.00.
-    mean_accepted_tokens: Optional[float] = None
+    mean_accepted_tokens: float | None = None
     # alpha_per_token (acceptance rate per draft POSITION) = Σ accepted / Σ draft_depths: for chains =
     # alpha; for trees the share of the deepest path's positions that were accepted.
-    alpha_per_token: Optional[float] = None
+    alpha_per_token: float | None = None
     # drafted_per_step = Σ drafted / Σ decode steps (draft tokens / tree nodes proposed per step)
-    drafted_per_step: Optional[float] = None
+    drafted_per_step: float | None = None
     # verified_per_step = Σ tree_sizes / Σ decode steps (tokens in each target forward: root + drafts + aux)
-    verified_per_step: Optional[float] = None
+    verified_per_step: float | None = None
     # time shares of the method's wall time (sum to 1): prefill, draft (propose + feedback), verify
     # (target forward + verification + cache commit) and overhead (= wall − the other three: stop checks,
     # bookkeeping, Python)
-    prefill_share: Optional[float] = None
-    draft_share: Optional[float] = None
-    verify_share: Optional[float] = None
-    overhead_share: Optional[float] = None
+    prefill_share: float | None = None
+    draft_share: float | None = None
+    verify_share: float | None = None
+    overhead_share: float | None = None
     # lossless_rate = fraction of records whose output ids equal the AR baseline's (null when no baseline
     # or the method is not lossless under this decoding setting).
-    lossless_rate: Optional[float] = None
+    lossless_rate: float | None = None
     # token_match_rate = mean over records of Record.token_match_rate (agreement with AR; lossy methods)
-    token_match_rate: Optional[float] = None
+    token_match_rate: float | None = None
     # first_divergence = mean over agreement-audited records of the first token index that differs
     # from AR, an identical output counting as its full length (= mean length of the agreeing prefix)
-    first_divergence: Optional[float] = None
+    first_divergence: float | None = None
     # per_position_acceptance[k] = P(draft position k+1 accepted | the step drafted ≥ k+1 levels)
     # (vLLM's per-position acceptance rate: accepted at position k / drafts reaching position k)
     per_position_acceptance: list[float] = field(default_factory=list)
@@ -192,9 +193,9 @@ class Summary:
     conditional_acceptance: list[float] = field(default_factory=list)
     # quality[metric] = mean of the metric over the records that report it
     quality: dict[str, float] = field(default_factory=dict)
-    draft_s: Optional[float] = None
-    verify_s: Optional[float] = None
-    prefill_s: Optional[float] = None
+    draft_s: float | None = None
+    verify_s: float | None = None
+    prefill_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -272,19 +273,48 @@ def prompt_totals(frame: pd.DataFrame) -> pd.DataFrame:
         paired = "ar_wall_s" in row and not _missing(row["ar_wall_s"])
         wall = _number(row, "wall_s")
         parts = [_number(row, key) for key in ("prefill_s", "draft_s", "verify_s")]
-        rows.append({
-            "sample_id": str(row["sample_id"]), "new_tokens": _number(row, "new_tokens"),
-            "steps": _number(row, "steps"), "wall_s": wall, "accepted": _number(row, "accepted"),
-            "drafted": _number(row, "drafted"), "depth": float(sum(depths)), "decode_tokens": float(sum(emitted)),
-            "decode_steps": float(len(emitted)), "verified": float(sum(_lengths(row.get("tree_sizes")))),
-            "prefill_s": parts[0], "draft_s": parts[1], "verify_s": parts[2], "overhead_s": wall - sum(parts),
-            "paired_wall_s": wall if paired else 0.0, "ar_wall_s": _number(row, "ar_wall_s") if paired else 0.0,
-            "paired_tokens": _number(row, "new_tokens") if paired else 0.0,
-            "ar_tokens": _ar_tokens(row) if paired else 0.0,
-        })
-    columns = ["sample_id", "new_tokens", "steps", "wall_s", "accepted", "drafted", "depth", "decode_tokens",
-               "decode_steps", "verified", "prefill_s", "draft_s", "verify_s", "overhead_s", "paired_wall_s",
-               "ar_wall_s", "paired_tokens", "ar_tokens"]
+        rows.append(
+            {
+                "sample_id": str(row["sample_id"]),
+                "new_tokens": _number(row, "new_tokens"),
+                "steps": _number(row, "steps"),
+                "wall_s": wall,
+                "accepted": _number(row, "accepted"),
+                "drafted": _number(row, "drafted"),
+                "depth": float(sum(depths)),
+                "decode_tokens": float(sum(emitted)),
+                "decode_steps": float(len(emitted)),
+                "verified": float(sum(_lengths(row.get("tree_sizes")))),
+                "prefill_s": parts[0],
+                "draft_s": parts[1],
+                "verify_s": parts[2],
+                "overhead_s": wall - sum(parts),
+                "paired_wall_s": wall if paired else 0.0,
+                "ar_wall_s": _number(row, "ar_wall_s") if paired else 0.0,
+                "paired_tokens": _number(row, "new_tokens") if paired else 0.0,
+                "ar_tokens": _ar_tokens(row) if paired else 0.0,
+            }
+        )
+    columns = [
+        "sample_id",
+        "new_tokens",
+        "steps",
+        "wall_s",
+        "accepted",
+        "drafted",
+        "depth",
+        "decode_tokens",
+        "decode_steps",
+        "verified",
+        "prefill_s",
+        "draft_s",
+        "verify_s",
+        "overhead_s",
+        "paired_wall_s",
+        "ar_wall_s",
+        "paired_tokens",
+        "ar_tokens",
+    ]
     totals = pd.DataFrame(rows, columns=columns).groupby("sample_id", sort=False).sum()
     with_pair = totals["paired_wall_s"] > 0
     totals["speed"] = (totals["paired_tokens"] / totals["paired_wall_s"]).where(with_pair, 0.0)
@@ -292,7 +322,7 @@ def prompt_totals(frame: pd.DataFrame) -> pd.DataFrame:
     return totals
 
 
-def ratio_metrics(totals: pd.DataFrame) -> dict[str, Optional[float]]:
+def ratio_metrics(totals: pd.DataFrame) -> dict[str, float | None]:
     """Every metric of :data:`RATIOS` from per-prompt totals (None where the denominator is 0)."""
     sums = totals.sum()
     return {name: (float(sums[num] / sums[den]) if sums[den] else None) for name, (num, den) in RATIOS.items()}
@@ -337,7 +367,7 @@ def mean_quality(frame: pd.DataFrame) -> dict[str, float]:
     return {metric: sum(v) / len(v) for metric, v in sorted(values.items())}
 
 
-def summarize_frame(frame: pd.DataFrame, totals: Optional[pd.DataFrame] = None) -> dict[str, Any]:
+def summarize_frame(frame: pd.DataFrame, totals: pd.DataFrame | None = None) -> dict[str, Any]:
     """Every :class:`Summary` metric of one set of records (a frame of Record fields joined with
     their AR baseline as ``ar_wall_s`` / ``ar_new_tokens``; see :func:`prompt_totals`).
 
@@ -348,8 +378,12 @@ def summarize_frame(frame: pd.DataFrame, totals: Optional[pd.DataFrame] = None) 
     """
     ok = frame[frame["error"].isna()] if "error" in frame.columns else frame
     totals = prompt_totals(frame) if totals is None else totals
-    values: dict[str, Any] = {"records": len(frame), "errors": len(frame) - len(ok),
-                              "new_tokens": int(totals["new_tokens"].sum()), "wall_s": float(totals["wall_s"].sum())}
+    values: dict[str, Any] = {
+        "records": len(frame),
+        "errors": len(frame) - len(ok),
+        "new_tokens": int(totals["new_tokens"].sum()),
+        "wall_s": float(totals["wall_s"].sum()),
+    }
     values.update(ratio_metrics(totals))
     if not totals["drafted"].sum():
         values.update({name: None for name in _DRAFT_RATIOS})
@@ -365,13 +399,21 @@ def summarize_frame(frame: pd.DataFrame, totals: Optional[pd.DataFrame] = None) 
     values["lossless_rate"] = sum(audited) / len(audited) if audited else None
     matched = ok[ok["token_match_rate"].notna()] if "token_match_rate" in ok.columns else ok.iloc[:0]
     values["token_match_rate"] = float(matched["token_match_rate"].mean()) if len(matched) else None
-    values["first_divergence"] = float(sum(
-        r["new_tokens"] if _missing(r.get("first_divergence")) else r["first_divergence"]
-        for r in matched.to_dict("records")) / len(matched)) if len(matched) else None
+    values["first_divergence"] = (
+        float(
+            sum(
+                r["new_tokens"] if _missing(r.get("first_divergence")) else r["first_divergence"]
+                for r in matched.to_dict("records")
+            )
+            / len(matched)
+        )
+        if len(matched)
+        else None
+    )
     return values
 
 
-def records_frame(records: list[Record], baseline: Optional[list[Record]] = None) -> pd.DataFrame:
+def records_frame(records: list[Record], baseline: list[Record] | None = None) -> pd.DataFrame:
     """Records as a frame joined with their baseline by (sample_id, turn) (``ar_wall_s``, ``ar_new_tokens``)."""
     frame = pd.DataFrame([r.to_dict() for r in records], columns=[f.name for f in dataclasses.fields(Record)])
     ar = {(b.sample_id, b.turn): b for b in baseline or [] if b.error is None}
@@ -380,7 +422,7 @@ def records_frame(records: list[Record], baseline: Optional[list[Record]] = None
     return frame.astype({"ar_wall_s": float, "ar_new_tokens": float})
 
 
-def summarize(records: list[Record], baseline: Optional[list[Record]] = None) -> Summary:
+def summarize(records: list[Record], baseline: list[Record] | None = None) -> Summary:
     """Aggregate one method's records; ``baseline`` (AR records) enables speedup and lossless rate.
 
     Speedup pairs records by (sample_id, turn); pairs where either side errored are left out.
@@ -388,5 +430,9 @@ def summarize(records: list[Record], baseline: Optional[list[Record]] = None) ->
     first = records[0] if records else None
     values = summarize_frame(records_frame(records, baseline))
     names = {f.name for f in dataclasses.fields(Summary)}
-    return Summary(method=first.method if first else "", task=first.task if first else "",
-                   model=first.model if first else "", **{k: v for k, v in values.items() if k in names})
+    return Summary(
+        method=first.method if first else "",
+        task=first.task if first else "",
+        model=first.model if first else "",
+        **{k: v for k, v in values.items() if k in names},
+    )

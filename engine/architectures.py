@@ -26,8 +26,9 @@ configs, fp32), and every run proves it again on the loaded checkpoint (:mod:`en
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any
 
 import torch
 
@@ -46,18 +47,25 @@ class ResidualHalves:
     the defaults; Gemma 2/3 add post-norms; OLMo 2 and EXAONE 4 are post-norm only.
     """
 
-    attention_norm: Optional[str] = "input_layernorm"
-    attention_post_norm: Optional[str] = None
-    mlp_norm: Optional[str] = "post_attention_layernorm"
-    mlp_post_norm: Optional[str] = None
-    residual_multiplier_key: Optional[str] = None  # config key (Granite's residual_multiplier)
+    attention_norm: str | None = "input_layernorm"
+    attention_post_norm: str | None = None
+    mlp_norm: str | None = "post_attention_layernorm"
+    mlp_post_norm: str | None = None
+    residual_multiplier_key: str | None = None  # config key (Granite's residual_multiplier)
 
 
 PRE_NORM = ResidualHalves()
-SANDWICH_NORM = ResidualHalves(attention_post_norm="post_attention_layernorm", mlp_norm="pre_feedforward_layernorm",
-                               mlp_post_norm="post_feedforward_layernorm")
-POST_NORM = ResidualHalves(attention_norm=None, attention_post_norm="post_attention_layernorm", mlp_norm=None,
-                           mlp_post_norm="post_feedforward_layernorm")
+SANDWICH_NORM = ResidualHalves(
+    attention_post_norm="post_attention_layernorm",
+    mlp_norm="pre_feedforward_layernorm",
+    mlp_post_norm="post_feedforward_layernorm",
+)
+POST_NORM = ResidualHalves(
+    attention_norm=None,
+    attention_post_norm="post_attention_layernorm",
+    mlp_norm=None,
+    mlp_post_norm="post_feedforward_layernorm",
+)
 
 
 @dataclass(frozen=True)
@@ -65,50 +73,75 @@ class Family:
     """One HF model family (``config.model_type``) as the engine runs it."""
 
     name: str
-    halves: Optional[ResidualHalves] = PRE_NORM  # None: parallel residual, no sublayer skipping
+    halves: ResidualHalves | None = PRE_NORM  # None: parallel residual, no sublayer skipping
     needs_eager: bool = False  # transformers refuses sdpa (attention soft-capping, attention sinks)
-    embedding_multiplier_key: Optional[str] = None  # config key multiplying the embeddings
-    logit_scale_key: Optional[str] = None  # config key multiplying the final logits
-    logit_divisor_key: Optional[str] = None  # config key dividing the final logits
+    embedding_multiplier_key: str | None = None  # config key multiplying the embeddings
+    logit_scale_key: str | None = None  # config key multiplying the final logits
+    logit_divisor_key: str | None = None  # config key dividing the final logits
     mla: bool = False  # multi-head latent attention: the cache holds the latent, not K/V
     # config key of the number of K/V heads (None: one per attention head, e.g. GPT-NeoX)
-    kv_heads_key: Optional[str] = "num_key_value_heads"
+    kv_heads_key: str | None = "num_key_value_heads"
     # a variant of the family the loop cannot run exactly: config -> reason (None = fine)
-    refuse: Optional[Callable[[object], Optional[str]]] = None
+    refuse: Callable[[object], str | None] | None = None
     # halves that depend on the config (StableLM: parallel residual or not)
-    halves_for: Optional[Callable[[object], Optional[ResidualHalves]]] = None
+    halves_for: Callable[[Any], ResidualHalves | None] | None = None
 
-    def residual_halves(self, config) -> Optional[ResidualHalves]:
+    def residual_halves(self, config) -> ResidualHalves | None:
         return self.halves_for(config) if self.halves_for is not None else self.halves
 
 
-def _falcon_refusal(config) -> Optional[str]:
+def _falcon_refusal(config) -> str | None:
     if getattr(config, "alibi", False):
         return "Falcon with ALiBi adds its position bias to the attention mask, which the engine builds itself"
     return None
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in [
-    Family("llama"), Family("mistral"), Family("mixtral"), Family("qwen2"), Family("qwen3"),
-    Family("qwen3_moe"), Family("gemma"), Family("phi3"), Family("glm"), Family("smollm3"), Family("olmo"),
-    Family("starcoder2"), Family("deepseek_v3", mla=True),
-    Family("gemma2", halves=SANDWICH_NORM, needs_eager=True),
-    Family("gemma3_text", halves=SANDWICH_NORM),
-    Family("olmo2", halves=POST_NORM), Family("exaone4", halves=POST_NORM),
-    Family("granite", halves=ResidualHalves(residual_multiplier_key="residual_multiplier"),
-           embedding_multiplier_key="embedding_multiplier", logit_divisor_key="logits_scaling"),
-    Family("gpt_oss", needs_eager=True),
-    Family("stablelm", halves_for=lambda c: None if c.use_parallel_residual else PRE_NORM),
-    Family("cohere", halves=None, logit_scale_key="logit_scale"),
-    Family("phi", halves=None),
-    Family("gpt_neox", kv_heads_key=None, halves_for=lambda c: None if c.use_parallel_residual else ResidualHalves(
-        attention_norm="input_layernorm", mlp_norm="post_attention_layernorm")),
-    Family("falcon", halves=None, refuse=_falcon_refusal),
-]}
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in [
+        Family("llama"),
+        Family("mistral"),
+        Family("mixtral"),
+        Family("qwen2"),
+        Family("qwen3"),
+        Family("qwen3_moe"),
+        Family("gemma"),
+        Family("phi3"),
+        Family("glm"),
+        Family("smollm3"),
+        Family("olmo"),
+        Family("starcoder2"),
+        Family("deepseek_v3", mla=True),
+        Family("gemma2", halves=SANDWICH_NORM, needs_eager=True),
+        Family("gemma3_text", halves=SANDWICH_NORM),
+        Family("olmo2", halves=POST_NORM),
+        Family("exaone4", halves=POST_NORM),
+        Family(
+            "granite",
+            halves=ResidualHalves(residual_multiplier_key="residual_multiplier"),
+            embedding_multiplier_key="embedding_multiplier",
+            logit_divisor_key="logits_scaling",
+        ),
+        Family("gpt_oss", needs_eager=True),
+        Family("stablelm", halves_for=lambda c: None if c.use_parallel_residual else PRE_NORM),
+        Family("cohere", halves=None, logit_scale_key="logit_scale"),
+        Family("phi", halves=None),
+        Family(
+            "gpt_neox",
+            kv_heads_key=None,
+            halves_for=lambda c: (
+                None
+                if c.use_parallel_residual
+                else ResidualHalves(attention_norm="input_layernorm", mlp_norm="post_attention_layernorm")
+            ),
+        ),
+        Family("falcon", halves=None, refuse=_falcon_refusal),
+    ]
+}
 # families refused by name, with the reason (families neither here nor in FAMILIES: "not supported")
 REFUSED = {
     "gemma3": "a multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration: vision tower + language model); "
-              "the engine runs text decoders, e.g. Gemma 3 1B or a text-only export (model_type gemma3_text)",
+    "the engine runs text decoders, e.g. Gemma 3 1B or a text-only export (model_type gemma3_text)",
 }
 
 
@@ -125,16 +158,19 @@ def family_of(config) -> Family:
     family = FAMILIES.get(config.model_type)
     if config.model_type in REFUSED:
         reason = REFUSED[config.model_type]
-        raise UnsupportedArchitectureError(f"architecture '{config.model_type}' is refused: {reason}. "
-                                           f"Supported: {', '.join(supported_families())}")
+        raise UnsupportedArchitectureError(
+            f"architecture '{config.model_type}' is refused: {reason}. Supported: {', '.join(supported_families())}"
+        )
     if family is None:
         raise UnsupportedArchitectureError(
             f"architecture '{config.model_type}' is not supported by the engine's layer loop. "
-            f"Supported: {', '.join(supported_families())}")
+            f"Supported: {', '.join(supported_families())}"
+        )
     reason = family.refuse(config) if family.refuse is not None else None
     if reason:
-        raise UnsupportedArchitectureError(f"architecture '{config.model_type}': {reason}. "
-                                           f"Supported: {', '.join(supported_families())}")
+        raise UnsupportedArchitectureError(
+            f"architecture '{config.model_type}': {reason}. Supported: {', '.join(supported_families())}"
+        )
     return family
 
 
@@ -153,7 +189,7 @@ class ModelParts:
     embed_tokens: torch.nn.Module
     layers: torch.nn.ModuleList
     norm: torch.nn.Module
-    rotary_emb: Optional[torch.nn.Module]
+    rotary_emb: torch.nn.Module | None
     lm_head: torch.nn.Module
     layer_types: list[str]  # per layer: "full_attention" | "sliding_attention" | ...
     rotary_per_layer_type: bool  # rotary_emb(x, positions, layer_type) (Gemma 3)
@@ -161,7 +197,7 @@ class ModelParts:
     layer_kwargs: dict = field(default_factory=dict)  # further arguments every layer call takes
     embedding_multiplier: float = 1.0
     logit_scale: float = 1.0
-    final_logit_softcapping: Optional[float] = None
+    final_logit_softcapping: float | None = None
 
     def finish_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """The family's transform of the LM head's output (scale, soft-cap); identity for most."""
@@ -178,8 +214,9 @@ def _first_attribute(owner: torch.nn.Module, names: tuple[str, ...], what: str, 
         module = getattr(owner, name, None)
         if module is not None:
             return module
-    raise UnsupportedArchitectureError(f"architecture '{model_type}': no {what} found (looked for "
-                                       f"{', '.join(names)} on {type(owner).__name__})")
+    raise UnsupportedArchitectureError(
+        f"architecture '{model_type}': no {what} found (looked for {', '.join(names)} on {type(owner).__name__})"
+    )
 
 
 def cache_keyword(layer: torch.nn.Module) -> str:
@@ -188,8 +225,9 @@ def cache_keyword(layer: torch.nn.Module) -> str:
     for name in ("cache", "past_key_values", "layer_past"):
         if name in parameters:
             return name
-    raise UnsupportedArchitectureError(f"{type(layer).__name__}.forward takes no cache argument "
-                                       "(looked for cache, past_key_values, layer_past)")
+    raise UnsupportedArchitectureError(
+        f"{type(layer).__name__}.forward takes no cache argument (looked for cache, past_key_values, layer_past)"
+    )
 
 
 def model_parts(model: torch.nn.Module) -> ModelParts:
@@ -209,8 +247,9 @@ def model_parts(model: torch.nn.Module) -> ModelParts:
         family=family,
         embed_tokens=inner.get_input_embeddings(),
         layers=layers,
-        norm=_first_attribute(inner, ("norm", "final_layernorm", "final_layer_norm", "ln_f"), "final norm",
-                              config.model_type),
+        norm=_first_attribute(
+            inner, ("norm", "final_layernorm", "final_layer_norm", "ln_f"), "final norm", config.model_type
+        ),
         rotary_emb=rotary,
         lm_head=model.get_output_embeddings(),
         layer_types=list(config_types) if config_types else ["full_attention"] * len(layers),
@@ -218,8 +257,9 @@ def model_parts(model: torch.nn.Module) -> ModelParts:
         cache_keyword=cache_keyword(layers[0]),
         # Falcon's layer takes its (unused without ALiBi) position bias as a required argument
         layer_kwargs={"alibi": None} if "alibi" in inspect.signature(layers[0].forward).parameters else {},
-        embedding_multiplier=float(getattr(config, family.embedding_multiplier_key)
-                                   if family.embedding_multiplier_key else 1.0),
+        embedding_multiplier=float(
+            getattr(config, family.embedding_multiplier_key) if family.embedding_multiplier_key else 1.0
+        ),
         logit_scale=float(getattr(config, family.logit_scale_key) if family.logit_scale_key else 1.0) / logit_divisor,
         final_logit_softcapping=getattr(config, "final_logit_softcapping", None),
     )
@@ -241,14 +281,13 @@ def cache_geometry(config, family: Family) -> CacheGeometry:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     if family.name == "falcon":
-        kv_heads = (config.num_kv_heads if config.new_decoder_architecture
-                    else 1 if config.multi_query else heads)
+        kv_heads = config.num_kv_heads if config.new_decoder_architecture else 1 if config.multi_query else heads
     else:
         kv_heads = (getattr(config, family.kv_heads_key, None) if family.kv_heads_key else None) or heads
     return CacheGeometry(kv_heads, head_dim, head_dim)
 
 
-def sliding_windows(config, layer_types: list[str]) -> list[Optional[int]]:
+def sliding_windows(config, layer_types: list[str]) -> list[int | None]:
     """Per layer, the sliding-window length its attention uses (None = full attention).
 
     Configs with ``layer_types`` window only their ``sliding_attention`` layers; older ones

@@ -16,8 +16,8 @@ additive float mask.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Collection, Optional, Sequence
 
 import torch
 
@@ -40,8 +40,8 @@ class ForwardOutput:
     logits: torch.Tensor  # (q_selected, vocab): rows for the requested positions
     # hidden_states[i] = output of layer i-1 before the final norm ([0] = embeddings), (q, hidden);
     # only when requested.
-    hidden_states: Optional[list[torch.Tensor]] = None
-    last_hidden: Optional[torch.Tensor] = None  # (q, hidden) after the final norm
+    hidden_states: list[torch.Tensor] | None = None
+    last_hidden: torch.Tensor | None = None  # (q, hidden) after the final norm
 
 
 class MlpGate:
@@ -71,10 +71,10 @@ class BlockLayout:
     ``start`` is the position of the block's first token (default ``cache.length``).
     """
 
-    parents: Optional[Sequence[int]] = None
-    mask: Optional[torch.Tensor] = None
-    offsets: Optional[Sequence[int]] = None
-    start: Optional[int] = None
+    parents: Sequence[int] | None = None
+    mask: torch.Tensor | None = None
+    offsets: Sequence[int] | None = None
+    start: int | None = None
 
     def __post_init__(self) -> None:
         if self.parents is not None and self.mask is not None:
@@ -95,8 +95,8 @@ class ForwardPlan:
     forward through the same decode loop; self-speculative drafters run reduced plans to draft.
     """
 
-    layers: Optional[Sequence[int]] = None  # decoder layers to run, ascending (None = all)
-    mlp_gate: Optional[MlpGate] = None  # per-layer MLP skipping decided during the forward
+    layers: Sequence[int] | None = None  # decoder layers to run, ascending (None = all)
+    mlp_gate: MlpGate | None = None  # per-layer MLP skipping decided during the forward
     # layers whose attention / MLP sublayer is skipped (the residual passes through; a skipped
     # attention writes no K/V), e.g. SWIFT's draft
     skip_attention: Collection[int] = ()
@@ -134,7 +134,7 @@ class Backbone:
         # Set by decodebench.engine.backends.apply_backend: the backend in use, the catalogue name
         # (for stored latency curves) and the compiled step (None = every block takes the loop below).
         self.backend = "eager"
-        self.model_name: Optional[str] = None
+        self.model_name: str | None = None
         self.fast_forward = None
         self.attn_implementation = self.config._attn_implementation
         if self.attn_implementation not in ("sdpa", "eager"):
@@ -145,7 +145,7 @@ class Backbone:
         self.cache_geometry = cache_geometry(self.config, self.family)
         self.head_dim = self.cache_geometry.key_dim
         self.halves = self.family.residual_halves(self.config)
-        self.layer_windows: list[Optional[int]] = sliding_windows(self.config, self.parts.layer_types)
+        self.layer_windows: list[int | None] = sliding_windows(self.config, self.parts.layer_types)
 
     # -- what an architecture allows -----------------------------------------------------------
     def require_residual_halves(self, method: str) -> ResidualHalves:
@@ -156,16 +156,18 @@ class Backbone:
                 attention/MLP residual: both read the same input).
         """
         if self.halves is None:
-            able = sorted(name for name, family in FAMILIES.items()
-                          if family.halves is not None or family.halves_for is not None)
+            able = sorted(
+                name for name, family in FAMILIES.items() if family.halves is not None or family.halves_for is not None
+            )
             raise UnsupportedArchitectureError(
                 f"method '{method}' skips attention / MLP sublayers, but '{self.config.model_type}' layers run "
                 f"attention and MLP in parallel on the same input (no separate residual halves to skip). "
-                f"Families with sublayer skipping: {', '.join(able)}")
+                f"Families with sublayer skipping: {', '.join(able)}"
+            )
         return self.halves
 
     # -- cache -----------------------------------------------------------------------------------
-    def new_cache(self, capacity: int, batch_size: int = 1, num_layers: Optional[int] = None) -> KVCache:
+    def new_cache(self, capacity: int, batch_size: int = 1, num_layers: int | None = None) -> KVCache:
         geometry = self.cache_geometry
         return KVCache(
             batch_size=batch_size,
@@ -218,9 +220,9 @@ class Backbone:
         self,
         prefix_length: int,
         positions: torch.Tensor,
-        block: Optional[torch.Tensor],
-        window: Optional[int],
-    ) -> Optional[torch.Tensor]:
+        block: torch.Tensor | None,
+        window: int | None,
+    ) -> torch.Tensor | None:
         """Attention mask for ``q`` new tokens over ``prefix_length`` cached ones.
 
         ``block`` is the ``(q, q)`` bool mask among the new tokens (``None`` = causal chain).
@@ -257,9 +259,9 @@ class Backbone:
         *,
         layout: BlockLayout = CHAIN,
         plan: ForwardPlan = FULL_MODEL,
-        logits_rows: Optional[slice | Sequence[int]] = None,
+        logits_rows: slice | Sequence[int] | None = None,
         output_hidden_states: bool = False,
-        input_hidden: Optional[torch.Tensor] = None,
+        input_hidden: torch.Tensor | None = None,
     ) -> ForwardOutput:
         """Run ``q`` new tokens through the model on top of ``cache`` and append their K/V.
 
@@ -292,12 +294,21 @@ class Backbone:
         if block_mask is not None and (block_mask.shape != (q, q) or len(position_offsets) != q):
             raise ValueError(f"block_mask must be ({q}, {q}) with {q} position_offsets")
         base = cache.length if layout.start is None else layout.start
-        offsets = (torch.tensor(position_offsets, device=self.device) if block_mask is not None
-                   else torch.arange(q, device=self.device))
+        offsets = (
+            torch.tensor(position_offsets, device=self.device)
+            if block_mask is not None
+            else torch.arange(q, device=self.device)
+        )
         positions = base + offsets
         cache.ensure_capacity(max(cache.lengths) + q)
-        if (self.fast_forward is not None and plan.layers is None and not plan.splits_layers
-                and not output_hidden_states and input_hidden is None and layout.start is None):
+        if (
+            self.fast_forward is not None
+            and plan.layers is None
+            and not plan.splits_layers
+            and not output_hidden_states
+            and input_hidden is None
+            and layout.start is None
+        ):
             fast = self.fast_forward(ids, positions, block_mask, cache, logits_rows)
             if fast is not None:  # None: no static fast path for this block (e.g. prefill)
                 return fast
@@ -308,16 +319,24 @@ class Backbone:
             hidden = input_hidden.reshape(1, q, -1).to(self.dtype)
         position_embeddings = self.position_embeddings(hidden, positions[None])
         all_hidden = [hidden[0]] if output_hidden_states else None
-        masks: dict[tuple[int, Optional[int]], Optional[torch.Tensor]] = {}
+        masks: dict[tuple[int, int | None], torch.Tensor | None] = {}
         for layer_index in range(self.num_layers) if plan.layers is None else plan.layers:
             key = (cache.lengths[layer_index], self.layer_windows[layer_index])
             if key not in masks:
                 masks[key] = self._block_mask(key[0], positions, block_mask, key[1])
             rotary = self._layer_rotary(position_embeddings, layer_index)
             if layer_index in plan.skip_attention or layer_index in plan.skip_mlp or plan.mlp_gate is not None:
-                hidden = self._halves(layer_index, hidden, masks[key], positions[None], cache, rotary,
-                                      attention=layer_index not in plan.skip_attention,
-                                      mlp=layer_index not in plan.skip_mlp, gate=plan.mlp_gate)
+                hidden = self._halves(
+                    layer_index,
+                    hidden,
+                    masks[key],
+                    positions[None],
+                    cache,
+                    rotary,
+                    attention=layer_index not in plan.skip_attention,
+                    mlp=layer_index not in plan.skip_mlp,
+                    gate=plan.mlp_gate,
+                )
             else:
                 hidden = self._layer(layer_index, hidden, masks[key], positions[None], cache, rotary)
             if output_hidden_states:
@@ -329,33 +348,51 @@ class Backbone:
             logits = logits[None]
         return ForwardOutput(logits=logits.float(), hidden_states=all_hidden, last_hidden=normed)
 
-    def _layer(self, layer_index: int, hidden: torch.Tensor, mask, position_ids: torch.Tensor, cache,
-               position_embeddings) -> torch.Tensor:
+    def _layer(
+        self, layer_index: int, hidden: torch.Tensor, mask, position_ids: torch.Tensor, cache, position_embeddings
+    ) -> torch.Tensor:
         """One decoder layer's own forward (``(batch, q, hidden)`` in and out)."""
         out = self.layers[layer_index](
-            hidden, attention_mask=mask, position_ids=position_ids, use_cache=True,
-            position_embeddings=position_embeddings, **self.cache_argument(cache), **self.parts.layer_kwargs,
+            hidden,
+            attention_mask=mask,
+            position_ids=position_ids,
+            use_cache=True,
+            position_embeddings=position_embeddings,
+            **self.cache_argument(cache),
+            **self.parts.layer_kwargs,
         )
         return out[0] if isinstance(out, tuple) else out
 
-    def _halves(self, layer_index: int, hidden: torch.Tensor, mask, position_ids: torch.Tensor,
-                cache: KVCache, position_embeddings, attention: bool, mlp: bool,
-                gate: Optional[MlpGate] = None) -> torch.Tensor:
+    def _halves(
+        self,
+        layer_index: int,
+        hidden: torch.Tensor,
+        mask,
+        position_ids: torch.Tensor,
+        cache: KVCache,
+        position_embeddings,
+        attention: bool,
+        mlp: bool,
+        gate: MlpGate | None = None,
+    ) -> torch.Tensor:
         """One decoder layer as its two residual halves (:class:`ResidualHalves` of the family):
         the attention half unless ``attention`` is False, then the MLP half unless ``mlp`` is False
         or ``gate`` says to skip it (SWIFT's sublayer skipping, FFN-SkipLLM's gate)."""
         halves = self.require_residual_halves("sublayer skipping")
         layer = self.layers[layer_index]
-        multiplier = (getattr(self.config, halves.residual_multiplier_key)
-                      if halves.residual_multiplier_key else 1.0)
+        multiplier = getattr(self.config, halves.residual_multiplier_key) if halves.residual_multiplier_key else 1.0
 
-        def norm(name: Optional[str], x: torch.Tensor) -> torch.Tensor:
+        def norm(name: str | None, x: torch.Tensor) -> torch.Tensor:
             return x if name is None else getattr(layer, name)(x)
 
         if attention:
             update, _ = layer.self_attn(
-                hidden_states=norm(halves.attention_norm, hidden), attention_mask=mask, position_ids=position_ids,
-                use_cache=True, position_embeddings=position_embeddings, **self.cache_argument(cache),
+                hidden_states=norm(halves.attention_norm, hidden),
+                attention_mask=mask,
+                position_ids=position_ids,
+                use_cache=True,
+                position_embeddings=position_embeddings,
+                **self.cache_argument(cache),
             )
             hidden = hidden + norm(halves.attention_post_norm, update) * multiplier
         if mlp and (gate is None or gate.run_mlp(layer_index, hidden)):
@@ -369,8 +406,9 @@ class Backbone:
         return hidden
 
     # -- batched forward (left padding) ----------------------------------------------------------
-    def _padded_mask(self, prefix_length: int, q: int, padding: torch.Tensor,
-                     window: Optional[int] = None) -> torch.Tensor:
+    def _padded_mask(
+        self, prefix_length: int, q: int, padding: torch.Tensor, window: int | None = None
+    ) -> torch.Tensor:
         """``(batch, 1, q, prefix + q)`` mask of a causal block over a left-padded batch: a query
         sees the non-padding keys up to itself (and, with a sliding ``window``, fewer than
         ``window`` positions back); a padding query sees only itself (never an empty row, whose
@@ -397,7 +435,7 @@ class Backbone:
         cache: KVCache,
         *,
         plan: ForwardPlan = FULL_MODEL,
-        logits_rows: Optional[slice | Sequence[int]] = None,
+        logits_rows: slice | Sequence[int] | None = None,
     ) -> ForwardOutput:
         """A causal block of ``q`` tokens for each of ``batch`` left-padded sequences.
 
@@ -426,7 +464,7 @@ class Backbone:
         cache.ensure_capacity(max(cache.lengths) + q)
         hidden = self.embed(ids)  # (batch, q, hidden)
         position_embeddings = self.position_embeddings(hidden, positions)
-        masks: dict[tuple[int, Optional[int]], torch.Tensor] = {}
+        masks: dict[tuple[int, int | None], torch.Tensor] = {}
         for layer_index in range(self.num_layers) if plan.layers is None else plan.layers:
             key = (cache.lengths[layer_index], self.layer_windows[layer_index])
             if key not in masks:
@@ -435,8 +473,17 @@ class Backbone:
             if plan.mlp_gate is None:
                 hidden = self._layer(layer_index, hidden, masks[key], positions, cache, rotary)
             else:
-                hidden = self._halves(layer_index, hidden, masks[key], positions, cache, rotary,
-                                      attention=True, mlp=True, gate=plan.mlp_gate)
+                hidden = self._halves(
+                    layer_index,
+                    hidden,
+                    masks[key],
+                    positions,
+                    cache,
+                    rotary,
+                    attention=True,
+                    mlp=True,
+                    gate=plan.mlp_gate,
+                )
         normed = self.norm(hidden)  # (batch, q, hidden)
         rows = normed if logits_rows is None else normed[:, logits_rows]
         logits = self.head(rows)

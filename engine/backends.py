@@ -39,9 +39,10 @@ import logging
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -72,8 +73,8 @@ class BackendInfo:
     device: str
     buckets: list[int]  # block sizes with a static fast path (packed: packed row counts)
     setup_s: float  # packing / compiling every bucket + the exactness probe, outside timed regions
-    max_abs_logit_diff: Optional[float] = None  # vs eager on the probe (None for eager)
-    argmax_agrees: Optional[bool] = None
+    max_abs_logit_diff: float | None = None  # vs eager on the probe (None for eager)
+    argmax_agrees: bool | None = None
     rejected: dict[str, str] = field(default_factory=dict)  # backend -> why auto skipped it
 
     def to_dict(self) -> dict:
@@ -84,19 +85,24 @@ def backends_for(device: str | torch.device) -> list[str]:
     """Backends that exist on ``device`` (packed needs a CPU with MKL, onednn one with oneDNN)."""
     kind = torch.device(device).type
     if kind == "cpu":
-        return ["eager", *(["packed"] if torch._C.has_mkl else []),
-                *(["onednn"] if torch.backends.mkldnn.is_available() else []), "compiled"]
+        return [
+            "eager",
+            *(["packed"] if torch._C.has_mkl else []),
+            *(["onednn"] if torch.backends.mkldnn.is_available() else []),
+            "compiled",
+        ]
     return ["eager", "compiled"]
 
 
 def check_backend_name(name: str, device: str | torch.device, key: str = "engine.backend") -> None:
     allowed = ["auto", *backends_for(device)]
     if name not in allowed:
-        raise ConfigValueError(f"invalid value for '{key}': {name!r} (allowed on {torch.device(device).type}: "
-                               f"{' | '.join(allowed)})")
+        raise ConfigValueError(
+            f"invalid value for '{key}': {name!r} (allowed on {torch.device(device).type}: {' | '.join(allowed)})"
+        )
 
 
-def bucket_for(rows: int, buckets: Sequence[int]) -> Optional[int]:
+def bucket_for(rows: int, buckets: Sequence[int]) -> int | None:
     """Smallest bucket holding ``rows`` rows, or None when the block is larger than every bucket."""
     return next((b for b in sorted(buckets) if b >= rows), None)
 
@@ -159,7 +165,7 @@ class OneDNNLinear(_BackendLinear):
         return torch.ops.mkldnn._linear_pointwise(x, self.onednn_weight, self.bias, "none", [], "")
 
 
-def _apply_onednn(backbone: "Backbone") -> None:
+def _apply_onednn(backbone: Backbone) -> None:
     for linear in _linears(backbone):
         if type(linear) is not torch.nn.Linear or linear.weight.dtype != torch.float32:
             continue
@@ -168,19 +174,19 @@ def _apply_onednn(backbone: "Backbone") -> None:
         linear.__class__ = OneDNNLinear
 
 
-def _remove_onednn(backbone: "Backbone") -> None:
+def _remove_onednn(backbone: Backbone) -> None:
     for linear in _linears(backbone):
         if isinstance(linear, OneDNNLinear):
             linear.__class__ = torch.nn.Linear
             del linear.onednn_weight
 
 
-def _linears(backbone: "Backbone") -> list[torch.nn.Linear]:
+def _linears(backbone: Backbone) -> list[torch.nn.Linear]:
     found = [m for layer in backbone.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
     return [*found, backbone.lm_head]
 
 
-def _apply_packed(backbone: "Backbone", buckets: Sequence[int]) -> list[int]:
+def _apply_packed(backbone: Backbone, buckets: Sequence[int]) -> list[int]:
     # rows 4..7 pad to 8: a 4-row pack would cost one more weight copy for little gain
     packed_buckets = sorted({max(b, 8) for b in buckets if b >= PACK_MIN_ROWS})
     for linear in _linears(backbone):
@@ -193,7 +199,7 @@ def _apply_packed(backbone: "Backbone", buckets: Sequence[int]) -> list[int]:
     return packed_buckets
 
 
-def _remove_packed(backbone: "Backbone") -> None:
+def _remove_packed(backbone: Backbone) -> None:
     for linear in _linears(backbone):
         if isinstance(linear, PackedLinear):
             linear.__class__ = torch.nn.Linear
@@ -221,7 +227,7 @@ class CompiledStep:
     cached tokens and the block) is marked dynamic, so context growth never recompiles.
     """
 
-    def __init__(self, backbone: "Backbone", buckets: Sequence[int]):
+    def __init__(self, backbone: Backbone, buckets: Sequence[int]):
         self.backbone = backbone
         self.buckets = sorted(buckets)
         options = {"freezing": True} if backbone.device.type == "cpu" else {}
@@ -239,13 +245,15 @@ class CompiledStep:
         hidden = bb.embed(ids)
         position_embeddings = bb.position_embeddings(hidden, positions)
         for layer_index in range(bb.num_layers):
-            hidden = bb._layer(layer_index, hidden, mask, positions, writer,
-                               bb._layer_rotary(position_embeddings, layer_index))
+            hidden = bb._layer(
+                layer_index, hidden, mask, positions, writer, bb._layer_rotary(position_embeddings, layer_index)
+            )
         normed = bb.norm(hidden)[0]
         return normed, bb.head(normed)
 
-    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, block_mask: Optional[torch.Tensor],
-                 cache: "KVCache", logits_rows) -> Optional["ForwardOutput"]:
+    def __call__(
+        self, ids: torch.Tensor, positions: torch.Tensor, block_mask: torch.Tensor | None, cache: KVCache, logits_rows
+    ) -> ForwardOutput | None:
         """Run the block through the compiled step, or return None when it has no fast path."""
         from decodebench.engine.backbone import ForwardOutput
 
@@ -263,14 +271,14 @@ class CompiledStep:
         # rows: the q real tokens, then padding rows that see only themselves (never seen by real rows)
         allowed = torch.zeros(bucket, span, dtype=torch.bool)
         allowed[:q, :length] = True
-        allowed[:q, length:length + q] = (torch.ones(q, q, dtype=torch.bool).tril_() if block_mask is None
-                                          else block_mask.cpu().to(torch.bool))
+        allowed[:q, length : length + q] = (
+            torch.ones(q, q, dtype=torch.bool).tril_() if block_mask is None else block_mask.cpu().to(torch.bool)
+        )
         pad = torch.arange(q, bucket)
         allowed[pad, length + pad] = True
         mask = allowed[None, None].to(device)
         if bb.attn_implementation == "eager":
-            mask = torch.zeros(mask.shape, dtype=bb.dtype, device=device).masked_fill_(
-                ~mask, torch.finfo(bb.dtype).min)
+            mask = torch.zeros(mask.shape, dtype=bb.dtype, device=device).masked_fill_(~mask, torch.finfo(bb.dtype).min)
         padded_ids = torch.cat([ids, ids.new_zeros(bucket - q)])
         padded_positions = torch.cat([positions, positions[-1] + 1 + torch.arange(bucket - q, device=device)])
         write_index = torch.arange(length, length + bucket, device=device)
@@ -288,7 +296,7 @@ class CompiledStep:
         return ForwardOutput(logits=logits.float(), last_hidden=normed)
 
 
-def _set_inductor_cache(cache_dir: Optional[str]) -> None:
+def _set_inductor_cache(cache_dir: str | None) -> None:
     """Compiled artefacts persist across runs under ``<DecodeBench cache>/inductor`` (unless the user
     already chose TORCHINDUCTOR_CACHE_DIR)."""
     from torch._inductor.runtime import cache_dir_utils
@@ -304,7 +312,7 @@ def _set_inductor_cache(cache_dir: Optional[str]) -> None:
 
 
 # -- applying ------------------------------------------------------------------------------------
-def _probe(backbone: "Backbone", buckets: Sequence[int]) -> list[torch.Tensor]:
+def _probe(backbone: Backbone, buckets: Sequence[int]) -> list[torch.Tensor]:
     """Logits of a fixed probe: a 40-token prefill, then one block per bucket (and k=2, 3) on top."""
     vocab = backbone.config.vocab_size
     prefix = [(7 * i + 3) % vocab for i in range(40)]
@@ -317,7 +325,7 @@ def _probe(backbone: "Backbone", buckets: Sequence[int]) -> list[torch.Tensor]:
     return out
 
 
-def remove_backend(backbone: "Backbone") -> None:
+def remove_backend(backbone: Backbone) -> None:
     """Back to eager (the profiler applies every backend in turn to one model)."""
     _remove_packed(backbone)
     _remove_onednn(backbone)
@@ -325,7 +333,7 @@ def remove_backend(backbone: "Backbone") -> None:
     backbone.backend = "eager"
 
 
-def _install(backbone: "Backbone", name: str, buckets: Sequence[int]) -> list[int]:
+def _install(backbone: Backbone, name: str, buckets: Sequence[int]) -> list[int]:
     if name == "packed":
         return _apply_packed(backbone, buckets)
     if name == "onednn":
@@ -337,7 +345,7 @@ def _install(backbone: "Backbone", name: str, buckets: Sequence[int]) -> list[in
     return []
 
 
-def _preference(backbone: "Backbone", model_name: Optional[str], cache_dir: Optional[str]) -> list[str]:
+def _preference(backbone: Backbone, model_name: str | None, cache_dir: str | None) -> list[str]:
     """auto's candidates, best first: by stored profiles (mean ms over the measured k <= 8), else
     onednn > packed > eager; tiny models: eager only. ``compiled`` is opt-in (``engine.backend=compiled``):
     its setup costs minutes per model on a CPU (one graph per bucket), more than a typical run."""
@@ -345,21 +353,31 @@ def _preference(backbone: "Backbone", model_name: Optional[str], cache_dir: Opti
     if sum(p.numel() for p in backbone.model.parameters()) < TINY_MODEL_PARAMETERS:
         return ["eager"]
     if model_name:
-        from decodebench.engine.profile import load_latency_curve  # noqa: circular at import time
+        from decodebench.engine.profile import load_latency_curve  # noqa: PLC0415 (circular at import time)
 
-        curves = {b: load_latency_curve(model_name, b, device=backbone.device.type, cache_dir=cache_dir)
-                  for b in available}
+        curves = {
+            b: load_latency_curve(model_name, b, device=backbone.device.type, cache_dir=cache_dir) for b in available
+        }
         # typical decode blocks: AR (k=1) up to an 8-token verify
-        measured = {b: statistics.mean(ms for k, ms in zip(c["k"], c["ms"]) if k <= 8)
-                    for b, c in curves.items() if c and min(c["k"]) <= 8}
+        measured = {
+            b: statistics.mean(ms for k, ms in zip(c["k"], c["ms"]) if k <= 8)
+            for b, c in curves.items()
+            if c and min(c["k"]) <= 8
+        }
         if measured:
             return sorted(available, key=lambda b: measured.get(b, float("inf")))
     return [b for b in ("onednn", "packed", "eager") if b in available]
 
 
-def apply_backend(backbone: "Backbone", name: str = "auto", *, buckets: Sequence[int] = DEFAULT_BUCKETS,
-                  model_name: Optional[str] = None, cache_dir: Optional[str] = None,
-                  check: bool = True) -> BackendInfo:
+def apply_backend(
+    backbone: Backbone,
+    name: str = "auto",
+    *,
+    buckets: Sequence[int] = DEFAULT_BUCKETS,
+    model_name: str | None = None,
+    cache_dir: str | None = None,
+    check: bool = True,
+) -> BackendInfo:
     """Install backend ``name`` (or the best one for ``auto``) on ``backbone``.
 
     Compiles / packs every bucket and runs the exactness probe before returning, so no compilation
@@ -412,8 +430,13 @@ def apply_backend(backbone: "Backbone", name: str = "auto", *, buckets: Sequence
                 log.warning("engine backend %s: %s; trying the next one", candidate, reason)
                 continue
         info.rejected = rejected
-        log.info("engine backend %s (%s): setup %.1f s, max |logit diff| vs eager %s", candidate,
-                 backbone.device, info.setup_s, info.max_abs_logit_diff)
+        log.info(
+            "engine backend %s (%s): setup %.1f s, max |logit diff| vs eager %s",
+            candidate,
+            backbone.device,
+            info.setup_s,
+            info.max_abs_logit_diff,
+        )
         return info
     backbone.backend = "eager"
     return BackendInfo(name, "eager", str(backbone.device), [], 0.0, rejected=rejected)

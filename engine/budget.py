@@ -14,7 +14,7 @@ measured k the cost grows linearly from it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 
 @dataclass
@@ -37,11 +37,12 @@ def block_cost(curve: dict[str, Any], k: int) -> float:
 
 def expected_tokens(draft_tokens: int, acceptance: float) -> float:
     """E(d) = sum_{i=0..d} acceptance**i: tokens a step emits (accepted drafts + the bonus token)."""
-    return sum(acceptance ** i for i in range(draft_tokens + 1))
+    return sum(acceptance**i for i in range(draft_tokens + 1))
 
 
-def pick_draft_budget(curve: dict[str, Any], acceptance: float, max_draft_tokens: Optional[int] = None,
-                      draft_cost_ratio: float = 0.0) -> BudgetChoice:
+def pick_draft_budget(
+    curve: dict[str, Any], acceptance: float, max_draft_tokens: int | None = None, draft_cost_ratio: float = 0.0
+) -> BudgetChoice:
     """The draft budget maximising expected tokens per unit time on ``curve``.
 
     Args:
@@ -79,13 +80,14 @@ def node_budget(curve: dict[str, Any], max_verify_cost: float, largest: int) -> 
     return max(fitting, default=min(2, largest))
 
 
-def curve_node_budget(backbone, cache_dir: Optional[str], max_verify_cost: Optional[float],
-                      largest: int) -> Optional[tuple[int, str]]:
+def curve_node_budget(
+    backbone, cache_dir: str | None, max_verify_cost: float | None, largest: int
+) -> tuple[int, str] | None:
     """:func:`node_budget` on the stored curve of ``backbone``'s model and backend in use, with where it
     came from (``"curve:<backend>"``); None when ``max_verify_cost`` is unset or no curve is stored."""
     if max_verify_cost is None or not getattr(backbone, "model_name", None):
         return None
-    from decodebench.engine.profile import load_latency_curve  # noqa: profile imports the engine
+    from decodebench.engine.profile import load_latency_curve  # noqa: PLC0415 (profile imports the engine)
 
     curve = load_latency_curve(backbone.model_name, backbone.backend, backbone.device.type, cache_dir)
     if curve is None:

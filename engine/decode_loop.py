@@ -20,8 +20,9 @@ slots. Drafters may read logits on the host in ``feedback`` (their own cost, in 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -80,7 +81,7 @@ class StopChecker:
         self.eos = set(settings.eos_token_ids)
         self.longest_stop = max((len(s) for s in settings.stop_strings), default=0)
 
-    def check(self, new_ids: list[int]) -> Optional[str]:
+    def check(self, new_ids: list[int]) -> str | None:
         if new_ids[-1] in self.eos:
             return "eos"
         if self.longest_stop:
@@ -97,8 +98,11 @@ def block_with_aux(block_parents: list[int], proposal: Proposal) -> tuple[torch.
     """``(q, q)`` mask and position offsets for [root, drafts, aux]: drafts see only their
     ancestors (never aux tokens); aux tokens see what ``proposal.aux_mask`` says."""
     n, aux = len(block_parents), len(proposal.aux_tokens)
-    if proposal.aux_mask is None or tuple(proposal.aux_mask.shape) != (aux, n + aux) or \
-            len(proposal.aux_offsets or []) != aux:
+    if (
+        proposal.aux_mask is None
+        or tuple(proposal.aux_mask.shape) != (aux, n + aux)
+        or len(proposal.aux_offsets or []) != aux
+    ):
         raise ValueError(f"aux_mask must be ({aux}, {n + aux}) with {aux} aux_offsets")
     mask = torch.zeros(n + aux, n + aux, dtype=torch.bool)
     mask[:n, :n] = ancestor_mask(block_parents)
@@ -112,7 +116,7 @@ def generate(
     prompt_ids: Sequence[int],
     settings: DecodeSettings,
     cache: KVCache,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
 ) -> GenerationOutput:
     """Decode one prompt with ``drafter`` speculating for ``backbone``; returns ids and step stats."""
     device = backbone.device
@@ -149,16 +153,22 @@ def generate(
         if proposal.aux_tokens:
             block_mask, offsets = block_with_aux(block_parents, proposal)
             target = backbone.forward(
-                [*block_tokens, *proposal.aux_tokens], cache, layout=BlockLayout(mask=block_mask, offsets=offsets),
-                output_hidden_states=drafter.needs_hidden_states, plan=plan,
+                [*block_tokens, *proposal.aux_tokens],
+                cache,
+                layout=BlockLayout(mask=block_mask, offsets=offsets),
+                output_hidden_states=drafter.needs_hidden_states,
+                plan=plan,
             )
         else:
             # early-exit drafters finish the forward they started (their first layers' K/V are reused)
             target = drafter.verify_forward(block_tokens, block_parents, cache)
             if target is None:
                 target = backbone.forward(
-                    block_tokens, cache, layout=BlockLayout(parents=tree),
-                    output_hidden_states=drafter.needs_hidden_states, plan=plan,
+                    block_tokens,
+                    cache,
+                    layout=BlockLayout(parents=tree),
+                    output_hidden_states=drafter.needs_hidden_states,
+                    plan=plan,
                 )
         candidate_logits = target.logits[: len(block_tokens)]
         t_verify = now(device)  # the verifier reads the logits on the host next: no extra stall on CUDA
@@ -221,7 +231,7 @@ def generate(
     )
 
 
-def draft_depth(parents: Optional[Sequence[int]], drafted: int) -> int:
+def draft_depth(parents: Sequence[int] | None, drafted: int) -> int:
     """Levels of a draft: a chain's length, or the deepest node of a tree given parent pointers
     among the drafts (-1 = the root)."""
     if parents is None:
@@ -257,7 +267,7 @@ def generate_batch(
     prompts: Sequence[Sequence[int]],
     settings: DecodeSettings,
     cache: KVCache,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
     pad_token_id: int = 0,
 ) -> BatchGenerationOutput:
     """Decode several prompts together (left padding), for drafters that never draft: AR and the
@@ -281,8 +291,10 @@ def generate_batch(
     params = settings.sampling
     batch = len(prompts)
     if not never_drafts(drafter):
-        raise ValueError(f"{type(drafter).__name__} drafts tokens: batched decoding needs a drafter that never "
-                         "drafts (AR or a lossy forward-plan method)")
+        raise ValueError(
+            f"{type(drafter).__name__} drafts tokens: batched decoding needs a drafter that never "
+            "drafts (AR or a lossy forward-plan method)"
+        )
     if cache.batch_size != batch:
         raise ValueError(f"cache holds {cache.batch_size} rows for {batch} prompts")
     stopper = StopChecker(settings)
@@ -297,7 +309,7 @@ def generate_batch(
     prefill = backbone.forward_batch(ids, cache, logits_rows=slice(-1, None))
     new_ids = [[next_token(prefill.logits[b, -1], params, generator)] for b in range(batch)]
     prefill_s = now(device) - start
-    stop_reasons: list[Optional[str]] = [stopper.check(row) for row in new_ids]
+    stop_reasons: list[str | None] = [stopper.check(row) for row in new_ids]
     steps: list[list[StepStats]] = [[] for _ in range(batch)]
 
     generated = 1
@@ -316,13 +328,30 @@ def generate_batch(
         t_done = now(device)
         for b in range(batch):
             if len(steps[b]) < len(new_ids[b]) - 1:
-                steps[b].append(StepStats(drafted=0, accepted=0, emitted=1, tree_size=1,
-                                          draft_s=t_forward - t_plan, verify_s=t_done - t_forward,
-                                          forward_s=t_next - t_forward))
+                steps[b].append(
+                    StepStats(
+                        drafted=0,
+                        accepted=0,
+                        emitted=1,
+                        tree_size=1,
+                        draft_s=t_forward - t_plan,
+                        verify_s=t_done - t_forward,
+                        forward_s=t_next - t_forward,
+                    )
+                )
         generated += 1
 
     wall_s = now(device) - start
     stats = drafter.request_stats()
-    outputs = [GenerationOutput(new_ids=new_ids[b], steps=steps[b], prefill_s=prefill_s, wall_s=wall_s,
-                                stop_reason=stop_reasons[b], method_stats=stats) for b in range(batch)]
+    outputs = [
+        GenerationOutput(
+            new_ids=new_ids[b],
+            steps=steps[b],
+            prefill_s=prefill_s,
+            wall_s=wall_s,
+            stop_reason=stop_reasons[b],
+            method_stats=stats,
+        )
+        for b in range(batch)
+    ]
     return BatchGenerationOutput(outputs=outputs, prefill_s=prefill_s, wall_s=wall_s)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -34,15 +33,15 @@ class Proposal:
     """
 
     tokens: list[int] = field(default_factory=list)
-    parents: Optional[list[int]] = None
-    probs: Optional[torch.Tensor] = None
+    parents: list[int] | None = None
+    probs: torch.Tensor | None = None
     # Auxiliary tokens forwarded after the drafts in the same target forward but never accepted
     # (e.g. LADE's Jacobi lookahead branch); their logits reach ``feedback``. ``aux_mask`` is
     # ``(a, 1 + n + a)`` bool over [last emitted token, drafts, aux] (True = attend; the prefix is
     # always visible) and ``aux_offsets`` their position offsets from the last emitted token.
     aux_tokens: list[int] = field(default_factory=list)
-    aux_mask: Optional[torch.Tensor] = None
-    aux_offsets: Optional[list[int]] = None
+    aux_mask: torch.Tensor | None = None
+    aux_offsets: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -71,15 +70,15 @@ class Drafter:
     #: the request's sampling parameters and RNG, set by :meth:`start_request` (drafters that
     #: sample their drafts must draw from the same tempered distribution family as the target)
     sampling: SamplingParams = SamplingParams()
-    generator: Optional[torch.Generator] = None
+    generator: torch.Generator | None = None
     #: the decode loop's KV cache, set by ``generate`` before :meth:`start_request`. Self-speculative
     #: drafters (SWIFT, early exit) draft with the target's own layers on top of its committed
     #: prefix and must leave it as they found it (crop back to ``len(context) - 1``) before
     #: returning their proposal.
-    target_cache: Optional[KVCache] = None
+    target_cache: KVCache | None = None
     #: tokens per verify forward (root included) that :meth:`budget_from_curve` chose from the stored
     #: latency curve of the backend in use (None: the method's params decide), and where it came from
-    verify_budget: Optional[int] = None
+    verify_budget: int | None = None
     budget_source: str = "params"
 
     def reads_latency_curve(self) -> bool:
@@ -89,8 +88,9 @@ class Drafter:
         params = getattr(self, "params", None)
         return bool(getattr(params, "budget_from_curve", False)) or getattr(params, "max_verify_cost", None) is not None
 
-    def budget_from_curve(self, backbone: Backbone, cache_dir: Optional[str], max_verify_cost: Optional[float],
-                          largest: int) -> int:
+    def budget_from_curve(
+        self, backbone: Backbone, cache_dir: str | None, max_verify_cost: float | None, largest: int
+    ) -> int:
         """Tokens per verify forward for a CPU preset: the largest ``k <= largest`` whose verify costs
         at most ``max_verify_cost`` × a 1-token step on the stored curve of ``backbone``'s backend
         (:func:`decodebench.engine.budget.node_budget`); ``largest`` itself when ``max_verify_cost``
@@ -100,10 +100,15 @@ class Drafter:
         chosen = curve_node_budget(backbone, cache_dir, max_verify_cost, largest)
         if chosen is None:
             if max_verify_cost is not None:
-                log.warning("%s: no verify-latency curve stored for %s (%s backend): drafting the full budget "
-                            "(%d tokens per verify); run decodebench-profile or decode through the runner, which "
-                            "measures one on first use", type(self).__name__, getattr(backbone, "model_name", None),
-                            getattr(backbone, "backend", None), largest)
+                log.warning(
+                    "%s: no verify-latency curve stored for %s (%s backend): drafting the full budget "
+                    "(%d tokens per verify); run decodebench-profile or decode through the runner, which "
+                    "measures one on first use",
+                    type(self).__name__,
+                    getattr(backbone, "model_name", None),
+                    getattr(backbone, "backend", None),
+                    largest,
+                )
             return largest
         self.verify_budget, self.budget_source = chosen
         return self.verify_budget
@@ -112,15 +117,13 @@ class Drafter:
         """Receive the draft model (only when ``needs_draft_model``)."""
         raise TypeError(f"{type(self).__name__} does not use a draft model")
 
-    def start_request(
-        self, prompt_ids: list[int], sampling: SamplingParams, generator: Optional[torch.Generator]
-    ) -> None:
+    def start_request(self, prompt_ids: list[int], sampling: SamplingParams, generator: torch.Generator | None) -> None:
         """Called by the decode loop at the start of each generation; records the sampling
         settings, then calls :meth:`begin`."""
         self.sampling, self.generator = sampling, generator
         self.begin(prompt_ids)
 
-    def setup(self, backbone: Backbone, cache_dir: Optional[str] = None) -> None:
+    def setup(self, backbone: Backbone, cache_dir: str | None = None) -> None:
         """Called once after the target model is loaded (allocate state, read dimensions).
         ``cache_dir`` is the DecodeBench cache, for drafters that persist state or checkpoints."""
 
@@ -142,8 +145,7 @@ class Drafter:
     def feedback(self, outcome: StepOutcome) -> None:
         """Learn from the verification outcome (acceptance, target logits)."""
 
-    def verify_forward(self, block_tokens: list[int], block_parents: list[int],
-                       cache: KVCache) -> Optional[ForwardOutput]:
+    def verify_forward(self, block_tokens: list[int], block_parents: list[int], cache: KVCache) -> ForwardOutput | None:
         """The step's target forward over ``block_tokens`` (root + drafts), if the drafter can do it
         cheaper than a plain full forward with the same logits (LayerSkip: the draft already ran
         the first E layers of most block tokens, with exact K/V); ``None`` = the loop runs

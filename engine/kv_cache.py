@@ -13,7 +13,7 @@ need and HF's cache lacks:
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -38,7 +38,7 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         batch_size: int = 1,
-        value_head_dim: Optional[int] = None,
+        value_head_dim: int | None = None,
     ):
         self.batch_size = batch_size
         self.padding = [0] * batch_size  # leading padding slots per row (left padding)
@@ -100,7 +100,7 @@ class KVCache:
         """Committed length of layer 0 (never skipped by any method): the next token's position."""
         return self.lengths[0]
 
-    def crop(self, length: int, layers: Optional[Sequence[int]] = None) -> None:
+    def crop(self, length: int, layers: Sequence[int] | None = None) -> None:
         """Keep the first ``length`` entries of each (given) layer; shorter layers are untouched."""
         for layer in range(self.num_layers) if layers is None else layers:
             self.lengths[layer] = min(self.lengths[layer], length)

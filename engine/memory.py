@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import resource
 import sys
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 
-def _cuda_device(device: str | torch.device) -> Optional[torch.device]:
+def _cuda_device(device: str | torch.device) -> torch.device | None:
     device = torch.device(device)
     return device if device.type == "cuda" else None
 
@@ -26,8 +26,11 @@ def peak_memory(device: str | torch.device) -> dict[str, Any]:
     """``peak_rss_bytes`` (the process, whole lifetime) and, on CUDA, ``peak_gpu_allocated_bytes`` and
     ``peak_gpu_reserved_bytes`` since :func:`reset_peak_memory` (null elsewhere)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    info: dict[str, Any] = {"peak_rss_bytes": rss if sys.platform == "darwin" else rss * 1024,
-                            "peak_gpu_allocated_bytes": None, "peak_gpu_reserved_bytes": None}
+    info: dict[str, Any] = {
+        "peak_rss_bytes": rss if sys.platform == "darwin" else rss * 1024,
+        "peak_gpu_allocated_bytes": None,
+        "peak_gpu_reserved_bytes": None,
+    }
     cuda = _cuda_device(device)
     if cuda is not None:
         info["peak_gpu_allocated_bytes"] = int(torch.cuda.max_memory_allocated(cuda))

@@ -32,7 +32,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -51,8 +51,9 @@ FIRST_USE_REPEATS = 5
 DEFAULT_CONTEXT = 175
 
 
-def profile_path(model: str, backend: str, device: str = "cpu", cache_dir: Optional[str] = None,
-                 threads: Optional[int] = None) -> Path:
+def profile_path(
+    model: str, backend: str, device: str = "cpu", cache_dir: str | None = None, threads: int | None = None
+) -> Path:
     """Where the curve of ``model`` / ``backend`` / device type is stored; on a CPU keyed by
     ``threads`` too (default: torch's current intra-op thread count)."""
     kind = torch.device(device).type
@@ -60,11 +61,11 @@ def profile_path(model: str, backend: str, device: str = "cpu", cache_dir: Optio
     return Path(cache_dir or default_cache_dir()) / "profiles" / f"{model}__{backend}__{kind}{suffix}.json"
 
 
-def _legacy_profile_path(model: str, backend: str, device: str, cache_dir: Optional[str]) -> Path:
+def _legacy_profile_path(model: str, backend: str, device: str, cache_dir: str | None) -> Path:
     return Path(cache_dir or default_cache_dir()) / "profiles" / f"{model}__{backend}__{torch.device(device).type}.json"
 
 
-def _read_curve(path: Path) -> Optional[dict[str, Any]]:
+def _read_curve(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
@@ -74,30 +75,34 @@ def _read_curve(path: Path) -> Optional[dict[str, Any]]:
     return curve if curve.get("k") and len(curve["k"]) == len(curve.get("ratio", [])) else None
 
 
-def stored_curve_path(model: str, backend: str, device: str = "cpu", cache_dir: Optional[str] = None,
-                      threads: Optional[int] = None) -> Optional[Path]:
+def stored_curve_path(
+    model: str, backend: str, device: str = "cpu", cache_dir: str | None = None, threads: int | None = None
+) -> Path | None:
     """The file :func:`load_latency_curve` reads, or None when no curve is stored."""
     path = profile_path(model, backend, device, cache_dir, threads)
     if _read_curve(path) is not None:
         return path
     legacy = _legacy_profile_path(model, backend, device, cache_dir)
     curve = _read_curve(legacy) if legacy != path else None
-    if curve is not None and (torch.device(device).type != "cpu"
-                              or curve.get("threads") == (threads or torch.get_num_threads())):
+    if curve is not None and (
+        torch.device(device).type != "cpu" or curve.get("threads") == (threads or torch.get_num_threads())
+    ):
         return legacy
     return None
 
 
-def load_latency_curve(model: str, backend: str, device: str = "cpu", cache_dir: Optional[str] = None,
-                       threads: Optional[int] = None) -> Optional[dict[str, Any]]:
+def load_latency_curve(
+    model: str, backend: str, device: str = "cpu", cache_dir: str | None = None, threads: int | None = None
+) -> dict[str, Any] | None:
     """The stored curve of ``model`` under ``backend`` on this device type (on a CPU: at ``threads``,
     default the current thread count), or None when not profiled."""
     path = stored_curve_path(model, backend, device, cache_dir, threads)
     return None if path is None else _read_curve(path)
 
 
-def measure(backbone: Backbone, context: int, ks: list[int], repeats: int,
-            warmup: int = 2) -> tuple[dict[int, float], dict[int, torch.Tensor]]:
+def measure(
+    backbone: Backbone, context: int, ks: list[int], repeats: int, warmup: int = 2
+) -> tuple[dict[int, float], dict[int, torch.Tensor]]:
     """Median seconds of one forward of ``k`` chain tokens on ``context`` cached tokens, and the
     argmax of each block (for cross-backend agreement)."""
     vocab = backbone.config.vocab_size
@@ -118,19 +123,37 @@ def measure(backbone: Backbone, context: int, ks: list[int], repeats: int,
     return {k: statistics.median(values) if values else float("nan") for k, values in times.items()}, argmax
 
 
-def profile_backend(backbone: Backbone, backend: str, *, model: str, context: int, ks: list[int], repeats: int,
-                    buckets=DEFAULT_BUCKETS, cache_dir: Optional[str] = None,
-                    reference_argmax: Optional[dict[int, torch.Tensor]] = None) -> tuple[dict, dict]:
+def profile_backend(
+    backbone: Backbone,
+    backend: str,
+    *,
+    model: str,
+    context: int,
+    ks: list[int],
+    repeats: int,
+    buckets=DEFAULT_BUCKETS,
+    cache_dir: str | None = None,
+    reference_argmax: dict[int, torch.Tensor] | None = None,
+) -> tuple[dict, dict]:
     """Apply ``backend``, measure its curve; returns (curve dict as stored, argmax per k)."""
     info = apply_backend(backbone, backend, buckets=buckets, model_name=model, cache_dir=cache_dir)
     seconds, argmax = measure(backbone, context, ks, repeats)
     curve: dict[str, Any] = {
-        "model": model, "backend": info.name, "device": backbone.device.type, "threads": torch.get_num_threads(),
-        "context": context, "k": ks, "ms": [round(seconds[k] * 1e3, 3) for k in ks],
+        "model": model,
+        "backend": info.name,
+        "device": backbone.device.type,
+        "threads": torch.get_num_threads(),
+        "context": context,
+        "k": ks,
+        "ms": [round(seconds[k] * 1e3, 3) for k in ks],
         "ratio": [round(seconds[k] / seconds[ks[0]], 4) for k in ks],
         "seconds": {str(k): seconds[k] for k in ks},  # benchmarks/replay_pld.py reads this
-        "setup_s": info.setup_s, "buckets": info.buckets, "max_abs_logit_diff_vs_eager": info.max_abs_logit_diff,
-        "repeats": repeats, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "measured_by": "decodebench-profile",
+        "setup_s": info.setup_s,
+        "buckets": info.buckets,
+        "max_abs_logit_diff_vs_eager": info.max_abs_logit_diff,
+        "repeats": repeats,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "measured_by": "decodebench-profile",
     }
     if reference_argmax is not None:
         rows = sum(reference_argmax[k].numel() for k in ks)
@@ -150,15 +173,20 @@ class CurveProvision:
     ks: list[int]
     repeats: int
     measure_s: float = 0.0  # time spent measuring it now (target curve + draft step)
-    draft_model: Optional[str] = None  # the draft whose 1-token step the curve also holds
+    draft_model: str | None = None  # the draft whose 1-token step the curve also holds
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def ensure_latency_curve(backbone: Backbone, cache_dir: Optional[str], draft: Optional[Backbone] = None,
-                         ks: tuple[int, ...] = FIRST_USE_KS, repeats: int = FIRST_USE_REPEATS,
-                         context: int = DEFAULT_CONTEXT) -> Optional[CurveProvision]:
+def ensure_latency_curve(
+    backbone: Backbone,
+    cache_dir: str | None,
+    draft: Backbone | None = None,
+    ks: tuple[int, ...] = FIRST_USE_KS,
+    repeats: int = FIRST_USE_REPEATS,
+    context: int = DEFAULT_CONTEXT,
+) -> CurveProvision | None:
     """The stored curve of ``backbone``'s model / backend / device / threads, measured now when none
     is stored (short: ``ks``, ``repeats``) and stored where ``decodebench-profile`` stores curves.
 
@@ -177,37 +205,74 @@ def ensure_latency_curve(backbone: Backbone, cache_dir: Optional[str], draft: Op
     curve = None if stored_at is None else _read_curve(stored_at)
     needs_draft = draft_name is not None and (curve or {}).get("draft", {}).get("model") != draft_name
     if curve is not None and not needs_draft:
-        return CurveProvision(str(stored_at), False, curve.get("threads", threads), list(curve["k"]),
-                              curve.get("repeats", 0), draft_model=(curve.get("draft") or {}).get("model"))
+        return CurveProvision(
+            str(stored_at),
+            False,
+            curve.get("threads", threads),
+            list(curve["k"]),
+            curve.get("repeats", 0),
+            draft_model=(curve.get("draft") or {}).get("model"),
+        )
     started = time.perf_counter()
     if curve is None:
-        log.info("no stored verify-latency curve for %s on %s/%s at %d threads: measuring one now "
-                 "(k = %s, median of %d, %d-token context)", model, backbone.backend, device, threads,
-                 ",".join(map(str, ks)), repeats, context)
+        log.info(
+            "no stored verify-latency curve for %s on %s/%s at %d threads: measuring one now "
+            "(k = %s, median of %d, %d-token context)",
+            model,
+            backbone.backend,
+            device,
+            threads,
+            ",".join(map(str, ks)),
+            repeats,
+            context,
+        )
         seconds, _ = measure(backbone, context, list(ks), repeats, warmup=1)
-        curve = {"model": model, "backend": backbone.backend, "device": device, "threads": threads,
-                 "context": context, "k": list(ks), "ms": [round(seconds[k] * 1e3, 3) for k in ks],
-                 "ratio": [round(seconds[k] / seconds[ks[0]], 4) for k in ks],
-                 "seconds": {str(k): seconds[k] for k in ks}, "repeats": repeats,
-                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "measured_by": "first use"}
+        curve = {
+            "model": model,
+            "backend": backbone.backend,
+            "device": device,
+            "threads": threads,
+            "context": context,
+            "k": list(ks),
+            "ms": [round(seconds[k] * 1e3, 3) for k in ks],
+            "ratio": [round(seconds[k] / seconds[ks[0]], 4) for k in ks],
+            "seconds": {str(k): seconds[k] for k in ks},
+            "repeats": repeats,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "measured_by": "first use",
+        }
     if needs_draft:
         log.info("verify-latency curve of %s lacks draft %s: timing its 1-token step", model, draft_name)
         draft_seconds, _ = measure(draft, context, [1], repeats, warmup=1)
         draft_ms = draft_seconds[1] * 1e3
-        curve["draft"] = {"model": draft_name, "ms": round(draft_ms, 3),
-                          "cost_ratio": round(draft_ms / curve["ms"][0], 4)}
+        curve["draft"] = {
+            "model": draft_name,
+            "ms": round(draft_ms, 3),
+            "cost_ratio": round(draft_ms / curve["ms"][0], 4),
+        }
     measure_s = round(time.perf_counter() - started, 3)
     path = profile_path(model, backbone.backend, device, cache_dir, threads)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(curve, indent=2))
-    log.info("stored %s (%.1f s): T(k)/T(1) = %s%s", path, measure_s,
-             ", ".join(f"{r:.2f} (k={k})" for k, r in zip(curve["k"][1:], curve["ratio"][1:])),
-             f"; draft cost ratio {curve['draft']['cost_ratio']:.3f}" if "draft" in curve else "")
-    return CurveProvision(str(path), True, threads, list(curve["k"]), curve.get("repeats", repeats), measure_s,
-                          (curve.get("draft") or {}).get("model"))
+    log.info(
+        "stored %s (%.1f s): T(k)/T(1) = %s%s",
+        path,
+        measure_s,
+        ", ".join(f"{r:.2f} (k={k})" for k, r in zip(curve["k"][1:], curve["ratio"][1:])),
+        f"; draft cost ratio {curve['draft']['cost_ratio']:.3f}" if "draft" in curve else "",
+    )
+    return CurveProvision(
+        str(path),
+        True,
+        threads,
+        list(curve["k"]),
+        curve.get("repeats", repeats),
+        measure_s,
+        (curve.get("draft") or {}).get("model"),
+    )
 
 
-def loaded_draft_name(model: str, cache_dir: str) -> Optional[str]:
+def loaded_draft_name(model: str, cache_dir: str) -> str | None:
     """The model config's ``draft`` when it is ready to load offline (prepared embedded models;
     hub models always count), else None."""
     from decodebench.models.embedded import embedded_model_dir, read_prepared_marker
@@ -221,14 +286,17 @@ def loaded_draft_name(model: str, cache_dir: str) -> Optional[str]:
     return name if ready else None
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     from decodebench.models.loading import load_model, load_model_config
     from decodebench.runners.manifest import hardware
 
-    parser = argparse.ArgumentParser(prog="decodebench-profile", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="decodebench-profile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--backend", default="all", help="all | auto | eager | packed | onednn | compiled (comma list ok)")
+    parser.add_argument(
+        "--backend", default="all", help="all | auto | eager | packed | onednn | compiled (comma list ok)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--context", type=int, default=175)
     parser.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)))
@@ -236,9 +304,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cache-dir", default=None, help="DecodeBench cache (default $DECODEBENCH_CACHE)")
-    parser.add_argument("--draft", default=None,
-                        help="also time this draft model's 1-token step (default: the model config's draft, if "
-                             "prepared; 'none' skips): stored as draft.cost_ratio = T_draft(1) / T_target(1)")
+    parser.add_argument(
+        "--draft",
+        default=None,
+        help="also time this draft model's 1-token step (default: the model config's draft, if "
+        "prepared; 'none' skips): stored as draft.cost_ratio = T_draft(1) / T_target(1)",
+    )
     parser.add_argument("--no-store", action="store_true", help="print only; do not store the curves")
     parser.add_argument("--out", default=None, help="also write all curves to this JSON file")
     args = parser.parse_args(argv)
@@ -260,15 +331,34 @@ def main(argv: Optional[list[str]] = None) -> None:
         draft = Backbone(load_model(load_model_config(draft_name), device=args.device, cache_dir=cache_dir).model)
     curves = []
     for name in names:
-        curve, _ = profile_backend(backbone, name, model=args.model, context=args.context, ks=ks,
-                                   repeats=args.repeats, buckets=buckets, cache_dir=cache_dir,
-                                   reference_argmax=reference)
+        curve, _ = profile_backend(
+            backbone,
+            name,
+            model=args.model,
+            context=args.context,
+            ks=ks,
+            repeats=args.repeats,
+            buckets=buckets,
+            cache_dir=cache_dir,
+            reference_argmax=reference,
+        )
         curve["hardware"] = hardware(args.device)
         if draft is not None:
-            draft_curve, _ = profile_backend(draft, name, model=draft_name, context=args.context, ks=[1],
-                                             repeats=args.repeats, buckets=buckets, cache_dir=cache_dir)
-            curve["draft"] = {"model": draft_name, "ms": draft_curve["ms"][0],
-                              "cost_ratio": round(draft_curve["ms"][0] / curve["ms"][0], 4)}
+            draft_curve, _ = profile_backend(
+                draft,
+                name,
+                model=draft_name,
+                context=args.context,
+                ks=[1],
+                repeats=args.repeats,
+                buckets=buckets,
+                cache_dir=cache_dir,
+            )
+            curve["draft"] = {
+                "model": draft_name,
+                "ms": draft_curve["ms"][0],
+                "cost_ratio": round(draft_curve["ms"][0] / curve["ms"][0], 4),
+            }
         curves.append(curve)
         if not args.no_store:
             path = profile_path(args.model, curve["backend"], args.device, cache_dir)
@@ -276,19 +366,25 @@ def main(argv: Optional[list[str]] = None) -> None:
             path.write_text(json.dumps(curve, indent=2))
             print(f"stored: {path}")
 
-    print(f"\n{args.model} on {args.device}, {torch.get_num_threads()} threads, context {args.context}, "
-          f"median of {args.repeats}: ms at k=1 and T(k)/T(1)")
+    print(
+        f"\n{args.model} on {args.device}, {torch.get_num_threads()} threads, context {args.context}, "
+        f"median of {args.repeats}: ms at k=1 and T(k)/T(1)"
+    )
     print("| backend | setup s | argmax differs vs eager | " + " | ".join(f"k={k}" for k in ks) + " |")
     print("|---|---|---|" + "---|" * len(ks))
     for curve in curves:
         differs = curve.get("argmax_differs_vs_eager")
         cells = [f"{curve['ms'][0]:.1f} ms", *(f"{r:.2f}" for r in curve["ratio"][1:])]
-        print(f"| {curve['backend']} | {curve['setup_s']:.1f} | "
-              f"{'-' if differs is None else f'{differs:.2%}'} | " + " | ".join(cells) + " |")
+        print(
+            f"| {curve['backend']} | {curve['setup_s']:.1f} | "
+            f"{'-' if differs is None else f'{differs:.2%}'} | " + " | ".join(cells) + " |"
+        )
     for curve in curves:
         if "draft" in curve:
-            print(f"draft {curve['draft']['model']} ({curve['backend']}): {curve['draft']['ms']:.1f} ms per 1-token "
-                  f"step, cost ratio T_draft(1)/T_target(1) = {curve['draft']['cost_ratio']:.3f}")
+            print(
+                f"draft {curve['draft']['model']} ({curve['backend']}): {curve['draft']['ms']:.1f} ms per 1-token "
+                f"step, cost ratio T_draft(1)/T_target(1) = {curve['draft']['cost_ratio']:.3f}"
+            )
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

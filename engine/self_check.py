@@ -81,24 +81,32 @@ def self_check(backbone: Backbone) -> SelfCheckResult:
     cache = backbone.new_cache(len(sequence) + len(tree_tokens))
     pairs = []  # (engine logits, HF logits)
     pairs.append((backbone.forward(sequence[:PROBE_PREFIX], cache).logits, reference[:PROBE_PREFIX]))
-    pairs.append((backbone.forward(sequence[PROBE_PREFIX:PROBE_PREFIX + 1], cache).logits,
-                  reference[PROBE_PREFIX:PROBE_PREFIX + 1]))
-    pairs.append((backbone.forward(sequence[PROBE_PREFIX + 1:], cache).logits, reference[PROBE_PREFIX + 1:]))
+    pairs.append(
+        (
+            backbone.forward(sequence[PROBE_PREFIX : PROBE_PREFIX + 1], cache).logits,
+            reference[PROBE_PREFIX : PROBE_PREFIX + 1],
+        )
+    )
+    pairs.append((backbone.forward(sequence[PROBE_PREFIX + 1 :], cache).logits, reference[PROBE_PREFIX + 1 :]))
     tree = backbone.forward(tree_tokens, cache, layout=BlockLayout(parents=list(PROBE_TREE_PARENTS))).logits
     for path in _leaf_paths(PROBE_TREE_PARENTS):
-        expected = _hf_logits(backbone, sequence + [tree_tokens[i] for i in path])[-len(path):]
+        expected = _hf_logits(backbone, sequence + [tree_tokens[i] for i in path])[-len(path) :]
         pairs.append((tree[path], expected))
     diff = max((ours.float() - theirs).abs().max().item() for ours, theirs in pairs)
     scale = max(theirs.abs().max().item() for _, theirs in pairs)
     tolerance = TOLERANCE.get(backbone.dtype, TOLERANCE[torch.float32]) * max(1.0, scale)
     result = SelfCheckResult(
-        architecture=backbone.config.model_type, dtype=str(backbone.dtype).removeprefix("torch."),
-        max_abs_diff=diff, tolerance=tolerance, max_abs_logit=scale,
+        architecture=backbone.config.model_type,
+        dtype=str(backbone.dtype).removeprefix("torch."),
+        max_abs_diff=diff,
+        tolerance=tolerance,
+        max_abs_logit=scale,
         seconds=round(time.perf_counter() - started, 3),
     )
     if not diff <= tolerance:  # also catches NaN
         raise SelfCheckError(
             f"engine self-check failed for architecture '{result.architecture}' ({result.dtype}): "
             f"max |logit diff| vs the HF model's own forward {diff:.4g} > tolerance {tolerance:.4g} "
-            f"(logits up to {scale:.3g}); the engine would time a wrong model")
+            f"(logits up to {scale:.3g}); the engine would time a wrong model"
+        )
     return result

@@ -8,7 +8,7 @@ Position ids are ``prefix_length + depth``. A chain is a tree with one branch
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -17,7 +17,7 @@ def chain_parents(length: int) -> list[int]:
     return list(range(-1, length - 1))
 
 
-def is_chain(parents: Optional[Sequence[int]]) -> bool:
+def is_chain(parents: Sequence[int] | None) -> bool:
     return parents is None or all(p == i - 1 for i, p in enumerate(parents))
 
 

@@ -19,8 +19,8 @@ end, so each target forward emits ``accepted + 1`` tokens.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 
@@ -76,8 +76,8 @@ def verify_sampling(
     parents: Sequence[int],
     logits: torch.Tensor,
     params: SamplingParams,
-    generator: Optional[torch.Generator],
-    draft_probs: Optional[torch.Tensor] = None,
+    generator: torch.Generator | None,
+    draft_probs: torch.Tensor | None = None,
 ) -> VerifyResult:
     """Lossless speculative sampling over a chain or tree (see module docstring).
 

@@ -44,7 +44,7 @@ import random
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -96,11 +96,15 @@ class AdedDrafter(StatefulDrafter):
         seed: int = 0  # MCTS rollouts (per prompt: seed and prompt hashed)
         # cpu preset: max_draft_tokens from the stored latency curve of the backend in use (the largest
         # tree whose verify costs <= this x a 1-token step, engine/budget.py node_budget)
-        max_verify_cost: Optional[float] = None
+        max_verify_cost: float | None = None
 
         def __post_init__(self) -> None:
-            check(self.max_verify_cost is None or self.max_verify_cost >= 1.0, "method.params.max_verify_cost",
-                  self.max_verify_cost, ">= 1.0 or null")
+            check(
+                self.max_verify_cost is None or self.max_verify_cost >= 1.0,
+                "method.params.max_verify_cost",
+                self.max_verify_cost,
+                ">= 1.0 or null",
+            )
             for key in ("top_k", "mcts_iterations", "top_paths", "max_draft_tokens", "corpus_max_new_tokens"):
                 check(getattr(self, key) >= 1, f"method.params.{key}", getattr(self, key), ">= 1")
             check(self.path_length >= 2, "method.params.path_length", self.path_length, ">= 2")
@@ -112,7 +116,7 @@ class AdedDrafter(StatefulDrafter):
                 check(":" in spec, "method.params.corpus_files", spec, "entries 'path:field'")
             check_state_policy(self.state)
 
-    def __init__(self, params: "AdedDrafter.Params"):
+    def __init__(self, params: AdedDrafter.Params):
         super().__init__(params)
         self.corpus_matrix = TrigramMatrix()
         self.matrix = TrigramMatrix()
@@ -126,8 +130,10 @@ class AdedDrafter(StatefulDrafter):
 
     def _state_dict(self) -> dict[str, Any]:
         rows = [(a, b, c, w) for (a, b), row in self.matrix.rows.items() for c, w in row.items()]
-        return {"keys": torch.tensor([r[:3] for r in rows], dtype=torch.long).reshape(-1, 3),
-                "weights": torch.tensor([r[3] for r in rows], dtype=torch.float64)}
+        return {
+            "keys": torch.tensor([r[:3] for r in rows], dtype=torch.long).reshape(-1, 3),
+            "weights": torch.tensor([r[3] for r in rows], dtype=torch.float64),
+        }
 
     def _load_state_dict(self, state: dict[str, Any]) -> bool:
         rows: dict[tuple[int, int], dict[int, float]] = {}
@@ -137,12 +143,14 @@ class AdedDrafter(StatefulDrafter):
         return True
 
     # -- Drafter API -----------------------------------------------------------------------------
-    def setup(self, backbone: Backbone, cache_dir: Optional[str] = None) -> None:
+    def setup(self, backbone: Backbone, cache_dir: str | None = None) -> None:
         """Build (or load the cached) corpus matrix, then apply the state policy."""
         sequences = self._corpus(backbone, cache_dir) if self.params.corpus_files else []
         self.corpus_matrix = TrigramMatrix.from_sequences(sequences, self.params.top_k)
-        self.max_draft_tokens = self.budget_from_curve(backbone, cache_dir, self.params.max_verify_cost,
-                                                       self.params.max_draft_tokens + 1) - 1
+        self.max_draft_tokens = (
+            self.budget_from_curve(backbone, cache_dir, self.params.max_verify_cost, self.params.max_draft_tokens + 1)
+            - 1
+        )
         log.info("aded: corpus matrix with %d token pairs from %d answers", len(self.corpus_matrix), len(sequences))
         super().setup(backbone, cache_dir)
 
@@ -162,7 +170,7 @@ class AdedDrafter(StatefulDrafter):
         return Proposal(tokens=tokens, parents=parents) if tokens else Proposal()
 
     # -- the corpus (a cached step) --------------------------------------------------------------
-    def _corpus(self, backbone: Backbone, cache_dir: Optional[str]) -> list[list[int]]:
+    def _corpus(self, backbone: Backbone, cache_dir: str | None) -> list[list[int]]:
         """The target's answers to the corpus prompts, generated once and cached.
 
         Answers are saved as they are generated (``.partial.pt``), so an interrupted build resumes
@@ -177,10 +185,15 @@ class AdedDrafter(StatefulDrafter):
         partial = path.with_suffix(".partial.pt")
         answers = load_sequences(partial) if partial.is_file() else []
         texts = corpus_texts(spec, root)
-        log.info("aded: generating the corpus (%d of %d prompts left, %d new tokens each) into %s",
-                 len(texts) - len(answers), len(texts), spec.max_new_tokens, path)
+        log.info(
+            "aded: generating the corpus (%d of %d prompts left, %d new tokens each) into %s",
+            len(texts) - len(answers),
+            len(texts),
+            spec.max_new_tokens,
+            path,
+        )
         tokenizer = self._tokenizer(backbone)
-        for text in texts[len(answers):]:
+        for text in texts[len(answers) :]:
             answers.extend(generate_answers(backbone, tokenizer, [text], spec.max_new_tokens))
             save_sequences(partial, answers, spec)
         save_sequences(path, answers, spec)
@@ -197,7 +210,8 @@ class AdedDrafter(StatefulDrafter):
         except (OSError, ValueError) as error:
             raise ConfigValueError(
                 f"aded: cannot load the tokenizer of '{location or backbone.config.model_type}' to build the "
-                f"corpus ({error}); set method.params.corpus_files=[] to start from an empty matrix") from error
+                f"corpus ({error}); set method.params.corpus_files=[] to start from an empty matrix"
+            ) from error
 
 
 def save_sequences(path: Path, sequences: list[list[int]], spec: CorpusSpec) -> None:
@@ -205,9 +219,14 @@ def save_sequences(path: Path, sequences: list[list[int]], spec: CorpusSpec) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     flat = [token for sequence in sequences for token in sequence]
     partial = path.with_name(path.name + ".tmp")
-    torch.save({"tokens": torch.tensor(flat, dtype=torch.long),
-                "lengths": torch.tensor([len(s) for s in sequences], dtype=torch.long),
-                "spec": json.dumps(spec.__dict__)}, partial)
+    torch.save(
+        {
+            "tokens": torch.tensor(flat, dtype=torch.long),
+            "lengths": torch.tensor([len(s) for s in sequences], dtype=torch.long),
+            "spec": json.dumps(spec.__dict__),
+        },
+        partial,
+    )
     partial.replace(path)
 
 
@@ -225,9 +244,12 @@ def corpus_texts(spec: CorpusSpec, cache_dir: Path) -> list[str]:
     """The first ``spec.per_file`` texts of each corpus file that no excluded file contains."""
     from decodebench.tasks.data import load_jsonl_records, resolve_data_file
 
-    excluded = "\n".join(text for name in spec.exclude
-                         for row in load_jsonl_records(resolve_data_file(name, None, cache_dir), cache_dir)
-                         for text in _strings(row))
+    excluded = "\n".join(
+        text
+        for name in spec.exclude
+        for row in load_jsonl_records(resolve_data_file(name, None, cache_dir), cache_dir)
+        for text in _strings(row)
+    )
     texts: list[str] = []
     for entry in spec.files:
         name, column = entry.rsplit(":", 1)

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 Pair = tuple[int, int]
 
@@ -28,11 +28,11 @@ Pair = tuple[int, int]
 class TrigramMatrix:
     """Successor weights of token pairs: ``rows[(a, b)][c]``, successors by decreasing weight."""
 
-    def __init__(self, rows: Optional[dict[Pair, dict[int, float]]] = None):
+    def __init__(self, rows: dict[Pair, dict[int, float]] | None = None):
         self.rows: dict[Pair, dict[int, float]] = rows if rows is not None else {}
 
     @classmethod
-    def from_sequences(cls, sequences: Sequence[Sequence[int]], top_k: int) -> "TrigramMatrix":
+    def from_sequences(cls, sequences: Sequence[Sequence[int]], top_k: int) -> TrigramMatrix:
         """Normalised tri-gram frequencies, keeping the ``top_k`` most frequent successors per pair.
 
         Weights stay normalised over all successors (the reference prunes after normalising), so a
@@ -60,7 +60,7 @@ class TrigramMatrix:
             row = self.rows.setdefault((a, b), {})
             row[c] = min(row.get(c, 0.0) + step, cap)
 
-    def copy(self) -> "TrigramMatrix":
+    def copy(self) -> TrigramMatrix:
         return TrigramMatrix({pair: dict(row) for pair, row in self.rows.items()})
 
     def __len__(self) -> int:
@@ -81,10 +81,10 @@ class MctsConfig:
 @dataclass(eq=False)
 class _SearchNode:
     pair: Pair
-    parent: Optional["_SearchNode"]
+    parent: _SearchNode | None
     prior: float
     successors: list[int]  # tokens that may follow ``pair`` (the reference's untried_words)
-    children: list["_SearchNode"] = field(default_factory=list)
+    children: list[_SearchNode] = field(default_factory=list)
     visits: int = 0
     value: float = 0.0
 
@@ -94,7 +94,7 @@ class _SearchNode:
         explore = (config.c1 + math.log((parent_visits + config.c2 + 1) / config.c2)) * self.prior
         return self.value / self.visits + explore * math.sqrt(parent_visits) / (1 + self.visits)
 
-    def best_child(self, config: MctsConfig) -> "_SearchNode":
+    def best_child(self, config: MctsConfig) -> _SearchNode:
         """Highest PUCT score; the first child wins ties (unvisited children score infinity)."""
         best, best_score = self.children[0], 0.0
         for child in self.children:
@@ -163,7 +163,7 @@ def _score(path: list[Pair], matrix: TrigramMatrix) -> float:
     return 1.0 + sum(matrix.successors(pair).get(following[1], 0.0) for pair, following in zip(path, path[1:]))
 
 
-def _backpropagate(node: Optional[_SearchNode], score: float) -> None:
+def _backpropagate(node: _SearchNode | None, score: float) -> None:
     while node is not None:
         node.visits += 1
         node.value += score

@@ -17,5 +17,5 @@ class AutoregressiveDrafter(Drafter):
     class Params:
         pass
 
-    def __init__(self, params: "AutoregressiveDrafter.Params"):
+    def __init__(self, params: AutoregressiveDrafter.Params):
         self.params = params

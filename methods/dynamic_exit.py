@@ -29,7 +29,6 @@ checkpoints (shared LM head from an early layer); LayerSkip-trained checkpoints 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -84,17 +83,17 @@ class DynamicExitDrafter(EarlyExitDrafter):
             check(self.max_shadow_rows >= 0, "method.params.max_shadow_rows", self.max_shadow_rows, ">= 0")
             check(self.shadow_interval >= 1, "method.params.shadow_interval", self.shadow_interval, ">= 1")
 
-    def __init__(self, params: "DynamicExitDrafter.Params"):
+    def __init__(self, params: DynamicExitDrafter.Params):
         super().__init__()
         self.params = params
         self.candidates: list[int] = []
-        self.matches: Optional[torch.Tensor] = None  # (candidates,) decayed shadow-token matches
-        self.counts: Optional[torch.Tensor] = None  # (candidates,) decayed shadow-token counts
+        self.matches: torch.Tensor | None = None  # (candidates,) decayed shadow-token matches
+        self.counts: torch.Tensor | None = None  # (candidates,) decayed shadow-token counts
         self.last_choice: tuple[int, int] = (0, 0)  # (exit layer, draft length) of the last round
         self.rounds = 0  # verification rounds seen (for shadow_interval)
         self.planned: list[int] = []  # draft length chosen in each round of this request (0 = AR step)
 
-    def setup(self, backbone: Backbone, cache_dir: Optional[str] = None) -> None:
+    def setup(self, backbone: Backbone, cache_dir: str | None = None) -> None:
         super().setup(backbone, cache_dir)
         layers, stride = backbone.num_layers, self.params.exit_layer_stride
         self.candidates = [layer for layer in range(stride, layers, stride) if layer >= self.params.min_exit_layer]
@@ -109,9 +108,12 @@ class DynamicExitDrafter(EarlyExitDrafter):
     def alphas(self) -> dict[int, float]:
         """Current acceptance estimate per candidate exit layer."""
         num_layers, prior = self.backbone.num_layers, self.params.prior_tokens
-        return {layer: float((self.matches[i] + prior * layer / num_layers) / (self.counts[i] + prior))
-                if self.counts[i] + prior > 0 else layer / num_layers
-                for i, layer in enumerate(self.candidates)}
+        return {
+            layer: float((self.matches[i] + prior * layer / num_layers) / (self.counts[i] + prior))
+            if self.counts[i] + prior > 0
+            else layer / num_layers
+            for i, layer in enumerate(self.candidates)
+        }
 
     def begin(self, prompt_ids: list[int]) -> None:
         super().begin(prompt_ids)
@@ -122,14 +124,17 @@ class DynamicExitDrafter(EarlyExitDrafter):
         chose to draft; 0 = DEL judged every exit unprofitable) and ``planned_drafts`` (mean length)."""
         stats = super().request_stats()
         if self.planned:
-            stats.update(draft_round_share=sum(d > 0 for d in self.planned) / len(self.planned),
-                         planned_drafts=sum(self.planned) / len(self.planned))
+            stats.update(
+                draft_round_share=sum(d > 0 for d in self.planned) / len(self.planned),
+                planned_drafts=sum(self.planned) / len(self.planned),
+            )
         return stats
 
     def propose(self, context: list[int], max_tokens: int) -> Proposal:
         self.pending = None
-        exit_layer, drafts, _ = best_exit(self.alphas(), self.backbone.num_layers,
-                                          min(self.params.max_draft_tokens, max_tokens))
+        exit_layer, drafts, _ = best_exit(
+            self.alphas(), self.backbone.num_layers, min(self.params.max_draft_tokens, max_tokens)
+        )
         self.last_choice = (exit_layer, drafts)
         self.planned.append(drafts)
         if drafts == 0:
@@ -147,7 +152,7 @@ class DynamicExitDrafter(EarlyExitDrafter):
         rows = [0, *outcome.result.accepted_nodes]
         emitted = outcome.result.emitted_tokens
         if self.params.max_shadow_rows:
-            rows, emitted = rows[-self.params.max_shadow_rows:], emitted[-self.params.max_shadow_rows:]
+            rows, emitted = rows[-self.params.max_shadow_rows :], emitted[-self.params.max_shadow_rows :]
         index = torch.tensor(rows, device=states[0].device)
         hidden = torch.stack([states[layer].index_select(0, index) for layer in self.candidates])  # (C, r, h)
         predicted = self.backbone.logits_from_hidden(hidden).argmax(-1).cpu()  # (C, r)

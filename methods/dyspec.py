@@ -46,11 +46,11 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
 from decodebench.config import check
+from decodebench.engine.backbone import BlockLayout
 from decodebench.engine.drafting import Proposal
 from decodebench.engine.sampling import sample
 from decodebench.methods.sps import DraftModelDrafter, fit_vocab
@@ -67,13 +67,13 @@ class _DraftTree:
     parents: list[int]
     values: list[float]  # product of draft probabilities from the root (root = 1)
     depths: list[int]
-    rows: list[Optional[torch.Tensor]]  # distribution each draft was drawn from (sampling only)
+    rows: list[torch.Tensor | None]  # distribution each draft was drawn from (sampling only)
 
     @classmethod
-    def rooted_at(cls, token: int) -> "_DraftTree":
+    def rooted_at(cls, token: int) -> _DraftTree:
         return cls(tokens=[token], parents=[-1], values=[1.0], depths=[0], rows=[None])
 
-    def add(self, token: int, parent: int, probability: float, row: Optional[torch.Tensor]) -> int:
+    def add(self, token: int, parent: int, probability: float, row: torch.Tensor | None) -> int:
         self.tokens.append(token)
         self.parents.append(parent)
         self.values.append(self.values[parent] * probability)
@@ -100,8 +100,8 @@ class _Expansion:
     drawn_mass: float = 0.0  # probs mass of the drawn tokens
     drawn_square_mass: float = 0.0  # sum of their squared probabilities
     square_mass: float = 0.0  # sum of probs**2 (sampling keys)
-    ranked: Optional[torch.Tensor] = None  # greedy: token ids by decreasing probability
-    ranked_probs: Optional[torch.Tensor] = None
+    ranked: torch.Tensor | None = None  # greedy: token ids by decreasing probability
+    ranked_probs: torch.Tensor | None = None
 
 
 class DySpecDrafter(DraftModelDrafter):
@@ -110,14 +110,15 @@ class DySpecDrafter(DraftModelDrafter):
     @dataclass
     class Params:
         token_budget: int = 64  # draft tokens per step (the tree's size, root excluded)
-        max_depth: Optional[int] = None  # deepest draft level; null = only the budget limits it
+        max_depth: int | None = None  # deepest draft level; null = only the budget limits it
 
         def __post_init__(self) -> None:
             check(self.token_budget >= 1, "method.params.token_budget", self.token_budget, ">= 1")
-            check(self.max_depth is None or self.max_depth >= 1, "method.params.max_depth", self.max_depth,
-                  ">= 1 or null")
+            check(
+                self.max_depth is None or self.max_depth >= 1, "method.params.max_depth", self.max_depth, ">= 1 or null"
+            )
 
-    def __init__(self, params: "DySpecDrafter.Params"):
+    def __init__(self, params: DySpecDrafter.Params):
         super().__init__()
         self.params = params
 
@@ -197,7 +198,7 @@ class DySpecDrafter(DraftModelDrafter):
         expected = max(expansion.square_mass - expansion.drawn_square_mass, 0.0) / remaining
         return parent_value * expected
 
-    def _draw_child(self, expansion: _Expansion) -> tuple[int, float, Optional[torch.Tensor]]:
+    def _draw_child(self, expansion: _Expansion) -> tuple[int, float, torch.Tensor | None]:
         """The parent's next child: ``(token, q_parent(token), row it was drawn from or None)``."""
         if self.sampling.greedy:
             k = len(expansion.drawn)
@@ -222,7 +223,9 @@ class DySpecDrafter(DraftModelDrafter):
         position = {node: i for i, node in enumerate(block)}
         parents = [position[tree.parents[node]] if tree.parents[node] > 0 else -1 for node in block]
         out = self.draft.backbone.forward(
-            [tree.tokens[node] for node in block], self.draft.cache, parents=parents,
+            [tree.tokens[node] for node in block],
+            self.draft.cache,
+            layout=BlockLayout(parents=parents),
             logits_rows=[position[node] for node in nodes],
         )
         self.draft.cache.crop(committed)

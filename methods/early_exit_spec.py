@@ -25,7 +25,6 @@ subclasses it with a per-round choice of exit layer and draft length.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -59,14 +58,14 @@ class EarlyExitDrafter(Drafter):
     """Drafts a chain with the target's first ``E`` layers + LM head; verifies reusing their K/V."""
 
     def __init__(self) -> None:
-        self.backbone: Optional[Backbone] = None
-        self.pending: Optional[PendingDraft] = None
+        self.backbone: Backbone | None = None
+        self.pending: PendingDraft | None = None
         # hidden states of every layer for the last verified block (filled by verify_forward):
         # block_states[j] = output of layer j-1 ([0] = embeddings), each (q, hidden)
-        self.block_states: Optional[list[torch.Tensor]] = None
+        self.block_states: list[torch.Tensor] | None = None
         self.exit_layers: list[int] = []  # exit layer of every drafting round of the current request
 
-    def setup(self, backbone: Backbone, cache_dir: Optional[str] = None) -> None:
+    def setup(self, backbone: Backbone, cache_dir: str | None = None) -> None:
         self.backbone = backbone
 
     def begin(self, prompt_ids: list[int]) -> None:
@@ -79,18 +78,21 @@ class EarlyExitDrafter(Drafter):
         rounds; ``exit_layer_min`` / ``exit_layer_max``: the range chosen (equal for a static E)."""
         if not self.exit_layers:
             return {}
-        return {"exit_layer": sum(self.exit_layers) / len(self.exit_layers),
-                "exit_layer_min": float(min(self.exit_layers)), "exit_layer_max": float(max(self.exit_layers))}
+        return {
+            "exit_layer": sum(self.exit_layers) / len(self.exit_layers),
+            "exit_layer_min": float(min(self.exit_layers)),
+            "exit_layer_max": float(max(self.exit_layers)),
+        }
 
     # -- drafting ---------------------------------------------------------------------------------
     def check_exit_layer(self, exit_layer: int, key: str = "method.params.exit_layer") -> None:
         layers = self.backbone.num_layers
         if not 1 <= exit_layer < layers:
-            raise ConfigValueError(f"invalid value for '{key}': {exit_layer} (allowed: 1 .. {layers - 1} "
-                                   f"for this model's {layers} layers)")
+            raise ConfigValueError(
+                f"invalid value for '{key}': {exit_layer} (allowed: 1 .. {layers - 1} for this model's {layers} layers)"
+            )
 
-    def draft_chain(self, context: list[int], exit_layer: int, max_tokens: int,
-                    stop_below: float = 0.0) -> Proposal:
+    def draft_chain(self, context: list[int], exit_layer: int, max_tokens: int, stop_below: float = 0.0) -> Proposal:
         """Draft up to ``max_tokens`` tokens after ``context`` with the first ``exit_layer`` layers.
 
         Drafting stops early after a draft whose top-1 early-exit probability is below
@@ -100,8 +102,10 @@ class EarlyExitDrafter(Drafter):
         cache = self.target_cache
         committed = len(context) - 1
         if cache is None or cache.length != committed:
-            raise RuntimeError(f"{type(self).__name__} drafts on the decode loop's cache, which must hold "
-                               f"exactly the committed context ({committed} tokens)")
+            raise RuntimeError(
+                f"{type(self).__name__} drafts on the decode loop's cache, which must hold "
+                f"exactly the committed context ({committed} tokens)"
+            )
         layers = range(exit_layer)
         self.exit_layers.append(exit_layer)
         token = context[-1]
@@ -128,12 +132,16 @@ class EarlyExitDrafter(Drafter):
         return Proposal(tokens=tokens, probs=torch.stack(rows) if rows else None)
 
     # -- verification with reuse ------------------------------------------------------------------
-    def verify_forward(self, block_tokens: list[int], block_parents: list[int],
-                       cache: KVCache) -> Optional[ForwardOutput]:
+    def verify_forward(self, block_tokens: list[int], block_parents: list[int], cache: KVCache) -> ForwardOutput | None:
         pending, self.pending = self.pending, None
         self.block_states = None
-        if (pending is None or cache is not self.target_cache or cache.length != pending.committed
-                or not is_chain(block_parents) or block_tokens[: len(pending.fed)] != pending.fed):
+        if (
+            pending is None
+            or cache is not self.target_cache
+            or cache.length != pending.committed
+            or not is_chain(block_parents)
+            or block_tokens[: len(pending.fed)] != pending.fed
+        ):
             return None  # nothing reusable: the loop runs a plain full forward
         backbone, exit_layer, fed = self.backbone, pending.exit_layer, len(pending.fed)
         early = range(exit_layer)
@@ -144,13 +152,19 @@ class EarlyExitDrafter(Drafter):
         # 2. first E layers for the drafts not fed yet (the last one); no LM head needed
         rest = block_tokens[fed:]
         if rest:
-            out = backbone.forward(rest, cache, plan=ForwardPlan(layers=early), output_hidden_states=True,
-                                   logits_rows=slice(0, 0))
+            out = backbone.forward(
+                rest, cache, plan=ForwardPlan(layers=early), output_hidden_states=True, logits_rows=slice(0, 0)
+            )
             states = [torch.cat([done, new]) for done, new in zip(states, out.hidden_states)]
         # 3. layers E .. L-1 for the whole block, from the exit-layer states
-        late = backbone.forward(block_tokens, cache, plan=ForwardPlan(layers=range(exit_layer, backbone.num_layers)),
-                                input_hidden=states[-1], layout=BlockLayout(start=pending.committed),
-                                output_hidden_states=True)
+        late = backbone.forward(
+            block_tokens,
+            cache,
+            plan=ForwardPlan(layers=range(exit_layer, backbone.num_layers)),
+            input_hidden=states[-1],
+            layout=BlockLayout(start=pending.committed),
+            output_hidden_states=True,
+        )
         self.block_states = [*states, *late.hidden_states[1:]]
         return ForwardOutput(logits=late.logits, hidden_states=self.block_states, last_hidden=late.last_hidden)
 
@@ -169,11 +183,11 @@ class EarlyExitSpecDrafter(EarlyExitDrafter):
             check(self.num_draft_tokens >= 1, "method.params.num_draft_tokens", self.num_draft_tokens, ">= 1")
             check(0.0 <= self.stop_below <= 1.0, "method.params.stop_below", self.stop_below, "0 .. 1")
 
-    def __init__(self, params: "EarlyExitSpecDrafter.Params"):
+    def __init__(self, params: EarlyExitSpecDrafter.Params):
         super().__init__()
         self.params = params
 
-    def setup(self, backbone: Backbone, cache_dir: Optional[str] = None) -> None:
+    def setup(self, backbone: Backbone, cache_dir: str | None = None) -> None:
         super().setup(backbone, cache_dir)
         self.check_exit_layer(self.params.exit_layer)
 

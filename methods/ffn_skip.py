@@ -21,7 +21,6 @@ LOWEST similarity of the rows decides.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -33,7 +32,7 @@ from decodebench.engine.drafting import FULL_MODEL, Drafter, ForwardPlan
 class SaturationGate(MlpGate):
     """Per-forward FFN decisions (see the module docstring); counts what it skipped."""
 
-    def __init__(self, num_layers: int, params: "FFNSkip.Params"):
+    def __init__(self, num_layers: int, params: FFNSkip.Params):
         self.num_layers = num_layers
         self.params = params
         self.skip_left = 0
@@ -77,12 +76,12 @@ class FFNSkip(Drafter):
             check(self.keep_last >= 1, "method.params.keep_last", self.keep_last, ">= 1 (the last layer is kept)")
             check(self.warmup_tokens >= 0, "method.params.warmup_tokens", self.warmup_tokens, ">= 0")
 
-    def __init__(self, params: "FFNSkip.Params"):
+    def __init__(self, params: FFNSkip.Params):
         self.params = params
-        self.gate: Optional[SaturationGate] = None
+        self.gate: SaturationGate | None = None
         self._steps = 0
 
-    def setup(self, backbone: Backbone, cache_dir: Optional[str] = None) -> None:
+    def setup(self, backbone: Backbone, cache_dir: str | None = None) -> None:
         backbone.require_residual_halves("ffn_skip")  # gates each layer's MLP half
         self.gate = SaturationGate(backbone.num_layers, self.params)
 

@@ -27,9 +27,10 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -76,28 +77,42 @@ class KangarooAdapter(nn.Module):
         if getattr(layer, "input_layernorm", None) is None or getattr(layer, "self_attn", None) is None:
             raise UnsupportedArchitectureError(
                 f"method 'kangaroo' builds its adapter from a layer's input_layernorm + self_attn, which "
-                f"'{backbone.config.model_type}' layers ({type(layer).__name__}) do not have")
+                f"'{backbone.config.model_type}' layers ({type(layer).__name__}) do not have"
+            )
 
     @classmethod
-    def from_backbone(cls, backbone: Backbone, exit_layer: int) -> "KangarooAdapter":
+    def from_backbone(cls, backbone: Backbone, exit_layer: int) -> KangarooAdapter:
         """A fresh adapter initialised from the target's layer ``exit_layer`` and final norm."""
         cls.check_architecture(backbone, exit_layer)
         layer = backbone.layers[exit_layer]
-        adapter = cls(copy.deepcopy(layer.input_layernorm), copy.deepcopy(layer.self_attn),
-                      copy.deepcopy(backbone.norm), exit_layer)
+        adapter = cls(
+            copy.deepcopy(layer.input_layernorm),
+            copy.deepcopy(layer.self_attn),
+            copy.deepcopy(backbone.norm),
+            exit_layer,
+        )
         return adapter.to(device=backbone.device, dtype=backbone.dtype)
 
-    def forward(self, hidden: torch.Tensor, position_embeddings, attention_mask: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        position_embeddings,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         """``(batch, q, hidden)`` shallow hidden states → ``(batch, q, hidden)`` LM-head input.
 
         ``attention_mask`` None with ``cache`` None means causal (sdpa's ``is_causal``)."""
-        attended, _ = self.attention(hidden_states=self.input_norm(hidden), position_embeddings=position_embeddings,
-                                     attention_mask=attention_mask, **{self.cache_keyword: cache})
+        attended, _ = self.attention(
+            hidden_states=self.input_norm(hidden),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            **{self.cache_keyword: cache},
+        )
         return self.output_norm(hidden + attended)
 
 
-def adapter_path(cache_dir: Optional[str], backbone: Backbone) -> Path:
+def adapter_path(cache_dir: str | None, backbone: Backbone) -> Path:
     """Default location: ``<cache>/kangaroo/<model>/adapter.pt``."""
     root = Path(cache_dir or default_cache_dir()).expanduser()
     return root / "kangaroo" / model_key(backbone) / "adapter.pt"
@@ -119,8 +134,9 @@ def load_adapter(path: Path, backbone: Backbone) -> KangarooAdapter:
     try:
         adapter.load_state_dict(payload["state_dict"])
     except RuntimeError as error:
-        raise DecodeBenchError(f"Kangaroo adapter {path} does not fit this model ({error}); retrain it with "
-                               f"{TRAIN_COMMAND}") from error
+        raise DecodeBenchError(
+            f"Kangaroo adapter {path} does not fit this model ({error}); retrain it with {TRAIN_COMMAND}"
+        ) from error
     return adapter.eval()
 
 
@@ -171,36 +187,46 @@ class KangarooDrafter(EarlyExitDrafter):
         exit_layer: int = 2  # shallow sub-network depth (paper: 2 layers)
         max_draft_tokens: int = 6  # paper: at most 6 draft steps
         confidence_threshold: float = 0.6  # paper: stop drafting when top-1 prob < 0.6
-        adapter_path: Optional[str] = None  # null = <cache>/kangaroo/<model>/adapter.pt
+        adapter_path: str | None = None  # null = <cache>/kangaroo/<model>/adapter.pt
 
         def __post_init__(self) -> None:
             check(self.exit_layer >= 1, "method.params.exit_layer", self.exit_layer, ">= 1")
             check(self.max_draft_tokens >= 1, "method.params.max_draft_tokens", self.max_draft_tokens, ">= 1")
-            check(0.0 <= self.confidence_threshold < 1.0, "method.params.confidence_threshold",
-                  self.confidence_threshold, "[0, 1)")
+            check(
+                0.0 <= self.confidence_threshold < 1.0,
+                "method.params.confidence_threshold",
+                self.confidence_threshold,
+                "[0, 1)",
+            )
 
-    def __init__(self, params: "KangarooDrafter.Params"):
+    def __init__(self, params: KangarooDrafter.Params):
         super().__init__()
         self.params = params
-        self.adapter_state: Optional[AdapterState] = None
+        self.adapter_state: AdapterState | None = None
 
-    def setup(self, backbone: Backbone, cache_dir: Optional[str] = None) -> None:
+    def setup(self, backbone: Backbone, cache_dir: str | None = None) -> None:
         super().setup(backbone, cache_dir)
         self.check_exit_layer(self.params.exit_layer)
         KangarooAdapter.check_architecture(backbone, self.params.exit_layer)
-        path = Path(self.params.adapter_path).expanduser() if self.params.adapter_path else \
-            adapter_path(cache_dir, backbone)
+        path = (
+            Path(self.params.adapter_path).expanduser()
+            if self.params.adapter_path
+            else adapter_path(cache_dir, backbone)
+        )
         if not path.is_file():
             raise DecodeBenchError(
                 f"kangaroo: no trained adapter at {path}. Train one first (CPU, a few minutes for the "
                 f"embedded model): {TRAIN_COMMAND} --model <model name>"
-                + (f" --cache-dir {cache_dir}" if cache_dir else ""))
+                + (f" --cache-dir {cache_dir}" if cache_dir else "")
+            )
         adapter = load_adapter(path, backbone)
         if adapter.exit_layer != self.params.exit_layer:
-            raise DecodeBenchError(f"kangaroo: the adapter at {path} was trained for exit_layer="
-                                   f"{adapter.exit_layer}, the method is configured with exit_layer="
-                                   f"{self.params.exit_layer}; retrain with {TRAIN_COMMAND} --exit-layer "
-                                   f"{self.params.exit_layer}")
+            raise DecodeBenchError(
+                f"kangaroo: the adapter at {path} was trained for exit_layer="
+                f"{adapter.exit_layer}, the method is configured with exit_layer="
+                f"{self.params.exit_layer}; retrain with {TRAIN_COMMAND} --exit-layer "
+                f"{self.params.exit_layer}"
+            )
         self.adapter_state = AdapterState(backbone, adapter)
         log.info("kangaroo: adapter %s", path)
 
@@ -211,9 +237,13 @@ class KangarooDrafter(EarlyExitDrafter):
     def _shallow(self, tokens: Sequence[int]) -> list[torch.Tensor]:
         """Run the shallow layers for ``tokens`` at the end of the target cache (writing their K/V);
         returns ``[embedding, out_0, .., out_{exit-1}]``, each ``(q, hidden)``."""
-        out = self.backbone.forward(list(tokens), self.target_cache,
-                                    plan=ForwardPlan(layers=range(self.params.exit_layer)),
-                                    output_hidden_states=True, logits_rows=slice(0, 0))
+        out = self.backbone.forward(
+            list(tokens),
+            self.target_cache,
+            plan=ForwardPlan(layers=range(self.params.exit_layer)),
+            output_hidden_states=True,
+            logits_rows=slice(0, 0),
+        )
         return out.hidden_states
 
     def propose(self, context: list[int], max_tokens: int) -> Proposal:
@@ -221,8 +251,10 @@ class KangarooDrafter(EarlyExitDrafter):
         committed = len(context) - 1
         self.pending = None
         if cache is None or cache.length != committed:
-            raise RuntimeError("kangaroo drafts on the decode loop's cache, which must hold exactly the committed "
-                               f"context ({committed} tokens)")
+            raise RuntimeError(
+                "kangaroo drafts on the decode loop's cache, which must hold exactly the committed "
+                f"context ({committed} tokens)"
+            )
         budget = min(self.params.max_draft_tokens, max_tokens)
         if budget <= 0:
             return Proposal()

@@ -35,9 +35,9 @@ import json
 import random
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -171,15 +171,20 @@ class AdapterTrainingConfig:
 
 
 @torch.inference_mode()
-def self_generate(backbone: Backbone, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                  eos_token_ids: Sequence[int] = (), log: Optional[Callable[[str], None]] = None,
-                  batch_size: int = 1) -> list[list[int]]:
+def self_generate(
+    backbone: Backbone,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    eos_token_ids: Sequence[int] = (),
+    log: Callable[[str], None] | None = None,
+    batch_size: int = 1,
+) -> list[list[int]]:
     """The model's greedy answer to each prompt: the engine's AR decode loop, or its batched form
     (:func:`generate_batch`, same greedy tokens, several times the throughput on a CPU)."""
     settings = DecodeSettings(max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids)
     answers: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
-        chunk = [list(p) for p in prompts[start:start + batch_size]]
+        chunk = [list(p) for p in prompts[start : start + batch_size]]
         if len(chunk) == 1:
             answers.append(generate(backbone, Drafter(), chunk[0], settings, backbone.new_cache(512)).new_ids)
         else:
@@ -191,8 +196,9 @@ def self_generate(backbone: Backbone, prompts: Sequence[Sequence[int]], max_new_
 
 
 @torch.inference_mode()
-def collect_sequences(backbone: Backbone, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
-                      exit_layer: int) -> list[TrainingSequence]:
+def collect_sequences(
+    backbone: Backbone, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], exit_layer: int
+) -> list[TrainingSequence]:
     """Teacher-forced target forward of each ``prompt + answer`` → adapter inputs and labels."""
     sequences = []
     for prompt, answer in zip(prompts, answers):
@@ -201,8 +207,11 @@ def collect_sequences(backbone: Backbone, prompts: Sequence[Sequence[int]], answ
         ids = [*prompt, *answer]
         cache = backbone.new_cache(len(ids) + 8)
         out = backbone.forward(ids, cache, output_hidden_states=True, logits_rows=slice(0, 0))
-        sequences.append(TrainingSequence(shallow=out.hidden_states[exit_layer].clone(),
-                                          final=out.last_hidden.clone(), answer_start=len(prompt)))
+        sequences.append(
+            TrainingSequence(
+                shallow=out.hidden_states[exit_layer].clone(), final=out.last_hidden.clone(), answer_start=len(prompt)
+            )
+        )
     return sequences
 
 
@@ -232,8 +241,12 @@ def evaluate(adapter: KangarooAdapter, backbone: Backbone, sequences: Sequence[T
     return {"loss": loss / max(count, 1), "top1_agreement": agree / max(count, 1), "positions": int(count)}
 
 
-def train_adapter(backbone: Backbone, sequences: Sequence[TrainingSequence], config: AdapterTrainingConfig,
-                  log: Optional[Callable[[str], None]] = None) -> tuple[KangarooAdapter, dict]:
+def train_adapter(
+    backbone: Backbone,
+    sequences: Sequence[TrainingSequence],
+    config: AdapterTrainingConfig,
+    log: Callable[[str], None] | None = None,
+) -> tuple[KangarooAdapter, dict]:
     """Train a fresh adapter (initialised from the target's layer ``exit_layer``) on ``sequences``.
 
     Returns:
@@ -258,7 +271,7 @@ def train_adapter(backbone: Backbone, sequences: Sequence[TrainingSequence], con
     total_steps = config.epochs * len(training)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(total_steps, 1))
     rng = random.Random(config.seed + 1)
-    best: Optional[tuple[dict, int, dict]] = None  # (held-out metrics, epoch, weights)
+    best: tuple[dict, int, dict] | None = None  # (held-out metrics, epoch, weights)
     for epoch in range(config.epochs):
         rng.shuffle(training)
         epoch_loss = 0.0
@@ -275,16 +288,23 @@ def train_adapter(backbone: Backbone, sequences: Sequence[TrainingSequence], con
         if best is None or metrics["loss"] < best[0]["loss"]:  # keep the best held-out epoch
             best = (metrics, epoch + 1, copy.deepcopy(adapter.state_dict()))
         if log:
-            log(f"epoch {epoch + 1}/{config.epochs}: train loss {epoch_loss / len(training):.3f}, held-out "
-                f"loss {metrics['loss']:.3f}, top-1 agreement {metrics['top1_agreement']:.3f}")
+            log(
+                f"epoch {epoch + 1}/{config.epochs}: train loss {epoch_loss / len(training):.3f}, held-out "
+                f"loss {metrics['loss']:.3f}, top-1 agreement {metrics['top1_agreement']:.3f}"
+            )
     after, best_epoch, state = best
     adapter.load_state_dict(state)
     adapter.eval()
-    return adapter, {"train_sequences": len(training), "validation_sequences": len(validation),
-                     "before": before, "after": after, "best_epoch": best_epoch}
+    return adapter, {
+        "train_sequences": len(training),
+        "validation_sequences": len(validation),
+        "before": before,
+        "after": after,
+        "best_epoch": best_epoch,
+    }
 
 
-def read_corpus(path: Optional[str]) -> list[str]:
+def read_corpus(path: str | None) -> list[str]:
     """Prompts from ``path`` (.txt: one per line; .jsonl: prompt | instruction | text), else the
     built-in :data:`DEFAULT_PROMPTS`."""
     if not path:
@@ -305,10 +325,11 @@ def read_corpus(path: Optional[str]) -> list[str]:
     return prompts
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="decodebench-train-kangaroo",
-                                     description="Train Kangaroo's adapter on the model's own greedy "
-                                                 "generations (CPU).")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="decodebench-train-kangaroo",
+        description="Train Kangaroo's adapter on the model's own greedy generations (CPU).",
+    )
     parser.add_argument("--model", default="smollm2-135m", help="catalogue model name (conf/model/)")
     parser.add_argument("--corpus", help="prompt file (.txt one per line, .jsonl with 'prompt'); default: built-in")
     parser.add_argument("--prompts", type=int, default=None, help="use the first N corpus prompts")
@@ -321,8 +342,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--cache-dir", default=None, help="DecodeBench cache (default: $DECODEBENCH_CACHE)")
     parser.add_argument("--output", default=None, help="adapter file (default: <cache>/kangaroo/<model>/adapter.pt)")
-    parser.add_argument("--regenerate", action="store_true",
-                        help="regenerate the answers even if generations.pt next to the adapter matches")
+    parser.add_argument(
+        "--regenerate",
+        action="store_true",
+        help="regenerate the answers even if generations.pt next to the adapter matches",
+    )
     args = parser.parse_args(argv)
 
     def log(message: str) -> None:
@@ -342,8 +366,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise DecodeBenchError(f"model '{args.model}' has no tokenizer to encode the corpus")
         backbone = Backbone(loaded.model)
         texts = read_corpus(args.corpus)[: args.prompts]
-        prompts = [encode_prompt(loaded.tokenizer, [{"role": "user", "content": text}], model_config.chat_template)
-                   for text in texts]
+        prompts = [
+            encode_prompt(loaded.tokenizer, [{"role": "user", "content": text}], model_config.chat_template)
+            for text in texts
+        ]
         path = Path(args.output).expanduser() if args.output else adapter_path(cache_dir, backbone)
         data_file = path.with_name("generations.pt")  # the self-generated data, reused by retraining
         data_key = {"model": args.model, "prompts": prompts, "max_new_tokens": args.max_new_tokens}
@@ -354,27 +380,37 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             start = time.perf_counter()
             log(f"generating {len(prompts)} greedy answers ({args.max_new_tokens} tokens max) with {args.model}")
-            answers = self_generate(backbone, prompts, args.max_new_tokens, eos_token_ids(loaded), log,
-                                    args.batch_size)
+            answers = self_generate(backbone, prompts, args.max_new_tokens, eos_token_ids(loaded), log, args.batch_size)
             generation_s = time.perf_counter() - start
             data_file.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"key": data_key, "answers": answers, "generation_s": generation_s}, data_file)
         sequences = collect_sequences(backbone, prompts, answers, args.exit_layer)
-        config = AdapterTrainingConfig(exit_layer=args.exit_layer, epochs=args.epochs, learning_rate=args.lr,
-                                       seed=args.seed)
+        config = AdapterTrainingConfig(
+            exit_layer=args.exit_layer, epochs=args.epochs, learning_rate=args.lr, seed=args.seed
+        )
         train_start = time.perf_counter()
         adapter, metrics = train_adapter(backbone, sequences, config, log)
         train_s = time.perf_counter() - train_start
-        meta = {"model": args.model, "corpus": args.corpus or "built-in", "prompts": len(prompts),
-                "answer_tokens": sum(len(a) for a in answers), "max_new_tokens": args.max_new_tokens,
-                "generation_s": round(generation_s, 1), "train_s": round(train_s, 1),
-                "threads": torch.get_num_threads(), "config": asdict(config), **metrics}
+        meta = {
+            "model": args.model,
+            "corpus": args.corpus or "built-in",
+            "prompts": len(prompts),
+            "answer_tokens": sum(len(a) for a in answers),
+            "max_new_tokens": args.max_new_tokens,
+            "generation_s": round(generation_s, 1),
+            "train_s": round(train_s, 1),
+            "threads": torch.get_num_threads(),
+            "config": asdict(config),
+            **metrics,
+        }
         save_adapter(path, adapter, meta)
     except DecodeBenchError as error:
         print(f"decodebench-train-kangaroo: error: {error}", file=sys.stderr)
         return error.exit_code
-    log(f"saved {path} (generation {generation_s:.0f} s, training {train_s:.0f} s; held-out top-1 agreement "
-        f"{metrics['before']['top1_agreement']:.3f} -> {metrics['after']['top1_agreement']:.3f})")
+    log(
+        f"saved {path} (generation {generation_s:.0f} s, training {train_s:.0f} s; held-out top-1 agreement "
+        f"{metrics['before']['top1_agreement']:.3f} -> {metrics['after']['top1_agreement']:.3f})"
+    )
     print(json.dumps({"adapter": str(path), **meta}, indent=2))
     return 0
 

@@ -40,8 +40,9 @@ from __future__ import annotations
 
 import random
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -138,8 +139,9 @@ class JacobiWindow:
             self._fill(new_tokens)
             return []
         firsts = [root, *self.levels[0]]
-        ngrams = [(firsts[i], [*(level[i] for level in self.levels[1:]), new_tokens[i]])
-                  for i in range(len(new_tokens))]
+        ngrams = [
+            (firsts[i], [*(level[i] for level in self.levels[1:]), new_tokens[i]]) for i in range(len(new_tokens))
+        ]
         self.levels = [self.levels[1][1:], *self.levels[2:], list(new_tokens)]
         return ngrams
 
@@ -189,11 +191,11 @@ class LookaheadJacobiDrafter(StatefulDrafter):
             check(self.guess_set_size >= 1, "method.params.guess_set_size", self.guess_set_size, ">= 1")
             check_state_policy(self.state)
 
-    def __init__(self, params: "LookaheadJacobiDrafter.Params"):
+    def __init__(self, params: LookaheadJacobiDrafter.Params):
         super().__init__(params)
         self.pool = NGramPool(params.guess_set_size)
-        self.window: Optional[JacobiWindow] = None
-        self.branch: Optional[LookaheadBranch] = None
+        self.window: JacobiWindow | None = None
+        self.branch: LookaheadBranch | None = None
         self.pooled_until = 0  # context n-grams ending before this index are in the pool
 
     # -- learned state (the pool) ----------------------------------------------------------------
@@ -202,8 +204,10 @@ class LookaheadJacobiDrafter(StatefulDrafter):
 
     def _state_dict(self) -> dict[str, Any]:
         rows = [[first, *rest] for first, bucket in self.pool.entries.items() for rest in bucket]
-        return {"ngram_size": self.params.ngram_size,
-                "ngrams": torch.tensor(rows, dtype=torch.long).reshape(-1, self.params.ngram_size)}
+        return {
+            "ngram_size": self.params.ngram_size,
+            "ngrams": torch.tensor(rows, dtype=torch.long).reshape(-1, self.params.ngram_size),
+        }
 
     def _load_state_dict(self, state: dict[str, Any]) -> bool:
         if int(state["ngram_size"]) != self.params.ngram_size:
@@ -217,8 +221,9 @@ class LookaheadJacobiDrafter(StatefulDrafter):
         """New generation: a fresh window from the prompt; seed the pool if configured."""
         super().begin(prompt_ids)
         seed = zlib.crc32(f"{self.params.seed}/{','.join(map(str, prompt_ids))}".encode())
-        self.window = JacobiWindow(self.params.ngram_size, self.params.window_size, prompt_ids or [0],
-                                   random.Random(seed))
+        self.window = JacobiWindow(
+            self.params.ngram_size, self.params.window_size, prompt_ids or [0], random.Random(seed)
+        )
         self.pooled_until = 0
         if self.params.pool_from_prompt:
             self._pool_context(prompt_ids)
@@ -233,9 +238,14 @@ class LookaheadJacobiDrafter(StatefulDrafter):
             tokens, parents = merge_into_tree(self.pool.guesses(context[-1]), max_tokens)
         aux_mask = torch.zeros(len(self.branch.tokens), 1 + len(tokens) + len(self.branch.tokens), dtype=torch.bool)
         aux_mask[:, 0] = True
-        aux_mask[:, 1 + len(tokens):] = self.branch.mask[:, 1:]  # never the drafts
-        return Proposal(tokens=tokens, parents=parents if tokens else None, aux_tokens=self.branch.tokens,
-                        aux_mask=aux_mask, aux_offsets=self.branch.offsets)
+        aux_mask[:, 1 + len(tokens) :] = self.branch.mask[:, 1:]  # never the drafts
+        return Proposal(
+            tokens=tokens,
+            parents=parents if tokens else None,
+            aux_tokens=self.branch.tokens,
+            aux_mask=aux_mask,
+            aux_offsets=self.branch.offsets,
+        )
 
     def feedback(self, outcome: StepOutcome) -> None:
         """Read the top level's argmax off the auxiliary logits; file the completed n-grams."""

@@ -26,7 +26,7 @@ matches; the reference follows every matching chain and keeps the longest. With 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -70,22 +70,30 @@ class LookaheadDrafter(StatefulDrafter):
         state: str = "per_task"  # per_prompt | per_task | persistent (reference: kept on the model)
         # cpu preset: decoding_length from the stored latency curve of the backend in use, the largest
         # <= decoding_length whose verify costs <= this x a 1-token step (engine/budget.py node_budget)
-        max_verify_cost: Optional[float] = None
+        max_verify_cost: float | None = None
 
         def __post_init__(self) -> None:
-            check(self.max_verify_cost is None or self.max_verify_cost >= 1.0, "method.params.max_verify_cost",
-                  self.max_verify_cost, ">= 1.0 or null")
+            check(
+                self.max_verify_cost is None or self.max_verify_cost >= 1.0,
+                "method.params.max_verify_cost",
+                self.max_verify_cost,
+                ">= 1.0 or null",
+            )
             check(self.decoding_length >= 2, "method.params.decoding_length", self.decoding_length, ">= 2")
             check(self.branch_length >= 1, "method.params.branch_length", self.branch_length, ">= 1")
-            check(self.decoding_mode in DECODING_MODES, "method.params.decoding_mode", self.decoding_mode,
-                  " | ".join(DECODING_MODES))
+            check(
+                self.decoding_mode in DECODING_MODES,
+                "method.params.decoding_mode",
+                self.decoding_mode,
+                " | ".join(DECODING_MODES),
+            )
             check(self.trie_mode in TRIE_MODES, "method.params.trie_mode", self.trie_mode, " | ".join(TRIE_MODES))
             check(0.0 <= self.output_weight <= 1.0, "method.params.output_weight", self.output_weight, "[0, 1]")
             for key in ("max_nodes", "max_output_nodes", "squeeze_after"):
                 check(getattr(self, key) >= 1, f"method.params.{key}", getattr(self, key), ">= 1")
             check_state_policy(self.state)
 
-    def __init__(self, params: "LookaheadDrafter.Params"):
+    def __init__(self, params: LookaheadDrafter.Params):
         super().__init__(params)
         self.eos_ids: list[int] = []
         self.cache = self._new_cache()
@@ -95,15 +103,21 @@ class LookaheadDrafter(StatefulDrafter):
 
     def _new_cache(self) -> TrieCache:
         p = self.params
-        return TrieCache(insert_length=p.branch_length + 1, eos_ids=self.eos_ids, max_nodes=p.max_nodes,
-                         max_output_nodes=p.max_output_nodes, squeeze_after=p.squeeze_after)
+        return TrieCache(
+            insert_length=p.branch_length + 1,
+            eos_ids=self.eos_ids,
+            max_nodes=p.max_nodes,
+            max_output_nodes=p.max_output_nodes,
+            squeeze_after=p.squeeze_after,
+        )
 
     # -- state -----------------------------------------------------------------------------------
-    def setup(self, backbone: Backbone, cache_dir: Optional[str] = None) -> None:
+    def setup(self, backbone: Backbone, cache_dir: str | None = None) -> None:
         """Read the EOS ids, then apply the state policy."""
         self.eos_ids = eos_ids(backbone)
-        self.decoding_length = self.budget_from_curve(backbone, cache_dir, self.params.max_verify_cost,
-                                                      self.params.decoding_length)
+        self.decoding_length = self.budget_from_curve(
+            backbone, cache_dir, self.params.max_verify_cost, self.params.decoding_length
+        )
         super().setup(backbone, cache_dir)
 
     def _clear_state(self) -> None:
@@ -134,10 +148,13 @@ class LookaheadDrafter(StatefulDrafter):
         self._stream(context[self.streamed :])  # the prefill's token never reaches feedback
         p = self.params
         # the loop allows at most max_tokens drafts (what can still be emitted), in total
-        settings = RetrievalSettings(max_drafts=min(self.decoding_length - 1, max_tokens),
-                                     branch_length=min(p.branch_length, max_tokens),
-                                     mode=p.trie_mode, output_weight=p.output_weight,
-                                     min_output_size=max(self.decoding_length // 2, 1))
+        settings = RetrievalSettings(
+            max_drafts=min(self.decoding_length - 1, max_tokens),
+            branch_length=min(p.branch_length, max_tokens),
+            mode=p.trie_mode,
+            output_weight=p.output_weight,
+            min_output_size=max(self.decoding_length // 2, 1),
+        )
         if settings.max_drafts <= 0:
             return Proposal()
         tree = self.cache.retrieve(context[-QUERY_LENGTH:], settings)

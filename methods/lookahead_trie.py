@@ -30,8 +30,8 @@ Differs from the reference, and why:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -189,7 +189,7 @@ def _live_nodes(children: dict[int, TrieNode], mode: str) -> list[TrieNode]:
     return found
 
 
-def _admission(nodes: list[TrieNode], settings: RetrievalSettings) -> Optional[Callable[[TrieNode], bool]]:
+def _admission(nodes: list[TrieNode], settings: RetrievalSettings) -> Callable[[TrieNode], bool] | None:
     """Which nodes of a large subtree may be drafted (None = all: the subtree is small).
 
     The reference's thresholds: a node passes if its output count reaches that of the
@@ -216,8 +216,14 @@ def _admission(nodes: list[TrieNode], settings: RetrievalSettings) -> Optional[C
     return lambda node: node.output_count >= output_floor or settings.weight(node) >= weight_floor
 
 
-def _ravel(children: dict[int, TrieNode], parent: int, depth_left: int, settings: RetrievalSettings,
-           admit: Optional[Callable[[TrieNode], bool]], tree: DraftTree) -> None:
+def _ravel(
+    children: dict[int, TrieNode],
+    parent: int,
+    depth_left: int,
+    settings: RetrievalSettings,
+    admit: Callable[[TrieNode], bool] | None,
+    tree: DraftTree,
+) -> None:
     """Depth-first read-out, children by descending weight (ties keep insertion order)."""
     if depth_left <= 0:
         return
@@ -233,7 +239,7 @@ def _ravel(children: dict[int, TrieNode], parent: int, depth_left: int, settings
 
 
 def parallel_branches(tree: DraftTree) -> DraftTree:
-    """"par" mode: each root-to-leaf path of ``tree`` as its own chain, within the same budget.
+    """ "par" mode: each root-to-leaf path of ``tree`` as its own chain, within the same budget.
 
     Leaves are taken in the tree's (priority) order; shared prefixes are repeated in every chain,
     and the last chain is cut where the budget (the tree's node count) runs out.
@@ -265,8 +271,14 @@ class TrieCache:
         squeeze_after: squeeze once this many tries were updated since the last squeeze.
     """
 
-    def __init__(self, insert_length: int, eos_ids: Iterable[int] = (), max_nodes: int = 65536,
-                 max_output_nodes: int = 512, squeeze_after: int = 1024):
+    def __init__(
+        self,
+        insert_length: int,
+        eos_ids: Iterable[int] = (),
+        max_nodes: int = 65536,
+        max_output_nodes: int = 512,
+        squeeze_after: int = 1024,
+    ):
         self.insert_length = insert_length
         self.eos_ids = set(eos_ids)
         self.max_nodes = max_nodes

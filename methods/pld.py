@@ -13,7 +13,6 @@ incremental index maps each n-gram to its first occurrence — same answer, O(ne
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from decodebench.config import check
 from decodebench.engine.drafting import Drafter, Proposal
@@ -33,20 +32,28 @@ class PromptLookupDrafter(Drafter):
 
         def __post_init__(self) -> None:
             check(self.min_ngram_size >= 1, "method.params.min_ngram_size", self.min_ngram_size, ">= 1")
-            check(self.max_ngram_size >= self.min_ngram_size, "method.params.max_ngram_size",
-                  self.max_ngram_size, f">= min_ngram_size ({self.min_ngram_size})")
+            check(
+                self.max_ngram_size >= self.min_ngram_size,
+                "method.params.max_ngram_size",
+                self.max_ngram_size,
+                f">= min_ngram_size ({self.min_ngram_size})",
+            )
             check(self.num_draft_tokens >= 1, "method.params.num_draft_tokens", self.num_draft_tokens, ">= 1")
-            check(0.0 <= self.expected_acceptance <= 1.0, "method.params.expected_acceptance",
-                  self.expected_acceptance, "0 .. 1")
+            check(
+                0.0 <= self.expected_acceptance <= 1.0,
+                "method.params.expected_acceptance",
+                self.expected_acceptance,
+                "0 .. 1",
+            )
 
-    def __init__(self, params: "PromptLookupDrafter.Params"):
+    def __init__(self, params: PromptLookupDrafter.Params):
         self.params = params
         self.first_start: dict[tuple[int, ...], int] = {}  # n-gram -> start of its first occurrence
         self.indexed_until = 0  # n-grams ending before this context position are indexed
         self.budget = params.num_draft_tokens  # drafts per step (from the curve when budget_from_curve)
         self.budget_source = "params"
 
-    def setup(self, backbone, cache_dir: Optional[str] = None) -> None:
+    def setup(self, backbone, cache_dir: str | None = None) -> None:
         if not self.params.budget_from_curve or not getattr(backbone, "model_name", None):
             return
         from decodebench.engine.budget import pick_draft_budget

@@ -23,15 +23,15 @@ drafts, so the decode loop's verification reduces to taking the reduced forward'
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from decodebench.config import check
 from decodebench.engine.backbone import Backbone
 from decodebench.engine.drafting import Drafter, ForwardPlan
 
 
-def layer_budget(generated: int, num_layers: int, max_fraction: float, min_fraction: float,
-                 decay_tokens: int, keep_bottom: int) -> int:
+def layer_budget(
+    generated: int, num_layers: int, max_fraction: float, min_fraction: float, decay_tokens: int, keep_bottom: int
+) -> int:
     """Layers run for the token at generation index ``generated`` (>= 1; 0 is the prefill).
 
     Linear decay from ``max_fraction·L`` at index 1 to ``min_fraction·L`` at ``decay_tokens``;
@@ -57,24 +57,35 @@ class SkipDecode(Drafter):
         keep_bottom: int = 1  # bottom layers always run (>= 1: layer 0 holds the cache length)
 
         def __post_init__(self) -> None:
-            check(0.0 < self.min_layer_fraction <= 1.0, "method.params.min_layer_fraction",
-                  self.min_layer_fraction, "(0, 1]")
-            check(self.min_layer_fraction <= self.max_layer_fraction <= 1.0, "method.params.max_layer_fraction",
-                  self.max_layer_fraction, f"[min_layer_fraction ({self.min_layer_fraction}), 1]")
+            check(
+                0.0 < self.min_layer_fraction <= 1.0,
+                "method.params.min_layer_fraction",
+                self.min_layer_fraction,
+                "(0, 1]",
+            )
+            check(
+                self.min_layer_fraction <= self.max_layer_fraction <= 1.0,
+                "method.params.max_layer_fraction",
+                self.max_layer_fraction,
+                f"[min_layer_fraction ({self.min_layer_fraction}), 1]",
+            )
             check(self.decay_tokens >= 1, "method.params.decay_tokens", self.decay_tokens, ">= 1")
-            check(self.keep_bottom >= 1, "method.params.keep_bottom", self.keep_bottom,
-                  ">= 1 (layer 0 always runs)")
+            check(self.keep_bottom >= 1, "method.params.keep_bottom", self.keep_bottom, ">= 1 (layer 0 always runs)")
 
-    def __init__(self, params: "SkipDecode.Params"):
+    def __init__(self, params: SkipDecode.Params):
         self.params = params
-        self.num_layers: Optional[int] = None
+        self.num_layers: int | None = None
         self._plans: dict[int, ForwardPlan] = {}
         self._layers_run = 0
         self._steps = 0
 
-    def setup(self, backbone: Backbone, cache_dir: Optional[str] = None) -> None:
-        check(self.params.keep_bottom < backbone.num_layers, "method.params.keep_bottom", self.params.keep_bottom,
-              f"< the model's {backbone.num_layers} layers")
+    def setup(self, backbone: Backbone, cache_dir: str | None = None) -> None:
+        check(
+            self.params.keep_bottom < backbone.num_layers,
+            "method.params.keep_bottom",
+            self.params.keep_bottom,
+            f"< the model's {backbone.num_layers} layers",
+        )
         self.num_layers = backbone.num_layers
         self._plans.clear()
 
@@ -83,8 +94,9 @@ class SkipDecode(Drafter):
 
     def forward_plan(self, generated: int) -> ForwardPlan:
         p = self.params
-        budget = layer_budget(generated, self.num_layers, p.max_layer_fraction, p.min_layer_fraction,
-                              p.decay_tokens, p.keep_bottom)
+        budget = layer_budget(
+            generated, self.num_layers, p.max_layer_fraction, p.min_layer_fraction, p.decay_tokens, p.keep_bottom
+        )
         self._layers_run += budget
         self._steps += 1
         if budget not in self._plans:

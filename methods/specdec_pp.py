@@ -28,7 +28,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -70,7 +70,7 @@ def model_key(backbone: Backbone) -> str:
     return f"{config.model_type}-h{config.hidden_size}-l{config.num_hidden_layers}-v{config.vocab_size}"
 
 
-def head_path(cache_dir: Optional[str], target: Backbone, draft: Backbone, mode: str) -> Path:
+def head_path(cache_dir: str | None, target: Backbone, draft: Backbone, mode: str) -> Path:
     """Default location of a trained head: ``<cache>/specdec_pp/<target>__<draft>/head-<mode>.pt``."""
     root = Path(cache_dir or default_cache_dir()).expanduser()
     return root / "specdec_pp" / f"{model_key(target)}__{model_key(draft)}" / f"head-{mode}.pt"
@@ -89,8 +89,9 @@ def load_head(path: Path, hidden_size: int) -> AcceptanceHead:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     meta = payload["meta"]
     if meta["hidden_size"] != hidden_size:
-        raise ValueError(f"acceptance head {path} is for hidden size {meta['hidden_size']}, "
-                         f"the draft model has {hidden_size}")
+        raise ValueError(
+            f"acceptance head {path} is for hidden size {meta['hidden_size']}, the draft model has {hidden_size}"
+        )
     head = AcceptanceHead(meta["hidden_size"], meta["num_layers"])
     head.load_state_dict(payload["state_dict"])
     return head.eval()
@@ -106,42 +107,53 @@ class SpecDecPPDrafter(DraftModelDrafter):
         max_draft_tokens: int = 20
         # trained head: null = <cache>/specdec_pp/<target>__<draft>/head-<greedy|sampling>.pt;
         # a file that does not exist means the confidence fallback
-        head_path: Optional[str] = None
+        head_path: str | None = None
         use_head: bool = True  # false: always the confidence fallback
 
         def __post_init__(self) -> None:
             check(0.0 < self.stop_threshold < 1.0, "method.params.stop_threshold", self.stop_threshold, "(0, 1)")
             check(self.min_draft_tokens >= 1, "method.params.min_draft_tokens", self.min_draft_tokens, ">= 1")
-            check(self.max_draft_tokens >= self.min_draft_tokens, "method.params.max_draft_tokens",
-                  self.max_draft_tokens, f">= min_draft_tokens ({self.min_draft_tokens})")
+            check(
+                self.max_draft_tokens >= self.min_draft_tokens,
+                "method.params.max_draft_tokens",
+                self.max_draft_tokens,
+                f">= min_draft_tokens ({self.min_draft_tokens})",
+            )
 
-    def __init__(self, params: "SpecDecPPDrafter.Params"):
+    def __init__(self, params: SpecDecPPDrafter.Params):
         super().__init__()
         self.params = params
-        self.heads: dict[str, Optional[AcceptanceHead]] = {}
-        self.head: Optional[AcceptanceHead] = None
-        self.cache_dir: Optional[str] = None
-        self.target: Optional[Backbone] = None
+        self.heads: dict[str, AcceptanceHead | None] = {}
+        self.head: AcceptanceHead | None = None
+        self.cache_dir: str | None = None
+        self.target: Backbone | None = None
 
-    def setup(self, backbone: Backbone, cache_dir: Optional[str] = None) -> None:
+    def setup(self, backbone: Backbone, cache_dir: str | None = None) -> None:
         super().setup(backbone, cache_dir)
         self.target, self.cache_dir = backbone, cache_dir
         self.heads = {}
 
-    def _head_for(self, mode: str) -> Optional[AcceptanceHead]:
+    def _head_for(self, mode: str) -> AcceptanceHead | None:
         """The trained head for ``mode`` (loaded once), or None for the confidence fallback."""
         if mode not in self.heads:
             head = None
             if self.params.use_head:
-                path = (Path(self.params.head_path.replace("{mode}", mode)).expanduser() if self.params.head_path
-                        else head_path(self.cache_dir, self.target, self.draft.backbone, mode))
+                path = (
+                    Path(self.params.head_path.replace("{mode}", mode)).expanduser()
+                    if self.params.head_path
+                    else head_path(self.cache_dir, self.target, self.draft.backbone, mode)
+                )
                 if path.is_file():
                     head = load_head(path, self.draft.backbone.config.hidden_size)
                     head.to(self.draft.backbone.device)
                     log.info("specdec_pp: %s acceptance head %s", mode, path)
                 else:
-                    log.warning("specdec_pp: no trained %s acceptance head at %s; using the draft-confidence "
-                                "fallback (train one: python -m decodebench.methods.specdec_pp_train)", mode, path)
+                    log.warning(
+                        "specdec_pp: no trained %s acceptance head at %s; using the draft-confidence "
+                        "fallback (train one: python -m decodebench.methods.specdec_pp_train)",
+                        mode,
+                        path,
+                    )
             self.heads[mode] = head
         return self.heads[mode]
 
@@ -149,7 +161,7 @@ class SpecDecPPDrafter(DraftModelDrafter):
         super().begin(prompt_ids)
         self.head = self._head_for("greedy" if self.sampling.greedy else "sampling")
 
-    def _confidence(self, logits: torch.Tensor, token: int, q: Optional[torch.Tensor]) -> float:
+    def _confidence(self, logits: torch.Tensor, token: int, q: torch.Tensor | None) -> float:
         """Fallback acceptance estimate: the draft's probability of the token it drafted."""
         if q is not None:
             return float(q[token])

@@ -33,8 +33,8 @@ import argparse
 import re
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -75,7 +75,7 @@ def collect_examples(
     modes: Sequence[str] = MODES,
     temperature: float = 1.0,
     seed: int = 0,
-    log: Optional[Callable[[str], None]] = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Features and labels for each mode (see module docstring); ``log`` gets one line per text.
 
@@ -110,15 +110,18 @@ def collect_examples(
         for mode in modes:
             tokens += drafted[mode]
             parents += [first + t for t in range(count)]
-        hidden = draft.forward(tokens, draft.new_cache(len(tokens)), layout=BlockLayout(parents=parents),
-                           logits_rows=[]).last_hidden
+        hidden = draft.forward(
+            tokens, draft.new_cache(len(tokens)), layout=BlockLayout(parents=parents), logits_rows=[]
+        ).last_hidden
         for index, mode in enumerate(modes):
             start = len(prefix) + index * count
             out[mode][0].append(hidden[start : start + count].float().clone())
             out[mode][1].append(labels[mode])
         if log is not None:
-            log(f"[specdec_pp] text {number}/{len(sequences)}: {count} positions "
-                f"({time.perf_counter() - started:.0f} s)")
+            log(
+                f"[specdec_pp] text {number}/{len(sequences)}: {count} positions "
+                f"({time.perf_counter() - started:.0f} s)"
+            )
     return {mode: (torch.cat(features), torch.cat(values)) for mode, (features, values) in out.items()}
 
 
@@ -131,8 +134,9 @@ def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weight_mismatch: fl
     return loss.sum() / (labels.sum() + weight_mismatch * (1 - labels).sum()).clamp(min=1e-8)
 
 
-def train_head(features: torch.Tensor, labels: torch.Tensor,
-               config: HeadTrainingConfig) -> tuple[AcceptanceHead, dict[str, float]]:
+def train_head(
+    features: torch.Tensor, labels: torch.Tensor, config: HeadTrainingConfig
+) -> tuple[AcceptanceHead, dict[str, float]]:
     """Fit an :class:`AcceptanceHead` on ``features (n, hidden)`` / ``labels (n,)``.
 
     Returns:
@@ -182,8 +186,9 @@ GSM8K_FILE = "gsm8k/test.jsonl"
 SPEC_BENCH_FILE = "spec_bench/question.jsonl"
 
 
-def gsm8k_sequences(tokenizer, count: int, max_answer_tokens: int, data_dir: Optional[str],
-                    cache_dir: str, chat_template: bool = True) -> list[TrainingSequence]:
+def gsm8k_sequences(
+    tokenizer, count: int, max_answer_tokens: int, data_dir: str | None, cache_dir: str, chat_template: bool = True
+) -> list[TrainingSequence]:
     """``count`` GSM8K problems from the end of the test file (none that Spec-Bench asks), as
     chat prompts + reference solutions (calculator annotations ``<<…>>`` removed, EOS appended)."""
     from decodebench.tasks.data import load_jsonl_records, resolve_data_file
@@ -211,9 +216,11 @@ def gsm8k_sequences(tokenizer, count: int, max_answer_tokens: int, data_dir: Opt
     return sequences
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m decodebench.methods.specdec_pp_train",
-                                     description="Train SpecDec++ acceptance heads for a target/draft pair on CPU.")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m decodebench.methods.specdec_pp_train",
+        description="Train SpecDec++ acceptance heads for a target/draft pair on CPU.",
+    )
     parser.add_argument("--model", required=True, help="target catalogue model (conf/model/<name>.yaml)")
     parser.add_argument("--draft", default=None, help="draft catalogue model (default: the target's model.draft)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
@@ -246,31 +253,64 @@ def main(argv: Optional[list[str]] = None) -> int:
         check_same_tokenizer(target, draft)
         if target.tokenizer is None:
             raise DecodeBenchError("training texts need a tokenizer; tiny random models have none")
-        sequences = gsm8k_sequences(target.tokenizer, args.samples, args.max_answer_tokens, args.data_dir,
-                                    args.cache_dir, target_cfg.chat_template)
+        sequences = gsm8k_sequences(
+            target.tokenizer,
+            args.samples,
+            args.max_answer_tokens,
+            args.data_dir,
+            args.cache_dir,
+            target_cfg.chat_template,
+        )
     except DecodeBenchError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
     target_backbone, draft_backbone = Backbone(target.model), Backbone(draft.model)
-    print(f"[specdec_pp] {len(sequences)} texts, {sum(len(s.answer_ids) for s in sequences)} answer tokens; "
-          f"collecting features ({args.model} / {draft_name})", flush=True)
-    examples = collect_examples(target_backbone, draft_backbone, sequences, args.modes, args.temperature, args.seed,
-                                log=lambda line: print(line, flush=True))
+    print(
+        f"[specdec_pp] {len(sequences)} texts, {sum(len(s.answer_ids) for s in sequences)} answer tokens; "
+        f"collecting features ({args.model} / {draft_name})",
+        flush=True,
+    )
+    examples = collect_examples(
+        target_backbone,
+        draft_backbone,
+        sequences,
+        args.modes,
+        args.temperature,
+        args.seed,
+        log=lambda line: print(line, flush=True),
+    )
     collected = time.perf_counter()
-    config = HeadTrainingConfig(num_layers=args.layers, weight_mismatch=args.weight_mismatch, epochs=args.epochs,
-                                learning_rate=args.lr, seed=args.seed)
+    config = HeadTrainingConfig(
+        num_layers=args.layers,
+        weight_mismatch=args.weight_mismatch,
+        epochs=args.epochs,
+        learning_rate=args.lr,
+        seed=args.seed,
+    )
     for mode, (features, labels) in examples.items():
         head, metrics = train_head(features, labels, config)
         path = head_path(args.cache_dir, target_backbone, draft_backbone, mode)
-        meta = {"target": args.model, "draft": draft_name, "mode": mode,
-                "temperature": args.temperature if mode == "sampling" else 0.0,
-                "data": f"{GSM8K_FILE} (last {len(sequences)} problems not in Spec-Bench)",
-                "examples": int(len(labels)), "training": asdict(config), **metrics}
+        meta = {
+            "target": args.model,
+            "draft": draft_name,
+            "mode": mode,
+            "temperature": args.temperature if mode == "sampling" else 0.0,
+            "data": f"{GSM8K_FILE} (last {len(sequences)} problems not in Spec-Bench)",
+            "examples": int(len(labels)),
+            "training": asdict(config),
+            **metrics,
+        }
         save_head(path, head, meta)
-        print(f"[specdec_pp] {mode}: {len(labels)} examples, mean label {metrics['val_mean_label']:.3f}, "
-              f"held-out loss {metrics['val_loss']:.3f}, AUC {metrics['val_auc']:.3f} -> {path}", flush=True)
-    print(f"[specdec_pp] done: features {collected - started:.0f} s (incl. loading), "
-          f"training {time.perf_counter() - collected:.0f} s", flush=True)
+        print(
+            f"[specdec_pp] {mode}: {len(labels)} examples, mean label {metrics['val_mean_label']:.3f}, "
+            f"held-out loss {metrics['val_loss']:.3f}, AUC {metrics['val_auc']:.3f} -> {path}",
+            flush=True,
+        )
+    print(
+        f"[specdec_pp] done: features {collected - started:.0f} s (incl. loading), "
+        f"training {time.perf_counter() - collected:.0f} s",
+        flush=True,
+    )
     return 0
 
 

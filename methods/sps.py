@@ -21,8 +21,8 @@ then only the missing tokens — the accepted drafts it has not seen and the bon
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 
@@ -105,16 +105,18 @@ class DraftModelDrafter(Drafter):
     needs_draft_model = True
 
     def __init__(self) -> None:
-        self.draft: Optional[DraftModelState] = None
-        self.target_vocab: Optional[int] = None
+        self.draft: DraftModelState | None = None
+        self.target_vocab: int | None = None
 
     def attach_draft(self, draft: Backbone) -> None:
         self.draft = DraftModelState(draft)
 
-    def setup(self, backbone: Backbone, cache_dir: Optional[str] = None) -> None:
+    def setup(self, backbone: Backbone, cache_dir: str | None = None) -> None:
         if self.draft is None:
-            raise RuntimeError(f"{type(self).__name__} needs a draft model: the runner calls attach_draft() "
-                               "before setup() when model.draft is set")
+            raise RuntimeError(
+                f"{type(self).__name__} needs a draft model: the runner calls attach_draft() "
+                "before setup() when model.draft is set"
+            )
         self.target_vocab = backbone.lm_head.out_features
 
     def begin(self, prompt_ids: list[int]) -> None:
@@ -125,7 +127,7 @@ class DraftModelDrafter(Drafter):
         temperature / top-k / top-p, exactly as the target's), on the target's vocabulary."""
         return fit_vocab(logits_to_probs(logits, self.sampling), self.target_vocab)
 
-    def choose(self, logits: torch.Tensor) -> tuple[int, Optional[torch.Tensor]]:
+    def choose(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
         """Next draft token from ``(vocab,)`` draft logits: argmax under greedy decoding, else a
         sample; returns the token and the ``(target_vocab,)`` distribution it was drawn from."""
         if self.sampling.greedy:
@@ -148,23 +150,31 @@ class SpeculativeSamplingDrafter(DraftModelDrafter):
         expected_acceptance: float = 0.8  # per-draft acceptance assumed when picking γ from the curve
 
         def __post_init__(self) -> None:
-            check(0.0 <= self.expected_acceptance <= 1.0, "method.params.expected_acceptance",
-                  self.expected_acceptance, "0 .. 1")
+            check(
+                0.0 <= self.expected_acceptance <= 1.0,
+                "method.params.expected_acceptance",
+                self.expected_acceptance,
+                "0 .. 1",
+            )
             check(self.num_draft_tokens >= 1, "method.params.num_draft_tokens", self.num_draft_tokens, ">= 1")
             check(self.schedule in SCHEDULES, "method.params.schedule", self.schedule, " | ".join(SCHEDULES))
-            check(self.max_draft_tokens >= self.num_draft_tokens, "method.params.max_draft_tokens",
-                  self.max_draft_tokens, f">= num_draft_tokens ({self.num_draft_tokens})")
+            check(
+                self.max_draft_tokens >= self.num_draft_tokens,
+                "method.params.max_draft_tokens",
+                self.max_draft_tokens,
+                f">= num_draft_tokens ({self.num_draft_tokens})",
+            )
 
-    def __init__(self, params: "SpeculativeSamplingDrafter.Params"):
+    def __init__(self, params: SpeculativeSamplingDrafter.Params):
         super().__init__()
         self.params = params
         self.gamma = self.start_gamma = params.num_draft_tokens
 
-    def setup(self, backbone: Backbone, cache_dir: Optional[str] = None) -> None:
+    def setup(self, backbone: Backbone, cache_dir: str | None = None) -> None:
         super().setup(backbone, cache_dir)
         self.gamma = self.start_gamma = self._gamma_from_curve(backbone, cache_dir) or self.params.num_draft_tokens
 
-    def _gamma_from_curve(self, backbone: Backbone, cache_dir: Optional[str]) -> Optional[int]:
+    def _gamma_from_curve(self, backbone: Backbone, cache_dir: str | None) -> int | None:
         """γ from the stored curve of the target's backend when it also holds this draft's cost ratio."""
         if not self.params.budget_from_curve or not getattr(backbone, "model_name", None):
             return None
@@ -175,8 +185,12 @@ class SpeculativeSamplingDrafter(DraftModelDrafter):
         draft = (curve or {}).get("draft") or {}
         if draft.get("model") != getattr(self.draft.backbone, "model_name", None) or "cost_ratio" not in draft:
             return None
-        choice = pick_draft_budget(curve, self.params.expected_acceptance, self.params.max_draft_tokens,
-                                   draft_cost_ratio=float(draft["cost_ratio"]))
+        choice = pick_draft_budget(
+            curve,
+            self.params.expected_acceptance,
+            self.params.max_draft_tokens,
+            draft_cost_ratio=float(draft["cost_ratio"]),
+        )
         if choice.draft_tokens < 1:
             return None
         self.verify_budget, self.budget_source = choice.draft_tokens + 1, f"curve:{backbone.backend}"

@@ -17,13 +17,12 @@ of tensors, numbers and strings, so ``torch.load(weights_only=True)`` can read i
 from __future__ import annotations
 
 import abc
-
 import copy
 import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -54,7 +53,7 @@ def model_key(backbone: Backbone) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", key)
 
 
-def state_path(cache_dir: Optional[str], method: str, backbone: Backbone) -> Path:
+def state_path(cache_dir: str | None, method: str, backbone: Backbone) -> Path:
     """``<cache_dir>/state/<method>-<model key>.pt`` (``cache_dir`` None = the default cache)."""
     root = Path(cache_dir or default_cache_dir()).expanduser()
     return root / "state" / f"{method}-{model_key(backbone)}.pt"
@@ -71,8 +70,8 @@ class StatefulDrafter(Drafter, abc.ABC):
 
     def __init__(self, params: Any):
         self.params = params
-        self.state_file: Optional[Path] = None
-        self._initial: Optional[dict[str, Any]] = None  # snapshot taken at setup
+        self.state_file: Path | None = None
+        self._initial: dict[str, Any] | None = None  # snapshot taken at setup
 
     # -- hooks -------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -91,7 +90,7 @@ class StatefulDrafter(Drafter, abc.ABC):
         """Fold what the last generation left pending into the state (default: nothing)."""
 
     # -- Drafter API -------------------------------------------------------------------------
-    def setup(self, backbone: Backbone, cache_dir: Optional[str] = None) -> None:
+    def setup(self, backbone: Backbone, cache_dir: str | None = None) -> None:
         """Start from the empty state, or from the saved one under ``persistent``."""
         self._clear_state()
         if self.params.state == "persistent":

@@ -35,7 +35,7 @@ Differs, and why:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -62,20 +62,23 @@ class SuffixDecodingDrafter(StatefulDrafter):
         state: str = "per_task"  # the global tree: per_prompt | per_task | persistent
         # cpu preset: max_spec_tokens from the stored latency curve of the backend in use (the largest
         # draft whose verify costs <= this x a 1-token step, engine/budget.py node_budget)
-        max_verify_cost: Optional[float] = None
+        max_verify_cost: float | None = None
 
         def __post_init__(self) -> None:
-            check(self.max_verify_cost is None or self.max_verify_cost >= 1.0, "method.params.max_verify_cost",
-                  self.max_verify_cost, ">= 1.0 or null")
+            check(
+                self.max_verify_cost is None or self.max_verify_cost >= 1.0,
+                "method.params.max_verify_cost",
+                self.max_verify_cost,
+                ">= 1.0 or null",
+            )
             check(self.max_depth >= 2, "method.params.max_depth", self.max_depth, ">= 2")
             check(self.max_spec_tokens >= 1, "method.params.max_spec_tokens", self.max_spec_tokens, ">= 1")
             check(self.max_spec_factor > 0, "method.params.max_spec_factor", self.max_spec_factor, "> 0")
             check(self.max_spec_offset >= 0, "method.params.max_spec_offset", self.max_spec_offset, ">= 0")
-            check(0.0 <= self.min_token_prob <= 1.0, "method.params.min_token_prob", self.min_token_prob,
-                  "[0, 1]")
+            check(0.0 <= self.min_token_prob <= 1.0, "method.params.min_token_prob", self.min_token_prob, "[0, 1]")
             check_state_policy(self.state)
 
-    def __init__(self, params: "SuffixDecodingDrafter.Params"):
+    def __init__(self, params: SuffixDecodingDrafter.Params):
         super().__init__(params)
         self.global_tree = SuffixTree(params.max_depth)
         self.responses: list[list[int]] = []  # the global tree's sequences, for snapshots
@@ -83,10 +86,12 @@ class SuffixDecodingDrafter(StatefulDrafter):
         self.seen = 0  # context tokens already added to the trees
         self.max_spec_tokens = params.max_spec_tokens
 
-    def setup(self, backbone, cache_dir: Optional[str] = None) -> None:
+    def setup(self, backbone, cache_dir: str | None = None) -> None:
         """Size the drafts from the latency curve (cpu preset), then apply the state policy."""
-        self.max_spec_tokens = self.budget_from_curve(backbone, cache_dir, self.params.max_verify_cost,
-                                                      self.params.max_spec_tokens + 1) - 1
+        self.max_spec_tokens = (
+            self.budget_from_curve(backbone, cache_dir, self.params.max_verify_cost, self.params.max_spec_tokens + 1)
+            - 1
+        )
         super().setup(backbone, cache_dir)
 
     # -- learned state (the global tree) ---------------------------------------------------------
@@ -129,7 +134,7 @@ class SuffixDecodingDrafter(StatefulDrafter):
         budget = min(self.max_spec_tokens, max_tokens)
         if budget <= 0:
             return Proposal()
-        draft = self.speculate(context[-self.params.max_depth:], budget)
+        draft = self.speculate(context[-self.params.max_depth :], budget)
         if not draft.tokens:
             return Proposal()
         return Proposal(tokens=draft.tokens, parents=draft.parents if self.params.use_tree else None)
@@ -154,7 +159,7 @@ class SuffixDecodingDrafter(StatefulDrafter):
 
         Tokens after a stop may be added too: they are the target's own greedy continuation.
         """
-        new = tokens[max(0, self.seen - offset):]
+        new = tokens[max(0, self.seen - offset) :]
         if not new:
             return
         self.local_tree.extend(0, new)

@@ -29,11 +29,11 @@ tree draft's best-first queue pops equal probabilities in the order of libstdc++
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from numpy import float32
-
 
 NO_CHILDREN: dict = {}  # never written: a node replaces it with its own maps (see Node.own_maps)
 
@@ -47,18 +47,29 @@ class Node:
     for the garbage collector to scan).
     """
 
-    __slots__ = ("count", "seq", "start", "length", "parent", "children", "first_child", "last_child",
-                 "prev", "next", "group_head")
+    __slots__ = (
+        "count",
+        "seq",
+        "start",
+        "length",
+        "parent",
+        "children",
+        "first_child",
+        "last_child",
+        "prev",
+        "next",
+        "group_head",
+    )
 
-    def __init__(self, count: int, seq: int, start: int, length: int, parent: Optional["Node"]):
+    def __init__(self, count: int, seq: int, start: int, length: int, parent: Node | None):
         self.count = count
         self.seq, self.start, self.length = seq, start, length
         self.parent = parent
         self.children: dict[int, Node] = NO_CHILDREN
-        self.first_child: Optional[Node] = None
-        self.last_child: Optional[Node] = None
-        self.prev: Optional[Node] = None
-        self.next: Optional[Node] = None
+        self.first_child: Node | None = None
+        self.last_child: Node | None = None
+        self.prev: Node | None = None
+        self.next: Node | None = None
         self.group_head: dict[int, Node] = NO_CHILDREN
 
     def own_maps(self) -> None:
@@ -285,7 +296,7 @@ class SuffixTree:
     def token_at(self, node: Node, offset: int) -> int:
         return self.seqs[node.seq][node.start + offset]
 
-    def match(self, pattern: Sequence[int]) -> Optional[tuple[Node, int]]:
+    def match(self, pattern: Sequence[int]) -> tuple[Node, int] | None:
         """Walk ``pattern`` from the root; returns (node, tokens of it consumed) or None."""
         node, offset, seqs = self.root, 0, self.seqs
         for token in pattern:
@@ -305,9 +316,16 @@ class SuffixTree:
         active = self.active.get(seq_id, ())
         return [active[-m] for m in range(1, len(active) + 1)]
 
-    def speculate(self, context: Sequence[int], max_tokens: int, max_spec_factor: float,
-                  max_spec_offset: float, min_token_prob: float, use_tree: bool,
-                  known_ends: Sequence[Node] = ()) -> Draft:
+    def speculate(
+        self,
+        context: Sequence[int],
+        max_tokens: int,
+        max_spec_factor: float,
+        max_spec_offset: float,
+        min_token_prob: float,
+        use_tree: bool,
+        known_ends: Sequence[Node] = (),
+    ) -> Draft:
         """Best draft over every suffix of ``context`` that occurs in the tree.
 
         For each match length ``m = 1 .. len(context) - 1`` (stopping at the first suffix that does
@@ -329,7 +347,7 @@ class SuffixTree:
                     break
                 found = (node, node.length)
             else:
-                found = self.match(context[len(context) - match_len:])
+                found = self.match(context[len(context) - match_len :])
                 if found is None:
                     break
             budget = max(0, min(max_tokens, int(match_len * max_spec_factor + max_spec_offset + 1e-6)))

@@ -38,7 +38,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -49,8 +49,15 @@ from decodebench.engine.kv_cache import KVCache
 from decodebench.engine.sampling import logits_to_probs, sample
 from decodebench.extras import require_extra
 from decodebench.methods.state_policy import model_key
-from decodebench.methods.swift_search import (LayerSetSearch, SearchSettings, SkipSet, initial_skip_set,
-                                              load_skip_set, save_skip_set, skip_set_path)
+from decodebench.methods.swift_search import (
+    LayerSetSearch,
+    SearchSettings,
+    SkipSet,
+    initial_skip_set,
+    load_skip_set,
+    save_skip_set,
+    skip_set_path,
+)
 
 log = logging.getLogger("decodebench")
 
@@ -106,58 +113,83 @@ class SwiftDrafter(Drafter):
 
         def __post_init__(self) -> None:
             if isinstance(self.skip_set, str):
-                check(self.skip_set in ("auto", "cached"), "method.params.skip_set", self.skip_set,
-                      "auto | cached | a list of sublayers such as [a3, m5]")
+                check(
+                    self.skip_set in ("auto", "cached"),
+                    "method.params.skip_set",
+                    self.skip_set,
+                    "auto | cached | a list of sublayers such as [a3, m5]",
+                )
             else:
                 self.skip_set = [str(name) for name in self.skip_set]
-                check(bool(self.skip_set), "method.params.skip_set", self.skip_set,
-                      "auto | cached | a non-empty list of sublayers such as [a3, m5]")
+                check(
+                    bool(self.skip_set),
+                    "method.params.skip_set",
+                    self.skip_set,
+                    "auto | cached | a non-empty list of sublayers such as [a3, m5]",
+                )
             if "${" in str(self.task):  # the YAML read outside Hydra (no task to interpolate)
                 self.task = "default"
             check(0.0 < self.skip_ratio < 1.0, "method.params.skip_ratio", self.skip_ratio, "(0, 1)")
-            for key in ("opt_interval", "bayes_interval", "max_opt_iter", "max_tolerance_iter",
-                        "context_window", "max_draft_steps"):
+            for key in (
+                "opt_interval",
+                "bayes_interval",
+                "max_opt_iter",
+                "max_tolerance_iter",
+                "context_window",
+                "max_draft_steps",
+            ):
                 check(getattr(self, key) >= 1, f"method.params.{key}", getattr(self, key), ">= 1")
             check(0.0 <= self.stop_threshold <= 1.0, "method.params.stop_threshold", self.stop_threshold, "0 .. 1")
             for key in ("candidates_greedy", "candidates_sampling"):
                 counts = getattr(self, key)
-                check(len(counts) == len(self.confidence_thresholds) + 1 and all(1 <= c <= TOP_K for c in counts),
-                      f"method.params.{key}", counts,
-                      f"{len(self.confidence_thresholds) + 1} counts in 1 .. {TOP_K} (one per confidence bin)")
+                check(
+                    len(counts) == len(self.confidence_thresholds) + 1 and all(1 <= c <= TOP_K for c in counts),
+                    f"method.params.{key}",
+                    counts,
+                    f"{len(self.confidence_thresholds) + 1} counts in 1 .. {TOP_K} (one per confidence bin)",
+                )
 
-    def __init__(self, params: "SwiftDrafter.Params"):
+    def __init__(self, params: SwiftDrafter.Params):
         if params.optimize:  # the layer-set search's Bayesian optimiser (methods/swift_search.py)
             require_extra("swift", "bayes_opt", "method=swift with method.params.optimize=true")
         self.params = params
-        self.backbone: Optional[Backbone] = None
+        self.backbone: Backbone | None = None
         self.skip: SkipSet = SkipSet()
-        self.search: Optional[LayerSetSearch] = None
-        self.cache_file: Optional[Path] = None
+        self.search: LayerSetSearch | None = None
+        self.cache_file: Path | None = None
         self.saved_iterations = -1
         self.prompt_length = 0
         self.step = 0
 
     # -- lifecycle --------------------------------------------------------------------------------
-    def setup(self, backbone: Backbone, cache_dir: Optional[str] = None) -> None:
+    def setup(self, backbone: Backbone, cache_dir: str | None = None) -> None:
         backbone.require_residual_halves("swift")  # skips attention / MLP sublayers
         self.backbone = backbone
         layers = backbone.num_layers
         if layers < 3:
-            raise ConfigValueError(f"swift needs at least 3 layers (first and last are never skipped); "
-                                   f"the model has {layers}")
+            raise ConfigValueError(
+                f"swift needs at least 3 layers (first and last are never skipped); the model has {layers}"
+            )
         root = Path(cache_dir or default_cache_dir()).expanduser()
         self.cache_file = skip_set_path(root, model_key(backbone), self.params.task)
         choice = self.params.skip_set
         if choice == "cached":
             cached = load_skip_set(self.cache_file, layers)
             if cached is None:
-                raise ConfigValueError(f"method.params.skip_set=cached, but no optimised skip set is stored at "
-                                       f"{self.cache_file}: run once with skip_set=auto first")
+                raise ConfigValueError(
+                    f"method.params.skip_set=cached, but no optimised skip set is stored at "
+                    f"{self.cache_file}: run once with skip_set=auto first"
+                )
             self.skip = cached
             meta = json.loads(self.cache_file.read_text())
             if not meta.get("finished"):
-                log.warning("swift: the cached skip set %s comes from a search that had not finished (%s iterations, "
-                            "score %.3f)", self.cache_file, meta.get("iterations"), meta.get("score", 0.0))
+                log.warning(
+                    "swift: the cached skip set %s comes from a search that had not finished (%s iterations, "
+                    "score %.3f)",
+                    self.cache_file,
+                    meta.get("iterations"),
+                    meta.get("score", 0.0),
+                )
         elif choice != "auto":
             self.skip = SkipSet.parse(choice, layers)
         self.reset_state()
@@ -165,10 +197,21 @@ class SwiftDrafter(Drafter):
     def reset_state(self) -> None:
         if self.params.skip_set != "auto":
             return
-        self.search = LayerSetSearch(self.backbone.num_layers, SearchSettings(
-            skip_ratio=self.params.skip_ratio, bayes_interval=self.params.bayes_interval,
-            max_opt_iter=self.params.max_opt_iter, max_tolerance_iter=self.params.max_tolerance_iter,
-            max_score=self.params.max_score, seed=self.params.seed)) if self.params.optimize else None
+        self.search = (
+            LayerSetSearch(
+                self.backbone.num_layers,
+                SearchSettings(
+                    skip_ratio=self.params.skip_ratio,
+                    bayes_interval=self.params.bayes_interval,
+                    max_opt_iter=self.params.max_opt_iter,
+                    max_tolerance_iter=self.params.max_tolerance_iter,
+                    max_score=self.params.max_score,
+                    seed=self.params.seed,
+                ),
+            )
+            if self.params.optimize
+            else None
+        )
         self.skip = initial_skip_set(self.backbone.num_layers)
         self.saved_iterations = -1
 
@@ -182,18 +225,29 @@ class SwiftDrafter(Drafter):
     def request_stats(self) -> dict[str, float]:
         stats = {"swift_skipped_sublayers": float(len(self.skip))}
         if self.search is not None:
-            stats.update(swift_opt_iterations=float(self.search.iterations),
-                         swift_best_score=self.search.best_score, swift_optimizing=float(self.search.active))
+            stats.update(
+                swift_opt_iterations=float(self.search.iterations),
+                swift_best_score=self.search.best_score,
+                swift_optimizing=float(self.search.active),
+            )
         return stats
 
     def _save(self) -> None:
         search = self.search
         if search is None or search.iterations == 0 or search.iterations == self.saved_iterations:
             return
-        save_skip_set(self.cache_file, search.best, {
-            "score": search.best_score, "iterations": search.iterations, "finished": not search.active,
-            "num_layers": self.backbone.num_layers, "skip_ratio": self.params.skip_ratio,
-            "context_window": self.params.context_window})
+        save_skip_set(
+            self.cache_file,
+            search.best,
+            {
+                "score": search.best_score,
+                "iterations": search.iterations,
+                "finished": not search.active,
+                "num_layers": self.backbone.num_layers,
+                "skip_ratio": self.params.skip_ratio,
+                "context_window": self.params.context_window,
+            },
+        )
         self.saved_iterations = search.iterations
 
     # -- optimisation -----------------------------------------------------------------------------
@@ -203,9 +257,12 @@ class SwiftDrafter(Drafter):
         window = self.params.context_window
         generated = context[self.prompt_length : self.prompt_length + window + 1]
         view = PrefixView(self.target_cache, self.prompt_length)
-        out = self.backbone.forward(generated, view, plan=ForwardPlan(skip_attention=skip_set.attention,
-                                                                      skip_mlp=skip_set.mlp),
-                                    logits_rows=slice(0, window))
+        out = self.backbone.forward(
+            generated,
+            view,
+            plan=ForwardPlan(skip_attention=skip_set.attention, skip_mlp=skip_set.mlp),
+            logits_rows=slice(0, window),
+        )
         predicted = out.logits.argmax(-1).cpu()
         return float((predicted == torch.tensor(generated[1:])).float().mean())
 
@@ -232,8 +289,10 @@ class SwiftDrafter(Drafter):
         cache = self.target_cache
         committed = len(context) - 1
         if cache is None or cache.length != committed:
-            raise RuntimeError("swift drafts on the decode loop's cache, which must hold exactly the committed "
-                               f"context ({committed} tokens)")
+            raise RuntimeError(
+                "swift drafts on the decode loop's cache, which must hold exactly the committed "
+                f"context ({committed} tokens)"
+            )
         greedy = self.sampling.greedy
         counts = self.params.candidates_greedy if greedy else self.params.candidates_sampling
         tokens: list[int] = []
@@ -242,8 +301,9 @@ class SwiftDrafter(Drafter):
         spine_parent = -1
         token = context[-1]
         for _ in range(depth_budget):
-            out = self.backbone.forward([token], cache, plan=ForwardPlan(skip_attention=self.skip.attention,
-                                                                         skip_mlp=self.skip.mlp))
+            out = self.backbone.forward(
+                [token], cache, plan=ForwardPlan(skip_attention=self.skip.attention, skip_mlp=self.skip.mlp)
+            )
             logits = out.logits[-1]
             raw = torch.softmax(logits, -1)
             if greedy:

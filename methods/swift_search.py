@@ -21,9 +21,9 @@ import io
 import json
 import logging
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -48,7 +48,7 @@ class SkipSet:
         return [f"a{i}" for i in sorted(self.attention)] + [f"m{i}" for i in sorted(self.mlp)]
 
     @classmethod
-    def parse(cls, names: Sequence[str], num_layers: int) -> "SkipSet":
+    def parse(cls, names: Sequence[str], num_layers: int) -> SkipSet:
         """From ``["a3", "m5", ...]``; layers must be in ``1 .. L−2``."""
         attention, mlp = set(), set()
         for name in names:
@@ -56,21 +56,25 @@ class SkipSet:
             if not match or not 1 <= int(match.group(2)) <= num_layers - 2:
                 raise ConfigValueError(
                     f"invalid value in 'method.params.skip_set': {name!r} (allowed: a<i> to skip layer i's "
-                    f"attention, m<i> its MLP, with 1 <= i <= {num_layers - 2}; or auto | cached)")
+                    f"attention, m<i> its MLP, with 1 <= i <= {num_layers - 2}; or auto | cached)"
+                )
             (attention if match.group(1) == "a" else mlp).add(int(match.group(2)))
         return cls(frozenset(attention), frozenset(mlp))
 
     # the optimiser's coordinates: x0 .. x_{L-3} = attention of layers 1 .. L-2, then the MLPs
     @classmethod
-    def from_coordinates(cls, chosen: Sequence[int], num_layers: int) -> "SkipSet":
+    def from_coordinates(cls, chosen: Sequence[int], num_layers: int) -> SkipSet:
         middle = num_layers - 2
-        return cls(frozenset(i + 1 for i in chosen if i < middle),
-                   frozenset(i - middle + 1 for i in chosen if i >= middle))
+        return cls(
+            frozenset(i + 1 for i in chosen if i < middle), frozenset(i - middle + 1 for i in chosen if i >= middle)
+        )
 
     def point(self, num_layers: int) -> dict[str, float]:
         middle = num_layers - 2
-        return {f"x{i}": float((i + 1) in self.attention if i < middle else (i - middle + 1) in self.mlp)
-                for i in range(2 * middle)}
+        return {
+            f"x{i}": float((i + 1) in self.attention if i < middle else (i - middle + 1) in self.mlp)
+            for i in range(2 * middle)
+        }
 
 
 def initial_skip_set(num_layers: int) -> SkipSet:
@@ -113,9 +117,13 @@ class LayerSetSearch:
         self.skip_count = int(dims * self.settings.skip_ratio)
         self.rng = np.random.default_rng(self.settings.seed)
         self.optimizer = BayesianOptimization(
-            f=None, pbounds={f"x{i}": (0.0, 1.0) for i in range(dims)},
+            f=None,
+            pbounds={f"x{i}": (0.0, 1.0) for i in range(dims)},
             acquisition_function=acquisition.UpperConfidenceBound(kappa=2.5),  # reference: UCB, kappa 2.5
-            random_state=self.settings.seed, verbose=0, allow_duplicate_points=True)
+            random_state=self.settings.seed,
+            verbose=0,
+            allow_duplicate_points=True,
+        )
         self.optimizer.set_gp_params(alpha=1e-2)  # reference: noisy scores
 
     def candidate(self) -> tuple[SkipSet, dict[str, float]]:
@@ -123,8 +131,9 @@ class LayerSetSearch:
         if (self.iterations + 1) % self.settings.bayes_interval == 0:
             point = self.optimizer.suggest()
             order = sorted(range(len(point)), key=lambda i: -float(point[f"x{i}"]))
-            return SkipSet.from_coordinates(order[: self.skip_count], self.num_layers), \
-                {k: float(v) for k, v in point.items()}
+            return SkipSet.from_coordinates(order[: self.skip_count], self.num_layers), {
+                k: float(v) for k, v in point.items()
+            }
         chosen = self.rng.choice(2 * (self.num_layers - 2), self.skip_count, replace=False)
         skip_set = SkipSet.from_coordinates(chosen.tolist(), self.num_layers)
         return skip_set, skip_set.point(self.num_layers)
@@ -142,12 +151,15 @@ class LayerSetSearch:
                 self.active = False
         else:
             self.since_improvement += 1
-        if self.since_improvement > self.settings.max_tolerance_iter or \
-                self.iterations > self.settings.max_opt_iter:
+        if self.since_improvement > self.settings.max_tolerance_iter or self.iterations > self.settings.max_opt_iter:
             self.active = False
         if not self.active:
-            log.info("swift: layer-set search stopped after %d iterations, best score %.3f, skipping %s",
-                     self.iterations, self.best_score, " ".join(self.best.names()))
+            log.info(
+                "swift: layer-set search stopped after %d iterations, best score %.3f, skipping %s",
+                self.iterations,
+                self.best_score,
+                " ".join(self.best.names()),
+            )
         return value
 
 
@@ -164,11 +176,12 @@ def save_skip_set(path: Path, skip_set: SkipSet, meta: dict) -> None:
     tmp.replace(path)
 
 
-def load_skip_set(path: Path, num_layers: int) -> Optional[SkipSet]:
+def load_skip_set(path: Path, num_layers: int) -> SkipSet | None:
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
     if data.get("num_layers") != num_layers:
-        raise ConfigValueError(f"{path} holds a skip set for {data.get('num_layers')} layers, "
-                               f"the model has {num_layers}")
+        raise ConfigValueError(
+            f"{path} holds a skip set for {data.get('num_layers')} layers, the model has {num_layers}"
+        )
     return SkipSet.parse(data["skip_set"], num_layers)

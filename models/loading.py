@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -55,7 +56,7 @@ class LoadedModel:
     """
 
     model: PreTrainedModel
-    tokenizer: Optional[PreTrainedTokenizerBase]
+    tokenizer: PreTrainedTokenizerBase | None
     name: str
     source: str
     info: dict[str, Any]
@@ -80,9 +81,15 @@ def load_model_config(name: str) -> ModelConfig:
     return ModelConfig(**group_config("model", name))
 
 
-def load_model(cfg: ModelConfig, *, device: str = "cpu", dtype: str = "float32",
-               cache_dir: Optional[str] = None, seed: int = 0,
-               catalogue_lookup: Optional[Callable[[str], ModelConfig]] = None) -> LoadedModel:
+def load_model(
+    cfg: ModelConfig,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    cache_dir: str | None = None,
+    seed: int = 0,
+    catalogue_lookup: Callable[[str], ModelConfig] | None = None,
+) -> LoadedModel:
     """Load ``cfg``'s model and tokenizer.
 
     Args:
@@ -110,8 +117,14 @@ def load_model(cfg: ModelConfig, *, device: str = "cpu", dtype: str = "float32",
     else:
         location, revision = _pretrained_location(cfg, cache_dir, info)
         dtype, info["dtype_source"] = resolve_dtype(cfg, dtype, location, revision)
-        model = _from_pretrained(AutoModelForCausalLM, cfg, location, revision,
-                                 dtype=DTYPES[dtype], attn_implementation=_attention_for(cfg, location, revision))
+        model = _from_pretrained(
+            AutoModelForCausalLM,
+            cfg,
+            location,
+            revision,
+            dtype=DTYPES[dtype],
+            attn_implementation=_attention_for(cfg, location, revision),
+        )
         info["location"] = location
     tokenizer = _load_tokenizer(cfg, cache_dir, lookup)
     if tokenizer is not None:
@@ -137,8 +150,7 @@ def load_model(cfg: ModelConfig, *, device: str = "cpu", dtype: str = "float32",
     return LoadedModel(model=model, tokenizer=tokenizer, name=cfg.name, source=cfg.source, info=info)
 
 
-def resolve_dtype(cfg: ModelConfig, requested: str, location: Optional[str],
-                  revision: Optional[str]) -> tuple[str, str]:
+def resolve_dtype(cfg: ModelConfig, requested: str, location: str | None, revision: str | None) -> tuple[str, str]:
     """The dtype to load ``cfg`` in and where it came from (recorded as ``dtype_source``).
 
     ``requested`` wins unless it is ``auto``; then an ``hf`` model takes its checkpoint config's
@@ -157,7 +169,7 @@ def resolve_dtype(cfg: ModelConfig, requested: str, location: Optional[str],
     return "float32", f"float32 (the checkpoint config's torch_dtype is {name})"
 
 
-def draft_model_config(cfg: ModelConfig) -> Optional[ModelConfig]:
+def draft_model_config(cfg: ModelConfig) -> ModelConfig | None:
     """The draft model of ``cfg`` for draft-model methods, or None when it names none: ``draft_id``
     (``model=hf``: a hub id or directory, loaded like the target) or ``draft`` (a catalogue name).
 
@@ -166,11 +178,17 @@ def draft_model_config(cfg: ModelConfig) -> Optional[ModelConfig]:
         ConfigValueError: both are set.
     """
     if cfg.draft_id and cfg.draft:
-        raise ConfigValueError(f"model.draft_id ({cfg.draft_id!r}) and model.draft ({cfg.draft!r}) are both set; "
-                               "set one of them")
+        raise ConfigValueError(
+            f"model.draft_id ({cfg.draft_id!r}) and model.draft ({cfg.draft!r}) are both set; set one of them"
+        )
     if cfg.draft_id:
-        return ModelConfig(name=model_name_from_id(cfg.draft_id), source="hf", id=cfg.draft_id,
-                           chat_template=cfg.chat_template, attn_implementation=cfg.attn_implementation)
+        return ModelConfig(
+            name=model_name_from_id(cfg.draft_id),
+            source="hf",
+            id=cfg.draft_id,
+            chat_template=cfg.chat_template,
+            attn_implementation=cfg.attn_implementation,
+        )
     return load_model_config(cfg.draft) if cfg.draft else None
 
 
@@ -183,28 +201,33 @@ def hf_location(model_id: str) -> tuple[str, bool]:
     if is_local_model_dir(model_id):
         return str(Path(model_id).expanduser().resolve()), True
     if looks_like_path(model_id) or not HUB_ID.match(model_id):
-        raise ConfigValueError(f"invalid value for 'model.id': {model_id!r} (allowed: a local Hugging Face model "
-                               "directory that exists, or a hub id such as Qwen/Qwen2.5-0.5B-Instruct)")
+        raise ConfigValueError(
+            f"invalid value for 'model.id': {model_id!r} (allowed: a local Hugging Face model "
+            "directory that exists, or a hub id such as Qwen/Qwen2.5-0.5B-Instruct)"
+        )
     return model_id, False
 
 
-def load_tokenizer(cfg: ModelConfig, cache_dir: Optional[str] = None) -> PreTrainedTokenizerBase:
+def load_tokenizer(cfg: ModelConfig, cache_dir: str | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer stored with a non-tiny catalogue model (prepares an embedded one if needed)."""
     if cfg.source == "tiny":
-        raise DecodeBenchError(f"model '{cfg.name}' is a tiny random model and has no tokenizer "
-                               "of its own; name a real catalogue model in model.tokenizer")
+        raise DecodeBenchError(
+            f"model '{cfg.name}' is a tiny random model and has no tokenizer "
+            "of its own; name a real catalogue model in model.tokenizer"
+        )
     location, revision = _pretrained_location(cfg, cache_dir or default_cache_dir(), {})
     return _from_pretrained(AutoTokenizer, cfg, location, revision)
 
 
-def _load_tokenizer(cfg: ModelConfig, cache_dir: str,
-                    lookup: Callable[[str], ModelConfig]) -> Optional[PreTrainedTokenizerBase]:
+def _load_tokenizer(
+    cfg: ModelConfig, cache_dir: str, lookup: Callable[[str], ModelConfig]
+) -> PreTrainedTokenizerBase | None:
     if cfg.tokenizer and cfg.tokenizer != cfg.name:
         return load_tokenizer(lookup(cfg.tokenizer), cache_dir)
     return None if cfg.source == "tiny" else load_tokenizer(cfg, cache_dir)
 
 
-def _pretrained_location(cfg: ModelConfig, cache_dir: str, info: dict) -> tuple[str, Optional[str]]:
+def _pretrained_location(cfg: ModelConfig, cache_dir: str, info: dict) -> tuple[str, str | None]:
     """Directory or hub id to call ``from_pretrained`` on, and the revision (hub only)."""
     if cfg.source == "embedded":
         model_dir = prepare_embedded(cfg, cache_dir)
@@ -221,8 +244,7 @@ def _pretrained_location(cfg: ModelConfig, cache_dir: str, info: dict) -> tuple[
     return cfg.hub_id, cfg.revision
 
 
-def _from_pretrained(loader: Any, cfg: ModelConfig, location: str, revision: Optional[str],
-                     **kwargs: Any) -> Any:
+def _from_pretrained(loader: Any, cfg: ModelConfig, location: str, revision: str | None, **kwargs: Any) -> Any:
     if revision:
         kwargs["revision"] = revision
     try:
@@ -230,12 +252,14 @@ def _from_pretrained(loader: Any, cfg: ModelConfig, location: str, revision: Opt
     except OSError as error:  # hub unreachable, missing files, gated repo
         hint = ""
         if cfg.source == "hub" or (cfg.source == "hf" and not is_local_model_dir(location)):
-            hint = (" (no network? run `hf download ID --local-dir DIR` where the hub is reachable and pass "
-                    "model=hf model.id=DIR, or set HF_HUB_OFFLINE=1 with a filled HF cache)")
+            hint = (
+                " (no network? run `hf download ID --local-dir DIR` where the hub is reachable and pass "
+                "model=hf model.id=DIR, or set HF_HUB_OFFLINE=1 with a filled HF cache)"
+            )
         raise DecodeBenchError(f"could not load model '{cfg.name}' from {location}{hint}: {error}") from error
 
 
-def _attention_for(cfg: ModelConfig, location: str, revision: Optional[str]) -> str:
+def _attention_for(cfg: ModelConfig, location: str, revision: str | None) -> str:
     """``cfg.attn_implementation``, or ``eager`` for families transformers runs only eagerly
     (Gemma 2's attention soft-capping, gpt-oss's attention sinks). An architecture the engine
     cannot run exactly is refused here, before the weights are loaded."""
@@ -250,7 +274,8 @@ def _check_vocab(cfg: ModelConfig, model: PreTrainedModel, tokenizer: PreTrained
         raise DecodeBenchError(
             f"model '{cfg.name}' has vocab_size {model.config.vocab_size} but its tokenizer "
             f"('{cfg.tokenizer or cfg.name}') has {len(tokenizer)} tokens; set model.tiny.vocab_size "
-            f"to at least {len(tokenizer)}")
+            f"to at least {len(tokenizer)}"
+        )
 
 
 def _adopt_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -269,8 +294,12 @@ def check_same_tokenizer(target: LoadedModel, draft: LoadedModel) -> None:
     if target.tokenizer is None or draft.tokenizer is None:
         same = target.model.config.vocab_size == draft.model.config.vocab_size
     else:
-        same = (target.tokenizer.get_vocab() == draft.tokenizer.get_vocab()
-                and target.tokenizer.eos_token_id == draft.tokenizer.eos_token_id)
+        same = (
+            target.tokenizer.get_vocab() == draft.tokenizer.get_vocab()
+            and target.tokenizer.eos_token_id == draft.tokenizer.eos_token_id
+        )
     if not same:
-        raise ConfigValueError(f"draft model '{draft.name}' does not share the tokenizer of target "
-                               f"'{target.name}'; pick a draft from the same model family")
+        raise ConfigValueError(
+            f"draft model '{draft.name}' does not share the tokenizer of target "
+            f"'{target.name}'; pick a draft from the same model family"
+        )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 
 def is_local_model_dir(model_id: str) -> bool:
@@ -16,7 +15,7 @@ def looks_like_path(model_id: str) -> bool:
     return model_id.startswith(("/", "./", "../", "~", ".\\")) or model_id in (".", "..") or "\\" in model_id
 
 
-def model_name_from_id(model_id: Optional[str]) -> str:
+def model_name_from_id(model_id: str | None) -> str:
     """The run's model name for ``model.id``: a local directory's name, or the hub id's last part
     (``Qwen/Qwen2.5-0.5B-Instruct`` -> ``Qwen2.5-0.5B-Instruct``); ``hf`` while no id is given."""
     if not model_id:

@@ -44,14 +44,12 @@ def build_tiny_config(cfg: ModelConfig) -> PreTrainedConfig:
         ConfigValueError: unknown architecture or a ``tiny`` key the config class lacks.
     """
     if cfg.architecture not in TINY_ARCHITECTURES:
-        raise ConfigValueError(unknown_name_message("model.architecture", cfg.architecture,
-                                                    TINY_ARCHITECTURES))
+        raise ConfigValueError(unknown_name_message("model.architecture", cfg.architecture, TINY_ARCHITECTURES))
     config_cls, _ = TINY_ARCHITECTURES[cfg.architecture]
     known = {f.name for f in dataclasses.fields(config_cls)}
     for key in cfg.tiny:
         if key not in known:
-            raise ConfigValueError(unknown_name_message("model.tiny key", key, known,
-                                                        f" for {cfg.architecture}"))
+            raise ConfigValueError(unknown_name_message("model.tiny key", key, known, f" for {cfg.architecture}"))
     kwargs = {"initializer_range": TINY_INITIALIZER_RANGE, **cfg.tiny}
     config = config_cls(**kwargs)
     config._attn_implementation = cfg.attn_implementation

@@ -21,12 +21,19 @@ import random
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from decodebench.config import ConfigValueError, MethodConfig, ModelConfig, RunConfig, parse_shard, validate_before_loading
+from decodebench.config import (
+    ConfigValueError,
+    MethodConfig,
+    ModelConfig,
+    RunConfig,
+    parse_shard,
+    validate_before_loading,
+)
 from decodebench.engine.backbone import Backbone
 from decodebench.engine.backends import apply_backend
 from decodebench.engine.decode_loop import DecodeSettings, GenerationOutput, generate, generate_batch
@@ -36,8 +43,14 @@ from decodebench.engine.profile import ensure_latency_curve, load_latency_curve,
 from decodebench.engine.sampling import SamplingParams
 from decodebench.engine.self_check import self_check
 from decodebench.methods import build_method
-from decodebench.models.loading import (LoadedModel, available_models, check_same_tokenizer, draft_model_config,
-                                        hf_location, load_model)
+from decodebench.models.loading import (
+    LoadedModel,
+    available_models,
+    check_same_tokenizer,
+    draft_model_config,
+    hf_location,
+    load_model,
+)
 from decodebench.records import Record, first_divergence, ids_sha, summarize, token_match_rate
 from decodebench.runners.manifest import build_manifest, config_hash, slurm_info, utc_now
 from decodebench.runners.run_dir import CONFIG_SCHEMA, LATENCY_CURVE, MANIFEST, SUMMARY, RunDirectory, check_schema
@@ -84,11 +97,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def select_shard(samples: list[Sample], shard: Optional[str]) -> list[Sample]:
+def select_shard(samples: list[Sample], shard: str | None) -> list[Sample]:
     """Samples ``i, i+n, i+2n, ...`` for ``shard="i/n"`` (strided, so every shard gets a mix of
     categories and similar work); all samples when ``shard`` is None."""
     spec = parse_shard(shard)
-    return samples if spec is None else samples[spec[0]::spec[1]]
+    return samples if spec is None else samples[spec[0] :: spec[1]]
 
 
 def record_generator(seed: int, sample_id: str, turn: int, device: torch.device) -> torch.Generator:
@@ -119,8 +132,9 @@ class Runner:
         baseline = Contender("baseline", "ar", build_method(BASELINE_CONFIG, self.cfg.device), False)
         return [baseline, method]
 
-    def _decode_settings(self, loaded: LoadedModel, max_new_tokens: int,
-                         turn: TurnSettings = TurnSettings()) -> DecodeSettings:
+    def _decode_settings(
+        self, loaded: LoadedModel, max_new_tokens: int, turn: TurnSettings = TurnSettings()
+    ) -> DecodeSettings:
         """The run's generation settings plus what the task asks for this turn (Task.turn_settings)."""
         return DecodeSettings(
             max_new_tokens=max_new_tokens,
@@ -132,8 +146,11 @@ class Runner:
 
     def _sampling(self, turn: TurnSettings) -> SamplingParams:
         """The run's sampling, at the task's temperature for this turn when it sets one (MT-Bench)."""
-        return self.sampling if turn.temperature is None else dataclasses.replace(
-            self.sampling, temperature=turn.temperature)
+        return (
+            self.sampling
+            if turn.temperature is None
+            else dataclasses.replace(self.sampling, temperature=turn.temperature)
+        )
 
     # -- main ------------------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -156,14 +173,18 @@ class Runner:
         finished_summary = None if restart else self.run_dir.read_json(SUMMARY)
         if finished_summary is not None:
             done = self.run_dir.existing_records()
-            log.info("%s is complete (%d records): skipped; overwrite=true recomputes it",
-                     self.run_dir.path, len(done))
+            log.info("%s is complete (%d records): skipped; overwrite=true recomputes it", self.run_dir.path, len(done))
             return RunResult(self.run_dir.path, finished_summary, done)
 
         task = build_task(cfg.task, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir)
         samples = select_shard(task.load_samples(), cfg.shard)
-        log.info("task %s%s: %d samples, %d turns", task.name, f" shard {cfg.shard}" if cfg.shard else "",
-                 len(samples), sum(len(s.turns) for s in samples))
+        log.info(
+            "task %s%s: %d samples, %d turns",
+            task.name,
+            f" shard {cfg.shard}" if cfg.shard else "",
+            len(samples),
+            sum(len(s.turns) for s in samples),
+        )
         reset_peak_memory(cfg.device)
         loaded = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir, seed=cfg.seed)
         backbone = self._backbone(loaded)
@@ -189,13 +210,24 @@ class Runner:
         cache = backbone.new_cache(2048)
 
         manifest = build_manifest(
-            self.resolved_config, cfg.device, cfg.seed,
-            {"model": loaded.info, "method": contenders[-1].label, "method_preset":
-             cfg.method.resolved_preset(cfg.device), "method_params": cfg.method.resolved_params(cfg.device),
-             "method_pinned": cfg.method.pinned, "baseline": cfg.baseline, "baseline_key": cfg.baseline_key,
-             "shard": cfg.shard, "task_samples": len(samples), "resumed_records": len(done),
-             "config_schema": CONFIG_SCHEMA, "engine": self.engine_info,
-             "latency_curve": curve.to_dict() if curve else None},
+            self.resolved_config,
+            cfg.device,
+            cfg.seed,
+            {
+                "model": loaded.info,
+                "method": contenders[-1].label,
+                "method_preset": cfg.method.resolved_preset(cfg.device),
+                "method_params": cfg.method.resolved_params(cfg.device),
+                "method_pinned": cfg.method.pinned,
+                "baseline": cfg.baseline,
+                "baseline_key": cfg.baseline_key,
+                "shard": cfg.shard,
+                "task_samples": len(samples),
+                "resumed_records": len(done),
+                "config_schema": CONFIG_SCHEMA,
+                "engine": self.engine_info,
+                "latency_curve": curve.to_dict() if curve else None,
+            },
         )
         self.run_dir.write_config(self.resolved_config)
         self.run_dir.write_json(MANIFEST, manifest)
@@ -207,21 +239,32 @@ class Runner:
         records = list(done)
         finished = {(r.role, r.sample_id, r.turn) for r in done}
         total = sum(len(s.turns) for s in samples) * len(contenders)
-        progress = tqdm(total=total, initial=len(finished), desc=contenders[-1].label, unit="gen",
-                        disable=not cfg.progress, dynamic_ncols=True)
+        progress = tqdm(
+            total=total,
+            initial=len(finished),
+            desc=contenders[-1].label,
+            unit="gen",
+            disable=not cfg.progress,
+            dynamic_ncols=True,
+        )
         if cfg.gen.batch_size > 1:  # left-padded batches; still one record per (sample, turn, role)
             self._decode_batches(task, samples, loaded, backbone, contenders, records, finished, progress)
-        for sample in (samples if cfg.gen.batch_size == 1 else []):
+        for sample in samples if cfg.gen.batch_size == 1 else []:
             for contender in contenders:
-                answers = [r.output_text or "" for r in sorted(
-                    (r for r in done if r.role == contender.role and r.sample_id == sample.sample_id),
-                    key=lambda r: r.turn)]
+                answers = [
+                    r.output_text or ""
+                    for r in sorted(
+                        (r for r in done if r.role == contender.role and r.sample_id == sample.sample_id),
+                        key=lambda r: r.turn,
+                    )
+                ]
                 for turn in range(len(sample.turns)):
                     if (contender.role, sample.sample_id, turn) in finished:
                         continue
                     turn_settings = task.turn_settings(sample, turn)
-                    record = self._decode_turn(task, sample, turn, answers, loaded, backbone, contender, cache,
-                                               turn_settings)
+                    record = self._decode_turn(
+                        task, sample, turn, answers, loaded, backbone, contender, cache, turn_settings
+                    )
                     self._audit(record, records, self._sampling(turn_settings).greedy)
                     self.run_dir.append_record(record)
                     records.append(record)
@@ -241,8 +284,14 @@ class Runner:
         manifest["memory"] = peak_memory(cfg.device)  # peak RSS; on CUDA peak allocated / reserved bytes
         self.run_dir.write_json(MANIFEST, manifest)
         if cfg.logger.name == "wandb":
-            log_run(cfg.logger, self.run_dir.path, self.resolved_config, records, summary,
-                    tags=[cfg.method.name, contenders[-1].label, task.name, cfg.model.name])
+            log_run(
+                cfg.logger,
+                self.run_dir.path,
+                self.resolved_config,
+                records,
+                summary,
+                tags=[cfg.method.name, contenders[-1].label, task.name, cfg.model.name],
+            )
         return RunResult(self.run_dir.path, summary, records)
 
     def _check_models(self) -> None:
@@ -263,8 +312,11 @@ class Runner:
         cfg = self.cfg
         draft = draft_model_config(cfg.model)
         if draft is None:
-            where = ("set model.draft_id to the draft's hub id or local directory (same tokenizer as the target)"
-                     if cfg.model.source == "hf" else f"set model.draft to one of: {', '.join(available_models())}")
+            where = (
+                "set model.draft_id to the draft's hub id or local directory (same tokenizer as the target)"
+                if cfg.model.source == "hf"
+                else f"set model.draft to one of: {', '.join(available_models())}"
+            )
             raise ConfigValueError(f"method '{cfg.method.name}' drafts with a separate model: {where}")
         return draft
 
@@ -272,8 +324,13 @@ class Runner:
         """The draft model (:meth:`_draft_config`), in the target's dtype; it must share the target's
         tokenizer."""
         cfg = self.cfg
-        draft = load_model(self._draft_config(), device=cfg.device, dtype=target.info["dtype"],
-                           cache_dir=cfg.cache_dir, seed=cfg.seed + 1)
+        draft = load_model(
+            self._draft_config(),
+            device=cfg.device,
+            dtype=target.info["dtype"],
+            cache_dir=cfg.cache_dir,
+            seed=cfg.seed + 1,
+        )
         check_same_tokenizer(target, draft)
         return self._backbone(draft)
 
@@ -283,10 +340,21 @@ class Runner:
         backbone = Backbone(loaded.model)
         # before the backend: the HF model's own forward is the reference, and nothing is timed yet
         checked = self_check(backbone)
-        log.info("engine self-check (%s, %s): max |logit diff| vs HF %.3g (tolerance %.3g), %.2f s",
-                 checked.architecture, checked.dtype, checked.max_abs_diff, checked.tolerance, checked.seconds)
-        info = apply_backend(backbone, self.cfg.engine.backend, buckets=self.cfg.engine.buckets,
-                             model_name=loaded.name, cache_dir=self.cfg.cache_dir)
+        log.info(
+            "engine self-check (%s, %s): max |logit diff| vs HF %.3g (tolerance %.3g), %.2f s",
+            checked.architecture,
+            checked.dtype,
+            checked.max_abs_diff,
+            checked.tolerance,
+            checked.seconds,
+        )
+        info = apply_backend(
+            backbone,
+            self.cfg.engine.backend,
+            buckets=self.cfg.engine.buckets,
+            model_name=loaded.name,
+            cache_dir=self.cfg.cache_dir,
+        )
         self.engine_info[loaded.name] = {**info.to_dict(), "self_check": checked.to_dict()}
         return backbone
 
@@ -297,33 +365,60 @@ class Runner:
         backend = (self.engine_info.get(loaded.name) or {}).get("name")
         curve = backend and load_latency_curve(loaded.name, backend, self.cfg.device, self.cfg.cache_dir)
         if curve:
-            self.run_dir.write_json(LATENCY_CURVE, {**curve, "source": str(
-                stored_curve_path(loaded.name, backend, self.cfg.device, self.cfg.cache_dir))})
+            self.run_dir.write_json(
+                LATENCY_CURVE,
+                {**curve, "source": str(stored_curve_path(loaded.name, backend, self.cfg.device, self.cfg.cache_dir))},
+            )
 
     def _warm_up(self, task: Task, samples: list[Sample], loaded, backbone, contenders, cache) -> None:
         """Untimed generations so allocator, kernels and caches are warm before measuring."""
         if not samples or self.cfg.warmup == 0:
             return
         turn = task.turn_settings(samples[0], 0)
-        prompt = encode_prompt(loaded.tokenizer, task.build_messages(samples[0], 0, []),
-                               loaded.info["chat_template"] and turn.chat_template)
+        prompt = encode_prompt(
+            loaded.tokenizer,
+            task.build_messages(samples[0], 0, []),
+            loaded.info["chat_template"] and turn.chat_template,
+        )
         settings = self._decode_settings(loaded, min(32, self.cfg.gen.max_new_tokens), turn)
         for _ in range(self.cfg.warmup):
             for contender in contenders:
-                generate(backbone, contender.drafter, prompt, settings, cache,
-                         record_generator(self.cfg.seed, "warmup", 0, backbone.device))
+                generate(
+                    backbone,
+                    contender.drafter,
+                    prompt,
+                    settings,
+                    cache,
+                    record_generator(self.cfg.seed, "warmup", 0, backbone.device),
+                )
 
-    def _decode_turn(self, task, sample: Sample, turn: int, answers: list[str], loaded, backbone, contender,
-                     cache, turn_settings: TurnSettings = TurnSettings()) -> Record:
+    def _decode_turn(
+        self,
+        task,
+        sample: Sample,
+        turn: int,
+        answers: list[str],
+        loaded,
+        backbone,
+        contender,
+        cache,
+        turn_settings: TurnSettings = TurnSettings(),
+    ) -> Record:
         cfg = self.cfg
         record = self._new_record(task, sample, turn, contender)
         try:
             messages = task.build_messages(sample, turn, answers)
-            prompt = encode_prompt(loaded.tokenizer, messages,  # not timed
-                                   loaded.info["chat_template"] and turn_settings.chat_template)
+            prompt = encode_prompt(
+                loaded.tokenizer,
+                messages,  # not timed
+                loaded.info["chat_template"] and turn_settings.chat_template,
+            )
             out: GenerationOutput = generate(
-                backbone, contender.drafter, prompt,
-                self._decode_settings(loaded, cfg.gen.max_new_tokens, turn_settings), cache,
+                backbone,
+                contender.drafter,
+                prompt,
+                self._decode_settings(loaded, cfg.gen.max_new_tokens, turn_settings),
+                cache,
                 record_generator(cfg.seed, sample.sample_id, turn, backbone.device),
             )
         except Exception as error:  # recorded, never hidden behind stale numbers
@@ -334,12 +429,29 @@ class Runner:
 
     def _new_record(self, task, sample: Sample, turn: int, contender: Contender) -> Record:
         """The record of one generation before its measurements (:meth:`_fill_record`)."""
-        return Record(method=contender.label, role=contender.role, task=task.name, model=self.cfg.model.name,
-                      sample_id=sample.sample_id, category=sample.category, group=sample.group, turn=turn,
-                      seed=self.cfg.seed)
+        return Record(
+            method=contender.label,
+            role=contender.role,
+            task=task.name,
+            model=self.cfg.model.name,
+            sample_id=sample.sample_id,
+            category=sample.category,
+            group=sample.group,
+            turn=turn,
+            seed=self.cfg.seed,
+        )
 
-    def _fill_record(self, record: Record, task, sample: Sample, turn: int, prompt: list[int],
-                     out: GenerationOutput, loaded, batch_size: int = 1) -> Record:
+    def _fill_record(
+        self,
+        record: Record,
+        task,
+        sample: Sample,
+        turn: int,
+        prompt: list[int],
+        out: GenerationOutput,
+        loaded,
+        batch_size: int = 1,
+    ) -> Record:
         """The record's measurements from one generation; in a batch of ``batch_size`` the batch's
         wall and prefill times are shared equally (Σ wall_s over the batch = its wall time)."""
         record.prompt_tokens = len(prompt)
@@ -369,8 +481,17 @@ class Runner:
             log.warning("scoring sample %s turn %d failed: %s", sample.sample_id, turn, error)
         return record
 
-    def _decode_batches(self, task: Task, samples: list[Sample], loaded, backbone: Backbone,
-                        contenders: list[Contender], records: list[Record], finished: set, progress) -> None:
+    def _decode_batches(
+        self,
+        task: Task,
+        samples: list[Sample],
+        loaded,
+        backbone: Backbone,
+        contenders: list[Contender],
+        records: list[Record],
+        finished: set,
+        progress,
+    ) -> None:
         """``gen.batch_size > 1``: decode chunks of ``batch_size`` samples together, turn by turn
         (turn ``t`` of a chunk needs each sample's answer to ``t - 1``), each contender in turn
         (AR baseline first) through :func:`generate_batch`. Samples of a chunk whose turn settings
@@ -380,34 +501,60 @@ class Runner:
         pad_id = getattr(loaded.tokenizer, "pad_token_id", None) or 0
         warmed: set[tuple[str, int]] = set()  # (role, batch size) already warmed up
         for start in range(0, len(samples), size):
-            chunk = samples[start:start + size]
+            chunk = samples[start : start + size]
             for contender in contenders:
-                answers = {s.sample_id: [r.output_text or "" for r in sorted(
-                    (r for r in records if r.role == contender.role and r.sample_id == s.sample_id and not r.error),
-                    key=lambda r: r.turn)] for s in chunk}
+                answers = {
+                    s.sample_id: [
+                        r.output_text or ""
+                        for r in sorted(
+                            (
+                                r
+                                for r in records
+                                if r.role == contender.role and r.sample_id == s.sample_id and not r.error
+                            ),
+                            key=lambda r: r.turn,
+                        )
+                    ]
+                    for s in chunk
+                }
                 failed: set[str] = set()
                 for turn in range(max(len(s.turns) for s in chunk)):
                     groups: dict[TurnSettings, list[Sample]] = {}  # insertion-ordered
                     for sample in chunk:
-                        if turn < len(sample.turns) and sample.sample_id not in failed \
-                                and (contender.role, sample.sample_id, turn) not in finished:
+                        if (
+                            turn < len(sample.turns)
+                            and sample.sample_id not in failed
+                            and (contender.role, sample.sample_id, turn) not in finished
+                        ):
                             groups.setdefault(task.turn_settings(sample, turn), []).append(sample)
                     for turn_settings, members in groups.items():
-                        prompts = [encode_prompt(loaded.tokenizer, task.build_messages(s, turn, answers[s.sample_id]),
-                                                 loaded.info["chat_template"] and turn_settings.chat_template)
-                                   for s in members]
+                        prompts = [
+                            encode_prompt(
+                                loaded.tokenizer,
+                                task.build_messages(s, turn, answers[s.sample_id]),
+                                loaded.info["chat_template"] and turn_settings.chat_template,
+                            )
+                            for s in members
+                        ]
                         settings = self._decode_settings(loaded, cfg.gen.max_new_tokens, turn_settings)
                         if len(members) not in caches:
                             caches[len(members)] = backbone.new_cache(2048, batch_size=len(members))
                         cache = caches[len(members)]
                         if cfg.warmup and (contender.role, len(members)) not in warmed:
                             warmed.add((contender.role, len(members)))  # untimed: kernels at the batch shape
-                            generate_batch(backbone, contender.drafter, prompts, dataclasses.replace(
-                                settings, max_new_tokens=min(8, settings.max_new_tokens)), cache, pad_token_id=pad_id)
+                            generate_batch(
+                                backbone,
+                                contender.drafter,
+                                prompts,
+                                dataclasses.replace(settings, max_new_tokens=min(8, settings.max_new_tokens)),
+                                cache,
+                                pad_token_id=pad_id,
+                            )
                         generator = record_generator(cfg.seed, members[0].sample_id, turn, backbone.device)
                         try:
-                            batch = generate_batch(backbone, contender.drafter, prompts, settings, cache, generator,
-                                                   pad_token_id=pad_id)
+                            batch = generate_batch(
+                                backbone, contender.drafter, prompts, settings, cache, generator, pad_token_id=pad_id
+                            )
                             error = None
                         except Exception as exc:  # recorded, never hidden behind stale numbers
                             log.debug("batched generation failed", exc_info=True)
@@ -416,16 +563,25 @@ class Runner:
                             record = self._new_record(task, sample, turn, contender)
                             record.error = error
                             if batch is not None:
-                                self._fill_record(record, task, sample, turn, prompt, batch.outputs[index], loaded,
-                                                  batch_size=len(members))
+                                self._fill_record(
+                                    record,
+                                    task,
+                                    sample,
+                                    turn,
+                                    prompt,
+                                    batch.outputs[index],
+                                    loaded,
+                                    batch_size=len(members),
+                                )
                             self._audit(record, records, self._sampling(turn_settings).greedy)
                             self.run_dir.append_record(record)
                             records.append(record)
                             progress.update(1)
                             if record.error:
                                 failed.add(sample.sample_id)
-                                log.error("sample %s turn %d (%s): %s", sample.sample_id, turn, contender.label,
-                                          record.error)
+                                log.error(
+                                    "sample %s turn %d (%s): %s", sample.sample_id, turn, contender.label, record.error
+                                )
                             else:
                                 answers[sample.sample_id].append(record.output_text)
 
@@ -436,8 +592,17 @@ class Runner:
         (a task may set its temperature)."""
         if record.role != "method" or record.error or not greedy:
             return
-        reference = next((r for r in records if r.role == "baseline" and r.sample_id == record.sample_id
-                          and r.turn == record.turn and r.error is None), None)
+        reference = next(
+            (
+                r
+                for r in records
+                if r.role == "baseline"
+                and r.sample_id == record.sample_id
+                and r.turn == record.turn
+                and r.error is None
+            ),
+            None,
+        )
         if reference is None:
             return
         ours, theirs = record.output_ids, reference.output_ids
@@ -458,7 +623,7 @@ class Runner:
         return summary
 
 
-def run(cfg: RunConfig, resolved_config: Optional[dict[str, Any]] = None) -> RunResult:
+def run(cfg: RunConfig, resolved_config: dict[str, Any] | None = None) -> RunResult:
     """Python API: the CLI and tests call the same entry point."""
     from dataclasses import asdict
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -29,12 +29,15 @@ def utc_now() -> str:
 def git_info() -> dict[str, Any]:
     """Commit and dirty flag of the DecodeBench source tree (null when not a git checkout)."""
     source = Path(decodebench.__file__).resolve().parents[1]
-    def git(*args: str) -> Optional[str]:
+
+    def git(*args: str) -> str | None:
         try:
-            return subprocess.run(["git", "-C", str(source), *args], capture_output=True, text=True,
-                                  timeout=10, check=True).stdout.strip()
+            return subprocess.run(
+                ["git", "-C", str(source), *args], capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return None
+
     sha = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no") if sha else None
     return {"sha": sha, "dirty": bool(status) if status is not None else None}
@@ -63,8 +66,8 @@ def hardware(device: str) -> dict[str, Any]:
     return info
 
 
-def versions() -> dict[str, Optional[str]]:
-    found: dict[str, Optional[str]] = {"python": sys.version.split()[0]}
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {"python": sys.version.split()[0]}
     for name in PACKAGES:
         try:
             found[name] = metadata.version(name)
@@ -83,13 +86,19 @@ def config_hash(resolved_config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def slurm_info() -> Optional[dict[str, Any]]:
+def slurm_info() -> dict[str, Any] | None:
     """The SLURM job this run belongs to (None outside SLURM); ``restart_count`` > 0 after a requeue."""
     if "SLURM_JOB_ID" not in os.environ:
         return None
-    names = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID", "array_task_id": "SLURM_ARRAY_TASK_ID",
-             "partition": "SLURM_JOB_PARTITION", "nodelist": "SLURM_JOB_NODELIST",
-             "cpus_per_task": "SLURM_CPUS_PER_TASK", "restart_count": "SLURM_RESTART_COUNT"}
+    names = {
+        "job_id": "SLURM_JOB_ID",
+        "array_job_id": "SLURM_ARRAY_JOB_ID",
+        "array_task_id": "SLURM_ARRAY_TASK_ID",
+        "partition": "SLURM_JOB_PARTITION",
+        "nodelist": "SLURM_JOB_NODELIST",
+        "cpus_per_task": "SLURM_CPUS_PER_TASK",
+        "restart_count": "SLURM_RESTART_COUNT",
+    }
     return {key: os.environ.get(name) for key, name in names.items()}
 
 

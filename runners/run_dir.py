@@ -18,7 +18,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -34,8 +34,11 @@ LATENCY_CURVE = "latency_curve.json"  # the machine's stored verify-latency curv
 # Version of the config layout a run dir's config.yaml / records.jsonl follow; raise it when a change
 # makes old run dirs unresumable (renamed or re-meant keys). Run dirs from before it was recorded are 1.
 CONFIG_SCHEMA = 1
-REQUIRED_FIELDS = tuple(f.name for f in dataclasses.fields(Record)
-                        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+REQUIRED_FIELDS = tuple(
+    f.name
+    for f in dataclasses.fields(Record)
+    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+)
 
 
 class CorruptRecordsError(DecodeBenchError, json.JSONDecodeError):
@@ -54,9 +57,12 @@ class SchemaMismatchError(DecodeBenchError):
 
 
 def corrupt(path: Path, number: int, why: str, doc: str = "", pos: int = 0) -> CorruptRecordsError:
-    return CorruptRecordsError(f"{path}:{number}: {why} (line {number} of {path.name}; records are never "
-                               "dropped silently: repair or remove the line, or start over with overwrite=true)",
-                               doc, pos)
+    return CorruptRecordsError(
+        f"{path}:{number}: {why} (line {number} of {path.name}; records are never "
+        "dropped silently: repair or remove the line, or start over with overwrite=true)",
+        doc,
+        pos,
+    )
 
 
 def numbered_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -85,8 +91,12 @@ def numbered_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
             raise corrupt(path, number, f"a JSON {type(row).__name__}, not a record object")
         rows.append((number, row))
     if torn.strip():
-        log.warning("%s: dropping torn last line %d (%d bytes, no newline: the writer stopped mid-line)",
-                    path, len(lines) + 1, len(torn))
+        log.warning(
+            "%s: dropping torn last line %d (%d bytes, no newline: the writer stopped mid-line)",
+            path,
+            len(lines) + 1,
+            len(torn),
+        )
     return rows
 
 
@@ -107,7 +117,7 @@ def read_records(path: Path) -> list[Record]:
     return records
 
 
-def check_schema(manifest: Optional[dict[str, Any]], run_dir: Path) -> None:
+def check_schema(manifest: dict[str, Any] | None, run_dir: Path) -> None:
     """Refuse to resume a run dir whose ``manifest.json`` has another ``config_schema``.
 
     Raises:
@@ -121,7 +131,8 @@ def check_schema(manifest: Optional[dict[str, Any]], run_dir: Path) -> None:
         raise SchemaMismatchError(
             f"{run_dir} was written by {age} DecodeBench (config schema {found!r}; this version writes "
             f"{CONFIG_SCHEMA}): its records are not resumed or mixed with new ones. Use another run dir "
-            f"(hydra.run.dir=...), or overwrite=true to discard them and start over")
+            f"(hydra.run.dir=...), or overwrite=true to discard them and start over"
+        )
 
 
 class RunDirectory:
@@ -173,9 +184,11 @@ class RunDirectory:
             except OSError as error:
                 os.ftruncate(descriptor, size)  # shrinking needs no space
                 raise RecordsWriteError(
-                    error.errno, f"cannot append a record to {path} ({error.strerror}: disk full or file too "
+                    error.errno,
+                    f"cannot append a record to {path} ({error.strerror}: disk full or file too "
                     f"large?); the file is back at its last complete record ({size} bytes): free space and "
-                    "rerun the same command to resume") from error
+                    "rerun the same command to resume",
+                ) from error
         finally:
             os.close(descriptor)
 

@@ -24,7 +24,7 @@ import traceback
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -45,21 +45,25 @@ class CellStatus:
     cell: str  # run directory relative to the sweep directory
     status: str  # running | complete | failed
     overrides: list[str] = field(default_factory=list)
-    error: Optional[str] = None  # "Type: message" of a failed cell
-    host: Optional[str] = None
-    started: Optional[str] = None
-    finished: Optional[str] = None
-    sweep_id: Optional[str] = None
+    error: str | None = None  # "Type: message" of a failed cell
+    host: str | None = None
+    started: str | None = None
+    finished: str | None = None
+    sweep_id: str | None = None
 
 
-def mark_cell(run_dir: Path, status: str, overrides: list[str], error: Optional[BaseException] = None) -> None:
+def mark_cell(run_dir: Path, status: str, overrides: list[str], error: BaseException | None = None) -> None:
     """Write ``status.json`` of a cell (atomically; ``started`` is kept across updates)."""
     path = Path(run_dir) / STATUS_FILE
     previous = json.loads(path.read_text()) if path.exists() else {}
     started = previous.get("started") if status != "running" else utc_now()
     entry = CellStatus(
-        cell=Path(run_dir).name, status=status, overrides=list(overrides), host=socket.gethostname(),
-        started=started, finished=None if status == "running" else utc_now(),
+        cell=Path(run_dir).name,
+        status=status,
+        overrides=list(overrides),
+        host=socket.gethostname(),
+        started=started,
+        finished=None if status == "running" else utc_now(),
         sweep_id=os.environ.get(SWEEP_ID_ENV),
         error=f"{type(error).__name__}: {error}" if error is not None else None,
     )
@@ -72,7 +76,7 @@ def mark_cell(run_dir: Path, status: str, overrides: list[str], error: Optional[
     tmp.replace(path)
 
 
-def read_cells(sweep_dir: Path, sweep_id: Optional[str] = None) -> list[CellStatus]:
+def read_cells(sweep_dir: Path, sweep_id: str | None = None) -> list[CellStatus]:
     """Cells below ``sweep_dir`` (those of sweep ``sweep_id`` when given), sorted by folder."""
     cells = []
     for path in sorted(Path(sweep_dir).rglob(STATUS_FILE)):
@@ -100,34 +104,46 @@ class SweepOutcome:
     def describe(self) -> str:
         """One line for the sweep, one per failed or unfinished cell."""
         failed, running = self.with_status("failed"), self.with_status("running")
-        lines = [f"sweep {self.sweep_dir}: {len(self.with_status('complete'))} of {len(self.cells)} cells complete"
-                 + (f", {len(failed)} failed" if failed else "") + (f", {len(running)} unfinished" if running else "")]
+        lines = [
+            f"sweep {self.sweep_dir}: {len(self.with_status('complete'))} of {len(self.cells)} cells complete"
+            + (f", {len(failed)} failed" if failed else "")
+            + (f", {len(running)} unfinished" if running else "")
+        ]
         lines += [f"  FAILED {c.cell} [{' '.join(c.overrides)}] on {c.host}: {c.error}" for c in failed]
-        lines += [f"  UNFINISHED {c.cell} [{' '.join(c.overrides)}] (killed? started {c.started} on {c.host})"
-                  for c in running]
+        lines += [
+            f"  UNFINISHED {c.cell} [{' '.join(c.overrides)}] (killed? started {c.started} on {c.host})"
+            for c in running
+        ]
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"sweep_dir": str(self.sweep_dir), "ok": self.ok, "finished": utc_now(),
-                "counts": {s: len(self.with_status(s)) for s in ("complete", "failed", "running")},
-                "cells": [asdict(c) for c in self.cells]}
+        return {
+            "sweep_dir": str(self.sweep_dir),
+            "ok": self.ok,
+            "finished": utc_now(),
+            "counts": {s: len(self.with_status(s)) for s in ("complete", "failed", "running")},
+            "cells": [asdict(c) for c in self.cells],
+        }
 
 
-_last_outcome: Optional[SweepOutcome] = None
+_last_outcome: SweepOutcome | None = None
 
 
-def last_outcome() -> Optional[SweepOutcome]:
+def last_outcome() -> SweepOutcome | None:
     """The verdict of the last sweep that finished in this process (None: no sweep ran)."""
     return _last_outcome
 
 
-def merged_report(sweep_dir: Path, cells: list[CellStatus]) -> Optional[str]:
+def merged_report(sweep_dir: Path, cells: list[CellStatus]) -> str | None:
     """Markdown report of the complete cells (shards merged); None when no cell has records."""
     from decodebench.analysis.merge import shard_problems
     from decodebench.analysis.report import load_records, render, report_table
 
-    run_dirs = [Path(sweep_dir) / c.cell for c in cells
-                if c.status == "complete" and (Path(sweep_dir) / c.cell / "records.jsonl").exists()]
+    run_dirs = [
+        Path(sweep_dir) / c.cell
+        for c in cells
+        if c.status == "complete" and (Path(sweep_dir) / c.cell / "records.jsonl").exists()
+    ]
     if not run_dirs:
         return None
     for problem in shard_problems(run_dirs):
@@ -140,7 +156,7 @@ class SweepStatus(Callback):
 
     def __init__(self, print_report: bool = True) -> None:
         self.print_report = print_report
-        self.sweep_id: Optional[str] = None
+        self.sweep_id: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.sweep_id = uuid.uuid4().hex[:12]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from decodebench.config import LoggerConfig
 from decodebench.records import Record
@@ -30,12 +30,42 @@ log = logging.getLogger("decodebench")
 
 # Record fields logged as table columns (lists such as per-step lengths and ids stay in records.jsonl).
 RECORD_COLUMNS = (
-    "method", "role", "sample_id", "category", "group", "turn", "seed", "prompt_tokens", "new_tokens",
-    "wall_s", "prefill_s", "draft_s", "verify_s", "steps", "drafted", "accepted", "stop_reason",
-    "output_sha", "lossless", "first_divergence", "error",
+    "method",
+    "role",
+    "sample_id",
+    "category",
+    "group",
+    "turn",
+    "seed",
+    "prompt_tokens",
+    "new_tokens",
+    "wall_s",
+    "prefill_s",
+    "draft_s",
+    "verify_s",
+    "steps",
+    "drafted",
+    "accepted",
+    "stop_reason",
+    "output_sha",
+    "lossless",
+    "first_divergence",
+    "error",
 )
-SUMMARY_METRICS = ("speedup", "speedup_tps", "tau", "mean_accepted_tokens", "alpha", "alpha_per_token",
-                   "tokens_per_s", "lossless_rate", "records", "errors", "new_tokens", "wall_s")
+SUMMARY_METRICS = (
+    "speedup",
+    "speedup_tps",
+    "tau",
+    "mean_accepted_tokens",
+    "alpha",
+    "alpha_per_token",
+    "tokens_per_s",
+    "lossless_rate",
+    "records",
+    "errors",
+    "new_tokens",
+    "wall_s",
+)
 
 
 def summary_metrics(summary: dict[str, Any]) -> dict[str, Any]:
@@ -54,8 +84,14 @@ def record_rows(records: list[Record]) -> tuple[list[str], list[list[Any]]]:
     return columns, rows
 
 
-def log_run(cfg: LoggerConfig, run_dir: Path, resolved_config: dict[str, Any], records: list[Record],
-            summary: dict[str, Any], tags: list[str]) -> Optional[Path]:
+def log_run(
+    cfg: LoggerConfig,
+    run_dir: Path,
+    resolved_config: dict[str, Any],
+    records: list[Record],
+    summary: dict[str, Any],
+    tags: list[str],
+) -> Path | None:
     """Log one finished run to W&B; returns the W&B run folder (None when logging failed).
 
     Args:
@@ -78,9 +114,16 @@ def log_run(cfg: LoggerConfig, run_dir: Path, resolved_config: dict[str, Any], r
     folder.mkdir(parents=True, exist_ok=True)
     try:
         run = wandb.init(
-            mode=mode, dir=str(folder), project=cfg.project, entity=cfg.entity, group=cfg.group,
-            name=Path(run_dir).name, tags=sorted(set(tags) | set(cfg.tags)), config=resolved_config,
-            reinit="finish_previous", settings=wandb.Settings(console="off", silent=True),
+            mode=mode,
+            dir=str(folder),
+            project=cfg.project,
+            entity=cfg.entity,
+            group=cfg.group,
+            name=Path(run_dir).name,
+            tags=sorted(set(tags) | set(cfg.tags)),
+            config=resolved_config,
+            reinit="finish_previous",
+            settings=wandb.Settings(console="off", silent=True),
         )
         columns, rows = record_rows(records)
         run.log({"records_table": wandb.Table(columns=columns, data=rows)})
@@ -88,9 +131,10 @@ def log_run(cfg: LoggerConfig, run_dir: Path, resolved_config: dict[str, Any], r
         report = wandb.Table(dataframe=frame.astype(object).where(frame.notna(), None))
         run.log({"report_table": report})
         method_rows = frame[~frame["method"].str.endswith(" (baseline)")]
-        bars = wandb.Table(columns=["group", "speedup"],
-                           data=[[g, s] for g, s in zip(method_rows["group"], method_rows["speedup"])
-                                 if s is not None and s == s])
+        bars = wandb.Table(
+            columns=["group", "speedup"],
+            data=[[g, s] for g, s in zip(method_rows["group"], method_rows["speedup"]) if s is not None and s == s],
+        )
         run.log({"speedup_by_group": wandb.plot.bar(bars, "group", "speedup", title="speedup by group")})
         run.summary.update(summary_metrics(summary))
         location = Path(run.dir).parent
@@ -98,8 +142,12 @@ def log_run(cfg: LoggerConfig, run_dir: Path, resolved_config: dict[str, Any], r
     except Exception as error:  # never lose a finished run to a logging problem
         log.warning("W&B logging failed for %s: %s", run_dir, error)
         return None
-    log.info("W&B run (%s) in %s%s", mode, location, "; upload with: wandb sync " + str(location)
-             if mode == "offline" else "")
+    log.info(
+        "W&B run (%s) in %s%s",
+        mode,
+        location,
+        "; upload with: wandb sync " + str(location) if mode == "offline" else "",
+    )
     return location
 
 

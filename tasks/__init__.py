@@ -13,7 +13,7 @@ from decodebench.tasks.base import Sample, Task
 __all__ = ["Sample", "Task", "build_task"]
 
 
-def build_task(cfg: TaskConfig, data_dir: Optional[Union[str, Path]], cache_dir: Union[str, Path]) -> Task:
+def build_task(cfg: TaskConfig, data_dir: str | Path | None, cache_dir: str | Path) -> Task:
     """Instantiate the task class named by ``cfg.impl``."""
     try:
         task_class = import_entry(cfg.impl)

@@ -17,7 +17,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, ClassVar
 
 from decodebench.config import ConfigValueError, TaskConfig
 from decodebench.registry import DecodeBenchError, UnknownNameError, unknown_name_message
@@ -33,7 +33,7 @@ class Sample:
     group: str  # the category group reported in tables (Spec-Bench: 6 groups)
     turns: list[str]  # user messages, one per turn
     # reference answers, one per turn when present (Spec-Bench RAG rows: a list of accepted answers)
-    reference: Optional[list[Any]] = None
+    reference: list[Any] | None = None
     # task-specific data the scorer needs (HumanEval: test code and entry point)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -46,7 +46,7 @@ class TurnSettings:
     # prompts such as HumanEval's or few-shot GSM8K); True: follow ``model.chat_template``
     chat_template: bool = True
     stop_strings: tuple[str, ...] = ()  # added to ``gen.stop_strings``
-    temperature: Optional[float] = None  # replaces ``gen.temperature`` (MT-Bench per category)
+    temperature: float | None = None  # replaces ``gen.temperature`` (MT-Bench per category)
 
 
 @dataclass
@@ -54,7 +54,7 @@ class NoParams:
     """Params of a task without task-specific settings."""
 
 
-def params_from_dict(cls: type, values: Optional[dict[str, Any]], where: str) -> Any:
+def params_from_dict(cls: type, values: dict[str, Any] | None, where: str) -> Any:
     """Build dataclass ``cls`` from ``values``; nested dataclass fields are built from dicts.
 
     Args:
@@ -96,8 +96,7 @@ class Task(abc.ABC):
     # the dataclass that ``cfg.params`` must fit (subclasses define their own ``Params``)
     Params: ClassVar[type] = NoParams
 
-    def __init__(self, cfg: TaskConfig, data_dir: Optional[Union[str, Path]],
-                 cache_dir: Union[str, Path]):
+    def __init__(self, cfg: TaskConfig, data_dir: str | Path | None, cache_dir: str | Path):
         self.cfg = cfg
         self.data_dir = data_dir
         self.cache_dir = Path(cache_dir)
@@ -143,8 +142,9 @@ class Task(abc.ABC):
             wanted_ids = [str(i) for i in cfg.ids]
             missing = sorted(set(wanted_ids) - {s.sample_id for s in samples})
             if missing:
-                raise DecodeBenchError(f"task.ids not found in {self.name} "
-                                       f"(after the categories filter): {', '.join(missing)}")
+                raise DecodeBenchError(
+                    f"task.ids not found in {self.name} (after the categories filter): {', '.join(missing)}"
+                )
             samples = [s for s in samples if s.sample_id in set(wanted_ids)]
         if cfg.per_category is not None:
             taken: dict[str, int] = {}
@@ -159,8 +159,7 @@ class Task(abc.ABC):
             samples = samples[: cfg.limit]
         return samples
 
-    def build_messages(self, sample: Sample, turn: int,
-                       previous_answers: list[str]) -> list[dict[str, str]]:
+    def build_messages(self, sample: Sample, turn: int, previous_answers: list[str]) -> list[dict[str, str]]:
         """Chat messages for ``sample.turns[turn]``.
 
         Args:
@@ -174,15 +173,17 @@ class Task(abc.ABC):
             when one is set and ending with the user message of ``turn``.
         """
         if not 0 <= turn < len(sample.turns) or len(previous_answers) != turn:
-            raise ValueError(f"turn {turn} of sample {sample.sample_id} needs {turn} previous answers "
-                             f"(got {len(previous_answers)}; the sample has {len(sample.turns)} turns)")
+            raise ValueError(
+                f"turn {turn} of sample {sample.sample_id} needs {turn} previous answers "
+                f"(got {len(previous_answers)}; the sample has {len(sample.turns)} turns)"
+            )
         messages = [{"role": "system", "content": self.cfg.system_prompt}] if self.cfg.system_prompt else []
         for question, answer in zip(sample.turns, previous_answers):
             messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         messages.append({"role": "user", "content": sample.turns[turn]})
         return messages
 
-    def resolve(self, relative_path: str, url: Optional[str] = None) -> Path:
+    def resolve(self, relative_path: str, url: str | None = None) -> Path:
         """Locate another data file of this task (same lookup and download rules as ``data_file``)."""
         return resolve_data_file(relative_path, self.data_dir, self.cache_dir, url)
 
@@ -190,7 +191,7 @@ class Task(abc.ABC):
         """Prompt/generation settings for ``sample.turns[turn]``; default: the run's own."""
         return TurnSettings()
 
-    def score(self, sample: Sample, turn: int, output_text: str) -> Optional[dict[str, float]]:
+    def score(self, sample: Sample, turn: int, output_text: str) -> dict[str, float] | None:
         """Quality metrics of one output (e.g. ``{"exact_match": 1.0}``), or None when the task
         has no automatic metric for this sample. Stored in the record's ``quality`` field and
         averaged per metric in the summary."""

@@ -18,7 +18,7 @@ import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 from decodebench.registry import DecodeBenchError
 
@@ -32,8 +32,9 @@ class DataFileNotFoundError(DecodeBenchError, FileNotFoundError):
     pass
 
 
-def candidate_paths(relative_path: str, data_dir: Optional[PathLike],
-                    cache_dir: PathLike) -> list[tuple[str, Optional[Path]]]:
+def candidate_paths(
+    relative_path: str, data_dir: PathLike | None, cache_dir: PathLike
+) -> list[tuple[str, Path | None]]:
     """Return ``(source, path)`` for every place searched, in order; path is None when unset."""
     env_dir = os.environ.get(DATA_ENV_VAR)
     return [
@@ -43,8 +44,9 @@ def candidate_paths(relative_path: str, data_dir: Optional[PathLike],
     ]
 
 
-def resolve_data_file(relative_path: str, data_dir: Optional[PathLike], cache_dir: PathLike,
-                      url: Optional[str] = None) -> Path:
+def resolve_data_file(
+    relative_path: str, data_dir: PathLike | None, cache_dir: PathLike, url: str | None = None
+) -> Path:
     """Locate ``relative_path`` (or an absolute path), downloading it from ``url`` if needed.
 
     Args:
@@ -76,8 +78,7 @@ def resolve_data_file(relative_path: str, data_dir: Optional[PathLike], cache_di
         except (urllib.error.URLError, OSError) as error:
             download_problem = f"downloading {url} failed: {error}"
     looked = "; ".join(f"{path} ({source})" if path else f"{source} not set" for source, path in places)
-    how = (f"set data_dir=DIR or the environment variable {DATA_ENV_VAR}=DIR to a folder that "
-           f"holds {relative_path}")
+    how = f"set data_dir=DIR or the environment variable {DATA_ENV_VAR}=DIR to a folder that holds {relative_path}"
     how += f", or download {url} to {places[-1][1]}" if url else ", or set task.url to a download URL"
     message = f"data file '{relative_path}' not found. Looked in: {looked}. To fix: {how}."
     raise DataFileNotFoundError(f"{message} ({download_problem})" if download_problem else message)
@@ -105,8 +106,9 @@ def load_jsonl_records(path: PathLike, cache_dir: PathLike) -> list[dict[str, An
     import datasets
 
     try:
-        dataset = datasets.load_dataset("json", data_files=str(path), split="train",
-                                        cache_dir=str(Path(cache_dir) / "datasets"))
+        dataset = datasets.load_dataset(
+            "json", data_files=str(path), split="train", cache_dir=str(Path(cache_dir) / "datasets")
+        )
     # datasets 5.x fails on a bad line with DatasetGenerationError, on an empty file with a bare
     # StopIteration and on a blank one with ValueError ("corresponds to no data").
     except (datasets.exceptions.DatasetsError, StopIteration, ValueError) as error:

@@ -51,27 +51,49 @@ class GSM8K(Task):
         flexible_pattern: str = GSM8K_FLEXIBLE_PATTERN
 
         def __post_init__(self) -> None:
-            check(self.prompt_style in PROMPT_STYLES, "task.params.prompt_style", self.prompt_style,
-                  " | ".join(PROMPT_STYLES))
-            check("{question}" in self.chat_instruction, "task.params.chat_instruction", self.chat_instruction,
-                  "a text containing {question}")
+            check(
+                self.prompt_style in PROMPT_STYLES,
+                "task.params.prompt_style",
+                self.prompt_style,
+                " | ".join(PROMPT_STYLES),
+            )
+            check(
+                "{question}" in self.chat_instruction,
+                "task.params.chat_instruction",
+                self.chat_instruction,
+                "a text containing {question}",
+            )
             for name in ("strict_pattern", "flexible_pattern"):
                 try:
                     re.compile(getattr(self, name))
                 except re.error as error:
                     check(False, f"task.params.{name}", getattr(self, name), f"a valid regex ({error})")
             try:
-                self.fewshot_exemplars = [e if isinstance(e, Exemplar) else Exemplar(**e)
-                                          for e in self.fewshot_exemplars]
+                self.fewshot_exemplars = [
+                    e if isinstance(e, Exemplar) else Exemplar(**e) for e in self.fewshot_exemplars
+                ]
             except TypeError as error:
-                check(False, "task.params.fewshot_exemplars", "...",
-                      f"a list of {{question, rationale, answer}} ({error})")
-            check(self.prompt_style != "fewshot" or bool(self.fewshot_exemplars), "task.params.fewshot_exemplars",
-                  [], "at least one exemplar for prompt_style=fewshot")
+                check(
+                    False,
+                    "task.params.fewshot_exemplars",
+                    "...",
+                    f"a list of {{question, rationale, answer}} ({error})",
+                )
+            check(
+                self.prompt_style != "fewshot" or bool(self.fewshot_exemplars),
+                "task.params.fewshot_exemplars",
+                [],
+                "at least one exemplar for prompt_style=fewshot",
+            )
 
     def to_sample(self, row: dict[str, Any]) -> Sample:
-        return Sample(sample_id=str(row[ROW_INDEX]), category="gsm8k", group="gsm8k", turns=[row["question"]],
-                      reference=[row["answer"]])
+        return Sample(
+            sample_id=str(row[ROW_INDEX]),
+            category="gsm8k",
+            group="gsm8k",
+            turns=[row["question"]],
+            reference=[row["answer"]],
+        )
 
     def all_samples(self) -> list[Sample]:
         """Every problem; GSM8K rows carry no id, so the 0-based line number is the sample id."""
@@ -83,8 +105,10 @@ class GSM8K(Task):
         p = self.params
         return "".join(
             p.fewshot_question_template.format(question=e.question)
-            + p.fewshot_answer_template.format(rationale=e.rationale, answer=e.answer) + p.fewshot_separator
-            for e in p.fewshot_exemplars)
+            + p.fewshot_answer_template.format(rationale=e.rationale, answer=e.answer)
+            + p.fewshot_separator
+            for e in p.fewshot_exemplars
+        )
 
     def build_messages(self, sample: Sample, turn: int, previous_answers: list[str]) -> list[dict[str, str]]:
         question = sample.turns[turn]
@@ -92,8 +116,9 @@ class GSM8K(Task):
             text = self.fewshot_prefix() + self.params.fewshot_question_template.format(question=question)
         else:
             text = self.params.chat_instruction.format(question=question)
-        return super().build_messages(Sample(sample.sample_id, sample.category, sample.group, [text]), turn,
-                                      previous_answers)
+        return super().build_messages(
+            Sample(sample.sample_id, sample.category, sample.group, [text]), turn, previous_answers
+        )
 
     def stop_strings(self) -> list[str]:
         p = self.params
@@ -104,5 +129,10 @@ class GSM8K(Task):
 
     def score(self, sample: Sample, turn: int, output_text: str) -> dict[str, float]:
         answer = truncate_at_stop(output_text, self.stop_strings())
-        return compute("gsm8k_exact_match", [answer], [sample.reference[turn]],
-                       strict_pattern=self.params.strict_pattern, flexible_pattern=self.params.flexible_pattern)
+        return compute(
+            "gsm8k_exact_match",
+            [answer],
+            [sample.reference[turn]],
+            strict_pattern=self.params.strict_pattern,
+            flexible_pattern=self.params.flexible_pattern,
+        )

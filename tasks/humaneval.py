@@ -63,9 +63,16 @@ class HumanEval(Task):
     def to_sample(self, row: dict[str, Any]) -> Sample:
         prompt = row["prompt"].strip() if self.params.strip_prompt else row["prompt"]
         return Sample(
-            sample_id=row["task_id"], category="humaneval", group="humaneval", turns=[prompt],
-            extra={"prompt": row["prompt"], "test": row["test"], "entry_point": row["entry_point"],
-                   "canonical_solution": row["canonical_solution"]},
+            sample_id=row["task_id"],
+            category="humaneval",
+            group="humaneval",
+            turns=[prompt],
+            extra={
+                "prompt": row["prompt"],
+                "test": row["test"],
+                "entry_point": row["entry_point"],
+                "canonical_solution": row["canonical_solution"],
+            },
         )
 
     def load_samples(self) -> list[Sample]:
@@ -74,8 +81,11 @@ class HumanEval(Task):
         problems = super().load_samples()
         if self.params.num_samples == 1:
             return problems
-        return [replace(problem, sample_id=f"{problem.sample_id}{SAMPLE_SEPARATOR}{i}")
-                for problem in problems for i in range(self.params.num_samples)]
+        return [
+            replace(problem, sample_id=f"{problem.sample_id}{SAMPLE_SEPARATOR}{i}")
+            for problem in problems
+            for i in range(self.params.num_samples)
+        ]
 
     def turn_settings(self, sample: Sample, turn: int) -> TurnSettings:
         return TurnSettings(chat_template=False, stop_strings=tuple(self.params.stop_strings))

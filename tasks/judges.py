@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from decodebench.config import check
 from decodebench.registry import DecodeBenchError
@@ -36,8 +36,8 @@ DEFAULT_OPENAI_MODEL = "gpt-4"  # FastChat's MT-Bench judge
 
 @dataclass
 class OpenAIJudgeConfig:
-    base_url: Optional[str] = None  # null: $OPENAI_BASE_URL, else https://api.openai.com/v1
-    model: Optional[str] = None  # null: $DECODEBENCH_JUDGE_MODEL, else gpt-4
+    base_url: str | None = None  # null: $OPENAI_BASE_URL, else https://api.openai.com/v1
+    model: str | None = None  # null: $DECODEBENCH_JUDGE_MODEL, else gpt-4
     api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the key (unset: no key sent)
     temperature: float = 0.0  # FastChat: 0
     max_tokens: int = 2048  # FastChat: 2048
@@ -71,12 +71,14 @@ class OpenAIJudge:
         self.name = f"openai:{self.model}"
 
     def complete(self, system: str, user: str) -> str:
-        body = json.dumps({
-            "model": self.model,
-            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
-            "temperature": self.cfg.temperature,
-            "max_tokens": self.cfg.max_tokens,
-        }).encode()
+        body = json.dumps(
+            {
+                "model": self.model,
+                "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+                "temperature": self.cfg.temperature,
+                "max_tokens": self.cfg.max_tokens,
+            }
+        ).encode()
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(self.cfg.api_key_env)
         if key:
@@ -84,7 +86,7 @@ class OpenAIJudge:
         problem: Exception = DecodeBenchError("no attempt made")
         for attempt in range(self.cfg.retries + 1):
             if attempt:
-                time.sleep(min(2.0 ** attempt, 30.0))
+                time.sleep(min(2.0**attempt, 30.0))
             request = urllib.request.Request(f"{self.base_url}/chat/completions", data=body, headers=headers)
             try:
                 with urllib.request.urlopen(request, timeout=self.cfg.timeout_s) as response:
@@ -92,8 +94,9 @@ class OpenAIJudge:
             except (urllib.error.URLError, OSError, KeyError, IndexError, json.JSONDecodeError) as error:
                 problem = error
                 log.warning("judge %s: attempt %d failed: %s", self.name, attempt + 1, error)
-        raise DecodeBenchError(f"judge {self.name} at {self.base_url} failed after "
-                               f"{self.cfg.retries + 1} attempts: {problem}")
+        raise DecodeBenchError(
+            f"judge {self.name} at {self.base_url} failed after {self.cfg.retries + 1} attempts: {problem}"
+        )
 
 
 class HFJudge:
@@ -103,7 +106,7 @@ class HFJudge:
         self.model, self.tokenizer, self.max_new_tokens, self.name = model, tokenizer, max_new_tokens, name
 
     @classmethod
-    def from_config(cls, cfg: HFJudgeConfig, cache_dir: Optional[str]) -> "HFJudge":
+    def from_config(cls, cfg: HFJudgeConfig, cache_dir: str | None) -> HFJudge:
         from decodebench.config import ModelConfig
         from decodebench.models.loading import available_models, load_model, load_model_config
 
@@ -123,21 +126,26 @@ class HFJudge:
 
         messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
         if getattr(self.tokenizer, "chat_template", None):
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=False)
+            ids = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
             ids = ids["input_ids"] if isinstance(ids, dict) else ids
         else:
             ids = self.tokenizer.encode(f"{system}\n\n{user}\n\n")
         device = next(self.model.parameters()).device
         input_ids = torch.tensor([list(ids)], device=device)
         with torch.no_grad():
-            output = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                         max_new_tokens=self.max_new_tokens, do_sample=False,
-                                         pad_token_id=self.tokenizer.eos_token_id)
-        return self.tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
+            output = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.eos_token_id,
+            )
+        return self.tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
 
 
-def build_judge(kind: str, openai: OpenAIJudgeConfig, hf: HFJudgeConfig, cache_dir: Optional[str]) -> Optional[Any]:
+def build_judge(kind: str, openai: OpenAIJudgeConfig, hf: HFJudgeConfig, cache_dir: str | None) -> Any | None:
     """The judge named by ``kind`` (``none`` → None)."""
     if kind == "none":
         return None

@@ -33,7 +33,7 @@ def metric_path(name: str) -> Path:
     return Path(str(resources.files("decodebench.tasks") / "metric_modules" / name))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_metric(name: str) -> Any:
     """The ``evaluate.EvaluationModule`` of metric ``name``, loaded from its local folder."""
     import evaluate

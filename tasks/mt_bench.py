@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from decodebench.config import check
 from decodebench.tasks.base import Sample, Task, TurnSettings
@@ -33,8 +33,16 @@ log = logging.getLogger(__name__)
 
 FASTCHAT_DATA_URL = "https://raw.githubusercontent.com/lm-sys/FastChat/main/fastchat/llm_judge/data"
 # FastChat gen_model_answer.py temperature_config
-FASTCHAT_TEMPERATURES = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
-                         "reasoning": 0.0, "stem": 0.1, "humanities": 0.1}
+FASTCHAT_TEMPERATURES = {
+    "writing": 0.7,
+    "roleplay": 0.7,
+    "extraction": 0.0,
+    "math": 0.0,
+    "coding": 0.0,
+    "reasoning": 0.0,
+    "stem": 0.1,
+    "humanities": 0.1,
+}
 
 
 class MTBench(Task):
@@ -42,9 +50,9 @@ class MTBench(Task):
     class Params:
         judge: str = "none"  # none | openai | hf
         judge_prompts_file: str = "mt_bench/judge_prompts.jsonl"
-        judge_prompts_url: Optional[str] = f"{FASTCHAT_DATA_URL}/judge_prompts.jsonl"
+        judge_prompts_url: str | None = f"{FASTCHAT_DATA_URL}/judge_prompts.jsonl"
         reference_file: str = "mt_bench/reference_answer_gpt-4.jsonl"
-        reference_url: Optional[str] = f"{FASTCHAT_DATA_URL}/mt_bench/reference_answer/gpt-4.jsonl"
+        reference_url: str | None = f"{FASTCHAT_DATA_URL}/mt_bench/reference_answer/gpt-4.jsonl"
         reference_categories: list[str] = field(default_factory=lambda: ["math", "reasoning", "coding"])
         use_category_temperatures: bool = False
         category_temperatures: dict[str, float] = field(default_factory=lambda: dict(FASTCHAT_TEMPERATURES))
@@ -56,20 +64,23 @@ class MTBench(Task):
             for category, temperature in self.category_temperatures.items():
                 check(temperature >= 0, f"task.params.category_temperatures.{category}", temperature, ">= 0")
             missing = sorted(set(MT_BENCH_CATEGORIES) - set(self.category_temperatures))
-            check(not self.use_category_temperatures or not missing, "task.params.category_temperatures",
-                  self.category_temperatures, f"a temperature for every category (missing: {', '.join(missing)})")
+            check(
+                not self.use_category_temperatures or not missing,
+                "task.params.category_temperatures",
+                self.category_temperatures,
+                f"a temperature for every category (missing: {', '.join(missing)})",
+            )
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.judge: Any = None  # built on the first score
-        self._prompts: Optional[dict] = None
+        self._prompts: dict | None = None
         self._previous_answers: dict[tuple[str, int], list[str]] = {}
         self._judgments: dict[tuple[str, str], str] = {}
 
     def to_sample(self, row: dict[str, Any]) -> Sample:
         category = row["category"]
-        return Sample(sample_id=str(row["question_id"]), category=category, group=category,
-                      turns=list(row["turns"]))
+        return Sample(sample_id=str(row["question_id"]), category=category, group=category, turns=list(row["turns"]))
 
     def all_samples(self) -> list[Sample]:
         samples = super().all_samples()
@@ -82,22 +93,25 @@ class MTBench(Task):
     def reference_answers(self) -> dict[str, list[str]]:
         """FastChat's reference answers by question id (both turns)."""
         path = self.resolve(self.params.reference_file, self.params.reference_url)
-        return {str(row["question_id"]): list(row["choices"][0]["turns"])
-                for row in load_jsonl_records(path, self.cache_dir)}
+        return {
+            str(row["question_id"]): list(row["choices"][0]["turns"])
+            for row in load_jsonl_records(path, self.cache_dir)
+        }
 
     def turn_settings(self, sample: Sample, turn: int) -> TurnSettings:
         if not self.params.use_category_temperatures:
             return TurnSettings()
         if sample.category not in self.params.category_temperatures:
-            raise KeyError(f"no temperature for MT-Bench category '{sample.category}' in "
-                           "task.params.category_temperatures")
+            raise KeyError(
+                f"no temperature for MT-Bench category '{sample.category}' in task.params.category_temperatures"
+            )
         return TurnSettings(temperature=float(self.params.category_temperatures[sample.category]))
 
     def build_messages(self, sample: Sample, turn: int, previous_answers: list[str]) -> list[dict[str, str]]:
         self._previous_answers[(sample.sample_id, turn)] = list(previous_answers)
         return super().build_messages(sample, turn, previous_answers)
 
-    def score(self, sample: Sample, turn: int, output_text: str) -> Optional[dict[str, float]]:
+    def score(self, sample: Sample, turn: int, output_text: str) -> dict[str, float] | None:
         if self.params.judge == "none":
             return None
         previous = self._previous_answers.pop((sample.sample_id, turn), None)
@@ -109,13 +123,21 @@ class MTBench(Task):
             return None
         return {"mt_bench_score": rating, f"mt_bench_score_turn{turn + 1}": rating}
 
-    def rate(self, sample: Sample, turn: int, answers: list[str]) -> Optional[float]:
+    def rate(self, sample: Sample, turn: int, answers: list[str]) -> float | None:
         """The judge's 1-10 rating of ``answers[turn]`` (None when its reply has no rating)."""
         if self._prompts is None:
-            self._prompts = load_judge_prompts(self.resolve(self.params.judge_prompts_file,
-                                                            self.params.judge_prompts_url))
-        request = build_request(self._prompts, sample.category, turn, sample.turns, answers, sample.reference,
-                                self.params.reference_categories)
+            self._prompts = load_judge_prompts(
+                self.resolve(self.params.judge_prompts_file, self.params.judge_prompts_url)
+            )
+        request = build_request(
+            self._prompts,
+            sample.category,
+            turn,
+            sample.turns,
+            answers,
+            sample.reference,
+            self.params.reference_categories,
+        )
         key = (request.system, request.user)
         if key not in self._judgments:
             if self.judge is None:
@@ -123,6 +145,7 @@ class MTBench(Task):
             self._judgments[key] = self.judge.complete(request.system, request.user)
         rating = parse_rating(self._judgments[key])
         if rating is None:
-            log.warning("MT-Bench %s turn %d: no [[rating]] in the judgment of %s", sample.sample_id, turn + 1,
-                        self.judge.name)
+            log.warning(
+                "MT-Bench %s turn %d: no [[rating]] in the judgment of %s", sample.sample_id, turn + 1, self.judge.name
+            )
         return rating

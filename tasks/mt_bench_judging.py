@@ -13,9 +13,10 @@ from __future__ import annotations
 import ast
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Protocol, Sequence
+from typing import Protocol
 
 RATING_PATTERN = re.compile(r"\[\[(\d+\.?\d*)\]\]")
 RATING_BACKUP_PATTERN = re.compile(r"\[(\d+\.?\d*)\]")
@@ -52,8 +53,9 @@ def load_judge_prompts(path: Path) -> dict[str, JudgePrompt]:
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         if line.strip():
             row = json.loads(line)
-            prompts[row["name"]] = JudgePrompt(row["name"], row["system_prompt"], row["prompt_template"],
-                                               row["output_format"])
+            prompts[row["name"]] = JudgePrompt(
+                row["name"], row["system_prompt"], row["prompt_template"], row["output_format"]
+            )
     return prompts
 
 
@@ -63,9 +65,15 @@ def prompt_name(category: str, turn: int, reference_categories: Sequence[str]) -
     return name + ("-multi-turn" if turn == 1 else "")
 
 
-def build_request(prompts: dict[str, JudgePrompt], category: str, turn: int, questions: Sequence[str],
-                  answers: Sequence[str], references: Optional[Sequence[str]],
-                  reference_categories: Sequence[str]) -> JudgeRequest:
+def build_request(
+    prompts: dict[str, JudgePrompt],
+    category: str,
+    turn: int,
+    questions: Sequence[str],
+    answers: Sequence[str],
+    references: Sequence[str] | None,
+    reference_categories: Sequence[str],
+) -> JudgeRequest:
     """Fill the judge prompt for the answer to ``questions[turn]`` (0-based turn 0 or 1).
 
     Args:
@@ -87,17 +95,21 @@ def build_request(prompts: dict[str, JudgePrompt], category: str, turn: int, que
     if category in reference_categories:
         if not references:
             raise ValueError(f"category '{category}' is graded against a reference answer, but none was given")
-        fields = {"ref_answer_1": references[0]} if turn == 0 else {
-            "ref_answer_1": references[0], "ref_answer_2": references[1]}
+        fields = (
+            {"ref_answer_1": references[0]}
+            if turn == 0
+            else {"ref_answer_1": references[0], "ref_answer_2": references[1]}
+        )
     if turn == 0:
         user = prompt.prompt_template.format(question=questions[0], answer=answers[0], **fields)
     else:
-        user = prompt.prompt_template.format(question_1=questions[0], question_2=questions[1],
-                                             answer_1=answers[0], answer_2=answers[1], **fields)
+        user = prompt.prompt_template.format(
+            question_1=questions[0], question_2=questions[1], answer_1=answers[0], answer_2=answers[1], **fields
+        )
     return JudgeRequest(prompt.name, prompt.system_prompt, user)
 
 
-def parse_rating(judgment: str) -> Optional[float]:
+def parse_rating(judgment: str) -> float | None:
     """The ``[[rating]]`` of a judgment (backup: ``[rating]``), or None when there is none."""
     match = RATING_PATTERN.search(judgment) or RATING_BACKUP_PATTERN.search(judgment)
     return float(ast.literal_eval(match.group(1))) if match else None

@@ -26,8 +26,7 @@ def encode_prompt(tokenizer: Any, messages: list[dict[str, str]], use_chat_templ
     """
     if use_chat_template and getattr(tokenizer, "chat_template", None):
         # transformers 5.x returns a BatchEncoding unless return_dict=False; accept either.
-        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
-                                            return_dict=False)
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
         if isinstance(ids, Mapping):
             ids = ids["input_ids"]
     else:

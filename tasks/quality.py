@@ -18,7 +18,7 @@ from __future__ import annotations
 import collections
 import re
 import string
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 GSM8K_STRICT_PATTERN = r"#### (\-?[0-9\.\,]+)"
 GSM8K_FLEXIBLE_PATTERN = r"(-?[$0-9.,]{2,})|(-?[0-9]+)"
@@ -50,8 +50,12 @@ def normalize_gsm8k(text: str) -> str:
     return text.strip().lower()
 
 
-def gsm8k_scores(prediction: str, reference: str, strict_pattern: str = GSM8K_STRICT_PATTERN,
-                 flexible_pattern: str = GSM8K_FLEXIBLE_PATTERN) -> dict[str, float]:
+def gsm8k_scores(
+    prediction: str,
+    reference: str,
+    strict_pattern: str = GSM8K_STRICT_PATTERN,
+    flexible_pattern: str = GSM8K_FLEXIBLE_PATTERN,
+) -> dict[str, float]:
     """Strict and flexible exact match of one output.
 
     Args:
@@ -101,7 +105,7 @@ def qa_scores(prediction: str, answers: Sequence[str]) -> dict[str, float]:
     }
 
 
-def as_answer_list(reference: Optional[Sequence[str]]) -> Optional[list[str]]:
+def as_answer_list(reference: Sequence[str] | None) -> list[str] | None:
     """A turn's reference as a list of accepted answers (a string or a list of strings), or None."""
     if reference is None:
         return None

@@ -49,7 +49,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from decodebench.config import check
 from decodebench.registry import DecodeBenchError
@@ -79,7 +78,7 @@ class SandboxLimits:
     max_processes: int = 32  # RLIMIT_NPROC (per uid: the sandbox user's, or the harness user's)
     max_open_files: int = 64  # RLIMIT_NOFILE
     audit_guard: bool = True  # the Python audit-hook guard (defence in depth)
-    python: Optional[str] = None  # interpreter for the programs; null = the harness's own, else /usr/bin/python3
+    python: str | None = None  # interpreter for the programs; null = the harness's own, else /usr/bin/python3
 
     def __post_init__(self) -> None:
         for key in ("timeout_s", "cpu_time_s", "memory_mb", "file_size_mb", "max_processes", "max_open_files"):
@@ -95,7 +94,7 @@ class SandboxResult:
     status: str  # passed | failed | timeout | killed | no_report
     detail: str  # exception, signal or refusal; empty when passed
     wall_s: float
-    returncode: Optional[int]
+    returncode: int | None
     # how it ran: {"boundary": "bwrap", "user": name, "uid": uid outside, "network": "none",
     # "python": interpreter, "audit_guard": bool} (from the harness), plus the child's "child_uid"
     isolation: dict = dataclasses.field(default_factory=dict)
@@ -120,8 +119,13 @@ class SandboxUser:
 
 def scrubbed_environment(workdir: str) -> dict[str, str]:
     """The only environment a sandboxed program sees."""
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
-            "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": workdir,
+        "TMPDIR": workdir,
+        "LANG": "C.UTF-8",
+        "PYTHONHASHSEED": "0",
+    }
 
 
 def sandbox_user() -> SandboxUser:
@@ -134,7 +138,8 @@ def sandbox_user() -> SandboxUser:
     except KeyError:
         raise SandboxUnavailableError(
             f"the harness runs as root and the unprivileged user '{SANDBOX_USER}' that sandboxed programs run as "
-            f"does not exist: {SETUP_HINT}") from None
+            f"does not exist: {SETUP_HINT}"
+        ) from None
     if entry.pw_uid == 0 or entry.pw_gid == 0:
         raise SandboxUnavailableError(f"user '{SANDBOX_USER}' has uid/gid 0: sandboxed programs never run as root")
     return SandboxUser(entry.pw_name, entry.pw_uid, entry.pw_gid)
@@ -145,25 +150,62 @@ def bwrap_command(workdir: str) -> list[str]:
     only ``workdir`` writable, every namespace new (an empty network one), no capabilities."""
     bwrap = shutil.which("bwrap")
     if bwrap is None:
-        raise SandboxUnavailableError(f"bubblewrap (bwrap) is not installed: {SETUP_HINT} "
-                                      "(apt-get install bubblewrap)")
-    return [bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-            "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--tmpfs", "/dev/shm",
-            "--bind", workdir, workdir, "--chdir", workdir, "--hostname", "sandbox"]
+        raise SandboxUnavailableError(f"bubblewrap (bwrap) is not installed: {SETUP_HINT} (apt-get install bubblewrap)")
+    return [
+        bwrap,
+        "--unshare-all",
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop",
+        "ALL",
+        "--ro-bind",
+        "/",
+        "/",
+        "--dev",
+        "/dev",
+        "--proc",
+        "/proc",
+        "--tmpfs",
+        "/tmp",
+        "--tmpfs",
+        "/dev/shm",
+        "--bind",
+        workdir,
+        workdir,
+        "--chdir",
+        workdir,
+        "--hostname",
+        "sandbox",
+    ]
 
 
 def child_command(python: str, workdir: str, settings: dict) -> list[str]:
     """The bootstrap, given to the interpreter on its command line (the sandbox user need not be
     able to read the harness's files)."""
-    return [python, "-I", "-B", "-c", CHILD_SCRIPT.read_text(encoding="utf-8"), CHILD_MARKER, workdir,
-            json.dumps(settings)]
+    return [
+        python,
+        "-I",
+        "-B",
+        "-c",
+        CHILD_SCRIPT.read_text(encoding="utf-8"),
+        CHILD_MARKER,
+        workdir,
+        json.dumps(settings),
+    ]
 
 
 def start_sandboxed(command: list[str], user: SandboxUser, workdir: str, **popen) -> subprocess.Popen:
     """Popen ``command`` in its own session as ``user`` (no supplementary groups when switching)."""
     identity = dict(user=user.uid, group=user.gid, extra_groups=[]) if user.switch else {}
-    return subprocess.Popen(command, cwd=workdir, env=scrubbed_environment(workdir), start_new_session=True,
-                            close_fds=True, **identity, **popen)
+    return subprocess.Popen(
+        command,
+        cwd=workdir,
+        env=scrubbed_environment(workdir),
+        start_new_session=True,
+        close_fds=True,
+        **identity,
+        **popen,
+    )
 
 
 def fresh_workdir(user: SandboxUser) -> str:
@@ -173,8 +215,8 @@ def fresh_workdir(user: SandboxUser) -> str:
     return workdir
 
 
-@functools.lru_cache(maxsize=None)
-def probe(python: str) -> Optional[str]:
+@functools.cache
+def probe(python: str) -> str | None:
     """None if ``python`` runs inside the sandbox as the sandbox user, else why not."""
     user = sandbox_user()
     workdir = fresh_workdir(user)
@@ -187,14 +229,17 @@ def probe(python: str) -> Optional[str]:
             kill_group(done.pid)
             done.communicate()
             return "the probe timed out"
-        return None if done.returncode == 0 else (err or out).decode(errors="replace").strip()[-500:] or \
-            f"exit code {done.returncode}"
+        return (
+            None
+            if done.returncode == 0
+            else (err or out).decode(errors="replace").strip()[-500:] or f"exit code {done.returncode}"
+        )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-@functools.lru_cache(maxsize=None)
-def ensure_sandbox(python: Optional[str] = None) -> str:
+@functools.cache
+def ensure_sandbox(python: str | None = None) -> str:
     """Check that programs can run in the OS sandbox here; returns the interpreter they will use.
 
     Args:
@@ -219,8 +264,10 @@ def ensure_sandbox(python: Optional[str] = None) -> str:
         reasons.append(f"{candidate}: {reason}")
     raise SandboxUnavailableError(
         f"no sandbox for generated code here (programs run as '{user.name}' in bubblewrap): "
-        + "; ".join(reasons) + f". {SETUP_HINT}; or set task.params.sandbox.python to an interpreter "
-        f"'{user.name}' can run (outside /root)")
+        + "; ".join(reasons)
+        + f". {SETUP_HINT}; or set task.params.sandbox.python to an interpreter "
+        f"'{user.name}' can run (outside /root)"
+    )
 
 
 def run_program(program: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
@@ -241,16 +288,30 @@ def run_program(program: str, limits: SandboxLimits = SandboxLimits()) -> Sandbo
     workdir = fresh_workdir(user)
     private = tempfile.mkdtemp(prefix="decodebench-sandbox-report-")  # never inside the sandbox
     nonce = secrets.token_hex(16)
-    settings = {key: getattr(limits, key) for key in (
-        "cpu_time_s", "memory_mb", "file_size_mb", "max_processes", "max_open_files", "audit_guard")}
-    isolation = {"boundary": "bwrap", "user": user.name, "uid": user.uid, "network": "none",
-                 "python": python, "audit_guard": limits.audit_guard}
+    settings = {
+        key: getattr(limits, key)
+        for key in ("cpu_time_s", "memory_mb", "file_size_mb", "max_processes", "max_open_files", "audit_guard")
+    }
+    isolation = {
+        "boundary": "bwrap",
+        "user": user.name,
+        "uid": user.uid,
+        "network": "none",
+        "python": python,
+        "audit_guard": limits.audit_guard,
+    }
     started = time.perf_counter()
     timed_out = False
     try:
         with open(os.path.join(private, "report"), "w+b") as report:
-            process = start_sandboxed([*bwrap_command(workdir), *child_command(python, workdir, settings)], user,
-                                      workdir, stdin=subprocess.PIPE, stdout=report, stderr=subprocess.DEVNULL)
+            process = start_sandboxed(
+                [*bwrap_command(workdir), *child_command(python, workdir, settings)],
+                user,
+                workdir,
+                stdin=subprocess.PIPE,
+                stdout=report,
+                stderr=subprocess.DEVNULL,
+            )
             try:
                 process.stdin.write(json.dumps({"nonce": nonce, "program": program}).encode())
                 process.stdin.close()
@@ -317,8 +378,9 @@ def descendants(pid: int, table: dict[int, tuple[str, int, int]]) -> set[int]:
     return found
 
 
-def interpret(tail: str, nonce: str, returncode: Optional[int], timed_out: bool, wall_s: float,
-              limits: SandboxLimits) -> SandboxResult:
+def interpret(
+    tail: str, nonce: str, returncode: int | None, timed_out: bool, wall_s: float, limits: SandboxLimits
+) -> SandboxResult:
     """Turn the child's report channel and exit status into a :class:`SandboxResult`."""
     report = None
     for line in reversed(tail.splitlines()):
@@ -331,8 +393,9 @@ def interpret(tail: str, nonce: str, returncode: Optional[int], timed_out: bool,
             break
     isolation = report.get("isolation", {}) if report else {}
     if timed_out:
-        return SandboxResult("timeout", f"wall-clock timeout after {limits.timeout_s:g} s", wall_s, returncode,
-                             isolation)
+        return SandboxResult(
+            "timeout", f"wall-clock timeout after {limits.timeout_s:g} s", wall_s, returncode, isolation
+        )
     if report is None:
         if returncode is not None and returncode < 0:
             name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else str(-returncode)

@@ -33,14 +33,37 @@ MARKER = "decodebench-sandbox-child"  # argv[1]: how the harness (and its tests)
 PR_SET_DUMPABLE = 4
 
 # audit events refused whatever their arguments
-DENIED_EVENTS = frozenset({
-    "socket.__new__", "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr",
-    "os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen",
-    "os.kill", "os.killpg", "signal.pthread_kill", "resource.setrlimit", "resource.prlimit",
-    "sys.remote_exec", "os.startfile", "sys._current_frames", "sys._current_exceptions",
-    "sys.settrace", "sys.setprofile", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
-    "sys.addaudithook", "cpython._PySys_ClearAuditHooks",
-})
+DENIED_EVENTS = frozenset(
+    {
+        "socket.__new__",
+        "socket.getaddrinfo",
+        "socket.gethostbyname",
+        "socket.gethostbyaddr",
+        "os.fork",
+        "os.forkpty",
+        "os.system",
+        "os.exec",
+        "os.posix_spawn",
+        "os.spawn",
+        "subprocess.Popen",
+        "os.kill",
+        "os.killpg",
+        "signal.pthread_kill",
+        "resource.setrlimit",
+        "resource.prlimit",
+        "sys.remote_exec",
+        "os.startfile",
+        "sys._current_frames",
+        "sys._current_exceptions",
+        "sys.settrace",
+        "sys.setprofile",
+        "gc.get_objects",
+        "gc.get_referrers",
+        "gc.get_referents",
+        "sys.addaudithook",
+        "cpython._PySys_ClearAuditHooks",
+    }
+)
 # frame walking: sys._getframe (and inspect, traceback.walk_stack...) reach the bootstrap's frame
 FRAME_EVENTS = frozenset({"sys._getframe", "sys._getframemodulename"})
 FRAME_ATTRIBUTES = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame", "f_back"})
@@ -48,15 +71,42 @@ DENIED_PREFIXES = ("ctypes.", "winreg.", "msvcrt.")
 # spawn/FFI without audit events; signal handlers receive the current frame
 DENIED_IMPORTS = frozenset({"_posixsubprocess", "_ctypes", "ctypes", "signal", "_signal"})
 # imported before the guard: their import-time code walks frames (typing's TypeVars, enum, ...)
-PRELOADED = ("typing", "collections", "enum", "dataclasses", "functools", "re", "math", "string",
-             "itertools", "heapq", "bisect", "fractions", "decimal", "random", "hashlib", "statistics")
+PRELOADED = (
+    "typing",
+    "collections",
+    "enum",
+    "dataclasses",
+    "functools",
+    "re",
+    "math",
+    "string",
+    "itertools",
+    "heapq",
+    "bisect",
+    "fractions",
+    "decimal",
+    "random",
+    "hashlib",
+    "statistics",
+)
 # audit events that change the file system: (indices of path arguments, index of a dir_fd argument)
 PATH_EVENTS = {
-    "os.remove": ((0,), 1), "os.rmdir": ((0,), 1), "os.mkdir": ((0,), 2),
-    "os.rename": ((0, 1), 2), "os.link": ((0, 1), 2), "os.symlink": ((1,), 2),
-    "os.chmod": ((0,), 2), "os.chown": ((0,), 3), "os.utime": ((0,), 3), "os.truncate": ((0,), None),
-    "os.chflags": ((0,), None), "os.lchflags": ((0,), None), "os.setxattr": ((0,), None),
-    "os.removexattr": ((0,), None), "shutil.rmtree": ((0,), 1), "shutil.chown": ((0,), None),
+    "os.remove": ((0,), 1),
+    "os.rmdir": ((0,), 1),
+    "os.mkdir": ((0,), 2),
+    "os.rename": ((0, 1), 2),
+    "os.link": ((0, 1), 2),
+    "os.symlink": ((1,), 2),
+    "os.chmod": ((0,), 2),
+    "os.chown": ((0,), 3),
+    "os.utime": ((0,), 3),
+    "os.truncate": ((0,), None),
+    "os.chflags": ((0,), None),
+    "os.lchflags": ((0,), None),
+    "os.setxattr": ((0,), None),
+    "os.removexattr": ((0,), None),
+    "shutil.rmtree": ((0,), 1),
+    "shutil.chown": ((0,), None),
 }
 JSON_SAFE = bytes(32 if byte < 32 or byte > 126 else byte for byte in range(256))  # control -> space
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
@@ -108,8 +158,7 @@ def make_guard(root: str):
             path, mode, flags = args
             if isinstance(path, (is_str, bytes)) and startswith(realpath(fsdecode(path)), "/proc/"):
                 refuse("opening", repr(path))  # /proc/self/{mem,fd,environ,...}: the process itself
-            writes = (any(c in mode for c in "wax+") if isinstance(mode, is_str)
-                      else bool((flags or 0) & write_flags))
+            writes = any(c in mode for c in "wax+") if isinstance(mode, is_str) else bool((flags or 0) & write_flags)
             if not writes or isinstance(path, is_int) and isinstance(mode, is_str):
                 return  # reading, or builtin open() of an fd that is already open
             # os.open (mode None) may be relative to an unseen dir_fd: only absolute paths inside
@@ -157,8 +206,9 @@ def verdict_lines(nonce: str, isolation: dict) -> tuple[bytes, bytes, bytes]:
     """``(passed line, failed-line head, failed-line tail)``, encoded before the program runs; the
     failure detail goes between head and tail as a JSON string made of builtins only."""
     passed = json.dumps({"nonce": nonce, "status": "passed", "detail": "", "isolation": isolation})
-    head, tail = json.dumps({"nonce": nonce, "status": "failed", "detail": "\x00", "isolation": isolation}
-                            ).split('"\\u0000"')
+    head, tail = json.dumps({"nonce": nonce, "status": "failed", "detail": "\x00", "isolation": isolation}).split(
+        '"\\u0000"'
+    )
     return (passed + "\n").encode(), head.encode(), (tail + "\n").encode()
 
 

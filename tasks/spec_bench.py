@@ -17,14 +17,13 @@ local path (:mod:`decodebench.tasks.metrics`).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from decodebench.tasks.base import Sample, Task
 from decodebench.tasks.metrics import compute
 from decodebench.tasks.quality import as_answer_list
 
-MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem",
-                       "humanities")
+MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 GROUP_OF_CATEGORY = {category: "mt_bench" for category in MT_BENCH_CATEGORIES}
 # group -> (metric module, whether it takes the list of accepted answers instead of one reference)
 METRIC_OF_GROUP = {
@@ -49,7 +48,7 @@ class SpecBench(Task):
             reference=row.get("reference"),
         )
 
-    def score(self, sample: Sample, turn: int, output_text: str) -> Optional[dict[str, float]]:
+    def score(self, sample: Sample, turn: int, output_text: str) -> dict[str, float] | None:
         if sample.group not in METRIC_OF_GROUP or not sample.reference or turn >= len(sample.reference):
             return None
         metric, takes_answer_list = METRIC_OF_GROUP[sample.group]

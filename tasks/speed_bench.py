@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 from decodebench.config import ConfigValueError
 from decodebench.registry import DecodeBenchError, unknown_name_message
@@ -42,8 +42,19 @@ log = logging.getLogger("decodebench")
 
 HUB_ID = "nvidia/SPEED-Bench"
 CONFIGS = ("qualitative", "throughput_1k", "throughput_2k", "throughput_8k", "throughput_16k", "throughput_32k")
-CATEGORIES = ("coding", "humanities", "math", "multilingual", "qa", "rag", "reasoning", "roleplay", "stem",
-              "summarization", "writing")
+CATEGORIES = (
+    "coding",
+    "humanities",
+    "math",
+    "multilingual",
+    "qa",
+    "rag",
+    "reasoning",
+    "roleplay",
+    "stem",
+    "summarization",
+    "writing",
+)
 EXTRA_FIELDS = ("sub_category", "difficulty", "source", "src_id", "multiturn")
 
 
@@ -52,10 +63,10 @@ class Params:
     source: str = HUB_ID  # hub id, or a local folder holding a copy of the dataset repository
     config: str = "qualitative"  # one of CONFIGS
     split: str = "test"
-    revision: Optional[str] = None  # hub revision (branch, tag or commit)
+    revision: str | None = None  # hub revision (branch, tag or commit)
     # "auto" (throughput configs: the context of context_model − reserve_tokens; qualitative: no cut),
     # an integer (cut every longer turn to it), or null (never cut)
-    max_input_tokens: Optional[Union[int, str]] = "auto"
+    max_input_tokens: int | str | None = "auto"
     context_model: str = "smollm2-135m"  # catalogue model whose tokenizer and context length apply
     reserve_tokens: int = 1024
 
@@ -65,7 +76,7 @@ def cut_middle(ids: list[int], limit: int) -> list[int]:
     if len(ids) <= limit:
         return ids
     head = limit // 2
-    return ids[:head] + ids[len(ids) - (limit - head):]
+    return ids[:head] + ids[len(ids) - (limit - head) :]
 
 
 class SpeedBench(Task):
@@ -75,15 +86,21 @@ class SpeedBench(Task):
     def __init__(self, cfg, data_dir, cache_dir):
         super().__init__(cfg, data_dir, cache_dir)
         if self.params.config not in CONFIGS:
-            raise ConfigValueError(unknown_name_message("config", self.params.config, CONFIGS,
-                                                        " in 'task.params.config' of task speed_bench"))
+            raise ConfigValueError(
+                unknown_name_message(
+                    "config", self.params.config, CONFIGS, " in 'task.params.config' of task speed_bench"
+                )
+            )
         limit = self.params.max_input_tokens
         if not (limit is None or limit == "auto" or (isinstance(limit, int) and limit >= 1)):
-            raise ConfigValueError(f"invalid value for 'task.params.max_input_tokens': {limit!r} "
-                                   "(allowed: auto, an integer >= 1, or null)")
+            raise ConfigValueError(
+                f"invalid value for 'task.params.max_input_tokens': {limit!r} (allowed: auto, an integer >= 1, or null)"
+            )
         if self.params.reserve_tokens < 0:
-            raise ConfigValueError(f"invalid value for 'task.params.reserve_tokens': {self.params.reserve_tokens} "
-                                   "(allowed: an integer >= 0)")
+            raise ConfigValueError(
+                f"invalid value for 'task.params.reserve_tokens': {self.params.reserve_tokens} "
+                "(allowed: an integer >= 0)"
+            )
 
     def to_sample(self, row: dict[str, Any]) -> Sample:
         return Sample(
@@ -101,17 +118,25 @@ class SpeedBench(Task):
         params = self.params
         local = Path(params.source).expanduser()
         if (params.source.startswith((".", "/", "~")) or local.exists()) and not local.is_dir():
-            raise DecodeBenchError(f"task.params.source: no folder {local} (give the hub id {HUB_ID} or a folder "
-                                   "holding a copy of the dataset repository)")
+            raise DecodeBenchError(
+                f"task.params.source: no folder {local} (give the hub id {HUB_ID} or a folder "
+                "holding a copy of the dataset repository)"
+            )
         source = str(local) if local.is_dir() else params.source
         try:
-            dataset = datasets.load_dataset(source, params.config, split=params.split, revision=params.revision,
-                                            cache_dir=str(self.cache_dir / "datasets"))
+            dataset = datasets.load_dataset(
+                source,
+                params.config,
+                split=params.split,
+                revision=params.revision,
+                cache_dir=str(self.cache_dir / "datasets"),
+            )
         except Exception as error:  # hub unreachable, unknown config or split, unreadable files
             raise DecodeBenchError(
                 f"cannot load SPEED-Bench from '{source}' (config {params.config}, split {params.split}): {error}. "
                 f"Offline: copy the dataset repository (git clone https://huggingface.co/datasets/{HUB_ID}) and set "
-                "task.params.source=<that folder>") from error
+                "task.params.source=<that folder>"
+            ) from error
         return dataset.to_list()
 
     def all_samples(self) -> list[Sample]:
@@ -123,7 +148,7 @@ class SpeedBench(Task):
         limit = self.input_limit()
         return self.cut(samples, limit) if limit is not None else samples
 
-    def input_limit(self) -> Optional[int]:
+    def input_limit(self) -> int | None:
         """Tokens a turn may keep (None: no cut), resolving ``auto`` (module docstring)."""
         limit = self.params.max_input_tokens
         if limit != "auto":
@@ -132,8 +157,10 @@ class SpeedBench(Task):
             return None
         context = context_length(self.params.context_model, self.cache_dir)
         if context <= self.params.reserve_tokens:
-            raise ConfigValueError(f"task.params.reserve_tokens ({self.params.reserve_tokens}) leaves no room in "
-                                   f"{self.params.context_model}'s {context}-token context")
+            raise ConfigValueError(
+                f"task.params.reserve_tokens ({self.params.reserve_tokens}) leaves no room in "
+                f"{self.params.context_model}'s {context}-token context"
+            )
         return context - self.params.reserve_tokens
 
     def cut(self, samples: list[Sample], limit: int) -> list[Sample]:
@@ -146,15 +173,22 @@ class SpeedBench(Task):
                 ids = tokenizer.encode(turn, add_special_tokens=False)
                 if len(ids) > limit:
                     kept = cut_middle(ids, limit)
-                    sample.turns[index] = tokenizer.decode(kept[: limit // 2]) + tokenizer.decode(kept[limit // 2:])
+                    sample.turns[index] = tokenizer.decode(kept[: limit // 2]) + tokenizer.decode(kept[limit // 2 :])
                     removed += len(ids) - limit
             if removed:
                 sample.extra["cut_tokens"] = removed
                 cut_prompts += 1
                 cut_tokens += removed
-        log.info("speed_bench %s: %d of %d prompts longer than %d tokens (%s tokenizer) cut in the middle, "
-                 "%d tokens removed", self.params.config, cut_prompts, len(samples), limit,
-                 self.params.context_model, cut_tokens)
+        log.info(
+            "speed_bench %s: %d of %d prompts longer than %d tokens (%s tokenizer) cut in the middle, "
+            "%d tokens removed",
+            self.params.config,
+            cut_prompts,
+            len(samples),
+            limit,
+            self.params.context_model,
+            cut_tokens,
+        )
         return samples
 
 
@@ -164,16 +198,17 @@ def _catalogue(name: str):
     return load_model_config(name)
 
 
-def context_tokenizer(model: str, cache_dir: Union[str, Path]):
+def context_tokenizer(model: str, cache_dir: str | Path):
     """The tokenizer a catalogue model uses (its own, or the one ``model.tokenizer`` names)."""
     from decodebench.models.loading import load_tokenizer
 
     cfg = _catalogue(model)
-    return load_tokenizer(_catalogue(cfg.tokenizer) if cfg.tokenizer and cfg.tokenizer != cfg.name else cfg,
-                          str(cache_dir))
+    return load_tokenizer(
+        _catalogue(cfg.tokenizer) if cfg.tokenizer and cfg.tokenizer != cfg.name else cfg, str(cache_dir)
+    )
 
 
-def context_length(model: str, cache_dir: Union[str, Path]) -> int:
+def context_length(model: str, cache_dir: str | Path) -> int:
     """``max_position_embeddings`` of a catalogue model (tiny models: their config; others: the
     ``config.json`` stored with their tokenizer)."""
     from transformers import AutoConfig

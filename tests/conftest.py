@@ -39,6 +39,7 @@ def ar_outputs(backbone):
     """AR's greedy ids (48 new tokens) for every helpers.repeating_prompts() prompt, once per model."""
     from decodebench.config import MethodConfig
     from decodebench.methods import build_method
+
     from helpers import decode, repeating_prompts
 
     ar = build_method(MethodConfig())
@@ -57,6 +58,8 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
 # --- end shared test scaffolding --------------------------------------------------------------
 
 
@@ -71,6 +74,8 @@ def data_dir() -> Path:
     if not (path / "spec_bench" / "question.jsonl").is_file():
         pytest.skip(f"benchmark data not found in {path} (set DECODEBENCH_DATA)")
     return path
+
+
 # --- end tasks / data -------------------------------------------------------------------------
 
 
@@ -78,21 +83,57 @@ def data_dir() -> Path:
 # A small synthetic sweep written with the runner's own writer (RunDirectory), so the paper tables,
 # plots and cost model are tested on exact, deterministic numbers. See tests/test_analysis_frame.py
 # for the numbers each run dir is built to give.
-CURVE = {"model": "tiny", "backend": "engine", "device": "cpu", "threads": 2, "context": 200,
-         "k": [1, 2, 3, 4], "ms": [100.0, 120.0, 150.0, 200.0], "ratio": [1.0, 1.2, 1.5, 2.0]}
+CURVE = {
+    "model": "tiny",
+    "backend": "engine",
+    "device": "cpu",
+    "threads": 2,
+    "context": 200,
+    "k": [1, 2, 3, 4],
+    "ms": [100.0, 120.0, 150.0, 200.0],
+    "ratio": [1.0, 1.2, 1.5, 2.0],
+}
 
 
-def _analysis_run(root: Path, name: str, records: list, method: str, lossless: bool = True, seed: int = 0,
-                  cpu: str = "TestCPU", shard=None, curve=None, baseline: str = "ar") -> Path:
+def _analysis_run(
+    root: Path,
+    name: str,
+    records: list,
+    method: str,
+    lossless: bool = True,
+    seed: int = 0,
+    cpu: str = "TestCPU",
+    shard=None,
+    curve=None,
+    baseline: str = "ar",
+) -> Path:
     from decodebench.runners.run_dir import MANIFEST, RunDirectory
 
     run = RunDirectory(root / name)
-    run.write_config({"model": {"name": "tiny"}, "method": {"name": method, "lossless": lossless},
-                      "task": {"name": "spec_bench"}, "gen": {"temperature": 0.0, "max_new_tokens": 8},
-                      "seed": seed, "device": "cpu", "dtype": "float32", "threads": 2, "shard": shard,
-                      "baseline": baseline, "run_dir": str(root / name)})
-    run.write_json(MANIFEST, {"git": {"sha": "0123456789abcdef", "dirty": False}, "threads": 2, "seed": seed,
-                              "hardware": {"hostname": "h", "cpu": cpu, "cpu_count": 2, "device": "cpu", "gpu": None}})
+    run.write_config(
+        {
+            "model": {"name": "tiny"},
+            "method": {"name": method, "lossless": lossless},
+            "task": {"name": "spec_bench"},
+            "gen": {"temperature": 0.0, "max_new_tokens": 8},
+            "seed": seed,
+            "device": "cpu",
+            "dtype": "float32",
+            "threads": 2,
+            "shard": shard,
+            "baseline": baseline,
+            "run_dir": str(root / name),
+        }
+    )
+    run.write_json(
+        MANIFEST,
+        {
+            "git": {"sha": "0123456789abcdef", "dirty": False},
+            "threads": 2,
+            "seed": seed,
+            "hardware": {"hostname": "h", "cpu": cpu, "cpu_count": 2, "device": "cpu", "gpu": None},
+        },
+    )
     for record in records:
         run.append_record(record)
     if curve is not None:
@@ -103,26 +144,73 @@ def _analysis_run(root: Path, name: str, records: list, method: str, lossless: b
 def _analysis_record(method: str, role: str, sample_id: str, group: str, seed: int = 0, **fields):
     from decodebench.records import Record
 
-    return Record(method=method, role=role, task="spec_bench", model="tiny", sample_id=sample_id, category=group,
-                  group=group, turn=0, seed=seed, **fields)
+    return Record(
+        method=method,
+        role=role,
+        task="spec_bench",
+        model="tiny",
+        sample_id=sample_id,
+        category=group,
+        group=group,
+        turn=0,
+        seed=seed,
+        **fields,
+    )
 
 
-def analysis_ar(method: str, role: str, sample_id: str, group: str, seed: int = 0, wall_s: float = 1.0,
-                quality: float = 1.0):
+def analysis_ar(
+    method: str, role: str, sample_id: str, group: str, seed: int = 0, wall_s: float = 1.0, quality: float = 1.0
+):
     """AR: 9 tokens in 9 forwards (8 decode steps of 0.1 s), wall 1.0 s, prefill 0.1 s."""
-    return _analysis_record(method, role, sample_id, group, seed, prompt_tokens=20, new_tokens=9, wall_s=wall_s,
-                            prefill_s=0.1, draft_s=0.0, verify_s=0.8, steps=9, drafted=0, accepted=0,
-                            drafted_lengths=[0] * 8, accepted_lengths=[0] * 8, tree_sizes=[1] * 8,
-                            output_ids=list(range(9)), quality={"exact_match": quality})
+    return _analysis_record(
+        method,
+        role,
+        sample_id,
+        group,
+        seed,
+        prompt_tokens=20,
+        new_tokens=9,
+        wall_s=wall_s,
+        prefill_s=0.1,
+        draft_s=0.0,
+        verify_s=0.8,
+        steps=9,
+        drafted=0,
+        accepted=0,
+        drafted_lengths=[0] * 8,
+        accepted_lengths=[0] * 8,
+        tree_sizes=[1] * 8,
+        output_ids=list(range(9)),
+        quality={"exact_match": quality},
+    )
 
 
-def analysis_method(method: str, sample_id: str, group: str, seed: int = 0, wall_s: float = 0.5,
-                    quality: float = 1.0, lossless=True):
+def analysis_method(
+    method: str, sample_id: str, group: str, seed: int = 0, wall_s: float = 0.5, quality: float = 1.0, lossless=True
+):
     """4 decode steps of a 3-token tree (2 drafted, 1 accepted): 9 tokens in 5 forwards."""
-    return _analysis_record(method, "method", sample_id, group, seed, prompt_tokens=20, new_tokens=9, wall_s=wall_s,
-                            prefill_s=0.1, draft_s=0.04, verify_s=0.3, steps=5, drafted=8, accepted=4,
-                            drafted_lengths=[2] * 4, accepted_lengths=[1] * 4, tree_sizes=[3] * 4,
-                            output_ids=list(range(9)), lossless=lossless, quality={"exact_match": quality})
+    return _analysis_record(
+        method,
+        "method",
+        sample_id,
+        group,
+        seed,
+        prompt_tokens=20,
+        new_tokens=9,
+        wall_s=wall_s,
+        prefill_s=0.1,
+        draft_s=0.04,
+        verify_s=0.3,
+        steps=5,
+        drafted=8,
+        accepted=4,
+        drafted_lengths=[2] * 4,
+        accepted_lengths=[1] * 4,
+        tree_sizes=[3] * 4,
+        output_ids=list(range(9)),
+        lossless=lossless,
+        quality={"exact_match": quality},
+    )
 
 
 @pytest.fixture
@@ -142,17 +230,41 @@ def analysis_sweep(tmp_path) -> Path:
     root = tmp_path / "sweep"
     samples = [("81", "mt_bench"), ("401", "qa")]
     for seed, wall in ((0, 0.5), (1, 0.4)):
-        records = [r for sid, group in samples for r in (analysis_ar("ar", "baseline", sid, group, seed),
-                                                         analysis_method("pld[cpu]", sid, group, seed, wall))]
+        records = [
+            r
+            for sid, group in samples
+            for r in (
+                analysis_ar("ar", "baseline", sid, group, seed),
+                analysis_method("pld[cpu]", sid, group, seed, wall),
+            )
+        ]
         _analysis_run(root, f"pld_s{seed}", records, "pld", seed=seed, curve=CURVE if seed == 0 else None)
-    records = [r for sid, group in samples for r in (analysis_ar("ar", "baseline", sid, group),
-                                                     analysis_method("skip", sid, group, wall_s=0.25, quality=0.5,
-                                                                     lossless=None))]
+    records = [
+        r
+        for sid, group in samples
+        for r in (
+            analysis_ar("ar", "baseline", sid, group),
+            analysis_method("skip", sid, group, wall_s=0.25, quality=0.5, lossless=None),
+        )
+    ]
     _analysis_run(root, "skip", records, "skip", lossless=False)
     _analysis_run(root, "ar", [analysis_ar("ar", "method", sid, group, wall_s=0.8) for sid, group in samples], "ar")
-    _analysis_run(root, "pld_nobase", [analysis_method("pld[paper]", sid, group, wall_s=0.4) for sid, group in samples],
-                  "pld", baseline="none")
-    _analysis_run(root, "other_machine", [analysis_method("pld[gpu]", sid, group) for sid, group in samples],
-                  "pld", cpu="OtherCPU", baseline="none")
+    _analysis_run(
+        root,
+        "pld_nobase",
+        [analysis_method("pld[paper]", sid, group, wall_s=0.4) for sid, group in samples],
+        "pld",
+        baseline="none",
+    )
+    _analysis_run(
+        root,
+        "other_machine",
+        [analysis_method("pld[gpu]", sid, group) for sid, group in samples],
+        "pld",
+        cpu="OtherCPU",
+        baseline="none",
+    )
     return root
+
+
 # --- end analysis -----------------------------------------------------------------------------

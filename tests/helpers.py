@@ -31,8 +31,16 @@ from decodebench.models.tiny import build_tiny
 # --- tiny models -------------------------------------------------------------------------------
 VOCAB = 101
 #: The tiny random model of the method tests (3 layers, GQA 4/2 heads, 101-token vocabulary).
-TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1)
+TINY = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    initializer_range=0.1,
+)
 #: The architectures the ``backbone`` fixture runs every test on.
 ARCHS = ("llama", "qwen2")
 
@@ -44,8 +52,14 @@ def tiny_backbone(arch: str = "llama", **overrides) -> Backbone:
     return Backbone(build_tiny(config, seed=0))
 
 
-def tiny_pair(arch: str = "llama", vocab: int = VOCAB, noise: float = 0.05, layers: int = 3, seed: int = 0,
-              lm_head_scale: float | None = None) -> tuple[Backbone, Backbone]:
+def tiny_pair(
+    arch: str = "llama",
+    vocab: int = VOCAB,
+    noise: float = 0.05,
+    layers: int = 3,
+    seed: int = 0,
+    lm_head_scale: float | None = None,
+) -> tuple[Backbone, Backbone]:
     """``(target, draft)`` for draft-model methods: a tiny random target (named ``target``, built with
     ``seed``, max 512 positions) and a draft that is the target with relative weight noise ``noise``
     (close enough that drafts are often, but not always, accepted). ``lm_head_scale`` multiplies the
@@ -85,10 +99,19 @@ def random_prompts(count: int, vocab: int = VOCAB, length: int = 12, seed: int =
 
 
 # --- decoding ----------------------------------------------------------------------------------
-def decode(backbone: Backbone, drafter, prompt: Sequence[int], max_new_tokens: int = 48,
-           sampling: SamplingParams | None = None, generator: torch.Generator | None = None, *,
-           seed: int | None = None, eos: Sequence[int] = (), setup: bool = False,
-           cache=None) -> GenerationOutput:
+def decode(
+    backbone: Backbone,
+    drafter,
+    prompt: Sequence[int],
+    max_new_tokens: int = 48,
+    sampling: SamplingParams | None = None,
+    generator: torch.Generator | None = None,
+    *,
+    seed: int | None = None,
+    eos: Sequence[int] = (),
+    setup: bool = False,
+    cache=None,
+) -> GenerationOutput:
     """One :func:`generate` call on ``cache`` (default: a fresh one, block 16): greedy unless ``sampling`` is given;
     ``seed`` makes a fresh ``torch.Generator`` (instead of passing ``generator``); ``eos`` are the
     stop ids. The drafter is set up first only with ``setup=True`` (otherwise the caller decides when
@@ -97,8 +120,7 @@ def decode(backbone: Backbone, drafter, prompt: Sequence[int], max_new_tokens: i
         drafter.setup(backbone)
     if seed is not None:
         generator = torch.Generator().manual_seed(seed)
-    settings = DecodeSettings(max_new_tokens=max_new_tokens, sampling=sampling or SamplingParams(),
-                              eos_token_ids=eos)
+    settings = DecodeSettings(max_new_tokens=max_new_tokens, sampling=sampling or SamplingParams(), eos_token_ids=eos)
     return generate(backbone, drafter, prompt, settings, cache or backbone.new_cache(16), generator)
 
 
@@ -130,31 +152,41 @@ def exact_second_and_third(target: Backbone, prompt: list[int], params: Sampling
 CLI = [sys.executable, "-m", "decodebench.cli"]
 
 
-def run_cli(*overrides: str, cwd: Path, timeout: float = 900,
-            env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(*overrides: str, cwd: Path, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
     """``python -m decodebench.cli *overrides`` in ``cwd`` (offline hub; ``env`` adds variables);
     returns the completed process with text stdout / stderr."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([*CLI, *overrides], capture_output=True, text=True, cwd=cwd, env=full_env,
-                          timeout=timeout)
+    return subprocess.run([*CLI, *overrides], capture_output=True, text=True, cwd=cwd, env=full_env, timeout=timeout)
 
 
-def embedded_method_summary(method: str, tmp_path: Path, data_dir: Path, *overrides: str,
-                            max_new_tokens: int = 48, timeout: float = 1800) -> dict:
+def embedded_method_summary(
+    method: str, tmp_path: Path, data_dir: Path, *overrides: str, max_new_tokens: int = 48, timeout: float = 1800
+) -> dict:
     """Run ``method`` on the embedded model (one sample per category, ``max_new_tokens`` tokens) with
     run dir ``tmp_path / "run"`` (records.jsonl is there too), assert it exits 0 (showing the tail of
     stderr otherwise), and return its summary.json. ``overrides`` are extra CLI overrides."""
     run_dir = tmp_path / "run"
-    result = run_cli(f"method={method}", "task.per_category=1", f"gen.max_new_tokens={max_new_tokens}", *overrides,
-                     f"hydra.run.dir={run_dir}", f"data_dir={data_dir}", "progress=false", cwd=tmp_path,
-                     timeout=timeout, env={"DECODEBENCH_DATA": str(data_dir)})
+    result = run_cli(
+        f"method={method}",
+        "task.per_category=1",
+        f"gen.max_new_tokens={max_new_tokens}",
+        *overrides,
+        f"hydra.run.dir={run_dir}",
+        f"data_dir={data_dir}",
+        "progress=false",
+        cwd=tmp_path,
+        timeout=timeout,
+        env={"DECODEBENCH_DATA": str(data_dir)},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((run_dir / "summary.json").read_text())
 
 
 # --- the embedded model --------------------------------------------------------------------------
-EMBEDDED_PROMPTS = ["Explain in two sentences why the sky is blue.",
-                    "Write a Python function that returns the n-th Fibonacci number."]
+EMBEDDED_PROMPTS = [
+    "Explain in two sentences why the sky is blue.",
+    "Write a Python function that returns the n-th Fibonacci number.",
+]
 
 
 def embedded_lossless(method: str, cache_dir=None, prepare=None, **params) -> tuple[int, int]:

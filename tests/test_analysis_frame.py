@@ -23,8 +23,18 @@ def one(table: pd.DataFrame, method: str, group: str = "overall") -> pd.Series:
 def test_frame_columns_and_join(analysis_sweep):
     frame = load_frame([analysis_sweep])
     assert len(frame) == 2 * 4 + 4 + 2 + 2 + 2
-    for column in ("method_name", "lossless_method", "machine", "setting", "repeat", "run_dir", "baseline_index",
-                   "baseline_run", "ar_wall_s", "quality.exact_match"):
+    for column in (
+        "method_name",
+        "lossless_method",
+        "machine",
+        "setting",
+        "repeat",
+        "run_dir",
+        "baseline_index",
+        "baseline_run",
+        "ar_wall_s",
+        "quality.exact_match",
+    ):
         assert column in frame.columns
     assert set(frame["machine"]) == {"TestCPU/-/cpu/2/2", "OtherCPU/-/cpu/2/2"}
     assert set(frame.loc[frame["role"] == "baseline", "method_name"]) == {"ar"}
@@ -45,7 +55,7 @@ def test_aggregate_mean_and_std_over_repeats(analysis_sweep):
     pld = one(table, "pld[cpu]")
     assert pld.repeats == 2 and pld.records == 4
     assert pld.speedup == pytest.approx(2.25)  # 2.0 (pld_s0) and 2.5 (pld_s1)
-    assert pld.speedup_std == pytest.approx(math.sqrt(2 * 0.25 ** 2))
+    assert pld.speedup_std == pytest.approx(math.sqrt(2 * 0.25**2))
     assert (pld.tau, pld.alpha, pld.lossless_rate) == (pytest.approx(1.8), 0.5, 1.0)
     assert pld.tau_std == 0.0
     assert pld.per_position_acceptance == [1.0, 0.0]
@@ -66,8 +76,13 @@ def test_shards_pool_into_one_repeat(tmp_path, analysis_builders):
     build = analysis_builders
     root = tmp_path / "shards"
     for index, (sid, group) in enumerate([("81", "mt_bench"), ("401", "qa")]):
-        build.run(root, f"shard{index}", [build.ar("ar", "baseline", sid, group),
-                                          build.method("pld[cpu]", sid, group)], "pld", shard=f"{index}/2")
+        build.run(
+            root,
+            f"shard{index}",
+            [build.ar("ar", "baseline", sid, group), build.method("pld[cpu]", sid, group)],
+            "pld",
+            shard=f"{index}/2",
+        )
     row = one(aggregate(load_frame([root])), "pld[cpu]")
     assert (row.repeats, row.records, row.speedup) == (1, 2, 2.0)
 
@@ -78,16 +93,45 @@ def test_parquet_round_trip(tmp_path, analysis_sweep):
     assert len(back) == len(frame)
     skip = back[back["method"] == "skip"]
     assert list(skip["tree_sizes"].iloc[0]) == [3, 3, 3, 3] and skip["quality"].iloc[0] == {"exact_match": 0.5}
-    pd.testing.assert_frame_equal(aggregate(back).drop(columns="per_position_acceptance"),
-                                  aggregate(frame).drop(columns="per_position_acceptance"), check_dtype=False)
+    pd.testing.assert_frame_equal(
+        aggregate(back).drop(columns="per_position_acceptance"),
+        aggregate(frame).drop(columns="per_position_acceptance"),
+        check_dtype=False,
+    )
 
 
 def test_errors_and_missing_fields(tmp_path):
     run = RunDirectory(tmp_path / "run")
-    run.append_record(Record(method="ar", role="baseline", task="t", model="m", sample_id="1", category="c",
-                             group="g", turn=0, seed=0, new_tokens=4, wall_s=1.0, steps=4))
-    run.append_record(Record(method="pld", role="method", task="t", model="m", sample_id="1", category="c",
-                             group="g", turn=0, seed=0, error="RuntimeError: boom"))
+    run.append_record(
+        Record(
+            method="ar",
+            role="baseline",
+            task="t",
+            model="m",
+            sample_id="1",
+            category="c",
+            group="g",
+            turn=0,
+            seed=0,
+            new_tokens=4,
+            wall_s=1.0,
+            steps=4,
+        )
+    )
+    run.append_record(
+        Record(
+            method="pld",
+            role="method",
+            task="t",
+            model="m",
+            sample_id="1",
+            category="c",
+            group="g",
+            turn=0,
+            seed=0,
+            error="RuntimeError: boom",
+        )
+    )
     frame = load_frame([tmp_path])
     assert frame.loc[frame["role"] == "method", "baseline_run"].item() == str(run.path)
     row = one(aggregate(frame), "pld")

@@ -30,23 +30,46 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB = 97
 WINDOW = 8  # sliding window of the tiny configs that have one: the 30-token probes cross it
-TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2)
+TINY = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    initializer_range=0.2,
+)
 SLIDING_THEN_FULL = ["sliding_attention", "full_attention"]
 # model_type -> overrides of TINY (the family's own knobs set so that they matter)
 FAMILY_CONFIGS: dict[str, dict] = {
     "llama": {},
     "mistral": dict(sliding_window=WINDOW),
     "mixtral": dict(sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2),
-    "qwen2": dict(attention_bias=True, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
-                  layer_types=SLIDING_THEN_FULL),
+    "qwen2": dict(
+        attention_bias=True,
+        use_sliding_window=True,
+        sliding_window=WINDOW,
+        max_window_layers=1,
+        layer_types=SLIDING_THEN_FULL,
+    ),
     "qwen3": dict(use_sliding_window=True, sliding_window=WINDOW, layer_types=SLIDING_THEN_FULL),
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1),
     "gemma": dict(head_dim=16),
-    "gemma2": dict(head_dim=16, sliding_window=WINDOW, layer_types=SLIDING_THEN_FULL, final_logit_softcapping=3.0,
-                   attn_logit_softcapping=5.0),
-    "gemma3_text": dict(head_dim=16, sliding_window=WINDOW, layer_types=SLIDING_THEN_FULL,
-                        final_logit_softcapping=3.0, rope_local_base_freq=100.0),
+    "gemma2": dict(
+        head_dim=16,
+        sliding_window=WINDOW,
+        layer_types=SLIDING_THEN_FULL,
+        final_logit_softcapping=3.0,
+        attn_logit_softcapping=5.0,
+    ),
+    "gemma3_text": dict(
+        head_dim=16,
+        sliding_window=WINDOW,
+        layer_types=SLIDING_THEN_FULL,
+        final_logit_softcapping=3.0,
+        rope_local_base_freq=100.0,
+    ),
     "phi3": dict(sliding_window=WINDOW, partial_rotary_factor=0.5, pad_token_id=0),
     "phi": dict(partial_rotary_factor=0.5),
     "glm": dict(head_dim=16, partial_rotary_factor=0.5, pad_token_id=0),
@@ -57,13 +80,26 @@ FAMILY_CONFIGS: dict[str, dict] = {
     "starcoder2": dict(sliding_window=WINDOW, use_bias=True),
     "stablelm": dict(partial_rotary_factor=0.5, use_qkv_bias=True),
     "exaone4": dict(sliding_window=WINDOW, layer_types=SLIDING_THEN_FULL),
-    "gpt_oss": dict(head_dim=16, sliding_window=WINDOW, layer_types=SLIDING_THEN_FULL, num_local_experts=4,
-                    num_experts_per_tok=2),
+    "gpt_oss": dict(
+        head_dim=16, sliding_window=WINDOW, layer_types=SLIDING_THEN_FULL, num_local_experts=4, num_experts_per_tok=2
+    ),
     "gpt_neox": dict(rotary_pct=0.5),
     "falcon": dict(new_decoder_architecture=True, num_kv_heads=2, alibi=False),
-    "deepseek_v3": dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
-                        v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                        first_k_dense_replace=1, n_group=1, topk_group=1, rope_interleave=False),
+    "deepseek_v3": dict(
+        num_key_value_heads=4,
+        kv_lora_rank=16,
+        q_lora_rank=24,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        rope_interleave=False,
+    ),
     "cohere": dict(logit_scale=0.25, use_qk_norm=False),
 }
 ATOL = 1e-4
@@ -140,8 +176,7 @@ def test_crop_and_compact_then_continue(family_model):
     backbone.forward(tokens, cache, layout=BlockLayout(parents=[-1, 0, 0, 1, 1, 2, 5]))
     cache.compact(base, [0, 2, 5])  # path 5 -> 23 -> 61
     out = backbone.forward([77], cache)
-    torch.testing.assert_close(out.logits[0], hf_logits(family_model, prefix + [5, 23, 61, 77])[-1],
-                               atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.logits[0], hf_logits(family_model, prefix + [5, 23, 61, 77])[-1], atol=ATOL, rtol=0)
     cache.crop(base + 1)
     out = backbone.forward([50, 51], cache)
     torch.testing.assert_close(out.logits, hf_logits(family_model, prefix + [5, 50, 51])[-2:], atol=ATOL, rtol=0)
@@ -156,13 +191,14 @@ def test_left_padded_batch_equals_each_sequence(family_model):
     width = max(map(len, batch))
     cache = backbone.new_cache(8, batch_size=len(batch))
     cache.padding = [width - len(p) for p in batch]
-    out = backbone.forward_batch(torch.tensor([[0] * (width - len(p)) + p for p in batch]), cache,
-                                 logits_rows=slice(-1, None))
+    out = backbone.forward_batch(
+        torch.tensor([[0] * (width - len(p)) + p for p in batch]), cache, logits_rows=slice(-1, None)
+    )
     logits = [out.logits[:, -1]]
     for step in range(6):
         logits.append(backbone.forward_batch(torch.tensor([[s[step]] for s in steps]), cache).logits[:, -1])
     for row, prompt in enumerate(batch):
-        reference = hf_logits(family_model, prompt + steps[row])[len(prompt) - 1:]
+        reference = hf_logits(family_model, prompt + steps[row])[len(prompt) - 1 :]
         torch.testing.assert_close(torch.stack([step[row] for step in logits]), reference, atol=ATOL, rtol=0)
 
 
@@ -190,8 +226,9 @@ def test_early_exit_continuation_equals_full_forward(family_model):
     ids = random_ids(11, 6)
     cache = backbone.new_cache(32)
     early = backbone.forward(ids, cache, plan=ForwardPlan(layers=[0]), output_hidden_states=True)
-    late = backbone.forward(ids, cache, plan=ForwardPlan(layers=[1]), input_hidden=early.hidden_states[-1],
-                            layout=BlockLayout(start=0))
+    late = backbone.forward(
+        ids, cache, plan=ForwardPlan(layers=[1]), input_hidden=early.hidden_states[-1], layout=BlockLayout(start=0)
+    )
     torch.testing.assert_close(late.logits, hf_logits(family_model, ids), atol=ATOL, rtol=0)
 
 
@@ -246,10 +283,25 @@ class PastKeyValuesLayer(torch.nn.Module):
         super().__init__()
         self.layer = layer
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
-                position_embeddings=None, **kwargs):
-        return self.layer(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                          cache=past_key_values, use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        use_cache=False,
+        position_embeddings=None,
+        **kwargs,
+    ):
+        return self.layer(
+            hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
 
 
 def test_cache_argument_follows_the_layer_signature():
@@ -274,8 +326,9 @@ def test_cache_argument_follows_the_layer_signature():
     torch.testing.assert_close(old.forward(ids[8:], cache).logits, reference[8:], atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("family, method", [("cohere", "swift"), ("phi", "ffn_skip"), ("gpt_neox", "swift"),
-                                            ("olmo2", "kangaroo")])
+@pytest.mark.parametrize(
+    "family, method", [("cohere", "swift"), ("phi", "ffn_skip"), ("gpt_neox", "swift"), ("olmo2", "kangaroo")]
+)
 def test_layer_skipping_methods_refuse_what_an_architecture_cannot_skip(family, method, tmp_path):
     from decodebench.methods import build_method, method_config
 
@@ -285,17 +338,22 @@ def test_layer_skipping_methods_refuse_what_an_architecture_cannot_skip(family, 
         drafter.setup(backbone, str(tmp_path))
 
 
-@pytest.mark.parametrize("family, method, params", [
-    ("deepseek_v3", "early_exit_spec", {"exit_layer": 2}), ("gpt_oss", "del", {}),
-    ("gemma3_text", "swift", {}), ("granite", "swift", {}),
-])
+@pytest.mark.parametrize(
+    "family, method, params",
+    [
+        ("deepseek_v3", "early_exit_spec", {"exit_layer": 2}),
+        ("gpt_oss", "del", {}),
+        ("gemma3_text", "swift", {}),
+        ("granite", "swift", {}),
+    ],
+)
 def test_layer_skipping_on_other_architectures_drafts_and_stays_lossless(family, method, params, tmp_path):
     """Whole-layer skipping (early exits reusing the first layers' K/V) works on every family, MLA's
     latent cache and sliding windows included; sublayer skipping (SWIFT) where the family has
     residual halves, per-layer RoPE and residual multipliers included. Greedy output = AR's."""
-    from helpers import decode
-
     from decodebench.methods import build_method, method_config
+
+    from helpers import decode
 
     backbone = Backbone(tiny_family_model(family, num_hidden_layers=4))
     prompt = random_ids(6, 12) * 3
@@ -328,8 +386,18 @@ def test_run_records_the_self_check_and_a_failing_one_exits_2(tmp_path, data_dir
 
     from decodebench.cli import main
 
-    args = ["model=tiny-llama", "method=ar", "baseline=none", "task.per_category=1", "task.categories=[qa]",
-            "gen.max_new_tokens=4", "warmup=0", f"data_dir={data_dir}", "progress=false", "threads=1"]
+    args = [
+        "model=tiny-llama",
+        "method=ar",
+        "baseline=none",
+        "task.per_category=1",
+        "task.categories=[qa]",
+        "gen.max_new_tokens=4",
+        "warmup=0",
+        f"data_dir={data_dir}",
+        "progress=false",
+        "threads=1",
+    ]
     main([*args, f"hydra.run.dir={tmp_path / 'good'}"])
     manifest = json.loads((tmp_path / "good" / "manifest.json").read_text())
     checked = manifest["engine"]["tiny-llama"]["self_check"]
@@ -353,8 +421,15 @@ def test_local_directory_loads_eager_when_the_family_needs_it(tmp_path):
     from decodebench.models.loading import load_model
 
     tiny_family_model("gemma2", vocab_size=49152).save_pretrained(tmp_path / "gemma2")
-    loaded = load_model(ModelConfig(name="mine", source="path", path=str(tmp_path / "gemma2"),
-                                    tokenizer="smollm2-135m", attn_implementation="sdpa"))
+    loaded = load_model(
+        ModelConfig(
+            name="mine",
+            source="path",
+            path=str(tmp_path / "gemma2"),
+            tokenizer="smollm2-135m",
+            attn_implementation="sdpa",
+        )
+    )
     assert loaded.info["attn_implementation"] == "eager" and loaded.model.config._attn_implementation == "eager"
     assert self_check(Backbone(loaded.model)).max_abs_diff <= 1e-3
 

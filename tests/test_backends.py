@@ -42,12 +42,14 @@ def tiny_backbone(arch: str, backend: str) -> Backbone:
     return backbone
 
 
-BACKEND_PARAMS = [pytest.param(("llama", "packed"), id="llama-packed"),
-                  pytest.param(("qwen2", "packed"), id="qwen2-packed"),
-                  pytest.param(("llama", "onednn"), id="llama-onednn"),
-                  pytest.param(("qwen2", "onednn"), id="qwen2-onednn"),
-                  pytest.param(("llama", "compiled"), id="llama-compiled", marks=pytest.mark.slow),
-                  pytest.param(("qwen2", "compiled"), id="qwen2-compiled", marks=pytest.mark.slow)]
+BACKEND_PARAMS = [
+    pytest.param(("llama", "packed"), id="llama-packed"),
+    pytest.param(("qwen2", "packed"), id="qwen2-packed"),
+    pytest.param(("llama", "onednn"), id="llama-onednn"),
+    pytest.param(("qwen2", "onednn"), id="qwen2-onednn"),
+    pytest.param(("llama", "compiled"), id="llama-compiled", marks=pytest.mark.slow),
+    pytest.param(("qwen2", "compiled"), id="qwen2-compiled", marks=pytest.mark.slow),
+]
 
 
 @pytest.fixture(scope="module", params=BACKEND_PARAMS)
@@ -65,12 +67,14 @@ def backbone(request):
 # the same lossless / equivalence tests as tests/test_decode_loop.py, against every backend
 test_ar_equals_hf_greedy_generate = decode_loop_tests.test_ar_equals_hf_greedy_generate
 test_pld_greedy_equals_ar = decode_loop_tests.test_pld_greedy_equals_ar
-test_pld_sampling_is_reproducible_and_uses_target_distribution = \
+test_pld_sampling_is_reproducible_and_uses_target_distribution = (
     decode_loop_tests.test_pld_sampling_is_reproducible_and_uses_target_distribution
+)
 test_stops_at_eos_and_counts_it = decode_loop_tests.test_stops_at_eos_and_counts_it
 test_tree_proposals_are_verified_losslessly = decode_loop_tests.test_tree_proposals_are_verified_losslessly
-test_aux_tokens_never_change_the_output_and_get_logits = \
+test_aux_tokens_never_change_the_output_and_get_logits = (
     decode_loop_tests.test_aux_tokens_never_change_the_output_and_get_logits
+)
 
 
 def test_blocks_match_eager_logits(backbone):
@@ -182,7 +186,9 @@ def test_bad_backend_names_are_config_errors():
     backbone = Backbone(build_tiny(ModelConfig(name="t", source="tiny", architecture="llama", tiny=TINY), seed=0))
     with pytest.raises(ConfigValueError, match="engine.backend.*fast.*auto \\| eager"):
         apply_backend(backbone, "fast")
-    with pytest.raises(ConfigValueError, match="engine.backend.*turbo.*auto \\| eager \\| packed \\| onednn \\| compiled"):
+    with pytest.raises(
+        ConfigValueError, match="engine.backend.*turbo.*auto \\| eager \\| packed \\| onednn \\| compiled"
+    ):
         EngineConfig(backend="turbo")
     with pytest.raises(ConfigValueError, match="engine.buckets"):
         EngineConfig(buckets=[0, 4])
@@ -246,9 +252,15 @@ def test_by_rank_sum_orders_likelier_nodes_first_and_every_prefix_is_a_tree():
         check_tree(ordered[:size], 8)  # raises when a parent is missing
 
 
-@pytest.mark.parametrize("method, attribute, expected, largest", [
-    ("lookahead", "decoding_length", 8, 64), ("suffix", "max_spec_tokens", 7, 64),
-    ("aded", "max_draft_tokens", 7, 64), ("token_recycling", "tree", 7, None)])
+@pytest.mark.parametrize(
+    "method, attribute, expected, largest",
+    [
+        ("lookahead", "decoding_length", 8, 64),
+        ("suffix", "max_spec_tokens", 7, 64),
+        ("aded", "max_draft_tokens", 7, 64),
+        ("token_recycling", "tree", 7, None),
+    ],
+)
 def test_tree_methods_size_their_budget_from_the_curve(tmp_path, method, attribute, expected, largest):
     """cpu presets (max_verify_cost): tokens per verify from the stored curve of the backend in use."""
     from decodebench.methods import method_config
@@ -277,10 +289,19 @@ def test_tree_methods_size_their_budget_from_the_curve(tmp_path, method, attribu
 def test_profile_stores_curves_and_pld_reads_them(tmp_path):
     backbone = Backbone(build_tiny(ModelConfig(name="t", source="tiny", architecture="llama", tiny=TINY), seed=0))
     ks = [1, 2, 4, 8]
-    _, reference = profile_backend(backbone, "eager", model="tiny-x", context=20, ks=ks, repeats=1,
-                                   cache_dir=str(tmp_path))
-    curve, _ = profile_backend(backbone, "packed", model="tiny-x", context=20, ks=ks, repeats=1,
-                               cache_dir=str(tmp_path), reference_argmax=reference)
+    _, reference = profile_backend(
+        backbone, "eager", model="tiny-x", context=20, ks=ks, repeats=1, cache_dir=str(tmp_path)
+    )
+    curve, _ = profile_backend(
+        backbone,
+        "packed",
+        model="tiny-x",
+        context=20,
+        ks=ks,
+        repeats=1,
+        cache_dir=str(tmp_path),
+        reference_argmax=reference,
+    )
     assert {"model", "backend", "device", "threads", "context", "k", "ms", "ratio"} <= set(curve)
     assert curve["backend"] == "packed" and curve["k"] == ks and curve["ratio"][0] == 1.0
     assert curve["argmax_differs_vs_eager"] == 0.0
@@ -289,12 +310,26 @@ def test_profile_stores_curves_and_pld_reads_them(tmp_path):
     assert load_latency_curve("tiny-x", "eager", cache_dir=str(tmp_path)) is None
     path = profile_path("tiny-x", "eager", "cpu", str(tmp_path))
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({**FLAT, "model": "tiny-x", "backend": "eager", "device": "cpu", "threads": 2,
-                                "context": 175, "ms": [50.0] * 6}))
+    path.write_text(
+        json.dumps(
+            {
+                **FLAT,
+                "model": "tiny-x",
+                "backend": "eager",
+                "device": "cpu",
+                "threads": 2,
+                "context": 175,
+                "ms": [50.0] * 6,
+            }
+        )
+    )
     assert load_latency_curve("tiny-x", "eager", cache_dir=str(tmp_path))["ratio"] == FLAT["ratio"]
 
-    pld_cfg = MethodConfig(name="pld", impl="decodebench.methods.pld:PromptLookupDrafter",
-                           params={"num_draft_tokens": 10, "budget_from_curve": True, "expected_acceptance": 0.6})
+    pld_cfg = MethodConfig(
+        name="pld",
+        impl="decodebench.methods.pld:PromptLookupDrafter",
+        params={"num_draft_tokens": 10, "budget_from_curve": True, "expected_acceptance": 0.6},
+    )
     backbone.model_name = "tiny-x"
     drafter = build_method(pld_cfg)
     drafter.setup(backbone, str(tmp_path))
@@ -308,15 +343,47 @@ def test_profile_cli_stores_the_draft_cost_ratio(tmp_path, capsys):
     """decodebench-profile --draft times the draft's 1-token step next to the target's curve."""
     from decodebench.engine.profile import main as profile_main
 
-    profile_main(["--model", "tiny-llama", "--draft", "tiny-llama-draft", "--backend", "eager", "--ks", "1,2",
-                  "--repeats", "2", "--context", "16", "--cache-dir", str(tmp_path)])
+    profile_main(
+        [
+            "--model",
+            "tiny-llama",
+            "--draft",
+            "tiny-llama-draft",
+            "--backend",
+            "eager",
+            "--ks",
+            "1,2",
+            "--repeats",
+            "2",
+            "--context",
+            "16",
+            "--cache-dir",
+            str(tmp_path),
+        ]
+    )
     stored = json.loads(profile_path("tiny-llama", "eager", "cpu", str(tmp_path)).read_text())
     draft = stored["draft"]
     assert draft["model"] == "tiny-llama-draft" and draft["ms"] > 0
     assert draft["cost_ratio"] == pytest.approx(draft["ms"] / stored["ms"][0], rel=1e-3)
     assert "cost ratio T_draft(1)/T_target(1)" in capsys.readouterr().out
-    profile_main(["--model", "tiny-llama", "--draft", "none", "--backend", "eager", "--ks", "1,2", "--repeats", "1",
-                  "--context", "16", "--cache-dir", str(tmp_path)])
+    profile_main(
+        [
+            "--model",
+            "tiny-llama",
+            "--draft",
+            "none",
+            "--backend",
+            "eager",
+            "--ks",
+            "1,2",
+            "--repeats",
+            "1",
+            "--context",
+            "16",
+            "--cache-dir",
+            str(tmp_path),
+        ]
+    )
     assert "draft" not in json.loads(profile_path("tiny-llama", "eager", "cpu", str(tmp_path)).read_text())
 
 
@@ -338,8 +405,11 @@ def test_embedded_pld_equals_ar_per_backend(backend):
     settings = DecodeSettings(max_new_tokens=48)
     outputs = {}
     for name, params in (("ar", {}), ("pld", {"num_draft_tokens": 6})):
-        impl = "decodebench.methods.ar:AutoregressiveDrafter" if name == "ar" else \
-            "decodebench.methods.pld:PromptLookupDrafter"
+        impl = (
+            "decodebench.methods.ar:AutoregressiveDrafter"
+            if name == "ar"
+            else "decodebench.methods.pld:PromptLookupDrafter"
+        )
         drafter = build_method(MethodConfig(name=name, impl=impl, params=params))
         drafter.setup(backbone)
         outputs[name] = generate(backbone, drafter, prompt, settings, backbone.new_cache(256))

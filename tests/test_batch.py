@@ -12,8 +12,16 @@ from decodebench.engine.backbone import Backbone
 from decodebench.engine.decode_loop import DecodeSettings, generate, generate_batch
 from decodebench.methods import build_method
 
-TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1)
+TINY = dict(
+    vocab_size=101,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    initializer_range=0.1,
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -22,8 +30,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 def tiny(arch: str, attn: str = "sdpa") -> Backbone:
     from decodebench.models.tiny import build_tiny
 
-    return Backbone(build_tiny(ModelConfig(name=f"tiny-{arch}", source="tiny", architecture=arch, tiny=TINY,
-                                           attn_implementation=attn), seed=0))
+    return Backbone(
+        build_tiny(
+            ModelConfig(name=f"tiny-{arch}", source="tiny", architecture=arch, tiny=TINY, attn_implementation=attn),
+            seed=0,
+        )
+    )
 
 
 def prompts(lengths=(9, 4, 13, 7)) -> list[list[int]]:
@@ -31,8 +43,11 @@ def prompts(lengths=(9, 4, 13, 7)) -> list[list[int]]:
     return [torch.randint(3, 101, (n,), generator=generator).tolist() for n in lengths]
 
 
-@pytest.fixture(scope="module", params=[("llama", "sdpa"), ("qwen2", "sdpa"), ("llama", "eager")],
-                ids=["llama", "qwen2", "llama-eager"])
+@pytest.fixture(
+    scope="module",
+    params=[("llama", "sdpa"), ("qwen2", "sdpa"), ("llama", "eager")],
+    ids=["llama", "qwen2", "llama-eager"],
+)
 def backbone(request):
     return tiny(*request.param)
 
@@ -47,7 +62,7 @@ def test_batched_prefill_logits_equal_unbatched(backbone):
     assert batched.logits.shape == (len(batch), width, 101)
     for row, prompt in enumerate(batch):
         single = backbone.forward(prompt, backbone.new_cache(8))
-        torch.testing.assert_close(batched.logits[row, width - len(prompt):], single.logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(batched.logits[row, width - len(prompt) :], single.logits, atol=1e-4, rtol=1e-4)
         assert torch.isfinite(batched.logits[row]).all()
 
 
@@ -74,8 +89,9 @@ def test_batch_of_one_and_cache_reuse(backbone):
     second = generate_batch(backbone, ar, prompts((5, 9)), settings, cache)  # reset, same cache
     assert [o.new_ids for o in first.outputs] == [o.new_ids for o in second.outputs]
     single = generate_batch(backbone, ar, prompts((6,)), settings, backbone.new_cache(4, batch_size=1))
-    assert single.outputs[0].new_ids == generate(backbone, ar, prompts((6,))[0], settings,
-                                                 backbone.new_cache(4)).new_ids
+    assert (
+        single.outputs[0].new_ids == generate(backbone, ar, prompts((6,))[0], settings, backbone.new_cache(4)).new_ids
+    )
 
 
 def test_drafting_methods_are_refused_and_cache_rows_must_match(backbone):
@@ -84,8 +100,9 @@ def test_drafting_methods_are_refused_and_cache_rows_must_match(backbone):
     with pytest.raises(ValueError, match="drafts tokens"):
         generate_batch(backbone, pld, prompts((4, 5)), settings, backbone.new_cache(4, batch_size=2))
     with pytest.raises(ValueError, match="rows"):
-        generate_batch(backbone, build_method(MethodConfig()), prompts((4, 5)), settings,
-                       backbone.new_cache(4, batch_size=3))
+        generate_batch(
+            backbone, build_method(MethodConfig()), prompts((4, 5)), settings, backbone.new_cache(4, batch_size=3)
+        )
 
 
 @pytest.mark.embedded  # tiny-llama borrows the embedded model's tokenizer
@@ -96,8 +113,18 @@ def test_runner_batches_and_writes_one_record_per_sample(tmp_path, data_dir):
     from decodebench.runners import local
 
     def run(name: str, *overrides: str):
-        cfg = compose_run_config(["model=tiny-llama", "warmup=1", "threads=1", "progress=false", "task.limit=3",
-                                  "gen.max_new_tokens=8", f"data_dir={data_dir}", *overrides])
+        cfg = compose_run_config(
+            [
+                "model=tiny-llama",
+                "warmup=1",
+                "threads=1",
+                "progress=false",
+                "task.limit=3",
+                "gen.max_new_tokens=8",
+                f"data_dir={data_dir}",
+                *overrides,
+            ]
+        )
         cfg.run_dir = str(tmp_path / name)
         return local.run(cfg)
 
@@ -107,7 +134,13 @@ def test_runner_batches_and_writes_one_record_per_sample(tmp_path, data_dir):
     # 3 two-turn MT-Bench samples: chunk [81, 82] turn 0, then turn 1 (answers of turn 0), then [83]
     assert len(methods) == len(baselines) == 6 and not any(r.error for r in lossy.records)
     assert [(r.sample_id, r.turn, r.batch_size) for r in methods] == [
-        ("81", 0, 2), ("82", 0, 2), ("81", 1, 2), ("82", 1, 2), ("83", 0, None), ("83", 1, None)]
+        ("81", 0, 2),
+        ("82", 0, 2),
+        ("81", 1, 2),
+        ("82", 1, 2),
+        ("83", 0, None),
+        ("83", 1, None),
+    ]
     assert all(r.token_match_rate is not None and 0.0 <= r.token_match_rate <= 1.0 for r in methods)
     assert all(r.lossless is None and r.method_stats["layer_fraction"] < 1.0 for r in methods)
     assert lossy.summary["token_match_rate"] is not None and lossy.summary["speedup"] > 0

@@ -37,7 +37,10 @@ def test_unknown_names_exit_2_with_suggestion(args, expected, tmp_path):
     "args, expected",
     [
         (["gen.max_new_tokens=0"], "invalid value for 'gen.max_new_tokens': 0 (allowed: 1 .. 1000000)"),
-        (["method=pld", "+method.params.ngram=3"], "unknown parameter 'ngram' for method 'pld'. Valid parameters: budget_from_curve, expected_acceptance, max_ngram_size, min_ngram_size, num_draft_tokens. Did you mean"),
+        (
+            ["method=pld", "+method.params.ngram=3"],
+            "unknown parameter 'ngram' for method 'pld'. Valid parameters: budget_from_curve, expected_acceptance, max_ngram_size, min_ngram_size, num_draft_tokens. Did you mean",
+        ),
         (["method=pld", "method.preset=gpu"], "invalid value for 'method.preset': 'gpu' (allowed: auto | paper | cpu)"),
         (["baseline=hf"], "invalid value for 'baseline'"),
         (["gen.max_new_tokens=abc"], "invalid value for 'gen.max_new_tokens': 'abc'"),
@@ -54,8 +57,11 @@ def test_bad_values_exit_2_naming_the_key(args, expected, tmp_path):
     "args, expected",
     [
         # types and keys: rejected by the structured config schema while composing, full key named
-        (["gen.max_new_tokens=abc"], "invalid value for 'gen.max_new_tokens': 'abc' (Value 'abc' of type 'str' "
-                                     "could not be converted to Integer)"),
+        (
+            ["gen.max_new_tokens=abc"],
+            "invalid value for 'gen.max_new_tokens': 'abc' (Value 'abc' of type 'str' "
+            "could not be converted to Integer)",
+        ),
         (["seed=x"], "invalid value for 'seed': 'x'"),
         (["engine.buckets=[1,x]"], "invalid value for 'engine.buckets[1]': 'x'"),
         (["gen.stop_strings=3"], "invalid value for 'gen.stop_strings': 3"),
@@ -64,26 +70,39 @@ def test_bad_values_exit_2_naming_the_key(args, expected, tmp_path):
         (["sed=1"], "unknown key 'sed' in 'config'. Valid keys: baseline, "),
         (["sed=1"], "Did you mean 'seed'?"),
         # a method's / task's own Params: types, names with a "did you mean" (with or without +)
-        (["method=pld", "method.params.num_draft_tokens=1.5"],
-         "invalid value for 'method.params.num_draft_tokens': 1.5 (Value '1.5' of type 'float' could not be "
-         "converted to Integer)"),
-        (["method=pld", "method.params.ngram=3"], "unknown parameter 'ngram' for method 'pld'. Valid parameters: "
-                                                  "budget_from_curve, expected_acceptance, max_ngram_size"),
+        (
+            ["method=pld", "method.params.num_draft_tokens=1.5"],
+            "invalid value for 'method.params.num_draft_tokens': 1.5 (Value '1.5' of type 'float' could not be "
+            "converted to Integer)",
+        ),
+        (
+            ["method=pld", "method.params.ngram=3"],
+            "unknown parameter 'ngram' for method 'pld'. Valid parameters: "
+            "budget_from_curve, expected_acceptance, max_ngram_size",
+        ),
         (["method=lade", "method.params.window_size=wide"], "invalid value for 'method.params.window_size': 'wide'"),
         (["task=humaneval", "task.params.num_samples=abc"], "invalid value for 'task.params.num_samples': 'abc'"),
-        (["task=humaneval", "task.params.sandbox.timeout_s=long"],
-         "invalid value for 'task.params.sandbox.timeout_s': 'long'"),
+        (
+            ["task=humaneval", "task.params.sandbox.timeout_s=long"],
+            "invalid value for 'task.params.sandbox.timeout_s': 'long'",
+        ),
         (["task=gsm8k", "task.params.prompt_styl=chat"], "unknown key 'prompt_styl' for task 'gsm8k'"),
         # every cell of a sweep is checked before the first one runs
         (["-m", "method=ar,pld", "gen.max_new_tokens=8,abc"], "invalid value for 'gen.max_new_tokens': 'abc'"),
-        (["-m", "method=ar,pld", "gen.batch_size=1,2"], "invalid value for 'gen.batch_size': 2 (allowed: 1 for "
-                                                        "method 'pld'"),
+        (
+            ["-m", "method=ar,pld", "gen.batch_size=1,2"],
+            "invalid value for 'gen.batch_size': 2 (allowed: 1 for method 'pld'",
+        ),
         # validate before loading (issue 17): draft model, batching, device
-        (["method=sps"], "method 'sps' drafts with a separate model, but model 'tiny-llama' names none: set "
-                         "model.draft to one of: "),
+        (
+            ["method=sps"],
+            "method 'sps' drafts with a separate model, but model 'tiny-llama' names none: set model.draft to one of: ",
+        ),
         (["method=dyspec"], "method 'dyspec' drafts with a separate model"),
-        (["gen.batch_size=4", "method=lookahead"], "invalid value for 'gen.batch_size': 4 (allowed: 1 for method "
-                                                   "'lookahead', which drafts tokens"),
+        (
+            ["gen.batch_size=4", "method=lookahead"],
+            "invalid value for 'gen.batch_size': 4 (allowed: 1 for method 'lookahead', which drafts tokens",
+        ),
     ],
 )
 def test_config_layer_rejects_bad_input_before_loading(args, expected, tmp_path, capsys, monkeypatch):
@@ -120,11 +139,25 @@ def test_python_api_checks_types_too():
     with pytest.raises(DecodeBenchError, match="invalid value for 'gen.max_new_tokens': 'abc'"):
         to_run_config({"gen": {"max_new_tokens": "abc"}})
     with pytest.raises(DecodeBenchError, match="invalid value for 'method.presets.cpu.num_draft_tokens': 'x'"):
-        to_run_config({"method": {"name": "pld", "impl": "decodebench.methods.pld:PromptLookupDrafter",
-                                  "presets": {"cpu": {"num_draft_tokens": "x"}}}})
+        to_run_config(
+            {
+                "method": {
+                    "name": "pld",
+                    "impl": "decodebench.methods.pld:PromptLookupDrafter",
+                    "presets": {"cpu": {"num_draft_tokens": "x"}},
+                }
+            }
+        )
     with pytest.raises(DecodeBenchError, match="unknown parameter 'ngram' for method 'pld'"):
-        to_run_config({"method": {"name": "pld", "impl": "decodebench.methods.pld:PromptLookupDrafter",
-                                  "presets": {"cpu": {"ngram": 2}}}})
+        to_run_config(
+            {
+                "method": {
+                    "name": "pld",
+                    "impl": "decodebench.methods.pld:PromptLookupDrafter",
+                    "presets": {"cpu": {"ngram": 2}},
+                }
+            }
+        )
 
 
 @pytest.mark.parametrize(
@@ -146,24 +179,29 @@ def test_a_feature_without_its_extra_names_the_extra(args, missing, extra, tmp_p
     with pytest.raises(SystemExit) as exit_info:
         cli.main([*args, "model=tiny-llama", f"results_dir={tmp_path}/results"])
     assert exit_info.value.code == 2
-    assert f"needs the '{extra}' extra (module '{missing}' is not installed): pip install 'decodebench[{extra}]'" \
+    assert (
+        f"needs the '{extra}' extra (module '{missing}' is not installed): pip install 'decodebench[{extra}]'"
         in capsys.readouterr().err
+    )
     assert not (tmp_path / "results").exists()
 
 
 def test_command_line_params_win_over_the_preset():
     from decodebench.config import compose_run_config, params_given
 
-    assert params_given(["method=lade", "method.params.window_size=3", "+method.params.x.y=1", "seed=2"]) == \
-        ["window_size", "x"]
+    assert params_given(["method=lade", "method.params.window_size=3", "+method.params.x.y=1", "seed=2"]) == [
+        "window_size",
+        "x",
+    ]
     from decodebench.methods.token_recycling import TokenRecyclingDrafter
 
     # a preset states only what it changes (cpu: max_verify_cost); the rest are the Params defaults
     preset_only = compose_run_config(["method=token_recycling"]).method
     assert preset_only.resolved_params("cpu")["max_verify_cost"] == preset_only.presets["cpu"]["max_verify_cost"]
     assert preset_only.resolved_params("cpu")["tree"] == TokenRecyclingDrafter.Params().tree
-    pinned = compose_run_config(["method=token_recycling", "method.params.tree=[[0],[0,0]]",
-                                 "method.params.max_verify_cost=2.0"]).method
+    pinned = compose_run_config(
+        ["method=token_recycling", "method.params.tree=[[0],[0,0]]", "method.params.max_verify_cost=2.0"]
+    ).method
     assert pinned.resolved_params("cpu")["tree"] == [[0], [0, 0]]
     assert pinned.resolved_params("cpu")["max_verify_cost"] == 2.0
     assert pinned.resolved_params("cpu")["candidates"] == TokenRecyclingDrafter.Params().candidates
@@ -181,9 +219,17 @@ def test_run_config_validation_in_python():
 @pytest.mark.embedded
 def test_tiny_run_writes_run_dir_and_resumes(tmp_path, data_dir):
     run_dir = tmp_path / "run"
-    args = ["model=tiny-llama", "method=pld", "method.params.max_ngram_size=2", "task.per_category=1",
-            "task.categories=[mt_bench,qa]",
-            "gen.max_new_tokens=24", f"hydra.run.dir={run_dir}", f"data_dir={data_dir}", "progress=false"]
+    args = [
+        "model=tiny-llama",
+        "method=pld",
+        "method.params.max_ngram_size=2",
+        "task.per_category=1",
+        "task.categories=[mt_bench,qa]",
+        "gen.max_new_tokens=24",
+        f"hydra.run.dir={run_dir}",
+        f"data_dir={data_dir}",
+        "progress=false",
+    ]
     first = run_cli(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "pld[cpu]" in first.stdout and "| overall" in first.stdout
@@ -196,8 +242,20 @@ def test_tiny_run_writes_run_dir_and_resumes(tmp_path, data_dir):
     assert manifest["method_preset"] == "cpu" and manifest["method_pinned"] == ["max_ngram_size"]
     assert manifest["method_params"]["max_ngram_size"] == 2 and manifest["method_params"]["min_ngram_size"] == 2
     summary = json.loads((run_dir / "summary.json").read_text())
-    for key in ("method", "task", "model", "records", "errors", "new_tokens", "wall_s", "tokens_per_s", "tau",
-                "alpha", "speedup", "lossless_rate"):
+    for key in (
+        "method",
+        "task",
+        "model",
+        "records",
+        "errors",
+        "new_tokens",
+        "wall_s",
+        "tokens_per_s",
+        "tau",
+        "alpha",
+        "speedup",
+        "lossless_rate",
+    ):
         assert key in summary
     assert summary["method"] == "pld[cpu]" and summary["records"] == 3  # mt_bench: 2 turns, qa: 1
     assert summary["errors"] == 0 and summary["lossless_rate"] == 1.0 and summary["speedup"] > 0
@@ -222,8 +280,15 @@ def test_tiny_run_writes_run_dir_and_resumes(tmp_path, data_dir):
 def test_embedded_model_pld_is_lossless_and_speculates(tmp_path, data_dir):
     """SmolLM2-135M (fp32, greedy): PLD's output equals AR token for token, and it drafts usefully."""
     run_dir = tmp_path / "run"
-    result = run_cli("method=pld", "task.per_category=1", "gen.max_new_tokens=64", f"hydra.run.dir={run_dir}",
-                     f"data_dir={data_dir}", "progress=false", cwd=tmp_path)
+    result = run_cli(
+        "method=pld",
+        "task.per_category=1",
+        "gen.max_new_tokens=64",
+        f"hydra.run.dir={run_dir}",
+        f"data_dir={data_dir}",
+        "progress=false",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["errors"] == 0 and summary["records"] == 7
@@ -240,17 +305,42 @@ def test_run_copies_the_stored_latency_curve_for_the_cost_model(tmp_path, data_d
     cache = tmp_path / "cache"
     profile = cache / "profiles" / "tiny-llama__eager__cpu__1t.json"  # the run's thread count keys the curve
     profile.parent.mkdir(parents=True)
-    profile.write_text(json.dumps({"model": "tiny-llama", "backend": "eager", "device": "cpu", "threads": 1,
-                                   "context": 64, "k": [1, 2, 4, 8], "ms": [1.0, 1.2, 1.5, 2.0],
-                                   "ratio": [1.0, 1.2, 1.5, 2.0]}))
+    profile.write_text(
+        json.dumps(
+            {
+                "model": "tiny-llama",
+                "backend": "eager",
+                "device": "cpu",
+                "threads": 1,
+                "context": 64,
+                "k": [1, 2, 4, 8],
+                "ms": [1.0, 1.2, 1.5, 2.0],
+                "ratio": [1.0, 1.2, 1.5, 2.0],
+            }
+        )
+    )
     run_dir = tmp_path / "run"
-    result = run_cli("model=tiny-llama", "method=pld", "engine.backend=eager", "threads=1", "task.per_category=1",
-                     "task.categories=[qa]", "gen.max_new_tokens=16", f"hydra.run.dir={run_dir}",
-                     f"data_dir={data_dir}", f"cache_dir={cache}", "progress=false", cwd=tmp_path)
+    result = run_cli(
+        "model=tiny-llama",
+        "method=pld",
+        "engine.backend=eager",
+        "threads=1",
+        "task.per_category=1",
+        "task.categories=[qa]",
+        "gen.max_new_tokens=16",
+        f"hydra.run.dir={run_dir}",
+        f"data_dir={data_dir}",
+        f"cache_dir={cache}",
+        "progress=false",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     saved = json.loads((run_dir / "latency_curve.json").read_text())
     assert saved["ratio"] == [1.0, 1.2, 1.5, 2.0] and saved["source"] == str(profile)
-    report = subprocess.run([sys.executable, "-m", "decodebench.analysis.report", str(run_dir), "--table", "cost"],
-                            capture_output=True, text=True)
+    report = subprocess.run(
+        [sys.executable, "-m", "decodebench.analysis.report", str(run_dir), "--table", "cost"],
+        capture_output=True,
+        text=True,
+    )
     assert report.returncode == 0, report.stderr
     assert "predicted" in report.stdout and "pld" in report.stdout

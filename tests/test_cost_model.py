@@ -8,14 +8,19 @@ import math
 
 import pytest
 
-from decodebench.analysis.cost_model import (cost_table, curve_for_run, curves_for, load_curve, parse_curve)
+from decodebench.analysis.cost_model import cost_table, curve_for_run, curves_for, load_curve, parse_curve
 from decodebench.analysis.frame import load_frame
 from decodebench.analysis.report import main
 from decodebench.registry import DecodeBenchError
 
 # benchmarks/profile_verify.py's older format
-OLD_FORMAT = {"model": "tiny", "context": 200, "threads": 2, "hardware": {"device": "cpu", "cpu": "TestCPU"},
-              "seconds": {"1": 0.1, "4": 0.2, "2": 0.12}}
+OLD_FORMAT = {
+    "model": "tiny",
+    "context": 200,
+    "threads": 2,
+    "hardware": {"device": "cpu", "cpu": "TestCPU"},
+    "seconds": {"1": 0.1, "4": 0.2, "2": 0.12},
+}
 
 
 def test_curve_formats_and_interpolation(analysis_builders):
@@ -54,7 +59,8 @@ def test_prediction_and_breakdown(analysis_sweep):
     assert pld.measured_decode_speedup == pytest.approx(3.6 / 1.4)
     assert pld.measured_speedup == pytest.approx(4.0 / 1.8)
     assert (pld.prefill_frac, pld.draft_frac, pld.verify_frac, pld.overhead_frac) == pytest.approx(
-        (0.4 / 1.8, 0.16 / 1.8, 1.2 / 1.8, 0.04 / 1.8))
+        (0.4 / 1.8, 0.16 / 1.8, 1.2 / 1.8, 0.04 / 1.8)
+    )
     assert pld.predicted_verify_s == pytest.approx(2 * 6 * 0.1)  # only pld_s0's records have a curve
     assert row(table, "ar (baseline)").predicted_speedup == pytest.approx(1.0)
     assert math.isnan(row(table, "skip").predicted_speedup)  # no curve in its run
@@ -92,6 +98,18 @@ def test_report_cost_section(analysis_sweep, tmp_path, capsys):
     assert captured.out == "" and "no verify-latency curve" in captured.err
     assert main([str(analysis_sweep / "skip")]) == 0  # "all" without a curve: no cost section, no warning
     assert "predicted" not in capsys.readouterr().out
-    assert main([str(analysis_sweep / "skip"), "--format", "csv", "--table", "cost", "--curve",
-                 str(analysis_sweep / "pld_s0" / "latency_curve.json")]) == 0
+    assert (
+        main(
+            [
+                str(analysis_sweep / "skip"),
+                "--format",
+                "csv",
+                "--table",
+                "cost",
+                "--curve",
+                str(analysis_sweep / "pld_s0" / "latency_curve.json"),
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.startswith("model,task,method,tokens_per_step")

@@ -12,6 +12,7 @@ from decodebench.engine.decode_loop import DecodeSettings, StopChecker
 from decodebench.engine.drafting import Drafter, Proposal
 from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import available_methods, build_method, method_config
+
 from helpers import decode as decode_once
 from helpers import repeating_prompts
 
@@ -26,9 +27,15 @@ def test_ar_equals_hf_greedy_generate(backbone):
         ours = decode(backbone, ar, prompt, max_new_tokens=40)
         with torch.inference_mode():
             ids = torch.tensor([prompt])
-            theirs = backbone.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                             max_new_tokens=40, eos_token_id=None, pad_token_id=0)
-        assert ours.new_ids == theirs[0, len(prompt):].tolist()
+            theirs = backbone.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=40,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        assert ours.new_ids == theirs[0, len(prompt) :].tolist()
         assert ours.target_forwards == len(ours.new_ids)  # AR: one forward per token (tau = 1)
 
 
@@ -73,7 +80,8 @@ def test_pld_proposals_follow_earliest_match():
     pld.begin([])
     for end in range(1, len(context) + 1):
         assert pld.propose(context[:end], 10) == build_method(
-            MethodConfig(**PLD, params={"num_draft_tokens": 3})).propose(context[:end], 10)
+            MethodConfig(**PLD, params={"num_draft_tokens": 3})
+        ).propose(context[:end], 10)
 
 
 def test_stops_at_eos_and_counts_it(backbone):

@@ -18,6 +18,7 @@ from decodebench.engine.backbone import Backbone, BlockLayout
 from decodebench.engine.decode_loop import DecodeSettings, generate
 from decodebench.methods import build_method
 from decodebench.models.tiny import build_tiny
+
 from helpers import TINY, repeating_prompts
 
 
@@ -31,8 +32,11 @@ def devices() -> list[str]:
 # (dtype, max |logit difference| allowed vs the HF forward): fp32 exact up to kernel order; half
 # precision within the error of one rounding of the activations
 DTYPES = {"float32": 1e-4, "bfloat16": 0.1, "float16": 0.05}
-CASES = [(d, t) for d in devices() for t in (("float32", "bfloat16", "float16") if d.startswith("cuda")
-                                              else ("float32", "bfloat16"))]
+CASES = [
+    (d, t)
+    for d in devices()
+    for t in (("float32", "bfloat16", "float16") if d.startswith("cuda") else ("float32", "bfloat16"))
+]
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{d}-{t}" for d, t in CASES])
@@ -40,8 +44,9 @@ def placed(request):
     device, dtype = request.param
     if device.startswith("cuda") and not torch.cuda.is_available():
         pytest.fail("DECODEBENCH_TEST_DEVICE asks for CUDA, but torch.cuda.is_available() is False")
-    config = ModelConfig(name="tiny-device", source="tiny", architecture="llama",
-                         tiny={**TINY, "max_position_embeddings": 512})
+    config = ModelConfig(
+        name="tiny-device", source="tiny", architecture="llama", tiny={**TINY, "max_position_embeddings": 512}
+    )
     model = build_tiny(config, seed=0).to(device=device, dtype=getattr(torch, dtype)).eval()
     return Backbone(model), DTYPES[dtype]
 
@@ -88,8 +93,10 @@ def test_pld_decodes_what_ar_decodes(placed):
     settings = DecodeSettings(max_new_tokens=24)
     for prompt in repeating_prompts(3):
         outputs = []
-        for name, impl in (("ar", "decodebench.methods.ar:AutoregressiveDrafter"),
-                           ("pld", "decodebench.methods.pld:PromptLookupDrafter")):
+        for name, impl in (
+            ("ar", "decodebench.methods.ar:AutoregressiveDrafter"),
+            ("pld", "decodebench.methods.pld:PromptLookupDrafter"),
+        ):
             drafter = build_method(MethodConfig(name=name, impl=impl), str(backbone.device))
             drafter.setup(backbone)
             outputs.append(generate(backbone, drafter, prompt, settings, backbone.new_cache(16)))

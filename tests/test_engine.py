@@ -40,8 +40,9 @@ def hf_logits(model, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids])).logits[0]
 
 
-@pytest.fixture(params=[("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa"), ("mistral", "sdpa")],
-                ids=lambda p: "-".join(p))
+@pytest.fixture(
+    params=[("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa"), ("mistral", "sdpa")], ids=lambda p: "-".join(p)
+)
 def model(request):
     arch, attn = request.param
     return tiny_model(arch, attn)
@@ -143,5 +144,6 @@ def test_tree_helpers():
     mask = ancestor_mask(parents)
     assert mask[4].tolist() == [True, True, False, True, True]
     with pytest.raises(ValueError):
-        Backbone(tiny_model("llama")).forward([1, 2], Backbone(tiny_model("llama")).new_cache(4),
-                                             layout=BlockLayout(parents=[-1, 1]))
+        Backbone(tiny_model("llama")).forward(
+            [1, 2], Backbone(tiny_model("llama")).new_cache(4), layout=BlockLayout(parents=[-1, 1])
+        )

@@ -19,22 +19,46 @@ from pathlib import Path
 import pytest
 
 from decodebench.records import Record
-from decodebench.runners.run_dir import (CONFIG_SCHEMA, CorruptRecordsError, RecordsWriteError, RunDirectory,
-                                         read_records)
+from decodebench.runners.run_dir import (
+    CONFIG_SCHEMA,
+    CorruptRecordsError,
+    RecordsWriteError,
+    RunDirectory,
+    read_records,
+)
 
 pytestmark = pytest.mark.embedded  # tiny-llama borrows the embedded model's tokenizer
 
 BIN = Path(sys.executable).parent
 TINY = ["model=tiny-llama", "warmup=0", "threads=1", "progress=false", "method=pld", "gen.max_new_tokens=6"]
 # summary fields that do not depend on timing: equal between an interrupted and an uninterrupted run
-DETERMINISTIC = ("method", "task", "model", "records", "errors", "new_tokens", "tau", "alpha", "lossless_rate",
-                 "per_position_acceptance", "quality", "token_match_rate", "first_divergence")
+DETERMINISTIC = (
+    "method",
+    "task",
+    "model",
+    "records",
+    "errors",
+    "new_tokens",
+    "tau",
+    "alpha",
+    "lossless_rate",
+    "per_position_acceptance",
+    "quality",
+    "token_match_rate",
+    "first_divergence",
+)
 
 
 def cli(run_dir: Path, data_dir: Path, *args: str, env=None, preexec_fn=None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "decodebench"), *TINY, f"data_dir={data_dir}", f"hydra.run.dir={run_dir}", *args],
-                          capture_output=True, text=True, cwd=run_dir.parent, timeout=600, env=env,
-                          preexec_fn=preexec_fn)
+    return subprocess.run(
+        [str(BIN / "decodebench"), *TINY, f"data_dir={data_dir}", f"hydra.run.dir={run_dir}", *args],
+        capture_output=True,
+        text=True,
+        cwd=run_dir.parent,
+        timeout=600,
+        env=env,
+        preexec_fn=preexec_fn,
+    )
 
 
 def keyed(records: list[Record]) -> dict[tuple, list[int]]:
@@ -43,7 +67,8 @@ def keyed(records: list[Record]) -> dict[tuple, list[int]]:
 
 def deterministic(summary: dict) -> dict:
     return {key: summary.get(key) for key in DETERMINISTIC} | {
-        "baseline": {key: (summary.get("baseline") or {}).get(key) for key in DETERMINISTIC}}
+        "baseline": {key: (summary.get("baseline") or {}).get(key) for key in DETERMINISTIC}
+    }
 
 
 def fault(name: str, trials: int, outcome: str) -> None:
@@ -73,11 +98,16 @@ def test_disk_full_while_appending_is_a_clear_error_and_the_resume_recovers(refe
     for limit in limits:
         run_dir = tmp_path / f"limit-{limit}" / "run"
         run_dir.parent.mkdir()
-        capped = cli(run_dir, data_dir, "task.limit=4",
-                     preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+        capped = cli(
+            run_dir,
+            data_dir,
+            "task.limit=4",
+            preexec_fn=lambda limit=limit: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+        )
         stopped += capped.returncode != 0
         clear += "cannot append a record" in capped.stderr + capped.stdout and "file too large" in (
-            capped.stderr + capped.stdout)
+            capped.stderr + capped.stdout
+        )
         raw = (run_dir / "records.jsonl").read_bytes()
         torn += not raw.endswith(b"\n")
         written = read_records(run_dir / "records.jsonl")
@@ -90,9 +120,12 @@ def test_disk_full_while_appending_is_a_clear_error_and_the_resume_recovers(refe
         assert keyed(final) == keyed(expected)  # every record, same token ids as the uninterrupted run
         summary = json.loads((run_dir / "summary.json").read_text())
         assert deterministic(summary) == deterministic(json.loads((reference / "summary.json").read_text()))
-    fault("disk full while appending (RLIMIT_FSIZE at 3 points of records.jsonl)", len(limits),
-          f"{stopped} stopped with a clear error ({clear} naming the file and cause), {torn} torn lines, "
-          f"{lost} lost, {duplicated} duplicated after resume; summaries equal the uninterrupted run's")
+    fault(
+        "disk full while appending (RLIMIT_FSIZE at 3 points of records.jsonl)",
+        len(limits),
+        f"{stopped} stopped with a clear error ({clear} naming the file and cause), {torn} torn lines, "
+        f"{lost} lost, {duplicated} duplicated after resume; summaries equal the uninterrupted run's",
+    )
     assert stopped == clear == len(limits) and torn == lost == duplicated == 0
 
 
@@ -107,8 +140,19 @@ def test_disk_full_on_a_small_tmpfs_leaves_only_complete_lines(tmp_path):
     try:
         (mount / "filler").write_bytes(b"\0" * 4096)
         run_dir = RunDirectory(mount / "run")
-        record = Record(method="pld", role="method", task="t", model="m", sample_id="0", category="c", group="g",
-                        turn=0, seed=0, output_ids=list(range(40)), output_text="x" * 200)
+        record = Record(
+            method="pld",
+            role="method",
+            task="t",
+            model="m",
+            sample_id="0",
+            category="c",
+            group="g",
+            turn=0,
+            seed=0,
+            output_ids=list(range(40)),
+            output_text="x" * 200,
+        )
         appended, errors = 0, 0
         for turn in range(200):
             record.turn = turn
@@ -128,8 +172,12 @@ def test_disk_full_on_a_small_tmpfs_leaves_only_complete_lines(tmp_path):
         assert [r.turn for r in final] == list(range(appended + 1))
     finally:
         subprocess.run(["umount", str(mount)], check=True)
-    fault("disk full on a 16 KiB tmpfs (ENOSPC)", 1, f"{appended} records appended, then 1 clear error, "
-          "0 torn lines; after freeing space the next append continues the file")
+    fault(
+        "disk full on a 16 KiB tmpfs (ENOSPC)",
+        1,
+        f"{appended} records appended, then 1 clear error, "
+        "0 torn lines; after freeing space the next append continues the file",
+    )
 
 
 CORRUPTIONS = {
@@ -149,7 +197,7 @@ def test_a_corrupted_line_is_reported_with_its_line_number(reference, data_dir, 
     lines = (reference / "records.jsonl").read_bytes().split(b"\n")[:-1]
     reported = 0
     trials = 0
-    for kind, corrupt in CORRUPTIONS.items():
+    for corrupt in CORRUPTIONS.values():
         for number in (1, len(lines) // 2, len(lines)):
             trials += 1
             path = tmp_path / f"records-{trials}.jsonl"
@@ -163,16 +211,21 @@ def test_a_corrupted_line_is_reported_with_its_line_number(reference, data_dir, 
     shutil.copytree(reference, run_dir)
     (run_dir / "summary.json").unlink()  # an unfinished run: the resume reads its records
     middle = len(lines) // 2
-    damaged = b"\n".join(CORRUPTIONS["garbage bytes"](line) if i == middle - 1 else line
-                         for i, line in enumerate(lines)) + b"\n"
+    damaged = (
+        b"\n".join(CORRUPTIONS["garbage bytes"](line) if i == middle - 1 else line for i, line in enumerate(lines))
+        + b"\n"
+    )
     (run_dir / "records.jsonl").write_bytes(damaged)
     resumed = cli(run_dir, data_dir, "task.limit=4")
     output = resumed.stdout + resumed.stderr
     assert resumed.returncode == 2 and f"records.jsonl:{middle}: not a JSON record" in output, output[-3000:]
     assert (run_dir / "records.jsonl").read_bytes() == damaged
-    fault("corrupted line in records.jsonl (6 kinds x first/middle/last line, + a CLI resume)", trials + 1,
-          f"{reported}/{trials} reported with file:line, resume refused with exit 2 naming line {middle}, "
-          "0 lines dropped")
+    fault(
+        "corrupted line in records.jsonl (6 kinds x first/middle/last line, + a CLI resume)",
+        trials + 1,
+        f"{reported}/{trials} reported with file:line, resume refused with exit 2 naming line {middle}, "
+        "0 lines dropped",
+    )
     assert reported == trials
 
 
@@ -196,15 +249,24 @@ def test_a_run_dir_of_another_config_schema_is_refused(reference, data_dir, tmp_
     overwritten = cli(run_dir, data_dir, "task.limit=4", "overwrite=true")
     assert overwritten.returncode == 0, overwritten.stderr[-3000:]
     assert json.loads((run_dir / "manifest.json").read_text())["config_schema"] == CONFIG_SCHEMA
-    fault("run dir of an older / a newer config schema", 2,
-          f"2 refused (exit {outcomes}) naming both schemas, records untouched; overwrite=true starts over")
+    fault(
+        "run dir of an older / a newer config schema",
+        2,
+        f"2 refused (exit {outcomes}) naming both schemas, records untouched; overwrite=true starts over",
+    )
 
 
 @pytest.mark.slow
 def test_wandb_unreachable_in_online_mode_the_run_completes_and_says_so(data_dir, tmp_path):
     run_dir = tmp_path / "run"
-    env = {**os.environ, "WANDB_MODE": "online", "WANDB_BASE_URL": "http://127.0.0.1:9",  # nothing listens
-           "WANDB_API_KEY": "0" * 40, "WANDB_INIT_TIMEOUT": "10", "WANDB_SILENT": "true"}
+    env = {
+        **os.environ,
+        "WANDB_MODE": "online",
+        "WANDB_BASE_URL": "http://127.0.0.1:9",  # nothing listens
+        "WANDB_API_KEY": "0" * 40,
+        "WANDB_INIT_TIMEOUT": "10",
+        "WANDB_SILENT": "true",
+    }
     started = time.perf_counter()
     result = cli(run_dir, data_dir, "task.limit=1", "logger=wandb", env=env)
     seconds = time.perf_counter() - started
@@ -213,5 +275,8 @@ def test_wandb_unreachable_in_online_mode_the_run_completes_and_says_so(data_dir
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["records"] == 2 and summary["errors"] == 0 and len(read_records(run_dir / "records.jsonl")) == 4
     assert f"W&B logging failed for {run_dir}" in output and "127.0.0.1:9" in output
-    fault("W&B unreachable with WANDB_MODE=online", 1,
-          f"run completed (exit 0, 4 records, summary written) in {seconds:.0f} s and warned 'W&B logging failed'")
+    fault(
+        "W&B unreachable with WANDB_MODE=online",
+        1,
+        f"run completed (exit 0, 4 records, summary written) in {seconds:.0f} s and warned 'W&B logging failed'",
+    )

@@ -21,16 +21,24 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from decodebench.runners.run_dir import read_records
 from test_faults import deterministic, fault
 from test_slurm import BIN, SLURM_LAUNCHER, slurm_cluster  # noqa: F401 (the cluster fixture)
+
+from decodebench.runners.run_dir import read_records
 
 pytestmark = [pytest.mark.slurm, pytest.mark.embedded, pytest.mark.slow]
 
 KILLS = 20  # at least this many SIGKILLs across the cells
-CELLS = ["method=ar,pld", "shard=0/2,1/2", "task.limit=12", "model=tiny-llama", "gen.max_new_tokens=8", "warmup=0",
-         "threads=1", "progress=false"]
+CELLS = [
+    "method=ar,pld",
+    "shard=0/2,1/2",
+    "task.limit=12",
+    "model=tiny-llama",
+    "gen.max_new_tokens=8",
+    "warmup=0",
+    "threads=1",
+    "progress=false",
+]
 RECORDS = {"ar": 12, "pld": 24}  # per cell: 6 two-turn samples (x baseline + method for pld)
 
 
@@ -54,8 +62,10 @@ def cell_process(run_dir: Path) -> psutil.Process | None:
             environ = process.environ()
         except (psutil.Error, OSError):
             continue
-        if (environ.get("SLURM_ARRAY_JOB_ID") == slurm["array_job_id"]
-                and environ.get("SLURM_ARRAY_TASK_ID") == slurm["array_task_id"]):
+        if (
+            environ.get("SLURM_ARRAY_JOB_ID") == slurm["array_job_id"]
+            and environ.get("SLURM_ARRAY_TASK_ID") == slurm["array_task_id"]
+        ):
             return process
     return None
 
@@ -79,12 +89,23 @@ def test_sigkill_at_random_points_of_a_slurm_array_then_resume(slurm_cluster, da
     seed = int(os.environ.get("DECODEBENCH_KILL_SEED", time.time_ns() % 10_000))
     rng = random.Random(seed)
     sweep, reference = tmp_path / "sweep", tmp_path / "reference"
-    command = [str(BIN / "decodebench"), "-m", *SLURM_LAUNCHER, "hydra.launcher.timeout_min=10", *CELLS,
-               f"data_dir={data_dir}", f"hydra.sweep.dir={sweep}"]
+    command = [
+        str(BIN / "decodebench"),
+        "-m",
+        *SLURM_LAUNCHER,
+        "hydra.launcher.timeout_min=10",
+        *CELLS,
+        f"data_dir={data_dir}",
+        f"hydra.sweep.dir={sweep}",
+    ]
     # the uninterrupted run of the same cells, in this process's launcher, meanwhile
-    uninterrupted = subprocess.Popen([str(BIN / "decodebench"), "-m", *CELLS, f"data_dir={data_dir}",
-                                      f"hydra.sweep.dir={reference}"], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    uninterrupted = subprocess.Popen(
+        [str(BIN / "decodebench"), "-m", *CELLS, f"data_dir={data_dir}", f"hydra.sweep.dir={reference}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
     kills, launches, torn, seen = 0, 0, 0, {}
     started = time.perf_counter()
     while kills < KILLS and launches < 15:
@@ -118,8 +139,9 @@ def test_sigkill_at_random_points_of_a_slurm_array_then_resume(slurm_cluster, da
             raw = records_file.read_bytes()
             torn += bool(raw) and not raw.endswith(b"\n")
             for record in read_records(records_file):  # every record that was complete at the kill
-                seen.setdefault((records_file.parent.name, record.role, record.sample_id, record.turn),
-                                record.output_ids)
+                seen.setdefault(
+                    (records_file.parent.name, record.role, record.sample_id, record.turn), record.output_ids
+                )
     assert kills >= KILLS, f"only {kills} kills in {launches} launches (the cells finished first)"
 
     final = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=900)
@@ -136,11 +158,15 @@ def test_sigkill_at_random_points_of_a_slurm_array_then_resume(slurm_cluster, da
         final_ids = dict(zip(keys, (r.output_ids for r in resumed)))
         lost += sum(final_ids.get(key[1:]) != ids for key, ids in seen.items() if key[0] == cell)
         assert final_ids == {(r.role, r.sample_id, r.turn): r.output_ids for r in expected}, cell
-        assert deterministic(json.loads((sweep / cell / "summary.json").read_text())) == \
-            deterministic(json.loads((reference / cell / "summary.json").read_text())), cell
+        assert deterministic(json.loads((sweep / cell / "summary.json").read_text())) == deterministic(
+            json.loads((reference / cell / "summary.json").read_text())
+        ), cell
     seconds = time.perf_counter() - started
-    fault("SIGKILL at random points of a SLURM array sweep (4 cells), then resume", kills,
-          f"seed {seed}: {launches} launches + 1 to finish, {torn} torn last lines, {len(seen)} records "
-          f"written before kills, {lost} lost, {duplicated} duplicated; 4/4 summaries equal the uninterrupted "
-          f"run's ({seconds:.0f} s)")
+    fault(
+        "SIGKILL at random points of a SLURM array sweep (4 cells), then resume",
+        kills,
+        f"seed {seed}: {launches} launches + 1 to finish, {torn} torn last lines, {len(seen)} records "
+        f"written before kills, {lost} lost, {duplicated} duplicated; 4/4 summaries equal the uninterrupted "
+        f"run's ({seconds:.0f} s)",
+    )
     assert lost == 0 and duplicated == 0

@@ -9,11 +9,17 @@ import torch
 
 from decodebench.config import ModelConfig
 from decodebench.engine.backbone import Backbone
-from decodebench.engine.profile import (FIRST_USE_KS, ensure_latency_curve, load_latency_curve, profile_path,
-                                        stored_curve_path)
+from decodebench.engine.profile import (
+    FIRST_USE_KS,
+    ensure_latency_curve,
+    load_latency_curve,
+    profile_path,
+    stored_curve_path,
+)
 from decodebench.methods import build_method, method_config
 from decodebench.models.tiny import build_tiny
 from decodebench.runners.run_dir import read_records
+
 from helpers import TINY, run_cli
 
 CURVE = {"k": [1, 2, 4, 8], "ms": [1.0, 1.1, 1.2, 2.0], "ratio": [1.0, 1.1, 1.2, 2.0]}
@@ -31,7 +37,8 @@ def test_cpu_curves_are_keyed_by_threads(tmp_path):
     assert one.name == "m__eager__cpu__1t.json" and two.name == "m__eager__cpu__2t.json"
     assert profile_path("m", "eager", "cuda:0", str(tmp_path), 4).name == "m__eager__cuda.json"
     assert profile_path("m", "eager", "cpu", str(tmp_path)) == profile_path(
-        "m", "eager", "cpu", str(tmp_path), torch.get_num_threads())
+        "m", "eager", "cpu", str(tmp_path), torch.get_num_threads()
+    )
     one.parent.mkdir(parents=True)
     one.write_text(json.dumps({**CURVE, "threads": 1}))
     assert load_latency_curve("m", "eager", "cpu", str(tmp_path), threads=1)["ratio"] == CURVE["ratio"]
@@ -68,9 +75,19 @@ def test_ensure_adds_the_draft_step_when_the_curve_lacks_it(tmp_path):
     assert not ensure_latency_curve(target, str(tmp_path), draft=draft, repeats=1, context=16).measured_now
 
 
-@pytest.mark.parametrize("method, reads", [("pld", True), ("token_recycling", True), ("lookahead", True),
-                                           ("suffix", True), ("aded", True), ("sps", True), ("lade", False),
-                                           ("ar", False)])
+@pytest.mark.parametrize(
+    "method, reads",
+    [
+        ("pld", True),
+        ("token_recycling", True),
+        ("lookahead", True),
+        ("suffix", True),
+        ("aded", True),
+        ("sps", True),
+        ("lade", False),
+        ("ar", False),
+    ],
+)
 def test_cpu_presets_that_size_drafts_read_the_curve(method, reads):
     cfg = method_config(method)
     cfg.preset = "auto"
@@ -84,9 +101,19 @@ def test_token_recycling_cpu_preset_gets_a_curve_on_first_use(tmp_path, data_dir
     """Empty cache: the run measures a curve (log + manifest), and TR's cpu preset sizes its tree from
     it instead of verifying the paper's 80-node tree."""
     cache, run_dir = tmp_path / "cache", tmp_path / "run"
-    result = run_cli("model=tiny-llama", "method=token_recycling", "threads=1", "task.per_category=1",
-                     "task.categories=[qa]", "gen.max_new_tokens=16", f"hydra.run.dir={run_dir}",
-                     f"data_dir={data_dir}", f"cache_dir={cache}", "progress=false", cwd=tmp_path)
+    result = run_cli(
+        "model=tiny-llama",
+        "method=token_recycling",
+        "threads=1",
+        "task.per_category=1",
+        "task.categories=[qa]",
+        "gen.max_new_tokens=16",
+        f"hydra.run.dir={run_dir}",
+        f"data_dir={data_dir}",
+        f"cache_dir={cache}",
+        "progress=false",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
     assert "no stored verify-latency curve for tiny-llama on eager/cpu at 1 threads: measuring one now" in log
@@ -98,9 +125,19 @@ def test_token_recycling_cpu_preset_gets_a_curve_on_first_use(tmp_path, data_dir
     method = [r for r in read_records(run_dir / "records.jsonl") if r.role == "method"]
     budget = method[0].method_stats["verify_budget"]
     assert 2 <= budget <= max(FIRST_USE_KS) and max(max(r.tree_sizes) for r in method) <= budget
-    again = run_cli("model=tiny-llama", "method=token_recycling", "threads=1", "task.per_category=1",
-                    "task.categories=[qa]", "gen.max_new_tokens=16", f"hydra.run.dir={tmp_path / 'again'}",
-                    f"data_dir={data_dir}", f"cache_dir={cache}", "progress=false", cwd=tmp_path)
+    again = run_cli(
+        "model=tiny-llama",
+        "method=token_recycling",
+        "threads=1",
+        "task.per_category=1",
+        "task.categories=[qa]",
+        "gen.max_new_tokens=16",
+        f"hydra.run.dir={tmp_path / 'again'}",
+        f"data_dir={data_dir}",
+        f"cache_dir={cache}",
+        "progress=false",
+        cwd=tmp_path,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "again" / "manifest.json").read_text())["latency_curve"]["measured_now"] is False
 
@@ -108,9 +145,20 @@ def test_token_recycling_cpu_preset_gets_a_curve_on_first_use(tmp_path, data_dir
 @pytest.mark.embedded
 def test_runs_without_a_curve_reading_preset_measure_nothing(tmp_path, data_dir):
     run_dir = tmp_path / "run"
-    result = run_cli("model=tiny-llama", "method=pld", "method.preset=paper", "threads=1", "task.per_category=1",
-                     "task.categories=[qa]", "gen.max_new_tokens=8", f"hydra.run.dir={run_dir}",
-                     f"data_dir={data_dir}", f"cache_dir={tmp_path / 'cache'}", "progress=false", cwd=tmp_path)
+    result = run_cli(
+        "model=tiny-llama",
+        "method=pld",
+        "method.preset=paper",
+        "threads=1",
+        "task.per_category=1",
+        "task.categories=[qa]",
+        "gen.max_new_tokens=8",
+        f"hydra.run.dir={run_dir}",
+        f"data_dir={data_dir}",
+        f"cache_dir={tmp_path / 'cache'}",
+        "progress=false",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((run_dir / "manifest.json").read_text())["latency_curve"] is None
     assert not (tmp_path / "cache" / "profiles").exists()

@@ -14,8 +14,21 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
 
 def record(wall, prefill, forward, error=None):
-    return Record(method="ar", role="baseline", task="t", model="m", sample_id="1", category="c", group="g",
-                  turn=0, seed=0, wall_s=wall, prefill_s=prefill, forward_s=forward, error=error)
+    return Record(
+        method="ar",
+        role="baseline",
+        task="t",
+        model="m",
+        sample_id="1",
+        category="c",
+        group="g",
+        turn=0,
+        seed=0,
+        wall_s=wall,
+        prefill_s=prefill,
+        forward_s=forward,
+        error=error,
+    )
 
 
 def test_overhead_share_is_decode_time_outside_forwards():
@@ -27,18 +40,42 @@ def test_overhead_share_is_decode_time_outside_forwards():
 def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    result = subprocess.run([sys.executable, str(SCRIPT), "--device", "cuda", "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cuda", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2 and "--device cpu runs a dry run" in result.stderr
 
 
 @pytest.mark.embedded
 @pytest.mark.slow
 def test_dry_run_on_cpu_end_to_end(tmp_path, data_dir):
-    result = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--model", "tiny-llama", "--categories",
-                             "qa", "--max-new-tokens", "8", "--threads", "1", "--pytest-args", "-k peak",
-                             "--out", str(tmp_path / "smoke")], capture_output=True, text=True, timeout=900,
-                            env={**__import__("os").environ, "DECODEBENCH_DATA": str(data_dir)})
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--device",
+            "cpu",
+            "--model",
+            "tiny-llama",
+            "--categories",
+            "qa",
+            "--max-new-tokens",
+            "8",
+            "--threads",
+            "1",
+            "--pytest-args",
+            "-k peak",
+            "--out",
+            str(tmp_path / "smoke"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**__import__("os").environ, "DECODEBENCH_DATA": str(data_dir)},
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert "| baseline | ar | 1 |" in out and "| method | pld[cpu] | 1 |" in out

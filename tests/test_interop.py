@@ -26,14 +26,32 @@ SPEC_BENCH_GROUPS = ["mt_bench", "translation", "summarization", "qa", "math_rea
 
 # -- metric definitions ----------------------------------------------------------------------------
 
+
 def test_tree_metrics_per_node_per_position_and_conditional():
     """Two tree steps: 5 nodes of depth 3 with 2 accepted, 4 nodes of depth 2 with 0 accepted; then a
     truncated last step. α per node = 2/9, per draft position = 2/5; position 1: 1 of 2 accepted,
     position 2: 1 of 2 (conditional on position 1: 1 of 1), position 3: 0 of 1 (given 2: 0 of 1)."""
-    record = Record(method="tree", role="method", task="t", model="m", sample_id="1", category="c", group="g",
-                    turn=0, seed=0, new_tokens=6, wall_s=1.0, steps=4, drafted=9, accepted=2,
-                    drafted_lengths=[5, 4, 0], accepted_lengths=[2, 0, 0], draft_depths=[3, 2, 0],
-                    emitted_lengths=[3, 1, 1], tree_sizes=[6, 5, 1])
+    record = Record(
+        method="tree",
+        role="method",
+        task="t",
+        model="m",
+        sample_id="1",
+        category="c",
+        group="g",
+        turn=0,
+        seed=0,
+        new_tokens=6,
+        wall_s=1.0,
+        steps=4,
+        drafted=9,
+        accepted=2,
+        drafted_lengths=[5, 4, 0],
+        accepted_lengths=[2, 0, 0],
+        draft_depths=[3, 2, 0],
+        emitted_lengths=[3, 1, 1],
+        tree_sizes=[6, 5, 1],
+    )
     summary = summarize([record])
     assert summary.alpha == pytest.approx(2 / 9) and summary.alpha_per_token == pytest.approx(2 / 5)
     assert summary.per_position_acceptance == [0.5, 0.5, 0.0]
@@ -46,9 +64,24 @@ def test_tree_metrics_per_node_per_position_and_conditional():
 def test_old_records_derive_depth_and_emitted():
     """Records without draft_depths / emitted_lengths: chains (depth = drafted), emitted = accepted + 1
     with the last step taking the rest, so mean accepted tokens = (new_tokens − 1) / (steps − 1)."""
-    record = Record(method="pld", role="method", task="t", model="m", sample_id="1", category="c", group="g",
-                    turn=0, seed=0, new_tokens=9, wall_s=1.0, steps=4, drafted=7, accepted=4,
-                    drafted_lengths=[3, 3, 1], accepted_lengths=[3, 0, 1])
+    record = Record(
+        method="pld",
+        role="method",
+        task="t",
+        model="m",
+        sample_id="1",
+        category="c",
+        group="g",
+        turn=0,
+        seed=0,
+        new_tokens=9,
+        wall_s=1.0,
+        steps=4,
+        drafted=7,
+        accepted=4,
+        drafted_lengths=[3, 3, 1],
+        accepted_lengths=[3, 0, 1],
+    )
     summary = summarize([record])
     assert summary.alpha_per_token == summary.alpha == pytest.approx(4 / 7)
     assert summary.mean_accepted_tokens == pytest.approx(8 / 3)
@@ -61,18 +94,39 @@ def test_draft_depth():
 
 
 def test_ar_is_one_everywhere_and_shares_sum_to_one():
-    ar = Record(method="ar", role="baseline", task="t", model="m", sample_id="1", category="c", group="g", turn=0,
-                seed=0, new_tokens=5, wall_s=1.0, prefill_s=0.2, draft_s=0.0, verify_s=0.7, steps=5,
-                drafted=0, accepted=0, drafted_lengths=[0] * 4, accepted_lengths=[0] * 4, emitted_lengths=[1] * 4)
+    ar = Record(
+        method="ar",
+        role="baseline",
+        task="t",
+        model="m",
+        sample_id="1",
+        category="c",
+        group="g",
+        turn=0,
+        seed=0,
+        new_tokens=5,
+        wall_s=1.0,
+        prefill_s=0.2,
+        draft_s=0.0,
+        verify_s=0.7,
+        steps=5,
+        drafted=0,
+        accepted=0,
+        drafted_lengths=[0] * 4,
+        accepted_lengths=[0] * 4,
+        emitted_lengths=[1] * 4,
+    )
     summary = summarize([ar], [ar])
     assert (summary.speedup, summary.speedup_tps, summary.tau, summary.mean_accepted_tokens) == (1.0, 1.0, 1.0, 1.0)
     assert summary.alpha is None and summary.alpha_per_token is None
-    assert summary.prefill_share + summary.draft_share + summary.verify_share + summary.overhead_share == \
-        pytest.approx(1.0)
+    assert summary.prefill_share + summary.draft_share + summary.verify_share + summary.overhead_share == pytest.approx(
+        1.0
+    )
     assert summary.overhead_share == pytest.approx(0.1)
 
 
 # -- bootstrap -------------------------------------------------------------------------------------
+
 
 def synthetic_totals(n: int, seed: int) -> pd.DataFrame:
     """Per-prompt totals of a method whose per-prompt speedup varies widely (0.8..2.5)."""
@@ -80,8 +134,15 @@ def synthetic_totals(n: int, seed: int) -> pd.DataFrame:
     rows = []
     for i in range(n):
         ar_wall = rng.uniform(1.0, 3.0)
-        rows.append({"sample_id": str(i), "ar_wall_s": ar_wall, "paired_wall_s": ar_wall / rng.uniform(0.8, 2.5),
-                     "new_tokens": 100.0, "steps": float(rng.randint(40, 100))})
+        rows.append(
+            {
+                "sample_id": str(i),
+                "ar_wall_s": ar_wall,
+                "paired_wall_s": ar_wall / rng.uniform(0.8, 2.5),
+                "new_tokens": 100.0,
+                "steps": float(rng.randint(40, 100)),
+            }
+        )
     return pd.DataFrame(rows).set_index("sample_id")
 
 
@@ -112,41 +173,83 @@ def test_bootstrap_over_repeats_uses_the_mean_of_repeats():
 
 
 def test_latency_percentiles():
-    frame = pd.DataFrame({"wall_s": [1.1, 2.1, 0.5], "prefill_s": [0.1, 0.1, 0.5], "new_tokens": [11, 11, 1],
-                          "error": [None, None, None]})
+    frame = pd.DataFrame(
+        {
+            "wall_s": [1.1, 2.1, 0.5],
+            "prefill_s": [0.1, 0.1, 0.5],
+            "new_tokens": [11, 11, 1],
+            "error": [None, None, None],
+        }
+    )
     values = latency_percentiles(frame)  # 100 and 200 ms/token; the 1-token record has no decode
     assert values["latency_p50_ms"] == pytest.approx(150.0) and values["latency_p99_ms"] == pytest.approx(199.0)
 
 
 # -- Spec-Bench export, read back by Spec-Bench's layout --------------------------------------------
 
+
 def spec_bench_run(path, seed: int = 0) -> RunDirectory:
     """A run over 2 questions per Spec-Bench group (mt_bench ones two-turn), AR baseline + a drafter
     with per-step emitted / accepted lengths and varied times."""
     rng = random.Random(seed)
     run = RunDirectory(path)
-    categories = {"mt_bench": "writing", "translation": "translation", "summarization": "summarization",
-                  "qa": "qa", "math_reasoning": "math_reasoning", "rag": "rag"}
+    categories = {
+        "mt_bench": "writing",
+        "translation": "translation",
+        "summarization": "summarization",
+        "qa": "qa",
+        "math_reasoning": "math_reasoning",
+        "rag": "rag",
+    }
     question = 81
     for group, category in categories.items():
         for _ in range(2):
             for turn in range(2 if group == "mt_bench" else 1):
                 tokens = rng.randint(20, 60)
-                base = Record(method="ar", role="baseline", task="spec_bench", model="m", sample_id=str(question),
-                              category=category, group=group, turn=turn, seed=0, new_tokens=tokens,
-                              wall_s=tokens * rng.uniform(0.02, 0.03), steps=tokens, drafted=0, accepted=0,
-                              emitted_lengths=[1] * (tokens - 1), output_text=f"answer {question} {turn}")
+                base = Record(
+                    method="ar",
+                    role="baseline",
+                    task="spec_bench",
+                    model="m",
+                    sample_id=str(question),
+                    category=category,
+                    group=group,
+                    turn=turn,
+                    seed=0,
+                    new_tokens=tokens,
+                    wall_s=tokens * rng.uniform(0.02, 0.03),
+                    steps=tokens,
+                    drafted=0,
+                    accepted=0,
+                    emitted_lengths=[1] * (tokens - 1),
+                    output_text=f"answer {question} {turn}",
+                )
                 emitted, left = [], tokens - 1
                 while left:
                     emitted.append(min(left, rng.randint(1, 5)))
                     left -= emitted[-1]
                 accepted = [e - 1 for e in emitted]
-                method = Record(method="pld[cpu]", role="method", task="spec_bench", model="m",
-                                sample_id=str(question), category=category, group=group, turn=turn, seed=0,
-                                new_tokens=tokens, wall_s=base.wall_s / rng.uniform(0.9, 2.0), steps=len(emitted) + 1,
-                                drafted=sum(a + 2 for a in accepted), accepted=sum(accepted),
-                                drafted_lengths=[a + 2 for a in accepted], accepted_lengths=accepted,
-                                emitted_lengths=emitted, lossless=True, output_text=f"answer {question} {turn}")
+                method = Record(
+                    method="pld[cpu]",
+                    role="method",
+                    task="spec_bench",
+                    model="m",
+                    sample_id=str(question),
+                    category=category,
+                    group=group,
+                    turn=turn,
+                    seed=0,
+                    new_tokens=tokens,
+                    wall_s=base.wall_s / rng.uniform(0.9, 2.0),
+                    steps=len(emitted) + 1,
+                    drafted=sum(a + 2 for a in accepted),
+                    accepted=sum(accepted),
+                    drafted_lengths=[a + 2 for a in accepted],
+                    accepted_lengths=accepted,
+                    emitted_lengths=emitted,
+                    lossless=True,
+                    output_text=f"answer {question} {turn}",
+                )
                 run.append_record(base)
                 run.append_record(method)
             question += 1
@@ -182,15 +285,20 @@ def speed_py(file_path, base_path, task, tokenizer):
         choice = datapoint["choices"][0]
         accept_lengths.extend(choice["accept_lengths"])
         speeds.append(sum(choice["new_tokens"]) / sum(choice["wall_time"]))
-    base_speeds = [sum(len(tokenizer(turn).input_ids) - 1 for turn in d["choices"][0]["turns"])
-                   / sum(d["choices"][0]["wall_time"]) for d in questions(base_path)]
+    base_speeds = [
+        sum(len(tokenizer(turn).input_ids) - 1 for turn in d["choices"][0]["turns"]) / sum(d["choices"][0]["wall_time"])
+        for d in questions(base_path)
+    ]
     return np.array(speeds).mean() / np.array(base_speeds).mean(), np.mean(accept_lengths)
 
 
 def report_csv(capsys, *args) -> pd.DataFrame:
     assert main([*map(str, args), "--convention", "specbench", "--format", "csv"]) == 0
-    return pd.read_csv(io.StringIO(capsys.readouterr().out), dtype={"speedup_tps": str, "mean_accepted_tokens": str},
-                       keep_default_na=False)
+    return pd.read_csv(
+        io.StringIO(capsys.readouterr().out),
+        dtype={"speedup_tps": str, "mean_accepted_tokens": str},
+        keep_default_na=False,
+    )
 
 
 @pytest.mark.embedded
@@ -205,8 +313,7 @@ def test_export_round_trips_through_spec_bench_layout(tmp_path, capsys, tokenize
     first = json.loads(method_file.read_text().splitlines()[0])
     assert set(first) == {"question_id", "category", "answer_id", "model_id", "choices", "tstamp"}
     assert first["question_id"] == 81 and len(first["choices"][0]["turns"]) == 2
-    assert set(first["choices"][0]) == {"index", "turns", "decoding_steps", "new_tokens", "wall_time",
-                                        "accept_lengths"}
+    assert set(first["choices"][0]) == {"index", "turns", "decoding_steps", "new_tokens", "wall_time", "accept_lengths"}
 
     from transformers import AutoTokenizer
 
@@ -228,10 +335,13 @@ def test_import_spec_bench_files_beside_runs(tmp_path, capsys, tokenizer_path):
     run = spec_bench_run(tmp_path / "run")
     assert main([str(run.path), "--export-specbench", str(tmp_path / "export")]) == 0
     capsys.readouterr()
-    method_file, base_file = tmp_path / "export" / "run" / "m-pld-cpu.jsonl", tmp_path / "export" / "run" / \
-        "m-pld-cpu.baseline.jsonl"
-    table = report_csv(capsys, run.path, "--import-specbench", method_file, base_file, "--tokenizer-path",
-                       tokenizer_path)
+    method_file, base_file = (
+        tmp_path / "export" / "run" / "m-pld-cpu.jsonl",
+        tmp_path / "export" / "run" / "m-pld-cpu.baseline.jsonl",
+    )
+    table = report_csv(
+        capsys, run.path, "--import-specbench", method_file, base_file, "--tokenizer-path", tokenizer_path
+    )
     imported = table[table["method"] == "m-pld[cpu] [Spec-Bench import]"].set_index("group")
     ours = table[table["method"] == "pld[cpu]"].set_index("group")
     assert list(imported.index) == SPEC_BENCH_GROUPS
@@ -279,18 +389,50 @@ def test_report_tables_carry_intervals(tmp_path, capsys):
 
 
 def test_records_frame_joins_baseline():
-    a = Record(method="ar", role="baseline", task="t", model="m", sample_id="1", category="c", group="g", turn=0,
-               seed=0, new_tokens=4, wall_s=2.0, steps=4)
-    m = Record(method="x", role="method", task="t", model="m", sample_id="1", category="c", group="g", turn=0,
-               seed=0, new_tokens=4, wall_s=1.0, steps=2)
+    a = Record(
+        method="ar",
+        role="baseline",
+        task="t",
+        model="m",
+        sample_id="1",
+        category="c",
+        group="g",
+        turn=0,
+        seed=0,
+        new_tokens=4,
+        wall_s=2.0,
+        steps=4,
+    )
+    m = Record(
+        method="x",
+        role="method",
+        task="t",
+        model="m",
+        sample_id="1",
+        category="c",
+        group="g",
+        turn=0,
+        seed=0,
+        new_tokens=4,
+        wall_s=1.0,
+        steps=2,
+    )
     totals = prompt_totals(records_frame([m], [a]))
-    assert totals.loc["1", "ar_wall_s"] == 2.0 and totals.loc["1", "speed"] == 4.0 and totals.loc["1", "ar_speed"] == 2.0
+    assert (
+        totals.loc["1", "ar_wall_s"] == 2.0 and totals.loc["1", "speed"] == 4.0 and totals.loc["1", "ar_speed"] == 2.0
+    )
 
 
 def test_figure_error_bars_are_the_intervals():
     from decodebench.analysis.plots import interval_errors
 
-    rows = pd.DataFrame({"group": ["qa", "overall"], "speedup": [1.5, 1.2], "speedup_lo": [1.2, math.nan],
-                         "speedup_hi": [1.9, math.nan]}).set_index("group")
+    rows = pd.DataFrame(
+        {
+            "group": ["qa", "overall"],
+            "speedup": [1.5, 1.2],
+            "speedup_lo": [1.2, math.nan],
+            "speedup_hi": [1.9, math.nan],
+        }
+    ).set_index("group")
     errors = interval_errors(rows, "speedup", ["qa", "overall"])
     assert errors[:, 0] == pytest.approx([0.3, 0.4]) and list(errors[:, 1]) == [0.0, 0.0]

@@ -12,6 +12,7 @@ from decodebench.config import MethodConfig
 from decodebench.methods import aded as aded_module
 from decodebench.methods import build_method
 from decodebench.methods.aded_search import MctsConfig, TrigramMatrix, cut_to_choices, mcts_paths, paths_to_tree
+
 from helpers import decode, embedded_method_summary, repeating_prompts, tiny_backbone
 
 ADED = dict(name="aded", impl="decodebench.methods.aded:AdedDrafter")
@@ -63,8 +64,9 @@ def test_reinforcement_touches_only_the_last_window_and_is_capped():
 # -- MCTS and the draft tree -----------------------------------------------------------------------
 def chain_matrix() -> TrigramMatrix:
     """1 2 -> 3 (0.9) | 7 (0.1); 2 3 -> 4; 3 4 -> 5; 4 5 -> 6; 2 7 -> 8."""
-    return TrigramMatrix({(1, 2): {3: 0.9, 7: 0.1}, (2, 3): {4: 1.0}, (3, 4): {5: 1.0}, (4, 5): {6: 1.0},
-                          (2, 7): {8: 1.0}})
+    return TrigramMatrix(
+        {(1, 2): {3: 0.9, 7: 0.1}, (2, 3): {4: 1.0}, (3, 4): {5: 1.0}, (4, 5): {6: 1.0}, (2, 7): {8: 1.0}}
+    )
 
 
 def test_mcts_finds_the_likely_chain_and_extends_it():
@@ -109,11 +111,16 @@ def test_corpus_excludes_benchmark_rows_and_is_cached(tmp_path, monkeypatch):
     (data / "corpus").mkdir(parents=True)
     (data / "bench").mkdir()
     (data / "corpus" / "q.jsonl").write_text(
-        "".join(json.dumps({"question": q}) + "\n" for q in ["in the benchmark", "keep me", "keep me too", "x"]))
+        "".join(json.dumps({"question": q}) + "\n" for q in ["in the benchmark", "keep me", "keep me too", "x"])
+    )
     (data / "bench" / "question.jsonl").write_text(json.dumps({"turns": ["Q: in the benchmark"]}) + "\n")
     monkeypatch.setenv("DECODEBENCH_DATA", str(data))
-    params = dict(corpus_files=["corpus/q.jsonl:question"], corpus_per_file=2, corpus_exclude=["bench/question.jsonl"],
-                  corpus_max_new_tokens=6)
+    params = dict(
+        corpus_files=["corpus/q.jsonl:question"],
+        corpus_per_file=2,
+        corpus_exclude=["bench/question.jsonl"],
+        corpus_max_new_tokens=6,
+    )
     backbone = tiny_backbone("llama")
     drafter = build_method(MethodConfig(**ADED, params=params))
     monkeypatch.setattr(type(drafter), "_tokenizer", lambda self, backbone: CharTokenizer())
@@ -128,8 +135,9 @@ def test_corpus_excludes_benchmark_rows_and_is_cached(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         drafter.setup(backbone, str(tmp_path / "cache"))
     seen_texts = []  # ... and the next setup generates only the missing answer
-    monkeypatch.setattr(aded_module, "generate_answers",
-                        lambda bb, tok, texts, n: seen_texts.extend(texts) or real(bb, tok, texts, n))
+    monkeypatch.setattr(
+        aded_module, "generate_answers", lambda bb, tok, texts, n: seen_texts.extend(texts) or real(bb, tok, texts, n)
+    )
     drafter.setup(backbone, str(tmp_path / "cache"))
     assert seen_texts == ["keep me too"]
     assert len(list((tmp_path / "cache" / "state").glob("aded-corpus-*.pt"))) == 1
@@ -175,7 +183,8 @@ def test_state_policies(backbone, tmp_path):
 @pytest.mark.embedded
 @pytest.mark.slow
 def test_embedded_model_aded_is_lossless(tmp_path, data_dir):
-    summary = embedded_method_summary("aded", tmp_path, data_dir, "method.params.corpus_per_file=8",
-                                      "method.params.corpus_max_new_tokens=32")
+    summary = embedded_method_summary(
+        "aded", tmp_path, data_dir, "method.params.corpus_per_file=8", "method.params.corpus_max_new_tokens=32"
+    )
     assert summary["errors"] == 0 and summary["lossless_rate"] == 1.0
     assert summary["alpha"] > 0

@@ -13,17 +13,28 @@ from decodebench.engine.backbone import Backbone
 from decodebench.methods import build_method, method_config
 from decodebench.methods.dynamic_exit import DynamicExitDrafter, best_exit, expected_tokens
 from decodebench.models.tiny import build_tiny
-from helpers import decode as helpers_decode, embedded_lossless, random_prompts
+
+from helpers import decode as helpers_decode
+from helpers import embedded_lossless, random_prompts
 
 IMPL = "decodebench.methods.dynamic_exit:DynamicExitDrafter"
 
 
-def damped_tiny(arch: str = "llama", layers: int = 6, vocab: int = 101, keep: int = 2, factor: float = 0.1,
-                seed: int = 0) -> Backbone:
+def damped_tiny(
+    arch: str = "llama", layers: int = 6, vocab: int = 101, keep: int = 2, factor: float = 0.1, seed: int = 0
+) -> Backbone:
     """Tiny random model whose layers from ``keep`` on barely change the residual stream (early
     exits from layer ``keep`` on mostly agree with the full model)."""
-    sizes = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1)
+    sizes = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.1,
+    )
     model = build_tiny(ModelConfig(name="tiny", source="tiny", architecture=arch, tiny=sizes), seed)
     with torch.no_grad():
         for layer in model.model.layers[keep:]:
@@ -61,8 +72,9 @@ def test_tokens_per_layer_choice():
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("params", [dict(), dict(exit_layer_stride=2, max_shadow_rows=2, max_draft_tokens=4)],
-                         ids=["paper", "strided"])
+@pytest.mark.parametrize(
+    "params", [dict(), dict(exit_layer_stride=2, max_shadow_rows=2, max_draft_tokens=4)], ids=["paper", "strided"]
+)
 def test_del_greedy_equals_ar(arch, params):
     backbone = damped_tiny(arch)
     ar = build_method(MethodConfig())
@@ -126,6 +138,7 @@ def test_embedded_model_del_is_lossless():
     """Plain SmolLM2's early exits rarely agree with its output (DEL then decodes as AR): start from
     optimistic estimates so the first rounds draft from shallow exits and reuse their K/V, until
     the shadow tokens pull the estimates down."""
+
     def optimistic(drafter):
         drafter.counts[:] = 20.0
         drafter.matches[:] = 19.0

@@ -12,6 +12,7 @@ from decodebench.config import MethodConfig
 from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import build_method, method_config
 from decodebench.methods.dyspec import DySpecDrafter
+
 from helpers import chi_square_p_value, decode, exact_second_and_third, random_prompts, tiny_pair
 
 DYSPEC = "decodebench.methods.dyspec:DySpecDrafter"
@@ -19,15 +20,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def drafter_for(draft, target, cls=None, **params) -> DySpecDrafter:
-    drafter = (cls or DySpecDrafter)(DySpecDrafter.Params(**params)) if cls else \
-        build_method(MethodConfig(name="dyspec", impl=DYSPEC, params=params))
+    drafter = (
+        (cls or DySpecDrafter)(DySpecDrafter.Params(**params))
+        if cls
+        else build_method(MethodConfig(name="dyspec", impl=DYSPEC, params=params))
+    )
     drafter.attach_draft(draft)
     drafter.setup(target)
     return drafter
 
 
-@pytest.mark.parametrize("params", [dict(token_budget=6, max_depth=4), dict(token_budget=16), dict(token_budget=1)],
-                         ids=["cpu", "b16", "b1"])
+@pytest.mark.parametrize(
+    "params", [dict(token_budget=6, max_depth=4), dict(token_budget=16), dict(token_budget=1)], ids=["cpu", "b16", "b1"]
+)
 def test_dyspec_greedy_equals_ar(pair, params):
     target, draft = pair
     ar = build_method(MethodConfig())
@@ -118,8 +123,9 @@ class ProbableSiblingsDySpec(DySpecDrafter):
             expansion.drawn, expansion.drawn_mass, expansion.drawn_square_mass = saved
 
 
-@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, top_p=0.9)],
-                         ids=["t1", "t0.8-top_p0.9"])
+@pytest.mark.parametrize(
+    "params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, top_p=0.9)], ids=["t1", "t0.8-top_p0.9"]
+)
 def test_dyspec_sampling_preserves_target_distribution(params):
     target, draft = tiny_pair(vocab=5, noise=0.5, layers=1)
     drafter = drafter_for(draft, target, token_budget=4)

@@ -4,7 +4,6 @@ distribution, and the embedded model stays lossless."""
 
 from __future__ import annotations
 
-
 import functools
 
 import pytest
@@ -12,23 +11,32 @@ import torch
 
 from decodebench.config import ConfigValueError, MethodConfig, ModelConfig, compose_run_config
 from decodebench.engine.backbone import Backbone, BlockLayout, ForwardPlan
-from decodebench.engine.decode_loop import DecodeSettings, generate
 from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import build_method, method_config
 from decodebench.methods.early_exit_spec import EarlyExitSpecDrafter
 from decodebench.models.tiny import build_tiny
+
 from helpers import chi_square_p_value, embedded_lossless, exact_second_and_third, random_prompts
 from helpers import decode as helpers_decode
 
 IMPL = "decodebench.methods.early_exit_spec:EarlyExitSpecDrafter"
 
 
-def damped_tiny(arch: str = "llama", layers: int = 6, vocab: int = 101, keep: int = 2, factor: float = 0.1,
-                seed: int = 0) -> Backbone:
+def damped_tiny(
+    arch: str = "llama", layers: int = 6, vocab: int = 101, keep: int = 2, factor: float = 0.1, seed: int = 0
+) -> Backbone:
     """A tiny random model whose layers from ``keep`` on barely change the residual stream, so an
     early exit often agrees with the full model (drafts are both accepted and rejected)."""
-    sizes = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1)
+    sizes = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.1,
+    )
     model = build_tiny(ModelConfig(name="tiny", source="tiny", architecture=arch, tiny=sizes), seed)
     with torch.no_grad():
         for layer in model.model.layers[keep:]:
@@ -58,9 +66,15 @@ def backbone(request):
     return damped_tiny(request.param)
 
 
-@pytest.mark.parametrize("params", [dict(exit_layer=2, num_draft_tokens=4), dict(exit_layer=1, num_draft_tokens=6),
-                                    dict(exit_layer=4, num_draft_tokens=3, stop_below=0.3)],
-                         ids=["E2", "E1", "E4-stop"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(exit_layer=2, num_draft_tokens=4),
+        dict(exit_layer=1, num_draft_tokens=6),
+        dict(exit_layer=4, num_draft_tokens=3, stop_below=0.3),
+    ],
+    ids=["E2", "E1", "E4-stop"],
+)
 def test_early_exit_greedy_equals_ar(backbone, params):
     ar = build_method(MethodConfig())
     drafter = drafter_for(backbone, **params)
@@ -83,8 +97,11 @@ def test_early_exit_greedy_equals_ar(backbone, params):
         steps += len(ours.steps)
         assert all(s.drafted <= params["num_draft_tokens"] for s in ours.steps)
         if any(s.drafted for s in ours.steps):  # a static E: every round exits at the configured layer
-            assert ours.method_stats == {"exit_layer": params["exit_layer"], "exit_layer_min": params["exit_layer"],
-                                         "exit_layer_max": params["exit_layer"]}
+            assert ours.method_stats == {
+                "exit_layer": params["exit_layer"],
+                "exit_layer_min": params["exit_layer"],
+                "exit_layer_max": params["exit_layer"],
+            }
     assert 10 < accepted < drafted, "drafts must be both accepted and rejected for the check to mean much"
     assert reused >= steps - 4, "verification must reuse the draft's first-E-layer K/V"
 
@@ -104,10 +121,12 @@ def test_reused_cache_equals_ar_cache(backbone):
     assert common >= len(prompt) + len(reference.new_ids) - 6
     for layer in range(backbone.num_layers):
         assert ee_cache.lengths[layer] == ee_cache.length
-        torch.testing.assert_close(ee_cache.keys[layer][:, :, :common], ar_cache.keys[layer][:, :, :common],
-                                   rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(ee_cache.values[layer][:, :, :common], ar_cache.values[layer][:, :, :common],
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            ee_cache.keys[layer][:, :, :common], ar_cache.keys[layer][:, :, :common], rtol=1e-4, atol=1e-5
+        )
+        torch.testing.assert_close(
+            ee_cache.values[layer][:, :, :common], ar_cache.values[layer][:, :, :common], rtol=1e-4, atol=1e-5
+        )
 
 
 def test_continuing_from_an_intermediate_layer_equals_the_full_forward(backbone):
@@ -116,8 +135,13 @@ def test_continuing_from_an_intermediate_layer_equals_the_full_forward(backbone)
     full = backbone.forward(ids, backbone.new_cache(16))
     cache = backbone.new_cache(16)
     early = backbone.forward(ids, cache, plan=ForwardPlan(layers=range(2)), output_hidden_states=True)
-    late = backbone.forward(ids, cache, plan=ForwardPlan(layers=range(2, backbone.num_layers)),
-                            input_hidden=early.hidden_states[-1], layout=BlockLayout(start=0))
+    late = backbone.forward(
+        ids,
+        cache,
+        plan=ForwardPlan(layers=range(2, backbone.num_layers)),
+        input_hidden=early.hidden_states[-1],
+        layout=BlockLayout(start=0),
+    )
     torch.testing.assert_close(late.logits, full.logits, rtol=1e-4, atol=1e-4)
     assert cache.lengths == [len(ids)] * backbone.num_layers
 
@@ -130,13 +154,12 @@ def test_exit_layer_must_be_inside_the_model():
 def test_config_composes_with_presets():
     cfg = compose_run_config(["method=early_exit_spec", "model=tiny-llama"])
     assert build_method(cfg.method, "cpu").params.exit_layer == 15
-    assert method_config("early_exit_spec").resolved_params("cuda") == dict(exit_layer=8, num_draft_tokens=6,
-                                                                             stop_below=0.0)
+    assert method_config("early_exit_spec").resolved_params("cuda") == dict(
+        exit_layer=8, num_draft_tokens=6, stop_below=0.0
+    )
 
 
 # -- sampling: the target distribution is preserved -------------------------------------------
-
-
 
 
 def test_early_exit_sampling_preserves_target_distribution():

@@ -14,8 +14,16 @@ from decodebench.methods import build_method, method_config
 from decodebench.methods.ffn_skip import FFNSkip, SaturationGate
 from decodebench.models.tiny import build_tiny
 
-TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1)
+TINY = dict(
+    vocab_size=101,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    initializer_range=0.1,
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -78,8 +86,9 @@ def test_skipping_writes_every_layers_kv_and_respects_warmup(backbone):
 def test_batched_ffn_skip_runs(backbone):
     method = ffn_skip(backbone)
     batch = [prompt(), prompt()[:6]]
-    out = generate_batch(backbone, method, batch, DecodeSettings(max_new_tokens=10),
-                         backbone.new_cache(8, batch_size=2))
+    out = generate_batch(
+        backbone, method, batch, DecodeSettings(max_new_tokens=10), backbone.new_cache(8, batch_size=2)
+    )
     assert [len(o.new_ids) for o in out.outputs] == [10, 10]
 
 

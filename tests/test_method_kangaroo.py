@@ -14,14 +14,29 @@ from decodebench.engine.backbone import Backbone
 from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import build_method, method_config
 from decodebench.methods.kangaroo import adapter_path, save_adapter
-from decodebench.methods.kangaroo_train import (AdapterTrainingConfig, collect_sequences, read_corpus, self_generate,
-                                                train_adapter)
+from decodebench.methods.kangaroo_train import (
+    AdapterTrainingConfig,
+    collect_sequences,
+    read_corpus,
+    self_generate,
+    train_adapter,
+)
 from decodebench.models.tiny import build_tiny
 from decodebench.registry import DecodeBenchError
-from helpers import decode as helpers_decode, random_prompts
 
-TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1)
+from helpers import decode as helpers_decode
+from helpers import random_prompts
+
+TINY = dict(
+    vocab_size=101,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    initializer_range=0.1,
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -57,8 +72,9 @@ def kangaroo(backbone, cache_dir, **params):
 def test_batched_self_generation_equals_unbatched():
     backbone = Backbone(build_tiny(ModelConfig(name="t", source="tiny", tiny=TINY), 0))
     batch = [*prompts(3, seed=8), *prompts(2, length=6, seed=9)]
-    assert self_generate(backbone, batch, 12, eos_token_ids=(5, 9), batch_size=3) == \
-        self_generate(backbone, batch, 12, eos_token_ids=(5, 9))
+    assert self_generate(backbone, batch, 12, eos_token_ids=(5, 9), batch_size=3) == self_generate(
+        backbone, batch, 12, eos_token_ids=(5, 9)
+    )
 
 
 def test_training_improves_held_out_agreement(trained):
@@ -156,18 +172,36 @@ def test_train_command_and_embedded_losslessness(tmp_path):
     from decodebench.tasks.prompts import encode_prompt
 
     try:
-        loaded = load_model(load_model_config("smollm2-135m"), device="cpu", dtype="float32",
-                            cache_dir=default_cache_dir(), seed=0)
+        loaded = load_model(
+            load_model_config("smollm2-135m"), device="cpu", dtype="float32", cache_dir=default_cache_dir(), seed=0
+        )
     except Exception as error:  # not prepared
         pytest.skip(f"embedded model not available: {error}")
     output = tmp_path / "adapter.pt"
-    assert main(["--model", "smollm2-135m", "--prompts", "3", "--max-new-tokens", "12", "--epochs", "1",
-                 "--output", str(output)]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                "smollm2-135m",
+                "--prompts",
+                "3",
+                "--max-new-tokens",
+                "12",
+                "--epochs",
+                "1",
+                "--output",
+                str(output),
+            ]
+        )
+        == 0
+    )
     meta = json.loads(output.with_suffix(".json").read_text())
     assert meta["prompts"] == 3 and meta["train_s"] >= 0
     backbone = Backbone(loaded.model)
     drafter = kangaroo(backbone, None, adapter_path=str(output))
     ar = build_method(MethodConfig())
     prompt = encode_prompt(loaded.tokenizer, [{"role": "user", "content": "Name three primary colours."}], True)
-    assert decode(backbone, drafter, prompt, max_new_tokens=24).new_ids == \
-        decode(backbone, ar, prompt, max_new_tokens=24).new_ids
+    assert (
+        decode(backbone, drafter, prompt, max_new_tokens=24).new_ids
+        == decode(backbone, ar, prompt, max_new_tokens=24).new_ids
+    )

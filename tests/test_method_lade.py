@@ -9,6 +9,7 @@ import torch
 from decodebench.config import MethodConfig
 from decodebench.methods import build_method
 from decodebench.methods.lade import JacobiWindow, NGramPool, merge_into_tree
+
 from helpers import decode, embedded_method_summary, repeating_prompts
 
 LADE = dict(name="lade", impl="decodebench.methods.lade:LookaheadJacobiDrafter")
@@ -19,8 +20,10 @@ def lade(**params):
 
 
 # -- losslessness -------------------------------------------------------------------------------
-@pytest.mark.parametrize("params", [{}, {"ngram_size": 3, "window_size": 3, "guess_set_size": 2,
-                                         "pool_from_prompt": True, "state": "per_task"}])
+@pytest.mark.parametrize(
+    "params",
+    [{}, {"ngram_size": 3, "window_size": 3, "guess_set_size": 2, "pool_from_prompt": True, "state": "per_task"}],
+)
 def test_lade_greedy_equals_ar(backbone, params):
     ar, drafter = build_method(MethodConfig()), lade(**params)
     ar.setup(backbone)
@@ -91,7 +94,7 @@ def test_lookahead_logits_equal_a_plain_forward_of_each_column(backbone):
     class Spy(type(lade())):
         def feedback(self, outcome):
             if self.window.filled:
-                aux_logits = outcome.target.logits[len(outcome.block_tokens):].clone()
+                aux_logits = outcome.target.logits[len(outcome.block_tokens) :].clone()
                 seen.append((list(self.context), self.branch, aux_logits))
             super().feedback(outcome)
 

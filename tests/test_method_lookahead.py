@@ -19,6 +19,7 @@ from decodebench.methods.lookahead_trie import (
 )
 from decodebench.methods.state_policy import state_path
 from decodebench.runners.run_dir import read_records
+
 from helpers import decode, embedded_method_summary, repeating_prompts
 
 
@@ -29,8 +30,13 @@ def lookahead(preset: str = "paper", **params) -> LookaheadDrafter:
 
 
 def settings(max_drafts=63, branch_length=12, mode="mix", min_output_size=32) -> RetrievalSettings:
-    return RetrievalSettings(max_drafts=max_drafts, branch_length=branch_length, mode=mode,
-                             output_weight=1e-4, min_output_size=min_output_size)
+    return RetrievalSettings(
+        max_drafts=max_drafts,
+        branch_length=branch_length,
+        mode=mode,
+        output_weight=1e-4,
+        min_output_size=min_output_size,
+    )
 
 
 @pytest.mark.parametrize("preset, mode", [("paper", "hier"), ("paper", "par"), ("cpu", "hier")])

@@ -14,8 +14,16 @@ from decodebench.methods import build_method, method_config
 from decodebench.methods.skipdecode import layer_budget, skipdecode_layers
 from decodebench.models.tiny import build_tiny
 
-TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1)
+TINY = dict(
+    vocab_size=101,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    initializer_range=0.1,
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -57,8 +65,10 @@ def test_full_budget_equals_ar(backbone):
     ar = build_method(MethodConfig())
     settings = DecodeSettings(max_new_tokens=24)
     for prompt in prompts():
-        assert generate(backbone, full, prompt, settings, backbone.new_cache(8)).new_ids == \
-            generate(backbone, ar, prompt, settings, backbone.new_cache(8)).new_ids
+        assert (
+            generate(backbone, full, prompt, settings, backbone.new_cache(8)).new_ids
+            == generate(backbone, ar, prompt, settings, backbone.new_cache(8)).new_ids
+        )
 
 
 def test_reduced_forward_runs_the_planned_layers_with_complete_kv(backbone, monkeypatch):

@@ -12,8 +12,14 @@ from decodebench.config import MethodConfig
 from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import build_method
 from decodebench.methods.specdec_pp import AcceptanceHead, head_path, load_head, model_key, save_head
-from decodebench.methods.specdec_pp_train import (HeadTrainingConfig, TrainingSequence, collect_examples, train_head,
-                                                   weighted_bce)
+from decodebench.methods.specdec_pp_train import (
+    HeadTrainingConfig,
+    TrainingSequence,
+    collect_examples,
+    train_head,
+    weighted_bce,
+)
+
 from helpers import decode, random_prompts, tiny_pair
 
 SPECDEC_PP = "decodebench.methods.specdec_pp:SpecDecPPDrafter"
@@ -41,8 +47,13 @@ def trained_heads(pair, tmp_path_factory):
     """Heads trained by the training command's own functions, saved where the method looks."""
     target, draft = pair
     generator = torch.Generator().manual_seed(3)
-    sequences = [TrainingSequence(torch.randint(3, 101, (6,), generator=generator).tolist(),
-                                  torch.randint(3, 101, (24,), generator=generator).tolist()) for _ in range(12)]
+    sequences = [
+        TrainingSequence(
+            torch.randint(3, 101, (6,), generator=generator).tolist(),
+            torch.randint(3, 101, (24,), generator=generator).tolist(),
+        )
+        for _ in range(12)
+    ]
     examples = collect_examples(target, draft, sequences, temperature=1.0)
     cache_dir = tmp_path_factory.mktemp("cache")
     for mode, (features, labels) in examples.items():
@@ -68,8 +79,9 @@ def test_training_examples_match_inference_time_features(pair, trained_heads):
         position = 5  # the drafted y_5 hangs off x_4: features row 5 of the first text
         logits = draft.model(torch.tensor([prompt + answer[:position]])).logits[0, -1]
         guess = int(logits.argmax())
-        hidden = draft.model(torch.tensor([prompt + answer[:position] + [guess]]),
-                             output_hidden_states=True).hidden_states[-1][0, -1]
+        hidden = draft.model(
+            torch.tensor([prompt + answer[:position] + [guess]]), output_hidden_states=True
+        ).hidden_states[-1][0, -1]
     torch.testing.assert_close(features[position], hidden, atol=1e-4, rtol=1e-4)
 
 
@@ -121,8 +133,9 @@ def test_sampling_runs_with_the_sampling_head(pair, trained_heads):
     target, draft = pair
     cache_dir, _ = trained_heads
     drafter = drafter_for(draft, target, cache_dir=cache_dir)
-    out = decode(target, drafter, random_prompts(1)[0], max_new_tokens=40, sampling=SamplingParams(temperature=1.0),
-                 seed=0)
+    out = decode(
+        target, drafter, random_prompts(1)[0], max_new_tokens=40, sampling=SamplingParams(temperature=1.0), seed=0
+    )
     assert drafter.head is drafter.heads["sampling"] is not None
     assert len(out.new_ids) == 40
 
@@ -142,7 +155,9 @@ def test_head_round_trip_and_width_check(tmp_path):
 def test_weighted_loss_and_model_keys(pair):
     logits, labels = torch.tensor([2.0, -1.0]), torch.tensor([1.0, 0.0])
     plain = weighted_bce(logits, labels, 1.0)
-    expected = -(torch.nn.functional.logsigmoid(torch.tensor(2.0)) + torch.nn.functional.logsigmoid(torch.tensor(1.0))) / 2
+    expected = (
+        -(torch.nn.functional.logsigmoid(torch.tensor(2.0)) + torch.nn.functional.logsigmoid(torch.tensor(1.0))) / 2
+    )
     torch.testing.assert_close(plain, expected)
     assert float(weighted_bce(logits, labels, 6.0)) < float(plain) * 6
     target, _ = pair

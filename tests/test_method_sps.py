@@ -15,6 +15,7 @@ from decodebench.engine.drafting import Proposal
 from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import build_method, method_config
 from decodebench.methods.sps import DraftModelState, SpeculativeSamplingDrafter
+
 from helpers import chi_square_p_value, decode, exact_second_and_third, random_prompts, tiny_pair
 
 SPS = "decodebench.methods.sps:SpeculativeSamplingDrafter"
@@ -28,8 +29,11 @@ def drafter_for(draft: Backbone, target: Backbone, **params) -> SpeculativeSampl
     return drafter
 
 
-@pytest.mark.parametrize("params", [dict(num_draft_tokens=3), dict(num_draft_tokens=1),
-                                    dict(num_draft_tokens=5, schedule="heuristic")], ids=["g3", "g1", "heuristic"])
+@pytest.mark.parametrize(
+    "params",
+    [dict(num_draft_tokens=3), dict(num_draft_tokens=1), dict(num_draft_tokens=5, schedule="heuristic")],
+    ids=["g3", "g1", "heuristic"],
+)
 def test_sps_greedy_equals_ar(pair, params):
     target, draft = pair
     ar = build_method(MethodConfig())
@@ -48,8 +52,10 @@ def test_sps_with_an_unrelated_draft_architecture_still_equals_ar():
     target, _ = tiny_pair("llama")
     other, _ = tiny_pair("qwen2", layers=2, seed=3)
     for prompt in random_prompts(2):
-        assert decode(target, drafter_for(other, target), prompt, max_new_tokens=40).new_ids == \
-            decode(target, build_method(MethodConfig()), prompt, max_new_tokens=40).new_ids
+        assert (
+            decode(target, drafter_for(other, target), prompt, max_new_tokens=40).new_ids
+            == decode(target, build_method(MethodConfig()), prompt, max_new_tokens=40).new_ids
+        )
 
 
 def test_draft_cache_is_kept_and_cropped(monkeypatch):
@@ -81,12 +87,14 @@ def test_draft_cache_is_kept_and_cropped(monkeypatch):
 
 
 def test_heuristic_schedule_adds_two_or_removes_one():
-    drafter = build_method(MethodConfig(name="sps", impl=SPS, params=dict(num_draft_tokens=5, schedule="heuristic",
-                                                                          max_draft_tokens=8)))
+    drafter = build_method(
+        MethodConfig(name="sps", impl=SPS, params=dict(num_draft_tokens=5, schedule="heuristic", max_draft_tokens=8))
+    )
 
     def step(drafted: int, accepted: int) -> int:
-        drafter.feedback(SimpleNamespace(proposal=Proposal(tokens=[0] * drafted),
-                                         result=SimpleNamespace(accepted=accepted)))
+        drafter.feedback(
+            SimpleNamespace(proposal=Proposal(tokens=[0] * drafted), result=SimpleNamespace(accepted=accepted))
+        )
         return drafter.gamma
 
     assert step(5, 5) == 7
@@ -114,9 +122,14 @@ def test_gamma_from_the_curve_and_the_draft_cost_ratio(pair, tmp_path):
     target, draft = pair
     target.model_name, draft.model_name = "tiny-t", "tiny-d"
     # Qwen2.5-Coder 1.5B's onednn curve here, with the 0.5B draft's measured cost ratio
-    curve = {"k": [1, 2, 3, 4, 5, 6, 8, 12, 16], "ratio": [1.0, 1.04, 1.13, 0.99, 1.08, 1.08, 1.2, 1.26, 1.44],
-             "model": "tiny-t", "backend": "eager",
-             "device": "cpu", "draft": {"model": "tiny-d", "ms": 1.0, "cost_ratio": 0.385}}
+    curve = {
+        "k": [1, 2, 3, 4, 5, 6, 8, 12, 16],
+        "ratio": [1.0, 1.04, 1.13, 0.99, 1.08, 1.08, 1.2, 1.26, 1.44],
+        "model": "tiny-t",
+        "backend": "eager",
+        "device": "cpu",
+        "draft": {"model": "tiny-d", "ms": 1.0, "cost_ratio": 0.385},
+    }
     path = profile_path("tiny-t", "eager", "cpu", str(tmp_path))
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(curve))
@@ -159,12 +172,19 @@ def _runner_with_draft(monkeypatch, target_vocab: int, draft_vocab: int, draft_n
     from decodebench.models.loading import load_model
     from decodebench.runners import local
 
-    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                 num_key_value_heads=1, max_position_embeddings=128)
+    sizes = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+    )
     catalogue = {"tiny-draft": ModelConfig(name="tiny-draft", source="tiny", tiny={**sizes, "vocab_size": draft_vocab})}
     monkeypatch.setattr(loading, "load_model_config", lambda name: catalogue[name])
-    target_cfg = ModelConfig(name="tiny-target", source="tiny", tiny={**sizes, "vocab_size": target_vocab},
-                             draft=draft_name)
+    target_cfg = ModelConfig(
+        name="tiny-target", source="tiny", tiny={**sizes, "vocab_size": target_vocab}, draft=draft_name
+    )
     runner = local.Runner(RunConfig(model=target_cfg, method=method_config("sps")), {})
     return runner, load_model(target_cfg)
 
@@ -203,7 +223,8 @@ def test_sps_sampling_preserves_target_distribution():
     """(t2, t3) over 400 seeds vs the exact target distribution (25 cells)."""
     target, draft = tiny_pair(vocab=5, noise=0.5, layers=1)
     prompt, params = [1, 4, 2, 3], SamplingParams(temperature=1.0)
-    counts, accepted = sampled_second_and_third(target, lambda: drafter_for(draft, target, num_draft_tokens=3),
-                                                 prompt, params, runs=400)
+    counts, accepted = sampled_second_and_third(
+        target, lambda: drafter_for(draft, target, num_draft_tokens=3), prompt, params, runs=400
+    )
     assert 100 < accepted < 2 * 400  # drafts are accepted and rejected: both branches of the rule run
     assert chi_square_p_value(counts, exact_second_and_third(target, prompt, params)) > 1e-3

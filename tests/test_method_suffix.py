@@ -10,6 +10,7 @@ import pytest
 from decodebench.config import MethodConfig
 from decodebench.methods import build_method
 from decodebench.methods.suffix_tree import StdMaxHeap, SuffixTree
+
 from helpers import decode, embedded_method_summary, repeating_prompts, tiny_backbone
 
 SUFFIX = dict(name="suffix", impl="decodebench.methods.suffix:SuffixDecodingDrafter")
@@ -138,8 +139,13 @@ def test_matches_reference_extension_when_importable():
             if step % 5 == 0:
                 pattern = [rng.randrange(vocab) for _ in range(rng.randint(1, 40))]
                 for use_tree in (False, True):
-                    args = (rng.choice([1, 5, 64]), rng.choice([1.0, 3.0]), rng.choice([0.0, 1.0]),
-                            rng.choice([0.0, 0.1, 0.5]), use_tree)
+                    args = (
+                        rng.choice([1, 5, 64]),
+                        rng.choice([1.0, 3.0]),
+                        rng.choice([0.0, 1.0]),
+                        rng.choice([0.0, 0.1, 0.5]),
+                        use_tree,
+                    )
                     a, b = theirs.speculate(pattern, *args), ours.speculate(pattern, *args)
                     assert (list(a.token_ids), list(a.parents), a.match_len) == (b.tokens, b.parents, b.match_len)
                     assert list(a.probs) == pytest.approx(b.probs, abs=1e-6)

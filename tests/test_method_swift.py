@@ -12,13 +12,12 @@ import torch
 
 from decodebench.config import ConfigValueError, MethodConfig, ModelConfig, compose_run_config
 from decodebench.engine.backbone import Backbone, ForwardPlan
-from decodebench.engine.decode_loop import DecodeSettings, generate
 from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import build_method, method_config
 from decodebench.methods.swift import PrefixView, SwiftDrafter, candidate_count
-from decodebench.methods.swift_search import (LayerSetSearch, SearchSettings, SkipSet, initial_skip_set,
-                                              load_skip_set)
+from decodebench.methods.swift_search import LayerSetSearch, SearchSettings, SkipSet, initial_skip_set, load_skip_set
 from decodebench.models.tiny import build_tiny
+
 from helpers import chi_square_p_value, embedded_lossless, exact_second_and_third, random_prompts
 from helpers import decode as helpers_decode
 
@@ -28,8 +27,16 @@ IMPL = "decodebench.methods.swift:SwiftDrafter"
 def damped_tiny(arch: str = "llama", layers: int = 6, vocab: int = 101, factor: float = 0.2, seed: int = 0) -> Backbone:
     """Tiny random model whose middle layers (1 .. L-2) barely change the residual stream, so a
     skipped draft often agrees with the full model (drafts are both accepted and rejected)."""
-    sizes = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1)
+    sizes = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.1,
+    )
     model = build_tiny(ModelConfig(name="tiny", source="tiny", architecture=arch, tiny=sizes), seed)
     with torch.no_grad():
         for layer in model.model.layers[1:-1]:
@@ -100,8 +107,9 @@ def test_skip_set_names_and_coordinates():
 
 
 def test_search_uses_bayes_every_interval_and_stops():
-    search = LayerSetSearch(8, SearchSettings(skip_ratio=0.45, bayes_interval=5, max_opt_iter=30,
-                                              max_tolerance_iter=1000, max_score=2.0))
+    search = LayerSetSearch(
+        8, SearchSettings(skip_ratio=0.45, bayes_interval=5, max_opt_iter=30, max_tolerance_iter=1000, max_score=2.0)
+    )
     sizes, bayes_calls = [], 0
     original = search.optimizer.suggest
 
@@ -129,12 +137,16 @@ def test_candidate_tree_width_follows_confidence():
 
 # -- lossless decoding -----------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("params", [
-    dict(context_window=8, bayes_interval=5, stop_threshold=0.0, max_draft_steps=4),  # auto: search runs
-    dict(skip_set=["a2", "m3", "a4"], stop_threshold=0.0, max_draft_steps=6),  # fixed set, deep trees
-    dict(skip_set=["m1"], candidates_greedy=[1, 1, 1, 1], stop_threshold=0.0, max_draft_steps=5),  # chains
-    dict(),  # paper defaults (confidence stop at 0.8, trees 3/5/8/10)
-], ids=["auto", "list", "chain", "paper"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(context_window=8, bayes_interval=5, stop_threshold=0.0, max_draft_steps=4),  # auto: search runs
+        dict(skip_set=["a2", "m3", "a4"], stop_threshold=0.0, max_draft_steps=6),  # fixed set, deep trees
+        dict(skip_set=["m1"], candidates_greedy=[1, 1, 1, 1], stop_threshold=0.0, max_draft_steps=5),  # chains
+        dict(),  # paper defaults (confidence stop at 0.8, trees 3/5/8/10)
+    ],
+    ids=["auto", "list", "chain", "paper"],
+)
 def test_swift_greedy_equals_ar(arch, params, tmp_path):
     backbone = damped_tiny(arch)
     ar = build_method(MethodConfig())
@@ -188,14 +200,18 @@ def test_config_interpolates_the_task_name():
 # -- sampling: the target distribution is preserved -------------------------------------------
 
 
-
-
 def test_swift_tree_sampling_preserves_target_distribution(tmp_path):
     """Siblings drawn without replacement, each verified against its own residual row."""
     backbone = damped_tiny(layers=4, vocab=5, factor=0.5)
     prompt, params = [1, 4, 2, 3], SamplingParams(temperature=1.0)
-    drafter = drafter_for(backbone, tmp_path, skip_set=["a1", "m2"], stop_threshold=0.0, max_draft_steps=3,
-                          candidates_sampling=[2, 2, 2, 3])
+    drafter = drafter_for(
+        backbone,
+        tmp_path,
+        skip_set=["a1", "m2"],
+        stop_threshold=0.0,
+        max_draft_steps=3,
+        candidates_sampling=[2, 2, 2, 3],
+    )
     counts, accepted, tree_steps = torch.zeros(25), 0, 0
     for seed in range(400):
         out = decode(backbone, drafter, prompt, max_new_tokens=4, sampling=params, seed=seed)

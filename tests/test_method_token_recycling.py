@@ -13,6 +13,7 @@ from decodebench.methods import build_method, method_config
 from decodebench.methods.state_policy import state_path
 from decodebench.methods.token_recycling import PAPER_TREE, TokenRecyclingDrafter, TreeTemplate
 from decodebench.runners.run_dir import read_records
+
 from helpers import decode, embedded_method_summary, repeating_prompts
 
 
@@ -67,11 +68,20 @@ def test_propose_fills_the_template_breadth_first_from_the_matrix():
 
 
 def fake_outcome(block_tokens, block_parents, logits, accepted_nodes) -> StepOutcome:
-    result = VerifyResult(accepted_nodes=accepted_nodes, accepted_tokens=[block_tokens[i] for i in accepted_nodes],
-                          bonus_token=0, drafted=len(block_tokens) - 1)
-    return StepOutcome(proposal=Proposal(tokens=block_tokens[1:], parents=[p - 1 for p in block_parents[1:]]),
-                       result=result, block_tokens=block_tokens, block_parents=block_parents,
-                       target=ForwardOutput(logits=logits), context_length=10)
+    result = VerifyResult(
+        accepted_nodes=accepted_nodes,
+        accepted_tokens=[block_tokens[i] for i in accepted_nodes],
+        bonus_token=0,
+        drafted=len(block_tokens) - 1,
+    )
+    return StepOutcome(
+        proposal=Proposal(tokens=block_tokens[1:], parents=[p - 1 for p in block_parents[1:]]),
+        result=result,
+        block_tokens=block_tokens,
+        block_parents=block_parents,
+        target=ForwardOutput(logits=logits),
+        context_length=10,
+    )
 
 
 def test_feedback_recycles_top_k_of_every_node_and_the_accepted_path_wins_ties():

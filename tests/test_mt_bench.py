@@ -45,8 +45,9 @@ def test_questions_turns_and_categories(data_dir, tmp_path):
     samples = mt_bench(data_dir, tmp_path).load_samples()
     assert len(samples) == 80 and [s.sample_id for s in samples[:2]] == ["81", "82"]
     assert all(len(s.turns) == 2 for s in samples)
-    assert collections.Counter(s.group for s in samples) == {c: 10 for c in (
-        "writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")}
+    assert collections.Counter(s.group for s in samples) == {
+        c: 10 for c in ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
+    }
     assert all(s.reference is None for s in samples)  # references are loaded only to judge
     judged = {s.sample_id: s for s in mt_bench(data_dir, tmp_path, "task.params.judge=openai").load_samples()}
     assert len(judged["111"].reference) == 2 and judged["81"].reference is None  # math has GPT-4 references
@@ -58,11 +59,23 @@ def test_fastchat_temperatures_are_an_option(data_dir, tmp_path):
     assert task.turn_settings(samples["writing"], 1).temperature is None
     task = mt_bench(data_dir, tmp_path, "task.params.use_category_temperatures=true")
     temperatures = {c: task.turn_settings(s, 0).temperature for c, s in samples.items()}
-    assert temperatures == {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
-                            "reasoning": 0.0, "stem": 0.1, "humanities": 0.1}
+    assert temperatures == {
+        "writing": 0.7,
+        "roleplay": 0.7,
+        "extraction": 0.0,
+        "math": 0.0,
+        "coding": 0.0,
+        "reasoning": 0.0,
+        "stem": 0.1,
+        "humanities": 0.1,
+    }
     with pytest.raises(ConfigValueError, match="missing: writing"):
-        mt_bench(data_dir, tmp_path, "task.params.use_category_temperatures=true",
-                 "~task.params.category_temperatures.writing")
+        mt_bench(
+            data_dir,
+            tmp_path,
+            "task.params.use_category_temperatures=true",
+            "~task.params.category_temperatures.writing",
+        )
 
 
 def test_prompt_choice_follows_fastchat(prompts):
@@ -88,13 +101,16 @@ def test_build_request_fills_questions_answers_and_references(prompts):
         build_request(prompts, "writing", 1, questions, answers[:1], None, REFERENCE_CATEGORIES)
 
 
-@pytest.mark.parametrize("judgment, rating", [
-    ("Good answer.\nRating: [[8]]", 8.0),
-    ("Rating: [[7.5]]", 7.5),
-    ("no double brackets, backup: [6]", 6.0),  # FastChat's backup pattern
-    ("Rating: [[3]] ... later [[9]]", 3.0),  # the first match counts
-    ("I cannot rate this.", None),
-])
+@pytest.mark.parametrize(
+    "judgment, rating",
+    [
+        ("Good answer.\nRating: [[8]]", 8.0),
+        ("Rating: [[7.5]]", 7.5),
+        ("no double brackets, backup: [6]", 6.0),  # FastChat's backup pattern
+        ("Rating: [[3]] ... later [[9]]", 3.0),  # the first match counts
+        ("I cannot rate this.", None),
+    ],
+)
 def test_parse_rating(judgment, rating):
     assert parse_rating(judgment) == rating
 
@@ -214,8 +230,17 @@ def test_hf_judge_generates_with_a_local_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=0)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            eos_token_id=0,
+        )
+    ).eval()
     judge = HFJudge(model, CharTokenizer(), max_new_tokens=6, name="hf:tiny")
     first = judge.complete("system", "user")
     assert isinstance(first, str) and 0 < len(first) <= 6 and judge.complete("system", "user") == first

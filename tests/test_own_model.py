@@ -10,11 +10,18 @@ import pytest
 import torch
 
 from decodebench.config import ConfigValueError, ModelConfig, compose_run_config
-from decodebench.models.loading import (draft_model_config, hf_location, load_model, load_model_config,
-                                        load_tokenizer, resolve_dtype)
+from decodebench.models.loading import (
+    draft_model_config,
+    hf_location,
+    load_model,
+    load_model_config,
+    load_tokenizer,
+    resolve_dtype,
+)
 from decodebench.models.naming import model_name_from_id
 from decodebench.models.tiny import build_tiny
 from decodebench.runners.run_dir import read_records
+
 from helpers import run_cli
 
 
@@ -103,9 +110,20 @@ def test_tokenizer_and_chat_template_come_from_the_directory(checkpoint):
 def test_own_directory_end_to_end_is_lossless(tmp_path, checkpoint, data_dir):
     """``decodebench model=hf model.id=DIR method=pld``: records for every turn, PLD equal to AR."""
     run_dir = tmp_path / "run"
-    result = run_cli("model=hf", f"model.id={checkpoint}", "method=pld", "threads=1", "task.per_category=1",
-                     "task.categories=[qa,math_reasoning,rag]", "gen.max_new_tokens=40", f"hydra.run.dir={run_dir}",
-                     f"data_dir={data_dir}", f"cache_dir={tmp_path / 'cache'}", "progress=false", cwd=tmp_path)
+    result = run_cli(
+        "model=hf",
+        f"model.id={checkpoint}",
+        "method=pld",
+        "threads=1",
+        "task.per_category=1",
+        "task.categories=[qa,math_reasoning,rag]",
+        "gen.max_new_tokens=40",
+        f"hydra.run.dir={run_dir}",
+        f"data_dir={data_dir}",
+        f"cache_dir={tmp_path / 'cache'}",
+        "progress=false",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_records(run_dir / "records.jsonl")
     assert {r.role for r in records} == {"baseline", "method"} and len(records) == 6
@@ -117,7 +135,10 @@ def test_own_directory_end_to_end_is_lossless(tmp_path, checkpoint, data_dir):
     model = json.loads((run_dir / "manifest.json").read_text())["model"]
     assert model["source"] == "hf" and model["location"] == str(checkpoint.resolve())
     assert (model["dtype"], model["dtype_source"], model["chat_template"]) == (
-        "float32", "checkpoint config torch_dtype", True)
+        "float32",
+        "checkpoint config torch_dtype",
+        True,
+    )
 
 
 @pytest.mark.embedded
@@ -126,10 +147,21 @@ def test_own_draft_model_from_draft_id(tmp_path, checkpoint, data_dir):
     """``method=sps model.draft_id=DIR``: the draft is loaded like the target, in its dtype; lossless."""
     draft = save_checkpoint(tmp_path / "my-draft", "tiny-llama-draft", seed=1)
     run_dir = tmp_path / "run"
-    result = run_cli("model=hf", f"model.id={checkpoint}", f"model.draft_id={draft}", "method=sps", "threads=1",
-                     "task.per_category=1", "task.categories=[qa]", "gen.max_new_tokens=24",
-                     f"hydra.run.dir={run_dir}", f"data_dir={data_dir}", f"cache_dir={tmp_path / 'cache'}",
-                     "progress=false", cwd=tmp_path)
+    result = run_cli(
+        "model=hf",
+        f"model.id={checkpoint}",
+        f"model.draft_id={draft}",
+        "method=sps",
+        "threads=1",
+        "task.per_category=1",
+        "task.categories=[qa]",
+        "gen.max_new_tokens=24",
+        f"hydra.run.dir={run_dir}",
+        f"data_dir={data_dir}",
+        f"cache_dir={tmp_path / 'cache'}",
+        "progress=false",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["lossless_rate"] == 1.0 and summary["errors"] == 0 and summary["alpha"] is not None
@@ -141,8 +173,14 @@ def test_own_draft_model_from_draft_id(tmp_path, checkpoint, data_dir):
 def test_missing_draft_is_a_clear_error_before_loading(tmp_path, method):
     folder = tmp_path / "no-weights-here"
     folder.mkdir()  # not a checkpoint: the error must come before anything is loaded from it
-    result = run_cli("model=hf", f"model.id={folder}", f"method={method}", f"hydra.run.dir={tmp_path / 'run'}",
-                     "progress=false", cwd=tmp_path)
+    result = run_cli(
+        "model=hf",
+        f"model.id={folder}",
+        f"method={method}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "progress=false",
+        cwd=tmp_path,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     output = result.stdout + result.stderr  # hydra logs the error
     assert "model.draft_id" in output and f"method '{method}'" in output
@@ -150,8 +188,15 @@ def test_missing_draft_is_a_clear_error_before_loading(tmp_path, method):
 
 
 def test_bad_model_id_exits_2_before_loading(tmp_path):
-    result = run_cli("model=hf", f"model.id={tmp_path / 'missing'}", "method=pld", "data_dir=/nonexistent",
-                     f"hydra.run.dir={tmp_path / 'run'}", "progress=false", cwd=tmp_path)
+    result = run_cli(
+        "model=hf",
+        f"model.id={tmp_path / 'missing'}",
+        "method=pld",
+        "data_dir=/nonexistent",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "progress=false",
+        cwd=tmp_path,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "invalid value for 'model.id'" in result.stdout + result.stderr
 

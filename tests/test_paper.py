@@ -52,8 +52,9 @@ def test_paper_with_curve_option_and_errors(analysis_sweep, tmp_path, capsys):
 
 
 def test_make_paper_target():
-    dry = subprocess.run(["make", "-n", "paper", "SWEEP=results/x", "CURVE=c.json"], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout
+    dry = subprocess.run(
+        ["make", "-n", "paper", "SWEEP=results/x", "CURVE=c.json"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     assert "decodebench-report results/x --paper results/x/paper --curve c.json" in dry
     missing = subprocess.run(["make", "paper"], cwd=ROOT, capture_output=True, text=True)
     assert missing.returncode != 0 and "usage: make paper SWEEP=" in missing.stderr
@@ -66,7 +67,11 @@ def test_main_table_experiment_composes_every_method():
     for method in methods:
         cfg = compose_run_config(["experiment=main_table", f"method={method}"])
         assert (cfg.model.name, cfg.task.name, cfg.task.per_category, cfg.device) == (
-            "smollm2-135m", "spec_bench", None, "cpu")
+            "smollm2-135m",
+            "spec_bench",
+            None,
+            "cpu",
+        )
         assert cfg.gen.temperature == 0.0 and cfg.gen.max_new_tokens == 128 and cfg.baseline == "ar"
         assert cfg.method.label(cfg.device) == (method if method == "ar" else f"{method}[cpu]")
 
@@ -77,5 +82,9 @@ def test_qwen_pair_experiment_composes_every_cell():
         for gen, temperature in (("greedy", 0.0), ("sampling", 1.0)):
             cfg = compose_run_config(["experiment=qwen_pair", f"method={method}", f"gen={gen}"])
             assert (cfg.model.name, cfg.model.draft, cfg.task.name, cfg.task.per_category) == (
-                "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", "spec_bench", 1)
+                "qwen2.5-coder-1.5b",
+                "qwen2.5-coder-0.5b",
+                "spec_bench",
+                1,
+            )
             assert cfg.gen.temperature == temperature and cfg.gen.max_new_tokens == 64

@@ -15,29 +15,39 @@ from decodebench.records import Record
 from decodebench.registry import UnknownNameError
 from decodebench.tasks.base import Sample
 from decodebench.tasks.metrics import METRIC_MODULES, compute, load_metric, metric_path
-from decodebench.tasks.quality import (as_answer_list, gsm8k_scores, normalize_answer, qa_scores, regex_extract,
-                                       truncate_at_stop)
+from decodebench.tasks.quality import (
+    as_answer_list,
+    gsm8k_scores,
+    normalize_answer,
+    qa_scores,
+    regex_extract,
+    truncate_at_stop,
+)
 
 SOLUTION = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72"
 
 
-@pytest.mark.parametrize("output, strict, flexible", [
-    ("48 + 24 = 72\n#### 72", 1.0, 1.0),
-    ("So the total is $72.", 0.0, 1.0),  # no "####": only the flexible extraction finds it
-    ("#### 72\nWait, it is 73.", 1.0, 0.0),  # strict takes the first "####", flexible the last number
-    ("#### 1,072.", 0.0, 0.0),
-    ("The answer is 72 clips.", 0.0, 1.0),
-    ("I do not know.", 0.0, 0.0),
-])
+@pytest.mark.parametrize(
+    "output, strict, flexible",
+    [
+        ("48 + 24 = 72\n#### 72", 1.0, 1.0),
+        ("So the total is $72.", 0.0, 1.0),  # no "####": only the flexible extraction finds it
+        ("#### 72\nWait, it is 73.", 1.0, 0.0),  # strict takes the first "####", flexible the last number
+        ("#### 1,072.", 0.0, 0.0),
+        ("The answer is 72 clips.", 0.0, 1.0),
+        ("I do not know.", 0.0, 0.0),
+    ],
+)
 def test_gsm8k_strict_and_flexible(output, strict, flexible):
     assert gsm8k_scores(output, SOLUTION) == {"exact_match_strict": strict, "exact_match_flexible": flexible}
 
 
 def test_gsm8k_normalisation_follows_lm_eval():
-    assert gsm8k_scores("#### 1,072.", "He paid #### 1072") == {"exact_match_strict": 1.0,
-                                                                 "exact_match_flexible": 1.0}
-    assert gsm8k_scores("#### $1,072", "1072") == {"exact_match_strict": 0.0,  # "$" is not in the strict regex
-                                                   "exact_match_flexible": 1.0}
+    assert gsm8k_scores("#### 1,072.", "He paid #### 1072") == {"exact_match_strict": 1.0, "exact_match_flexible": 1.0}
+    assert gsm8k_scores("#### $1,072", "1072") == {
+        "exact_match_strict": 0.0,  # "$" is not in the strict regex
+        "exact_match_flexible": 1.0,
+    }
     assert gsm8k_scores("#### -5", "-5") == {"exact_match_strict": 1.0, "exact_match_flexible": 1.0}
     assert regex_extract("a 12 b 3.5 c", r"(-?[$0-9.,]{2,})|(-?[0-9]+)", -1) == "3.5"
     assert regex_extract("nothing", r"#### (\d+)", 0) == "[invalid]"
@@ -68,7 +78,9 @@ def test_metric_modules_load_by_local_path_offline(monkeypatch):
     with pytest.raises(UnknownNameError, match="Did you mean 'rouge_l'"):
         metric_path("rouge")
     assert compute("gsm8k_exact_match", ["#### 72", "72"], [SOLUTION, SOLUTION]) == {
-        "exact_match_strict": 0.5, "exact_match_flexible": 1.0}
+        "exact_match_strict": 0.5,
+        "exact_match_flexible": 1.0,
+    }
     assert compute("qa_match", ["George Harrison"], [["James Ray", "George Harrison"]])["exact_match"] == 1.0
     translation = compute("translation_quality", ["the cat sat on the mat"], ["the cat sat on the mat"])
     assert translation["bleu"] == pytest.approx(100.0) and translation["chrf"] == pytest.approx(100.0)
@@ -77,7 +89,9 @@ def test_metric_modules_load_by_local_path_offline(monkeypatch):
     passing = "def f(x):\n    return x + 1\n"
     failing = "def f(x):\n    return x\n"
     assert compute("code_pass_at_k", [[passing, failing, failing]], ["assert f(1) == 2\n"], k=[1, 2]) == {
-        "pass@1": pytest.approx(1 / 3), "pass@2": pytest.approx(2 / 3)}
+        "pass@1": pytest.approx(1 / 3),
+        "pass@2": pytest.approx(2 / 3),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -95,19 +109,45 @@ def test_spec_bench_scores_each_group_with_its_metric(spec_bench):
     assert set(task.score(translation, 0, translation.reference[0])) == {"bleu", "chrf"}
     assert task.score(translation, 0, translation.reference[0])["bleu"] == pytest.approx(100.0)
     assert set(task.score(by_id["241"], 0, "a summary")) == {"rougeL"}
-    assert task.score(by_id["401"], 0, "It costs 1000 dollars.") == {"exact_match_strict": 0.0,
-                                                                     "exact_match_flexible": 1.0}
+    assert task.score(by_id["401"], 0, "It costs 1000 dollars.") == {
+        "exact_match_strict": 0.0,
+        "exact_match_flexible": 1.0,
+    }
     assert task.score(by_id["482"], 0, "James Ray recorded it.")["contains"] == 1.0
     assert task.score(by_id["321"], 0, "Ginnifer Goodwin") is None  # qa rows carry no reference
     assert task.score(by_id["101"], 0, "second place") is None  # mt_bench rows: the judge's job
 
 
 # --- report: quality table, pass@k, lossless audit ----------------------------------------------
-def record(method, role, sample_id, quality, group="humaneval", turn=0, lossless=None, first_divergence=None,
-           task="humaneval", wall_s=1.0):
-    return Record(method=method, role=role, task=task, model="tiny", sample_id=sample_id, category=group,
-                  group=group, turn=turn, seed=0, new_tokens=10, wall_s=wall_s, steps=10, quality=quality,
-                  lossless=lossless, first_divergence=first_divergence)
+def record(
+    method,
+    role,
+    sample_id,
+    quality,
+    group="humaneval",
+    turn=0,
+    lossless=None,
+    first_divergence=None,
+    task="humaneval",
+    wall_s=1.0,
+):
+    return Record(
+        method=method,
+        role=role,
+        task=task,
+        model="tiny",
+        sample_id=sample_id,
+        category=group,
+        group=group,
+        turn=turn,
+        seed=0,
+        new_tokens=10,
+        wall_s=wall_s,
+        steps=10,
+        quality=quality,
+        lossless=lossless,
+        first_divergence=first_divergence,
+    )
 
 
 def write_run(run_dir, records, dtype="float32"):
@@ -120,8 +160,11 @@ def write_run(run_dir, records, dtype="float32"):
 def test_pass_at_k_matches_the_unbiased_estimator(tmp_path):
     # 2 problems x 20 samples: 2 and 15 correct
     passes = {"HumanEval/0": [1, 1] + [0] * 18, "HumanEval/1": [1] * 15 + [0] * 5}
-    records = [record("ar", "method", f"{problem}#{i}", {"pass@1": float(p)})
-               for problem, values in passes.items() for i, p in enumerate(values)]
+    records = [
+        record("ar", "method", f"{problem}#{i}", {"pass@1": float(p)})
+        for problem, values in passes.items()
+        for i, p in enumerate(values)
+    ]
     frame = load_records([write_run(tmp_path / "run", records)])
     metrics = _metric_rows(frame)
     expected = estimate_pass_at_k(20, [2, 15], 10).mean()
@@ -133,32 +176,56 @@ def test_pass_at_k_matches_the_unbiased_estimator(tmp_path):
 
 
 def test_quality_table_has_deltas_against_ar_on_the_same_samples(tmp_path):
-    run = write_run(tmp_path / "run", [
-        record("ar", "baseline", "1", {"rougeL": 0.5}, group="summarization", task="spec_bench", wall_s=2.0),
-        record("ar", "baseline", "2", {"bleu": 20.0}, group="translation", task="spec_bench", wall_s=2.0),
-        record("ar", "baseline", "3", None, group="mt_bench", task="spec_bench", wall_s=2.0),
-        record("pld", "method", "1", {"rougeL": 0.4}, group="summarization", task="spec_bench", lossless=False,
-               first_divergence=3),
-        record("pld", "method", "2", {"bleu": 20.0}, group="translation", task="spec_bench", lossless=True),
-        record("pld", "method", "3", None, group="mt_bench", task="spec_bench", lossless=True),
-    ])
+    run = write_run(
+        tmp_path / "run",
+        [
+            record("ar", "baseline", "1", {"rougeL": 0.5}, group="summarization", task="spec_bench", wall_s=2.0),
+            record("ar", "baseline", "2", {"bleu": 20.0}, group="translation", task="spec_bench", wall_s=2.0),
+            record("ar", "baseline", "3", None, group="mt_bench", task="spec_bench", wall_s=2.0),
+            record(
+                "pld",
+                "method",
+                "1",
+                {"rougeL": 0.4},
+                group="summarization",
+                task="spec_bench",
+                lossless=False,
+                first_divergence=3,
+            ),
+            record("pld", "method", "2", {"bleu": 20.0}, group="translation", task="spec_bench", lossless=True),
+            record("pld", "method", "3", None, group="mt_bench", task="spec_bench", lossless=True),
+        ],
+    )
     records = load_records([run])
     table = quality_table(records, report_table(records))
     pld = table[(table["method"] == "pld") & (table["group"] == "overall")].iloc[0]
     assert pld["rougeL"] == pytest.approx(0.4) and pld["Δ rougeL"] == pytest.approx(-0.1)
     assert pld["bleu"] == 20.0 and pld["Δ bleu"] == 0.0
     assert pld["speedup"] == pytest.approx(2.0) and pld["lossless_rate"] == pytest.approx(2 / 3)
-    assert list(table.columns[:11]) == ["model", "task", "method", "group", "speedup", "speedup_lo", "speedup_hi",
-                                        "tau", "tau_lo", "tau_hi", "lossless_rate"]  # with the bootstrap intervals
+    assert list(table.columns[:11]) == [
+        "model",
+        "task",
+        "method",
+        "group",
+        "speedup",
+        "speedup_lo",
+        "speedup_hi",
+        "tau",
+        "tau_lo",
+        "tau_hi",
+        "lossless_rate",
+    ]  # with the bootstrap intervals
     assert set(table["group"]) == {"summarization", "translation", "overall"}  # mt_bench has no quality
     base = table[table["method"] == "ar (baseline)"]
     assert base["Δ rougeL"].isna().all()
 
 
 def test_lossless_audit_flags_float32_divergence_and_notes_half_precision(tmp_path):
-    diverging = [record("pld", "baseline", "1", None), record("pld", "method", "1", None, lossless=False,
-                                                                  first_divergence=7),
-                 record("pld", "method", "2", None, lossless=True)]
+    diverging = [
+        record("pld", "baseline", "1", None),
+        record("pld", "method", "1", None, lossless=False, first_divergence=7),
+        record("pld", "method", "2", None, lossless=True),
+    ]
     fp32 = load_records([write_run(tmp_path / "fp32", diverging)])
     audit = lossless_audit(fp32)
     row = audit.iloc[0]
@@ -172,10 +239,13 @@ def test_lossless_audit_flags_float32_divergence_and_notes_half_precision(tmp_pa
 
 
 def test_report_cli_prints_quality_and_audit_and_flags_violations(tmp_path, capsys):
-    run = write_run(tmp_path / "run", [
-        record("ar", "baseline", "HumanEval/0", {"pass@1": 1.0}),
-        record("pld", "method", "HumanEval/0", {"pass@1": 0.0}, lossless=False, first_divergence=4),
-    ])
+    run = write_run(
+        tmp_path / "run",
+        [
+            record("ar", "baseline", "HumanEval/0", {"pass@1": 1.0}),
+            record("pld", "method", "HumanEval/0", {"pass@1": 0.0}, lossless=False, first_divergence=4),
+        ],
+    )
     assert main([str(run)]) == 0
     captured = capsys.readouterr()
     assert "**Quality" in captured.out and "| pass@1 " not in captured.out.split("**Quality")[0]
@@ -184,7 +254,9 @@ def test_report_cli_prints_quality_and_audit_and_flags_violations(tmp_path, caps
     assert "LOSSLESS VIOLATION: pld on humaneval" in captured.err
     assert main([str(run), "--format", "csv", "--table", "quality"]) == 0
     csv = capsys.readouterr().out
-    assert csv.splitlines()[0].startswith("model,task,method,group,speedup,speedup_lo,speedup_hi,tau,tau_lo,tau_hi,lossless_rate,pass@1")
+    assert csv.splitlines()[0].startswith(
+        "model,task,method,group,speedup,speedup_lo,speedup_hi,tau,tau_lo,tau_hi,lossless_rate,pass@1"
+    )
     assert main([str(run), "--format", "latex", "--table", "audit"]) == 0
     assert "\\toprule" in capsys.readouterr().out
     assert main([str(run), "--format", "csv"]) == 0  # csv: the speed table only, by default

@@ -6,25 +6,60 @@ import json
 import pandas as pd
 import pytest
 
-from decodebench.analysis.report import (find_run_dirs, load_records, main, method_stats_table, render,
-                                         report_table, wide_table)
+from decodebench.analysis.report import (
+    find_run_dirs,
+    load_records,
+    main,
+    method_stats_table,
+    render,
+    report_table,
+    wide_table,
+)
 from decodebench.records import Record
 from decodebench.registry import DecodeBenchError
 
 
-def record(method, role, sample_id, group, turn, new_tokens=None, wall_s=None, steps=None,
-           drafted=None, accepted=None, lossless=None, error=None) -> Record:
-    return Record(method=method, role=role, task="spec_bench", model="tiny", sample_id=sample_id,
-                  category="writing" if group == "mt_bench" else group, group=group, turn=turn, seed=0,
-                  new_tokens=new_tokens, wall_s=wall_s, steps=steps, drafted=drafted,
-                  accepted=accepted, lossless=lossless, error=error)
+def record(
+    method,
+    role,
+    sample_id,
+    group,
+    turn,
+    new_tokens=None,
+    wall_s=None,
+    steps=None,
+    drafted=None,
+    accepted=None,
+    lossless=None,
+    error=None,
+) -> Record:
+    return Record(
+        method=method,
+        role=role,
+        task="spec_bench",
+        model="tiny",
+        sample_id=sample_id,
+        category="writing" if group == "mt_bench" else group,
+        group=group,
+        turn=turn,
+        seed=0,
+        new_tokens=new_tokens,
+        wall_s=wall_s,
+        steps=steps,
+        drafted=drafted,
+        accepted=accepted,
+        lossless=lossless,
+        error=error,
+    )
 
 
 def baseline(walls):
     """AR baseline over (81, turn 0), (81, turn 1) [mt_bench], 401, 402 [qa]: 10/20/30/10 tokens."""
     keys = [("81", "mt_bench", 0, 10), ("81", "mt_bench", 1, 20), ("401", "qa", 0, 30), ("402", "qa", 0, 10)]
-    return [record("ar", "baseline", sid, group, turn, tokens, wall, tokens)
-            for (sid, group, turn, tokens), wall in zip(keys, walls)]
+    return [
+        record("ar", "baseline", sid, group, turn, tokens, wall, tokens)
+        for (sid, group, turn, tokens), wall in zip(keys, walls)
+    ]
 
 
 PLD_RUN = baseline([1.0, 2.0, 3.0, 1.0]) + [
@@ -128,8 +163,11 @@ def test_wide_layout(sweep):
     assert wide.loc[2, ("overall", "tau")] == pytest.approx(70 / 35)
     assert "mt_bench speedup" in render(wide, "md").splitlines()[0]
     assert "\\textbf{2.22}" in render(wide, "latex")
-    assert render(wide, "csv").splitlines()[0].startswith(
-        "model,task,method,mt_bench speedup,mt_bench speedup_lo,mt_bench speedup_hi,mt_bench tau")
+    assert (
+        render(wide, "csv")
+        .splitlines()[0]
+        .startswith("model,task,method,mt_bench speedup,mt_bench speedup_lo,mt_bench speedup_hi,mt_bench tau")
+    )
     assert "mt_bench speedup 95% CI" in render(wide, "md").splitlines()[0]
 
 
@@ -162,8 +200,7 @@ def test_method_stats_table_and_section(tmp_path, capsys):
     import dataclasses
 
     stats = [{"exit_layer": 4.0, "exit_layer_min": 2.0}, {"exit_layer": 6.0, "exit_layer_min": 4.0}, None]
-    del_records = [dataclasses.replace(r, method="del", method_stats=s)
-                   for r, s in zip(PLD_RUN[4:7], stats)]
+    del_records = [dataclasses.replace(r, method="del", method_stats=s) for r, s in zip(PLD_RUN[4:7], stats)]
     run = write_run(tmp_path / "del", baseline([1.0, 2.0, 3.0, 1.0]) + del_records)
     write_run(tmp_path / "pld", PLD_RUN)
     table = method_stats_table(load_records(find_run_dirs(tmp_path)))

@@ -44,8 +44,13 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted_run(tmp_path,
     and the final token ids equal those of a run that was never interrupted."""
     args = ["method=pld", "task.limit=6", "gen.max_new_tokens=24", f"data_dir={data_dir}"]
     reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
-    reference = subprocess.Popen(cli(*args, f"hydra.run.dir={reference_dir}"), stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    reference = subprocess.Popen(
+        cli(*args, f"hydra.run.dir={reference_dir}"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
     total = 6 * 2 * 2  # 6 two-turn MT-Bench samples x (baseline + method)
     seed = int(os.environ.get("DECODEBENCH_KILL_SEED", time.time_ns() % 10_000))
     rng = random.Random(seed)
@@ -55,8 +60,12 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted_run(tmp_path,
         before = line_count(records_file)
         kill_after = rng.randint(before, total - 1)  # complete records on disk when the kill comes
         delay = rng.uniform(0.0, 0.03)  # and then a random fraction of one generation
-        process = subprocess.Popen(cli(*args, f"hydra.run.dir={killed_dir}"), stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL, cwd=tmp_path)
+        process = subprocess.Popen(
+            cli(*args, f"hydra.run.dir={killed_dir}"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=tmp_path,
+        )
         while process.poll() is None and line_count(records_file) < kill_after:
             time.sleep(0.002)
         time.sleep(delay)
@@ -77,8 +86,10 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted_run(tmp_path,
     final_ids = dict(zip(keys(resumed), (r.output_ids for r in resumed)))
     lost = sum(final_ids.get(key) != ids for key, ids in seen.items())
     duplicated = len(resumed) - len(set(keys(resumed)))
-    print(f"\nkill/resume: seed {seed}, {trials} SIGKILL trials ({killed_mid_run} mid-run, {torn_lines} torn last "
-          f"lines), {len(seen)} records written before kills, lost {lost}, duplicated {duplicated}")
+    print(
+        f"\nkill/resume: seed {seed}, {trials} SIGKILL trials ({killed_mid_run} mid-run, {torn_lines} torn last "
+        f"lines), {len(seen)} records written before kills, lost {lost}, duplicated {duplicated}"
+    )
     assert lost == 0 and duplicated == 0
     assert sorted(keys(resumed)) == sorted(keys(expected)) and len(resumed) == total
     assert {k: r.output_ids for k, r in zip(keys(expected), expected)} == final_ids  # token ids
@@ -119,8 +130,18 @@ def test_finished_run_is_skipped_changed_config_and_overwrite_recompute(tmp_path
 def test_torn_last_line_is_dropped_and_a_torn_middle_line_is_an_error(tmp_path):
     from decodebench.records import Record
 
-    record = Record(method="ar", role="method", task="t", model="m", sample_id="1", category="c", group="g",
-                    turn=0, seed=0, output_ids=[1, 2])
+    record = Record(
+        method="ar",
+        role="method",
+        task="t",
+        model="m",
+        sample_id="1",
+        category="c",
+        group="g",
+        turn=0,
+        seed=0,
+        output_ids=[1, 2],
+    )
     line = json.dumps(record.to_dict())
     path = tmp_path / "records.jsonl"
     path.write_text(f"{line}\n{line[:25]}")
@@ -133,8 +154,16 @@ def test_torn_last_line_is_dropped_and_a_torn_middle_line_is_an_error(tmp_path):
 @pytest.mark.slow
 def test_rerun_of_a_sweep_skips_finished_cells_and_resumes_unfinished_ones(tmp_path, data_dir):
     sweep = tmp_path / "sweep"
-    command = [str(BIN / "decodebench"), "-m", *TINY, "method=ar,pld", "task.limit=2", "gen.max_new_tokens=8",
-               f"data_dir={data_dir}", f"hydra.sweep.dir={sweep}"]
+    command = [
+        str(BIN / "decodebench"),
+        "-m",
+        *TINY,
+        "method=ar,pld",
+        "task.limit=2",
+        "gen.max_new_tokens=8",
+        f"data_dir={data_dir}",
+        f"hydra.sweep.dir={sweep}",
+    ]
     first = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     ar_dir = sweep / "gen.max_new_tokens=8,method=ar,model=tiny-llama,task.limit=2,threads=1,warmup=0"

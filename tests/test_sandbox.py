@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -55,11 +54,14 @@ def test_a_correct_program_passes_and_reports_its_isolation():
         assert isolation["user"] == "decodebench-sandbox"
 
 
-@pytest.mark.parametrize("program, reason", [
-    ("assert 1 == 2, 'wrong'\n", "AssertionError: wrong"),
-    ("raise SystemExit(0)\n", "SystemExit"),  # exiting early is not passing the tests
-    ("def f(:\n", "SyntaxError"),
-])
+@pytest.mark.parametrize(
+    "program, reason",
+    [
+        ("assert 1 == 2, 'wrong'\n", "AssertionError: wrong"),
+        ("raise SystemExit(0)\n", "SystemExit"),  # exiting early is not passing the tests
+        ("def f(:\n", "SyntaxError"),
+    ],
+)
 def test_failing_programs_fail_with_a_reason(program, reason):
     result = run_program(program, FAST)
     assert result.status == "failed" and reason in result.detail
@@ -141,8 +143,11 @@ def test_writes_outside_without_the_guard_meet_the_read_only_file_system(unguard
 
 
 def test_the_working_directory_is_fresh_and_private_to_each_program():
-    first = run_program("import os\nassert os.listdir('.') == []\nopen('note.txt', 'w').write('x')\n"
-                        "assert open('note.txt').read() == 'x'\n", FAST)
+    first = run_program(
+        "import os\nassert os.listdir('.') == []\nopen('note.txt', 'w').write('x')\n"
+        "assert open('note.txt').read() == 'x'\n",
+        FAST,
+    )
     second = run_program("import os\nassert not os.path.exists('note.txt')\n", FAST)
     assert first.passed and second.passed
 
@@ -150,9 +155,11 @@ def test_the_working_directory_is_fresh_and_private_to_each_program():
 def test_environment_is_scrubbed(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-secret")
     monkeypatch.setenv("HF_TOKEN", "hf-secret")
-    program = ("import os\n"
-               "assert not any('secret' in value for value in os.environ.values()), sorted(os.environ)\n"
-               "assert os.environ['HOME'] == os.getcwd() == os.environ['TMPDIR']\n")
+    program = (
+        "import os\n"
+        "assert not any('secret' in value for value in os.environ.values()), sorted(os.environ)\n"
+        "assert os.environ['HOME'] == os.getcwd() == os.environ['TMPDIR']\n"
+    )
     assert run_program(program, FAST).passed
 
 
@@ -211,8 +218,11 @@ def test_network_namespace_alone_reaches_nothing(listener):
 
 
 def test_harness_keeps_running_after_hostile_programs():
-    hostile = ["import os\nwhile True:\n    os.fork()\n", "x = []\nwhile True:\n    x.append(bytearray(10 ** 7))\n",
-               "while True:\n    pass\n"]
+    hostile = [
+        "import os\nwhile True:\n    os.fork()\n",
+        "x = []\nwhile True:\n    x.append(bytearray(10 ** 7))\n",
+        "while True:\n    pass\n",
+    ]
     assert all(not run_program(program, SHORT).passed for program in hostile)
     assert run_program("assert sum(range(10)) == 45\n", FAST).passed
     assert not sandbox_children()
@@ -234,25 +244,28 @@ def test_guard_allows_reads_anywhere_and_writes_inside(guard):
     hook("import", ("math", None, [], [], []))
 
 
-@pytest.mark.parametrize("event, args", [
-    ("open", ("/tmp/outside.txt", "w", os.O_WRONLY)),
-    ("open", ("/tmp/outside.txt", "a", os.O_WRONLY)),
-    ("open", ("relative.txt", None, os.O_WRONLY | os.O_CREAT)),  # os.open may use an unseen dir_fd
-    ("open", ("{box}/../escape.txt", "w", os.O_WRONLY)),
-    ("os.remove", ("/tmp/x", -1)),
-    ("os.remove", ("{box}/x", 3)),  # relative to another directory's fd
-    ("os.rename", ("{box}/a", "/tmp/b", -1, -1)),
-    ("os.chmod", (5, 0o777, -1)),  # an fd could be any file
-    ("shutil.rmtree", ("/", None)),
-    ("socket.__new__", (None, 2, 1, 0)),
-    ("os.fork", ()),
-    ("os.system", (b"ls",)),
-    ("subprocess.Popen", ("ls", [], None, None)),
-    ("ctypes.dlopen", (None,)),
-    ("import", ("_posixsubprocess", None, [], [], [])),
-    ("resource.setrlimit", (0, (1, 1))),
-    ("os.kill", (1, 9)),
-])
+@pytest.mark.parametrize(
+    "event, args",
+    [
+        ("open", ("/tmp/outside.txt", "w", os.O_WRONLY)),
+        ("open", ("/tmp/outside.txt", "a", os.O_WRONLY)),
+        ("open", ("relative.txt", None, os.O_WRONLY | os.O_CREAT)),  # os.open may use an unseen dir_fd
+        ("open", ("{box}/../escape.txt", "w", os.O_WRONLY)),
+        ("os.remove", ("/tmp/x", -1)),
+        ("os.remove", ("{box}/x", 3)),  # relative to another directory's fd
+        ("os.rename", ("{box}/a", "/tmp/b", -1, -1)),
+        ("os.chmod", (5, 0o777, -1)),  # an fd could be any file
+        ("shutil.rmtree", ("/", None)),
+        ("socket.__new__", (None, 2, 1, 0)),
+        ("os.fork", ()),
+        ("os.system", (b"ls",)),
+        ("subprocess.Popen", ("ls", [], None, None)),
+        ("ctypes.dlopen", (None,)),
+        ("import", ("_posixsubprocess", None, [], [], [])),
+        ("resource.setrlimit", (0, (1, 1))),
+        ("os.kill", (1, 9)),
+    ],
+)
 def test_guard_refuses(guard, event, args):
     hook, box = guard
     args = tuple(a.replace("{box}", str(box)) if isinstance(a, str) else a for a in args)

@@ -208,8 +208,15 @@ MODES = [("root", True), ("root", False), ("user", True), ("user", False)]
 
 def canary_state(path: Path) -> tuple:
     stat = path.stat()
-    return path.read_text(), stat.st_mode, stat.st_uid, stat.st_ino, stat.st_nlink, stat.st_mtime_ns, \
-        sorted(os.listdir(path.parent))
+    return (
+        path.read_text(),
+        stat.st_mode,
+        stat.st_uid,
+        stat.st_ino,
+        stat.st_nlink,
+        stat.st_mtime_ns,
+        sorted(os.listdir(path.parent)),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +241,8 @@ def normal_user_harness(tmp_path_factory) -> Path:
         "sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))\n"
         "from decodebench.tasks.sandbox import SandboxLimits, run_program\n"
         "jobs = json.load(sys.stdin)\n"
-        "print(json.dumps([dataclasses.asdict(run_program(p, SandboxLimits(**l))) for p, l in jobs]))\n")
+        "print(json.dumps([dataclasses.asdict(run_program(p, SandboxLimits(**l))) for p, l in jobs]))\n"
+    )
     for path in [root, *root.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
     yield root
@@ -245,12 +253,27 @@ def run_as(mode: str, programs: list[str], guard: bool, harness: Path = None) ->
     """Results of ``programs``: run by this process (root) or by the copied harness as nobody."""
     limits = {**LIMITS, "audit_guard": guard}
     if mode == "root":
-        return [{"status": r.status, "detail": r.detail, "isolation": r.isolation}
-                for r in (run_program(p, SandboxLimits(**limits)) for p in programs)]
-    done = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", SYSTEM_PYTHON,
-                           "-I", str(harness / "driver.py")], input=json.dumps([[p, limits] for p in programs]),
-                          capture_output=True, text=True, timeout=600, cwd=harness,
-                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(harness), "LANG": "C.UTF-8"})
+        return [
+            {"status": r.status, "detail": r.detail, "isolation": r.isolation}
+            for r in (run_program(p, SandboxLimits(**limits)) for p in programs)
+        ]
+    done = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            SYSTEM_PYTHON,
+            "-I",
+            str(harness / "driver.py"),
+        ],
+        input=json.dumps([[p, limits] for p in programs]),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=harness,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(harness), "LANG": "C.UTF-8"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)
 
@@ -304,7 +327,9 @@ def test_programs_cannot_forge_a_pass(mode, request):
     rebinding the reporting functions, fake lines on every fd. With the guard on (the default)."""
     harness = request.getfixturevalue("normal_user_harness") if mode == "user" else None
     results = dict(zip(FORGERIES, run_as(mode, [code.format() for code in FORGERIES.values()], True, harness)))
-    print(f"\nforgeries as {mode}:\n" + "\n".join(f"  {name:<32} {r['status']:<9} {r['detail'][:80]}"
-                                                for name, r in results.items()))
+    print(
+        f"\nforgeries as {mode}:\n"
+        + "\n".join(f"  {name:<32} {r['status']:<9} {r['detail'][:80]}" for name, r in results.items())
+    )
     assert all(r["status"] == "failed" or r["status"] == "no_report" for r in results.values()), results
     assert all(r["status"] != "passed" for r in results.values())

@@ -30,36 +30,58 @@ BIN = Path(sys.executable).parent
 # submitit's preemption signal (SLURM sends it before the time limit; an early one means preemption)
 PREEMPT_SIGNAL = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
 TINY_CELL = ["model=tiny-llama", "gen.max_new_tokens=8", "warmup=0", "threads=1", "progress=false"]
-SLURM_LAUNCHER = ["hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.cpus_per_task=1",
-                  "hydra.launcher.mem_gb=1"]
+SLURM_LAUNCHER = [
+    "hydra/launcher=slurm",
+    "hydra.launcher.partition=debug",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=1",
+]
 
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> float:
     """Start (or find running) the local cluster; returns the seconds ``scripts/slurm.sh start`` took."""
     if shutil.which("sbatch") is None and shutil.which("apt-get") is None:
-        pytest.skip("SLURM is not installed and there is no apt-get to install it (scripts/slurm.sh needs "
-                    "Debian/Ubuntu and root)")
+        pytest.skip(
+            "SLURM is not installed and there is no apt-get to install it (scripts/slurm.sh needs "
+            "Debian/Ubuntu and root)"
+        )
     started = time.perf_counter()
     result = subprocess.run(["bash", str(SLURM_SCRIPT), "start"], capture_output=True, text=True, timeout=900)
     seconds = time.perf_counter() - started
     if result.returncode != 0:
-        pytest.fail(f"scripts/slurm.sh start failed (exit {result.returncode}); the SLURM tests need root and "
-                    f"apt-get.\n{result.stdout}\n{result.stderr}", pytrace=False)
+        pytest.fail(
+            f"scripts/slurm.sh start failed (exit {result.returncode}); the SLURM tests need root and "
+            f"apt-get.\n{result.stdout}\n{result.stderr}",
+            pytrace=False,
+        )
     print(f"\nlocal SLURM cluster ready in {seconds:.1f} s")
     return seconds
 
 
 def sweep_command(sweep_dir: Path, data_dir: Path, *overrides: str, timeout_min: int = 10) -> list[str]:
     # the console script, so that SLURM tasks import decodebench.cli as a module (not __main__)
-    return [str(BIN / "decodebench"), "-m", *SLURM_LAUNCHER, f"hydra.launcher.timeout_min={timeout_min}", *TINY_CELL,
-            f"data_dir={data_dir}", f"hydra.sweep.dir={sweep_dir}", *overrides]
+    return [
+        str(BIN / "decodebench"),
+        "-m",
+        *SLURM_LAUNCHER,
+        f"hydra.launcher.timeout_min={timeout_min}",
+        *TINY_CELL,
+        f"data_dir={data_dir}",
+        f"hydra.sweep.dir={sweep_dir}",
+        *overrides,
+    ]
 
 
 def run_sweep(sweep_dir: Path, data_dir: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, float]:
     started = time.perf_counter()
-    result = subprocess.run(sweep_command(sweep_dir, data_dir, *overrides), capture_output=True, text=True,
-                            cwd=sweep_dir.parent, timeout=600)
+    result = subprocess.run(
+        sweep_command(sweep_dir, data_dir, *overrides),
+        capture_output=True,
+        text=True,
+        cwd=sweep_dir.parent,
+        timeout=600,
+    )
     return result, time.perf_counter() - started
 
 
@@ -74,8 +96,9 @@ def sacct_states(job_id: str, expected: int, timeout_s: float = 60) -> dict[str,
     """Final states of the job's tasks as accounting sees them (waits until all are final)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,State"], capture_output=True,
-                             text=True, check=True).stdout
+        out = subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,State"], capture_output=True, text=True, check=True
+        ).stdout
         states = dict(line.split("|", 1) for line in out.splitlines() if line.strip())
         final = [s for s in states.values() if s not in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED")]
         if len(final) >= expected or time.monotonic() > deadline:
@@ -99,8 +122,11 @@ def test_array_sweep_runs_every_cell_and_merges_shards(slurm_cluster, data_dir, 
     assert set(states.values()) == {"COMPLETED"}, states
 
     run_dirs = cells(sweep)
-    assert sorted(run_dirs) == sorted(f"gen.max_new_tokens=8,method={m},model=tiny-llama,shard={s}_2,task.limit=2,"
-                                      "threads=1,warmup=0" for m in ("ar", "pld") for s in (0, 1))
+    assert sorted(run_dirs) == sorted(
+        f"gen.max_new_tokens=8,method={m},model=tiny-llama,shard={s}_2,task.limit=2,threads=1,warmup=0"
+        for m in ("ar", "pld")
+        for s in (0, 1)
+    )
     tasks = set()
     for name, run_dir in run_dirs.items():
         assert json.loads((run_dir / "status.json").read_text())["status"] == "complete", name
@@ -118,8 +144,9 @@ def test_array_sweep_runs_every_cell_and_merges_shards(slurm_cluster, data_dir, 
     assert verdict["ok"] and verdict["counts"] == {"complete": 4, "failed": 0, "running": 0}
 
     # the report merges the two shards of each method: 2 samples x 2 turns
-    report = subprocess.run([str(BIN / "decodebench-report"), str(sweep), "--format", "csv"], capture_output=True,
-                            text=True, check=True)
+    report = subprocess.run(
+        [str(BIN / "decodebench-report"), str(sweep), "--format", "csv"], capture_output=True, text=True, check=True
+    )
     assert "warning" not in report.stderr
     rows = {(r["method"], r["group"]): r for r in csv.DictReader(io.StringIO(report.stdout))}
     assert rows[("pld[cpu]", "overall")]["records"] == "4" and rows[("pld[cpu]", "overall")]["lossless_rate"] == "1.00"
@@ -154,8 +181,7 @@ def test_preempted_cell_is_requeued_and_resumes_from_its_records(slurm_cluster, 
     # submitit calls a signal in the first 80 % (and > 10 min before the end) of the time limit a preemption
     command = sweep_command(sweep, data_dir, "method=pld", "task.limit=12", "gen.max_new_tokens=32", timeout_min=60)
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               cwd=tmp_path)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     try:
         records_file = None
         deadline = time.monotonic() + 180

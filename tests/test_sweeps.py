@@ -37,7 +37,13 @@ def test_shards_are_strided_disjoint_and_cover_the_selection():
 
 def write_run(run_dir: Path, **config) -> Path:
     run_dir.mkdir(parents=True)
-    base = {"model": {"name": "m"}, "method": {"name": "pld"}, "task": {"name": "t"}, "seed": 0, "run_dir": str(run_dir)}
+    base = {
+        "model": {"name": "m"},
+        "method": {"name": "pld"},
+        "task": {"name": "t"},
+        "seed": 0,
+        "run_dir": str(run_dir),
+    }
     (run_dir / "config.yaml").write_text(yaml.safe_dump({**base, **config}))
     return run_dir
 
@@ -47,22 +53,31 @@ def test_shard_problems_name_missing_duplicated_and_overlapping_shards(tmp_path)
     assert shard_problems(complete) == []
     missing = [write_run(tmp_path / f"b{i}", seed=1, shard=f"{i}/3") for i in (0, 2)]
     assert shard_problems(missing) == [f"missing shard(s) 1/3 of: {', '.join(map(str, missing))}"]
-    twice = [write_run(tmp_path / "c0", seed=2, shard="0/2"), write_run(tmp_path / "c1", seed=2, shard="0/2"),
-             write_run(tmp_path / "c2", seed=2, shard="1/2")]
+    twice = [
+        write_run(tmp_path / "c0", seed=2, shard="0/2"),
+        write_run(tmp_path / "c1", seed=2, shard="0/2"),
+        write_run(tmp_path / "c2", seed=2, shard="1/2"),
+    ]
     assert any("duplicated shard(s) 0/2" in p for p in shard_problems(twice))
-    mixed = [write_run(tmp_path / "d0", seed=3, shard="0/2"), write_run(tmp_path / "d1", seed=3, shard="1/2"),
-             write_run(tmp_path / "d2", seed=3)]
+    mixed = [
+        write_run(tmp_path / "d0", seed=3, shard="0/2"),
+        write_run(tmp_path / "d1", seed=3, shard="1/2"),
+        write_run(tmp_path / "d2", seed=3),
+    ]
     assert any("sharded and unsharded" in p for p in shard_problems(mixed))
-    other_method = [write_run(tmp_path / "e0", seed=4, shard="0/2"),
-                    write_run(tmp_path / "e1", seed=4, shard="1/2", method={"name": "ar"})]
+    other_method = [
+        write_run(tmp_path / "e0", seed=4, shard="0/2"),
+        write_run(tmp_path / "e1", seed=4, shard="1/2", method={"name": "ar"}),
+    ]
     assert len(shard_problems(other_method)) == 2  # each method's family misses one shard
 
 
 @pytest.mark.embedded
 def test_shared_baseline_is_paired_only_on_the_same_node_type(tmp_path, data_dir):
     def run(name: str, *overrides: str):
-        cfg = compose_run_config([*TINY, "task.limit=2", "gen.max_new_tokens=8", "baseline_key=node-a",
-                                  f"data_dir={data_dir}", *overrides])
+        cfg = compose_run_config(
+            [*TINY, "task.limit=2", "gen.max_new_tokens=8", "baseline_key=node-a", f"data_dir={data_dir}", *overrides]
+        )
         cfg.run_dir = str(tmp_path / name)
         return local.run(cfg)
 
@@ -110,15 +125,33 @@ def test_slurm_launcher_config_reads_cluster_specifics_from_conf_local(tmp_path)
     local_dir = tmp_path / "confdir" / "local"
     local_dir.mkdir(parents=True)
     (local_dir / "slurm.yaml").write_text("partition: gpu-a100\naccount: my-lab\ngpus_per_node: 1\n")
-    composed = subprocess.run([str(BIN / "decodebench"), "hydra/launcher=slurm", "--config-dir", str(tmp_path / "confdir"),
-                               "--cfg", "hydra", "--package", "hydra.launcher"],
-                              capture_output=True, text=True, check=True, cwd=tmp_path)
+    composed = subprocess.run(
+        [
+            str(BIN / "decodebench"),
+            "hydra/launcher=slurm",
+            "--config-dir",
+            str(tmp_path / "confdir"),
+            "--cfg",
+            "hydra",
+            "--package",
+            "hydra.launcher",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    )
     launcher = yaml.safe_load(composed.stdout)
     assert launcher["_target_"] == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher["partition"], launcher["account"], launcher["gpus_per_node"]) == ("gpu-a100", "my-lab", 1)
     assert launcher["max_num_timeout"] >= 1 and launcher["array_parallelism"] >= 1  # DecodeBench's defaults
-    plain = subprocess.run([str(BIN / "decodebench"), "hydra/launcher=slurm", "--cfg", "hydra", "--package",
-                            "hydra.launcher"], capture_output=True, text=True, check=True, cwd=tmp_path)
+    plain = subprocess.run(
+        [str(BIN / "decodebench"), "hydra/launcher=slurm", "--cfg", "hydra", "--package", "hydra.launcher"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    )
     assert yaml.safe_load(plain.stdout)["partition"] is None  # conf/local/ is optional
 
 
@@ -127,15 +160,32 @@ def test_slurm_launcher_config_reads_cluster_specifics_from_conf_local(tmp_path)
 def test_local_pool_sweep_runs_cells_in_worker_processes(tmp_path, data_dir):
     sweep = tmp_path / "sweep"
     result = subprocess.run(
-        [str(BIN / "decodebench"), "-m", "hydra/launcher=local_pool", "hydra.launcher.n_jobs=2", *TINY,
-         "method=ar,pld", "shard=0/2", "task.limit=2", "gen.max_new_tokens=8", f"data_dir={data_dir}",
-         f"hydra.sweep.dir={sweep}"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        [
+            str(BIN / "decodebench"),
+            "-m",
+            "hydra/launcher=local_pool",
+            "hydra.launcher.n_jobs=2",
+            *TINY,
+            "method=ar,pld",
+            "shard=0/2",
+            "task.limit=2",
+            "gen.max_new_tokens=8",
+            f"data_dir={data_dir}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Joblib.Parallel" in result.stdout + result.stderr
     verdict = json.loads((sweep / "sweep.json").read_text())
     assert verdict["ok"] and verdict["counts"]["complete"] == 2
     assert sorted(p.parent.name for p in sweep.glob("*/summary.json")) == [
-        f"gen.max_new_tokens=8,method={m},model=tiny-llama,shard=0_2,task.limit=2,threads=1,warmup=0" for m in ("ar", "pld")]
+        f"gen.max_new_tokens=8,method={m},model=tiny-llama,shard=0_2,task.limit=2,threads=1,warmup=0"
+        for m in ("ar", "pld")
+    ]
     hosts = {json.loads(p.read_text())["hardware"]["hostname"] for p in sweep.glob("*/manifest.json")}
     assert len(hosts) == 1  # one machine ran both cells
     # the sweep prints the merged report; the shard holds 1 two-turn sample per method

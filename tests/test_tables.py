@@ -32,8 +32,7 @@ def test_main_table_numbers(agg):
 def test_markdown(agg):
     text = tables.render_markdown(tables.main_table(agg, "tiny", "spec_bench"))
     lines = text.splitlines()
-    assert lines[0] == ("| Method | MT-Bench Speedup | MT-Bench τ | QA Speedup | QA τ | Overall Speedup | "
-                        "Overall τ |")
+    assert lines[0] == ("| Method | MT-Bench Speedup | MT-Bench τ | QA Speedup | QA τ | Overall Speedup | Overall τ |")
     assert "| pld[cpu] | 2.25 ± 0.35 | 1.80 ± 0.00 |" in text
     assert "| skip | **4.00** |" in text and "| pld[gpu] | - |" in text
     assert "**1.00" not in text  # the baseline is never best
@@ -63,8 +62,10 @@ def test_quality_and_cost_tables(agg, analysis_sweep):
     text = tables.render_markdown(quality)
     assert "| Method | Speedup | τ | Lossless | exact_match |" in text
     assert "| skip | **4.00** | 1.80 | - | 0.50 |" in text
-    assert tables.quality_table(agg.drop(columns=[c for c in agg if c.startswith("quality.")]), "tiny",
-                                "spec_bench") is None
+    assert (
+        tables.quality_table(agg.drop(columns=[c for c in agg if c.startswith("quality.")]), "tiny", "spec_bench")
+        is None
+    )
 
     frame = load_frame([analysis_sweep])
     cost = tables.cost_table(cost_table(frame, curves_for(frame)), "tiny", "spec_bench")

@@ -118,8 +118,10 @@ def test_jsonl_gz_and_missing_keys(tmp_path):
     path = tmp_path / "rows.jsonl.gz"
     with gzip.open(path, "wt") as out:
         out.write(json.dumps({"id": 1, "text": "a", "extra": ["x"]}) + "\n" + json.dumps({"id": 2, "text": "b"}) + "\n")
-    assert load_jsonl_records(path, tmp_path) == [{"id": 1, "text": "a", "extra": ["x"]},
-                                                  {"id": 2, "text": "b", "extra": None}]
+    assert load_jsonl_records(path, tmp_path) == [
+        {"id": 1, "text": "a", "extra": ["x"]},
+        {"id": 2, "text": "b", "extra": None},
+    ]
 
 
 @pytest.mark.parametrize("content", ["", "\n\n", '{"a": 1}\n{"a": \n'])
@@ -149,7 +151,8 @@ def test_multi_turn_messages_include_previous_answer(tmp_path):
         {"role": "user", "content": "Q2"},
     ]
     assert SpecBench(spec_bench_config(), None, tmp_path).build_messages(SAMPLE, 0, []) == [
-        {"role": "user", "content": "Q1"}]
+        {"role": "user", "content": "Q1"}
+    ]
     with pytest.raises(ValueError, match="needs 1 previous answers"):
         task.build_messages(SAMPLE, 1, [])
 

@@ -88,15 +88,20 @@ def test_gsm8k_scores_both_extractions_after_the_stop_string(data_dir, tmp_path)
     output = " 16 - 3 - 4 = 9 eggs, 9 * 2 = 18.\n#### 18\n\nQuestion: A robe takes 2 bolts.\nAnswer: #### 3"
     assert task.score(sample, 0, output) == {"exact_match_strict": 1.0, "exact_match_flexible": 1.0}
     assert task.score(sample, 0, " She makes 9 * 2 = $18 every day.") == {
-        "exact_match_strict": 0.0, "exact_match_flexible": 1.0}
+        "exact_match_strict": 0.0,
+        "exact_match_flexible": 1.0,
+    }
 
 
-@pytest.mark.parametrize("override, message", [
-    ("task.params.prompt_style=zeroshot", "task.params.prompt_style"),
-    ("+task.params.promt_style=chat", "Did you mean 'prompt_style'"),
-    ("task.params.strict_pattern='(unclosed'", "a valid regex"),
-    ("task.params.chat_instruction=no-placeholder", "{question}"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("task.params.prompt_style=zeroshot", "task.params.prompt_style"),
+        ("+task.params.promt_style=chat", "Did you mean 'prompt_style'"),
+        ("task.params.strict_pattern='(unclosed'", "a valid regex"),
+        ("task.params.chat_instruction=no-placeholder", "{question}"),
+    ],
+)
 def test_gsm8k_bad_params_are_config_errors(data_dir, tmp_path, override, message):
     with pytest.raises(ConfigValueError, match=message.replace("{", r"\{").replace("}", r"\}")):
         task_of("gsm8k", data_dir, tmp_path, override)
@@ -146,7 +151,13 @@ def test_humaneval_executes_completions(humaneval):
 def test_humaneval_num_samples_and_package_fallback(data_dir, tmp_path, monkeypatch):
     task = task_of("humaneval", data_dir, tmp_path, "task.params.num_samples=3", "task.limit=2")
     assert [s.sample_id for s in task.load_samples()] == [
-        "HumanEval/0#0", "HumanEval/0#1", "HumanEval/0#2", "HumanEval/1#0", "HumanEval/1#1", "HumanEval/1#2"]
+        "HumanEval/0#0",
+        "HumanEval/0#1",
+        "HumanEval/0#2",
+        "HumanEval/1#0",
+        "HumanEval/1#1",
+        "HumanEval/1#2",
+    ]
     unstripped = task_of("humaneval", data_dir, tmp_path, "task.params.strip_prompt=false").load_samples()[0]
     assert unstripped.turns[0] == unstripped.extra["prompt"] and unstripped.turns[0].endswith('"""\n')
     monkeypatch.delenv(DATA_ENV_VAR, raising=False)
@@ -173,16 +184,34 @@ def test_runner_merges_turn_settings_into_generation(tmp_path):
 
 # --- end to end on the tiny model (needs the embedded tokenizer) ----------------------------------
 @pytest.mark.embedded
-@pytest.mark.parametrize("task, overrides, metrics", [
-    ("gsm8k", [], {"exact_match_strict", "exact_match_flexible"}),
-    ("humaneval", [], {"pass@1"}),
-    ("spec_bench", ["task.categories=[translation,summarization]", "task.per_category=1"], {"bleu", "chrf", "rougeL"}),
-])
+@pytest.mark.parametrize(
+    "task, overrides, metrics",
+    [
+        ("gsm8k", [], {"exact_match_strict", "exact_match_flexible"}),
+        ("humaneval", [], {"pass@1"}),
+        (
+            "spec_bench",
+            ["task.categories=[translation,summarization]", "task.per_category=1"],
+            {"bleu", "chrf", "rougeL"},
+        ),
+    ],
+)
 def test_task_runs_end_to_end_with_quality(task, overrides, metrics, data_dir, tmp_path):
     from decodebench.runners.local import run
 
-    cfg = compose_run_config(["model=tiny-llama", "method=pld", f"task={task}", "task.limit=2", "gen.max_new_tokens=12",
-                              f"data_dir={data_dir}", "progress=false", f"run_dir={tmp_path / 'run'}", *overrides])
+    cfg = compose_run_config(
+        [
+            "model=tiny-llama",
+            "method=pld",
+            f"task={task}",
+            "task.limit=2",
+            "gen.max_new_tokens=12",
+            f"data_dir={data_dir}",
+            "progress=false",
+            f"run_dir={tmp_path / 'run'}",
+            *overrides,
+        ]
+    )
     result = run(cfg)
     records = result.records
     assert len(records) == 4 and all(r.error is None for r in records)
@@ -194,10 +223,20 @@ def test_task_runs_end_to_end_with_quality(task, overrides, metrics, data_dir, t
 def test_mt_bench_category_temperatures_keep_the_audit_to_greedy_turns(data_dir, tmp_path):
     from decodebench.runners.local import run
 
-    cfg = compose_run_config(["model=tiny-llama", "method=pld", "task=mt_bench", "task.categories=[writing,math]",
-                              "task.per_category=1", "task.params.use_category_temperatures=true",
-                              "gen.max_new_tokens=8", f"data_dir={data_dir}", "progress=false",
-                              f"run_dir={tmp_path / 'run'}"])
+    cfg = compose_run_config(
+        [
+            "model=tiny-llama",
+            "method=pld",
+            "task=mt_bench",
+            "task.categories=[writing,math]",
+            "task.per_category=1",
+            "task.params.use_category_temperatures=true",
+            "gen.max_new_tokens=8",
+            f"data_dir={data_dir}",
+            "progress=false",
+            f"run_dir={tmp_path / 'run'}",
+        ]
+    )
     records = run(cfg).records
     methods = [r for r in records if r.role == "method"]
     assert {(r.category, r.turn) for r in methods} == {("writing", 0), ("writing", 1), ("math", 0), ("math", 1)}
@@ -209,12 +248,27 @@ def test_mt_bench_category_temperatures_keep_the_audit_to_greedy_turns(data_dir,
 def test_humaneval_through_the_cli_and_report(data_dir, tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", DATA_ENV_VAR: str(data_dir)}
-    command = [sys.executable, "-m", "decodebench.cli", "model=tiny-llama", "method=pld", "task=humaneval",
-               "task.limit=2", "gen.max_new_tokens=16", "progress=false", f"hydra.run.dir={run_dir}"]
+    command = [
+        sys.executable,
+        "-m",
+        "decodebench.cli",
+        "model=tiny-llama",
+        "method=pld",
+        "task=humaneval",
+        "task.limit=2",
+        "gen.max_new_tokens=16",
+        "progress=false",
+        f"hydra.run.dir={run_dir}",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (run_dir / "records.jsonl").read_text().splitlines()]
     assert [r["quality"] for r in rows] == [{"pass@1": 0.0}] * 4  # random weights write no working code
-    report = subprocess.run([sys.executable, "-m", "decodebench.analysis.report", str(run_dir)],
-                            capture_output=True, text=True, env=env, timeout=300)
+    report = subprocess.run(
+        [sys.executable, "-m", "decodebench.analysis.report", str(run_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert report.returncode == 0 and "pass@1" in report.stdout and "Lossless audit" in report.stdout

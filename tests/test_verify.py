@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 from decodebench.engine.sampling import SamplingParams, logits_to_probs
 from decodebench.engine.verify import verify_greedy, verify_sampling
+
 from helpers import chi_square_p_value
 
 
@@ -52,8 +52,6 @@ def test_top_p_and_top_k_filtering():
     assert probs.tolist() == [1.0, 0.0, 0.0, 0.0]
 
 
-
-
 @pytest.mark.parametrize("with_draft_probs", [True, False], ids=["sampled-draft", "deterministic-draft"])
 @pytest.mark.parametrize("shape", ["chain", "tree"])
 def test_speculative_sampling_preserves_target_distribution(with_draft_probs, shape):
@@ -85,7 +83,11 @@ def test_speculative_sampling_preserves_target_distribution(with_draft_probs, sh
                 tokens.append([2, 4, 1][node - 1])  # fixed guesses, as a lookup drafter makes
         # target rows: node i predicts from p[i] (distinct contexts give distinct rows)
         result = verify_sampling(
-            tokens, parents, target_logits[: len(parents)], params, gen,
+            tokens,
+            parents,
+            target_logits[: len(parents)],
+            params,
+            gen,
             draft_probs if with_draft_probs else None,
         )
         first_counts[result.emitted_tokens[0]] += 1

@@ -21,8 +21,9 @@ BIN = Path(sys.executable).parent
 
 def inspect(run_folder: Path, *flags: str) -> str:
     """``wandb leet inspect`` (wandb's own reader of the offline ``.wandb`` log)."""
-    return subprocess.run([str(BIN / "wandb"), "leet", "inspect", *flags, str(run_folder)], capture_output=True,
-                          text=True, check=True).stdout
+    return subprocess.run(
+        [str(BIN / "wandb"), "leet", "inspect", *flags, str(run_folder)], capture_output=True, text=True, check=True
+    ).stdout
 
 
 def without_empty(mapping: dict) -> dict:
@@ -34,9 +35,27 @@ def test_wandb_offline_run_holds_config_records_summary_and_report(tmp_path, dat
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}  # never upload from a test
     env.pop("WANDB_API_KEY", None)
     result = subprocess.run(
-        [str(BIN / "decodebench"), "-m", "logger=wandb", "logger.tags=[ci]", "model=tiny-llama", "method=ar,pld",
-         "task.limit=2", "gen.max_new_tokens=8", "warmup=0", "threads=1", "progress=false", f"data_dir={data_dir}",
-         f"hydra.sweep.dir={sweep}"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+        [
+            str(BIN / "decodebench"),
+            "-m",
+            "logger=wandb",
+            "logger.tags=[ci]",
+            "model=tiny-llama",
+            "method=ar,pld",
+            "task.limit=2",
+            "gen.max_new_tokens=8",
+            "warmup=0",
+            "threads=1",
+            "progress=false",
+            f"data_dir={data_dir}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     run_dirs = sorted(p.parent for p in sweep.glob("*/summary.json"))
@@ -60,8 +79,11 @@ def test_wandb_offline_run_holds_config_records_summary_and_report(tmp_path, dat
         method = config["method"]["name"]
         assert {method, summary["method"], "spec_bench", "tiny-llama", "ci"} <= set(logged["tags"])
 
-        run_record = next(json.loads(line)["run"] for line in inspect(folder, "--json").splitlines()
-                          if json.loads(line).get("type") == "run")
+        run_record = next(
+            json.loads(line)["run"]
+            for line in inspect(folder, "--json").splitlines()
+            if json.loads(line).get("type") == "run"
+        )
         assert run_record["run_group"] == sweep.name  # runs grouped by sweep
 
         # per-record table: one row per record, values equal records.jsonl
@@ -69,7 +91,8 @@ def test_wandb_offline_run_holds_config_records_summary_and_report(tmp_path, dat
         rows = [dict(zip(table["columns"], row)) for row in table["data"]]
         records = read_records(run_dir / "records.jsonl")
         assert [(r["role"], r["sample_id"], r["turn"], r["new_tokens"], r["output_sha"]) for r in rows] == [
-            (r.role, r.sample_id, r.turn, r.new_tokens, r.output_sha) for r in records]
+            (r.role, r.sample_id, r.turn, r.new_tokens, r.output_sha) for r in records
+        ]
         assert [r["wall_s"] for r in rows] == pytest.approx([r.wall_s for r in records])
         # the per-group report and its speedup plot were logged too
         report = json.loads((folder / "files" / logged["summary"]["report_table"]["path"]).read_text())

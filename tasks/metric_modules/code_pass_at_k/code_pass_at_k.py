@@ -17,16 +17,22 @@ class CodePassAtK(evaluate.Metric):
             description="pass@k by executing candidate programs against tests in a sandbox.",
             citation="Chen et al., Evaluating Large Language Models Trained on Code, 2021.",
             inputs_description="predictions: per problem, the candidate programs (prompt + completion); "
-                               "references: per problem, the test code ending in the call that runs it. "
-                               "Keyword arguments: k (list of int), limits (SandboxLimits).",
-            features=datasets.Features({"predictions": datasets.Sequence(datasets.Value("string")),
-                                        "references": datasets.Value("string")}),
+            "references: per problem, the test code ending in the call that runs it. "
+            "Keyword arguments: k (list of int), limits (SandboxLimits).",
+            features=datasets.Features(
+                {"predictions": datasets.Sequence(datasets.Value("string")), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references, k=(1,), limits=None):
         limits = limits or SandboxLimits()
-        correct = [sum(run_program(f"{candidate}\n{test}\n", limits).passed for candidate in candidates)
-                   for candidates, test in zip(predictions, references)]
+        correct = [
+            sum(run_program(f"{candidate}\n{test}\n", limits).passed for candidate in candidates)
+            for candidates, test in zip(predictions, references)
+        ]
         totals = [len(candidates) for candidates in predictions]
-        return {f"pass@{n}": float(estimate_pass_at_k(totals, correct, n).mean())
-                for n in k if all(total >= n for total in totals)}
+        return {
+            f"pass@{n}": float(estimate_pass_at_k(totals, correct, n).mean())
+            for n in k
+            if all(total >= n for total in totals)
+        }

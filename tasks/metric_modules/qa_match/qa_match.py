@@ -13,8 +13,9 @@ class QaMatch(evaluate.Metric):
             description="Exact match, token F1 and answer containment against accepted answers.",
             citation="Rajpurkar et al., SQuAD, 2016 (answer normalisation).",
             inputs_description="predictions: model outputs; references: lists of accepted answers.",
-            features=datasets.Features({"predictions": datasets.Value("string"),
-                                        "references": datasets.Sequence(datasets.Value("string"))}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}
+            ),
         )
 
     def _compute(self, predictions, references):

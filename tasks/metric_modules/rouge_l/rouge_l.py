@@ -12,8 +12,9 @@ class RougeL(evaluate.Metric):
             description="Mean ROUGE-L F1 (rouge-score, use_stemmer=True).",
             citation="Lin, ROUGE: A Package for Automatic Evaluation of Summaries, 2004.",
             inputs_description="predictions: summaries; references: one reference summary each.",
-            features=datasets.Features({"predictions": datasets.Value("string"),
-                                        "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references):

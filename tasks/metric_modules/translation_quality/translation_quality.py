@@ -13,8 +13,9 @@ class TranslationQuality(evaluate.Metric):
             description="Mean sentence BLEU and chrF (sacrebleu).",
             citation="Post, A Call for Clarity in Reporting BLEU Scores, 2018.",
             inputs_description="predictions: translations; references: one reference translation each.",
-            features=datasets.Features({"predictions": datasets.Value("string"),
-                                        "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references):
