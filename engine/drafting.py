@@ -9,7 +9,7 @@ speculation this step" needs no special path (and AR itself is the drafter that 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -88,6 +88,9 @@ class Drafter:
     #: prefix and must leave it as they found it (crop back to ``len(context) - 1``) before
     #: returning their proposal.
     target_cache: Optional[KVCache] = None
+    #: the target's tokenizer (set by the runner before :meth:`setup`; None for tokenizer-less tiny
+    #: models), for drafters that read text (a retrieval corpus: REST, SAM-Decoding)
+    tokenizer: Any = None
     #: tokens per verify forward (root included) that :meth:`budget_from_curve` chose from the stored
     #: latency curve of the backend in use (None: the method's params decide), and where it came from
     verify_budget: Optional[int] = None

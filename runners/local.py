@@ -163,6 +163,7 @@ class Runner:
         for contender in contenders:
             if contender.drafter.needs_draft_model:
                 contender.drafter.attach_draft(self._load_draft(loaded))
+            contender.drafter.tokenizer = loaded.tokenizer
             contender.drafter.setup(backbone, cfg.cache_dir)
 
         if restart:
