@@ -72,6 +72,7 @@ def test_cpu_preset():
     assert method_config("rsd").resolved_params("cpu")["branching"] == [2, 1, 1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, top_p=0.9)],
                          ids=["t1", "t0.8-top_p0.9"])
 def test_rsd_sampling_preserves_target_distribution(params):
