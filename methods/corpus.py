@@ -30,13 +30,14 @@ import yaml
 
 from decodebench.config import check, default_cache_dir
 from decodebench.engine.backbone import Backbone
-from decodebench.engine.decode_loop import DecodeSettings, generate
+from decodebench.engine.decode_loop import DecodeSettings, generate_batch
 from decodebench.engine.drafting import Drafter
 from decodebench.methods.state_policy import model_key
 
 log = logging.getLogger("decodebench")
 
 CORPUS_SOURCES = ("generated", "jsonl", "datasets")
+GENERATION_BATCH = 16  # prompts decoded together when generating a corpus
 
 
 @dataclass
@@ -118,7 +119,8 @@ def load_corpus(spec: CorpusSpec, backbone: Backbone, tokenizer: Any, cache_dir:
 
 def _generated(spec: CorpusSpec, backbone: Backbone, tokenizer: Any, cache_dir: Optional[str],
                eos_token_ids: tuple[int, ...]) -> Corpus:
-    """The target's greedy answers to the prompt set (prompt + answer per sequence), cached."""
+    """The target's greedy answers to the prompt set (prompt + answer per sequence; batched AR with
+    left padding, so an answer may differ from an unbatched one in the last float bits), cached."""
     import time
 
     prompts = [encode_row(row, tokenizer, True) for row in prompt_rows(spec.prompts)]
@@ -129,11 +131,17 @@ def _generated(spec: CorpusSpec, backbone: Backbone, tokenizer: Any, cache_dir: 
         saved = torch.load(path, weights_only=True)
         return Corpus([t.tolist() for t in saved["sequences"]], description, 0.0)
     start = time.perf_counter()
+    pad_token_id = getattr(tokenizer, "pad_token_id", None) or 0
     log.info("corpus: generating the target's answers to %d prompts (%s, once; cached in %s)",
              len(prompts), spec.prompts, path)
     settings = DecodeSettings(max_new_tokens=spec.max_new_tokens, eos_token_ids=eos_token_ids)
-    cache = backbone.new_cache(max(len(p) for p in prompts) + spec.max_new_tokens + 64)
-    sequences = [[*p, *generate(backbone, Drafter(), p, settings, cache).new_ids] for p in prompts]
+    capacity = max(len(p) for p in prompts) + spec.max_new_tokens + 64
+    sequences = []
+    for first in range(0, len(prompts), GENERATION_BATCH):  # batched AR: the corpus is built once, fast
+        chunk = prompts[first : first + GENERATION_BATCH]
+        cache = backbone.new_cache(capacity, batch_size=len(chunk))
+        outputs = generate_batch(backbone, Drafter(), chunk, settings, cache, pad_token_id=pad_token_id).outputs
+        sequences += [[*p, *out.new_ids] for p, out in zip(chunk, outputs)]
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".tmp{os.getpid()}")
     torch.save({"sequences": [torch.tensor(s, dtype=torch.long) for s in sequences]}, partial)
