@@ -29,7 +29,6 @@ Differs, and why:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from decodebench.config import check
 from decodebench.engine.drafting import Drafter, Proposal, StepOutcome
@@ -44,26 +43,32 @@ class AggressiveDrafter(Drafter):
         max_draft_tokens: int = 64  # cap on one copied span (paper: the rest of the input)
         # cpu preset: max_draft_tokens from the stored latency curve of the backend in use (the largest
         # block whose verify costs <= this x a 1-token step, engine/budget.py node_budget)
-        max_verify_cost: Optional[float] = None
+        max_verify_cost: float | None = None
 
         def __post_init__(self) -> None:
             check(self.align_ngram >= 1, "method.params.align_ngram", self.align_ngram, ">= 1")
             check(self.max_draft_tokens >= 1, "method.params.max_draft_tokens", self.max_draft_tokens, ">= 1")
-            check(self.max_verify_cost is None or self.max_verify_cost >= 1.0, "method.params.max_verify_cost",
-                  self.max_verify_cost, ">= 1.0 or null")
+            check(
+                self.max_verify_cost is None or self.max_verify_cost >= 1.0,
+                "method.params.max_verify_cost",
+                self.max_verify_cost,
+                ">= 1.0 or null",
+            )
 
-    def __init__(self, params: "AggressiveDrafter.Params"):
+    def __init__(self, params: AggressiveDrafter.Params):
         self.params = params
         self.max_draft_tokens = params.max_draft_tokens
         self.source: list[int] = []
-        self.aligned: Optional[int] = None  # input position the next output token should copy
+        self.aligned: int | None = None  # input position the next output token should copy
         self.previous = 0  # the last alignment (re-alignment prefers occurrences from here on)
         self.output_start = 0
         self.counts = {"copy_steps": 0, "realignments": 0}
 
-    def setup(self, backbone, cache_dir: Optional[str] = None) -> None:
-        self.max_draft_tokens = self.budget_from_curve(backbone, cache_dir, self.params.max_verify_cost,
-                                                       self.params.max_draft_tokens + 1) - 1
+    def setup(self, backbone, cache_dir: str | None = None) -> None:
+        self.max_draft_tokens = (
+            self.budget_from_curve(backbone, cache_dir, self.params.max_verify_cost, self.params.max_draft_tokens + 1)
+            - 1
+        )
 
     def begin(self, prompt_ids: list[int]) -> None:
         self.source = list(prompt_ids)
@@ -71,7 +76,7 @@ class AggressiveDrafter(Drafter):
         self.output_start = len(prompt_ids)
         self.counts = {"copy_steps": 0, "realignments": 0}
 
-    def realign(self, output: list[int]) -> Optional[int]:
+    def realign(self, output: list[int]) -> int | None:
         """The input position right after an occurrence of the output's last ``align_ngram`` tokens
         (the first at or after the previous alignment, else the first), or None."""
         n = self.params.align_ngram
@@ -105,8 +110,11 @@ class AggressiveDrafter(Drafter):
         result = outcome.result
         position = self.aligned + result.accepted
         self.previous = position
-        copied = result.accepted == result.drafted and position < len(self.source) and \
-            result.bonus_token == self.source[position]
+        copied = (
+            result.accepted == result.drafted
+            and position < len(self.source)
+            and result.bonus_token == self.source[position]
+        )
         self.aligned = position + 1 if copied else None
 
     def request_stats(self) -> dict[str, float]:

@@ -23,7 +23,7 @@ import os
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import yaml
@@ -45,7 +45,7 @@ class CorpusSpec:
     """Where a datastore's corpus comes from (the ``corpus*`` params of REST and SAM-Decoding)."""
 
     source: str = "generated"
-    path: Optional[str] = None  # jsonl: the file; datasets: the dataset name
+    path: str | None = None  # jsonl: the file; datasets: the dataset name
     prompts: str = "self_prompts"  # generated: conf/corpus/<prompts>.yaml, or a path to a .yaml / .jsonl
     max_new_tokens: int = 256  # generated: tokens per answer
     split: str = "train"  # datasets
@@ -54,8 +54,12 @@ class CorpusSpec:
 
     def __post_init__(self) -> None:
         check(self.source in CORPUS_SOURCES, "method.params.corpus", self.source, " | ".join(CORPUS_SOURCES))
-        check(self.source == "generated" or bool(self.path), "method.params.corpus_path", self.path,
-              f"a JSONL file or dataset name when corpus={self.source}")
+        check(
+            self.source == "generated" or bool(self.path),
+            "method.params.corpus_path",
+            self.path,
+            f"a JSONL file or dataset name when corpus={self.source}",
+        )
         check(self.max_new_tokens >= 1, "method.params.corpus_max_new_tokens", self.max_new_tokens, ">= 1")
         check(self.limit >= 1, "method.params.corpus_limit", self.limit, ">= 1")
 
@@ -77,8 +81,11 @@ def prompt_rows(name: str) -> list[dict[str, Any]]:
     if name.endswith(".jsonl"):
         rows = [json.loads(line) for line in Path(name).read_text().splitlines() if line.strip()]
     else:
-        text = Path(name).read_text() if name.endswith((".yaml", ".yml")) else \
-            resources.files("decodebench.conf").joinpath("corpus", f"{name}.yaml").read_text()
+        text = (
+            Path(name).read_text()
+            if name.endswith((".yaml", ".yml"))
+            else resources.files("decodebench.conf").joinpath("corpus", f"{name}.yaml").read_text()
+        )
         rows = yaml.safe_load(text)["prompts"]
     return [row if isinstance(row, dict) else {"text": row} for row in rows]
 
@@ -98,8 +105,9 @@ def encode_row(row: dict[str, Any], tokenizer: Any, chat: bool) -> list[int]:
     return list(tokenizer.encode(row["text"], add_special_tokens=False))
 
 
-def load_corpus(spec: CorpusSpec, backbone: Backbone, tokenizer: Any, cache_dir: Optional[str],
-                eos_token_ids: tuple[int, ...] = ()) -> Corpus:
+def load_corpus(
+    spec: CorpusSpec, backbone: Backbone, tokenizer: Any, cache_dir: str | None, eos_token_ids: tuple[int, ...] = ()
+) -> Corpus:
     """The corpus of ``spec`` in the target's tokens; ``generated`` corpora are cached per model."""
     import time
 
@@ -117,8 +125,9 @@ def load_corpus(spec: CorpusSpec, backbone: Backbone, tokenizer: Any, cache_dir:
     return _generated(spec, backbone, tokenizer, cache_dir, eos_token_ids)
 
 
-def _generated(spec: CorpusSpec, backbone: Backbone, tokenizer: Any, cache_dir: Optional[str],
-               eos_token_ids: tuple[int, ...]) -> Corpus:
+def _generated(
+    spec: CorpusSpec, backbone: Backbone, tokenizer: Any, cache_dir: str | None, eos_token_ids: tuple[int, ...]
+) -> Corpus:
     """The target's greedy answers to the prompt set (prompt + answer per sequence; batched AR with
     left padding, so an answer may differ from an unbatched one in the last float bits), cached."""
     import time
@@ -132,8 +141,12 @@ def _generated(spec: CorpusSpec, backbone: Backbone, tokenizer: Any, cache_dir: 
         return Corpus([t.tolist() for t in saved["sequences"]], description, 0.0)
     start = time.perf_counter()
     pad_token_id = getattr(tokenizer, "pad_token_id", None) or 0
-    log.info("corpus: generating the target's answers to %d prompts (%s, once; cached in %s)",
-             len(prompts), spec.prompts, path)
+    log.info(
+        "corpus: generating the target's answers to %d prompts (%s, once; cached in %s)",
+        len(prompts),
+        spec.prompts,
+        path,
+    )
     settings = DecodeSettings(max_new_tokens=spec.max_new_tokens, eos_token_ids=eos_token_ids)
     capacity = max(len(p) for p in prompts) + spec.max_new_tokens + 64
     sequences = []

@@ -34,7 +34,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 from decodebench.config import check
 from decodebench.engine.drafting import Drafter, Proposal
@@ -70,7 +69,7 @@ class RestDrafter(Drafter):
         max_matches: int = 5000  # occurrences read per retrieval (DraftRetriever k)
         continuation_length: int = 10  # tokens after each occurrence (DraftRetriever "long")
         corpus: str = "generated"  # generated | jsonl | datasets (methods/corpus.py)
-        corpus_path: Optional[str] = None  # jsonl: file; datasets: dataset name
+        corpus_path: str | None = None  # jsonl: file; datasets: dataset name
         corpus_prompts: str = "self_prompts"  # generated: conf/corpus/<name>.yaml
         corpus_max_new_tokens: int = 256  # generated: answer length
         corpus_split: str = "train"  # datasets
@@ -78,42 +77,67 @@ class RestDrafter(Drafter):
         corpus_limit: int = 2000  # jsonl / datasets rows
         # cpu preset: num_draft from the stored latency curve of the backend in use (the largest tree
         # whose verify costs <= this x a 1-token step, engine/budget.py node_budget)
-        max_verify_cost: Optional[float] = None
+        max_verify_cost: float | None = None
 
         def __post_init__(self) -> None:
             check(self.num_draft >= 1, "method.params.num_draft", self.num_draft, ">= 1")
             check(self.min_token_span >= 1, "method.params.min_token_span", self.min_token_span, ">= 1")
-            check(self.max_token_span >= self.min_token_span, "method.params.max_token_span", self.max_token_span,
-                  f">= min_token_span ({self.min_token_span})")
+            check(
+                self.max_token_span >= self.min_token_span,
+                "method.params.max_token_span",
+                self.max_token_span,
+                f">= min_token_span ({self.min_token_span})",
+            )
             check(self.max_matches >= 1, "method.params.max_matches", self.max_matches, ">= 1")
             check(self.continuation_length >= 1, "method.params.continuation_length", self.continuation_length, ">= 1")
-            check(self.max_verify_cost is None or self.max_verify_cost >= 1.0, "method.params.max_verify_cost",
-                  self.max_verify_cost, ">= 1.0 or null")
+            check(
+                self.max_verify_cost is None or self.max_verify_cost >= 1.0,
+                "method.params.max_verify_cost",
+                self.max_verify_cost,
+                ">= 1.0 or null",
+            )
             self.corpus_spec()  # validates the corpus keys
 
         def corpus_spec(self) -> CorpusSpec:
-            return CorpusSpec(self.corpus, self.corpus_path, self.corpus_prompts, self.corpus_max_new_tokens,
-                              self.corpus_split, self.corpus_field, self.corpus_limit)
+            return CorpusSpec(
+                self.corpus,
+                self.corpus_path,
+                self.corpus_prompts,
+                self.corpus_max_new_tokens,
+                self.corpus_split,
+                self.corpus_field,
+                self.corpus_limit,
+            )
 
-    def __init__(self, params: "RestDrafter.Params"):
+    def __init__(self, params: RestDrafter.Params):
         self.params = params
         self.num_draft = params.num_draft
-        self.datastore: Optional[SuffixArray] = None
+        self.datastore: SuffixArray | None = None
         self.datastore_stats: dict[str, float] = {}
 
-    def setup(self, backbone, cache_dir: Optional[str] = None) -> None:
+    def setup(self, backbone, cache_dir: str | None = None) -> None:
         """Build the datastore (once per run) and size the tree from the latency curve (cpu preset)."""
-        self.num_draft = self.budget_from_curve(backbone, cache_dir, self.params.max_verify_cost,
-                                                self.params.num_draft + 1) - 1
+        self.num_draft = (
+            self.budget_from_curve(backbone, cache_dir, self.params.max_verify_cost, self.params.num_draft + 1) - 1
+        )
         corpus = load_corpus(self.params.corpus_spec(), backbone, self.tokenizer, cache_dir, eos_ids(self.tokenizer))
         start = time.perf_counter()
         self.datastore = SuffixArray(corpus.sequences)
         build_s = time.perf_counter() - start
-        self.datastore_stats = {"datastore_tokens": float(corpus.tokens), "datastore_sequences":
-                                float(len(corpus.sequences)), "datastore_build_s": build_s,
-                                "corpus_load_s": corpus.load_s}
-        log.info("rest: datastore over %s: %d tokens in %d sequences, suffix array built in %.2f s "
-                 "(corpus %.1f s)", corpus.source, corpus.tokens, len(corpus.sequences), build_s, corpus.load_s)
+        self.datastore_stats = {
+            "datastore_tokens": float(corpus.tokens),
+            "datastore_sequences": float(len(corpus.sequences)),
+            "datastore_build_s": build_s,
+            "corpus_load_s": corpus.load_s,
+        }
+        log.info(
+            "rest: datastore over %s: %d tokens in %d sequences, suffix array built in %.2f s (corpus %.1f s)",
+            corpus.source,
+            corpus.tokens,
+            len(corpus.sequences),
+            build_s,
+            corpus.load_s,
+        )
 
     def retrieve(self, context: list[int]) -> list[list[int]]:
         """Continuations of the longest suffix of ``context`` found in the datastore (spans long → short)."""
@@ -121,8 +145,14 @@ class RestDrafter(Drafter):
         for span in range(min(p.max_token_span, len(context)), p.min_token_span - 1, -1):
             starts = self.datastore.find(context[-span:])
             if len(starts):
-                return [c for c in (self.datastore.continuation(int(s) + span, p.continuation_length)
-                                    for s in starts[: p.max_matches]) if c]
+                return [
+                    c
+                    for c in (
+                        self.datastore.continuation(int(s) + span, p.continuation_length)
+                        for s in starts[: p.max_matches]
+                    )
+                    if c
+                ]
         return []
 
     def propose(self, context: list[int], max_tokens: int) -> Proposal:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -43,7 +42,7 @@ from decodebench.engine.drafting import Proposal
 from decodebench.methods.sps import DraftModelDrafter, fit_vocab
 
 
-def gumbel_top_k(probs: torch.Tensor, k: int, generator: Optional[torch.Generator]) -> list[int]:
+def gumbel_top_k(probs: torch.Tensor, k: int, generator: torch.Generator | None) -> list[int]:
     """``k`` distinct tokens (fewer if ``probs`` has fewer non-zero entries) distributed as ``k``
     sequential draws without replacement from ``probs``, in draw order."""
     k = min(k, int((probs > 0).sum()))
@@ -70,10 +69,14 @@ class RsdDrafter(DraftModelDrafter):
 
         def __post_init__(self) -> None:
             self.branching = list(self.branching)
-            check(len(self.branching) >= 1 and all(isinstance(b, int) and b >= 1 for b in self.branching),
-                  "method.params.branching", self.branching, "a non-empty list of integers >= 1")
+            check(
+                len(self.branching) >= 1 and all(isinstance(b, int) and b >= 1 for b in self.branching),
+                "method.params.branching",
+                self.branching,
+                "a non-empty list of integers >= 1",
+            )
 
-    def __init__(self, params: "RsdDrafter.Params"):
+    def __init__(self, params: RsdDrafter.Params):
         super().__init__()
         self.params = params
 
@@ -104,7 +107,7 @@ class RsdDrafter(DraftModelDrafter):
         probs = None if self.sampling.greedy else torch.stack(rows)
         return Proposal(tokens=tokens, parents=parents, probs=probs)
 
-    def _children(self, logits: torch.Tensor, k: int) -> list[tuple[int, Optional[torch.Tensor]]]:
+    def _children(self, logits: torch.Tensor, k: int) -> list[tuple[int, torch.Tensor | None]]:
         """``k`` children of a node from its draft logits, each with the distribution it was drawn from
         (greedy: the draft's top-k, no distributions)."""
         if self.sampling.greedy:

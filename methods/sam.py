@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from decodebench.config import check
 from decodebench.engine.drafting import Drafter, Proposal, StepOutcome
@@ -60,7 +60,7 @@ class SamDecodingDrafter(Drafter):
         len_bias: int = 5  # subtracted from the static (corpus) match length (reference 5)
         use_static: bool = True  # the corpus automaton (False: request text only)
         corpus: str = "generated"  # generated | jsonl | datasets (methods/corpus.py)
-        corpus_path: Optional[str] = None
+        corpus_path: str | None = None
         corpus_prompts: str = "self_prompts"
         corpus_max_new_tokens: int = 256
         corpus_split: str = "train"
@@ -73,27 +73,39 @@ class SamDecodingDrafter(Drafter):
         # cpu preset: the chain (n_predicts) and the auxiliary tree sized from the stored latency curve
         # of the backend in use (engine/budget.py node_budget): the largest block whose verify costs
         # <= max_verify_cost (chain) / aux_max_verify_cost (Token Recycling's tree) x a 1-token step
-        max_verify_cost: Optional[float] = None
-        aux_max_verify_cost: Optional[float] = None
+        max_verify_cost: float | None = None
+        aux_max_verify_cost: float | None = None
 
         def __post_init__(self) -> None:
             check(self.n_predicts >= 2, "method.params.n_predicts", self.n_predicts, ">= 2")
             check(self.len_threshold >= 1, "method.params.len_threshold", self.len_threshold, ">= 1")
             check(self.len_bias >= 0, "method.params.len_bias", self.len_bias, ">= 0")
-            check(self.max_verify_cost is None or self.max_verify_cost >= 1.0, "method.params.max_verify_cost",
-                  self.max_verify_cost, ">= 1.0 or null")
+            check(
+                self.max_verify_cost is None or self.max_verify_cost >= 1.0,
+                "method.params.max_verify_cost",
+                self.max_verify_cost,
+                ">= 1.0 or null",
+            )
             self.corpus_spec()
             self.recycling_params()
 
         def corpus_spec(self) -> CorpusSpec:
-            return CorpusSpec(self.corpus, self.corpus_path, self.corpus_prompts, self.corpus_max_new_tokens,
-                              self.corpus_split, self.corpus_field, self.corpus_limit)
+            return CorpusSpec(
+                self.corpus,
+                self.corpus_path,
+                self.corpus_prompts,
+                self.corpus_max_new_tokens,
+                self.corpus_split,
+                self.corpus_field,
+                self.corpus_limit,
+            )
 
         def recycling_params(self) -> TokenRecyclingDrafter.Params:
-            return TokenRecyclingDrafter.Params(candidates=self.candidates, tree=self.tree, state=self.state,
-                                                max_verify_cost=self.aux_max_verify_cost)
+            return TokenRecyclingDrafter.Params(
+                candidates=self.candidates, tree=self.tree, state=self.state, max_verify_cost=self.aux_max_verify_cost
+            )
 
-    def __init__(self, params: "SamDecodingDrafter.Params"):
+    def __init__(self, params: SamDecodingDrafter.Params):
         self.params = params
         self.n_predicts = params.n_predicts
         self.recycling = TokenRecyclingDrafter(params.recycling_params())
@@ -103,11 +115,12 @@ class SamDecodingDrafter(Drafter):
         self.counts = {"retrieval_steps": 0, "aux_steps": 0}
 
     # -- set-up and state ----------------------------------------------------------------------
-    def setup(self, backbone, cache_dir: Optional[str] = None) -> None:
+    def setup(self, backbone, cache_dir: str | None = None) -> None:
         """Size the chain from the latency curve (cpu preset), set up Token Recycling, build the
         static automaton over the corpus (once per run)."""
-        self.n_predicts = self.budget_from_curve(backbone, cache_dir, self.params.max_verify_cost,
-                                                 self.params.n_predicts)
+        self.n_predicts = self.budget_from_curve(
+            backbone, cache_dir, self.params.max_verify_cost, self.params.n_predicts
+        )
         self.recycling.setup(backbone, cache_dir)
         self.static = SuffixAutomaton()
         if not self.params.use_static:
@@ -118,10 +131,19 @@ class SamDecodingDrafter(Drafter):
             self.static.extend(sequence)
             self.static.add(SEPARATOR)
         build_s = time.perf_counter() - start
-        self.static_stats = {"datastore_tokens": float(corpus.tokens), "datastore_build_s": build_s,
-                             "corpus_load_s": corpus.load_s}
-        log.info("sam: static automaton over %s: %d tokens, %d states, built in %.2f s (corpus %.1f s)",
-                 corpus.source, corpus.tokens, self.static.states, build_s, corpus.load_s)
+        self.static_stats = {
+            "datastore_tokens": float(corpus.tokens),
+            "datastore_build_s": build_s,
+            "corpus_load_s": corpus.load_s,
+        }
+        log.info(
+            "sam: static automaton over %s: %d tokens, %d states, built in %.2f s (corpus %.1f s)",
+            corpus.source,
+            corpus.tokens,
+            self.static.states,
+            build_s,
+            corpus.load_s,
+        )
 
     def reset_state(self) -> None:
         self.recycling.reset_state()

@@ -9,7 +9,7 @@ binary searches; a continuation never crosses a separator.
 from __future__ import annotations
 
 import bisect
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -16,7 +16,7 @@ States are parallel lists (not objects) for speed in Python.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 
 class SuffixAutomaton:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from decodebench.tasks.base import Sample, Task
 
@@ -38,9 +38,14 @@ class Grammar(Task):
         return [self.to_sample({"id": i, **vars(row)}) for i, row in enumerate(rows)]
 
     def to_sample(self, row: dict[str, Any]) -> Sample:
-        return Sample(sample_id=str(row["id"]), category="grammar", group="grammar",
-                      turns=[self.params.instruction.format(sentence=row["source"])], reference=[row["target"]])
+        return Sample(
+            sample_id=str(row["id"]),
+            category="grammar",
+            group="grammar",
+            turns=[self.params.instruction.format(sentence=row["source"])],
+            reference=[row["target"]],
+        )
 
-    def score(self, sample: Sample, turn: int, output_text: str) -> Optional[dict[str, float]]:
+    def score(self, sample: Sample, turn: int, output_text: str) -> dict[str, float] | None:
         output, target = normalise(output_text), normalise(sample.reference[turn])
         return {"exact_match": float(output == target), "contains_correction": float(target in output)}

@@ -9,7 +9,8 @@ from decodebench.config import MethodConfig
 from decodebench.engine.drafting import Proposal, StepOutcome
 from decodebench.engine.verify import VerifyResult
 from decodebench.methods import build_method
-from helpers import decode, embedded_method_summary, repeating_prompts
+
+from helpers import decode, embedded_lossless, repeating_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,8 +83,9 @@ def test_grammar_task_samples_and_scores():
 
     task = build_task(TaskConfig(**group_config("task", "grammar")), data_dir=None, cache_dir="/tmp")
     samples = task.load_samples()
-    assert len(samples) == 16 and samples[0].turns[0].endswith("She go to the market every Saturday morning with "
-                                                               "her little brother.")
+    assert len(samples) == 16 and samples[0].turns[0].endswith(
+        "She go to the market every Saturday morning with her little brother."
+    )
     target = samples[0].reference[0]
     assert task.score(samples[0], 0, f'  "{target}" ') == {"exact_match": 1.0, "contains_correction": 1.0}
     assert task.score(samples[0], 0, f"Here it is: {target}") == {"exact_match": 0.0, "contains_correction": 1.0}
@@ -91,7 +93,6 @@ def test_grammar_task_samples_and_scores():
 
 @pytest.mark.embedded
 @pytest.mark.slow
-def test_embedded_model_aggressive_is_lossless(tmp_path, data_dir):
-    summary = embedded_method_summary("aggressive", tmp_path, data_dir, "task=grammar")
-    assert summary["errors"] == 0 and summary["lossless_rate"] == 1.0
-    assert summary["alpha"] > 0
+def test_embedded_model_aggressive_is_lossless():
+    accepted, drafted = embedded_lossless("aggressive")
+    assert accepted > 0

@@ -12,6 +12,7 @@ from decodebench.config import MethodConfig
 from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import build_method, method_config
 from decodebench.methods.rsd import gumbel_top_k
+
 from helpers import chi_square_p_value, decode, exact_second_and_third, random_prompts, tiny_pair
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -62,8 +63,9 @@ def test_gumbel_top_k_draws_like_sequential_sampling_without_replacement():
         first, second = gumbel_top_k(probs, 2, generator)
         counts[first, second] += 1
     # P(a, b) = p_a * p_b / (1 - p_a)
-    exact = torch.tensor([[0.0 if a == b else float(probs[a] * probs[b] / (1 - probs[a])) for b in range(4)]
-                          for a in range(4)])
+    exact = torch.tensor(
+        [[0.0 if a == b else float(probs[a] * probs[b] / (1 - probs[a])) for b in range(4)] for a in range(4)]
+    )
     assert chi_square_p_value(counts.reshape(-1), exact.reshape(-1)) > 1e-3
     assert gumbel_top_k(torch.tensor([0.0, 1.0, 0.0]), 3, generator) == [1]  # never a zero-probability token
 
@@ -73,8 +75,9 @@ def test_cpu_preset():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, top_p=0.9)],
-                         ids=["t1", "t0.8-top_p0.9"])
+@pytest.mark.parametrize(
+    "params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, top_p=0.9)], ids=["t1", "t0.8-top_p0.9"]
+)
 def test_rsd_sampling_preserves_target_distribution(params):
     target, draft = tiny_pair(vocab=5, noise=0.5, layers=1)
     drafter = rsd(draft, target, branching=[2, 2])
