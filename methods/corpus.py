@@ -62,6 +62,15 @@ class CorpusSpec:
         )
         check(self.max_new_tokens >= 1, "method.params.corpus_max_new_tokens", self.max_new_tokens, ">= 1")
         check(self.limit >= 1, "method.params.corpus_limit", self.limit, ">= 1")
+        if self.source == "jsonl":
+            check(Path(self.path).is_file(), "method.params.corpus_path", self.path, "an existing JSONL file")
+        if self.source == "generated":
+            check(
+                prompt_set_exists(self.prompts),
+                "method.params.corpus_prompts",
+                self.prompts,
+                "a prompt set in conf/corpus/ (self_prompts) or an existing .yaml / .jsonl file",
+            )
 
 
 @dataclass
@@ -73,6 +82,12 @@ class Corpus:
     @property
     def tokens(self) -> int:
         return sum(len(s) for s in self.sequences)
+
+
+def prompt_set_exists(name: str) -> bool:
+    if name.endswith((".jsonl", ".yaml", ".yml")):
+        return Path(name).is_file()
+    return resources.files("decodebench.conf").joinpath("corpus", f"{name}.yaml").is_file()
 
 
 def prompt_rows(name: str) -> list[dict[str, Any]]:

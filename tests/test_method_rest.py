@@ -86,6 +86,10 @@ def test_bad_params_are_named():
         rest(corpus="jsonl")
     with pytest.raises(ConfigValueError, match="method.params.corpus"):
         rest(corpus="sharegpt")
+    with pytest.raises(ConfigValueError, match="method.params.corpus_path"):
+        rest(corpus="jsonl", corpus_path="/nonexistent/corpus.jsonl")
+    with pytest.raises(ConfigValueError, match="method.params.corpus_prompts"):
+        rest(corpus_prompts="no_such_set")
     with pytest.raises(ConfigValueError, match="method.params.max_token_span"):
         rest(max_token_span=1, min_token_span=2)
 
