@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -76,6 +77,9 @@ class Drafter:
     #: prefix and must leave it as they found it (crop back to ``len(context) - 1``) before
     #: returning their proposal.
     target_cache: KVCache | None = None
+    #: the target's tokenizer (set by the runner before :meth:`setup`; None for tokenizer-less tiny
+    #: models), for drafters that read text (a retrieval corpus: REST, SAM-Decoding)
+    tokenizer: Any = None
     #: tokens per verify forward (root included) that :meth:`budget_from_curve` chose from the stored
     #: latency curve of the backend in use (None: the method's params decide), and where it came from
     verify_budget: int | None = None

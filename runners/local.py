@@ -197,6 +197,7 @@ class Runner:
         if any(c.drafter.reads_latency_curve() for c in contenders):  # a cpu preset sizes drafts from it
             curve = ensure_latency_curve(backbone, cfg.cache_dir, draft=draft)
         for contender in contenders:
+            contender.drafter.tokenizer = loaded.tokenizer
             contender.drafter.setup(backbone, cfg.cache_dir)
 
         if restart:

@@ -210,6 +210,7 @@ def embedded_lossless(method: str, cache_dir=None, prepare=None, **params) -> tu
     method_cfg.params.update(method_cfg.presets["cpu"], **params)
     method_cfg.preset = None
     drafter = build_method(method_cfg)
+    drafter.tokenizer = loaded.tokenizer  # as the runner does (retrieval corpora are text)
     drafter.setup(backbone, None if cache_dir is None else str(cache_dir))
     if prepare is not None:
         prepare(drafter)

@@ -22,7 +22,7 @@ from decodebench.tasks.gsm8k import Exemplar
 from decodebench.tasks.prompts import encode_prompt
 
 TASK_DIR = Path(__file__).resolve().parents[1] / "conf" / "task"
-TASKS = ["gsm8k", "humaneval", "mt_bench", "spec_bench"]
+TASKS = ["gsm8k", "grammar", "humaneval", "mt_bench", "spec_bench"]
 
 
 def task_of(name, data_dir, cache_dir, *overrides):

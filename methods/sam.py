@@ -1,0 +1,205 @@
+"""SAM-Decoding (Hu et al. 2024, "SAM Decoding: Speculative Decoding via Suffix Automaton";
+hyx1999/SAM-Decoding ``samd/draft.py``, ``samd/sam/``).
+
+Two suffix automata (:mod:`decodebench.methods.suffix_automaton`) find the longest suffix of the
+context that occurred before:
+
+* a dynamic one over the request's text (prompt + output so far), extended with every step's
+  accepted tokens;
+* a static one over a corpus (:mod:`decodebench.methods.corpus`; default: the target's own answers
+  to hand-written prompts), built once per run; only its matching cursor moves.
+
+Each step both are looked up with the last emitted token. The static match length is discounted by
+``len_bias``; the longer match wins (the dynamic one on ties). If it is at least ``len_threshold``
+tokens, the draft is a chain: the ``n_predicts - 1`` tokens that followed the match's first
+occurrence (for the dynamic automaton, the match is first shortened along suffix links until that
+many tokens follow it). Otherwise the auxiliary drafter — Token Recycling
+(:mod:`decodebench.methods.token_recycling`), the paper's training-free choice — drafts its tree.
+Token Recycling's adjacency matrix learns from every verified block, whichever drafter proposed it.
+
+Followed from the reference: the automata and their update rules (request automaton rebuilt per
+request; the static cursor reset per request and moved over prompt and accepted tokens), the
+first-occurrence continuation, ``to_anc`` for the dynamic automaton only, ``n_predicts`` 40,
+``len_threshold`` 5, ``len_bias`` 5 (scripts/inference_samd.sh), Token Recycling's 80-node tree.
+
+Differs, and why:
+
+* EAGLE / EAGLE-2 as auxiliary drafters are not offered: no EAGLE checkpoint exists for the models
+  here (the paper's headline SAM[EAGLE-2] needs one).
+* Corpus entries are separated by a token no text contains (the reference inserts EOS), so a draft
+  never runs from one entry into the next; drafts shorter than ``n_predicts - 1`` are not padded.
+* Token Recycling learns from decode steps only, not from the prefill's logits (as this project's
+  ``token_recycling`` and the Token Recycling reference).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from decodebench.config import check
+from decodebench.engine.drafting import Drafter, Proposal, StepOutcome
+from decodebench.methods.corpus import CorpusSpec, eos_ids, load_corpus
+from decodebench.methods.suffix_automaton import SuffixAutomaton
+from decodebench.methods.token_recycling import PAPER_TREE, TokenRecyclingDrafter
+
+log = logging.getLogger("decodebench")
+
+SEPARATOR = -1  # between corpus entries in the static automaton
+
+
+class SamDecodingDrafter(Drafter):
+    """Suffix-automaton retrieval (request + corpus), Token Recycling when no match is long enough."""
+
+    @dataclass
+    class Params:
+        n_predicts: int = 40  # chain draft = n_predicts - 1 tokens after the start token (reference 40)
+        len_threshold: int = 5  # retrieval drafts when the (biased) match is >= this (reference 5)
+        len_bias: int = 5  # subtracted from the static (corpus) match length (reference 5)
+        use_static: bool = True  # the corpus automaton (False: request text only)
+        corpus: str = "generated"  # generated | jsonl | datasets (methods/corpus.py)
+        corpus_path: str | None = None
+        corpus_prompts: str = "self_prompts"
+        corpus_max_new_tokens: int = 256
+        corpus_split: str = "train"
+        corpus_field: str = "text"
+        corpus_limit: int = 2000
+        # the auxiliary Token Recycling drafter (methods/token_recycling.py)
+        candidates: int = 8
+        tree: list[list[int]] = field(default_factory=lambda: [list(p) for p in PAPER_TREE])
+        state: str = "per_task"  # Token Recycling's matrix: per_prompt | per_task | persistent
+        # cpu preset: the chain (n_predicts) and the auxiliary tree sized from the stored latency curve
+        # of the backend in use (engine/budget.py node_budget): the largest block whose verify costs
+        # <= max_verify_cost (chain) / aux_max_verify_cost (Token Recycling's tree) x a 1-token step
+        max_verify_cost: float | None = None
+        aux_max_verify_cost: float | None = None
+
+        def __post_init__(self) -> None:
+            check(self.n_predicts >= 2, "method.params.n_predicts", self.n_predicts, ">= 2")
+            check(self.len_threshold >= 1, "method.params.len_threshold", self.len_threshold, ">= 1")
+            check(self.len_bias >= 0, "method.params.len_bias", self.len_bias, ">= 0")
+            check(
+                self.max_verify_cost is None or self.max_verify_cost >= 1.0,
+                "method.params.max_verify_cost",
+                self.max_verify_cost,
+                ">= 1.0 or null",
+            )
+            self.corpus_spec()
+            self.recycling_params()
+
+        def corpus_spec(self) -> CorpusSpec:
+            return CorpusSpec(
+                self.corpus,
+                self.corpus_path,
+                self.corpus_prompts,
+                self.corpus_max_new_tokens,
+                self.corpus_split,
+                self.corpus_field,
+                self.corpus_limit,
+            )
+
+        def recycling_params(self) -> TokenRecyclingDrafter.Params:
+            return TokenRecyclingDrafter.Params(
+                candidates=self.candidates, tree=self.tree, state=self.state, max_verify_cost=self.aux_max_verify_cost
+            )
+
+    def __init__(self, params: SamDecodingDrafter.Params):
+        self.params = params
+        self.n_predicts = params.n_predicts
+        self.recycling = TokenRecyclingDrafter(params.recycling_params())
+        self.static = SuffixAutomaton()
+        self.dynamic = SuffixAutomaton()
+        self.static_stats: dict[str, float] = {}
+        self.counts = {"retrieval_steps": 0, "aux_steps": 0}
+
+    # -- set-up and state ----------------------------------------------------------------------
+    def setup(self, backbone, cache_dir: str | None = None) -> None:
+        """Size the chain from the latency curve (cpu preset), set up Token Recycling, build the
+        static automaton over the corpus (once per run)."""
+        self.n_predicts = self.budget_from_curve(
+            backbone, cache_dir, self.params.max_verify_cost, self.params.n_predicts
+        )
+        self.recycling.setup(backbone, cache_dir)
+        self.static = SuffixAutomaton()
+        if not self.params.use_static:
+            return
+        corpus = load_corpus(self.params.corpus_spec(), backbone, self.tokenizer, cache_dir, eos_ids(self.tokenizer))
+        start = time.perf_counter()
+        for sequence in corpus.sequences:
+            self.static.extend(sequence)
+            self.static.add(SEPARATOR)
+        build_s = time.perf_counter() - start
+        self.static_stats = {
+            "datastore_tokens": float(corpus.tokens),
+            "datastore_build_s": build_s,
+            "corpus_load_s": corpus.load_s,
+        }
+        log.info(
+            "sam: static automaton over %s: %d tokens, %d states, built in %.2f s (corpus %.1f s)",
+            corpus.source,
+            corpus.tokens,
+            self.static.states,
+            build_s,
+            corpus.load_s,
+        )
+
+    def reset_state(self) -> None:
+        self.recycling.reset_state()
+
+    def finish(self) -> None:
+        self.recycling.finish()
+
+    def start_request(self, prompt_ids: list[int], sampling: Any, generator: Any) -> None:
+        super().start_request(prompt_ids, sampling, generator)
+        self.recycling.start_request(prompt_ids, sampling, generator)
+
+    def begin(self, prompt_ids: list[int]) -> None:
+        """A fresh request automaton; the static cursor restarts. Both read the prompt up to its last
+        token, which (as every step's last emitted token) is the lookup's start token."""
+        self.dynamic = SuffixAutomaton()
+        self.static.reset_cursor()
+        self.fed = 0  # context tokens already read by both automata
+        self.counts = {"retrieval_steps": 0, "aux_steps": 0}
+
+    def _read(self, context: list[int]) -> None:
+        """Feed the automata the context except its last token (the next lookup's start token)."""
+        new = context[self.fed : len(context) - 1]
+        for token in new:
+            self.dynamic.transfer((token,))  # the reference moves the cursor, then extends
+            self.dynamic.add(token)
+        if self.params.use_static:
+            self.static.transfer(new)
+        self.fed = len(context) - 1
+
+    # -- drafting --------------------------------------------------------------------------------
+    def retrieve(self, context: list[int]) -> list[int]:
+        """The chain draft from the better automaton match, or [] when neither reaches len_threshold."""
+        self._read(context)
+        start, n = context[-1], self.n_predicts
+        dyn_state, dyn_len = self.dynamic.lookup(start)
+        static_state, static_len = self.static.lookup(start) if self.params.use_static else (0, 0)
+        static_len -= self.params.len_bias
+        if max(dyn_len, static_len) < self.params.len_threshold:
+            return []
+        if dyn_len >= static_len:
+            return self.dynamic.continuation(self.dynamic.shorter_with_room(dyn_state, n), n - 1)
+        draft = self.static.continuation(static_state, n - 1)
+        return draft[: draft.index(SEPARATOR)] if SEPARATOR in draft else draft
+
+    def propose(self, context: list[int], max_tokens: int) -> Proposal:
+        if max_tokens <= 0:
+            return Proposal()
+        draft = self.retrieve(context)[:max_tokens]
+        if draft:
+            self.counts["retrieval_steps"] += 1
+            return Proposal(tokens=draft)
+        self.counts["aux_steps"] += 1
+        return self.recycling.propose(context, max_tokens)
+
+    def feedback(self, outcome: StepOutcome) -> None:
+        self.recycling.feedback(outcome)
+
+    def request_stats(self) -> dict[str, float]:
+        return {**super().request_stats(), **self.static_stats, **{k: float(v) for k, v in self.counts.items()}}
