@@ -87,7 +87,7 @@ class Corpus:
 def prompt_set_exists(name: str) -> bool:
     if name.endswith((".jsonl", ".yaml", ".yml")):
         return Path(name).is_file()
-    return resources.files("decodebench.conf").joinpath("corpus", f"{name}.yaml").is_file()
+    return (resources.files("decodebench.conf") / "corpus" / f"{name}.yaml").is_file()
 
 
 def prompt_rows(name: str) -> list[dict[str, Any]]:
@@ -99,7 +99,7 @@ def prompt_rows(name: str) -> list[dict[str, Any]]:
         text = (
             Path(name).read_text()
             if name.endswith((".yaml", ".yml"))
-            else resources.files("decodebench.conf").joinpath("corpus", f"{name}.yaml").read_text()
+            else (resources.files("decodebench.conf") / "corpus" / f"{name}.yaml").read_text()
         )
         rows = yaml.safe_load(text)["prompts"]
     return [row if isinstance(row, dict) else {"text": row} for row in rows]

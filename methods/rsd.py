@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from decodebench.config import check
+from decodebench.engine.backbone import BlockLayout
 from decodebench.engine.drafting import Proposal
 from decodebench.methods.sps import DraftModelDrafter, fit_vocab
 
@@ -120,6 +121,8 @@ class RsdDrafter(DraftModelDrafter):
     def _draft_logits(self, tokens: list[int], parents: list[int], nodes: list[int], committed: int) -> torch.Tensor:
         """Draft logits after each of ``nodes``: one tree-masked draft forward of the whole tree on top
         of the committed context, then the draft cache is cropped back."""
-        out = self.draft.backbone.forward(tokens, self.draft.cache, parents=parents, logits_rows=nodes)
+        out = self.draft.backbone.forward(
+            tokens, self.draft.cache, layout=BlockLayout(parents=parents), logits_rows=nodes
+        )
         self.draft.cache.crop(committed)
         return out.logits
