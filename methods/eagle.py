@@ -62,7 +62,7 @@ class EagleDrafter(Drafter):
     @dataclass
     class Params:
         tree_nodes: int = 25  # draft nodes of the template used (EAGLE-1: all 25)
-        checkpoint: Optional[str] = None  # null = <cache>/drafters/<model>/eagle
+        checkpoint: Optional[str] = None  # folder or hub id (published layout too); null = <cache>/drafters/<model>/eagle
         max_verify_cost: Optional[float] = None  # cpu preset: size the tree from the latency curve
 
         def __post_init__(self) -> None:
@@ -79,11 +79,13 @@ class EagleDrafter(Drafter):
 
     # -- setup -------------------------------------------------------------------------------------
     def setup(self, backbone: Backbone, cache_dir: Optional[str] = None) -> None:
+        from decodebench.methods.published import load_eagle_checkpoint
+
         self.backbone = backbone
         directory = Path(self.params.checkpoint).expanduser() if self.params.checkpoint else \
-            checkpoint_dir(cache_dir, model_key(backbone), EagleNet.network)
-        require_checkpoint(directory, self.method_name, EagleNet.network, model_key(backbone))
-        self.net = load_eagle(backbone, directory)
+            require_checkpoint(checkpoint_dir(cache_dir, model_key(backbone), EagleNet.network), self.method_name,
+                               EagleNet.network, model_key(backbone))
+        self.net = load_eagle_checkpoint(backbone, directory)
         self.cache = self.net.new_cache(backbone)
         self.max_nodes = self.budget_from_curve(backbone, cache_dir, self.params.max_verify_cost,
                                                 self.largest_block()) - 1
@@ -150,7 +152,8 @@ class EagleDrafter(Drafter):
 
     def grow(self, context: list[int], root_feature: torch.Tensor, budget: int) -> Proposal:
         """EAGLE-1: expand the static template's first ``budget`` nodes level by level."""
-        paths = truncate_tree(EAGLE_TREE, budget)
+        vocab = self.net.head.weight.shape[0]
+        paths = truncate_tree([p for p in EAGLE_TREE if max(p) < vocab], budget)
         parents = template_parents(paths)
         depth_of = [len(p) for p in paths]
         widest = max(p[-1] for p in paths) + 1

@@ -5,7 +5,8 @@ sequence and ``trainable_parameters()``; the target stays frozen. AdamW (seeded)
 step, linear learning-rate decay, gradient value clipping; after every epoch the held-out split
 gives loss and top-1 agreement with the target (the drafted token equals the target's argmax: an
 estimate of per-token acceptance), shown on the progress bar. The epoch with the best held-out
-agreement is kept (a small self-generated corpus overfits in later epochs).
+agreement is kept (a small self-generated corpus overfits in later epochs); when no epoch beats the
+untrained network, its weights are kept and the manifest says so (``best_epoch`` 0).
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def train_network(net, backbone: Backbone, sequences: Sequence[FeatureSequence],
         held = evaluate(net, backbone, validation)
         history.append({"epoch": epoch, "steps": steps, "train_loss": running, "held_out_loss": held.loss,
                         "held_out_top1": held.top1_agreement})
-        if held.top1_agreement > best[0].top1_agreement or best[1] == 0:
+        if held.top1_agreement > best[0].top1_agreement:
             best = (held, epoch, copy.deepcopy(net.state_dict()))
         bar.set_postfix(loss=f"{running:.3f}", held_out_top1=f"{held.top1_agreement:.3f}")
         if deadline and time.perf_counter() > deadline:
