@@ -161,3 +161,103 @@ def test_presets_are_sized_from_the_latency_curve():
         cfg = method_config(name)
         assert cfg.resolved_params("cpu")["max_verify_cost"] == 1.1
         assert cfg.resolved_params("cuda")["max_verify_cost"] is None
+
+
+# --- published checkpoint layouts ----------------------------------------------------------------
+def write_published_medusa(directory, hidden: int, vocab: int, heads: int = 2, layers: int = 1, seed: int = 0):
+    """A FasterDecoding/medusa-* folder written from raw tensors: config.json + medusa_lm_head.safetensors."""
+    import json
+
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for i in range(heads):
+        for j in range(layers):
+            state[f"{i}.{j}.linear.weight"] = torch.randn(hidden, hidden, generator=generator) * 0.01
+            state[f"{i}.{j}.linear.bias"] = torch.randn(hidden, generator=generator) * 0.01
+        state[f"{i}.{layers}.weight"] = torch.randn(vocab, hidden, generator=generator)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(directory / "medusa_lm_head.safetensors"))
+    (directory / "config.json").write_text(json.dumps({"medusa_num_heads": heads, "medusa_num_layers": layers,
+                                                       "base_model_name_or_path": "lmsys/vicuna-7b-v1.3"}))
+    return state
+
+
+def write_published_eagle(directory, config, vocab: int, seed: int = 0):
+    """A yuhuili/EAGLE-* folder written from raw tensors: LlamaConfig-style config.json + model.safetensors."""
+    import json
+
+    from safetensors.torch import save_file
+
+    hidden, inter = config.hidden_size, config.intermediate_size
+    head_dim = hidden // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {"embed_tokens.weight": (vocab, hidden), "fc.weight": (hidden, 2 * hidden), "fc.bias": (hidden,),
+              "layers.0.self_attn.q_proj.weight": (hidden, hidden), "layers.0.self_attn.k_proj.weight": (kv, hidden),
+              "layers.0.self_attn.v_proj.weight": (kv, hidden), "layers.0.self_attn.o_proj.weight": (hidden, hidden),
+              "layers.0.mlp.gate_proj.weight": (inter, hidden), "layers.0.mlp.up_proj.weight": (inter, hidden),
+              "layers.0.mlp.down_proj.weight": (hidden, inter), "layers.0.post_attention_layernorm.weight": (hidden,)}
+    state = {name: torch.randn(shape, generator=generator) * 0.1 for name, shape in shapes.items()}
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "bias": True, "hidden_size": hidden, "intermediate_size": inter,
+        "num_attention_heads": config.num_attention_heads, "num_key_value_heads": config.num_key_value_heads,
+        "num_hidden_layers": 1, "vocab_size": vocab, "rms_norm_eps": 1e-6}))
+    return state
+
+
+def test_published_medusa_layout_loads_and_stays_lossless(tmp_path):
+    backbone = tiny_backbone("llama")
+    state = write_published_medusa(tmp_path / "medusa-tiny", backbone.config.hidden_size, backbone.config.vocab_size)
+    spec = drafter("medusa", backbone, str(tmp_path), checkpoint=str(tmp_path / "medusa-tiny"))
+    assert spec.heads.params.num_heads == 2
+    assert torch.equal(spec.heads.heads[1][1].weight, state["1.1.weight"])
+    assert torch.equal(spec.heads.heads[0][0].linear.bias, state["0.0.linear.bias"])
+    ar = build_method(MethodConfig())
+    for prompt in random_prompts(2, seed=6):
+        assert decode(backbone, spec, prompt, max_new_tokens=24).new_ids == \
+            decode(backbone, ar, prompt, max_new_tokens=24).new_ids
+
+
+@pytest.mark.parametrize("wrong", ["hidden_size", "vocab_size"])
+def test_published_medusa_for_another_target_is_refused(tmp_path, wrong):
+    from decodebench.registry import DecodeBenchError
+
+    backbone = tiny_backbone("llama")
+    hidden, vocab = backbone.config.hidden_size, backbone.config.vocab_size
+    write_published_medusa(tmp_path / "m", hidden * 2 if wrong == "hidden_size" else hidden,
+                           vocab + 7 if wrong == "vocab_size" else vocab)
+    with pytest.raises(DecodeBenchError, match=f"its {wrong} is"):
+        drafter("medusa", backbone, str(tmp_path), checkpoint=str(tmp_path / "m"))
+
+
+def test_published_eagle_layout_loads_and_stays_lossless(tmp_path):
+    backbone = tiny_backbone("llama")
+    state = write_published_eagle(tmp_path / "eagle-tiny", backbone.config, backbone.config.vocab_size)
+    for method in ("eagle", "eagle2"):
+        spec = drafter(method, backbone, str(tmp_path), checkpoint=str(tmp_path / "eagle-tiny"))
+        assert torch.equal(spec.net.fc.weight, state["fc.weight"])
+        assert torch.equal(spec.net.layers[0].mlp.down_proj.weight, state["layers.0.mlp.down_proj.weight"])
+        ar = build_method(MethodConfig())
+        for prompt in random_prompts(2, seed=8):
+            assert decode(backbone, spec, prompt, max_new_tokens=24).new_ids == \
+                decode(backbone, ar, prompt, max_new_tokens=24).new_ids
+
+
+@pytest.mark.parametrize("wrong", ["hidden_size", "vocab_size"])
+def test_published_eagle_for_another_target_is_refused(tmp_path, wrong):
+    from decodebench.registry import DecodeBenchError
+
+    backbone = tiny_backbone("llama")
+    config = backbone.config
+    write_published_eagle(tmp_path / "e", config, config.vocab_size)
+    import json
+
+    written = json.loads((tmp_path / "e" / "config.json").read_text())
+    written[wrong] += 32
+    (tmp_path / "e" / "config.json").write_text(json.dumps(written))
+    with pytest.raises(DecodeBenchError, match=f"its {wrong} is {written[wrong]}, the target's is"):
+        drafter("eagle", backbone, str(tmp_path), checkpoint=str(tmp_path / "e"))
