@@ -10,9 +10,9 @@ next feature ``f_{t+1}``; the target's LM head (or the reduced draft head, see
 Drafting feeds predicted features back in, so one network drafts any depth.
 
 Training (:meth:`EagleNet.loss`): ``1.0 · SmoothL1(f̂, f) + 0.1 · CE(head(f̂), softmax(head(f)))``
-with uniform noise on the input features, as in the reference. Deviation: the decoder layer starts
-from the target's last layer (the reference initialises it randomly), which converges faster on
-the small self-generated corpora a CPU can afford.
+with uniform noise on the input features, as in the reference; the decoder layer starts from
+random weights as in the reference (starting from the target's last layer was tried: on SmolLM2
+its outputs are ~15x the scale of the features it must predict, and training stalled).
 
 Weight names follow the published EAGLE-1/2 checkpoints (``fc.weight``, ``fc.bias``,
 ``layers.0.self_attn.*``, ``layers.0.mlp.*``, ``layers.0.post_attention_layernorm.weight``;
@@ -22,7 +22,6 @@ Weight names follow the published EAGLE-1/2 checkpoints (``fc.weight``, ``fc.bia
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
@@ -78,8 +77,9 @@ class EagleNet(nn.Module):
         self.vocab = vocab
         self.attn_implementation = backbone.attn_implementation
         self.fc = nn.Linear(2 * hidden, hidden, bias=params.bias)
-        layer = copy.deepcopy(backbone.layers[-1])
-        layer.self_attn.layer_idx = 0  # slot 0 of the drafter's own one-layer cache
+        # a fresh decoder layer of the target's own class, randomly initialised as in the reference
+        # (slot 0 of the drafter's own one-layer cache)
+        layer = type(backbone.layers[-1])(backbone.config, 0)
         layer.input_layernorm = nn.Identity()  # EAGLE's first layer has no input norm
         self.layers = nn.ModuleList([layer])
         # frozen, shared with the target (not stored in checkpoints)
