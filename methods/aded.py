@@ -71,8 +71,8 @@ class AdedDrafter(StatefulDrafter):
         # the decodebench-train corpus (training/corpus.py): the target's greedy answers to prompts it
         # wrote itself (offline, never an evaluation set); the defaults are decodebench-train's, so the
         # same cached corpus serves both. 0 prompts = start from an empty matrix.
-        corpus_prompts: int = 256
-        corpus_max_new_tokens: int = 128
+        corpus_prompts: int = 96
+        corpus_max_new_tokens: int = 96
         state: str = "per_task"  # the reinforced matrix: per_prompt | per_task | persistent
         seed: int = 0  # MCTS rollouts (per prompt: seed and prompt hashed)
         # cpu preset: max_draft_tokens from the stored latency curve of the backend in use (the largest
