@@ -92,7 +92,7 @@ def test_train_cli_end_to_end_then_decode(tmp_path, data_dir):
     assert set(manifest["held_out"]["after"]) == {"loss", "top1_agreement", "positions"}
     assert manifest["git"] and manifest["corpus"]["source"] == "self"
     second = subprocess.run(train, capture_output=True, text=True, cwd=tmp_path, timeout=900)
-    assert second.returncode == 0 and "corpus: reusing" in second.stderr
+    assert second.returncode == 0 and "corpus: reusing" in second.stdout + second.stderr
 
     from helpers import run_cli
 
@@ -104,4 +104,4 @@ def test_train_cli_end_to_end_then_decode(tmp_path, data_dir):
     missing = run_cli("method=medusa", "model=tiny-llama", "task.limit=1", f"hydra.run.dir={tmp_path / 'm'}",
                       *env_args, cwd=tmp_path)
     assert missing.returncode == 2
-    assert "decodebench-train drafter=medusa model=tiny-llama" in missing.stderr
+    assert "decodebench-train drafter=medusa model=tiny-llama" in missing.stdout + missing.stderr
