@@ -23,7 +23,7 @@ STAMP := $(VENV)/.decodebench-installed
 BENCH_DIR ?= results/bench/$(shell date +%Y-%m-%d_%H-%M-%S)
 
 ENGINE_BACKENDS ?= eager,packed,onednn
-.PHONY: help setup model models-qwen profile bench bench-engine bench-vs-hf slurm test test-fast report paper clean
+.PHONY: help setup model models-qwen profile bench bench-engine bench-vs-hf slurm test test-fast lint typecheck report paper clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q "$(TORCH_SPEC)" $(TORCH_INDEX)
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[all]"
 	touch $@
 
 setup: $(STAMP) model ## Venv, torch, the package, and the embedded model (idempotent)
@@ -70,6 +70,19 @@ test: setup ## The full test suite (sets everything up from nothing, the local S
 test-fast: $(STAMP) ## Tests that need no embedded model
 	$(VENV)/bin/pytest -m "not embedded"
 
+lint: $(STAMP) ## ruff check, ruff format --check, and the type check (CI runs it before the tests)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	@$(MAKE) --no-print-directory typecheck
+
+# mypy cannot follow setuptools' editable import hooks: it checks a non-editable install of the package
+TYPECHECK_DIR := build/typecheck
+typecheck: $(STAMP) ## mypy on a non-editable install of the package (settings: pyproject.toml [tool.mypy])
+	rm -rf $(TYPECHECK_DIR)
+	$(PIP) install -q --no-deps --no-build-isolation --target $(TYPECHECK_DIR) . >/dev/null
+	cd $(TYPECHECK_DIR) && $(abspath $(VENV))/bin/mypy --config-file $(CURDIR)/pyproject.toml \
+		--cache-dir $(CURDIR)/.mypy_cache -p decodebench
+
 report: ## Report of a run or sweep dir: make report DIR=results/...
 	$(VENV)/bin/decodebench-report $(DIR)
 
@@ -78,4 +91,4 @@ paper: ## Paper tables (md/tex/csv) + figures (png/pdf) + index.md: make paper S
 	$(VENV)/bin/decodebench-report $(SWEEP) --paper $(or $(OUT),$(SWEEP)/paper) $(if $(CURVE),--curve $(CURVE))
 
 clean: ## Remove the venv and build outputs (keeps results/ and the model cache)
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

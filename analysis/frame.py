@@ -45,7 +45,7 @@ METRICS = ["speedup", "speedup_tps", "tau", "alpha", "tokens_per_s", "lossless_r
 QUALITY_PREFIX = "quality."
 LIST_COLUMNS = ["accepted_lengths", "drafted_lengths", "tree_sizes", "output_ids"]
 AR_COLUMNS = ["wall_s", "new_tokens", "prefill_s", "verify_s", "steps"]
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 
 def _digest(value: Any) -> str:

@@ -29,7 +29,7 @@ from decodebench.analysis.frame import aggregate, load_frame, save_parquet
 from decodebench.analysis.quality import lossless_audit
 from decodebench.analysis.report import render
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 
 @dataclass

@@ -17,6 +17,7 @@ from typing import Optional
 
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from decodebench.analysis.frame import QUALITY_PREFIX, quality_metrics
@@ -44,7 +45,7 @@ def _save(fig: Figure, out_dir: Path, name: str, title: str, caption: str) -> Fi
     return FigureFile(name, title, caption, png, pdf)
 
 
-def _figure(height: float = 3.6) -> tuple[Figure, "object"]:
+def _figure(height: float = 3.6) -> tuple[Figure, Axes]:
     fig = Figure(figsize=(WIDTH, height), layout="constrained")
     ax = fig.add_subplot()
     ax.grid(True, alpha=0.3, linewidth=0.6)

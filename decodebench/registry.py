@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 
 class DecodeBenchError(Exception):

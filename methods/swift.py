@@ -47,6 +47,7 @@ from decodebench.engine.backbone import Backbone
 from decodebench.engine.drafting import Drafter, Proposal
 from decodebench.engine.kv_cache import KVCache
 from decodebench.engine.sampling import logits_to_probs, sample
+from decodebench.extras import require_extra
 from decodebench.methods.state_policy import model_key
 from decodebench.methods.swift_search import (LayerSetSearch, SearchSettings, SkipSet, initial_skip_set,
                                               load_skip_set, save_skip_set, skip_set_path)
@@ -125,6 +126,8 @@ class SwiftDrafter(Drafter):
                       f"{len(self.confidence_thresholds) + 1} counts in 1 .. {TOP_K} (one per confidence bin)")
 
     def __init__(self, params: "SwiftDrafter.Params"):
+        if params.optimize:  # the layer-set search's Bayesian optimiser (methods/swift_search.py)
+            require_extra("swift", "bayes_opt", "method=swift with method.params.optimize=true")
         self.params = params
         self.backbone: Optional[Backbone] = None
         self.skip: SkipSet = SkipSet()

@@ -101,7 +101,7 @@ def load_model(cfg: ModelConfig, *, device: str = "cpu", dtype: str = "float32",
         _check_vocab(cfg, model, tokenizer)
         if cfg.source == "tiny":  # a random model knows nothing of the tokenizer's special ids
             _adopt_special_tokens(model, tokenizer)
-    model = model.to(device=device, dtype=DTYPES[dtype]).eval()
+    model = model.to(device=device, dtype=DTYPES[dtype]).eval()  # type: ignore[call-arg]  # transformers' typing
     config = model.config
     info.update(
         source=cfg.source,

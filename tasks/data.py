@@ -25,7 +25,7 @@ from decodebench.registry import DecodeBenchError
 DATA_ENV_VAR = "DECODEBENCH_DATA"
 DOWNLOAD_TIMEOUT_S = 60
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 
 class DataFileNotFoundError(DecodeBenchError, FileNotFoundError):

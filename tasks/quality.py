@@ -101,7 +101,7 @@ def qa_scores(prediction: str, answers: Sequence[str]) -> dict[str, float]:
     }
 
 
-def as_answer_list(reference: object) -> Optional[list[str]]:
+def as_answer_list(reference: Optional[Sequence[str]]) -> Optional[list[str]]:
     """A turn's reference as a list of accepted answers (a string or a list of strings), or None."""
     if reference is None:
         return None

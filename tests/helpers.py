@@ -17,8 +17,8 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 
@@ -45,7 +45,7 @@ def tiny_backbone(arch: str = "llama", **overrides) -> Backbone:
 
 
 def tiny_pair(arch: str = "llama", vocab: int = VOCAB, noise: float = 0.05, layers: int = 3, seed: int = 0,
-              lm_head_scale: Optional[float] = None) -> tuple[Backbone, Backbone]:
+              lm_head_scale: float | None = None) -> tuple[Backbone, Backbone]:
     """``(target, draft)`` for draft-model methods: a tiny random target (named ``target``, built with
     ``seed``, max 512 positions) and a draft that is the target with relative weight noise ``noise``
     (close enough that drafts are often, but not always, accepted). ``lm_head_scale`` multiplies the
@@ -86,9 +86,10 @@ def random_prompts(count: int, vocab: int = VOCAB, length: int = 12, seed: int =
 
 # --- decoding ----------------------------------------------------------------------------------
 def decode(backbone: Backbone, drafter, prompt: Sequence[int], max_new_tokens: int = 48,
-           sampling: Optional[SamplingParams] = None, generator: Optional[torch.Generator] = None, *,
-           seed: Optional[int] = None, eos: Sequence[int] = (), setup: bool = False) -> GenerationOutput:
-    """One :func:`generate` call on a fresh cache (block 16): greedy unless ``sampling`` is given;
+           sampling: SamplingParams | None = None, generator: torch.Generator | None = None, *,
+           seed: int | None = None, eos: Sequence[int] = (), setup: bool = False,
+           cache=None) -> GenerationOutput:
+    """One :func:`generate` call on ``cache`` (default: a fresh one, block 16): greedy unless ``sampling`` is given;
     ``seed`` makes a fresh ``torch.Generator`` (instead of passing ``generator``); ``eos`` are the
     stop ids. The drafter is set up first only with ``setup=True`` (otherwise the caller decides when
     state is set up)."""
@@ -98,7 +99,7 @@ def decode(backbone: Backbone, drafter, prompt: Sequence[int], max_new_tokens: i
         generator = torch.Generator().manual_seed(seed)
     settings = DecodeSettings(max_new_tokens=max_new_tokens, sampling=sampling or SamplingParams(),
                               eos_token_ids=eos)
-    return generate(backbone, drafter, prompt, settings, backbone.new_cache(16), generator)
+    return generate(backbone, drafter, prompt, settings, cache or backbone.new_cache(16), generator)
 
 
 # --- distribution checks -----------------------------------------------------------------------
@@ -130,7 +131,7 @@ CLI = [sys.executable, "-m", "decodebench.cli"]
 
 
 def run_cli(*overrides: str, cwd: Path, timeout: float = 900,
-            env: Optional[dict] = None) -> subprocess.CompletedProcess:
+            env: dict | None = None) -> subprocess.CompletedProcess:
     """``python -m decodebench.cli *overrides`` in ``cwd`` (offline hub; ``env`` adds variables);
     returns the completed process with text stdout / stderr."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
@@ -149,3 +150,44 @@ def embedded_method_summary(method: str, tmp_path: Path, data_dir: Path, *overri
                      timeout=timeout, env={"DECODEBENCH_DATA": str(data_dir)})
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((run_dir / "summary.json").read_text())
+
+
+# --- the embedded model --------------------------------------------------------------------------
+EMBEDDED_PROMPTS = ["Explain in two sentences why the sky is blue.",
+                    "Write a Python function that returns the n-th Fibonacci number."]
+
+
+def embedded_lossless(method: str, cache_dir=None, prepare=None, **params) -> tuple[int, int]:
+    """SmolLM2-135M (fp32, greedy), ``method`` with its cpu preset (+ ``params``) vs AR on two chat
+    prompts, 48 new tokens each; returns (accepted, drafted). ``cache_dir`` goes to the drafter's
+    setup; ``prepare(drafter)`` runs after it. Skips when the embedded model is not prepared."""
+    import pytest
+
+    from decodebench.config import MethodConfig, default_cache_dir
+    from decodebench.methods import build_method, method_config
+    from decodebench.models.embedded import embedded_model_dir, read_prepared_marker
+    from decodebench.models.loading import load_model, load_model_config
+    from decodebench.tasks.prompts import encode_prompt
+
+    cfg = load_model_config("smollm2-135m")
+    if read_prepared_marker(embedded_model_dir(cfg, default_cache_dir())) is None:
+        pytest.skip("smollm2-135m is not prepared (make setup)")
+    loaded = load_model(cfg)
+    backbone = Backbone(loaded.model)
+    method_cfg = method_config(method)
+    method_cfg.params.update(method_cfg.presets["cpu"], **params)
+    method_cfg.preset = None
+    drafter = build_method(method_cfg)
+    drafter.setup(backbone, None if cache_dir is None else str(cache_dir))
+    if prepare is not None:
+        prepare(drafter)
+    settings = DecodeSettings(max_new_tokens=48, eos_token_ids=[loaded.tokenizer.eos_token_id])
+    accepted = drafted = 0
+    for text in EMBEDDED_PROMPTS:
+        prompt = encode_prompt(loaded.tokenizer, [{"role": "user", "content": text}], cfg.chat_template)
+        reference = generate(backbone, build_method(MethodConfig()), prompt, settings, backbone.new_cache(256))
+        ours = generate(backbone, drafter, prompt, settings, backbone.new_cache(256))
+        assert ours.new_ids == reference.new_ids, text
+        accepted += sum(s.accepted for s in ours.steps)
+        drafted += sum(s.drafted for s in ours.steps)
+    return accepted, drafted

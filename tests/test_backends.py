@@ -271,7 +271,7 @@ def test_tree_methods_size_their_budget_from_the_curve(tmp_path, method, attribu
     drafter.setup(backbone, str(tmp_path / "no-curve"))  # no stored curve: the params' cap
     value = getattr(drafter, attribute)
     assert drafter.budget_source == "params" and "verify_budget" not in drafter.request_stats()
-    assert (len(value) if attribute == "tree" else value) == (largest or len(cfg.presets["paper"]["tree"]))
+    assert (len(value) if attribute == "tree" else value) == (largest or len(cfg.resolved_params("cpu")["tree"]))
 
 
 def test_profile_stores_curves_and_pld_reads_them(tmp_path):

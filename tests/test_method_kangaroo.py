@@ -4,14 +4,13 @@ training command end to end and one embedded-model losslessness check."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
-import torch
 
 from decodebench.config import MethodConfig, ModelConfig
 from decodebench.engine.backbone import Backbone
-from decodebench.engine.decode_loop import DecodeSettings, generate
 from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import build_method, method_config
 from decodebench.methods.kangaroo import adapter_path, save_adapter
@@ -19,28 +18,20 @@ from decodebench.methods.kangaroo_train import (AdapterTrainingConfig, collect_s
                                                 train_adapter)
 from decodebench.models.tiny import build_tiny
 from decodebench.registry import DecodeBenchError
+from helpers import decode as helpers_decode, random_prompts
 
 TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def prompts(count: int, length: int = 10, seed: int = 5) -> list[list[int]]:
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 101, (length,), generator=generator).tolist() for _ in range(count)]
+prompts = functools.partial(random_prompts, length=10)  # tests/helpers.py, 10-token prompts
 
 
-def decode(backbone, drafter, prompt, max_new_tokens=40, sampling=SamplingParams(), seed=None):
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    return generate(backbone, drafter, prompt, DecodeSettings(max_new_tokens=max_new_tokens, sampling=sampling),
-                    backbone.new_cache(16), generator)
+# helpers.decode with the 40 new tokens this file's expectations were written for
+decode = functools.partial(helpers_decode, max_new_tokens=40)
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])

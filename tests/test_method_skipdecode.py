@@ -18,12 +18,7 @@ TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_la
             num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -81,7 +76,7 @@ def test_reduced_forward_runs_the_planned_layers_with_complete_kv(backbone, monk
     out = generate(backbone, method, prompts()[0], DecodeSettings(max_new_tokens=20), backbone.new_cache(8))
     assert len(out.new_ids) == 20 and all(s.drafted == 0 and s.emitted == 1 for s in out.steps)
     assert len(seen[-1][0]) == 3 and seen[-1][0] == [0, 4, 5]  # 6 layers at 0.5: layer 0 + top 2
-    for run, lengths, length in seen:
+    for _run, lengths, length in seen:
         assert all(n == length for n in lengths)  # every run layer holds all earlier positions
     assert 0.5 < out.method_stats["layer_fraction"] < 1.0
 

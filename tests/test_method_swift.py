@@ -4,6 +4,7 @@ sampling keeps the target distribution, and the embedded model stays lossless.""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -11,14 +12,14 @@ import torch
 
 from decodebench.config import ConfigValueError, MethodConfig, ModelConfig, compose_run_config
 from decodebench.engine.backbone import Backbone
-from decodebench.engine.decode_loop import DecodeSettings, generate
 from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import build_method, method_config
 from decodebench.methods.swift import PrefixView, SwiftDrafter, candidate_count
 from decodebench.methods.swift_search import (LayerSetSearch, SearchSettings, SkipSet, initial_skip_set,
                                               load_skip_set)
 from decodebench.models.tiny import build_tiny
-from helpers import chi_square_p_value, exact_second_and_third
+from helpers import chi_square_p_value, embedded_lossless, exact_second_and_third, random_prompts
+from helpers import decode as helpers_decode
 
 IMPL = "decodebench.methods.swift:SwiftDrafter"
 
@@ -36,15 +37,11 @@ def damped_tiny(arch: str = "llama", layers: int = 6, vocab: int = 101, factor: 
     return Backbone(model)
 
 
-def prompts(count: int, vocab: int = 101, length: int = 12) -> list[list[int]]:
-    generator = torch.Generator().manual_seed(5)
-    return [torch.randint(3, vocab, (length,), generator=generator).tolist() for _ in range(count)]
+prompts = random_prompts  # tests/helpers.py
 
 
-def decode(backbone, drafter, prompt, max_new_tokens=40, sampling=SamplingParams(), seed=None):
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    settings = DecodeSettings(max_new_tokens=max_new_tokens, sampling=sampling)
-    return generate(backbone, drafter, prompt, settings, backbone.new_cache(16), generator)
+# helpers.decode with the 40 new tokens this file's expectations were written for
+decode = functools.partial(helpers_decode, max_new_tokens=40)
 
 
 def drafter_for(backbone, cache_dir, **params) -> SwiftDrafter:
@@ -53,12 +50,7 @@ def drafter_for(backbone, cache_dir, **params) -> SwiftDrafter:
     return drafter
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # -- Backbone sublayer skipping ---------------------------------------------------------------------
@@ -214,38 +206,6 @@ def test_swift_tree_sampling_preserves_target_distribution(tmp_path):
 
 
 # -- the embedded model ---------------------------------------------------------------------------
-EMBEDDED_PROMPTS = ["Explain in two sentences why the sky is blue.",
-                    "Write a Python function that returns the n-th Fibonacci number."]
-
-
-def embedded_lossless(method: str, cache_dir, **params) -> tuple[int, int]:
-    """SmolLM2-135M (fp32, greedy), ``method`` with its cpu preset (+ ``params``) vs AR on two chat
-    prompts, 48 new tokens each; returns (accepted, drafted)."""
-    from decodebench.config import default_cache_dir
-    from decodebench.models.embedded import embedded_model_dir, read_prepared_marker
-    from decodebench.models.loading import load_model, load_model_config
-    from decodebench.tasks.prompts import encode_prompt
-
-    cfg = load_model_config("smollm2-135m")
-    if read_prepared_marker(embedded_model_dir(cfg, default_cache_dir())) is None:
-        pytest.skip("smollm2-135m is not prepared (make setup)")
-    loaded = load_model(cfg)
-    backbone = Backbone(loaded.model)
-    method_cfg = method_config(method)
-    method_cfg.params.update(method_cfg.presets["cpu"], **params)
-    method_cfg.preset = None
-    drafter = build_method(method_cfg)
-    drafter.setup(backbone, str(cache_dir))
-    settings = DecodeSettings(max_new_tokens=48, eos_token_ids=[loaded.tokenizer.eos_token_id])
-    accepted = drafted = 0
-    for text in EMBEDDED_PROMPTS:
-        prompt = encode_prompt(loaded.tokenizer, [{"role": "user", "content": text}], cfg.chat_template)
-        reference = generate(backbone, build_method(MethodConfig()), prompt, settings, backbone.new_cache(256))
-        ours = generate(backbone, drafter, prompt, settings, backbone.new_cache(256))
-        assert ours.new_ids == reference.new_ids, text
-        accepted += sum(s.accepted for s in ours.steps)
-        drafted += sum(s.drafted for s in ours.steps)
-    return accepted, drafted
 
 
 @pytest.mark.embedded

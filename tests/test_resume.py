@@ -51,7 +51,7 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted_run(tmp_path,
     rng = random.Random(seed)
     records_file = killed_dir / "records.jsonl"
     trials, killed_mid_run, torn_lines, seen = 5, 0, 0, {}
-    for trial in range(trials):
+    for _trial in range(trials):
         before = line_count(records_file)
         kill_after = rng.randint(before, total - 1)  # complete records on disk when the kill comes
         delay = rng.uniform(0.0, 0.03)  # and then a random fraction of one generation
