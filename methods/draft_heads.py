@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -44,7 +44,7 @@ class DraftVocab:
     target_size: int  # the target's vocabulary size
 
     @classmethod
-    def most_frequent(cls, token_counts: torch.Tensor, size: int) -> "DraftVocab":
+    def most_frequent(cls, token_counts: torch.Tensor, size: int) -> DraftVocab:
         """The ``size`` most frequent tokens of ``token_counts`` (``(V,)`` counts over a corpus)."""
         if not 1 <= size <= token_counts.shape[0]:
             raise DecodeBenchError(f"draft_vocab_size must be in [1, {token_counts.shape[0]}], got {size}")
@@ -52,7 +52,7 @@ class DraftVocab:
         return cls(ids=order[:size].clone().long(), target_size=int(token_counts.shape[0]))
 
     @classmethod
-    def from_maps(cls, d2t: torch.Tensor, t2d: torch.Tensor) -> "DraftVocab":
+    def from_maps(cls, d2t: torch.Tensor, t2d: torch.Tensor) -> DraftVocab:
         """From EAGLE-3's ``d2t`` (offsets) and ``t2d`` (bool mask over the target vocabulary)."""
         ids = torch.arange(d2t.shape[0], dtype=torch.long) + d2t.long()
         if int(t2d.sum()) != d2t.shape[0] or not bool(t2d[ids].all()):
@@ -87,7 +87,7 @@ def model_key(backbone: Backbone) -> str:
     return backbone.model_name or key(backbone)
 
 
-def checkpoint_dir(cache_dir: Optional[str], model_name: str, network: str) -> Path:
+def checkpoint_dir(cache_dir: str | None, model_name: str, network: str) -> Path:
     """``<cache>/drafters/<model>/<network>/``."""
     return Path(cache_dir or default_cache_dir()).expanduser() / "drafters" / model_name / network
 
@@ -106,7 +106,7 @@ def require_checkpoint(directory: Path, method: str, network: str, model_name: s
 
 
 def save_checkpoint(directory: Path, state: dict[str, torch.Tensor], config: dict[str, Any],
-                    manifest: Optional[dict[str, Any]] = None) -> Path:
+                    manifest: dict[str, Any] | None = None) -> Path:
     """Write weights (safetensors), ``config.json`` and, when given, ``manifest.json``."""
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(directory / WEIGHTS_FILE))

@@ -22,17 +22,23 @@ verified. Drafts are deterministic (top-k), so greedy and sampling verification 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 
 from decodebench.config import check
 from decodebench.engine.backbone import Backbone, ForwardOutput
 from decodebench.engine.drafting import Drafter, Proposal, StepOutcome
-from decodebench.methods.draft_heads import (DraftVocab, check_target_shape, checkpoint_dir, load_checkpoint,
-                                             model_key, require_checkpoint)
+from decodebench.methods.draft_heads import (
+    DraftVocab,
+    check_target_shape,
+    checkpoint_dir,
+    load_checkpoint,
+    model_key,
+    require_checkpoint,
+)
 from decodebench.methods.eagle_net import EagleNet
 from decodebench.methods.head_tree import EAGLE_TREE, draft_attention_mask, template_parents, truncate_tree
 
@@ -62,8 +68,8 @@ class EagleDrafter(Drafter):
     @dataclass
     class Params:
         tree_nodes: int = 25  # draft nodes of the template used (EAGLE-1: all 25)
-        checkpoint: Optional[str] = None  # folder or hub id (published layout too); null = <cache>/drafters/<model>/eagle
-        max_verify_cost: Optional[float] = None  # cpu preset: size the tree from the latency curve
+        checkpoint: str | None = None  # folder or hub id (published layout too); null = <cache>/drafters/<model>/eagle
+        max_verify_cost: float | None = None  # cpu preset: size the tree from the latency curve
 
         def __post_init__(self) -> None:
             check(1 <= self.tree_nodes <= len(EAGLE_TREE), "method.params.tree_nodes", self.tree_nodes,
@@ -75,10 +81,10 @@ class EagleDrafter(Drafter):
 
     def __init__(self, params):
         self.params = params
-        self.net: Optional[EagleNet] = None
+        self.net: EagleNet | None = None
 
     # -- setup -------------------------------------------------------------------------------------
-    def setup(self, backbone: Backbone, cache_dir: Optional[str] = None) -> None:
+    def setup(self, backbone: Backbone, cache_dir: str | None = None) -> None:
         from decodebench.methods.published import load_eagle_checkpoint
 
         self.backbone = backbone
@@ -191,8 +197,8 @@ class Eagle2Drafter(EagleDrafter):
         total_tokens: int = 60  # verified tokens per step, root included (reference eval default 60)
         depth: int = 5  # expansion rounds after the root's children (reference default 5)
         top_k: int = 10  # children per expanded node and nodes expanded per round (reference 10)
-        checkpoint: Optional[str] = None  # null = <cache>/drafters/<model>/eagle (EAGLE-1's weights)
-        max_verify_cost: Optional[float] = None  # cpu preset: total_tokens from the latency curve
+        checkpoint: str | None = None  # null = <cache>/drafters/<model>/eagle (EAGLE-1's weights)
+        max_verify_cost: float | None = None  # cpu preset: total_tokens from the latency curve
 
         def __post_init__(self) -> None:
             check(self.total_tokens >= 2, "method.params.total_tokens", self.total_tokens, ">= 2")

@@ -23,7 +23,7 @@ Weight names follow the published EAGLE-1/2 checkpoints (``fc.weight``, ``fc.bia
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,7 +58,7 @@ class EagleNet(nn.Module):
 
     @dataclass
     class Params:
-        draft_vocab_size: Optional[int] = None  # null = the target's full vocabulary (EAGLE-1/2)
+        draft_vocab_size: int | None = None  # null = the target's full vocabulary (EAGLE-1/2)
         bias: bool = True  # fc bias (published EAGLE-1 configs: "bias": true)
         feature_noise: float = 0.2  # reference AddUniformNoise std (scaled by 512 / sequence length)
         feature_weight: float = 1.0  # reference p_w / v_w: 0.1 · token CE + 1.0 · feature SmoothL1
@@ -69,7 +69,7 @@ class EagleNet(nn.Module):
                   self.draft_vocab_size, ">= 2 or null")
             check(self.feature_noise >= 0, "drafter.params.feature_noise", self.feature_noise, ">= 0")
 
-    def __init__(self, backbone: Backbone, params: "EagleNet.Params", vocab: Optional[DraftVocab] = None):
+    def __init__(self, backbone: Backbone, params: EagleNet.Params, vocab: DraftVocab | None = None):
         super().__init__()
         config = backbone.config
         hidden = config.hidden_size
@@ -111,7 +111,7 @@ class EagleNet(nn.Module):
                        dtype=backbone.dtype, device=backbone.device)
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
-                attention_mask: Optional[torch.Tensor], cache: Optional[KVCache]) -> torch.Tensor:
+                attention_mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
         """``(q, hidden)`` features ``f_t`` and ``(q,)`` next tokens ``x_{t+1}`` at ``positions`` →
         ``(q, hidden)`` predicted features ``f̂_{t+1}``. ``attention_mask`` None with ``cache`` None
         = causal."""

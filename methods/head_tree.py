@@ -7,7 +7,7 @@ likeliest first token"; its nodes become the proposal in template order (parents
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -38,8 +37,8 @@ class MedusaDrafter(Drafter):
     @dataclass
     class Params:
         tree_nodes: int = 63  # draft nodes of Medusa's mc_sim_7b_63 tree used (paper: all 63)
-        checkpoint: Optional[str] = None  # null = <cache>/drafters/<model>/medusa
-        max_verify_cost: Optional[float] = None  # cpu preset: size the tree from the latency curve
+        checkpoint: str | None = None  # null = <cache>/drafters/<model>/medusa
+        max_verify_cost: float | None = None  # cpu preset: size the tree from the latency curve
 
         def __post_init__(self) -> None:
             check(1 <= self.tree_nodes <= len(MEDUSA_TREE), "method.params.tree_nodes", self.tree_nodes,
@@ -54,7 +53,7 @@ class MedusaDrafter(Drafter):
         self.params = params
         self.heads = None
 
-    def setup(self, backbone: Backbone, cache_dir: Optional[str] = None) -> None:
+    def setup(self, backbone: Backbone, cache_dir: str | None = None) -> None:
         from decodebench.methods.published import load_heads
 
         self.backbone = backbone
@@ -72,7 +71,7 @@ class MedusaDrafter(Drafter):
         log.info("%s: heads %s (%d draft nodes per step)", self.method_name, directory, len(self.paths))
 
     def begin(self, prompt_ids: list[int]) -> None:
-        self.feature: Optional[torch.Tensor] = None
+        self.feature: torch.Tensor | None = None
 
     def prefilled(self, output: ForwardOutput) -> None:
         self.feature = output.last_hidden[-1]
@@ -100,8 +99,8 @@ class HydraDrafter(MedusaDrafter):
     @dataclass
     class Params:
         tree_nodes: int = 63  # nodes of Medusa's sparse tree used (Hydra evaluates on Medusa's trees)
-        checkpoint: Optional[str] = None  # null = <cache>/drafters/<model>/hydra
-        max_verify_cost: Optional[float] = None
+        checkpoint: str | None = None  # null = <cache>/drafters/<model>/hydra
+        max_verify_cost: float | None = None
 
         def __post_init__(self) -> None:
             check(1 <= self.tree_nodes <= len(MEDUSA_TREE), "method.params.tree_nodes", self.tree_nodes,

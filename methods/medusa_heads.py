@@ -16,7 +16,7 @@ so the heads learn what verification accepts. Weight names of Medusa follow the 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,13 +46,13 @@ class _Heads(nn.Module):
 
     network = ""
 
-    def _output_layer(self, backbone: Backbone, vocab: Optional[DraftVocab]) -> nn.Linear:
+    def _output_layer(self, backbone: Backbone, vocab: DraftVocab | None) -> nn.Linear:
         weight = backbone.lm_head.weight if vocab is None else backbone.lm_head.weight[vocab.ids]
         layer = nn.Linear(backbone.config.hidden_size, weight.shape[0], bias=False)
         layer.weight = nn.Parameter(weight.detach().clone())
         return layer
 
-    def _register_vocab(self, vocab: Optional[DraftVocab]) -> None:
+    def _register_vocab(self, vocab: DraftVocab | None) -> None:
         self.vocab = vocab
         if vocab is not None:
             self.register_buffer("d2t", vocab.d2t)
@@ -78,7 +78,7 @@ class _Heads(nn.Module):
                 "draft_vocab_size": None if self.vocab is None else self.vocab.size}
 
     @classmethod
-    def load(cls, backbone: Backbone, directory) -> "_Heads":
+    def load(cls, backbone: Backbone, directory) -> _Heads:
         state, config = load_checkpoint(directory)
         check_target_shape(config, backbone, directory)
         vocab = DraftVocab.from_maps(state["d2t"], state["t2d"]) if "d2t" in state else None
@@ -108,7 +108,7 @@ class MedusaHeads(_Heads):
     class Params:
         num_heads: int = 5  # published Medusa-1 heads (medusa_num_heads 5)
         num_layers: int = 1  # residual blocks per head (medusa_num_layers 1)
-        draft_vocab_size: Optional[int] = None  # null = the full vocabulary (Medusa-1)
+        draft_vocab_size: int | None = None  # null = the full vocabulary (Medusa-1)
         head_decay: float = 0.8  # loss weight of head i: decay ** i
 
         def __post_init__(self) -> None:
@@ -117,7 +117,7 @@ class MedusaHeads(_Heads):
             check(self.draft_vocab_size is None or self.draft_vocab_size >= 2, "drafter.params.draft_vocab_size",
                   self.draft_vocab_size, ">= 2 or null")
 
-    def __init__(self, backbone: Backbone, params: "MedusaHeads.Params", vocab: Optional[DraftVocab] = None):
+    def __init__(self, backbone: Backbone, params: MedusaHeads.Params, vocab: DraftVocab | None = None):
         super().__init__()
         self.params = params
         hidden = backbone.config.hidden_size
@@ -150,7 +150,7 @@ class HydraHeads(_Heads):
     class Params:
         num_heads: int = 4  # Hydra++: 4 heads
         num_layers: int = 1  # residual blocks per head after the input projection
-        draft_vocab_size: Optional[int] = None
+        draft_vocab_size: int | None = None
         head_decay: float = 0.8
 
         def __post_init__(self) -> None:
@@ -159,7 +159,7 @@ class HydraHeads(_Heads):
             check(self.draft_vocab_size is None or self.draft_vocab_size >= 2, "drafter.params.draft_vocab_size",
                   self.draft_vocab_size, ">= 2 or null")
 
-    def __init__(self, backbone: Backbone, params: "HydraHeads.Params", vocab: Optional[DraftVocab] = None):
+    def __init__(self, backbone: Backbone, params: HydraHeads.Params, vocab: DraftVocab | None = None):
         super().__init__()
         self.params = params
         hidden = backbone.config.hidden_size

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -84,7 +83,7 @@ def load_heads(heads_class, backbone: Backbone, directory: Path):
                            f"{', '.join(sorted(config))})")
 
 
-def load_published_medusa(backbone: Backbone, directory: Path, config: Optional[dict] = None):
+def load_published_medusa(backbone: Backbone, directory: Path, config: dict | None = None):
     from decodebench.methods.medusa_heads import MedusaHeads
 
     config = config or _read_config(directory)

@@ -11,8 +11,13 @@ import torch
 from decodebench.config import MethodConfig
 from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import build_method, method_config
-from decodebench.methods.draft_heads import (DraftVocab, MissingCheckpointError, checkpoint_dir, model_key,
-                                             save_checkpoint)
+from decodebench.methods.draft_heads import (
+    DraftVocab,
+    MissingCheckpointError,
+    checkpoint_dir,
+    model_key,
+    save_checkpoint,
+)
 from decodebench.methods.eagle import Eagle2Drafter, EagleDrafter
 from decodebench.methods.eagle_net import EagleNet
 from decodebench.methods.medusa import HydraDrafter, MedusaDrafter
@@ -20,8 +25,16 @@ from decodebench.methods.medusa_heads import HydraHeads, MedusaHeads
 from decodebench.training.config import DrafterConfig
 from decodebench.training.corpus import greedy_answers, target_features
 from decodebench.training.trainer import train_network
-from helpers import (chi_square_p_value, decode, exact_second_and_third, random_prompts, repeating_prompts,
-                     tiny_backbone, tiny_pair)
+
+from helpers import (
+    chi_square_p_value,
+    decode,
+    exact_second_and_third,
+    random_prompts,
+    repeating_prompts,
+    tiny_backbone,
+    tiny_pair,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -140,7 +153,7 @@ def test_checkpoint_round_trip_keeps_the_drafts(trained):
 def test_missing_checkpoint_names_the_training_command(tmp_path):
     backbone = tiny_backbone("llama")
     backbone.model_name = "tiny-llama"
-    for method, (cls, network) in METHODS.items():
+    for cls, network in METHODS.values():
         with pytest.raises(MissingCheckpointError, match=f"decodebench-train drafter={network} model=tiny-llama"):
             cls(cls.Params()).setup(backbone, str(tmp_path))
         assert MissingCheckpointError.exit_code == 2

@@ -17,8 +17,9 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -109,7 +110,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 @hydra.main(config_path="pkg://decodebench.conf", config_name="train", version_base="1.3")
-def hydra_app(cfg: DictConfig) -> Optional[dict]:
+def hydra_app(cfg: DictConfig) -> dict | None:
     try:
         manifest = train(to_train_config(cfg))
     except DecodeBenchError as error:
@@ -121,7 +122,7 @@ def hydra_app(cfg: DictConfig) -> Optional[dict]:
     return manifest
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")

@@ -7,7 +7,7 @@ ConfigStore like the run schema (:mod:`decodebench.config`): ``base_train`` for 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
@@ -26,8 +26,8 @@ class CorpusConfig:
     # jsonl: a local file (``path``, field ``column``); dataset: a ``datasets`` id (``name``, ``split``,
     # ``column``), e.g. anon8231489123/ShareGPT_Vicuna_unfiltered or HuggingFaceH4/ultrachat_200k online
     source: str = "self"
-    path: Optional[str] = None
-    name: Optional[str] = None
+    path: str | None = None
+    name: str | None = None
     split: str = "train"
     column: str = "prompt"
     # sized for a CPU (on 2 busy cores SmolLM2-135M writes and answers these 96 in ~17 min)
@@ -63,7 +63,7 @@ class DrafterConfig:
     weight_decay: float = 0.0
     grad_clip: float = 0.5  # gradient value clipping (EAGLE / Kangaroo reference)
     validation_fraction: float = 0.1  # held-out sequences for the agreement / best-epoch choice
-    max_minutes: Optional[float] = None  # stop training after this long (the best epoch so far is kept)
+    max_minutes: float | None = None  # stop training after this long (the best epoch so far is kept)
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, "drafter.epochs", self.epochs, ">= 1")
@@ -85,11 +85,11 @@ class TrainConfig:
     drafter: DrafterConfig = field(default_factory=DrafterConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     seed: int = 0
-    threads: Optional[int] = None
+    threads: int | None = None
     device: str = "cpu"
     dtype: str = "float32"
-    data_dir: Optional[str] = None  # evaluation sets the corpus must not overlap
-    cache_dir: Optional[str] = None
+    data_dir: str | None = None  # evaluation sets the corpus must not overlap
+    cache_dir: str | None = None
     results_dir: str = "results"
     regenerate: bool = False  # rebuild the corpus even if the cache holds it
     progress: bool = True

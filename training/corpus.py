@@ -27,9 +27,10 @@ import json
 import logging
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -107,7 +108,7 @@ def self_written_prompts(backbone: Backbone, tokenizer, cfg: CorpusConfig, eos_i
     return list(prompts.values())
 
 
-def _first_user_turn(value: Any) -> Optional[str]:
+def _first_user_turn(value: Any) -> str | None:
     if isinstance(value, str):
         return value
     if isinstance(value, list):
@@ -157,7 +158,7 @@ def gather_prompts(cfg: CorpusConfig, backbone: Backbone, tokenizer, eos_ids: Se
 
 
 # -- evaluation-set overlap ---------------------------------------------------------------------
-def evaluation_texts(data_dir: Optional[str], cache_dir: str) -> tuple[list[tuple[str, str, str]], list[str]]:
+def evaluation_texts(data_dir: str | None, cache_dir: str) -> tuple[list[tuple[str, str, str]], list[str]]:
     """``(task, sample id, user turn)`` of every evaluation row found, and the tasks not found."""
     from decodebench.config import TaskConfig, group_config
     from decodebench.tasks import build_task
@@ -191,7 +192,7 @@ def find_overlaps(prompts: Sequence[str], rows: Sequence[tuple[str, str, str]]) 
     return found
 
 
-def check_no_overlap(prompts: Sequence[str], data_dir: Optional[str], cache_dir: str) -> None:
+def check_no_overlap(prompts: Sequence[str], data_dir: str | None, cache_dir: str) -> None:
     """Refuse a corpus that overlaps an evaluation set (the message names the rows)."""
     rows, missing = evaluation_texts(data_dir, cache_dir)
     if missing:
@@ -253,7 +254,7 @@ def save_corpus(directory: Path, corpus: Corpus) -> None:
     (directory / "corpus.json").write_text(json.dumps({**corpus.info, "prompts": corpus.prompts}, indent=2) + "\n")
 
 
-def load_corpus(directory: Path) -> Optional[Corpus]:
+def load_corpus(directory: Path) -> Corpus | None:
     path = directory / "corpus.pt"
     if not path.is_file():
         return None
@@ -263,7 +264,7 @@ def load_corpus(directory: Path) -> Optional[Corpus]:
 
 
 def build_corpus(backbone: Backbone, tokenizer, model_name: str, chat_template: bool, cfg: CorpusConfig,
-                 eos_ids: Sequence[int], seed: int, data_dir: Optional[str], cache_dir: str,
+                 eos_ids: Sequence[int], seed: int, data_dir: str | None, cache_dir: str,
                  regenerate: bool = False, progress: bool = True) -> Corpus:
     """The corpus of ``cfg`` for this model: from the cache, else built (prompts → overlap check →
     greedy answers → features) and stored."""

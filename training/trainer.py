@@ -14,8 +14,9 @@ from __future__ import annotations
 import copy
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
