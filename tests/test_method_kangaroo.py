@@ -139,7 +139,6 @@ def test_exit_layer_mismatch_is_an_error(trained):
 
 
 def test_corpus_file(tmp_path):
-    assert len(read_corpus(None)) >= 40
     text = tmp_path / "c.txt"
     text.write_text("first prompt\n\nsecond prompt\n")
     assert read_corpus(str(text)) == ["first prompt", "second prompt"]
