@@ -22,6 +22,7 @@ import dataclasses
 import itertools
 import os
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -349,7 +350,11 @@ def check_params(params_cls: type, values: dict[str, Any], where: str, kind: str
     try:
         merged = OmegaConf.merge(defaults, values)
     except OmegaConfBaseException as error:
-        raise config_error(error, where, kind, params_cls, f" for {owner}") from error
+        parents = str(error.full_key or error.key or "").split(".")[:-1]  # a nested dataclass (e.g. sandbox)
+        holder = params_cls
+        for name in parents:
+            holder = typing.get_type_hints(holder).get(name, holder)
+        raise config_error(error, where, kind, holder, "" if parents else f" for {owner}") from error
     return OmegaConf.to_container(merged, resolve=False)  # type: ignore[return-value]
 
 
