@@ -20,6 +20,7 @@ PACKAGE_ROOTS = {
     "decodebench.tasks": "tasks",
     "decodebench.runners": "runners",
     "decodebench.analysis": "analysis",
+    "decodebench.training": "training",
     "decodebench.conf": "conf",
 }
 

@@ -130,6 +130,7 @@ def generate(
 
     prefill = backbone.forward(prompt_ids, cache, logits_rows=slice(-1, None))
     new_ids = [next_token(prefill.logits[0], params, generator)]
+    drafter.prefilled(prefill)
     prefill_s = now(device) - start
     context = [*prompt_ids, *new_ids]
     steps: list[StepStats] = []

@@ -142,6 +142,11 @@ class Drafter:
     def begin(self, prompt_ids: list[int]) -> None:
         """Called at the start of each generation with the prompt's token ids."""
 
+    def prefilled(self, output: ForwardOutput) -> None:
+        """Called after the prefill with its forward output (``last_hidden``: the target's final
+        hidden state of every prompt token), for drafters that draft from target features (EAGLE,
+        Medusa, Hydra); their ``feedback`` gets the same for every verified block."""
+
     def propose(self, context: list[int], max_tokens: int) -> Proposal:
         """Draft at most ``max_tokens`` tokens to follow ``context`` (prompt + emitted tokens)."""
         return Proposal()

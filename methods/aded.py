@@ -10,11 +10,10 @@ Each step:
 3. the paths are pruned to ``max_draft_tokens`` distinct tokens and merged into a draft tree,
    verified in one tree-masked forward.
 
-The matrix starts from a corpus (``corpus_files``): by default the target model's own greedy
-answers to prompts that are not benchmark questions (GSM8K test questions that do not occur in
-Spec-Bench, HumanEval prompts). Generating the corpus is a cached step: the answers are stored
-under ``<cache_dir>/state/aded-corpus-<model>-<digest>.pt`` and reused by later runs with the same
-corpus settings. The reinforced matrix is learned state (``state: per_task`` by default: the
+The matrix starts from the training pipeline's corpus (:mod:`decodebench.training.corpus`): the
+target's own greedy answers to prompts it wrote itself from its chat template (offline, checked
+against every evaluation set, never a benchmark question). It is a cached step shared with
+``decodebench-train``: ``<cache>/corpora/<model>/<key>/``. The reinforced matrix is learned state (``state: per_task`` by default: the
 reference reinforces one matrix for its whole run).
 
 Followed from the reference: tri-gram frequencies normalised per pair then pruned to the top 12;
@@ -27,7 +26,7 @@ likely successor; ``cut_to_choices`` to 64 tokens; a breadth-first tree of at mo
 Differs, and why:
 
 * Corpus: the reference counts tri-grams of ShareGPT / UltraChat conversations (not on disk
-  here); DecodeBench uses the target's own answers on a non-benchmark corpus, as the issue asks.
+  here); DecodeBench uses the target's own answers to self-written prompts (the training corpus).
 * Rollout score: the reference adds ``matrix[pair][pair[1]]`` (the weight of the pair's own last
   token, almost always 0, so every rollout scores 1); we add the weight of the token the rollout
   actually took — the score the paper describes (path likelihood), so visits favour likely paths.
@@ -37,40 +36,21 @@ Differs, and why:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import random
 import zlib
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from decodebench.config import ConfigValueError, check, default_cache_dir
 from decodebench.engine.backbone import Backbone
-from decodebench.engine.decode_loop import DecodeSettings, generate
-from decodebench.engine.drafting import Drafter, Proposal
+from decodebench.engine.drafting import Proposal
 from decodebench.methods.aded_search import MctsConfig, TrigramMatrix, cut_to_choices, mcts_paths, paths_to_tree
 from decodebench.methods.state_policy import StatefulDrafter, check_state_policy, model_key
 
 log = logging.getLogger("decodebench")
-
-
-@dataclass
-class CorpusSpec:
-    """Which prompts the corpus answers: ``files`` as ``path:field`` (relative to the data folder),
-    the first ``per_file`` rows of each whose text occurs in no ``exclude`` file."""
-
-    files: list[str]
-    per_file: int
-    exclude: list[str]
-    max_new_tokens: int
-
-    def digest(self) -> str:
-        text = json.dumps([self.files, self.per_file, self.exclude, self.max_new_tokens])
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 class AdedDrafter(StatefulDrafter):
@@ -88,10 +68,11 @@ class AdedDrafter(StatefulDrafter):
         reinforce_window: int = 16  # last tokens whose tri-grams are reinforced each step
         reinforce_step: float = 0.04
         reinforce_cap: float = 3.0
-        corpus_files: list[str] = field(default_factory=lambda: ["gsm8k/test.jsonl:question"])
-        corpus_per_file: int = 32
-        corpus_exclude: list[str] = field(default_factory=lambda: ["spec_bench/question.jsonl"])
-        corpus_max_new_tokens: int = 128
+        # the decodebench-train corpus (training/corpus.py): the target's greedy answers to prompts it
+        # wrote itself (offline, never an evaluation set); the defaults are decodebench-train's, so the
+        # same cached corpus serves both. 0 prompts = start from an empty matrix.
+        corpus_prompts: int = 96
+        corpus_max_new_tokens: int = 96
         state: str = "per_task"  # the reinforced matrix: per_prompt | per_task | persistent
         seed: int = 0  # MCTS rollouts (per prompt: seed and prompt hashed)
         # cpu preset: max_draft_tokens from the stored latency curve of the backend in use (the largest
@@ -111,9 +92,7 @@ class AdedDrafter(StatefulDrafter):
             check(self.reinforce_window >= 3, "method.params.reinforce_window", self.reinforce_window, ">= 3")
             check(self.reinforce_step >= 0, "method.params.reinforce_step", self.reinforce_step, ">= 0")
             check(self.reinforce_cap > 0, "method.params.reinforce_cap", self.reinforce_cap, "> 0")
-            check(self.corpus_per_file >= 0, "method.params.corpus_per_file", self.corpus_per_file, ">= 0")
-            for spec in self.corpus_files:
-                check(":" in spec, "method.params.corpus_files", spec, "entries 'path:field'")
+            check(self.corpus_prompts >= 0, "method.params.corpus_prompts", self.corpus_prompts, ">= 0")
             check_state_policy(self.state)
 
     def __init__(self, params: AdedDrafter.Params):
@@ -145,7 +124,7 @@ class AdedDrafter(StatefulDrafter):
     # -- Drafter API -----------------------------------------------------------------------------
     def setup(self, backbone: Backbone, cache_dir: str | None = None) -> None:
         """Build (or load the cached) corpus matrix, then apply the state policy."""
-        sequences = self._corpus(backbone, cache_dir) if self.params.corpus_files else []
+        sequences = self._corpus(backbone, cache_dir) if self.params.corpus_prompts else []
         self.corpus_matrix = TrigramMatrix.from_sequences(sequences, self.params.top_k)
         self.max_draft_tokens = (
             self.budget_from_curve(backbone, cache_dir, self.params.max_verify_cost, self.params.max_draft_tokens + 1)
@@ -169,36 +148,33 @@ class AdedDrafter(StatefulDrafter):
         tokens, parents = paths_to_tree(cut_to_choices(unique, budget), budget, max_tokens)
         return Proposal(tokens=tokens, parents=parents) if tokens else Proposal()
 
-    # -- the corpus (a cached step) --------------------------------------------------------------
+    # -- the corpus (the training pipeline's, a cached step) ---------------------------------------
     def _corpus(self, backbone: Backbone, cache_dir: str | None) -> list[list[int]]:
-        """The target's answers to the corpus prompts, generated once and cached.
+        """The answers of the ``decodebench-train`` corpus with these settings (built once, cached in
+        ``<cache>/corpora/<model>/``, shared with every drafter trained on it)."""
+        import os
 
-        Answers are saved as they are generated (``.partial.pt``), so an interrupted build resumes
-        where it stopped; the finished file is renamed into place.
-        """
-        p = self.params
-        spec = CorpusSpec(list(p.corpus_files), p.corpus_per_file, list(p.corpus_exclude), p.corpus_max_new_tokens)
-        root = Path(cache_dir or default_cache_dir()).expanduser()
-        path = root / "state" / f"aded-corpus-{model_key(backbone)}-{spec.digest()}.pt"
-        if path.is_file():
-            return load_sequences(path)
-        partial = path.with_suffix(".partial.pt")
-        answers = load_sequences(partial) if partial.is_file() else []
-        texts = corpus_texts(spec, root)
-        log.info(
-            "aded: generating the corpus (%d of %d prompts left, %d new tokens each) into %s",
-            len(texts) - len(answers),
-            len(texts),
-            spec.max_new_tokens,
-            path,
-        )
+        from decodebench.training.config import CorpusConfig
+        from decodebench.training.corpus import build_corpus
+
         tokenizer = self._tokenizer(backbone)
-        for text in texts[len(answers) :]:
-            answers.extend(generate_answers(backbone, tokenizer, [text], spec.max_new_tokens))
-            save_sequences(partial, answers, spec)
-        save_sequences(path, answers, spec)
-        partial.unlink(missing_ok=True)
-        return answers
+        eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        configured = getattr(backbone.model.generation_config, "eos_token_id", None)
+        eos.update(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+        corpus_cfg = CorpusConfig(prompts=self.params.corpus_prompts, answer_tokens=self.params.corpus_max_new_tokens)
+        corpus = build_corpus(
+            backbone,
+            tokenizer,
+            backbone.model_name or model_key(backbone),
+            True,
+            corpus_cfg,
+            sorted(eos),
+            seed=0,
+            data_dir=os.environ.get("DECODEBENCH_DATA"),
+            cache_dir=cache_dir or default_cache_dir(),
+            progress=False,
+        )
+        return [s.ids[s.answer_start :].tolist() for s in corpus.sequences]
 
     def _tokenizer(self, backbone: Backbone) -> Any:
         """The target's tokenizer, read from the checkpoint folder it was loaded from."""
@@ -210,78 +186,5 @@ class AdedDrafter(StatefulDrafter):
         except (OSError, ValueError) as error:
             raise ConfigValueError(
                 f"aded: cannot load the tokenizer of '{location or backbone.config.model_type}' to build the "
-                f"corpus ({error}); set method.params.corpus_files=[] to start from an empty matrix"
+                f"corpus ({error}); set method.params.corpus_prompts=0 to start from an empty matrix"
             ) from error
-
-
-def save_sequences(path: Path, sequences: list[list[int]], spec: CorpusSpec) -> None:
-    """Store token sequences flat (tokens + lengths), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    flat = [token for sequence in sequences for token in sequence]
-    partial = path.with_name(path.name + ".tmp")
-    torch.save(
-        {
-            "tokens": torch.tensor(flat, dtype=torch.long),
-            "lengths": torch.tensor([len(s) for s in sequences], dtype=torch.long),
-            "spec": json.dumps(spec.__dict__),
-        },
-        partial,
-    )
-    partial.replace(path)
-
-
-def load_sequences(path: Path) -> list[list[int]]:
-    """Read what :func:`save_sequences` wrote."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    tokens, out, start = saved["tokens"].tolist(), [], 0
-    for length in saved["lengths"].tolist():
-        out.append(tokens[start : start + length])
-        start += length
-    return out
-
-
-def corpus_texts(spec: CorpusSpec, cache_dir: Path) -> list[str]:
-    """The first ``spec.per_file`` texts of each corpus file that no excluded file contains."""
-    from decodebench.tasks.data import load_jsonl_records, resolve_data_file
-
-    excluded = "\n".join(
-        text
-        for name in spec.exclude
-        for row in load_jsonl_records(resolve_data_file(name, None, cache_dir), cache_dir)
-        for text in _strings(row)
-    )
-    texts: list[str] = []
-    for entry in spec.files:
-        name, column = entry.rsplit(":", 1)
-        rows = load_jsonl_records(resolve_data_file(name, None, cache_dir), cache_dir)
-        kept = [row[column] for row in rows if row.get(column) and row[column].strip() not in excluded]
-        texts.extend(kept[: spec.per_file])
-    return texts
-
-
-def _strings(value: Any) -> list[str]:
-    """Every string inside a JSON value (questions, turns, references)."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, dict):
-        return [s for item in value.values() for s in _strings(item)]
-    if isinstance(value, list):
-        return [s for item in value for s in _strings(item)]
-    return []
-
-
-def generate_answers(backbone: Backbone, tokenizer: Any, texts: list[str], max_new_tokens: int) -> list[list[int]]:
-    """Greedy answers of the target to ``texts`` (as user turns with its chat template), on the
-    engine's own decode loop with a drafter that never drafts."""
-    from decodebench.tasks.prompts import encode_prompt
-
-    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    configured = getattr(backbone.model.generation_config, "eos_token_id", None)
-    eos.update(configured if isinstance(configured, list) else [configured] if configured is not None else [])
-    settings = DecodeSettings(max_new_tokens=max_new_tokens, eos_token_ids=sorted(eos))
-    cache = backbone.new_cache(1024)
-    answers = []
-    for text in texts:
-        prompt = encode_prompt(tokenizer, [{"role": "user", "content": text}], use_chat_template=True)
-        answers.append(generate(backbone, Drafter(), prompt, settings, cache).new_ids)
-    return answers

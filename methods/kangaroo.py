@@ -5,8 +5,9 @@ Draft model = the target's first ``exit_layer`` decoder layers (the shallow sub-
 weights) + a trained adapter — one attention block and two RMS norms:
 ``out = norm_out(h + attention(norm_in(h)))`` — + the target's own LM head. Double early exit:
 the draft exits the layer stack at ``exit_layer`` (first exit), and drafting stops as soon as the
-draft's top-1 probability falls below ``confidence_threshold`` (second exit; that token is not
-proposed) or after ``max_draft_tokens``. The target verifies the chain in one forward (greedy
+draft's top-1 probability falls below ``confidence_threshold`` (second exit; as in the reference,
+that low-confidence token is still proposed and verified, so every step drafts at least one token)
+or after ``max_draft_tokens``. The target verifies the chain in one forward (greedy
 longest prefix; drafts are deterministic, so sampling stays lossless too).
 
 The adapter is trained by ``decodebench-train-kangaroo`` (:mod:`decodebench.methods.kangaroo_train`)
@@ -264,18 +265,17 @@ class KangarooDrafter(EarlyExitDrafter):
         if seen < committed:
             cache.crop(seen, layers=range(exit_layer))
             state.feed(context[seen:committed], self._shallow(context[seen:committed])[-1])
-        # 2. draft: shallow layers on the target cache + adapter + LM head, until the draft's
-        #    top-1 probability drops below the threshold (that token is not proposed)
+        # 2. draft: shallow layers on the target cache + adapter + LM head; as in the reference, the
+        #    first token is always drafted, and a token whose top-1 probability falls below the
+        #    threshold is still proposed (the target verifies it) but ends the draft
         token, tokens, states = context[-1], [], []
         while True:
             layer_states = self._shallow([token])
             states.append(layer_states)
             probs = torch.softmax(state.feed([token], layer_states[-1]), dim=-1)
             confidence, best = probs.max(dim=-1)
-            if float(confidence) < self.params.confidence_threshold:
-                break
             tokens.append(int(best))
-            if len(tokens) == budget:
+            if float(confidence) < self.params.confidence_threshold or len(tokens) == budget:
                 break
             token = int(best)
         # 3. hide the drafted shallow K/V from the loop; verify_forward brings back the accepted part

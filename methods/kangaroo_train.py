@@ -3,7 +3,7 @@
 
 Usage::
 
-    decodebench-train-kangaroo --model smollm2-135m                  # built-in corpus, a few minutes
+    decodebench-train-kangaroo --model smollm2-135m                  # the decodebench-train corpus
     decodebench-train-kangaroo --model smollm2-135m --corpus my_prompts.txt --epochs 4
 
 Data — self-distillation on the model's OWN greedy generations: every corpus prompt is wrapped in
@@ -11,10 +11,11 @@ the model's chat template and answered greedily by the engine's AR decode loop; 
 forward of ``prompt + answer`` gives, at every answer position ``t``, the shallow hidden state
 (output of layer ``exit_layer - 1``) — the adapter's input — and the target's final hidden state,
 whose LM-head distribution is the adapter's soft label (as in the reference ``train.py``: cross
-entropy against the target's distribution). The default corpus (:data:`DEFAULT_PROMPTS`) is a list
-of everyday instructions written for this harness; none is a Spec-Bench, MT-Bench, GSM8K or
-HumanEval question, so the benchmark's prompts stay unseen. ``--corpus`` reads any ``.txt`` (one
-prompt per line) or ``.jsonl`` (field ``prompt``, ``instruction`` or ``text``).
+entropy against the target's distribution). The default corpus is the training pipeline's
+(:mod:`decodebench.training.corpus`): prompts the model writes itself from its chat template,
+checked against every evaluation set, answered greedily, cached in ``<cache>/corpora/<model>/``
+and shared with ``decodebench-train`` and ADED. ``--corpus`` reads any ``.txt`` (one prompt per
+line) or ``.jsonl`` (field ``prompt``, ``instruction`` or ``text``).
 
 Training: AdamW on the adapter only (attention + 2 norms; the shallow layers and LM head are
 frozen and shared), one sequence per step, linear learning-rate decay; a held-out split gives the
@@ -22,9 +23,9 @@ reported top-1 agreement (adapter argmax = target argmax, an estimate of per-tok
 and picks the epoch whose weights are kept (lowest held-out loss: the self-generated corpus is
 small, later epochs overfit). The adapter is saved where
 the ``kangaroo`` method looks for it: ``<cache>/kangaroo/<model>/adapter.pt`` (+ ``adapter.json``
-with the training time and metrics). The self-generated answers are kept next to it
+with the training time and metrics). With ``--corpus`` the answers are kept next to it
 (``generations.pt``) and reused by a retraining with the same model, prompts and answer length
-(``--regenerate`` recomputes them): generation is most of the cost on a CPU.
+(``--regenerate`` recomputes either corpus): generation is most of the cost on a CPU.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import random
 import sys
 import time
@@ -47,106 +49,8 @@ from decodebench.engine.decode_loop import DecodeSettings, generate, generate_ba
 from decodebench.engine.drafting import Drafter
 from decodebench.methods.kangaroo import KangarooAdapter, adapter_path, save_adapter
 from decodebench.registry import DecodeBenchError
-
-# Everyday assistant instructions written for this harness (not taken from any benchmark).
-DEFAULT_PROMPTS = [
-    "Describe how a bicycle gear system works.",
-    "Give me three tips for keeping houseplants alive.",
-    "Explain what a database index is to a new programmer.",
-    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
-    "What are the main differences between a lake and a pond?",
-    "Summarize the water cycle in a few sentences.",
-    "Suggest a weekly meal plan for a vegetarian student on a budget.",
-    "How do vaccines train the immune system?",
-    "Write a polite email asking a colleague to review a document.",
-    "Explain the rules of chess for a complete beginner.",
-    "What causes the seasons on Earth?",
-    "List five ways to reduce household energy use.",
-    "Write a haiku about the first snow of winter.",
-    "Explain recursion with a simple example in Python.",
-    "What should I pack for a three-day hiking trip?",
-    "Describe the life cycle of a butterfly.",
-    "Why do cats purr?",
-    "Give a short overview of how the internet routes data packets.",
-    "Write a product description for a reusable water bottle.",
-    "How does compound interest work?",
-    "Explain the difference between weather and climate.",
-    "Write a limerick about a forgetful robot.",
-    "What are good habits for learning a new language?",
-    "Describe how bread rises when it is baked.",
-    "Explain what a hash map is and when to use one.",
-    "Give advice for a first job interview.",
-    "How do solar panels turn sunlight into electricity?",
-    "Write a thank-you note to a teacher.",
-    "Describe a calm morning routine.",
-    "What is the difference between a virus and a bacterium?",
-    "Explain how a refrigerator keeps food cold.",
-    "Write a short dialogue between a baker and a customer.",
-    "How can I improve my sleep quality?",
-    "Explain what version control is and why teams use it.",
-    "Describe the main parts of a plant cell.",
-    "Give me a simple recipe for tomato soup.",
-    "Why is the ocean salty?",
-    "Write a motivational message for someone starting to run.",
-    "Explain the difference between a list and a tuple in Python.",
-    "How do birds know where to migrate?",
-    "Describe how to change a flat tire.",
-    "What are the benefits of reading every day?",
-    "Write a short poem about a city at night.",
-    "Explain how a bill becomes a law in simple terms.",
-    "Give tips for writing clear documentation.",
-    "How does a compass work?",
-    "Describe the taste of a ripe mango to someone who has never had one.",
-    "Explain what machine learning is in two paragraphs.",
-    "How do I make a good cup of coffee with a French press?",
-    "Describe the role of bees in a garden.",
-    "Write a short speech for a friend's birthday dinner.",
-    "Explain what an API is using a restaurant analogy.",
-    "What are the pros and cons of working from home?",
-    "Describe how a rainbow forms.",
-    "Give me a plan to clean a messy garage in one weekend.",
-    "Explain the difference between RAM and disk storage.",
-    "Write a fairy tale about a fox who learns to share.",
-    "How do earthquakes happen?",
-    "Suggest five indoor activities for a rainy day.",
-    "Explain how to write a for loop in JavaScript.",
-    "What is photosynthesis and why does it matter?",
-    "Write an apology message for missing a meeting.",
-    "Describe the sound of a busy market in the morning.",
-    "How can a small team run effective meetings?",
-    "Explain what inflation is in everyday terms.",
-    "Write a four-line poem about the sea.",
-    "What are the main steps of the scientific method?",
-    "Describe how a train stays on its tracks.",
-    "Give tips for taking better photos with a phone.",
-    "Explain what a prime number is with examples.",
-    "How does a library organise its books?",
-    "Write a short note welcoming a new neighbour.",
-    "Explain why exercise improves mood.",
-    "Describe the journey of a letter through the postal system.",
-    "What is the difference between a simile and a metaphor?",
-    "Explain how to keep a password safe.",
-    "Write a brief review of an imaginary science fiction film.",
-    "How do plants know which way is up?",
-    "Give a beginner's guide to growing tomatoes.",
-    "Explain what a function is in mathematics.",
-    "Describe a day in the life of a lighthouse.",
-    "What makes a good team leader?",
-    "Explain how an electric kettle works.",
-    "Write a short mystery opening line and continue it for a paragraph.",
-    "How do glaciers shape valleys?",
-    "List the planets of the solar system with one fact each.",
-    "Explain the idea of supply and demand.",
-    "Write instructions for folding a paper airplane.",
-    "Why do leaves change colour in autumn?",
-    "Explain what a sorting algorithm does and name two.",
-    "Describe how to prepare for a long flight.",
-    "What are the health benefits of drinking water?",
-    "Write a friendly reminder email about an upcoming deadline.",
-    "Explain how tides are related to the moon.",
-    "Give three ideas for a school science fair project.",
-    "Describe the smell of a forest after rain.",
-]
+from decodebench.training.config import CorpusConfig
+from decodebench.training.corpus import build_corpus
 
 
 @dataclass
@@ -304,11 +208,8 @@ def train_adapter(
     }
 
 
-def read_corpus(path: str | None) -> list[str]:
-    """Prompts from ``path`` (.txt: one per line; .jsonl: prompt | instruction | text), else the
-    built-in :data:`DEFAULT_PROMPTS`."""
-    if not path:
-        return list(DEFAULT_PROMPTS)
+def read_corpus(path: str) -> list[str]:
+    """Prompts from ``path`` (.txt: one per line; .jsonl: prompt | instruction | text)."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise DecodeBenchError(f"corpus file not found: {file}")
@@ -325,16 +226,46 @@ def read_corpus(path: str | None) -> list[str]:
     return prompts
 
 
+def file_corpus(args, loaded, model_config, backbone: Backbone, path: Path, log) -> tuple[list, list, float]:
+    """Prompts of ``--corpus`` and the model's greedy answers (kept in ``generations.pt`` next to the
+    adapter and reused by a retraining with the same model, prompts and answer length)."""
+    from decodebench.runners.local import eos_token_ids
+    from decodebench.tasks.prompts import encode_prompt
+
+    texts = read_corpus(args.corpus)[: args.prompts]
+    prompts = [
+        encode_prompt(loaded.tokenizer, [{"role": "user", "content": text}], model_config.chat_template)
+        for text in texts
+    ]
+    data_file = path.with_name("generations.pt")
+    data_key = {"model": args.model, "prompts": prompts, "max_new_tokens": args.max_new_tokens}
+    stored = torch.load(data_file, weights_only=True) if data_file.is_file() and not args.regenerate else None
+    if stored is not None and stored["key"] == data_key:
+        log(f"reusing {len(stored['answers'])} answers from {data_file} (--regenerate to recompute)")
+        return prompts, stored["answers"], float(stored["generation_s"])
+    start = time.perf_counter()
+    log(f"generating {len(prompts)} greedy answers ({args.max_new_tokens} tokens max) with {args.model}")
+    answers = self_generate(backbone, prompts, args.max_new_tokens, eos_token_ids(loaded), log, args.batch_size)
+    generation_s = time.perf_counter() - start
+    data_file.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"key": data_key, "answers": answers, "generation_s": generation_s}, data_file)
+    return prompts, answers, generation_s
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="decodebench-train-kangaroo",
         description="Train Kangaroo's adapter on the model's own greedy generations (CPU).",
     )
     parser.add_argument("--model", default="smollm2-135m", help="catalogue model name (conf/model/)")
-    parser.add_argument("--corpus", help="prompt file (.txt one per line, .jsonl with 'prompt'); default: built-in")
-    parser.add_argument("--prompts", type=int, default=None, help="use the first N corpus prompts")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="length of each self-generated answer")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts answered together (greedy, batched AR)")
+    parser.add_argument(
+        "--corpus",
+        help="prompt file (.txt one per line, .jsonl with 'prompt'); default: the "
+        "decodebench-train corpus (prompts the model writes itself, cached and shared)",
+    )
+    parser.add_argument("--prompts", type=int, default=None, help="use N corpus prompts (default: all / 96)")
+    parser.add_argument("--max-new-tokens", type=int, default=96, help="length of each self-generated answer")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts answered together (greedy, batched AR)")
     parser.add_argument("--exit-layer", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -354,7 +285,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from decodebench.models.loading import load_model, load_model_config
     from decodebench.runners.local import eos_token_ids
-    from decodebench.tasks.prompts import encode_prompt
 
     try:
         if args.threads:
@@ -365,25 +295,31 @@ def main(argv: list[str] | None = None) -> int:
         if loaded.tokenizer is None:
             raise DecodeBenchError(f"model '{args.model}' has no tokenizer to encode the corpus")
         backbone = Backbone(loaded.model)
-        texts = read_corpus(args.corpus)[: args.prompts]
-        prompts = [
-            encode_prompt(loaded.tokenizer, [{"role": "user", "content": text}], model_config.chat_template)
-            for text in texts
-        ]
         path = Path(args.output).expanduser() if args.output else adapter_path(cache_dir, backbone)
-        data_file = path.with_name("generations.pt")  # the self-generated data, reused by retraining
-        data_key = {"model": args.model, "prompts": prompts, "max_new_tokens": args.max_new_tokens}
-        stored = torch.load(data_file, weights_only=True) if data_file.is_file() and not args.regenerate else None
-        if stored is not None and stored["key"] == data_key:
-            answers, generation_s = stored["answers"], float(stored["generation_s"])
-            log(f"reusing {len(answers)} answers from {data_file} (--regenerate to recompute)")
+        if args.corpus is None:  # the training pipeline's corpus: self-written prompts, cached and shared
+            backbone.model_name = args.model
+            corpus_cfg = CorpusConfig(
+                prompts=args.prompts or CorpusConfig.prompts,
+                answer_tokens=args.max_new_tokens,
+                batch_size=args.batch_size,
+            )
+            corpus = build_corpus(
+                backbone,
+                loaded.tokenizer,
+                args.model,
+                model_config.chat_template,
+                corpus_cfg,
+                eos_token_ids(loaded),
+                args.seed,
+                os.environ.get("DECODEBENCH_DATA"),
+                cache_dir,
+                args.regenerate,
+            )
+            prompts = [s.ids[: s.answer_start].tolist() for s in corpus.sequences]
+            answers = [s.ids[s.answer_start :].tolist() for s in corpus.sequences]
+            generation_s = float(corpus.info["generation_s"])
         else:
-            start = time.perf_counter()
-            log(f"generating {len(prompts)} greedy answers ({args.max_new_tokens} tokens max) with {args.model}")
-            answers = self_generate(backbone, prompts, args.max_new_tokens, eos_token_ids(loaded), log, args.batch_size)
-            generation_s = time.perf_counter() - start
-            data_file.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"key": data_key, "answers": answers, "generation_s": generation_s}, data_file)
+            prompts, answers, generation_s = file_corpus(args, loaded, model_config, backbone, path, log)
         sequences = collect_sequences(backbone, prompts, answers, args.exit_layer)
         config = AdapterTrainingConfig(
             exit_layer=args.exit_layer, epochs=args.epochs, learning_rate=args.lr, seed=args.seed
@@ -393,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         train_s = time.perf_counter() - train_start
         meta = {
             "model": args.model,
-            "corpus": args.corpus or "built-in",
+            "corpus": args.corpus or f"decodebench-train {corpus.info['key']}",
             "prompts": len(prompts),
             "answer_tokens": sum(len(a) for a in answers),
             "max_new_tokens": args.max_new_tokens,

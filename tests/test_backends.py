@@ -270,7 +270,7 @@ def test_tree_methods_size_their_budget_from_the_curve(tmp_path, method, attribu
     path = profile_path("tiny-x", "eager", "cpu", str(tmp_path))
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({**FLAT, "model": "tiny-x", "backend": "eager", "device": "cpu"}))
-    overrides = {"max_verify_cost": 1.25, "corpus_files": []} if method == "aded" else {"max_verify_cost": 1.25}
+    overrides = {"max_verify_cost": 1.25, "corpus_prompts": 0} if method == "aded" else {"max_verify_cost": 1.25}
     cfg = method_config(method)
     cfg.preset, cfg.pinned = "paper", list(overrides)
     cfg.params.update(overrides)

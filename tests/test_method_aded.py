@@ -3,14 +3,13 @@ step, state policies, and greedy output identical to AR."""
 
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
+import torch
 
 from decodebench.config import MethodConfig
-from decodebench.methods import aded as aded_module
-from decodebench.methods import build_method
+from decodebench.methods import build_method, method_config
 from decodebench.methods.aded_search import MctsConfig, TrigramMatrix, cut_to_choices, mcts_paths, paths_to_tree
 
 from helpers import decode, embedded_method_summary, repeating_prompts, tiny_backbone
@@ -19,7 +18,7 @@ ADED = dict(name="aded", impl="decodebench.methods.aded:AdedDrafter")
 
 
 def aded(**params):
-    return build_method(MethodConfig(**ADED, params={"corpus_files": [], **params}))
+    return build_method(MethodConfig(**ADED, params={"corpus_prompts": 0, **params}))
 
 
 # -- losslessness -------------------------------------------------------------------------------
@@ -95,61 +94,30 @@ def test_paths_merge_into_a_breadth_first_tree():
     assert paths_to_tree([[3, 4, 5]], max_nodes=64, max_depth=1) == ([3], [-1])
 
 
-# -- the corpus (a cached step) ---------------------------------------------------------------------
-class CharTokenizer:
-    """A stand-in tokenizer: one id per character (no chat template)."""
+# -- the corpus (the training pipeline's) -----------------------------------------------------------
+def test_corpus_comes_from_the_training_pipeline(tmp_path, monkeypatch):
+    """ADED's matrix is built from the answers of the decodebench-train corpus (self-written prompts,
+    never a benchmark question), asked for with ADED's corpus settings."""
+    from decodebench.methods.eagle_net import FeatureSequence
 
-    eos_token_id = None
-    chat_template = None
+    asked = {}
 
-    def encode(self, text):
-        return [3 + ord(c) % 90 for c in text]
+    def fake_build_corpus(
+        backbone, tokenizer, model_name, chat_template, cfg, eos, seed, data_dir, cache_dir, progress
+    ):
+        asked.update(source=cfg.source, prompts=cfg.prompts, answer_tokens=cfg.answer_tokens, cache=cache_dir)
+        ids = torch.tensor([1, 2, 3, 7, 8, 9, 7, 8, 10])
+        return type("Corpus", (), {"sequences": [FeatureSequence(ids, torch.zeros(9, 4), ids, answer_start=3)]})
 
+    import decodebench.training.corpus as corpus_module
 
-def test_corpus_excludes_benchmark_rows_and_is_cached(tmp_path, monkeypatch):
-    data = tmp_path / "data"
-    (data / "corpus").mkdir(parents=True)
-    (data / "bench").mkdir()
-    (data / "corpus" / "q.jsonl").write_text(
-        "".join(json.dumps({"question": q}) + "\n" for q in ["in the benchmark", "keep me", "keep me too", "x"])
-    )
-    (data / "bench" / "question.jsonl").write_text(json.dumps({"turns": ["Q: in the benchmark"]}) + "\n")
-    monkeypatch.setenv("DECODEBENCH_DATA", str(data))
-    params = dict(
-        corpus_files=["corpus/q.jsonl:question"],
-        corpus_per_file=2,
-        corpus_exclude=["bench/question.jsonl"],
-        corpus_max_new_tokens=6,
-    )
-    backbone = tiny_backbone("llama")
-    drafter = build_method(MethodConfig(**ADED, params=params))
-    monkeypatch.setattr(type(drafter), "_tokenizer", lambda self, backbone: CharTokenizer())
-    real = aded_module.generate_answers
-
-    def interrupted(bb, tok, texts, n):  # the build dies after its first answer ...
-        if texts == ["keep me too"]:
-            raise KeyboardInterrupt
-        return real(bb, tok, texts, n)
-
-    monkeypatch.setattr(aded_module, "generate_answers", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        drafter.setup(backbone, str(tmp_path / "cache"))
-    seen_texts = []  # ... and the next setup generates only the missing answer
-    monkeypatch.setattr(
-        aded_module, "generate_answers", lambda bb, tok, texts, n: seen_texts.extend(texts) or real(bb, tok, texts, n)
-    )
-    drafter.setup(backbone, str(tmp_path / "cache"))
-    assert seen_texts == ["keep me too"]
-    assert len(list((tmp_path / "cache" / "state").glob("aded-corpus-*.pt"))) == 1
-    assert len(drafter.corpus_matrix) > 0
-
-    def fail(*args):
-        raise AssertionError("the cached corpus was regenerated")
-
-    monkeypatch.setattr(aded_module, "generate_answers", fail)
-    again = build_method(MethodConfig(**ADED, params=params))
-    again.setup(backbone, str(tmp_path / "cache"))
-    assert again.corpus_matrix.rows == drafter.corpus_matrix.rows
+    monkeypatch.setattr(corpus_module, "build_corpus", fake_build_corpus)
+    drafter = build_method(MethodConfig(**ADED, params=dict(corpus_prompts=5, corpus_max_new_tokens=6)))
+    monkeypatch.setattr(type(drafter), "_tokenizer", lambda self, backbone: type("T", (), {"eos_token_id": 0})())
+    drafter.setup(tiny_backbone("llama"), str(tmp_path))
+    assert asked == dict(source="self", prompts=5, answer_tokens=6, cache=str(tmp_path))
+    assert set(drafter.corpus_matrix.rows) == {(7, 8), (8, 9), (9, 7)}  # the answer only, not the prompt
+    assert "corpus_files" not in method_config("aded").params  # no GSM8K test answers any more
 
 
 # -- state policies --------------------------------------------------------------------------------
@@ -184,7 +152,7 @@ def test_state_policies(backbone, tmp_path):
 @pytest.mark.slow
 def test_embedded_model_aded_is_lossless(tmp_path, data_dir):
     summary = embedded_method_summary(
-        "aded", tmp_path, data_dir, "method.params.corpus_per_file=8", "method.params.corpus_max_new_tokens=32"
+        "aded", tmp_path, data_dir, "method.params.corpus_prompts=8", "method.params.corpus_max_new_tokens=32"
     )
     assert summary["errors"] == 0 and summary["lossless_rate"] == 1.0
     assert summary["alpha"] > 0

@@ -125,11 +125,13 @@ def test_verification_reuses_the_drafted_shallow_layers(trained, monkeypatch):
     assert out.new_ids == decode(backbone, build_method(MethodConfig()), prompt).new_ids
 
 
-def test_confidence_exit_stops_drafting(trained):
-    """threshold ~1: the draft is never confident enough, every step is a plain AR step."""
+def test_confidence_exit_stops_after_the_low_confidence_token(trained):
+    """threshold ~1: no draft is confident enough, yet (as in the reference) each step drafts one
+    token, the low-confidence one, and the target verifies it."""
     backbone, cache_dir, _ = trained
     out = decode(backbone, kangaroo(backbone, cache_dir, confidence_threshold=0.999999), prompts(1)[0])
-    assert sum(s.drafted for s in out.steps) == 0
+    assert all(s.drafted == 1 for s in out.steps[:-1])
+    assert out.new_ids == decode(backbone, build_method(MethodConfig()), prompts(1)[0]).new_ids
 
 
 def test_kangaroo_sampling_is_reproducible(trained):
@@ -153,7 +155,6 @@ def test_exit_layer_mismatch_is_an_error(trained):
 
 
 def test_corpus_file(tmp_path):
-    assert len(read_corpus(None)) >= 40
     text = tmp_path / "c.txt"
     text.write_text("first prompt\n\nsecond prompt\n")
     assert read_corpus(str(text)) == ["first prompt", "second prompt"]

@@ -1,0 +1,2 @@
+"""Training of drafter networks: ``decodebench-train`` (:mod:`.cli`), the corpus of the target's own
+answers (:mod:`.corpus`) and the one training loop (:mod:`.trainer`)."""
