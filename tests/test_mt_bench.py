@@ -14,6 +14,7 @@ from decodebench.config import ConfigValueError, compose_run_config
 from decodebench.registry import DecodeBenchError
 from decodebench.tasks import build_task
 from decodebench.tasks.judges import HFJudge, OpenAIJudge, OpenAIJudgeConfig
+from decodebench.tasks.mt_bench import FASTCHAT_TEMPERATURES, MTBench
 from decodebench.tasks.mt_bench_judging import build_request, load_judge_prompts, parse_rating, prompt_name
 
 REFERENCE_CATEGORIES = ("math", "reasoning", "coding")
@@ -69,13 +70,11 @@ def test_fastchat_temperatures_are_an_option(data_dir, tmp_path):
         "stem": 0.1,
         "humanities": 0.1,
     }
+    # the config layer merges a user's table over the FastChat defaults (Params is the one source of
+    # defaults), so a category can only go missing through the Python API
+    partial = {c: t for c, t in FASTCHAT_TEMPERATURES.items() if c != "writing"}
     with pytest.raises(ConfigValueError, match="missing: writing"):
-        mt_bench(
-            data_dir,
-            tmp_path,
-            "task.params.use_category_temperatures=true",
-            "~task.params.category_temperatures.writing",
-        )
+        MTBench.Params(use_category_temperatures=True, category_temperatures=partial)
 
 
 def test_prompt_choice_follows_fastchat(prompts):
