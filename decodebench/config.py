@@ -34,16 +34,19 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from decodebench.registry import DecodeBenchError, UnknownNameError, import_entry, unknown_name_message
+from decodebench.registry import (  # noqa: F401 (ConfigValueError, check: re-exported, the config layer's names)
+    ConfigValueError,
+    DecodeBenchError,
+    UnknownNameError,
+    check,
+    import_entry,
+    unknown_name_message,
+)
 
 T = TypeVar("T")
 # Field metadata: a dict whose keys are checked against the ``Params`` dataclass of the chosen
 # method or task (see check_params), so Hydra lets ``method.params.<key>=...`` add keys without ``+``.
 OPEN = {"open": True}
-
-
-class ConfigValueError(DecodeBenchError, ValueError):
-    pass
 
 
 def schema(group: str | None) -> Callable[[type[T]], type[T]]:
@@ -66,11 +69,6 @@ def _open_dicts(node: DictConfig, cls: type) -> DictConfig:
         elif isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
             _open_dicts(node[f.name], f.default_factory)
     return node
-
-
-def check(condition: bool, key: str, value: Any, allowed: str) -> None:
-    if not condition:
-        raise ConfigValueError(f"invalid value for '{key}': {value!r} (allowed: {allowed})")
 
 
 @schema("model")

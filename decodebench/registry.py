@@ -29,6 +29,17 @@ class UnknownNameError(DecodeBenchError, KeyError):
         return self.args[0]
 
 
+class ConfigValueError(DecodeBenchError, ValueError):
+    """A config value out of its allowed range (the CLI exits with code 2)."""
+
+
+def check(condition: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise :class:`ConfigValueError` naming ``key`` and what is allowed unless ``condition``.
+    (Here, not in config.py, so that modules the sandbox's own interpreter imports need no Hydra.)"""
+    if not condition:
+        raise ConfigValueError(f"invalid value for '{key}': {value!r} (allowed: {allowed})")
+
+
 def unknown_name_message(kind: str, name: str, valid: Iterable[str], where: str = "") -> str:
     """``unknown method 'pldd'. Valid methods: ar, pld. Did you mean 'pld'?`` (``where`` is
     inserted after the name, e.g. ``" for method 'pld'"``)."""

@@ -50,8 +50,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from decodebench.config import check
-from decodebench.registry import DecodeBenchError
+from decodebench.registry import DecodeBenchError, check
 
 log = logging.getLogger(__name__)
 
