@@ -27,6 +27,7 @@ from decodebench.engine.backbone import Backbone
 from decodebench.engine.decode_loop import DecodeSettings, GenerationOutput, generate
 from decodebench.engine.sampling import SamplingParams, logits_to_probs
 from decodebench.models.tiny import build_tiny
+from decodebench.records import Record
 
 # --- tiny models -------------------------------------------------------------------------------
 VOCAB = 101
@@ -224,3 +225,11 @@ def embedded_lossless(method: str, cache_dir=None, prepare=None, **params) -> tu
         accepted += sum(s.accepted for s in ours.steps)
         drafted += sum(s.drafted for s in ours.steps)
     return accepted, drafted
+
+
+def make_record(**fields) -> Record:
+    """A Record with placeholder identity fields (task "t", model "m", sample "1", category "c",
+    group "g", turn 0, seed 0) under the given ones: tests of metrics and files state only what
+    they measure."""
+    identity = {"task": "t", "model": "m", "sample_id": "1", "category": "c", "group": "g", "turn": 0, "seed": 0}
+    return Record(**{**identity, **fields})
