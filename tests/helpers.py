@@ -53,6 +53,27 @@ def tiny_backbone(arch: str = "llama", **overrides) -> Backbone:
     return Backbone(build_tiny(config, seed=0))
 
 
+def damped_tiny(
+    arch: str = "llama",
+    layers: int = 6,
+    vocab: int = VOCAB,
+    damped: slice = slice(2, None),
+    factor: float = 0.1,
+    seed: int = 0,
+) -> Backbone:
+    """A tiny random model (named ``tiny``, max 512 positions) whose ``damped`` layers barely change
+    the residual stream (their attention output and down projections scaled by ``factor``), so an
+    early exit or a skipped layer often agrees with the full model: drafts are both accepted and
+    rejected."""
+    sizes = {**TINY, "vocab_size": vocab, "num_hidden_layers": layers, "max_position_embeddings": 512}
+    model = build_tiny(ModelConfig(name="tiny", source="tiny", architecture=arch, tiny=sizes), seed)
+    with torch.no_grad():
+        for layer in model.model.layers[damped]:
+            layer.self_attn.o_proj.weight.mul_(factor)
+            layer.mlp.down_proj.weight.mul_(factor)
+    return Backbone(model)
+
+
 def tiny_pair(
     arch: str = "llama",
     vocab: int = VOCAB,
