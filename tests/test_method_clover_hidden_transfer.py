@@ -203,3 +203,60 @@ def test_missing_checkpoint_and_bad_settings_are_clear(tmp_path):
         HiddenTransferNet(backbone, HiddenTransferNet.Params(transfer_layer=9))
     with pytest.raises(DecodeBenchError, match="draft_vocab_size does not apply"):
         HiddenTransferNet(backbone, HiddenTransferNet.Params(), DraftVocab.most_frequent(torch.ones(10), 4))
+
+
+CORPUS_PROMPTS = [
+    "Name three colours of the rainbow.",
+    "What is the capital of France? Answer briefly.",
+    "Give one tip for writing clear code.",
+    "Describe a cat in one sentence.",
+]
+
+
+@pytest.fixture(scope="module")
+def embedded_drafters(tmp_path_factory):
+    """Clover and Hidden Transfer trained for one epoch on SmolLM2-135M's answers to 4 prompts (a
+    few seconds; enough for drafts that are sometimes right), saved in a temporary cache."""
+    from decodebench.config import default_cache_dir
+    from decodebench.engine.backbone import Backbone
+    from decodebench.models.embedded import embedded_model_dir, read_prepared_marker
+    from decodebench.models.loading import load_model, load_model_config
+    from decodebench.tasks.prompts import encode_prompt
+
+    torch.set_num_threads(1)
+    cfg = load_model_config("smollm2-135m")
+    if read_prepared_marker(embedded_model_dir(cfg, default_cache_dir())) is None:
+        pytest.skip("smollm2-135m is not prepared (make setup)")
+    loaded = load_model(cfg)
+    backbone = Backbone(loaded.model)
+    prompts = [
+        encode_prompt(loaded.tokenizer, [{"role": "user", "content": text}], cfg.chat_template)
+        for text in CORPUS_PROMPTS
+    ]
+    answers = greedy_answers(backbone, prompts, 32, 4, [loaded.tokenizer.eos_token_id], progress=False)
+    sequences = [target_features(backbone, p, a) for p, a in zip(prompts, answers)]
+    counts = torch.bincount(torch.tensor([t for a in answers for t in a]), minlength=backbone.config.vocab_size)
+    cache = tmp_path_factory.mktemp("drafters-embedded")
+    backbone.model_name = "smollm2-135m"
+    for name, cls in NETWORKS.items():
+        vocab = DraftVocab.most_frequent(counts, 1024) if name == "clover" else None
+        torch.manual_seed(0)
+        net = cls(backbone, cls.Params(draft_vocab_size=1024) if name == "clover" else cls.Params(), vocab)
+        train_network(
+            net,
+            backbone,
+            sequences,
+            DrafterConfig(name=name, epochs=1, learning_rate=1e-3, validation_fraction=0.25),
+            seed=0,
+            progress=False,
+        )
+        save(net, backbone, cache)
+    return cache
+
+
+@pytest.mark.parametrize("name", list(DRAFTERS))
+def test_embedded_model_with_trained_drafter_is_lossless(embedded_drafters, name):
+    from helpers import embedded_lossless
+
+    accepted, drafted = embedded_lossless(name, cache_dir=embedded_drafters)
+    assert drafted > 0 and accepted > 0
