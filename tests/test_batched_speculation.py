@@ -1,0 +1,194 @@
+"""Batched speculation: every row of a batch drafts its own chain or tree, all rows are verified in
+ONE target forward (padded, masked, each row at its own cache length), and each row's greedy output
+equals AR's at batch size 1 for its prompt, for every lossless method. Also the per-row cache
+bookkeeping (commit, rows leaving the batch, one-row views) and the refusal of methods that cannot
+batch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from decodebench.config import MethodConfig
+from decodebench.engine.backbone import BlockLayout
+from decodebench.engine.decode_loop import DecodeSettings, generate, generate_batch
+from decodebench.engine.drafting import forget_row_drafters, row_drafters
+from decodebench.engine.sampling import SamplingParams
+from decodebench.methods import batchable_methods, build_method, method_config
+
+from helpers import repeating_prompts, tiny_backbone, tiny_pair
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BATCH = 3
+NEW_TOKENS = 20
+
+
+def batch_prompts() -> list[list[int]]:
+    """Three prompts of mixed lengths (10, 17, 24 tokens) with repeated n-grams to draft from."""
+    return [p[: 10 + 7 * i] for i, p in enumerate(repeating_prompts(BATCH))]
+
+
+@pytest.fixture(scope="module")
+def models():
+    """A tiny target and a noisy copy of it as the draft model (draft-model methods)."""
+    return tiny_pair("llama")
+
+
+@pytest.fixture(scope="module")
+def stop_settings(models) -> DecodeSettings:
+    """Greedy, NEW_TOKENS tokens, with the 6th token AR emits for the first prompt as the stop id: the
+    rows then finish (and leave the batch) at different steps."""
+    target, _ = models
+    ar = build_method(MethodConfig())
+    first = generate(target, ar, batch_prompts()[0], DecodeSettings(max_new_tokens=8), target.new_cache(16))
+    return DecodeSettings(max_new_tokens=NEW_TOKENS, eos_token_ids=(first.new_ids[5],))
+
+
+@pytest.fixture(scope="module")
+def ar_reference(models, stop_settings):
+    """AR at batch size 1: each prompt's greedy ids (rows of different lengths)."""
+    target, _ = models
+    ar = build_method(MethodConfig())
+    ids = [generate(target, ar, p, stop_settings, target.new_cache(16)).new_ids for p in batch_prompts()]
+    assert len({len(row) for row in ids}) > 1, "the stop id should end the rows at different steps"
+    return ids
+
+
+def corpus(tmp_path) -> str:
+    """A token-id prompt file (tiny models have no tokenizer) for the retrieval methods."""
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"token_ids": p}) + "\n" for p in batch_prompts()))
+    return str(path)
+
+
+# method -> params (the tiny models' limits, a token corpus) and whether drafts must get accepted
+LOSSLESS = {
+    "pld": {},
+    "lookahead": {},
+    "lade": {},
+    "suffix": {},
+    "token_recycling": {},
+    "aded": {"corpus_prompts": 0},
+    "rest": {"corpus_prompts": "CORPUS", "corpus_max_new_tokens": NEW_TOKENS},
+    "sam": {"corpus_prompts": "CORPUS", "corpus_max_new_tokens": NEW_TOKENS},
+    "aggressive": {},
+    "swift": {},
+    "early_exit_spec": {"exit_layer": 1, "num_draft_tokens": 4},
+    "del": {},
+    "sps": {},
+    "dyspec": {},
+    "specdec_pp": {},
+    "rsd": {},
+}
+NO_ACCEPTANCE_NEEDED = {"aggressive", "del", "aded"}  # their tiny-model drafts may all be rejected
+
+
+@pytest.mark.parametrize("method", sorted(LOSSLESS))
+def test_batched_speculation_equals_ar_at_batch_size_one(method, models, stop_settings, ar_reference, tmp_path):
+    target, draft = models
+    base = method_config(method)
+    params = {k: corpus(tmp_path) if v == "CORPUS" else v for k, v in LOSSLESS[method].items()}
+    drafter = build_method(MethodConfig(name=method, impl=base.impl, params=params))
+    if drafter.needs_draft_model:
+        drafter.attach_draft(draft)
+    drafter.setup(target, str(tmp_path))
+    out = generate_batch(target, drafter, batch_prompts(), stop_settings, target.new_cache(16, batch_size=BATCH))
+    assert [o.new_ids for o in out.outputs] == ar_reference
+    # a row that stopped left the batch: it records no step after its last token
+    assert all(len(o.steps) <= len(o.new_ids) - 1 for o in out.outputs)
+    if method not in NO_ACCEPTANCE_NEEDED:
+        accepted = sum(s.accepted for o in out.outputs for s in o.steps)
+        assert accepted > 0, "no draft was accepted: the losslessness check proves nothing"
+    assert len(out.finish_s) == BATCH and max(out.finish_s) <= out.wall_s
+
+
+def test_every_lossless_method_batches():
+    """The refusal is only for methods that say they cannot batch; every catalogue method batches."""
+    assert {"ar", "pld", "sps", "token_recycling", "suffix", "lookahead", "swift"} <= set(batchable_methods())
+
+
+def test_one_drafter_per_row_shares_models_not_state(models, tmp_path):
+    target, draft = models
+    sps = build_method(method_config("sps"))
+    sps.attach_draft(draft)
+    sps.setup(target)
+    rows = row_drafters(sps, BATCH)
+    assert rows[0] is sps and len({id(r) for r in rows}) == BATCH
+    # the draft model is shared, its cache is per row ...
+    assert all(r.draft.backbone is sps.draft.backbone and r.draft.cache is not sps.draft.cache for r in rows[1:])
+    assert row_drafters(sps, BATCH)[1] is rows[1]  # ... the copies are kept across batches ...
+    forget_row_drafters(sps)
+    assert row_drafters(sps, BATCH)[1] is not rows[1]  # ... until the runner resets learned state
+
+
+def test_sampling_batch_runs_and_stays_in_vocabulary(models):
+    target, _ = models
+    pld = build_method(method_config("pld"))
+    settings = DecodeSettings(max_new_tokens=12, sampling=SamplingParams(temperature=0.8))
+    out = generate_batch(
+        target, pld, batch_prompts(), settings, target.new_cache(16, batch_size=BATCH), torch.Generator().manual_seed(0)
+    )
+    assert all(len(o.new_ids) == 12 and all(0 <= t < 101 for t in o.new_ids) for o in out.outputs)
+
+
+def test_rows_with_trees_at_their_own_lengths_equal_single_forwards():
+    """One batched forward over two rows at different cache lengths, one a tree and one a chain
+    (padded), gives each row the logits of its own unbatched forward; committing a tree branch
+    moves the accepted entries so the next step still matches."""
+    backbone = tiny_backbone("llama")
+    prefixes = [list(range(3, 15)), list(range(20, 27))]
+    blocks = [([40, 41, 42, 43], [-1, 0, 0, 1]), ([50, 51], None)]
+    cache = backbone.new_cache(8, batch_size=2)
+    width = max(map(len, prefixes))
+    backbone.forward_batch(
+        torch.tensor([p + [0] * (width - len(p)) for p in prefixes]), cache, sizes=[len(p) for p in prefixes]
+    )
+    cache.commit_rows([0, 0], [range(len(p)) for p in prefixes])
+    assert [cache.row_length(b) for b in range(2)] == [12, 7]
+    out = backbone.forward_batch(
+        torch.tensor([[40, 41, 42, 43], [50, 51, 0, 0]]),
+        cache,
+        sizes=[4, 2],
+        layouts=[BlockLayout(parents=blocks[0][1]), BlockLayout()],
+    )
+    singles = []
+    for prefix, (tokens, parents) in zip(prefixes, blocks):
+        single = backbone.new_cache(8)
+        backbone.forward(prefix, single)
+        singles.append(backbone.forward(tokens, single, layout=BlockLayout(parents=parents)).logits)
+    torch.testing.assert_close(out.logits[0], singles[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.logits[1, :2], singles[1], atol=1e-5, rtol=1e-5)
+
+    # row 0 keeps root + node 2 (a side branch), row 1 keeps its root only; then one more token each
+    cache.commit_rows([12, 7], [[0, 2], [0]])
+    assert [cache.row_length(b) for b in range(2)] == [14, 8]
+    step = backbone.forward_batch(torch.tensor([[60], [61]]), cache)
+    for row, history in enumerate([prefixes[0] + [40, 42, 60], prefixes[1] + [50, 61]]):
+        reference = backbone.forward(history, backbone.new_cache(8)).logits[-1]
+        torch.testing.assert_close(step.logits[row, -1], reference, atol=1e-5, rtol=1e-5)
+
+    # a row leaving the batch: the other keeps its entries; a one-row view writes into the batch
+    cache.keep_rows([1])
+    assert cache.batch_size == 1 and cache.length == 9
+    view = backbone.new_cache(8, batch_size=2)
+    view.ensure_capacity(16)
+    row = view.row_view(1)
+    backbone.forward([5, 6, 7], row)
+    assert row.length == 3 and view.row_lengths[0] == [0, 0]  # the batch's lengths are the caller's
+    assert torch.equal(view.keys[0][1, :, :3], row.keys[0][0, :, :3]) and not view.keys[0][0].any()
+    cache.reset()
+    assert cache.batch_size == 2  # rows that left come back for the next batch
+
+
+def test_a_method_that_cannot_batch_is_refused_before_loading(monkeypatch):
+    from decodebench.config import ConfigValueError, compose_run_config, validate_before_loading
+    from decodebench.methods.pld import PromptLookupDrafter
+
+    monkeypatch.setattr(PromptLookupDrafter, "supports_batch", False)
+    monkeypatch.setattr(PromptLookupDrafter, "batch_refusal", "its index is shared by every row")
+    cfg = compose_run_config(["model=tiny-llama", "method=pld", "gen.batch_size=4"])
+    with pytest.raises(ConfigValueError, match=r"gen.batch_size.*'pld'.*shared by every row.*methods that batch: .*sps"):
+        validate_before_loading(cfg)
