@@ -192,3 +192,75 @@ def test_a_method_that_cannot_batch_is_refused_before_loading(monkeypatch):
     cfg = compose_run_config(["model=tiny-llama", "method=pld", "gen.batch_size=4"])
     with pytest.raises(ConfigValueError, match=r"gen.batch_size.*'pld'.*shared by every row.*methods that batch: .*sps"):
         validate_before_loading(cfg)
+
+
+@pytest.mark.parametrize("method", ["eagle", "eagle2", "medusa", "hydra", "kangaroo"])
+def test_feature_drafters_batch_losslessly(method, models, stop_settings, ar_reference, tmp_path):
+    """Drafters that draft from the target's hidden states (EAGLE, Medusa, Hydra: untrained networks
+    saved as checkpoints; Kangaroo: an adapter trained for one epoch) read each row's own slice."""
+    target, _ = models
+    torch.manual_seed(1)
+    if method == "kangaroo":
+        from decodebench.methods.kangaroo import adapter_path, save_adapter
+        from decodebench.methods.kangaroo_train import (
+            AdapterTrainingConfig,
+            collect_sequences,
+            self_generate,
+            train_adapter,
+        )
+
+        prompts = batch_prompts()
+        sequences = collect_sequences(target, prompts, self_generate(target, prompts, max_new_tokens=12), exit_layer=2)
+        adapter, metrics = train_adapter(target, sequences, AdapterTrainingConfig(epochs=1))
+        save_adapter(adapter_path(str(tmp_path), target), adapter, metrics)
+    else:
+        from decodebench.methods.draft_heads import checkpoint_dir, model_key, save_checkpoint
+        from decodebench.methods.eagle_net import EagleNet
+        from decodebench.methods.medusa_heads import HydraHeads, MedusaHeads
+
+        network = {"eagle": EagleNet, "eagle2": EagleNet, "medusa": MedusaHeads, "hydra": HydraHeads}[method]
+        net = network(target, network.Params())
+        save_checkpoint(
+            checkpoint_dir(str(tmp_path), model_key(target), net.network),
+            net.checkpoint_state(),
+            net.checkpoint_config(target),
+        )
+    drafter = build_method(method_config(method))
+    drafter.setup(target, str(tmp_path))
+    out = generate_batch(target, drafter, batch_prompts(), stop_settings, target.new_cache(16, batch_size=BATCH))
+    assert [o.new_ids for o in out.outputs] == ar_reference
+    assert sum(s.drafted for o in out.outputs for s in o.steps) > 0
+
+
+@pytest.mark.embedded
+def test_embedded_model_batched_speculation_is_lossless():
+    """SmolLM2-135M (fp32, greedy), three chat prompts of different lengths decoded together: a chain
+    drafter (PLD) and a stateful tree drafter (Token Recycling, a 6-node tree) each equal AR at batch
+    size 1, with drafts accepted."""
+    from decodebench.config import default_cache_dir
+    from decodebench.engine.backbone import Backbone
+    from decodebench.models.embedded import embedded_model_dir, read_prepared_marker
+    from decodebench.models.loading import load_model, load_model_config
+    from decodebench.tasks.prompts import encode_prompt
+
+    from helpers import EMBEDDED_PROMPTS
+
+    cfg = load_model_config("smollm2-135m")
+    if read_prepared_marker(embedded_model_dir(cfg, default_cache_dir())) is None:
+        pytest.skip("smollm2-135m is not prepared (make setup)")
+    loaded = load_model(cfg)
+    backbone = Backbone(loaded.model)
+    texts = [*EMBEDDED_PROMPTS, "Repeat after me: the quick brown fox jumps over the lazy dog. The quick brown fox"]
+    prompts = [
+        encode_prompt(loaded.tokenizer, [{"role": "user", "content": text}], cfg.chat_template) for text in texts
+    ]
+    settings = DecodeSettings(max_new_tokens=24, eos_token_ids=[loaded.tokenizer.eos_token_id])
+    ar = build_method(MethodConfig())
+    reference = [generate(backbone, ar, p, settings, backbone.new_cache(256)).new_ids for p in prompts]
+    small = {"pld": {"num_draft_tokens": 5}, "token_recycling": {"tree": [[0], [1], [0, 0], [0, 0, 0], [0, 0, 0, 0]]}}
+    for method, params in small.items():
+        drafter = build_method(MethodConfig(name=method, impl=method_config(method).impl, params=params))
+        drafter.setup(backbone)
+        out = generate_batch(backbone, drafter, prompts, settings, backbone.new_cache(256, batch_size=len(prompts)))
+        assert [o.new_ids for o in out.outputs] == reference, method
+        assert sum(s.accepted for o in out.outputs for s in o.steps) > 0, method

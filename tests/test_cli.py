@@ -89,8 +89,8 @@ def test_bad_values_exit_2_naming_the_key(args, expected, tmp_path):
         # every cell of a sweep is checked before the first one runs
         (["-m", "method=ar,pld", "gen.max_new_tokens=8,abc"], "invalid value for 'gen.max_new_tokens': 'abc'"),
         (
-            ["-m", "method=ar,pld", "gen.batch_size=1,2"],
-            "invalid value for 'gen.batch_size': 2 (allowed: 1 for method 'pld'",
+            ["-m", "method=ar,pld", "gen.batch_size=1,0"],
+            "invalid value for 'gen.batch_size': 0 (allowed: >= 1)",
         ),
         # validate before loading (issue 17): draft model, batching, device
         (
