@@ -190,7 +190,10 @@ def generate(
     while stop_reason is None:
         # 1. propose (at most as many drafts as could still be emitted before the bonus token)
         t_propose = now(device)
-        proposal = drafter.propose(context, settings.max_new_tokens - len(new_ids) - 1)
+        allowed = settings.max_new_tokens - len(new_ids) - 1
+        if drafter.speculation is not None:  # SmartSpec: the goodput-optimal length this step
+            allowed = min(allowed, drafter.speculation.choose(1))
+        proposal = drafter.propose(context, allowed)
         plan = drafter.forward_plan(len(new_ids))  # the full model unless the method is lossy
         t_forward = now(device)
 
@@ -236,6 +239,8 @@ def generate(
 
         # 4. commit: keep the root and the accepted path (drops rejected drafts and aux tokens)
         cache.compact(base, [0, *result.accepted_nodes])
+        if drafter.speculation is not None:
+            drafter.speculation.observe(allowed, [(len(proposal), result.accepted, t_forward - t_propose)])
         t_feedback = now(device)
 
         # 5. feedback
@@ -373,13 +378,13 @@ def generate_batch(
     device = backbone.device
     params = settings.sampling
     batch = len(prompts)
+    cache.reset()  # also brings back the rows a previous batch let go (KVCache.keep_rows)
     if cache.batch_size != batch:
         raise ValueError(f"cache holds {cache.batch_size} rows for {batch} prompts")
     shared = never_drafts(drafter)
     drafters = [drafter] * batch if shared else row_drafters(drafter, batch)
     stopper = StopChecker(settings)
     start = now(device)
-    cache.reset()
     sizes = [len(p) for p in prompts]
     headroom = settings.max_new_tokens + 64  # drafts and aux tokens past the last emitted token
     cache.ensure_capacity(max(sizes) + headroom)
@@ -395,7 +400,9 @@ def generate_batch(
     for index, row in enumerate(rows):
         row.new_ids.append(next_token(prefill.logits[index, -1], params, generator))
         if not shared:
-            row.drafter.prefilled(ForwardOutput(logits=prefill.logits[index], last_hidden=prefill.last_hidden[index, : sizes[index]]))
+            row.drafter.prefilled(
+                ForwardOutput(logits=prefill.logits[index], last_hidden=prefill.last_hidden[index, : sizes[index]])
+            )
         row.stop_reason = stopper.check(row.new_ids)
     if shared:
         drafter.prefilled(prefill)
@@ -411,12 +418,15 @@ def generate_batch(
         cache.ensure_capacity(max(cache.lengths) + headroom)
         # 1. propose, row by row (a lossy method's forward plan is the batch's: its rows never draft,
         # so all of them have generated the same number of tokens)
+        policy = live[0].drafter.speculation  # SmartSpec (shared by the rows): this step's length
+        allowed = None if policy is None else policy.choose(len(live))
         proposals, draft_s = [], []
         for slot, row in enumerate(live):
             t_propose = now(device)
             if not shared:
                 row.drafter.target_cache = cache.row_view(slot)
-            proposals.append(row.drafter.propose(row.context, settings.max_new_tokens - len(row.new_ids) - 1))
+            limit = settings.max_new_tokens - len(row.new_ids) - 1
+            proposals.append(row.drafter.propose(row.context, limit if allowed is None else min(limit, allowed)))
             draft_s.append(now(device) - t_propose)
         plan = live[0].drafter.forward_plan(len(live[0].new_ids))
         t_forward = now(device)
@@ -444,6 +454,8 @@ def generate_batch(
 
         # 4. commit: each row keeps its root and accepted path
         cache.commit_rows(bases, [[0, *result.accepted_nodes] for result in results])
+        if policy is not None:
+            policy.observe(allowed, [(len(p), r.accepted, d) for p, r, d in zip(proposals, results, draft_s)])
         t_feedback = now(device)
         verify_s = t_feedback - t_forward
 

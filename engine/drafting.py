@@ -20,6 +20,7 @@ import torch
 from decodebench.engine.backbone import FULL_MODEL, Backbone, ForwardOutput, ForwardPlan, MlpGate  # noqa: F401
 from decodebench.engine.kv_cache import KVCache
 from decodebench.engine.sampling import SamplingParams
+from decodebench.engine.smartspec import SmartSpec
 from decodebench.engine.verify import VerifyResult
 
 log = logging.getLogger("decodebench")
@@ -86,6 +87,9 @@ class Drafter:
     #: that cannot sets this False and says why in ``batch_refusal`` (refused before loading)
     supports_batch = True
     batch_refusal = ""
+    #: SmartSpec's goodput controller (:meth:`enable_smartspec`): when set, the decode loop asks it
+    #: for each step's drafts per row (the ``max_tokens`` of :meth:`propose`) and tells it the outcome
+    speculation: SmartSpec | None = None
     #: tokens per verify forward (root included) that :meth:`budget_from_curve` chose from the stored
     #: latency curve of the backend in use (None: the method's params decide), and where it came from
     verify_budget: int | None = None
@@ -123,6 +127,16 @@ class Drafter:
         self.verify_budget, self.budget_source = chosen
         return self.verify_budget
 
+    def enable_smartspec(self, backbone: Backbone, cache_dir: str | None, max_draft: int) -> None:
+        """Choose each step's speculation length (at most ``max_draft``) for maximal expected goodput
+        (:mod:`decodebench.engine.smartspec`) from the T(B, k) surface of ``backbone`` (measured now
+        when none is stored), the measured acceptance and draft time; the prior acceptance is the
+        method's ``expected_acceptance`` param when it has one."""
+        from decodebench.engine.batch_curve import ensure_batch_curve
+
+        prior = getattr(getattr(self, "params", None), "expected_acceptance", 0.5)
+        self.speculation = SmartSpec(ensure_batch_curve(backbone, cache_dir), max_draft, prior_acceptance=prior)
+
     def attach_draft(self, draft: Backbone) -> None:
         """Receive the draft model (only when ``needs_draft_model``)."""
         raise TypeError(f"{type(self).__name__} does not use a draft model")
@@ -131,6 +145,8 @@ class Drafter:
         """Called by the decode loop at the start of each generation; records the sampling
         settings, then calls :meth:`begin`."""
         self.sampling, self.generator = sampling, generator
+        if self.speculation is not None:
+            self.speculation.chosen = []  # per request (a batch's rows share it and start together)
         self.begin(prompt_ids)
 
     def setup(self, backbone: Backbone, cache_dir: str | None = None) -> None:
@@ -177,7 +193,8 @@ class Drafter:
         """Method-specific counters of the generation that just ended (recorded per record as
         ``method_stats``), e.g. the fraction of FFN blocks skipped. Base: the verify budget chosen
         from the latency curve, when one was."""
-        return {} if self.verify_budget is None else {"verify_budget": float(self.verify_budget)}
+        stats = {} if self.verify_budget is None else {"verify_budget": float(self.verify_budget)}
+        return stats if self.speculation is None else {**stats, **self.speculation.stats()}
 
 
 def row_drafters(drafter: Drafter, rows: int) -> list[Drafter]:
@@ -203,7 +220,7 @@ def forget_row_drafters(drafter: Drafter) -> None:
 
 #: objects a row copy shares with its original (models and their wrappers, RNGs); found anywhere
 #: in the drafter's attributes, lists, dicts and tuples
-SHARED_TYPES = (Backbone, torch.nn.Module, torch.Generator)
+SHARED_TYPES = (Backbone, torch.nn.Module, torch.Generator, SmartSpec)
 
 
 def _row_copy(drafter: Drafter) -> Drafter:

@@ -37,8 +37,7 @@ from decodebench.config import (
 from decodebench.engine.backbone import Backbone
 from decodebench.engine.backends import apply_backend
 from decodebench.engine.decode_loop import DecodeSettings, GenerationOutput, generate, generate_batch
-from decodebench.engine.drafting import forget_row_drafters
-from decodebench.engine.drafting import Drafter
+from decodebench.engine.drafting import Drafter, forget_row_drafters
 from decodebench.engine.memory import peak_memory, reset_peak_memory
 from decodebench.engine.profile import ensure_latency_curve, load_latency_curve, stored_curve_path
 from decodebench.engine.sampling import SamplingParams

@@ -85,7 +85,9 @@ def test_batch_of_one_and_cache_reuse(backbone):
     settings = DecodeSettings(max_new_tokens=12)
     cache = backbone.new_cache(4, batch_size=2)
     first = generate_batch(backbone, ar, prompts((5, 9)), settings, cache)
-    second = generate_batch(backbone, ar, prompts((5, 9)), settings, cache)  # reset, same cache
+    stop_row_0 = DecodeSettings(max_new_tokens=12, eos_token_ids=first.outputs[0].new_ids[2:3])
+    generate_batch(backbone, ar, prompts((5, 9)), stop_row_0, cache)  # a row leaves the batch early
+    second = generate_batch(backbone, ar, prompts((5, 9)), settings, cache)  # reset (both rows back), same cache
     assert [o.new_ids for o in first.outputs] == [o.new_ids for o in second.outputs]
     single = generate_batch(backbone, ar, prompts((6,)), settings, backbone.new_cache(4, batch_size=1))
     assert (

@@ -190,7 +190,9 @@ def test_a_method_that_cannot_batch_is_refused_before_loading(monkeypatch):
     monkeypatch.setattr(PromptLookupDrafter, "supports_batch", False)
     monkeypatch.setattr(PromptLookupDrafter, "batch_refusal", "its index is shared by every row")
     cfg = compose_run_config(["model=tiny-llama", "method=pld", "gen.batch_size=4"])
-    with pytest.raises(ConfigValueError, match=r"gen.batch_size.*'pld'.*shared by every row.*methods that batch: .*sps"):
+    with pytest.raises(
+        ConfigValueError, match=r"gen.batch_size.*'pld'.*shared by every row.*methods that batch: .*sps"
+    ):
         validate_before_loading(cfg)
 
 
@@ -264,3 +266,94 @@ def test_embedded_model_batched_speculation_is_lossless():
         out = generate_batch(backbone, drafter, prompts, settings, backbone.new_cache(256, batch_size=len(prompts)))
         assert [o.new_ids for o in out.outputs] == reference, method
         assert sum(s.accepted for o in out.outputs for s in o.steps) > 0, method
+
+
+# -- SmartSpec ---------------------------------------------------------------------------------------
+def surface(flat: bool) -> dict:
+    """A T(B, k) surface: flat (a GPU at small B: drafts nearly free) or steep (every token costs)."""
+    ks, sizes = [1, 2, 4, 8], [1, 4]
+    ratio = [[1.0, 1.02, 1.05, 1.1]] * 2 if flat else [[1.0, 1.9, 3.7, 7.5]] * 2
+    return {"batch_sizes": sizes, "k": ks, "ratio": ratio, "ms": [[10 * r for r in row] for row in ratio]}
+
+
+def test_smartspec_speculates_where_it_pays_and_not_where_it_does_not():
+    from decodebench.engine.smartspec import PROBE_EVERY, SmartSpec
+
+    assert SmartSpec(surface(flat=True), max_draft=6, prior_acceptance=0.8).choose(4) == 6
+    steep = SmartSpec(surface(flat=False), max_draft=6, prior_acceptance=0.5)
+    assert [steep.choose(4) for _ in range(PROBE_EVERY)] == [0] * (PROBE_EVERY - 1) + [1]  # then a probe
+    learning = SmartSpec(surface(flat=True), max_draft=6, prior_acceptance=0.8)
+    for _ in range(30):  # every row's first draft rejected: acceptance falls, and so does the length
+        learning.observe(4, [(4, 0, 0.001)] * 4)
+    assert learning.acceptance < 0.05 and learning.choose(4) < 6
+    # expensive drafts (a draft model) cost goodput too
+    costly = SmartSpec(surface(flat=True), max_draft=6, prior_acceptance=0.8)
+    costly.draft_s_per_token = 0.05  # 50 ms per draft token vs a 10 ms step
+    assert costly.choose(4) == 0
+
+
+@pytest.mark.parametrize("method", ["pld", "sps", "suffix"])
+def test_smartspec_is_lossless_at_batch_sizes_one_and_three(method, models, stop_settings, ar_reference):
+    target, draft = models
+    drafter = build_method(MethodConfig(name=method, impl=method_config(method).impl, params={"smartspec": True}))
+    if drafter.needs_draft_model:
+        drafter.attach_draft(draft)
+    drafter.setup(target)
+    assert drafter.speculation is not None  # measured the (tiny) T(B, k) surface on first use
+    out = generate_batch(target, drafter, batch_prompts(), stop_settings, target.new_cache(16, batch_size=BATCH))
+    assert [o.new_ids for o in out.outputs] == ar_reference
+    single = generate(target, drafter, batch_prompts()[1], stop_settings, target.new_cache(16))
+    assert single.new_ids == ar_reference[1]
+    assert "smartspec_mean_k" in single.method_stats
+
+
+# -- throughput mode (analysis/throughput.py) --------------------------------------------------------
+def throughput_run(root, batch_size: int, method_wall: float, sequence_s: float, rss_mb: float):
+    """A run dir of 4 prompts at ``gen.batch_size``: AR records of 1.0 s each (their share of the
+    batch wall), the method's of ``method_wall``; 9 tokens each, the method in 5 forwards."""
+    from decodebench.records import Record
+    from decodebench.runners.run_dir import MANIFEST, RunDirectory
+
+    run = RunDirectory(root / f"b{batch_size}")
+    run.write_config(
+        {
+            "model": {"name": "tiny"},
+            "method": {"name": "pld", "lossless": True},
+            "task": {"name": "spec_bench"},
+            "gen": {"temperature": 0.0, "max_new_tokens": 8, "batch_size": batch_size},
+            "seed": 0,
+            "device": "cpu",
+            "dtype": "float32",
+        }
+    )
+    run.write_json(
+        MANIFEST, {"hardware": {"cpu": "TestCPU", "device": "cpu"}, "memory": {"peak_rss_bytes": rss_mb * 2**20}}
+    )
+    for sample in range(4):
+        for role, method, wall, steps in (("baseline", "ar", 1.0, 9), ("method", "pld[cpu]", method_wall, 5)):
+            run.append_record(
+                Record(
+                    method=method, role=role, task="spec_bench", model="tiny", sample_id=str(sample), category="qa",
+                    group="qa", turn=0, seed=0, new_tokens=9, wall_s=wall, steps=steps, sequence_s=sequence_s * (1 + sample),
+                    tree_sizes=[3] * (steps - 1), output_ids=list(range(9)), batch_size=batch_size,
+                )
+            )  # fmt: skip
+
+
+def test_throughput_table_and_figure_against_ar_at_the_same_batch_size(tmp_path):
+    from decodebench.analysis.frame import load_frame
+    from decodebench.analysis.throughput import crossover, speedup_vs_batch_figure, throughput_table
+
+    for batch, wall, rss in ((1, 0.5, 600.0), (4, 0.8, 650.0), (16, 1.25, 900.0)):
+        throughput_run(tmp_path / "runs", batch, wall, sequence_s=0.1 * batch, rss_mb=rss)
+    table = throughput_table(load_frame([tmp_path / "runs"]), surface(flat=True))
+    method = table[table["method"] == "pld[cpu]"].set_index("batch_size")
+    assert method["speedup"].round(3).tolist() == [2.0, 1.25, 0.8]  # Σ AR wall / Σ method wall, per B
+    assert method.loc[4, "tokens_per_s"] == pytest.approx(36 / 3.2)
+    assert method.loc[16, "peak_rss_mb"] == 900.0 and method.loc[4, "latency_p50_s"] == pytest.approx(1.0)
+    assert method.loc[1, "tau"] == pytest.approx(9 / 5) and method.loc[1, "block"] == 3.0
+    assert method.loc[1, "predicted"] == pytest.approx((9 / 5) / 1.035)  # τ / (T(1, 3) / T(1, 1)), k=3 interpolated
+    assert crossover([1, 4, 16], [2.0, 1.25, 0.8]) == pytest.approx(2 ** (2 + 0.25 / 0.45 * 2))
+    assert crossover([1, 4], [0.9, 0.8]) is None
+    figure = speedup_vs_batch_figure(table, tmp_path / "fig")
+    assert figure.png.stat().st_size > 0 and "pld[cpu] at B≈" in figure.caption
