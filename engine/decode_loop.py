@@ -198,44 +198,24 @@ def generate(
         t_forward = now(device)
 
         # 2. one target forward over [last emitted token] + drafts (+ auxiliary tokens)
-        block_tokens = [context[-1], *proposal.tokens]
-        if proposal.parents is None:
-            block_parents, tree = chain_parents(len(block_tokens)), None
-        else:
-            block_parents = [-1, *(p + 1 for p in proposal.parents)]
-            tree = block_parents
+        block = verify_block(context[-1], proposal)
+        block_tokens, block_parents = block.tokens, block.parents
         base = cache.length
-        if proposal.aux_tokens:
-            block_mask, offsets = block_with_aux(block_parents, proposal)
+        # early-exit drafters finish the forward they started (their first layers' K/V are reused)
+        target = None if proposal.aux_tokens else drafter.verify_forward(block_tokens, block_parents, cache)
+        if target is None:
             target = backbone.forward(
-                [*block_tokens, *proposal.aux_tokens],
+                block.all_tokens,
                 cache,
-                layout=BlockLayout(mask=block_mask, offsets=offsets),
+                layout=block.layout,
                 output_hidden_states=drafter.needs_hidden_states,
                 plan=plan,
             )
-        else:
-            # early-exit drafters finish the forward they started (their first layers' K/V are reused)
-            target = drafter.verify_forward(block_tokens, block_parents, cache)
-            if target is None:
-                target = backbone.forward(
-                    block_tokens,
-                    cache,
-                    layout=BlockLayout(parents=tree),
-                    output_hidden_states=drafter.needs_hidden_states,
-                    plan=plan,
-                )
         candidate_logits = target.logits[: len(block_tokens)]
         t_verify = now(device)  # the verifier reads the logits on the host next: no extra stall on CUDA
 
         # 3. verify
-        if params.greedy:
-            result = verify_greedy(block_tokens, block_parents, candidate_logits)
-        else:
-            draft_probs = None
-            if proposal.probs is not None:  # row 0 (the root) is never a draft
-                draft_probs = torch.cat([proposal.probs[:1] * 0, proposal.probs.to(target.logits.device)])
-            result = verify_sampling(block_tokens, block_parents, candidate_logits, params, generator, draft_probs)
+        result = verify_rows(block, candidate_logits, proposal, params, generator)
 
         # 4. commit: keep the root and the accepted path (drops rejected drafts and aux tokens)
         cache.compact(base, [0, *result.accepted_nodes])

@@ -209,7 +209,7 @@ def row_drafters(drafter: Drafter, rows: int) -> list[Drafter]:
     """
     copies: list[Drafter] = drafter.__dict__.setdefault("_row_copies", [])
     while len(copies) < rows - 1:
-        copies.append(_row_copy(drafter))
+        copies.append(row_copy(drafter))
     return [drafter, *copies[: rows - 1]]
 
 
@@ -223,7 +223,8 @@ def forget_row_drafters(drafter: Drafter) -> None:
 SHARED_TYPES = (Backbone, torch.nn.Module, torch.Generator, SmartSpec)
 
 
-def _row_copy(drafter: Drafter) -> Drafter:
+def row_copy(drafter: Drafter) -> Drafter:
+    """A copy of ``drafter`` with its own state that shares its models, RNGs and SmartSpec controller."""
     shared: dict[int, Any] = {}
     seen: set[int] = set()
 

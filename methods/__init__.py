@@ -43,4 +43,6 @@ def build_method(cfg: MethodConfig, device: str = "cpu") -> Drafter:
 
 def batchable_methods() -> list[str]:
     """Names of the methods whose drafter decodes rows of a batch together (``supports_batch``)."""
-    return [name for name in available_methods() if getattr(import_entry(method_config(name).impl), "supports_batch", False)]
+    return [
+        name for name in available_methods() if getattr(import_entry(method_config(name).impl), "supports_batch", False)
+    ]

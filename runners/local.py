@@ -37,7 +37,7 @@ from decodebench.config import (
 from decodebench.engine.backbone import Backbone
 from decodebench.engine.backends import apply_backend
 from decodebench.engine.decode_loop import DecodeSettings, GenerationOutput, generate, generate_batch
-from decodebench.engine.drafting import Drafter, forget_row_drafters
+from decodebench.engine.drafting import Drafter, forget_row_drafters, row_copy
 from decodebench.engine.memory import peak_memory, reset_peak_memory
 from decodebench.engine.profile import ensure_latency_curve, load_latency_curve, stored_curve_path
 from decodebench.engine.sampling import SamplingParams
@@ -548,7 +548,7 @@ class Runner:
                             warmed.add((contender.role, len(members)))  # untimed: kernels at the batch shape
                             generate_batch(
                                 backbone,
-                                contender.drafter,
+                                row_copy(contender.drafter),  # a throwaway copy: learned state never sees warm-up
                                 prompts,
                                 dataclasses.replace(settings, max_new_tokens=min(8, settings.max_new_tokens)),
                                 cache,
