@@ -89,21 +89,25 @@ def measure_batch_curve(
     }
 
 
-def ensure_batch_curve(backbone: Backbone, cache_dir: str | None) -> dict[str, Any]:
-    """The stored T(B, k) surface of ``backbone``; measured now (logged, and stored when the model
-    has a catalogue name) when none is stored."""
+def ensure_batch_curve(backbone: Backbone, cache_dir: str | None, max_k: int = max(BATCH_KS)) -> dict[str, Any]:
+    """The stored T(B, k) surface of ``backbone`` reaching blocks of ``max_k`` tokens; measured now
+    (for the ks of :data:`BATCH_KS` up to ``max_k``; logged, and stored when the model has a catalogue
+    name) when none is stored or the stored one stops short of ``max_k``."""
     path = batch_curve_path(backbone, cache_dir)
     if path is not None and path.exists():
-        return json.loads(path.read_text())
+        stored = json.loads(path.read_text())
+        if max(stored["k"]) >= max_k:
+            return stored
+    ks = tuple(sorted({*(k for k in BATCH_KS if k < max_k), max_k}))
     log.info(
         "no T(B, k) verify-latency surface stored for %s on %s: measuring one now (B = %s, k = %s, median of %d)",
         getattr(backbone, "model_name", None) or "this model",
         backbone.backend,
         ",".join(map(str, BATCH_SIZES)),
-        ",".join(map(str, BATCH_KS)),
+        ",".join(map(str, ks)),
         FIRST_USE_REPEATS,
     )
-    curve = measure_batch_curve(backbone)
+    curve = measure_batch_curve(backbone, ks=ks)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(curve, indent=1))

@@ -135,7 +135,8 @@ class Drafter:
         from decodebench.engine.batch_curve import ensure_batch_curve
 
         prior = getattr(getattr(self, "params", None), "expected_acceptance", 0.5)
-        self.speculation = SmartSpec(ensure_batch_curve(backbone, cache_dir), max_draft, prior_acceptance=prior)
+        surface = ensure_batch_curve(backbone, cache_dir, max_k=max_draft + 1)  # blocks: root + drafts
+        self.speculation = SmartSpec(surface, max_draft, prior_acceptance=prior)
 
     def attach_draft(self, draft: Backbone) -> None:
         """Receive the draft model (only when ``needs_draft_model``)."""
