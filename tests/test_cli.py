@@ -41,7 +41,10 @@ def test_unknown_names_exit_2_with_suggestion(args, expected, tmp_path):
             ["method=pld", "+method.params.ngram=3"],
             "unknown parameter 'ngram' for method 'pld'. Valid parameters: budget_from_curve, expected_acceptance, max_ngram_size, min_ngram_size, num_draft_tokens, smartspec. Did you mean",
         ),
-        (["method=pld", "method.preset=gpu"], "invalid value for 'method.preset': 'gpu' (allowed: auto | paper | cpu)"),
+        (
+            ["method=pld", "method.preset=gpu"],
+            "invalid value for 'method.preset': 'gpu' (allowed: auto | paper | cpu | smartspec)",
+        ),
         (["baseline=hf"], "invalid value for 'baseline'"),
         (["gen.max_new_tokens=abc"], "invalid value for 'gen.max_new_tokens': 'abc'"),
     ],
