@@ -34,7 +34,7 @@ BENCH_DIR ?= results/bench/$(shell date +%Y-%m-%d_%H-%M-%S)
 
 ENGINE_BACKENDS ?= eager,packed,onednn
 GPU_CHECK_DEVICE ?= cuda
-.PHONY: help setup lock test-latest sandbox model models-qwen profile bench bench-engine bench-vs-hf gpu-check slurm test test-fast lint typecheck report paper clean
+.PHONY: help setup lock test-latest sandbox model models-qwen profile bench bench-engine bench-batch bench-vs-hf gpu-check slurm test test-fast lint typecheck report paper clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -97,6 +97,9 @@ bench: setup ## Main job: default method set on a Spec-Bench subset (embedded mo
 bench-engine: setup ## Engine AR/PLD per backend vs transformers generate / prompt lookup (tokens/s ratios, one run; ENGINE_BACKENDS=all adds compiled)
 	$(VENV)/bin/decodebench-profile --backend $(ENGINE_BACKENDS)
 	$(PY) benchmarks/bench_engine.py --backends $(ENGINE_BACKENDS)
+
+bench-batch: setup ## Batched speculation: every lossless method's speedup vs AR at the same batch size, B = 1,2,4,8,16, SmartSpec vs fixed (BENCH_BATCH_ARGS)
+	$(PY) benchmarks/bench_batch.py $(BENCH_BATCH_ARGS)
 
 bench-vs-hf: setup ## DecodeBench ar/pld (and sps on the Qwen pair, if prepared) vs transformers' generate / prompt lookup / assisted generation, + harness overhead
 	$(PY) benchmarks/bench_vs_hf.py $(BENCH_VS_HF_ARGS)

@@ -73,10 +73,11 @@ CONVENTIONS = {
 }
 CI_LABEL = "95% CI"
 LATENCY_COLUMNS = ["latency_p50_ms", "latency_p95_ms", "latency_p99_ms"]
+THROUGHPUT_TITLE = "Throughput by batch size (speedup vs AR at the same batch size; latency per sequence, s)"
 LATENCY_TITLE = "Per-token decode latency (ms/token, prefill excluded; percentiles over records)"
 WIDE_METRICS = ["speedup", "tau"]  # Spec-Bench's main table: speedup and τ per group
 FORMATS = ("md", "latex", "csv")
-TABLES = ("speed", "quality", "audit", "stats", "latency", "cost", "all")
+TABLES = ("speed", "quality", "audit", "stats", "latency", "cost", "throughput", "all")
 STATS_TITLE = "Method statistics (Drafter.request_stats, mean per generation)"
 LAYOUTS = ("long", "wide")
 
@@ -317,7 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="which tables (default: all for md/latex, speed for csv); quality = quality "
         "metrics and Δ vs AR next to speedup/τ/lossless rate; audit = lossless audit; "
         "stats = method counters (exit layers, skipped layers/FFN blocks); latency = "
-        "per-token latency p50/p95/p99",
+        "per-token latency p50/p95/p99; throughput = tokens/s, speedup vs AR at the same batch size, "
+        "per-sequence latency p50/p95 and peak RSS per gen.batch_size (not part of all)",
     )
     parser.add_argument(
         "--convention",
@@ -411,6 +413,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parts += [_titled(render(latency_table(agg), args.format), LATENCY_TITLE, args.format)]
         if which in ("cost", "all"):
             parts += _cost_section(records, args.curve, args.format, explicit=which == "cost")
+        if which == "throughput":  # analysis/throughput.py
+            from decodebench.analysis.throughput import throughput_table
+
+            parts += [_titled(render(throughput_table(frame), args.format), THROUGHPUT_TITLE, args.format)]
         text = "\n".join(parts)
     except DecodeBenchError as error:
         print(f"decodebench-report: error: {error}", file=sys.stderr)

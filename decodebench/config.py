@@ -227,9 +227,10 @@ class GenConfig:
     top_k: int = 0  # 0 = off
     stop_strings: list[str] = field(default_factory=list)
     stop_on_eos: bool = True
-    # prompts decoded together (left padding; engine.decode_loop.generate_batch): only for methods
-    # that never draft — AR and the lossy forward-plan methods (skipdecode, ffn_skip); the AR
-    # baseline then decodes the same batches. 1 = one prompt at a time (Spec-Bench's setting).
+    # prompts decoded together (engine.decode_loop.generate_batch: one target forward per step for
+    # every row's drafts, each row at its own length); every method whose drafter supports it
+    # (Drafter.supports_batch); the AR baseline then decodes the same batches, so speedups compare
+    # at the same batch size. 1 = one prompt at a time (Spec-Bench's setting).
     batch_size: int = 1
 
     def __post_init__(self) -> None:
@@ -551,12 +552,11 @@ def sweep_cells(overrides: Sequence[str]) -> list[list[str]]:
 def validate_before_loading(cfg: RunConfig) -> None:
     """Checks that need the chosen method or this machine, run before any model is loaded: the
     device exists, a draft-model method has ``model.draft``, batched decoding has a method that
-    never drafts, the optional features chosen have their extras (decodebench/extras.py)."""
+    batches (``Drafter.supports_batch``), the optional features chosen have their extras (decodebench/extras.py)."""
     import torch
 
-    from decodebench.engine.decode_loop import never_drafts
     from decodebench.extras import require_extra
-    from decodebench.methods import build_method
+    from decodebench.methods import batchable_methods, build_method
     from decodebench.models.loading import available_models
     from decodebench.tasks import metrics
 
@@ -593,9 +593,9 @@ def validate_before_loading(cfg: RunConfig) -> None:
         )
     if cfg.gen.batch_size > 1:
         check(
-            never_drafts(drafter),
+            drafter.supports_batch,
             "gen.batch_size",
             cfg.gen.batch_size,
-            f"1 for method '{cfg.method.name}', which drafts tokens; batched decoding is for AR and the "
-            "lossy methods that never draft (skipdecode, ffn_skip)",
+            f"1 for method '{cfg.method.name}', which cannot decode rows of a batch together "
+            f"({drafter.batch_refusal}); methods that batch: {', '.join(batchable_methods())}",
         )

@@ -109,6 +109,9 @@ class Record:
     # batch_size: generations decoded together in one batch (gen.batch_size > 1); wall_s and
     # prefill_s are then the batch's times divided by it (so Σ wall_s = the batch's wall time).
     batch_size: int | None = None
+    # sequence_s: per-sequence latency, seconds from the start of its generation (in a batch: the
+    # batch's start, prefill included) until its last token; = wall_s when decoded alone
+    sequence_s: float | None = None
     # method_stats: method-specific counters of this generation (Drafter.request_stats), e.g.
     # ffn_skip's {"ffn_skipped": fraction of FFN blocks skipped}, skipdecode's {"layer_fraction": ...}
     method_stats: dict[str, float] | None = None

@@ -405,22 +405,48 @@ class Backbone:
             hidden = after
         return hidden
 
-    # -- batched forward (left padding) ----------------------------------------------------------
-    def _padded_mask(
-        self, prefix_length: int, q: int, padding: torch.Tensor, window: int | None = None
+    # -- batched forward (one block per row, rows at their own lengths) ----------------------------
+    def row_blocks(
+        self, layouts: Sequence[BlockLayout], sizes: Sequence[int], width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(batch, width, width)`` bool block masks and ``(batch, width)`` position offsets for rows
+        of ``sizes[b]`` real tokens laid out as ``layouts[b]``, padded to ``width``: a padding query
+        sees only itself (never an empty softmax row) and no real query sees it."""
+        batch = len(sizes)
+        masks = torch.zeros(batch, width, width, dtype=torch.bool)
+        offsets = torch.zeros(batch, width, dtype=torch.long)
+        masks[:, range(width), range(width)] = True
+        for row, (layout, size) in enumerate(zip(layouts, sizes)):
+            block, row_offsets = layout.mask, layout.offsets
+            if layout.parents is not None:
+                if len(layout.parents) != size:
+                    raise ValueError(f"row {row}: parents has {len(layout.parents)} entries for {size} tokens")
+                check_parents(layout.parents)
+                block, row_offsets = ancestor_mask(layout.parents), tree_depths(layout.parents)
+            if block is None:
+                block, row_offsets = torch.ones(size, size, dtype=torch.bool).tril_(), range(size)
+            if tuple(block.shape) != (size, size) or len(row_offsets) != size:
+                raise ValueError(f"row {row}: block mask must be ({size}, {size}) with {size} position offsets")
+            masks[row, :size, :size] = block.to(torch.bool).cpu()
+            offsets[row, :size] = torch.as_tensor(list(row_offsets), dtype=torch.long)
+        return masks, offsets
+
+    def _rows_mask(
+        self, prefix_lengths: Sequence[int], positions: torch.Tensor, block: torch.Tensor, window: int | None
     ) -> torch.Tensor:
-        """``(batch, 1, q, prefix + q)`` mask of a causal block over a left-padded batch: a query
-        sees the non-padding keys up to itself (and, with a sliding ``window``, fewer than
-        ``window`` positions back); a padding query sees only itself (never an empty row, whose
-        softmax would be NaN)."""
-        total = prefix_length + q
-        query_slots = torch.arange(prefix_length, total, device=self.device)
+        """``(batch, 1, q, max(prefix) + q)`` mask of one block per row: row ``b``'s queries see its
+        ``prefix_lengths[b]`` cached entries (within a sliding ``window``) and, at slots
+        ``prefix_lengths[b] + j``, the block tokens ``block[b]`` allows; nothing past them."""
+        batch, q = positions.shape
+        prefix = torch.tensor(list(prefix_lengths), device=self.device)
+        total = int(max(prefix_lengths)) + q
         key_slots = torch.arange(total, device=self.device)
-        causal = key_slots[None, :] <= query_slots[:, None]  # (q, total)
-        if window is not None:  # within a row, slot distance = position distance
-            causal &= (query_slots[:, None] - key_slots[None, :]) < window
-        real_key = key_slots[None, :] >= padding[:, None]  # (batch, total)
-        mask = (causal[None] & real_key[:, None]) | (key_slots[None, :] == query_slots[:, None])[None]
+        mask = (key_slots[None, None, :] < prefix[:, None, None]).expand(batch, q, total).clone()
+        block_slots = prefix[:, None] + torch.arange(q, device=self.device)  # (batch, q)
+        mask.scatter_(2, block_slots[:, None, :].expand(batch, q, q), block)
+        if window is not None:
+            key_positions = key_slots.expand(batch, total).clone().scatter_(1, block_slots, positions)
+            mask &= (positions[:, :, None] - key_positions[:, None, :]) < window
         mask = mask[:, None]
         if self.attn_implementation == "eager":
             return torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill_(
@@ -434,45 +460,59 @@ class Backbone:
         input_ids: torch.Tensor,
         cache: KVCache,
         *,
+        sizes: Sequence[int] | None = None,
+        layouts: Sequence[BlockLayout] | None = None,
         plan: ForwardPlan = FULL_MODEL,
         logits_rows: slice | Sequence[int] | None = None,
+        last_logits_only: bool = False,
+        output_hidden_states: bool = False,
     ) -> ForwardOutput:
-        """A causal block of ``q`` tokens for each of ``batch`` left-padded sequences.
+        """One block per row of a batch, each on top of that row's own cache length.
 
-        Slot ``s`` of row ``b`` holds position ``s - cache.padding[b]``; slots before
-        ``cache.padding[b]`` are padding, never attended to by real tokens. Sliding windows are
-        applied per layer as in :meth:`forward`.
+        Row ``b`` holds ``sizes[b]`` real tokens (the rest of its ``q`` slots are padding), laid out
+        as ``layouts[b]`` (a chain, a tree or a mask, as in :meth:`forward`), at positions
+        ``cache.row_length(b) + offset``. Every layer that runs appends ``q`` slots to each row at
+        the row's length; entries past a row's real tokens are junk the caller drops
+        (:meth:`KVCache.commit_rows`). Sliding windows are applied per layer as in :meth:`forward`.
 
         Args:
-            input_ids: ``(batch, q)`` token ids (padding ids in the padding slots).
-            cache: a cache made with ``new_cache(capacity, batch_size=batch)``; every layer that
-                runs appends ``q`` slots to all rows.
-            plan, logits_rows: as in :meth:`forward` (layers and the MLP gate; no sublayer skip sets).
+            input_ids: ``(batch, q)`` token ids (anything in padding slots).
+            cache: a cache from ``new_cache(capacity, batch_size=batch)``.
+            sizes: real tokens per row (default: ``q`` each).
+            layouts: per row (default: causal chains).
+            plan: as in :meth:`forward`.
+            logits_rows: which block rows get logits, the same for every row (default: all).
+            last_logits_only: logits only for each row's last real token (a prefill).
+            output_hidden_states: also return every layer's input/output hidden states.
 
         Returns:
-            ForwardOutput with ``logits`` of shape ``(batch, rows, vocab)`` and ``last_hidden``
-            ``(batch, q, hidden)``.
+            ForwardOutput with ``logits`` ``(batch, rows, vocab)``, ``last_hidden`` ``(batch, q,
+            hidden)`` and ``hidden_states[i]`` ``(batch, q, hidden)`` when requested.
         """
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
         if ids.dim() != 2 or ids.shape[0] != cache.batch_size:
             raise ValueError(f"input_ids must be (batch={cache.batch_size}, q), got {tuple(ids.shape)}")
-        q = ids.shape[1]
-        padding = torch.tensor(cache.padding, device=self.device)
-        base = cache.length
-        positions = (base + torch.arange(q, device=self.device))[None, :] - padding[:, None]
-        positions = positions.clamp_(min=0)  # (batch, q); padding slots get position 0
+        batch, q = ids.shape
+        sizes = [q] * batch if sizes is None else list(sizes)
+        layouts = [CHAIN] * batch if layouts is None else list(layouts)
+        if len(sizes) != batch or len(layouts) != batch or max(sizes) > q:
+            raise ValueError(f"need {batch} sizes (each <= {q}) and {batch} layouts")
+        block, offsets = self.row_blocks(layouts, sizes, q)
+        bases = [cache.row_length(b) if layouts[b].start is None else layouts[b].start for b in range(batch)]
+        positions = torch.tensor(bases)[:, None] + offsets  # (batch, q)
+        positions, block = positions.to(self.device), block.to(self.device)
         cache.ensure_capacity(max(cache.lengths) + q)
         hidden = self.embed(ids)  # (batch, q, hidden)
         position_embeddings = self.position_embeddings(hidden, positions)
-        masks: dict[tuple[int, int | None], torch.Tensor] = {}
+        all_hidden = [hidden] if output_hidden_states else None
+        row_lengths = [list(lengths) for lengths in cache.row_lengths]  # before the block, per layer
+        masks: dict[tuple, torch.Tensor] = {}
         for layer_index in range(self.num_layers) if plan.layers is None else plan.layers:
-            key = (cache.lengths[layer_index], self.layer_windows[layer_index])
+            key = (tuple(row_lengths[layer_index]), self.layer_windows[layer_index])
             if key not in masks:
-                masks[key] = self._padded_mask(key[0], q, padding, key[1])
+                masks[key] = self._rows_mask(key[0], positions, block, key[1])
             rotary = self._layer_rotary(position_embeddings, layer_index)
-            if plan.mlp_gate is None:
-                hidden = self._layer(layer_index, hidden, masks[key], positions, cache, rotary)
-            else:
+            if plan.splits_layers:
                 hidden = self._halves(
                     layer_index,
                     hidden,
@@ -480,16 +520,23 @@ class Backbone:
                     positions,
                     cache,
                     rotary,
-                    attention=True,
-                    mlp=True,
+                    attention=layer_index not in plan.skip_attention,
+                    mlp=layer_index not in plan.skip_mlp,
                     gate=plan.mlp_gate,
                 )
+            else:
+                hidden = self._layer(layer_index, hidden, masks[key], positions, cache, rotary)
+            if output_hidden_states:
+                all_hidden.append(hidden)
         normed = self.norm(hidden)  # (batch, q, hidden)
-        rows = normed if logits_rows is None else normed[:, logits_rows]
+        if last_logits_only:
+            rows = normed[torch.arange(batch, device=self.device), torch.tensor(sizes, device=self.device) - 1][:, None]
+        else:
+            rows = normed if logits_rows is None else normed[:, logits_rows]
         logits = self.head(rows)
         if logits.dim() == 2:
             logits = logits[:, None]
-        return ForwardOutput(logits=logits.float(), last_hidden=normed)
+        return ForwardOutput(logits=logits.float(), hidden_states=all_hidden, last_hidden=normed)
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """Early-exit logits: the shared final norm and LM head on an intermediate hidden state."""

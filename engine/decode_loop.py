@@ -26,13 +26,13 @@ from typing import Any
 
 import torch
 
-from decodebench.engine.backbone import Backbone, BlockLayout
-from decodebench.engine.drafting import Drafter, Proposal, StepOutcome
+from decodebench.engine.backbone import Backbone, BlockLayout, ForwardOutput
+from decodebench.engine.drafting import Drafter, Proposal, StepOutcome, row_drafters
 from decodebench.engine.kv_cache import KVCache
 from decodebench.engine.sampling import SamplingParams, next_token
 from decodebench.engine.timing import now
 from decodebench.engine.tree import ancestor_mask, chain_parents, tree_depths
-from decodebench.engine.verify import verify_greedy, verify_sampling
+from decodebench.engine.verify import VerifyResult, verify_greedy, verify_sampling
 
 
 @dataclass
@@ -110,6 +110,57 @@ def block_with_aux(block_parents: list[int], proposal: Proposal) -> tuple[torch.
     return mask, [*tree_depths(block_parents), *proposal.aux_offsets]
 
 
+@dataclass
+class VerifyBlock:
+    """One step's verified block: the root (last emitted token), the drafts and any aux tokens."""
+
+    tokens: list[int]  # root + drafts (what the verifier reads)
+    parents: list[int]  # parent pointers within ``tokens``
+    aux_tokens: list[int]  # forwarded after the drafts, never accepted
+    layout: BlockLayout
+
+    @property
+    def all_tokens(self) -> list[int]:
+        return [*self.tokens, *self.aux_tokens]
+
+    @property
+    def size(self) -> int:
+        return len(self.tokens) + len(self.aux_tokens)
+
+
+def verify_block(last_token: int, proposal: Proposal) -> VerifyBlock:
+    """The block a proposal is verified as (step 2 of the loop): a chain, a tree or a mask with aux."""
+    tokens = [last_token, *proposal.tokens]
+    if proposal.parents is None:
+        parents, tree = chain_parents(len(tokens)), None
+    else:
+        parents = [-1, *(p + 1 for p in proposal.parents)]
+        tree = parents
+    if proposal.aux_tokens:
+        mask, offsets = block_with_aux(parents, proposal)
+        layout = BlockLayout(mask=mask, offsets=offsets)
+    else:
+        layout = BlockLayout(parents=tree)
+    return VerifyBlock(tokens=tokens, parents=parents, aux_tokens=list(proposal.aux_tokens), layout=layout)
+
+
+def verify_rows(
+    block: VerifyBlock,
+    logits: torch.Tensor,
+    proposal: Proposal,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+) -> VerifyResult:
+    """Step 3: greedy longest path, or lossless speculative sampling, on the block's ``(n+1, vocab)``
+    target logits."""
+    if params.greedy:
+        return verify_greedy(block.tokens, block.parents, logits)
+    draft_probs = None
+    if proposal.probs is not None:  # row 0 (the root) is never a draft
+        draft_probs = torch.cat([proposal.probs[:1] * 0, proposal.probs.to(logits.device)])
+    return verify_sampling(block.tokens, block.parents, logits, params, generator, draft_probs)
+
+
 def generate(
     backbone: Backbone,
     drafter: Drafter,
@@ -139,52 +190,37 @@ def generate(
     while stop_reason is None:
         # 1. propose (at most as many drafts as could still be emitted before the bonus token)
         t_propose = now(device)
-        proposal = drafter.propose(context, settings.max_new_tokens - len(new_ids) - 1)
+        allowed = settings.max_new_tokens - len(new_ids) - 1
+        if drafter.speculation is not None:  # SmartSpec: the goodput-optimal length this step
+            allowed = min(allowed, drafter.speculation.choose(1))
+        proposal = drafter.propose(context, allowed)
         plan = drafter.forward_plan(len(new_ids))  # the full model unless the method is lossy
         t_forward = now(device)
 
         # 2. one target forward over [last emitted token] + drafts (+ auxiliary tokens)
-        block_tokens = [context[-1], *proposal.tokens]
-        if proposal.parents is None:
-            block_parents, tree = chain_parents(len(block_tokens)), None
-        else:
-            block_parents = [-1, *(p + 1 for p in proposal.parents)]
-            tree = block_parents
+        block = verify_block(context[-1], proposal)
+        block_tokens, block_parents = block.tokens, block.parents
         base = cache.length
-        if proposal.aux_tokens:
-            block_mask, offsets = block_with_aux(block_parents, proposal)
+        # early-exit drafters finish the forward they started (their first layers' K/V are reused)
+        target = None if proposal.aux_tokens else drafter.verify_forward(block_tokens, block_parents, cache)
+        if target is None:
             target = backbone.forward(
-                [*block_tokens, *proposal.aux_tokens],
+                block.all_tokens,
                 cache,
-                layout=BlockLayout(mask=block_mask, offsets=offsets),
+                layout=block.layout,
                 output_hidden_states=drafter.needs_hidden_states,
                 plan=plan,
             )
-        else:
-            # early-exit drafters finish the forward they started (their first layers' K/V are reused)
-            target = drafter.verify_forward(block_tokens, block_parents, cache)
-            if target is None:
-                target = backbone.forward(
-                    block_tokens,
-                    cache,
-                    layout=BlockLayout(parents=tree),
-                    output_hidden_states=drafter.needs_hidden_states,
-                    plan=plan,
-                )
         candidate_logits = target.logits[: len(block_tokens)]
         t_verify = now(device)  # the verifier reads the logits on the host next: no extra stall on CUDA
 
         # 3. verify
-        if params.greedy:
-            result = verify_greedy(block_tokens, block_parents, candidate_logits)
-        else:
-            draft_probs = None
-            if proposal.probs is not None:  # row 0 (the root) is never a draft
-                draft_probs = torch.cat([proposal.probs[:1] * 0, proposal.probs.to(target.logits.device)])
-            result = verify_sampling(block_tokens, block_parents, candidate_logits, params, generator, draft_probs)
+        result = verify_rows(block, candidate_logits, proposal, params, generator)
 
         # 4. commit: keep the root and the accepted path (drops rejected drafts and aux tokens)
         cache.compact(base, [0, *result.accepted_nodes])
+        if drafter.speculation is not None:
+            drafter.speculation.observe(allowed, [(len(proposal), result.accepted, t_forward - t_propose)])
         t_feedback = now(device)
 
         # 5. feedback
@@ -249,7 +285,7 @@ def draft_depth(parents: Sequence[int] | None, drafted: int) -> int:
 
 def never_drafts(drafter: Drafter) -> bool:
     """True for drafters that keep the base class's empty :meth:`Drafter.propose` (AR, lossy
-    forward-plan methods): the only ones batched decoding accepts."""
+    forward-plan methods): one instance then serves every row of a batch."""
     return type(drafter).propose is Drafter.propose
 
 
@@ -260,6 +296,24 @@ class BatchGenerationOutput:
     outputs: list[GenerationOutput]  # per prompt; their ``wall_s`` is the batch's wall time
     prefill_s: float
     wall_s: float
+    # per prompt: seconds from the batch's start until that row's last token (per-sequence latency)
+    finish_s: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _Row:
+    """One sequence of a batch while it decodes (``slot`` = its row in the cache, or None when done)."""
+
+    drafter: Drafter
+    prompt: list[int]
+    new_ids: list[int]
+    steps: list[StepStats] = field(default_factory=list)
+    stop_reason: str | None = None
+    finish_s: float = 0.0
+
+    @property
+    def context(self) -> list[int]:
+        return [*self.prompt, *self.new_ids]
 
 
 def generate_batch(
@@ -271,88 +325,184 @@ def generate_batch(
     generator: torch.Generator | None = None,
     pad_token_id: int = 0,
 ) -> BatchGenerationOutput:
-    """Decode several prompts together (left padding), for drafters that never draft: AR and the
-    lossy forward-plan methods (SkipDecode's point is batched decoding).
+    """Decode several prompts together: :func:`generate`'s six steps with one target forward per
+    step for the whole batch (batched speculation).
 
-    It is the batched form of :func:`generate`'s step — plan, one forward, next token, stop check —
-    without speculation: verified drafts would give every row its own accepted length and break
-    the batch's shared slot count. Per step every unfinished row gets one token; finished rows
-    keep stepping (their tokens are discarded) until the whole batch is done.
+    Every row has its own drafter (:func:`~decodebench.engine.drafting.row_drafters`; one shared
+    instance for drafters that never draft), proposes its own chain or tree, and sits at its own
+    length in ``cache`` (right padding, :class:`KVCache` per-row lengths). Per step:
+
+      1. propose   — each unfinished row's drafter drafts from its own context (self-speculative
+                     drafters on a one-row view of the batch cache, so they draft row by row);
+      2. forward   — ONE target forward over every row's [last emitted token] + drafts (+ aux),
+                     padded to the longest block and masked (:meth:`Backbone.forward_batch`);
+      3. verify    — per row, on that row's logits (greedy or lossless sampling);
+      4. commit    — per row, keep the accepted path (:meth:`KVCache.commit_rows`);
+      5. feedback  — per row, with that row's slice of the target output;
+      6. emit/stop — per row; rows that stop leave the batch (:meth:`KVCache.keep_rows`) and
+                     cost nothing afterwards.
+
+    Under greedy decoding each row's output equals :func:`generate`'s for its prompt (tested for
+    every lossless method). Sampling draws from the one ``generator`` row after row, so a row's
+    tokens follow the same distribution as unbatched ones but not the same draws.
 
     Args:
         prompts: token ids of each prompt (lengths may differ).
         cache: a cache from ``backbone.new_cache(capacity, batch_size=len(prompts))``.
-        pad_token_id: id placed in padding slots (never attended to).
+        pad_token_id: id placed in padding slots (never attended to by real tokens).
 
     Returns:
         BatchGenerationOutput; ``outputs[b].steps`` has one :class:`StepStats` per step in which
-        row ``b`` was still generating.
+        row ``b`` was still generating (``verify_s`` / ``forward_s``: the batch's shared step).
     """
     device = backbone.device
     params = settings.sampling
     batch = len(prompts)
-    if not never_drafts(drafter):
-        raise ValueError(
-            f"{type(drafter).__name__} drafts tokens: batched decoding needs a drafter that never "
-            "drafts (AR or a lossy forward-plan method)"
-        )
+    cache.reset()  # also brings back the rows a previous batch let go (KVCache.keep_rows)
     if cache.batch_size != batch:
         raise ValueError(f"cache holds {cache.batch_size} rows for {batch} prompts")
+    shared = never_drafts(drafter)
+    drafters = [drafter] * batch if shared else row_drafters(drafter, batch)
     stopper = StopChecker(settings)
     start = now(device)
-    cache.reset()
-    width = max(len(p) for p in prompts)
-    cache.padding = [width - len(p) for p in prompts]
-    cache.ensure_capacity(width + settings.max_new_tokens + 64)
-    drafter.start_request(list(prompts[0]), params, generator)
+    sizes = [len(p) for p in prompts]
+    headroom = settings.max_new_tokens + 64  # drafts and aux tokens past the last emitted token
+    cache.ensure_capacity(max(sizes) + headroom)
+    rows = [_Row(drafter=drafters[b], prompt=list(prompts[b]), new_ids=[]) for b in range(batch)]
+    for index, row in enumerate(rows if not shared else rows[:1]):
+        row.drafter.target_cache = cache.row_view(index)
+        row.drafter.start_request(row.prompt, params, generator)
 
-    ids = torch.tensor([[pad_token_id] * (width - len(p)) + list(p) for p in prompts], device=device)
-    prefill = backbone.forward_batch(ids, cache, logits_rows=slice(-1, None))
-    new_ids = [[next_token(prefill.logits[b, -1], params, generator)] for b in range(batch)]
+    # prefill: every prompt right-padded to the longest, each row's logits at its last token
+    ids = torch.tensor([[*p, *[pad_token_id] * (max(sizes) - len(p))] for p in prompts], device=device)
+    prefill = backbone.forward_batch(ids, cache, sizes=sizes, last_logits_only=True)
+    cache.commit_rows([0] * batch, [range(n) for n in sizes])
+    for index, row in enumerate(rows):
+        row.new_ids.append(next_token(prefill.logits[index, -1], params, generator))
+        if not shared:
+            row.drafter.prefilled(
+                ForwardOutput(logits=prefill.logits[index], last_hidden=prefill.last_hidden[index, : sizes[index]])
+            )
+        row.stop_reason = stopper.check(row.new_ids)
+    if shared:
+        drafter.prefilled(prefill)
     prefill_s = now(device) - start
-    stop_reasons: list[str | None] = [stopper.check(row) for row in new_ids]
-    steps: list[list[StepStats]] = [[] for _ in range(batch)]
+    live = [row for row in rows if row.stop_reason is None]  # live[r] sits in cache row r
+    for row in rows:
+        row.finish_s = prefill_s
+    if len(live) < batch:
+        cache.keep_rows([rows.index(row) for row in live])
+    hidden_states = any(d.needs_hidden_states for d in drafters)
 
-    generated = 1
-    while any(reason is None for reason in stop_reasons):
-        t_plan = now(device)
-        plan = drafter.forward_plan(generated)
+    while live:
+        cache.ensure_capacity(max(cache.lengths) + headroom)
+        # 1. propose, row by row (a lossy method's forward plan is the batch's: its rows never draft,
+        # so all of them have generated the same number of tokens)
+        policy = live[0].drafter.speculation  # SmartSpec (shared by the rows): this step's length
+        allowed = None if policy is None else policy.choose(len(live))
+        proposals, draft_s = [], []
+        for slot, row in enumerate(live):
+            t_propose = now(device)
+            if not shared:
+                row.drafter.target_cache = cache.row_view(slot)
+            limit = settings.max_new_tokens - len(row.new_ids) - 1
+            proposals.append(row.drafter.propose(row.context, limit if allowed is None else min(limit, allowed)))
+            draft_s.append(now(device) - t_propose)
+        plan = live[0].drafter.forward_plan(len(live[0].new_ids))
         t_forward = now(device)
-        last = torch.tensor([[row[-1]] for row in new_ids], device=device)
-        out = backbone.forward_batch(last, cache, plan=plan)
-        t_next = now(device)
-        for b in range(batch):
-            if stop_reasons[b] is not None:
-                continue
-            new_ids[b].append(next_token(out.logits[b, -1], params, generator))
-            stop_reasons[b] = stopper.check(new_ids[b])
-        t_done = now(device)
-        for b in range(batch):
-            if len(steps[b]) < len(new_ids[b]) - 1:
-                steps[b].append(
-                    StepStats(
-                        drafted=0,
-                        accepted=0,
-                        emitted=1,
-                        tree_size=1,
-                        draft_s=t_forward - t_plan,
-                        verify_s=t_done - t_forward,
-                        forward_s=t_next - t_forward,
-                    )
+
+        # 2. one target forward over every row's block, padded to the longest and masked
+        blocks = [verify_block(row.context[-1], proposal) for row, proposal in zip(live, proposals)]
+        width = max(block.size for block in blocks)
+        ids = torch.tensor([[*b.all_tokens, *[pad_token_id] * (width - b.size)] for b in blocks], device=device)
+        bases = [cache.row_length(slot) for slot in range(len(live))]
+        target = backbone.forward_batch(
+            ids,
+            cache,
+            sizes=[block.size for block in blocks],
+            layouts=[block.layout for block in blocks],
+            plan=plan,
+            output_hidden_states=hidden_states,
+        )
+        t_verify = now(device)
+
+        # 3. verify, per row
+        results = [
+            verify_rows(block, target.logits[slot, : len(block.tokens)], proposal, params, generator)
+            for slot, (block, proposal) in enumerate(zip(blocks, proposals))
+        ]
+
+        # 4. commit: each row keeps its root and accepted path
+        cache.commit_rows(bases, [[0, *result.accepted_nodes] for result in results])
+        if policy is not None:
+            policy.observe(allowed, [(len(p), r.accepted, d) for p, r, d in zip(proposals, results, draft_s)])
+        t_feedback = now(device)
+        verify_s = t_feedback - t_forward
+
+        # 5. feedback, per row with its slice of the target output
+        for slot, (row, block, proposal, result) in enumerate(zip(live, blocks, proposals, results)):
+            t_start = now(device)
+            if not shared:
+                row.drafter.target_cache = cache.row_view(slot)
+            row.drafter.feedback(
+                StepOutcome(
+                    proposal=proposal,
+                    result=result,
+                    block_tokens=block.tokens,
+                    block_parents=block.parents,
+                    target=ForwardOutput(
+                        logits=target.logits[slot, : block.size],
+                        hidden_states=None
+                        if target.hidden_states is None
+                        else [h[slot, : block.size] for h in target.hidden_states],
+                        last_hidden=target.last_hidden[slot, : block.size],
+                    ),
+                    context_length=bases[slot] + 1,
                 )
-        generated += 1
+            )
+            draft_s[slot] += now(device) - t_start
+
+        # 6. emit and check stops token by token; finished rows leave the batch
+        step_end = now(device)
+        for slot, (row, proposal, result) in enumerate(zip(live, proposals, results)):
+            emitted = 0
+            for token in result.emitted_tokens:
+                row.new_ids.append(token)
+                emitted += 1
+                row.stop_reason = stopper.check(row.new_ids)
+                if row.stop_reason:
+                    break
+            row.finish_s = step_end - start
+            row.steps.append(
+                StepStats(
+                    drafted=len(proposal),
+                    accepted=result.accepted,
+                    emitted=emitted,
+                    tree_size=blocks[slot].size,
+                    draft_s=draft_s[slot],
+                    verify_s=verify_s,
+                    forward_s=t_verify - t_forward,
+                    depth=draft_depth(proposal.parents, len(proposal)),
+                )
+            )
+        still = [slot for slot, row in enumerate(live) if row.stop_reason is None]
+        if len(still) < len(live):
+            live = [live[slot] for slot in still]
+            if live:
+                cache.keep_rows(still)
 
     wall_s = now(device) - start
-    stats = drafter.request_stats()
     outputs = [
         GenerationOutput(
-            new_ids=new_ids[b],
-            steps=steps[b],
+            new_ids=row.new_ids,
+            steps=row.steps,
             prefill_s=prefill_s,
             wall_s=wall_s,
-            stop_reason=stop_reasons[b],
-            method_stats=stats,
+            stop_reason=row.stop_reason,
+            method_stats=row.drafter.request_stats(),
         )
-        for b in range(batch)
+        for row in rows
     ]
-    return BatchGenerationOutput(outputs=outputs, prefill_s=prefill_s, wall_s=wall_s)
+    return BatchGenerationOutput(
+        outputs=outputs, prefill_s=prefill_s, wall_s=wall_s, finish_s=[row.finish_s for row in rows]
+    )

@@ -8,6 +8,7 @@ speculation this step" needs no special path (and AR itself is the drafter that 
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 from decodebench.engine.backbone import FULL_MODEL, Backbone, ForwardOutput, ForwardPlan, MlpGate  # noqa: F401
 from decodebench.engine.kv_cache import KVCache
 from decodebench.engine.sampling import SamplingParams
+from decodebench.engine.smartspec import SmartSpec
 from decodebench.engine.verify import VerifyResult
 
 log = logging.getLogger("decodebench")
@@ -80,6 +82,14 @@ class Drafter:
     #: the target's tokenizer (set by the runner before :meth:`setup`; None for tokenizer-less tiny
     #: models), for drafters that read text (a retrieval corpus: REST, SAM-Decoding)
     tokenizer: Any = None
+    #: batched speculation (``gen.batch_size > 1``): every row gets its own copy of the drafter
+    #: (:func:`row_drafters`), proposes its own drafts and sits at its own cache length; a drafter
+    #: that cannot sets this False and says why in ``batch_refusal`` (refused before loading)
+    supports_batch = True
+    batch_refusal = ""
+    #: SmartSpec's goodput controller (:meth:`enable_smartspec`): when set, the decode loop asks it
+    #: for each step's drafts per row (the ``max_tokens`` of :meth:`propose`) and tells it the outcome
+    speculation: SmartSpec | None = None
     #: tokens per verify forward (root included) that :meth:`budget_from_curve` chose from the stored
     #: latency curve of the backend in use (None: the method's params decide), and where it came from
     verify_budget: int | None = None
@@ -117,6 +127,17 @@ class Drafter:
         self.verify_budget, self.budget_source = chosen
         return self.verify_budget
 
+    def enable_smartspec(self, backbone: Backbone, cache_dir: str | None, max_draft: int) -> None:
+        """Choose each step's speculation length (at most ``max_draft``) for maximal expected goodput
+        (:mod:`decodebench.engine.smartspec`) from the T(B, k) surface of ``backbone`` (measured now
+        when none is stored), the measured acceptance and draft time; the prior acceptance is the
+        method's ``expected_acceptance`` param when it has one."""
+        from decodebench.engine.batch_curve import ensure_batch_curve
+
+        prior = getattr(getattr(self, "params", None), "expected_acceptance", 0.5)
+        surface = ensure_batch_curve(backbone, cache_dir, max_k=max_draft + 1)  # blocks: root + drafts
+        self.speculation = SmartSpec(surface, max_draft, prior_acceptance=prior)
+
     def attach_draft(self, draft: Backbone) -> None:
         """Receive the draft model (only when ``needs_draft_model``)."""
         raise TypeError(f"{type(self).__name__} does not use a draft model")
@@ -125,6 +146,8 @@ class Drafter:
         """Called by the decode loop at the start of each generation; records the sampling
         settings, then calls :meth:`begin`."""
         self.sampling, self.generator = sampling, generator
+        if self.speculation is not None:
+            self.speculation.chosen = []  # per request (a batch's rows share it and start together)
         self.begin(prompt_ids)
 
     def setup(self, backbone: Backbone, cache_dir: str | None = None) -> None:
@@ -171,4 +194,60 @@ class Drafter:
         """Method-specific counters of the generation that just ended (recorded per record as
         ``method_stats``), e.g. the fraction of FFN blocks skipped. Base: the verify budget chosen
         from the latency curve, when one was."""
-        return {} if self.verify_budget is None else {"verify_budget": float(self.verify_budget)}
+        stats = {} if self.verify_budget is None else {"verify_budget": float(self.verify_budget)}
+        return stats if self.speculation is None else {**stats, **self.speculation.stats()}
+
+
+def row_drafters(drafter: Drafter, rows: int) -> list[Drafter]:
+    """One drafter per row of a batch, for batched speculation: ``drafter`` itself for row 0 and
+    copies of it (made once, after its ``setup``, and kept) for the others.
+
+    Each row is its own request stream, so a drafter's per-request state (n-gram index, draft
+    model cache, pending draft) and its learned state (Token Recycling's matrix, a trie, a suffix
+    tree) are per row, as when the rows were served one after another by separate servers. Models,
+    backbones and the tokenizer are shared, never copied. :func:`forget_row_drafters` drops the
+    copies (the runner calls it after ``reset_state`` so they restart from the reset state).
+    """
+    copies: list[Drafter] = drafter.__dict__.setdefault("_row_copies", [])
+    while len(copies) < rows - 1:
+        copies.append(row_copy(drafter))
+    return [drafter, *copies[: rows - 1]]
+
+
+def forget_row_drafters(drafter: Drafter) -> None:
+    """Drop the row copies :func:`row_drafters` made of ``drafter``."""
+    drafter.__dict__.pop("_row_copies", None)
+
+
+#: objects a row copy shares with its original (models and their wrappers, RNGs); found anywhere
+#: in the drafter's attributes, lists, dicts and tuples
+SHARED_TYPES = (Backbone, torch.nn.Module, torch.Generator, SmartSpec)
+
+
+def row_copy(drafter: Drafter) -> Drafter:
+    """A copy of ``drafter`` with its own state that shares its models, RNGs and SmartSpec controller."""
+    shared: dict[int, Any] = {}
+    seen: set[int] = set()
+
+    def collect(value: Any) -> None:
+        if id(value) in seen or value is None or isinstance(value, (str, int, float, bool, torch.Tensor)):
+            return
+        seen.add(id(value))
+        if isinstance(value, SHARED_TYPES) or (value is drafter.tokenizer):
+            shared[id(value)] = value  # deepcopy's memo: reused, not copied
+        elif isinstance(value, dict):
+            for item in value.values():
+                collect(item)
+        elif isinstance(value, (list, tuple, set)):
+            for item in value:
+                collect(item)
+        elif hasattr(value, "__dict__"):
+            for item in vars(value).values():
+                collect(item)
+
+    collect(drafter)
+    if "_row_copies" in drafter.__dict__:
+        shared[id(drafter.__dict__["_row_copies"])] = []
+    if drafter.target_cache is not None:
+        shared[id(drafter.target_cache)] = None  # the loop hands each row a view of the batch's cache
+    return copy.deepcopy(drafter, shared)

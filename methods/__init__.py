@@ -39,3 +39,10 @@ def build_method(cfg: MethodConfig, device: str = "cpu") -> Drafter:
     cls = import_entry(cfg.impl)
     params = build_params(cls.Params, cfg.resolved_params(device), cfg.name)
     return cls(params)
+
+
+def batchable_methods() -> list[str]:
+    """Names of the methods whose drafter decodes rows of a batch together (``supports_batch``)."""
+    return [
+        name for name in available_methods() if getattr(import_entry(method_config(name).impl), "supports_batch", False)
+    ]

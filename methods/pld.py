@@ -29,6 +29,10 @@ class PromptLookupDrafter(Drafter):
         # with ``expected_acceptance`` per draft; num_draft_tokens is the fallback when no curve is stored
         budget_from_curve: bool = False
         expected_acceptance: float = 0.6  # per-draft acceptance assumed when picking from the curve
+        # SmartSpec (Liu et al. 2024): each step's draft length from the batch size, the moving-average
+        # acceptance and the T(B, k) surface, for maximal expected goodput (0 = no speculation);
+        # the fixed setting's budget is the cap (engine/smartspec.py)
+        smartspec: bool = False
 
         def __post_init__(self) -> None:
             check(self.min_ngram_size >= 1, "method.params.min_ngram_size", self.min_ngram_size, ">= 1")
@@ -54,6 +58,11 @@ class PromptLookupDrafter(Drafter):
         self.budget_source = "params"
 
     def setup(self, backbone, cache_dir: str | None = None) -> None:
+        self._budget_from_curve(backbone, cache_dir)
+        if self.params.smartspec:
+            self.enable_smartspec(backbone, cache_dir, max(self.budget, self.params.num_draft_tokens))
+
+    def _budget_from_curve(self, backbone, cache_dir: str | None) -> None:
         if not self.params.budget_from_curve or not getattr(backbone, "model_name", None):
             return
         from decodebench.engine.budget import pick_draft_budget

@@ -148,6 +148,10 @@ class SpeculativeSamplingDrafter(DraftModelDrafter):
         # profile --draft): max E(γ) / (γc + T(γ+1)/T(1)) at this per-draft acceptance (engine/budget.py)
         budget_from_curve: bool = False
         expected_acceptance: float = 0.8  # per-draft acceptance assumed when picking γ from the curve
+        # SmartSpec (Liu et al. 2024): each step's draft length from the batch size, the moving-average
+        # acceptance and the T(B, k) surface, for maximal expected goodput (0 = no speculation);
+        # max(γ, num_draft_tokens) is the cap; replaces the γ schedule (engine/smartspec.py)
+        smartspec: bool = False
 
         def __post_init__(self) -> None:
             check(
@@ -173,6 +177,9 @@ class SpeculativeSamplingDrafter(DraftModelDrafter):
     def setup(self, backbone: Backbone, cache_dir: str | None = None) -> None:
         super().setup(backbone, cache_dir)
         self.gamma = self.start_gamma = self._gamma_from_curve(backbone, cache_dir) or self.params.num_draft_tokens
+        if self.params.smartspec:
+            self.gamma = self.start_gamma = max(self.gamma, self.params.num_draft_tokens)
+            self.enable_smartspec(backbone, cache_dir, self.gamma)
 
     def _gamma_from_curve(self, backbone: Backbone, cache_dir: str | None) -> int | None:
         """γ from the stored curve of the target's backend when it also holds this draft's cost ratio."""
@@ -222,7 +229,7 @@ class SpeculativeSamplingDrafter(DraftModelDrafter):
         return Proposal(tokens=tokens, probs=torch.stack(rows) if rows else None)
 
     def feedback(self, outcome: StepOutcome) -> None:
-        if self.params.schedule == "constant" or not outcome.proposal.tokens:
+        if self.params.schedule == "constant" or self.speculation is not None or not outcome.proposal.tokens:
             return
         if outcome.result.accepted == len(outcome.proposal):
             self.gamma = min(self.gamma + 2, self.params.max_draft_tokens)

@@ -63,6 +63,10 @@ class SuffixDecodingDrafter(StatefulDrafter):
         # cpu preset: max_spec_tokens from the stored latency curve of the backend in use (the largest
         # draft whose verify costs <= this x a 1-token step, engine/budget.py node_budget)
         max_verify_cost: float | None = None
+        # SmartSpec (Liu et al. 2024): each step's draft length from the batch size, the moving-average
+        # acceptance and the T(B, k) surface, for maximal expected goodput (0 = no speculation);
+        # the fixed setting's budget is the cap (engine/smartspec.py)
+        smartspec: bool = False
 
         def __post_init__(self) -> None:
             check(
@@ -92,6 +96,8 @@ class SuffixDecodingDrafter(StatefulDrafter):
             self.budget_from_curve(backbone, cache_dir, self.params.max_verify_cost, self.params.max_spec_tokens + 1)
             - 1
         )
+        if self.params.smartspec:
+            self.enable_smartspec(backbone, cache_dir, self.max_spec_tokens)
         super().setup(backbone, cache_dir)
 
     # -- learned state (the global tree) ---------------------------------------------------------

@@ -37,7 +37,7 @@ from decodebench.config import (
 from decodebench.engine.backbone import Backbone
 from decodebench.engine.backends import apply_backend
 from decodebench.engine.decode_loop import DecodeSettings, GenerationOutput, generate, generate_batch
-from decodebench.engine.drafting import Drafter
+from decodebench.engine.drafting import Drafter, forget_row_drafters, row_copy
 from decodebench.engine.memory import peak_memory, reset_peak_memory
 from decodebench.engine.profile import ensure_latency_curve, load_latency_curve, stored_curve_path
 from decodebench.engine.sampling import SamplingParams
@@ -237,6 +237,7 @@ class Runner:
         self._warm_up(task, samples, loaded, backbone, contenders, cache)
         for contender in contenders:
             contender.drafter.reset_state()
+            forget_row_drafters(contender.drafter)  # a batch's row copies restart from the reset state
         records = list(done)
         finished = {(r.role, r.sample_id, r.turn) for r in done}
         total = sum(len(s.turns) for s in samples) * len(contenders)
@@ -248,7 +249,7 @@ class Runner:
             disable=not cfg.progress,
             dynamic_ncols=True,
         )
-        if cfg.gen.batch_size > 1:  # left-padded batches; still one record per (sample, turn, role)
+        if cfg.gen.batch_size > 1:  # batched (speculative) decoding; still one record per (sample, turn, role)
             self._decode_batches(task, samples, loaded, backbone, contenders, records, finished, progress)
         for sample in samples if cfg.gen.batch_size == 1 else []:
             for contender in contenders:
@@ -452,6 +453,7 @@ class Runner:
         out: GenerationOutput,
         loaded,
         batch_size: int = 1,
+        sequence_s: float | None = None,
     ) -> Record:
         """The record's measurements from one generation; in a batch of ``batch_size`` the batch's
         wall and prefill times are shared equally (Σ wall_s over the batch = its wall time)."""
@@ -460,6 +462,7 @@ class Runner:
         record.wall_s = out.wall_s / batch_size
         record.prefill_s = out.prefill_s / batch_size
         record.batch_size = batch_size if batch_size > 1 else None
+        record.sequence_s = out.wall_s if sequence_s is None else sequence_s
         record.method_stats = out.method_stats or None
         record.draft_s = sum(s.draft_s for s in out.steps)
         record.verify_s = sum(s.verify_s for s in out.steps)
@@ -545,7 +548,7 @@ class Runner:
                             warmed.add((contender.role, len(members)))  # untimed: kernels at the batch shape
                             generate_batch(
                                 backbone,
-                                contender.drafter,
+                                row_copy(contender.drafter),  # a throwaway copy: learned state never sees warm-up
                                 prompts,
                                 dataclasses.replace(settings, max_new_tokens=min(8, settings.max_new_tokens)),
                                 cache,
@@ -573,6 +576,7 @@ class Runner:
                                     batch.outputs[index],
                                     loaded,
                                     batch_size=len(members),
+                                    sequence_s=batch.finish_s[index],
                                 )
                             self._audit(record, records, self._sampling(turn_settings).greedy)
                             self.run_dir.append_record(record)

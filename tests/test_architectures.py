@@ -182,18 +182,20 @@ def test_crop_and_compact_then_continue(family_model):
     torch.testing.assert_close(out.logits, hf_logits(family_model, prefix + [5, 50, 51])[-2:], atol=ATOL, rtol=0)
 
 
-def test_left_padded_batch_equals_each_sequence(family_model):
-    """Batched decoding (SkipDecode, batched AR): a left-padded prefill, then cached steps past the
-    sliding window, equal each sequence run alone through the HF model."""
+def test_batch_rows_at_their_own_lengths_equal_each_sequence(family_model):
+    """Batched decoding (batched speculation, SkipDecode, batched AR): a right-padded prefill with each
+    row at its own length, then cached steps past the sliding window, equal each sequence run alone
+    through the HF model."""
     backbone = Backbone(family_model)
     batch = [random_ids(14, 7), random_ids(9, 8)]
     steps = [random_ids(6, 9), random_ids(6, 10)]
     width = max(map(len, batch))
     cache = backbone.new_cache(8, batch_size=len(batch))
-    cache.padding = [width - len(p) for p in batch]
+    sizes = [len(p) for p in batch]
     out = backbone.forward_batch(
-        torch.tensor([[0] * (width - len(p)) + p for p in batch]), cache, logits_rows=slice(-1, None)
+        torch.tensor([p + [0] * (width - len(p)) for p in batch]), cache, sizes=sizes, last_logits_only=True
     )
+    cache.commit_rows([0, 0], [range(n) for n in sizes])
     logits = [out.logits[:, -1]]
     for step in range(6):
         logits.append(backbone.forward_batch(torch.tensor([[s[step]] for s in steps]), cache).logits[:, -1])

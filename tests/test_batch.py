@@ -1,6 +1,6 @@
-"""Batched decoding (left padding, per-sequence positions, padding mask): batched AR equals
-unbatched AR token for token on tiny models; batched logits equal unbatched ones; drafters that
-draft are refused."""
+"""Batched decoding (rows at their own cache lengths, right padding, per-row masks): batched AR equals
+unbatched AR token for token on tiny models; batched logits equal unbatched ones. Batched
+speculation (drafting methods) is tested in tests/test_batched_speculation.py."""
 
 from __future__ import annotations
 
@@ -56,18 +56,17 @@ def test_batched_prefill_logits_equal_unbatched(backbone):
     batch = prompts()
     width = max(map(len, batch))
     cache = backbone.new_cache(8, batch_size=len(batch))
-    cache.padding = [width - len(p) for p in batch]
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in batch])
-    batched = backbone.forward_batch(ids, cache)
+    ids = torch.tensor([p + [0] * (width - len(p)) for p in batch])
+    batched = backbone.forward_batch(ids, cache, sizes=[len(p) for p in batch])
     assert batched.logits.shape == (len(batch), width, 101)
     for row, prompt in enumerate(batch):
         single = backbone.forward(prompt, backbone.new_cache(8))
-        torch.testing.assert_close(batched.logits[row, width - len(prompt) :], single.logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(batched.logits[row, : len(prompt)], single.logits, atol=1e-4, rtol=1e-4)
         assert torch.isfinite(batched.logits[row]).all()
 
 
 def test_batched_ar_equals_unbatched_ar(backbone):
-    """Different prompt lengths (left padding) and an EOS that stops rows at different steps."""
+    """Different prompt lengths (rows at their own lengths) and an EOS that stops rows at different steps."""
     ar = build_method(MethodConfig())
     batch = prompts()
     for eos in [(), (7, 11, 42)]:
@@ -86,7 +85,9 @@ def test_batch_of_one_and_cache_reuse(backbone):
     settings = DecodeSettings(max_new_tokens=12)
     cache = backbone.new_cache(4, batch_size=2)
     first = generate_batch(backbone, ar, prompts((5, 9)), settings, cache)
-    second = generate_batch(backbone, ar, prompts((5, 9)), settings, cache)  # reset, same cache
+    stop_row_0 = DecodeSettings(max_new_tokens=12, eos_token_ids=first.outputs[0].new_ids[2:3])
+    generate_batch(backbone, ar, prompts((5, 9)), stop_row_0, cache)  # a row leaves the batch early
+    second = generate_batch(backbone, ar, prompts((5, 9)), settings, cache)  # reset (both rows back), same cache
     assert [o.new_ids for o in first.outputs] == [o.new_ids for o in second.outputs]
     single = generate_batch(backbone, ar, prompts((6,)), settings, backbone.new_cache(4, batch_size=1))
     assert (
@@ -94,11 +95,8 @@ def test_batch_of_one_and_cache_reuse(backbone):
     )
 
 
-def test_drafting_methods_are_refused_and_cache_rows_must_match(backbone):
-    pld = build_method(MethodConfig(name="pld", impl="decodebench.methods.pld:PromptLookupDrafter"))
+def test_cache_rows_must_match(backbone):
     settings = DecodeSettings(max_new_tokens=4)
-    with pytest.raises(ValueError, match="drafts tokens"):
-        generate_batch(backbone, pld, prompts((4, 5)), settings, backbone.new_cache(4, batch_size=2))
     with pytest.raises(ValueError, match="rows"):
         generate_batch(
             backbone, build_method(MethodConfig()), prompts((4, 5)), settings, backbone.new_cache(4, batch_size=3)

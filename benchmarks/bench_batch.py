@@ -1,0 +1,126 @@
+"""Batched speculation: every method's speedup vs AR at the SAME batch size, B in {1, 2, 4, 8, 16}.
+
+Runs two Hydra multiruns of the ordinary CLI on the embedded model and a Spec-Bench subset (each
+cell decodes its batches with the method and with its in-process AR baseline, so every ratio
+comes from one process):
+
+  1. ``-m method=<methods> gen.batch_size=<B list>``        — each method's fixed setting (cpu preset);
+  2. ``-m method=<smartspec methods> method.preset=smartspec gen.batch_size=<B list>`` — the same
+     chain drafters with SmartSpec choosing each step's length (engine/smartspec.py).
+
+Then prints one table (speedup per method × B, tokens/s, per-sequence latency p50/p95, peak RSS,
+τ and the T(B, k) cost model's prediction), writes the speedup-vs-batch figure with the crossover
+marked, and checks the issue's targets: SmartSpec >= 0.95 × max(AR, its fixed setting) at every
+B, PLD >= 1.2 × AR at B = 4.
+
+Usage: python benchmarks/bench_batch.py [--batch-sizes 1,2,4,8,16] [--methods pld,suffix,...]
+       [--smartspec pld,suffix] [--per-category 1] [--categories ...] [--max-new-tokens 128]
+       [--threads 1] [--out results/bench_batch] [override ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from decodebench.analysis.frame import load_frame
+from decodebench.analysis.throughput import crossover, speedup_vs_batch_figure, throughput_table
+from decodebench.config import default_cache_dir
+
+# lossless methods that run on the embedded model without a trained drafter or a draft model
+DEFAULT_METHODS = "pld,lookahead,lade,suffix,token_recycling,rest,sam,swift,aggressive"
+SMARTSPEC_TOLERANCE = 0.95  # the issue's target: SmartSpec >= 0.95 x the better of AR and the fixed setting
+PLD_TARGET = (4, 1.2)  # PLD >= 1.2x AR at B = 4
+
+
+def sweep(out: Path, args: argparse.Namespace, *overrides: str) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "decodebench.cli",
+        "-m",
+        *overrides,
+        f"gen.batch_size={args.batch_sizes}",
+        f"task.per_category={args.per_category}",
+        f"gen.max_new_tokens={args.max_new_tokens}",
+        f"threads={args.threads}",
+        "progress=false",
+        f"hydra.sweep.dir={out}",
+        "hydra.callbacks.sweep_status.print_report=false",
+        *([f"task.categories=[{args.categories}]"] if args.categories else []),
+        *([f"data_dir={args.data_dir}"] if args.data_dir else []),
+        *args.overrides,
+    ]
+    print("$", " ".join(command[2:]), flush=True)
+    subprocess.run(command, check=True)
+
+
+def targets(table: pd.DataFrame) -> list[str]:
+    """The issue's targets, one line each, with PASS / FAIL."""
+    lines = []
+    methods = table[~table["method"].str.endswith(" (baseline)")]
+    speedup = methods.pivot_table(index="method", columns="batch_size", values="speedup")
+    for label in speedup.index:
+        if not label.endswith("[smartspec]"):
+            continue
+        fixed = label.replace("[smartspec]", "[cpu]")
+        for batch, value in speedup.loc[label].items():
+            best = max(1.0, speedup.loc[fixed, batch]) if fixed in speedup.index else 1.0
+            verdict = "PASS" if value >= SMARTSPEC_TOLERANCE * best else "FAIL"
+            lines.append(f"{verdict} {label} B={batch}: {value:.2f}x >= {SMARTSPEC_TOLERANCE} x {best:.2f}")
+    batch, wanted = PLD_TARGET
+    if "pld[cpu]" in speedup.index and batch in speedup.columns:
+        value = speedup.loc["pld[cpu]", batch]
+        lines.append(f"{'PASS' if value >= wanted else 'FAIL'} pld[cpu] B={batch}: {value:.2f}x >= {wanted}x")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", default="1,2,4,8,16")
+    parser.add_argument("--methods", default=DEFAULT_METHODS)
+    parser.add_argument("--smartspec", default="pld,suffix", help="methods also run with method.preset=smartspec")
+    parser.add_argument("--per-category", type=int, default=1)
+    parser.add_argument("--categories", default=None, help="comma-separated Spec-Bench categories / groups")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("overrides", nargs="*", help="more CLI overrides for every cell (e.g. engine.backend=eager)")
+    parser.add_argument("--out", type=Path, default=Path("results/bench_batch") / time.strftime("%Y-%m-%d_%H-%M-%S"))
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    sweep(args.out / "fixed", args, f"method={args.methods}")
+    if args.smartspec:
+        sweep(args.out / "smartspec", args, f"method={args.smartspec}", "method.preset=smartspec")
+    frame = load_frame([args.out])
+    # the T(B, k) surface SmartSpec measured (or found) for the embedded model, for the cost model
+    surfaces = sorted((Path(default_cache_dir()) / "profiles").glob(f"smollm2-135m__*__{args.threads}t__batch.json"))
+    surface = json.loads(surfaces[-1].read_text()) if surfaces else None
+    table = throughput_table(frame, surface)
+    print(f"\nbench-batch: {time.perf_counter() - start:.0f} s, out {args.out}\n")
+    speedup = table.pivot_table(index="method", columns="batch_size", values="speedup")
+    print("Speedup vs AR at the same batch size\n")
+    print(speedup.to_markdown(floatfmt=".2f"))
+    crossings = {m: crossover(list(r.index), list(r.values)) for m, r in speedup.iterrows()}
+    where = [f"{m}: {'-' if c is None else f'B≈{c:.1f}'}" for m, c in crossings.items()]
+    print("\ncrossover (speedup falls below 1): " + ", ".join(where))
+    print("\n" + table.to_markdown(index=False, floatfmt=".2f"))
+    if surface is not None:
+        ratios = pd.DataFrame(surface["ratio"], index=surface["batch_sizes"], columns=surface["k"])
+        print(f"\nT(B, k) / T(B, 1) ({Path(surfaces[-1]).name}; rows B, columns k)\n")
+        print(ratios.to_markdown(floatfmt=".2f"))
+    figure = speedup_vs_batch_figure(table, args.out)
+    if figure is not None:
+        print(f"\nfigure: {figure.png}  ({figure.caption})")
+    print("\n" + "\n".join(targets(table)))
+
+
+if __name__ == "__main__":
+    main()

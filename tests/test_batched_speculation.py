@@ -1,0 +1,359 @@
+"""Batched speculation: every row of a batch drafts its own chain or tree, all rows are verified in
+ONE target forward (padded, masked, each row at its own cache length), and each row's greedy output
+equals AR's at batch size 1 for its prompt, for every lossless method. Also the per-row cache
+bookkeeping (commit, rows leaving the batch, one-row views) and the refusal of methods that cannot
+batch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from decodebench.config import MethodConfig
+from decodebench.engine.backbone import BlockLayout
+from decodebench.engine.decode_loop import DecodeSettings, generate, generate_batch
+from decodebench.engine.drafting import forget_row_drafters, row_drafters
+from decodebench.engine.sampling import SamplingParams
+from decodebench.methods import batchable_methods, build_method, method_config
+
+from helpers import repeating_prompts, tiny_backbone, tiny_pair
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BATCH = 3
+NEW_TOKENS = 20
+
+
+def batch_prompts() -> list[list[int]]:
+    """Three prompts of mixed lengths (10, 17, 24 tokens) with repeated n-grams to draft from."""
+    return [p[: 10 + 7 * i] for i, p in enumerate(repeating_prompts(BATCH))]
+
+
+@pytest.fixture(scope="module")
+def models():
+    """A tiny target and a noisy copy of it as the draft model (draft-model methods)."""
+    return tiny_pair("llama")
+
+
+@pytest.fixture(scope="module")
+def stop_settings(models) -> DecodeSettings:
+    """Greedy, NEW_TOKENS tokens, with the 6th token AR emits for the first prompt as the stop id: the
+    rows then finish (and leave the batch) at different steps."""
+    target, _ = models
+    ar = build_method(MethodConfig())
+    first = generate(target, ar, batch_prompts()[0], DecodeSettings(max_new_tokens=8), target.new_cache(16))
+    return DecodeSettings(max_new_tokens=NEW_TOKENS, eos_token_ids=(first.new_ids[5],))
+
+
+@pytest.fixture(scope="module")
+def ar_reference(models, stop_settings):
+    """AR at batch size 1: each prompt's greedy ids (rows of different lengths)."""
+    target, _ = models
+    ar = build_method(MethodConfig())
+    ids = [generate(target, ar, p, stop_settings, target.new_cache(16)).new_ids for p in batch_prompts()]
+    assert len({len(row) for row in ids}) > 1, "the stop id should end the rows at different steps"
+    return ids
+
+
+def corpus(tmp_path) -> str:
+    """A token-id prompt file (tiny models have no tokenizer) for the retrieval methods."""
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"token_ids": p}) + "\n" for p in batch_prompts()))
+    return str(path)
+
+
+# method -> params (the tiny models' limits, a token corpus) and whether drafts must get accepted
+LOSSLESS = {
+    "pld": {},
+    "lookahead": {},
+    "lade": {},
+    "suffix": {},
+    "token_recycling": {},
+    "aded": {"corpus_prompts": 0},
+    "rest": {"corpus_prompts": "CORPUS", "corpus_max_new_tokens": NEW_TOKENS},
+    "sam": {"corpus_prompts": "CORPUS", "corpus_max_new_tokens": NEW_TOKENS},
+    "aggressive": {},
+    "swift": {},
+    "early_exit_spec": {"exit_layer": 1, "num_draft_tokens": 4},
+    "del": {},
+    "sps": {},
+    "dyspec": {},
+    "specdec_pp": {},
+    "rsd": {},
+}
+NO_ACCEPTANCE_NEEDED = {"aggressive", "del", "aded"}  # their tiny-model drafts may all be rejected
+
+
+@pytest.mark.parametrize("method", sorted(LOSSLESS))
+def test_batched_speculation_equals_ar_at_batch_size_one(method, models, stop_settings, ar_reference, tmp_path):
+    target, draft = models
+    base = method_config(method)
+    params = {k: corpus(tmp_path) if v == "CORPUS" else v for k, v in LOSSLESS[method].items()}
+    drafter = build_method(MethodConfig(name=method, impl=base.impl, params=params))
+    if drafter.needs_draft_model:
+        drafter.attach_draft(draft)
+    drafter.setup(target, str(tmp_path))
+    out = generate_batch(target, drafter, batch_prompts(), stop_settings, target.new_cache(16, batch_size=BATCH))
+    assert [o.new_ids for o in out.outputs] == ar_reference
+    # a row that stopped left the batch: it records no step after its last token
+    assert all(len(o.steps) <= len(o.new_ids) - 1 for o in out.outputs)
+    if method not in NO_ACCEPTANCE_NEEDED:
+        accepted = sum(s.accepted for o in out.outputs for s in o.steps)
+        assert accepted > 0, "no draft was accepted: the losslessness check proves nothing"
+    assert len(out.finish_s) == BATCH and max(out.finish_s) <= out.wall_s
+
+
+def test_every_lossless_method_batches():
+    """The refusal is only for methods that say they cannot batch; every catalogue method batches."""
+    assert {"ar", "pld", "sps", "token_recycling", "suffix", "lookahead", "swift"} <= set(batchable_methods())
+
+
+def test_one_drafter_per_row_shares_models_not_state(models, tmp_path):
+    target, draft = models
+    sps = build_method(method_config("sps"))
+    sps.attach_draft(draft)
+    sps.setup(target)
+    rows = row_drafters(sps, BATCH)
+    assert rows[0] is sps and len({id(r) for r in rows}) == BATCH
+    # the draft model is shared, its cache is per row ...
+    assert all(r.draft.backbone is sps.draft.backbone and r.draft.cache is not sps.draft.cache for r in rows[1:])
+    assert row_drafters(sps, BATCH)[1] is rows[1]  # ... the copies are kept across batches ...
+    forget_row_drafters(sps)
+    assert row_drafters(sps, BATCH)[1] is not rows[1]  # ... until the runner resets learned state
+
+
+def test_sampling_batch_runs_and_stays_in_vocabulary(models):
+    target, _ = models
+    pld = build_method(method_config("pld"))
+    settings = DecodeSettings(max_new_tokens=12, sampling=SamplingParams(temperature=0.8))
+    out = generate_batch(
+        target, pld, batch_prompts(), settings, target.new_cache(16, batch_size=BATCH), torch.Generator().manual_seed(0)
+    )
+    assert all(len(o.new_ids) == 12 and all(0 <= t < 101 for t in o.new_ids) for o in out.outputs)
+
+
+def test_rows_with_trees_at_their_own_lengths_equal_single_forwards():
+    """One batched forward over two rows at different cache lengths, one a tree and one a chain
+    (padded), gives each row the logits of its own unbatched forward; committing a tree branch
+    moves the accepted entries so the next step still matches."""
+    backbone = tiny_backbone("llama")
+    prefixes = [list(range(3, 15)), list(range(20, 27))]
+    blocks = [([40, 41, 42, 43], [-1, 0, 0, 1]), ([50, 51], None)]
+    cache = backbone.new_cache(8, batch_size=2)
+    width = max(map(len, prefixes))
+    backbone.forward_batch(
+        torch.tensor([p + [0] * (width - len(p)) for p in prefixes]), cache, sizes=[len(p) for p in prefixes]
+    )
+    cache.commit_rows([0, 0], [range(len(p)) for p in prefixes])
+    assert [cache.row_length(b) for b in range(2)] == [12, 7]
+    out = backbone.forward_batch(
+        torch.tensor([[40, 41, 42, 43], [50, 51, 0, 0]]),
+        cache,
+        sizes=[4, 2],
+        layouts=[BlockLayout(parents=blocks[0][1]), BlockLayout()],
+    )
+    singles = []
+    for prefix, (tokens, parents) in zip(prefixes, blocks):
+        single = backbone.new_cache(8)
+        backbone.forward(prefix, single)
+        singles.append(backbone.forward(tokens, single, layout=BlockLayout(parents=parents)).logits)
+    torch.testing.assert_close(out.logits[0], singles[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.logits[1, :2], singles[1], atol=1e-5, rtol=1e-5)
+
+    # row 0 keeps root + node 2 (a side branch), row 1 keeps its root only; then one more token each
+    cache.commit_rows([12, 7], [[0, 2], [0]])
+    assert [cache.row_length(b) for b in range(2)] == [14, 8]
+    step = backbone.forward_batch(torch.tensor([[60], [61]]), cache)
+    for row, history in enumerate([prefixes[0] + [40, 42, 60], prefixes[1] + [50, 61]]):
+        reference = backbone.forward(history, backbone.new_cache(8)).logits[-1]
+        torch.testing.assert_close(step.logits[row, -1], reference, atol=1e-5, rtol=1e-5)
+
+    # a row leaving the batch: the other keeps its entries; a one-row view writes into the batch
+    cache.keep_rows([1])
+    assert cache.batch_size == 1 and cache.length == 9
+    view = backbone.new_cache(8, batch_size=2)
+    view.ensure_capacity(16)
+    row = view.row_view(1)
+    backbone.forward([5, 6, 7], row)
+    assert row.length == 3 and view.row_lengths[0] == [0, 0]  # the batch's lengths are the caller's
+    assert torch.equal(view.keys[0][1, :, :3], row.keys[0][0, :, :3]) and not view.keys[0][0].any()
+    cache.reset()
+    assert cache.batch_size == 2  # rows that left come back for the next batch
+
+
+def test_a_method_that_cannot_batch_is_refused_before_loading(monkeypatch):
+    from decodebench.config import ConfigValueError, compose_run_config, validate_before_loading
+    from decodebench.methods.pld import PromptLookupDrafter
+
+    monkeypatch.setattr(PromptLookupDrafter, "supports_batch", False)
+    monkeypatch.setattr(PromptLookupDrafter, "batch_refusal", "its index is shared by every row")
+    cfg = compose_run_config(["model=tiny-llama", "method=pld", "gen.batch_size=4"])
+    with pytest.raises(
+        ConfigValueError, match=r"gen.batch_size.*'pld'.*shared by every row.*methods that batch: .*sps"
+    ):
+        validate_before_loading(cfg)
+
+
+@pytest.mark.parametrize("method", ["eagle", "eagle2", "medusa", "hydra", "kangaroo"])
+def test_feature_drafters_batch_losslessly(method, models, stop_settings, ar_reference, tmp_path):
+    """Drafters that draft from the target's hidden states (EAGLE, Medusa, Hydra: untrained networks
+    saved as checkpoints; Kangaroo: an adapter trained for one epoch) read each row's own slice."""
+    target, _ = models
+    torch.manual_seed(1)
+    if method == "kangaroo":
+        from decodebench.methods.kangaroo import adapter_path, save_adapter
+        from decodebench.methods.kangaroo_train import (
+            AdapterTrainingConfig,
+            collect_sequences,
+            self_generate,
+            train_adapter,
+        )
+
+        prompts = batch_prompts()
+        sequences = collect_sequences(target, prompts, self_generate(target, prompts, max_new_tokens=12), exit_layer=2)
+        adapter, metrics = train_adapter(target, sequences, AdapterTrainingConfig(epochs=1))
+        save_adapter(adapter_path(str(tmp_path), target), adapter, metrics)
+    else:
+        from decodebench.methods.draft_heads import checkpoint_dir, model_key, save_checkpoint
+        from decodebench.methods.eagle_net import EagleNet
+        from decodebench.methods.medusa_heads import HydraHeads, MedusaHeads
+
+        network = {"eagle": EagleNet, "eagle2": EagleNet, "medusa": MedusaHeads, "hydra": HydraHeads}[method]
+        net = network(target, network.Params())
+        save_checkpoint(
+            checkpoint_dir(str(tmp_path), model_key(target), net.network),
+            net.checkpoint_state(),
+            net.checkpoint_config(target),
+        )
+    drafter = build_method(method_config(method))
+    drafter.setup(target, str(tmp_path))
+    out = generate_batch(target, drafter, batch_prompts(), stop_settings, target.new_cache(16, batch_size=BATCH))
+    assert [o.new_ids for o in out.outputs] == ar_reference
+    assert sum(s.drafted for o in out.outputs for s in o.steps) > 0
+
+
+@pytest.mark.embedded
+def test_embedded_model_batched_speculation_is_lossless():
+    """SmolLM2-135M (fp32, greedy), three chat prompts of different lengths decoded together: a chain
+    drafter (PLD) and a stateful tree drafter (Token Recycling, a 6-node tree) each equal AR at batch
+    size 1, with drafts accepted."""
+    from decodebench.config import default_cache_dir
+    from decodebench.engine.backbone import Backbone
+    from decodebench.models.embedded import embedded_model_dir, read_prepared_marker
+    from decodebench.models.loading import load_model, load_model_config
+    from decodebench.tasks.prompts import encode_prompt
+
+    from helpers import EMBEDDED_PROMPTS
+
+    cfg = load_model_config("smollm2-135m")
+    if read_prepared_marker(embedded_model_dir(cfg, default_cache_dir())) is None:
+        pytest.skip("smollm2-135m is not prepared (make setup)")
+    loaded = load_model(cfg)
+    backbone = Backbone(loaded.model)
+    texts = [*EMBEDDED_PROMPTS, "Repeat after me: the quick brown fox jumps over the lazy dog. The quick brown fox"]
+    prompts = [
+        encode_prompt(loaded.tokenizer, [{"role": "user", "content": text}], cfg.chat_template) for text in texts
+    ]
+    settings = DecodeSettings(max_new_tokens=24, eos_token_ids=[loaded.tokenizer.eos_token_id])
+    ar = build_method(MethodConfig())
+    reference = [generate(backbone, ar, p, settings, backbone.new_cache(256)).new_ids for p in prompts]
+    small = {"pld": {"num_draft_tokens": 5}, "token_recycling": {"tree": [[0], [1], [0, 0], [0, 0, 0], [0, 0, 0, 0]]}}
+    for method, params in small.items():
+        drafter = build_method(MethodConfig(name=method, impl=method_config(method).impl, params=params))
+        drafter.setup(backbone)
+        out = generate_batch(backbone, drafter, prompts, settings, backbone.new_cache(256, batch_size=len(prompts)))
+        assert [o.new_ids for o in out.outputs] == reference, method
+        assert sum(s.accepted for o in out.outputs for s in o.steps) > 0, method
+
+
+# -- SmartSpec ---------------------------------------------------------------------------------------
+def surface(flat: bool) -> dict:
+    """A T(B, k) surface: flat (a GPU at small B: drafts nearly free) or steep (every token costs)."""
+    ks, sizes = [1, 2, 4, 8], [1, 4]
+    ratio = [[1.0, 1.02, 1.05, 1.1]] * 2 if flat else [[1.0, 1.9, 3.7, 7.5]] * 2
+    return {"batch_sizes": sizes, "k": ks, "ratio": ratio, "ms": [[10 * r for r in row] for row in ratio]}
+
+
+def test_smartspec_speculates_where_it_pays_and_not_where_it_does_not():
+    from decodebench.engine.smartspec import PROBE_EVERY, SmartSpec
+
+    assert SmartSpec(surface(flat=True), max_draft=6, prior_acceptance=0.8).choose(4) == 6
+    steep = SmartSpec(surface(flat=False), max_draft=6, prior_acceptance=0.5)
+    assert [steep.choose(4) for _ in range(PROBE_EVERY)] == [0] * (PROBE_EVERY - 1) + [1]  # then a probe
+    learning = SmartSpec(surface(flat=True), max_draft=6, prior_acceptance=0.8)
+    for _ in range(30):  # every row's first draft rejected: acceptance falls, and so does the length
+        learning.observe(4, [(4, 0, 0.001)] * 4)
+    assert learning.acceptance < 0.05 and learning.choose(4) < 6
+    # expensive drafts (a draft model) cost goodput too
+    costly = SmartSpec(surface(flat=True), max_draft=6, prior_acceptance=0.8)
+    costly.draft_s_per_token = 0.05  # 50 ms per draft token vs a 10 ms step
+    assert costly.choose(4) == 0
+
+
+@pytest.mark.parametrize("method", ["pld", "sps", "suffix"])
+def test_smartspec_is_lossless_at_batch_sizes_one_and_three(method, models, stop_settings, ar_reference):
+    target, draft = models
+    drafter = build_method(MethodConfig(name=method, impl=method_config(method).impl, params={"smartspec": True}))
+    if drafter.needs_draft_model:
+        drafter.attach_draft(draft)
+    drafter.setup(target)
+    assert drafter.speculation is not None  # measured the (tiny) T(B, k) surface on first use
+    out = generate_batch(target, drafter, batch_prompts(), stop_settings, target.new_cache(16, batch_size=BATCH))
+    assert [o.new_ids for o in out.outputs] == ar_reference
+    single = generate(target, drafter, batch_prompts()[1], stop_settings, target.new_cache(16))
+    assert single.new_ids == ar_reference[1]
+    assert "smartspec_mean_k" in single.method_stats
+
+
+# -- throughput mode (analysis/throughput.py) --------------------------------------------------------
+def throughput_run(root, batch_size: int, method_wall: float, sequence_s: float, rss_mb: float):
+    """A run dir of 4 prompts at ``gen.batch_size``: AR records of 1.0 s each (their share of the
+    batch wall), the method's of ``method_wall``; 9 tokens each, the method in 5 forwards."""
+    from decodebench.records import Record
+    from decodebench.runners.run_dir import MANIFEST, RunDirectory
+
+    run = RunDirectory(root / f"b{batch_size}")
+    run.write_config(
+        {
+            "model": {"name": "tiny"},
+            "method": {"name": "pld", "lossless": True},
+            "task": {"name": "spec_bench"},
+            "gen": {"temperature": 0.0, "max_new_tokens": 8, "batch_size": batch_size},
+            "seed": 0,
+            "device": "cpu",
+            "dtype": "float32",
+        }
+    )
+    run.write_json(
+        MANIFEST, {"hardware": {"cpu": "TestCPU", "device": "cpu"}, "memory": {"peak_rss_bytes": rss_mb * 2**20}}
+    )
+    for sample in range(4):
+        for role, method, wall, steps in (("baseline", "ar", 1.0, 9), ("method", "pld[cpu]", method_wall, 5)):
+            run.append_record(
+                Record(
+                    method=method, role=role, task="spec_bench", model="tiny", sample_id=str(sample), category="qa",
+                    group="qa", turn=0, seed=0, new_tokens=9, wall_s=wall, steps=steps, sequence_s=sequence_s * (1 + sample),
+                    tree_sizes=[3] * (steps - 1), output_ids=list(range(9)), batch_size=batch_size,
+                )
+            )  # fmt: skip
+
+
+def test_throughput_table_and_figure_against_ar_at_the_same_batch_size(tmp_path):
+    from decodebench.analysis.frame import load_frame
+    from decodebench.analysis.throughput import crossover, speedup_vs_batch_figure, throughput_table
+
+    for batch, wall, rss in ((1, 0.5, 600.0), (4, 0.8, 650.0), (16, 1.25, 900.0)):
+        throughput_run(tmp_path / "runs", batch, wall, sequence_s=0.1 * batch, rss_mb=rss)
+    table = throughput_table(load_frame([tmp_path / "runs"]), surface(flat=True))
+    method = table[table["method"] == "pld[cpu]"].set_index("batch_size")
+    assert method["speedup"].round(3).tolist() == [2.0, 1.25, 0.8]  # Σ AR wall / Σ method wall, per B
+    assert method.loc[4, "tokens_per_s"] == pytest.approx(36 / 3.2)
+    assert method.loc[16, "peak_rss_mb"] == 900.0 and method.loc[4, "latency_p50_s"] == pytest.approx(1.0)
+    assert method.loc[1, "tau"] == pytest.approx(9 / 5) and method.loc[1, "block"] == 3.0
+    assert method.loc[1, "predicted"] == pytest.approx((9 / 5) / 1.035)  # τ / (T(1, 3) / T(1, 1)), k=3 interpolated
+    assert crossover([1, 4, 16], [2.0, 1.25, 0.8]) == pytest.approx(2 ** (2 + 0.25 / 0.45 * 2))
+    assert crossover([1, 4], [0.9, 0.8]) is None
+    figure = speedup_vs_batch_figure(table, tmp_path / "fig")
+    assert figure.png.stat().st_size > 0 and "pld[cpu] at B≈" in figure.caption
