@@ -174,8 +174,11 @@ def generate(
         candidate_logits = target.logits[: len(block_tokens)]
         t_verify = now(device)  # the verifier reads the logits on the host next: no extra stall on CUDA
 
-        # 3. verify
-        if params.greedy:
+        # 3. verify (a method's own verifier first: only lossy methods have one)
+        result = drafter.verify(block_tokens, block_parents, candidate_logits, params, generator)
+        if result is not None:
+            pass
+        elif params.greedy:
             result = verify_greedy(block_tokens, block_parents, candidate_logits)
         else:
             draft_probs = None
