@@ -9,13 +9,16 @@ continue the answer (the greedy verifier's rule). τ = 1 + mean accepted length.
 * ``--corpus``: the held-out split of the drafter's own training corpus (in-domain), exactly the
   sequences ``decodebench-train`` held out;
 * ``--run-dir``: the in-process AR baseline outputs of a ``decodebench`` run (e.g. Spec-Bench),
-  first turns (:func:`replay_common.ar_cases`).
+  first turns (:func:`replay_common.ar_cases`);
+* ``--task``: the first turns of a task (run overrides, e.g. ``task=spec_bench
+  task.per_category=2 gen.max_new_tokens=128``), answered here by batched greedy AR.
 
 The gap between the two is the drafter's domain gap; a measured τ far below the ``--run-dir``
 replay would point at the decode path instead.
 
-Usage: python benchmarks/replay_drafter.py --method eagle2 --params total_tokens=6 depth=3 top_k=4 \\
-           [--corpus | --run-dir results/drafters/hydra] [--checkpoint DIR] [--stride 3] [--limit 12]
+Usage: python benchmarks/replay_drafter.py --method eagle:tree_nodes=5 eagle2:total_tokens=6,depth=3,top_k=4 \\
+           [--corpus | --run-dir RUN | --task task=spec_bench task.per_category=2 gen.max_new_tokens=128]
+           [--stride 3] [--limit 12]
 """
 
 from __future__ import annotations
@@ -64,13 +67,36 @@ def seed(drafter, sequence, committed: int) -> None:
         raise SystemExit(f"replay supports EAGLE / EAGLE-2 / Medusa / Hydra, not {type(drafter).__name__}")
 
 
+def task_answers(overrides: list[str], backbone: Backbone, loaded, cache_dir: str) -> list:
+    """The first turns of the task of ``overrides`` with the target's batched greedy answers."""
+    from decodebench.config import compose_run_config
+    from decodebench.runners.local import eos_token_ids
+    from decodebench.tasks import build_task
+    from decodebench.tasks.prompts import encode_prompt
+    from decodebench.training.corpus import greedy_answers
+
+    cfg = compose_run_config(overrides)
+    task = build_task(cfg.task, cfg.data_dir, cache_dir)
+    prompts = [
+        encode_prompt(loaded.tokenizer, task.build_messages(sample, 0, []), cfg.model.chat_template)
+        for sample in task.load_samples()
+    ]
+    answers = greedy_answers(backbone, prompts, cfg.gen.max_new_tokens, len(prompts), eos_token_ids(loaded), False)
+    return [target_features(backbone, p, a) for p, a in zip(prompts, answers) if len(a) >= 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", required=True, help="eagle | eagle2 | medusa | hydra")
-    parser.add_argument("--params", nargs="*", default=[], help="method params, key=value (e.g. tree_nodes=5)")
+    parser.add_argument(
+        "--method",
+        nargs="+",
+        required=True,
+        help="drafters as NAME or NAME:key=value,key=value (eagle | eagle2 | medusa | hydra), e.g. eagle:tree_nodes=5",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--corpus", action="store_true", help="the held-out split of the default training corpus")
     source.add_argument("--run-dir", type=Path, help="a decodebench run with AR baseline records")
+    source.add_argument("--task", nargs="+", help="run overrides naming a task; its first turns, answered greedily")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--cache-dir", default=str(default_cache_dir()))
     parser.add_argument("--stride", type=int, default=3, help="replay every n-th answer position")
@@ -79,13 +105,17 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    method_cfg = yaml.safe_load((Path(__file__).parents[1] / "conf" / "method" / f"{args.method}.yaml").read_text())
-    params = {k: yaml.safe_load(v) for k, v in (p.split("=", 1) for p in args.params)}
-    drafter = build_method(MethodConfig(name=args.method, impl=method_cfg["impl"], params=params))
     loaded = load_model(load_model_config(args.model), device="cpu", dtype="float32", cache_dir=args.cache_dir)
     backbone = Backbone(loaded.model)
     backbone.model_name = args.model
-    drafter.setup(backbone, args.cache_dir)
+    drafters = []
+    for spec in args.method:
+        name, _, given = spec.partition(":")
+        params = {k: yaml.safe_load(v) for k, v in (p.split("=", 1) for p in given.split(",") if p)}
+        impl = yaml.safe_load((Path(__file__).parents[1] / "conf" / "method" / f"{name}.yaml").read_text())["impl"]
+        drafter = build_method(MethodConfig(name=name, impl=impl, params=params))
+        drafter.setup(backbone, args.cache_dir)
+        drafters.append((spec, drafter))
 
     if args.corpus:
         cfg = compose_train_config([f"model={args.model}", f"cache_dir={args.cache_dir}"])
@@ -93,33 +123,31 @@ def main() -> None:
         if corpus is None:
             raise SystemExit("no training corpus in the cache: run decodebench-train first")
         _, sequences = split(corpus.sequences, cfg.drafter.validation_fraction, cfg.seed)
-    else:
+    elif args.run_dir:
         from replay_common import ar_cases
 
         _, cases = ar_cases(args.run_dir)
         sequences = [target_features(backbone, prompt, output) for prompt, output in cases]
+    else:
+        sequences = task_answers(args.task, backbone, loaded, args.cache_dir)
     sequences = sequences[: args.limit]
 
-    lengths = []
-    with torch.inference_mode():
-        for sequence in sequences:
-            ids = sequence.ids.tolist()
-            for committed in range(sequence.answer_start, len(ids) - 1, args.stride):
-                seed(drafter, sequence, committed)
-                proposal = drafter.propose(ids[: committed + 1], 64)
-                lengths.append(accepted_length(proposal.tokens, proposal.parents, ids[committed + 1 :]))
-    print(
-        json.dumps(
-            {
-                "method": args.method,
-                "params": params,
-                "source": "corpus held-out" if args.corpus else str(args.run_dir),
-                "sequences": len(sequences),
-                "positions": len(lengths),
-                "tau": round(1 + sum(lengths) / max(len(lengths), 1), 3),
-            }
+    for spec, drafter in drafters:
+        lengths = []
+        with torch.inference_mode():
+            for sequence in sequences:
+                ids = sequence.ids.tolist()
+                for committed in range(sequence.answer_start, len(ids) - 1, args.stride):
+                    seed(drafter, sequence, committed)
+                    proposal = drafter.propose(ids[: committed + 1], 64)
+                    lengths.append(accepted_length(proposal.tokens, proposal.parents, ids[committed + 1 :]))
+        source = "corpus held-out" if args.corpus else str(args.run_dir or " ".join(args.task))
+        tau = round(1 + sum(lengths) / max(len(lengths), 1), 3)
+        print(
+            json.dumps(
+                {"drafter": spec, "source": source, "sequences": len(sequences), "positions": len(lengths), "tau": tau}
+            )
         )
-    )
 
 
 if __name__ == "__main__":
