@@ -45,11 +45,8 @@ from decodebench.records import summarize_frame
 from decodebench.registry import DecodeBenchError
 
 RUN_CURVE_FILES = ("latency_curve.json", "verify_curve.json")
-COLUMNS = [
-    "model",
-    "task",
-    "method",
-    "group",
+# The prediction next to the measured speedup and time split: what the paper's cost table shows.
+PREDICTION_METRICS = [
     "tokens_per_step",
     "verify_ratio",
     "draft_share",
@@ -60,11 +57,8 @@ COLUMNS = [
     "draft_frac",
     "verify_frac",
     "overhead_frac",
-    "predicted_verify_s",
-    "verify_s",
-    "t1_ms",
-    "curve",
 ]
+COLUMNS = ["model", "task", "method", "group", *PREDICTION_METRICS, "predicted_verify_s", "verify_s", "t1_ms", "curve"]
 
 
 @dataclass

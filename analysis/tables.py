@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from decodebench.analysis.cost_model import PREDICTION_METRICS
 from decodebench.analysis.frame import QUALITY_PREFIX, quality_metrics
 from decodebench.analysis.report import BASELINE_SUFFIX, OVERALL
 
@@ -163,19 +164,7 @@ def cost_table(cost: pd.DataFrame, model: str, task: str) -> PaperTable | None:
     rows = cost[(cost["model"] == model) & (cost["task"] == task) & (cost["group"] == OVERALL)]
     if rows.empty:
         return None
-    metrics = [
-        "tokens_per_step",
-        "verify_ratio",
-        "draft_share",
-        "predicted_speedup",
-        "measured_decode_speedup",
-        "measured_speedup",
-        "prefill_frac",
-        "draft_frac",
-        "verify_frac",
-        "overhead_frac",
-    ]
-    table = _pivot(rows, [OVERALL], metrics, f"Cost model: predicted vs measured speedup — {task}, {model}")
+    table = _pivot(rows, [OVERALL], PREDICTION_METRICS, f"Cost model: predicted vs measured speedup — {task}, {model}")
     table.bold_best = False
     curves = ", ".join(dict.fromkeys(c for c in rows["curve"].dropna()))
     table.notes.append(

@@ -27,6 +27,7 @@ from decodebench.engine.backbone import Backbone
 from decodebench.engine.decode_loop import DecodeSettings, GenerationOutput, generate
 from decodebench.engine.sampling import SamplingParams, logits_to_probs
 from decodebench.models.tiny import build_tiny
+from decodebench.records import Record
 
 # --- tiny models -------------------------------------------------------------------------------
 VOCAB = 101
@@ -50,6 +51,27 @@ def tiny_backbone(arch: str = "llama", **overrides) -> Backbone:
     replace TINY's sizes (e.g. ``num_hidden_layers=4``)."""
     config = ModelConfig(name=f"tiny-{arch}", source="tiny", architecture=arch, tiny={**TINY, **overrides})
     return Backbone(build_tiny(config, seed=0))
+
+
+def damped_tiny(
+    arch: str = "llama",
+    layers: int = 6,
+    vocab: int = VOCAB,
+    damped: slice = slice(2, None),
+    factor: float = 0.1,
+    seed: int = 0,
+) -> Backbone:
+    """A tiny random model (named ``tiny``, max 512 positions) whose ``damped`` layers barely change
+    the residual stream (their attention output and down projections scaled by ``factor``), so an
+    early exit or a skipped layer often agrees with the full model: drafts are both accepted and
+    rejected."""
+    sizes = {**TINY, "vocab_size": vocab, "num_hidden_layers": layers, "max_position_embeddings": 512}
+    model = build_tiny(ModelConfig(name="tiny", source="tiny", architecture=arch, tiny=sizes), seed)
+    with torch.no_grad():
+        for layer in model.model.layers[damped]:
+            layer.self_attn.o_proj.weight.mul_(factor)
+            layer.mlp.down_proj.weight.mul_(factor)
+    return Backbone(model)
 
 
 def tiny_pair(
@@ -224,3 +246,11 @@ def embedded_lossless(method: str, cache_dir=None, prepare=None, **params) -> tu
         accepted += sum(s.accepted for s in ours.steps)
         drafted += sum(s.drafted for s in ours.steps)
     return accepted, drafted
+
+
+def make_record(**fields) -> Record:
+    """A Record with placeholder identity fields (task "t", model "m", sample "1", category "c",
+    group "g", turn 0, seed 0) under the given ones: tests of metrics and files state only what
+    they measure."""
+    identity = {"task": "t", "model": "m", "sample_id": "1", "category": "c", "group": "g", "turn": 0, "seed": 0}
+    return Record(**{**identity, **fields})

@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 
 from decodebench.analysis.frame import aggregate, load_frame, read_parquet, save_parquet
-from decodebench.records import Record
 from decodebench.runners.run_dir import RunDirectory
+
+from helpers import make_record
 
 
 def one(table: pd.DataFrame, method: str, group: str = "overall") -> pd.Series:
@@ -103,32 +104,18 @@ def test_parquet_round_trip(tmp_path, analysis_sweep):
 def test_errors_and_missing_fields(tmp_path):
     run = RunDirectory(tmp_path / "run")
     run.append_record(
-        Record(
+        make_record(
             method="ar",
             role="baseline",
-            task="t",
-            model="m",
-            sample_id="1",
-            category="c",
-            group="g",
-            turn=0,
-            seed=0,
             new_tokens=4,
             wall_s=1.0,
             steps=4,
         )
     )
     run.append_record(
-        Record(
+        make_record(
             method="pld",
             role="method",
-            task="t",
-            model="m",
-            sample_id="1",
-            category="c",
-            group="g",
-            turn=0,
-            seed=0,
             error="RuntimeError: boom",
         )
     )

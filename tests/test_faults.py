@@ -27,6 +27,8 @@ from decodebench.runners.run_dir import (
     read_records,
 )
 
+from helpers import make_record
+
 pytestmark = pytest.mark.embedded  # tiny-llama borrows the embedded model's tokenizer
 
 BIN = Path(sys.executable).parent
@@ -140,16 +142,10 @@ def test_disk_full_on_a_small_tmpfs_leaves_only_complete_lines(tmp_path):
     try:
         (mount / "filler").write_bytes(b"\0" * 4096)
         run_dir = RunDirectory(mount / "run")
-        record = Record(
+        record = make_record(
             method="pld",
             role="method",
-            task="t",
-            model="m",
             sample_id="0",
-            category="c",
-            group="g",
-            turn=0,
-            seed=0,
             output_ids=list(range(40)),
             output_text="x" * 200,
         )

@@ -8,22 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from decodebench.records import Record, harness_overhead_share
+from decodebench.records import harness_overhead_share
+
+from helpers import make_record
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
 
 def record(wall, prefill, forward, error=None):
-    return Record(
+    return make_record(
         method="ar",
         role="baseline",
-        task="t",
-        model="m",
-        sample_id="1",
-        category="c",
-        group="g",
-        turn=0,
-        seed=0,
         wall_s=wall,
         prefill_s=prefill,
         forward_s=forward,

@@ -21,6 +21,8 @@ from decodebench.engine.decode_loop import draft_depth
 from decodebench.records import Record, prompt_totals, records_frame, summarize
 from decodebench.runners.run_dir import RunDirectory
 
+from helpers import make_record
+
 SPEC_BENCH_GROUPS = ["mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag", "overall"]
 
 
@@ -31,16 +33,9 @@ def test_tree_metrics_per_node_per_position_and_conditional():
     """Two tree steps: 5 nodes of depth 3 with 2 accepted, 4 nodes of depth 2 with 0 accepted; then a
     truncated last step. α per node = 2/9, per draft position = 2/5; position 1: 1 of 2 accepted,
     position 2: 1 of 2 (conditional on position 1: 1 of 1), position 3: 0 of 1 (given 2: 0 of 1)."""
-    record = Record(
+    record = make_record(
         method="tree",
         role="method",
-        task="t",
-        model="m",
-        sample_id="1",
-        category="c",
-        group="g",
-        turn=0,
-        seed=0,
         new_tokens=6,
         wall_s=1.0,
         steps=4,
@@ -64,16 +59,9 @@ def test_tree_metrics_per_node_per_position_and_conditional():
 def test_old_records_derive_depth_and_emitted():
     """Records without draft_depths / emitted_lengths: chains (depth = drafted), emitted = accepted + 1
     with the last step taking the rest, so mean accepted tokens = (new_tokens − 1) / (steps − 1)."""
-    record = Record(
+    record = make_record(
         method="pld",
         role="method",
-        task="t",
-        model="m",
-        sample_id="1",
-        category="c",
-        group="g",
-        turn=0,
-        seed=0,
         new_tokens=9,
         wall_s=1.0,
         steps=4,
@@ -94,16 +82,9 @@ def test_draft_depth():
 
 
 def test_ar_is_one_everywhere_and_shares_sum_to_one():
-    ar = Record(
+    ar = make_record(
         method="ar",
         role="baseline",
-        task="t",
-        model="m",
-        sample_id="1",
-        category="c",
-        group="g",
-        turn=0,
-        seed=0,
         new_tokens=5,
         wall_s=1.0,
         prefill_s=0.2,
@@ -389,30 +370,16 @@ def test_report_tables_carry_intervals(tmp_path, capsys):
 
 
 def test_records_frame_joins_baseline():
-    a = Record(
+    a = make_record(
         method="ar",
         role="baseline",
-        task="t",
-        model="m",
-        sample_id="1",
-        category="c",
-        group="g",
-        turn=0,
-        seed=0,
         new_tokens=4,
         wall_s=2.0,
         steps=4,
     )
-    m = Record(
+    m = make_record(
         method="x",
         role="method",
-        task="t",
-        model="m",
-        sample_id="1",
-        category="c",
-        group="g",
-        turn=0,
-        seed=0,
         new_tokens=4,
         wall_s=1.0,
         steps=2,

@@ -6,41 +6,15 @@ from __future__ import annotations
 import functools
 
 import pytest
-import torch
 
-from decodebench.config import MethodConfig, ModelConfig, compose_run_config
-from decodebench.engine.backbone import Backbone
+from decodebench.config import MethodConfig, compose_run_config
 from decodebench.methods import build_method, method_config
 from decodebench.methods.dynamic_exit import DynamicExitDrafter, best_exit, expected_tokens
-from decodebench.models.tiny import build_tiny
 
+from helpers import damped_tiny, embedded_lossless, random_prompts
 from helpers import decode as helpers_decode
-from helpers import embedded_lossless, random_prompts
 
 IMPL = "decodebench.methods.dynamic_exit:DynamicExitDrafter"
-
-
-def damped_tiny(
-    arch: str = "llama", layers: int = 6, vocab: int = 101, keep: int = 2, factor: float = 0.1, seed: int = 0
-) -> Backbone:
-    """Tiny random model whose layers from ``keep`` on barely change the residual stream (early
-    exits from layer ``keep`` on mostly agree with the full model)."""
-    sizes = dict(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.1,
-    )
-    model = build_tiny(ModelConfig(name="tiny", source="tiny", architecture=arch, tiny=sizes), seed)
-    with torch.no_grad():
-        for layer in model.model.layers[keep:]:
-            layer.self_attn.o_proj.weight.mul_(factor)
-            layer.mlp.down_proj.weight.mul_(factor)
-    return Backbone(model)
 
 
 prompts = random_prompts  # tests/helpers.py

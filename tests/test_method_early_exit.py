@@ -9,40 +9,16 @@ import functools
 import pytest
 import torch
 
-from decodebench.config import ConfigValueError, MethodConfig, ModelConfig, compose_run_config
-from decodebench.engine.backbone import Backbone, BlockLayout, ForwardPlan
+from decodebench.config import ConfigValueError, MethodConfig, compose_run_config
+from decodebench.engine.backbone import BlockLayout, ForwardPlan
 from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import build_method, method_config
 from decodebench.methods.early_exit_spec import EarlyExitSpecDrafter
-from decodebench.models.tiny import build_tiny
 
-from helpers import chi_square_p_value, embedded_lossless, exact_second_and_third, random_prompts
+from helpers import chi_square_p_value, damped_tiny, embedded_lossless, exact_second_and_third, random_prompts
 from helpers import decode as helpers_decode
 
 IMPL = "decodebench.methods.early_exit_spec:EarlyExitSpecDrafter"
-
-
-def damped_tiny(
-    arch: str = "llama", layers: int = 6, vocab: int = 101, keep: int = 2, factor: float = 0.1, seed: int = 0
-) -> Backbone:
-    """A tiny random model whose layers from ``keep`` on barely change the residual stream, so an
-    early exit often agrees with the full model (drafts are both accepted and rejected)."""
-    sizes = dict(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.1,
-    )
-    model = build_tiny(ModelConfig(name="tiny", source="tiny", architecture=arch, tiny=sizes), seed)
-    with torch.no_grad():
-        for layer in model.model.layers[keep:]:
-            layer.self_attn.o_proj.weight.mul_(factor)
-            layer.mlp.down_proj.weight.mul_(factor)
-    return Backbone(model)
 
 
 prompts = random_prompts  # tests/helpers.py
@@ -163,7 +139,7 @@ def test_config_composes_with_presets():
 
 
 def test_early_exit_sampling_preserves_target_distribution():
-    backbone = damped_tiny(layers=3, vocab=5, keep=1, factor=0.5)
+    backbone = damped_tiny(layers=3, vocab=5, damped=slice(1, None), factor=0.5)
     prompt, params = [1, 4, 2, 3], SamplingParams(temperature=1.0)
     drafter = drafter_for(backbone, exit_layer=1, num_draft_tokens=3)
     counts, accepted = torch.zeros(25), 0

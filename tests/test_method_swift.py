@@ -10,39 +10,23 @@ import json
 import pytest
 import torch
 
-from decodebench.config import ConfigValueError, MethodConfig, ModelConfig, compose_run_config
+from decodebench.config import ConfigValueError, MethodConfig, compose_run_config
 from decodebench.engine.backbone import Backbone, ForwardPlan
 from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import build_method, method_config
 from decodebench.methods.swift import PrefixView, SwiftDrafter, candidate_count
 from decodebench.methods.swift_search import LayerSetSearch, SearchSettings, SkipSet, initial_skip_set, load_skip_set
-from decodebench.models.tiny import build_tiny
 
 from helpers import chi_square_p_value, embedded_lossless, exact_second_and_third, random_prompts
+from helpers import damped_tiny as helpers_damped_tiny
 from helpers import decode as helpers_decode
 
 IMPL = "decodebench.methods.swift:SwiftDrafter"
 
 
 def damped_tiny(arch: str = "llama", layers: int = 6, vocab: int = 101, factor: float = 0.2, seed: int = 0) -> Backbone:
-    """Tiny random model whose middle layers (1 .. L-2) barely change the residual stream, so a
-    skipped draft often agrees with the full model (drafts are both accepted and rejected)."""
-    sizes = dict(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.1,
-    )
-    model = build_tiny(ModelConfig(name="tiny", source="tiny", architecture=arch, tiny=sizes), seed)
-    with torch.no_grad():
-        for layer in model.model.layers[1:-1]:
-            layer.self_attn.o_proj.weight.mul_(factor)
-            layer.mlp.down_proj.weight.mul_(factor)
-    return Backbone(model)
+    """helpers.damped_tiny with the middle layers (1 .. L-2) damped: SWIFT skips middle layers."""
+    return helpers_damped_tiny(arch, layers, vocab, damped=slice(1, -1), factor=factor, seed=seed)
 
 
 prompts = random_prompts  # tests/helpers.py

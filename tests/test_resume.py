@@ -17,6 +17,8 @@ from decodebench.config import compose_run_config
 from decodebench.runners import local
 from decodebench.runners.run_dir import read_records
 
+from helpers import make_record
+
 pytestmark = pytest.mark.embedded  # tiny-llama borrows the embedded model's tokenizer
 
 BIN = Path(sys.executable).parent
@@ -128,18 +130,9 @@ def test_finished_run_is_skipped_changed_config_and_overwrite_recompute(tmp_path
 
 
 def test_torn_last_line_is_dropped_and_a_torn_middle_line_is_an_error(tmp_path):
-    from decodebench.records import Record
-
-    record = Record(
+    record = make_record(
         method="ar",
         role="method",
-        task="t",
-        model="m",
-        sample_id="1",
-        category="c",
-        group="g",
-        turn=0,
-        seed=0,
         output_ids=[1, 2],
     )
     line = json.dumps(record.to_dict())
