@@ -125,25 +125,32 @@ class SpecDecPPDrafter(DraftModelDrafter):
         super().setup(backbone, cache_dir)
         self.target, self.cache_dir = backbone, cache_dir
         self.heads = {}
+        if self.params.use_head and not any(self._head_dir(mode).joinpath(WEIGHTS_FILE).is_file() for mode in MODES):
+            self._missing("greedy")  # nothing trained at all: stop before decoding (the run's mode is not known yet)
+
+    def _head_dir(self, mode: str) -> Path:
+        if self.params.checkpoint:
+            return Path(self.params.checkpoint).expanduser()
+        return checkpoint_dir(
+            self.cache_dir, model_key(self.target), head_network(mode, model_key(self.draft.backbone))
+        )
+
+    def _missing(self, mode: str) -> None:
+        target_key, draft_key = model_key(self.target), model_key(self.draft.backbone)
+        raise MissingCheckpointError(
+            f"method 'specdec_pp' needs a trained {mode} acceptance head for target '{target_key}' with draft "
+            f"'{draft_key}', and there is none at {self._head_dir(mode)}. Train it with: "
+            f"{train_command(target_key, mode)} (or method.params.use_head=false for the draft's confidence)"
+        )
 
     def _head_for(self, mode: str) -> AcceptanceHead | None:
         """The trained head for ``mode`` (loaded once), or None with ``use_head: false``."""
         if mode not in self.heads:
             head = None
             if self.params.use_head:
-                target_key, draft_key = model_key(self.target), model_key(self.draft.backbone)
-                directory = (
-                    Path(self.params.checkpoint).expanduser()
-                    if self.params.checkpoint
-                    else checkpoint_dir(self.cache_dir, target_key, head_network(mode, draft_key))
-                )
+                directory = self._head_dir(mode)
                 if not (directory / WEIGHTS_FILE).is_file():
-                    raise MissingCheckpointError(
-                        f"method 'specdec_pp' needs a trained {mode} acceptance head for target '{target_key}' "
-                        f"with draft '{draft_key}', and there is none at {directory}. Train it with: "
-                        f"{train_command(target_key, mode)} (or method.params.use_head=false for the draft's "
-                        "confidence)"
-                    )
+                    self._missing(mode)
                 head = load_head(directory, self.draft.backbone.config.hidden_size)
                 head.to(self.draft.backbone.device)
                 log.info("specdec_pp: %s acceptance head %s", mode, directory)

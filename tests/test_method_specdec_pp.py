@@ -5,6 +5,7 @@ tiny pair, its checkpoint round trip, and a missing head naming the training com
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -117,14 +118,20 @@ def test_specdec_pp_greedy_equals_ar(pair, trained_heads, use_head, caplog):
         assert len(lengths) > 1, "the draft length never adapted"
 
 
-def test_missing_head_names_the_training_command(pair, tmp_path):
+def test_missing_head_names_the_training_command(pair, trained_heads, tmp_path):
     target, draft = pair
-    drafter = drafter_for(draft, target, cache_dir=str(tmp_path))
     with pytest.raises(
         MissingCheckpointError, match="decodebench-train drafter=specdec_pp model=.* drafter.params.mode=greedy"
     ):
-        decode(target, drafter, random_prompts(1)[0], max_new_tokens=8)
+        drafter_for(draft, target, cache_dir=str(tmp_path / "empty"))  # nothing trained: stops in setup
     assert MissingCheckpointError.exit_code == 2
+    cache_dir, _ = trained_heads
+    greedy = checkpoint_dir(cache_dir, model_key(target), head_network("greedy", model_key(draft)))
+    shutil.copytree(greedy, checkpoint_dir(str(tmp_path), model_key(target), greedy.name))
+    drafter = drafter_for(draft, target, cache_dir=str(tmp_path))  # the greedy head alone
+    decode(target, drafter, random_prompts(1)[0], max_new_tokens=8)
+    with pytest.raises(MissingCheckpointError, match="drafter.params.mode=sampling"):
+        decode(target, drafter, random_prompts(1)[0], max_new_tokens=8, sampling=SamplingParams(temperature=1.0))
 
 
 def test_stopping_rule_uses_predicted_rejection_probability(pair):
