@@ -145,14 +145,18 @@ def verify_block(last_token: int, proposal: Proposal) -> VerifyBlock:
 
 
 def verify_rows(
+    drafter: Drafter,
     block: VerifyBlock,
     logits: torch.Tensor,
     proposal: Proposal,
     params: SamplingParams,
     generator: torch.Generator | None,
 ) -> VerifyResult:
-    """Step 3: greedy longest path, or lossless speculative sampling, on the block's ``(n+1, vocab)``
-    target logits."""
+    """Step 3: the method's own verifier (only lossy methods have one), else greedy longest path or
+    lossless speculative sampling, on the block's ``(n+1, vocab)`` target logits."""
+    own = drafter.verify(block.tokens, block.parents, logits, params, generator)
+    if own is not None:
+        return own
     if params.greedy:
         return verify_greedy(block.tokens, block.parents, logits)
     draft_probs = None
@@ -215,7 +219,7 @@ def generate(
         t_verify = now(device)  # the verifier reads the logits on the host next: no extra stall on CUDA
 
         # 3. verify
-        result = verify_rows(block, candidate_logits, proposal, params, generator)
+        result = verify_rows(drafter, block, candidate_logits, proposal, params, generator)
 
         # 4. commit: keep the root and the accepted path (drops rejected drafts and aux tokens)
         cache.compact(base, [0, *result.accepted_nodes])
@@ -428,8 +432,8 @@ def generate_batch(
 
         # 3. verify, per row
         results = [
-            verify_rows(block, target.logits[slot, : len(block.tokens)], proposal, params, generator)
-            for slot, (block, proposal) in enumerate(zip(blocks, proposals))
+            verify_rows(row.drafter, block, target.logits[slot, : len(block.tokens)], proposal, params, generator)
+            for slot, (row, block, proposal) in enumerate(zip(live, blocks, proposals))
         ]
 
         # 4. commit: each row keeps its root and accepted path

@@ -177,6 +177,18 @@ class Drafter:
     def feedback(self, outcome: StepOutcome) -> None:
         """Learn from the verification outcome (acceptance, target logits)."""
 
+    def verify(
+        self,
+        block_tokens: list[int],
+        block_parents: list[int],
+        logits: torch.Tensor,
+        params: SamplingParams,
+        generator: torch.Generator | None,
+    ) -> VerifyResult | None:
+        """The method's own verifier for this step (a lossy one, e.g. Medusa's typical acceptance,
+        declared by ``lossless: false``); ``None`` = the loop's exact verifiers."""
+        return None
+
     def verify_forward(self, block_tokens: list[int], block_parents: list[int], cache: KVCache) -> ForwardOutput | None:
         """The step's target forward over ``block_tokens`` (root + drafts), if the drafter can do it
         cheaper than a plain full forward with the same logits (LayerSkip: the draft already ran

@@ -81,10 +81,15 @@ class DraftVocab:
 
 
 def model_key(backbone: Backbone) -> str:
-    """The target's folder name in the cache (catalogue name, else a shape fingerprint)."""
-    from decodebench.methods.specdec_pp import model_key as key
-
-    return backbone.model_name or key(backbone)
+    """A model's folder name in the cache: its catalogue name, else its directory's name (catalogue
+    models live in ``<cache>/models/<name>``), else a fingerprint of its shape (random tiny models)."""
+    if getattr(backbone, "model_name", None):
+        return backbone.model_name
+    config = backbone.config
+    name = Path(str(getattr(config, "_name_or_path", "") or "")).name
+    if name:
+        return name
+    return f"{config.model_type}-h{config.hidden_size}-l{config.num_hidden_layers}-v{config.vocab_size}"
 
 
 def checkpoint_dir(cache_dir: str | None, model_name: str, network: str) -> Path:

@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from decodebench.config import check
+from decodebench.engine.architectures import cache_keyword
 from decodebench.engine.backbone import Backbone
 from decodebench.engine.kv_cache import KVCache
 from decodebench.methods.draft_heads import DraftVocab
@@ -86,6 +87,7 @@ class EagleNet(nn.Module):
         layer = type(backbone.layers[-1])(backbone.config, 0)
         layer.input_layernorm = nn.Identity()  # EAGLE's first layer has no input norm
         self.layers = nn.ModuleList([layer])
+        self.cache_keyword = cache_keyword(layer)  # cache | past_key_values (transformers < 5.25) | layer_past
         # frozen, shared with the target (not stored in checkpoints)
         self._target = {"embed": backbone.embed_tokens, "rotary": backbone.rotary_emb}
         head = backbone.lm_head.weight if vocab is None else backbone.lm_head.weight[vocab.ids]
@@ -143,7 +145,7 @@ class EagleNet(nn.Module):
             hidden,
             attention_mask=attention_mask,
             position_ids=positions[None],
-            past_key_values=cache,
+            **{self.cache_keyword: cache},
             use_cache=cache is not None,
             position_embeddings=rotary,
         )

@@ -10,9 +10,9 @@ that low-confidence token is still proposed and verified, so every step drafts a
 or after ``max_draft_tokens``. The target verifies the chain in one forward (greedy
 longest prefix; drafts are deterministic, so sampling stays lossless too).
 
-The adapter is trained by ``decodebench-train-kangaroo`` (:mod:`decodebench.methods.kangaroo_train`)
-and stored in ``<cache>/kangaroo/<model>/adapter.pt``; it is initialised from the target's layer
-``exit_layer`` attention and input norm and the final norm.
+The adapter is trained on the training pipeline, ``decodebench-train drafter=kangaroo``
+(:mod:`decodebench.methods.kangaroo_net`), and stored in ``<cache>/drafters/<model>/kangaroo/``; it
+is initialised from the target's layer ``exit_layer`` attention and input norm and the final norm.
 
 Caches (the paper's reuse): the shallow layers run on the decode loop's own cache (the drafter's
 ``target_cache``), so the K/V they write for the root and the drafts are exactly what the target
@@ -26,28 +26,31 @@ are computed once at the first draft (``exit_layer`` layers over the prompt).
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from decodebench.config import check, default_cache_dir
+from decodebench.config import check
 from decodebench.engine.architectures import UnsupportedArchitectureError, cache_keyword
 from decodebench.engine.backbone import Backbone, ForwardPlan
 from decodebench.engine.drafting import Proposal
 from decodebench.engine.kv_cache import KVCache
+from decodebench.methods.draft_heads import (
+    check_target_shape,
+    checkpoint_dir,
+    load_checkpoint,
+    model_key,
+    require_checkpoint,
+    train_command,
+)
 from decodebench.methods.early_exit_spec import EarlyExitDrafter, PendingDraft
-from decodebench.methods.specdec_pp import model_key
 from decodebench.registry import DecodeBenchError
 
 log = logging.getLogger("decodebench")
-
-TRAIN_COMMAND = "decodebench-train-kangaroo"
 
 
 class KangarooAdapter(nn.Module):
@@ -113,30 +116,17 @@ class KangarooAdapter(nn.Module):
         return self.output_norm(hidden + attended)
 
 
-def adapter_path(cache_dir: str | None, backbone: Backbone) -> Path:
-    """Default location: ``<cache>/kangaroo/<model>/adapter.pt``."""
-    root = Path(cache_dir or default_cache_dir()).expanduser()
-    return root / "kangaroo" / model_key(backbone) / "adapter.pt"
-
-
-def save_adapter(path: Path, adapter: KangarooAdapter, meta: dict[str, Any]) -> None:
-    """Write the adapter's weights and a JSON description (``adapter.json``) next to them."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {**meta, "exit_layer": adapter.exit_layer}
-    torch.save({"state_dict": adapter.state_dict(), "meta": meta}, path)
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
-
-
-def load_adapter(path: Path, backbone: Backbone) -> KangarooAdapter:
-    """Read an adapter written by :func:`save_adapter` for ``backbone``."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    meta = payload["meta"]
-    adapter = KangarooAdapter.from_backbone(backbone, int(meta["exit_layer"]))
+def load_adapter(directory: Path, backbone: Backbone) -> KangarooAdapter:
+    """The adapter of a ``decodebench-train drafter=kangaroo`` checkpoint, for ``backbone``."""
+    state, config = load_checkpoint(directory)
+    check_target_shape(config, backbone, directory)
+    adapter = KangarooAdapter.from_backbone(backbone, int(config["exit_layer"]))
     try:
-        adapter.load_state_dict(payload["state_dict"])
+        adapter.load_state_dict(state)
     except RuntimeError as error:
         raise DecodeBenchError(
-            f"Kangaroo adapter {path} does not fit this model ({error}); retrain it with {TRAIN_COMMAND}"
+            f"Kangaroo adapter {directory} does not fit this model ({error}); retrain it with "
+            f"{train_command('kangaroo', model_key(backbone))}"
         ) from error
     return adapter.eval()
 
@@ -188,7 +178,7 @@ class KangarooDrafter(EarlyExitDrafter):
         exit_layer: int = 2  # shallow sub-network depth (paper: 2 layers)
         max_draft_tokens: int = 6  # paper: at most 6 draft steps
         confidence_threshold: float = 0.6  # paper: stop drafting when top-1 prob < 0.6
-        adapter_path: str | None = None  # null = <cache>/kangaroo/<model>/adapter.pt
+        checkpoint: str | None = None  # adapter folder; null = <cache>/drafters/<model>/kangaroo
 
         def __post_init__(self) -> None:
             check(self.exit_layer >= 1, "method.params.exit_layer", self.exit_layer, ">= 1")
@@ -209,27 +199,23 @@ class KangarooDrafter(EarlyExitDrafter):
         super().setup(backbone, cache_dir)
         self.check_exit_layer(self.params.exit_layer)
         KangarooAdapter.check_architecture(backbone, self.params.exit_layer)
-        path = (
-            Path(self.params.adapter_path).expanduser()
-            if self.params.adapter_path
-            else adapter_path(cache_dir, backbone)
-        )
-        if not path.is_file():
-            raise DecodeBenchError(
-                f"kangaroo: no trained adapter at {path}. Train one first (CPU, a few minutes for the "
-                f"embedded model): {TRAIN_COMMAND} --model <model name>"
-                + (f" --cache-dir {cache_dir}" if cache_dir else "")
+        directory = (
+            Path(self.params.checkpoint).expanduser()
+            if self.params.checkpoint
+            else require_checkpoint(
+                checkpoint_dir(cache_dir, model_key(backbone), "kangaroo"), "kangaroo", "kangaroo", model_key(backbone)
             )
-        adapter = load_adapter(path, backbone)
+        )
+        adapter = load_adapter(directory, backbone)
         if adapter.exit_layer != self.params.exit_layer:
             raise DecodeBenchError(
-                f"kangaroo: the adapter at {path} was trained for exit_layer="
+                f"kangaroo: the adapter at {directory} was trained for exit_layer="
                 f"{adapter.exit_layer}, the method is configured with exit_layer="
-                f"{self.params.exit_layer}; retrain with {TRAIN_COMMAND} --exit-layer "
-                f"{self.params.exit_layer}"
+                f"{self.params.exit_layer}; retrain with {train_command('kangaroo', model_key(backbone))} "
+                f"drafter.params.exit_layer={self.params.exit_layer}"
             )
         self.adapter_state = AdapterState(backbone, adapter)
-        log.info("kangaroo: adapter %s", path)
+        log.info("kangaroo: adapter %s", directory)
 
     def begin(self, prompt_ids: list[int]) -> None:
         super().begin(prompt_ids)

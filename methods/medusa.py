@@ -11,8 +11,9 @@ last accepted node of the verified block (or its root). Head ``i`` drafts depth 
   (one head forward per depth, batched over the nodes that get children).
 
 Heads are trained by ``decodebench-train drafter=medusa`` / ``drafter=hydra``. Drafts are
-deterministic, so sampling verification stays lossless. Medusa's typical acceptance (a lossy
-verifier) is not offered: the engine's verifiers are exact.
+deterministic, so sampling verification stays lossless. Medusa's typical acceptance (a LOSSY
+verifier for sampling, :mod:`decodebench.methods.medusa_typical`) is the separate method
+``medusa_typical`` (``lossless: false``).
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ import torch
 from decodebench.config import check
 from decodebench.engine.backbone import Backbone, ForwardOutput
 from decodebench.engine.drafting import Drafter, Proposal, StepOutcome
+from decodebench.engine.sampling import SamplingParams
+from decodebench.engine.verify import VerifyResult
 from decodebench.methods.draft_heads import checkpoint_dir, model_key, require_checkpoint
 from decodebench.methods.head_tree import MEDUSA_TREE, template_parents, truncate_tree
 from decodebench.methods.medusa_heads import HydraHeads, MedusaHeads
+from decodebench.methods.medusa_typical import verify_typical
 
 log = logging.getLogger("decodebench")
 
@@ -37,7 +41,7 @@ class MedusaDrafter(Drafter):
     @dataclass
     class Params:
         tree_nodes: int = 63  # draft nodes of Medusa's mc_sim_7b_63 tree used (paper: all 63)
-        checkpoint: str | None = None  # null = <cache>/drafters/<model>/medusa
+        checkpoint: str | None = None  # null = <cache>/drafters/<model>/<medusa | hydra>
         max_verify_cost: float | None = None  # cpu preset: size the tree from the latency curve
 
         def __post_init__(self) -> None:
@@ -107,27 +111,49 @@ class MedusaDrafter(Drafter):
         return [ranked[len(path) - 1][path[-1]] for path in paths]
 
 
-class HydraDrafter(MedusaDrafter):
+class MedusaTypicalDrafter(MedusaDrafter):
+    """Medusa-1 with typical acceptance under sampling (lossy; greedy decoding stays exact)."""
+
     @dataclass
-    class Params:
-        tree_nodes: int = 63  # nodes of Medusa's sparse tree used (Hydra evaluates on Medusa's trees)
-        checkpoint: str | None = None  # null = <cache>/drafters/<model>/hydra
-        max_verify_cost: float | None = None
+    class Params(MedusaDrafter.Params):
+        posterior_threshold: float = 0.09  # ε, the bar's cap (reference default 0.09)
+        posterior_alpha: float = 0.3  # α, scales exp(-entropy) (reference default sqrt(ε) = 0.3)
 
         def __post_init__(self) -> None:
+            super().__post_init__()
             check(
-                1 <= self.tree_nodes <= len(MEDUSA_TREE),
-                "method.params.tree_nodes",
-                self.tree_nodes,
-                f"1 .. {len(MEDUSA_TREE)}",
+                0 < self.posterior_threshold < 1,
+                "method.params.posterior_threshold",
+                self.posterior_threshold,
+                "(0, 1)",
             )
-            check(
-                self.max_verify_cost is None or self.max_verify_cost >= 1.0,
-                "method.params.max_verify_cost",
-                self.max_verify_cost,
-                ">= 1.0 or null",
-            )
+            check(0 < self.posterior_alpha <= 1, "method.params.posterior_alpha", self.posterior_alpha, "(0, 1]")
 
+    method_name = "medusa_typical"
+
+    def verify(
+        self,
+        block_tokens: list[int],
+        block_parents: list[int],
+        logits: torch.Tensor,
+        params: SamplingParams,
+        generator: torch.Generator | None,
+    ) -> VerifyResult | None:
+        if params.greedy:
+            return None
+        return verify_typical(
+            block_tokens,
+            block_parents,
+            logits,
+            params,
+            generator,
+            self.params.posterior_threshold,
+            self.params.posterior_alpha,
+        )
+
+
+class HydraDrafter(MedusaDrafter):
+    # Params: Medusa's (Hydra evaluates on Medusa's trees; its checkpoint is <cache>/drafters/<model>/hydra)
     method_name = "hydra"
     heads_class = HydraHeads
 

@@ -41,6 +41,26 @@ class ResBlock(nn.Module):
         return x + F.silu(self.linear(x))
 
 
+@dataclass
+class HeadParams:
+    """What Medusa's and Hydra's heads share (each network sets its own ``num_heads``)."""
+
+    num_heads: int = 5
+    num_layers: int = 1  # residual blocks per head (medusa_num_layers 1; Hydra: after the input projection)
+    draft_vocab_size: int | None = None  # null = the full vocabulary (Medusa-1, Hydra)
+    head_decay: float = 0.8  # loss weight of head i: decay ** i
+
+    def __post_init__(self) -> None:
+        check(self.num_heads >= 1, "drafter.params.num_heads", self.num_heads, ">= 1")
+        check(self.num_layers >= 0, "drafter.params.num_layers", self.num_layers, ">= 0")
+        check(
+            self.draft_vocab_size is None or self.draft_vocab_size >= 2,
+            "drafter.params.draft_vocab_size",
+            self.draft_vocab_size,
+            ">= 2 or null",
+        )
+
+
 class _Heads(nn.Module):
     """What Medusa and Hydra heads share: the draft vocabulary, the output layers and checkpoints."""
 
@@ -112,21 +132,8 @@ class MedusaHeads(_Heads):
     network = "medusa"
 
     @dataclass
-    class Params:
+    class Params(HeadParams):
         num_heads: int = 5  # published Medusa-1 heads (medusa_num_heads 5)
-        num_layers: int = 1  # residual blocks per head (medusa_num_layers 1)
-        draft_vocab_size: int | None = None  # null = the full vocabulary (Medusa-1)
-        head_decay: float = 0.8  # loss weight of head i: decay ** i
-
-        def __post_init__(self) -> None:
-            check(self.num_heads >= 1, "drafter.params.num_heads", self.num_heads, ">= 1")
-            check(self.num_layers >= 0, "drafter.params.num_layers", self.num_layers, ">= 0")
-            check(
-                self.draft_vocab_size is None or self.draft_vocab_size >= 2,
-                "drafter.params.draft_vocab_size",
-                self.draft_vocab_size,
-                ">= 2 or null",
-            )
 
     def __init__(self, backbone: Backbone, params: MedusaHeads.Params, vocab: DraftVocab | None = None):
         super().__init__()
@@ -163,21 +170,8 @@ class HydraHeads(_Heads):
     network = "hydra"
 
     @dataclass
-    class Params:
+    class Params(HeadParams):
         num_heads: int = 4  # Hydra++: 4 heads
-        num_layers: int = 1  # residual blocks per head after the input projection
-        draft_vocab_size: int | None = None
-        head_decay: float = 0.8
-
-        def __post_init__(self) -> None:
-            check(self.num_heads >= 1, "drafter.params.num_heads", self.num_heads, ">= 1")
-            check(self.num_layers >= 0, "drafter.params.num_layers", self.num_layers, ">= 0")
-            check(
-                self.draft_vocab_size is None or self.draft_vocab_size >= 2,
-                "drafter.params.draft_vocab_size",
-                self.draft_vocab_size,
-                ">= 2 or null",
-            )
 
     def __init__(self, backbone: Backbone, params: HydraHeads.Params, vocab: DraftVocab | None = None):
         super().__init__()

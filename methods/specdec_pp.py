@@ -8,35 +8,42 @@ accepted, ``a_j``, and stops when the predicted probability that at least one of
 that probability crosses a threshold), within ``[min_draft_tokens, max_draft_tokens]``.
 
 ``a_j`` comes from a small acceptance head on the draft model — residual SiLU blocks on the
-draft's final (normed) hidden state at ``y_j`` and a linear output — trained on CPU by
-``python -m decodebench.methods.specdec_pp_train`` (see that module) and stored in the cache per
-(target, draft, decoding mode). Without a trained head the drafter falls back to the draft's own
-confidence, ``a_j = q(y_j)`` (the draft probability of the drafted token; DySpec's observation is
-that it tracks the acceptance rate), under the same stopping rule.
+draft's final (normed) hidden state at ``y_j`` and a linear output — trained on the training
+pipeline, ``decodebench-train drafter=specdec_pp drafter.params.mode=greedy|sampling``
+(:mod:`decodebench.methods.specdec_pp_net`), one per (target, draft, decoding mode); a missing head
+stops the run (exit code 2) with that command. ``use_head: false`` uses the draft's own
+confidence instead, ``a_j = q(y_j)`` (the draft probability of the drafted token; DySpec's
+observation is that it tracks the acceptance rate), under the same stopping rule.
 
 Losslessness: whether ``y_{i+1}`` is drafted depends only on ``y_1..y_i`` (never on ``y_{i+1}``
 itself), so the engine's Leviathan verifier keeps the target distribution (greedy: AR output).
 With a head, ``y_i`` is fed to the draft before the decision (its hidden state is the feature);
 that forward also yields ``y_{i+1}``'s distribution, so continuing costs nothing extra. The
-confidence fallback decides before feeding ``y_i`` and saves that forward when it stops.
+confidence rule decides before feeding ``y_i`` and saves that forward when it stops.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from decodebench.config import check, default_cache_dir
+from decodebench.config import check
 from decodebench.engine.backbone import Backbone
 from decodebench.engine.drafting import Proposal
+from decodebench.methods.draft_heads import (
+    WEIGHTS_FILE,
+    MissingCheckpointError,
+    checkpoint_dir,
+    load_checkpoint,
+    model_key,
+)
 from decodebench.methods.sps import DraftModelDrafter
+from decodebench.registry import DecodeBenchError
 
 log = logging.getLogger("decodebench")
 
@@ -60,40 +67,26 @@ class AcceptanceHead(nn.Module):
         return self.output(hidden).squeeze(-1)
 
 
-def model_key(backbone: Backbone) -> str:
-    """A file-name-safe name for a model: its directory's name (catalogue models live in
-    ``<cache>/models/<name>``), else a fingerprint of its shape (random tiny models)."""
-    config = backbone.config
-    name = Path(str(getattr(config, "_name_or_path", "") or "")).name
-    if name:
-        return name
-    return f"{config.model_type}-h{config.hidden_size}-l{config.num_hidden_layers}-v{config.vocab_size}"
+def head_network(mode: str, draft_key: str) -> str:
+    """The checkpoint folder of the head for ``mode`` with draft ``draft_key``:
+    ``<cache>/drafters/<target>/specdec_pp-<mode>-<draft>/``."""
+    return f"specdec_pp-{mode}-{draft_key}"
 
 
-def head_path(cache_dir: str | None, target: Backbone, draft: Backbone, mode: str) -> Path:
-    """Default location of a trained head: ``<cache>/specdec_pp/<target>__<draft>/head-<mode>.pt``."""
-    root = Path(cache_dir or default_cache_dir()).expanduser()
-    return root / "specdec_pp" / f"{model_key(target)}__{model_key(draft)}" / f"head-{mode}.pt"
+def train_command(target_key: str, mode: str) -> str:
+    return f"decodebench-train drafter=specdec_pp model={target_key} drafter.params.mode={mode}"
 
 
-def save_head(path: Path, head: AcceptanceHead, meta: dict[str, Any]) -> None:
-    """Write the head's weights (``path``) and a JSON description next to it (``.json``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {**meta, "hidden_size": head.hidden_size, "num_layers": head.num_layers}
-    torch.save({"state_dict": head.state_dict(), "meta": meta}, path)
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
-
-
-def load_head(path: Path, hidden_size: int) -> AcceptanceHead:
-    """Read a head written by :func:`save_head`; its width must match the draft model's."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    meta = payload["meta"]
-    if meta["hidden_size"] != hidden_size:
-        raise ValueError(
-            f"acceptance head {path} is for hidden size {meta['hidden_size']}, the draft model has {hidden_size}"
+def load_head(directory: Path, draft_hidden_size: int) -> AcceptanceHead:
+    """A head written by ``decodebench-train drafter=specdec_pp``; its width must match the draft's."""
+    state, config = load_checkpoint(directory)
+    if int(config["hidden_size"]) != draft_hidden_size:
+        raise DecodeBenchError(
+            f"acceptance head {directory} is for a draft with hidden size {config['hidden_size']}, "
+            f"this draft model has {draft_hidden_size}"
         )
-    head = AcceptanceHead(meta["hidden_size"], meta["num_layers"])
-    head.load_state_dict(payload["state_dict"])
+    head = AcceptanceHead(int(config["hidden_size"]), int(config["num_layers"]))
+    head.load_state_dict(state)
     return head.eval()
 
 
@@ -105,10 +98,10 @@ class SpecDecPPDrafter(DraftModelDrafter):
         stop_threshold: float = 0.3  # stop once predicted P(>= 1 rejection) exceeds this
         min_draft_tokens: int = 2  # paper's bound [2, 20]
         max_draft_tokens: int = 20
-        # trained head: null = <cache>/specdec_pp/<target>__<draft>/head-<greedy|sampling>.pt;
-        # a file that does not exist means the confidence fallback
-        head_path: str | None = None
-        use_head: bool = True  # false: always the confidence fallback
+        # trained head folder: null = <cache>/drafters/<target>/specdec_pp-<greedy|sampling>-<draft>/
+        # (decodebench-train drafter=specdec_pp drafter.params.mode=...); a missing one is an error
+        checkpoint: str | None = None
+        use_head: bool = True  # false: the draft's confidence q(y_j) instead of a trained head
 
         def __post_init__(self) -> None:
             check(0.0 < self.stop_threshold < 1.0, "method.params.stop_threshold", self.stop_threshold, "(0, 1)")
@@ -132,28 +125,35 @@ class SpecDecPPDrafter(DraftModelDrafter):
         super().setup(backbone, cache_dir)
         self.target, self.cache_dir = backbone, cache_dir
         self.heads = {}
+        if self.params.use_head and not any(self._head_dir(mode).joinpath(WEIGHTS_FILE).is_file() for mode in MODES):
+            self._missing("greedy")  # nothing trained at all: stop before decoding (the run's mode is not known yet)
+
+    def _head_dir(self, mode: str) -> Path:
+        if self.params.checkpoint:
+            return Path(self.params.checkpoint).expanduser()
+        return checkpoint_dir(
+            self.cache_dir, model_key(self.target), head_network(mode, model_key(self.draft.backbone))
+        )
+
+    def _missing(self, mode: str) -> None:
+        target_key, draft_key = model_key(self.target), model_key(self.draft.backbone)
+        raise MissingCheckpointError(
+            f"method 'specdec_pp' needs a trained {mode} acceptance head for target '{target_key}' with draft "
+            f"'{draft_key}', and there is none at {self._head_dir(mode)}. Train it with: "
+            f"{train_command(target_key, mode)} (or method.params.use_head=false for the draft's confidence)"
+        )
 
     def _head_for(self, mode: str) -> AcceptanceHead | None:
-        """The trained head for ``mode`` (loaded once), or None for the confidence fallback."""
+        """The trained head for ``mode`` (loaded once), or None with ``use_head: false``."""
         if mode not in self.heads:
             head = None
             if self.params.use_head:
-                path = (
-                    Path(self.params.head_path.replace("{mode}", mode)).expanduser()
-                    if self.params.head_path
-                    else head_path(self.cache_dir, self.target, self.draft.backbone, mode)
-                )
-                if path.is_file():
-                    head = load_head(path, self.draft.backbone.config.hidden_size)
-                    head.to(self.draft.backbone.device)
-                    log.info("specdec_pp: %s acceptance head %s", mode, path)
-                else:
-                    log.warning(
-                        "specdec_pp: no trained %s acceptance head at %s; using the draft-confidence "
-                        "fallback (train one: python -m decodebench.methods.specdec_pp_train)",
-                        mode,
-                        path,
-                    )
+                directory = self._head_dir(mode)
+                if not (directory / WEIGHTS_FILE).is_file():
+                    self._missing(mode)
+                head = load_head(directory, self.draft.backbone.config.hidden_size)
+                head.to(self.draft.backbone.device)
+                log.info("specdec_pp: %s acceptance head %s", mode, directory)
             self.heads[mode] = head
         return self.heads[mode]
 

@@ -1,11 +1,13 @@
-"""Kangaroo: a tiny training run (seconds) saves an adapter into the cache, the method loads it and
-its greedy output equals AR token for token; clear errors when the adapter is missing; the
-training command end to end and one embedded-model losslessness check."""
+"""Kangaroo: a tiny training run on the training pipeline (seconds) saves an adapter into the cache,
+the method loads it and its greedy output equals AR token for token; clear errors when the adapter
+is missing; ``decodebench-train drafter=kangaroo`` end to end and one embedded-model losslessness
+check."""
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 
 import pytest
 
@@ -13,16 +15,13 @@ from decodebench.config import MethodConfig, ModelConfig
 from decodebench.engine.backbone import Backbone
 from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import build_method, method_config
-from decodebench.methods.kangaroo import adapter_path, save_adapter
-from decodebench.methods.kangaroo_train import (
-    AdapterTrainingConfig,
-    collect_sequences,
-    read_corpus,
-    self_generate,
-    train_adapter,
-)
+from decodebench.methods.draft_heads import checkpoint_dir, model_key, save_checkpoint
+from decodebench.methods.kangaroo_net import KangarooNet
 from decodebench.models.tiny import build_tiny
 from decodebench.registry import DecodeBenchError
+from decodebench.training.config import DrafterConfig
+from decodebench.training.corpus import greedy_answers, target_features
+from decodebench.training.trainer import train_network
 
 from helpers import decode as helpers_decode
 from helpers import random_prompts
@@ -51,15 +50,28 @@ decode = functools.partial(helpers_decode, max_new_tokens=40)
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def trained(request, tmp_path_factory):
-    """A tiny model and an adapter trained on its own generations, saved in a temporary cache."""
+    """A tiny model and an adapter trained on its own generations (the pipeline's network and
+    loop), saved in a temporary cache."""
     backbone = Backbone(build_tiny(ModelConfig(name="t", source="tiny", architecture=request.param, tiny=TINY), 0))
     train_prompts = prompts(12, seed=7)
-    answers = self_generate(backbone, train_prompts, max_new_tokens=24)
-    sequences = collect_sequences(backbone, train_prompts, answers, exit_layer=2)
-    adapter, metrics = train_adapter(backbone, sequences, AdapterTrainingConfig(epochs=4, learning_rate=3e-3))
+    answers = greedy_answers(backbone, train_prompts, 24, 12, (), progress=False)
+    sequences = [target_features(backbone, p, a) for p, a in zip(train_prompts, answers)]
+    net = KangarooNet(backbone, KangarooNet.Params(exit_layer=2))
+    result = train_network(
+        net,
+        backbone,
+        sequences,
+        DrafterConfig(name="kangaroo", epochs=4, learning_rate=3e-3, validation_fraction=0.15),
+        seed=0,
+        progress=False,
+    )
     cache = tmp_path_factory.mktemp(f"cache-{request.param}")
-    save_adapter(adapter_path(str(cache), backbone), adapter, metrics)
-    return backbone, str(cache), metrics
+    save_checkpoint(
+        checkpoint_dir(str(cache), model_key(backbone), "kangaroo"),
+        net.checkpoint_state(),
+        net.checkpoint_config(backbone),
+    )
+    return backbone, str(cache), result
 
 
 def kangaroo(backbone, cache_dir, **params):
@@ -69,18 +81,10 @@ def kangaroo(backbone, cache_dir, **params):
     return drafter
 
 
-def test_batched_self_generation_equals_unbatched():
-    backbone = Backbone(build_tiny(ModelConfig(name="t", source="tiny", tiny=TINY), 0))
-    batch = [*prompts(3, seed=8), *prompts(2, length=6, seed=9)]
-    assert self_generate(backbone, batch, 12, eos_token_ids=(5, 9), batch_size=3) == self_generate(
-        backbone, batch, 12, eos_token_ids=(5, 9)
-    )
-
-
 def test_training_improves_held_out_agreement(trained):
-    _, _, metrics = trained
-    assert metrics["after"]["loss"] < metrics["before"]["loss"]
-    assert metrics["after"]["top1_agreement"] >= metrics["before"]["top1_agreement"]
+    _, _, result = trained
+    assert min(epoch["held_out_loss"] for epoch in result.history) < result.before.loss
+    assert result.after.top1_agreement >= result.before.top1_agreement and result.steps > 0
 
 
 @pytest.mark.parametrize("params", [{}, dict(confidence_threshold=0.0, max_draft_tokens=3)], ids=["paper", "always"])
@@ -144,7 +148,7 @@ def test_kangaroo_sampling_is_reproducible(trained):
 
 def test_missing_adapter_names_the_training_command(tmp_path):
     backbone = Backbone(build_tiny(ModelConfig(name="t", source="tiny", tiny=TINY), 0))
-    with pytest.raises(DecodeBenchError, match="decodebench-train-kangaroo"):
+    with pytest.raises(DecodeBenchError, match="decodebench-train drafter=kangaroo model="):
         kangaroo(backbone, str(tmp_path))
 
 
@@ -154,23 +158,15 @@ def test_exit_layer_mismatch_is_an_error(trained):
         kangaroo(backbone, cache_dir, exit_layer=1)
 
 
-def test_corpus_file(tmp_path):
-    text = tmp_path / "c.txt"
-    text.write_text("first prompt\n\nsecond prompt\n")
-    assert read_corpus(str(text)) == ["first prompt", "second prompt"]
-    rows = tmp_path / "c.jsonl"
-    rows.write_text(json.dumps({"instruction": "a"}) + "\n" + json.dumps({"prompt": "b"}) + "\n")
-    assert read_corpus(str(rows)) == ["a", "b"]
-
-
 @pytest.mark.embedded
 def test_train_command_and_embedded_losslessness(tmp_path):
-    """The training command end to end on the embedded model (2 prompts, 1 epoch: seconds), then
-    Kangaroo with that adapter reproduces AR greedy output on the embedded model."""
+    """decodebench-train drafter=kangaroo end to end on the embedded model (3 prompts, 1 epoch, a
+    temporary cache sharing the prepared model), then Kangaroo with that adapter reproduces AR
+    greedy output on the embedded model."""
     from decodebench.config import default_cache_dir
-    from decodebench.methods.kangaroo_train import main
     from decodebench.models.loading import load_model, load_model_config
     from decodebench.tasks.prompts import encode_prompt
+    from decodebench.training.cli import main
 
     try:
         loaded = load_model(
@@ -178,28 +174,28 @@ def test_train_command_and_embedded_losslessness(tmp_path):
         )
     except Exception as error:  # not prepared
         pytest.skip(f"embedded model not available: {error}")
-    output = tmp_path / "adapter.pt"
-    assert (
-        main(
-            [
-                "--model",
-                "smollm2-135m",
-                "--prompts",
-                "3",
-                "--max-new-tokens",
-                "12",
-                "--epochs",
-                "1",
-                "--output",
-                str(output),
-            ]
-        )
-        == 0
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    os.symlink(os.path.join(os.path.expanduser(default_cache_dir()), "models"), cache / "models")
+    main(
+        [
+            "drafter=kangaroo",
+            "model=smollm2-135m",
+            "corpus.prompts=3",
+            "corpus.answer_tokens=12",
+            "corpus.prompt_tokens=12",
+            "drafter.epochs=1",
+            "threads=1",
+            "progress=false",
+            f"cache_dir={cache}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ]
     )
-    meta = json.loads(output.with_suffix(".json").read_text())
-    assert meta["prompts"] == 3 and meta["train_s"] >= 0
+    directory = cache / "drafters" / "smollm2-135m" / "kangaroo"
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["corpus"]["sequences"] == 3 and manifest["training"]["steps"] >= 1
     backbone = Backbone(loaded.model)
-    drafter = kangaroo(backbone, None, adapter_path=str(output))
+    drafter = kangaroo(backbone, None, checkpoint=str(directory))
     ar = build_method(MethodConfig())
     prompt = encode_prompt(loaded.tokenizer, [{"role": "user", "content": "Name three primary colours."}], True)
     assert (

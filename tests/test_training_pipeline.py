@@ -70,6 +70,8 @@ def test_user_prefix_of_the_chat_template():
         (["drafter.params.noise=0.1"], "unknown parameter 'noise' for drafter 'eagle'"),
         (["drafter.epochs=0"], "drafter.epochs"),
         (["corpus.source=jsonl"], "corpus.path"),
+        (["drafter=specdec_pp"], "model.draft: drafter 'specdec_pp' trains on a draft model's features"),
+        (["drafter=specdec_pp", "drafter.params.mode=beam"], "drafter.params.mode.*greedy | sampling"),
     ],
 )
 def test_bad_input_exits_2_before_loading(args, message, capsys):
@@ -133,3 +135,48 @@ def test_train_cli_end_to_end_then_decode(tmp_path, data_dir):
     )
     assert missing.returncode == 2
     assert "decodebench-train drafter=medusa model=tiny-llama" in missing.stdout + missing.stderr
+
+
+@pytest.mark.slow
+def test_specdec_pp_head_trains_on_the_pipeline_then_decodes(tmp_path, data_dir):
+    """decodebench-train drafter=specdec_pp (tiny-llama with its draft): checkpoint + manifest in
+    the cache under the (mode, draft) name, then method=specdec_pp finds it and stays lossless."""
+    env_args = [f"cache_dir={tmp_path / 'cache'}", f"data_dir={data_dir}", "threads=1", "progress=false"]
+    pair = ["model=tiny-llama", "model.draft=tiny-llama-draft"]
+    train = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "decodebench.training.cli",
+            "drafter=specdec_pp",
+            *pair,
+            "corpus.prompts=4",
+            "corpus.answer_tokens=12",
+            "corpus.prompt_tokens=8",
+            "drafter.epochs=1",
+            f"hydra.run.dir={tmp_path / 'train'}",
+            *env_args,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=900,
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    checkpoint = tmp_path / "cache" / "drafters" / "tiny-llama" / "specdec_pp-greedy-tiny-llama-draft"
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    assert manifest["draft_model"] == "tiny-llama-draft" and manifest["training"]["steps"] >= 1
+
+    from helpers import run_cli
+
+    run = run_cli(
+        "method=specdec_pp",
+        *pair,
+        "task.limit=1",
+        "gen.max_new_tokens=12",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        *env_args,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["lossless_rate"] == 1.0

@@ -39,6 +39,11 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
     data.pop("hydra", None)
     train_cfg: TrainConfig = _build(TrainConfig, data, "")
     train_cfg.drafter.network_params()  # drafter.params against the network's Params
+    if getattr(import_entry(train_cfg.drafter.impl), "needs_draft_model", False) and not train_cfg.model.draft:
+        raise ConfigValueError(
+            f"model.draft: drafter '{train_cfg.drafter.name}' trains on a draft model's features and model "
+            f"'{train_cfg.model.name}' names none; set model.draft=<catalogue model sharing its tokenizer>"
+        )
     return train_cfg
 
 
@@ -97,13 +102,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     )
     vocab_size = getattr(params, "draft_vocab_size", None)
     vocab = DraftVocab.most_frequent(corpus.token_counts, vocab_size) if vocab_size else None
+    extra = {"draft": load_draft(cfg, loaded)} if getattr(network_cls, "needs_draft_model", False) else {}
     torch.manual_seed(cfg.seed)
-    net = network_cls(backbone, params, vocab)
+    net = network_cls(backbone, params, vocab, **extra)
     result = train_network(net, backbone, corpus.sequences, cfg.drafter, cfg.seed, cfg.progress)
-    directory = checkpoint_dir(cfg.cache_dir, cfg.model.name, network_cls.network)
+    directory = checkpoint_dir(cfg.cache_dir, cfg.model.name, net.network)
     manifest = {
-        "network": network_cls.network,
+        "network": net.network,
         "model": cfg.model.name,
+        "draft_model": cfg.model.draft if extra else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "corpus": {
             k: corpus.info[k] for k in ("key", "source", "sequences", "answer_tokens", "total_tokens", "generation_s")
@@ -128,7 +135,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     save_checkpoint(directory, net.checkpoint_state(), net.checkpoint_config(backbone), manifest)
     log.info(
         "%s drafter for %s: held-out top-1 agreement %.3f -> %.3f (%d steps, %.0f s) -> %s",
-        network_cls.network,
+        net.network,
         cfg.model.name,
         result.before.top1_agreement,
         result.after.top1_agreement,
@@ -137,6 +144,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         directory,
     )
     return {"checkpoint": str(directory), **manifest}
+
+
+def load_draft(cfg: TrainConfig, target):
+    """The draft model ``model.draft`` (same tokenizer as the target), for networks trained on it."""
+    from decodebench.engine.backbone import Backbone
+    from decodebench.models.loading import check_same_tokenizer, load_model, load_model_config
+
+    loaded = load_model(load_model_config(cfg.model.draft), device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir)
+    check_same_tokenizer(target, loaded)
+    draft = Backbone(loaded.model)
+    draft.model_name = cfg.model.draft
+    for parameter in draft.model.parameters():
+        parameter.requires_grad_(False)
+    return draft
 
 
 @hydra.main(config_path="pkg://decodebench.conf", config_name="train", version_base="1.3")

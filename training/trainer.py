@@ -1,7 +1,12 @@
-"""The one training loop of every trained drafter network (EAGLE, Medusa, Hydra).
+"""The one training loop of every trained drafter network (EAGLE, Medusa, Hydra, SpecDec++'s head).
 
-A network implements ``loss(sequence, backbone, noise) -> (loss, Agreement)`` over one corpus
-sequence and ``trainable_parameters()``; the target stays frozen. AdamW (seeded), one sequence per
+A network (the ``impl`` of a ``conf/drafter/<name>.yaml``; adding a drafter = a class + that YAML)
+is built as ``cls(backbone, params, vocab)`` (plus ``draft=`` a draft-model backbone when the class
+sets ``needs_draft_model``) and implements ``loss(sequence, backbone, noise) -> (loss, Agreement)``
+over one corpus sequence, ``trainable_parameters()``, ``checkpoint_state()``,
+``checkpoint_config(backbone)`` and the ``network`` name of its checkpoint folder; optionally
+``prepare(sequence, backbone)``, which turns each corpus sequence once into what ``loss`` reads
+(e.g. a frozen draft model's features). The target stays frozen. AdamW (seeded), one sequence per
 step, linear learning-rate decay, gradient value clipping; after every epoch the held-out split
 gives loss and top-1 agreement with the target (the drafted token equals the target's argmax: an
 estimate of per-token acceptance), shown on the progress bar. The epoch with the best held-out
@@ -73,6 +78,9 @@ def train_network(
     net, backbone: Backbone, sequences: Sequence[FeatureSequence], cfg: DrafterConfig, seed: int, progress: bool = True
 ) -> TrainingResult:
     """Train ``net`` in place on ``sequences``; it ends holding the best held-out epoch's weights."""
+    prepare = getattr(net, "prepare", None)
+    if prepare is not None:  # per-sequence inputs training never changes (outputs of frozen models)
+        sequences = [prepare(s, backbone) for s in tqdm(sequences, desc=f"prepare {cfg.name}", disable=not progress)]
     training, validation = split(sequences, cfg.validation_fraction, seed)
     torch.manual_seed(seed)
     for parameter in backbone.model.parameters():
