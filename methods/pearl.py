@@ -3,9 +3,11 @@ Parallel Speculative Decoding with Adaptive Draft Length"; reference code
 smart-lty/ParallelSpeculativeDecoding runs the two models in two processes on two GPUs).
 
 The draft model and the target run AT THE SAME TIME: the draft model drafts in a background thread
-of this process (its own intra-op thread setting, ``draft_threads``) while the decode loop's target
-forward runs in the main thread; torch kernels release the GIL, so on a CPU the two forwards occupy
-different cores. The wall-clock gain is real, not simulated: every step's time is the decode loop's
+of this process while the decode loop's target forward runs in the main thread; torch kernels
+release the GIL, so on a CPU the two forwards occupy different cores. torch's intra-op thread count
+is process-wide (measured here: ``torch.set_num_threads(1)`` in the draft thread changes the main
+thread's ``torch.get_num_threads()`` too), so both threads use the run's ``threads``; run with
+``threads=1`` on a 2-core machine and the two models get one core each. The wall-clock gain is real, not simulated: every step's time is the decode loop's
 own clock, and the background work a step depends on is waited for inside :meth:`propose`.
 
 The two PEARL strategies, in the terms of the decode loop's steps (propose → one target forward →
@@ -89,12 +91,10 @@ class PearlDrafter(DraftModelDrafter):
         num_draft_tokens: int = 5  # γ: the window drafted per round (the paper sets γ to the speed ratio c)
         adaptive: bool = False  # stop drafting when the target's verification ends (≤ max_draft_tokens)
         max_draft_tokens: int = 16  # cap of one background run under adaptive drafting
-        draft_threads: int = 0  # intra-op threads of the draft thread; 0 = the target's (torch.get_num_threads())
 
         def __post_init__(self) -> None:
             check(self.num_draft_tokens >= 1, "method.params.num_draft_tokens", self.num_draft_tokens, ">= 1")
             check(self.max_draft_tokens >= 1, "method.params.max_draft_tokens", self.max_draft_tokens, ">= 1")
-            check(self.draft_threads >= 0, "method.params.draft_threads", self.draft_threads, ">= 0 (0 = the target's)")
 
     def __init__(self, params: PearlDrafter.Params):
         super().__init__()
@@ -110,12 +110,8 @@ class PearlDrafter(DraftModelDrafter):
     # -- lifecycle -------------------------------------------------------------------------------
     def setup(self, backbone: Backbone, cache_dir: str | None = None) -> None:
         super().setup(backbone, cache_dir)
-        threads = self.params.draft_threads or torch.get_num_threads()
-        self.draft_thread_count = threads
         if self.executor is None:
-            self.executor = ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="pearl-draft", initializer=torch.set_num_threads, initargs=(threads,)
-            )
+            self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pearl-draft")
 
     def begin(self, prompt_ids: list[int]) -> None:
         self._settle(cancel=True)
@@ -134,7 +130,7 @@ class PearlDrafter(DraftModelDrafter):
 
     def request_stats(self) -> dict[str, float]:
         stats = {**super().request_stats(), **{k: float(v) for k, v in self.counts.items()}}
-        stats["draft_threads"] = float(getattr(self, "draft_thread_count", 0))
+        stats["intra_op_threads"] = float(torch.get_num_threads())  # each model's (process-wide)
         return stats
 
     # -- drafting ----------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ def test_continuation_keeps_only_drafts_on_the_real_path():
 
 def test_embedded_model_greedy_equals_ar():
     """SmolLM2-135M as the target, a perturbed copy of it as the draft, both on the engine; one chat
-    prompt, 32 tokens, cpu preset (adaptive, one thread each)."""
+    prompt, 32 tokens, cpu preset (adaptive)."""
     from decodebench.config import default_cache_dir
     from decodebench.engine.decode_loop import DecodeSettings, generate
     from decodebench.models.embedded import embedded_model_dir, read_prepared_marker
