@@ -54,7 +54,6 @@ from dataclasses import dataclass, field
 import torch
 
 from decodebench.config import check
-from decodebench.engine.backbone import Backbone
 from decodebench.engine.drafting import Proposal, StepOutcome
 from decodebench.engine.sampling import sample
 from decodebench.methods.sps import DraftModelDrafter
@@ -108,11 +107,6 @@ class PearlDrafter(DraftModelDrafter):
         self.counts = {"pre_verify_steps": 0, "post_verify_steps": 0, "background_drafts": 0}
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def setup(self, backbone: Backbone, cache_dir: str | None = None) -> None:
-        super().setup(backbone, cache_dir)
-        if self.executor is None:
-            self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pearl-draft")
-
     def begin(self, prompt_ids: list[int]) -> None:
         self._settle(cancel=True)
         super().begin(prompt_ids)
@@ -155,6 +149,8 @@ class PearlDrafter(DraftModelDrafter):
             out = self.draft.feed([token])
 
     def _launch(self, base: list[int], count: int) -> None:
+        if self.executor is None:  # one draft thread, kept across requests until finish()
+            self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pearl-draft")
         self.stop.clear()
         self.pending = self.executor.submit(self._draft, base, count, True)
 
