@@ -123,6 +123,9 @@ class PearlDrafter(DraftModelDrafter):
             self.executor = None
 
     def request_stats(self) -> dict[str, float]:
+        # called once the request's wall time is taken: a run still drafting past the request's end
+        # (its last step stopped on EOS) is stopped here, so it never overlaps the next request
+        self._settle(cancel=True)
         stats = {**super().request_stats(), **{k: float(v) for k, v in self.counts.items()}}
         stats["intra_op_threads"] = float(torch.get_num_threads())  # each model's (process-wide)
         return stats
