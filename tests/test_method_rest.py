@@ -137,7 +137,9 @@ def test_default_corpus_is_the_training_pipelines(monkeypatch, tmp_path):
 
     asked = {}
 
-    def fake_build_corpus(backbone, tokenizer, model_name, chat_template, cfg, eos_ids, seed, data_dir, cache_dir, **kw):
+    def fake_build_corpus(
+        backbone, tokenizer, model_name, chat_template, cfg, eos_ids, seed, data_dir, cache_dir, **kw
+    ):
         asked.update(model=model_name, prompts=cfg.prompts, answer_tokens=cfg.answer_tokens, cache_dir=cache_dir)
         ids = torch.tensor([5, 6, 7, 8, 40, 41, 42])
         sequence = FeatureSequence(ids=ids, features=torch.zeros(7, 1), target_next=ids, answer_start=4)
