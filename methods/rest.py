@@ -12,8 +12,9 @@ Each step:
    (a prefix is at least as frequent as its extensions, so they form a trie) are the draft tree;
 3. the decode loop verifies the tree in one tree-masked forward.
 
-The datastore is built once per run in ``setup`` (the generated corpus is cached on disk); its
-size (tokens) and build time are logged and recorded in every record's ``method_stats``.
+The datastore is built once per run in ``setup`` (the corpus is cached on disk); its size (tokens),
+the suffix array's build time and the corpus's build time are logged and recorded in every
+record's ``method_stats``.
 
 Followed from the reference: spans 16 → 2, at most 5000 matches, 10-token continuations, top-64
 prefixes by count, continuations never crossing a corpus entry, the datastore static while decoding.
@@ -24,9 +25,9 @@ Differs, and why:
   is exactly ``num_draft`` nodes; the reference keeps a heap whose order among equal counts is
   arbitrary and then trims paths approximately (``cut_to_choices``).
 * No match at any span drafts nothing (a plain AR step); the reference verifies a dummy token.
-* The offline default corpus is the target's own answers to a small hand-written prompt set
-  (``conf/corpus/self_prompts.yaml``), not ShareGPT / The Stack, which this machine cannot reach;
-  ``corpus=jsonl`` / ``corpus=datasets`` take any other corpus.
+* The offline default corpus is the training pipeline's (``training/corpus.py``: the target's own
+  answers to prompts it wrote itself, shared with the trained drafters), not ShareGPT / The Stack,
+  which this machine cannot reach; ``corpus=jsonl`` / ``corpus=datasets`` take any other corpus.
 """
 
 from __future__ import annotations
@@ -68,10 +69,10 @@ class RestDrafter(Drafter):
         min_token_span: int = 2  # shortest suffix tried (reference: spans 16 .. 2)
         max_matches: int = 5000  # occurrences read per retrieval (DraftRetriever k)
         continuation_length: int = 10  # tokens after each occurrence (DraftRetriever "long")
-        corpus: str = "generated"  # generated | jsonl | datasets (methods/corpus.py)
+        corpus: str = "training"  # training | jsonl | datasets (methods/corpus.py)
         corpus_path: str | None = None  # jsonl: file; datasets: dataset name
-        corpus_prompts: str = "self_prompts"  # generated: conf/corpus/<name>.yaml
-        corpus_max_new_tokens: int = 256  # generated: answer length
+        corpus_prompts: int = 96  # training: self-written prompts (decodebench-train's default: one cached corpus)
+        corpus_max_new_tokens: int = 96  # training: tokens per answer
         corpus_split: str = "train"  # datasets
         corpus_field: str = "text"  # datasets
         corpus_limit: int = 2000  # jsonl / datasets rows
@@ -129,6 +130,7 @@ class RestDrafter(Drafter):
             "datastore_sequences": float(len(corpus.sequences)),
             "datastore_build_s": build_s,
             "corpus_load_s": corpus.load_s,
+            "corpus_build_s": corpus.build_s,
         }
         log.info(
             "rest: datastore over %s: %d tokens in %d sequences, suffix array built in %.2f s (corpus %.1f s)",

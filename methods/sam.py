@@ -6,8 +6,9 @@ context that occurred before:
 
 * a dynamic one over the request's text (prompt + output so far), extended with every step's
   accepted tokens;
-* a static one over a corpus (:mod:`decodebench.methods.corpus`; default: the target's own answers
-  to hand-written prompts), built once per run; only its matching cursor moves.
+* a static one over a corpus (:mod:`decodebench.methods.corpus`; default: the training pipeline's
+  corpus, the target's own answers to prompts it wrote itself), built once per run; only its
+  matching cursor moves.
 
 Each step both are looked up with the last emitted token. The static match length is discounted by
 ``len_bias``; the longer match wins (the dynamic one on ties). If it is at least ``len_threshold``
@@ -59,10 +60,10 @@ class SamDecodingDrafter(Drafter):
         len_threshold: int = 5  # retrieval drafts when the (biased) match is >= this (reference 5)
         len_bias: int = 5  # subtracted from the static (corpus) match length (reference 5)
         use_static: bool = True  # the corpus automaton (False: request text only)
-        corpus: str = "generated"  # generated | jsonl | datasets (methods/corpus.py)
+        corpus: str = "training"  # training | jsonl | datasets (methods/corpus.py)
         corpus_path: str | None = None
-        corpus_prompts: str = "self_prompts"
-        corpus_max_new_tokens: int = 256
+        corpus_prompts: int = 96  # training: self-written prompts (decodebench-train's default: one cached corpus)
+        corpus_max_new_tokens: int = 96  # training: tokens per answer
         corpus_split: str = "train"
         corpus_field: str = "text"
         corpus_limit: int = 2000
@@ -135,6 +136,7 @@ class SamDecodingDrafter(Drafter):
             "datastore_tokens": float(corpus.tokens),
             "datastore_build_s": build_s,
             "corpus_load_s": corpus.load_s,
+            "corpus_build_s": corpus.build_s,
         }
         log.info(
             "sam: static automaton over %s: %d tokens, %d states, built in %.2f s (corpus %.1f s)",

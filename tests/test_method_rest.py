@@ -25,10 +25,10 @@ def rest(**params):
     return build_method(MethodConfig(**REST, params=params))
 
 
-def token_prompts(tmp_path, prompts) -> str:
-    """A prompt file of token-id rows (the tiny models have no tokenizer)."""
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"token_ids": p}) + "\n" for p in prompts))
+def token_corpus(tmp_path, sequences) -> str:
+    """A JSONL corpus of token-id rows (the tiny models have no tokenizer)."""
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"token_ids": s}) + "\n" for s in sequences))
     return str(path)
 
 
@@ -89,7 +89,11 @@ def test_bad_params_are_named():
     with pytest.raises(ConfigValueError, match="method.params.corpus_path"):
         rest(corpus="jsonl", corpus_path="/nonexistent/corpus.jsonl")
     with pytest.raises(ConfigValueError, match="method.params.corpus_prompts"):
-        rest(corpus_prompts="no_such_set")
+        rest(corpus_prompts=0)
+    with pytest.raises(ConfigValueError, match="method.params.corpus=training .* no tokenizer"):
+        from helpers import tiny_backbone
+
+        rest().setup(tiny_backbone("llama"))  # the training corpus needs a chat template
     with pytest.raises(ConfigValueError, match="method.params.max_token_span"):
         rest(max_token_span=1, min_token_span=2)
 
@@ -98,10 +102,10 @@ def test_bad_params_are_named():
 @pytest.mark.parametrize("params", [{}, {"num_draft": 4, "max_token_span": 4}])
 def test_rest_greedy_equals_ar(backbone, ar_outputs, tmp_path, params):
     prompts = repeating_prompts()
-    # the corpus: the target's own answers to half the prompts (a generated corpus, cached)
-    drafter = rest(corpus_prompts=token_prompts(tmp_path, prompts[::2]), corpus_max_new_tokens=48, **params)
+    # the corpus: the target's own answers to half the prompts (prompt + AR answer per row)
+    corpus = [p + a for p, a in zip(prompts[::2], ar_outputs[::2])]
+    drafter = rest(corpus="jsonl", corpus_path=token_corpus(tmp_path, corpus), **params)
     drafter.setup(backbone, str(tmp_path))
-    assert list((tmp_path / "corpus").glob("*.pt"))
     accepted = 0
     for prompt, reference in zip(prompts, ar_outputs):
         ours = decode(backbone, drafter, prompt)
@@ -114,5 +118,41 @@ def test_rest_greedy_equals_ar(backbone, ar_outputs, tmp_path, params):
 @pytest.mark.embedded
 @pytest.mark.slow
 def test_embedded_model_rest_is_lossless():
+    # the training pipeline's default corpus (96 self-written prompts; cached, shared with decodebench-train)
     accepted, drafted = embedded_lossless("rest")
     assert accepted > 0
+
+
+def test_default_corpus_is_the_training_pipelines(monkeypatch, tmp_path):
+    """corpus=training reads the one corpus builder (training/corpus.py build_corpus) with the
+    method's prompt count and answer length, and records its size and build time."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from decodebench.methods.eagle_net import FeatureSequence
+    from decodebench.training import corpus as training_corpus
+
+    from helpers import tiny_backbone
+
+    asked = {}
+
+    def fake_build_corpus(
+        backbone, tokenizer, model_name, chat_template, cfg, eos_ids, seed, data_dir, cache_dir, **kw
+    ):
+        asked.update(model=model_name, prompts=cfg.prompts, answer_tokens=cfg.answer_tokens, cache_dir=cache_dir)
+        ids = torch.tensor([5, 6, 7, 8, 40, 41, 42])
+        sequence = FeatureSequence(ids=ids, features=torch.zeros(7, 1), target_next=ids, answer_start=4)
+        info = {"key": "k", "generation_s": 12.5}
+        return training_corpus.Corpus(prompts=["p"], sequences=[sequence], token_counts=torch.ones(3), info=info)
+
+    monkeypatch.setattr(training_corpus, "build_corpus", fake_build_corpus)
+    drafter = rest(corpus_prompts=8, corpus_max_new_tokens=32)
+    drafter.tokenizer = SimpleNamespace(chat_template="{{ messages }}", eos_token_id=2)
+    backbone = tiny_backbone("llama")
+    backbone.model_name = "tiny-x"
+    drafter.setup(backbone, str(tmp_path))
+    assert asked == {"model": "tiny-x", "prompts": 8, "answer_tokens": 32, "cache_dir": str(tmp_path)}
+    assert drafter.propose([1, 7, 8, 40], 4).tokens == [41, 42]  # prompt + answer, as stored
+    stats = drafter.request_stats()
+    assert stats["datastore_tokens"] == 7 and stats["corpus_build_s"] == 12.5

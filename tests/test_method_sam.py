@@ -85,9 +85,9 @@ def test_request_corpus_and_auxiliary_drafts(tmp_path):
 @pytest.mark.parametrize("params", [{"use_static": False}, {"n_predicts": 6, "len_threshold": 2, "len_bias": 1}])
 def test_sam_greedy_equals_ar(backbone, ar_outputs, tmp_path, params):
     prompts = repeating_prompts()
-    rows = tmp_path / "prompts.jsonl"
-    rows.write_text("".join(json.dumps({"token_ids": p}) + "\n" for p in prompts[::2]))
-    drafter = sam(corpus_prompts=str(rows), corpus_max_new_tokens=48, **params)
+    # the corpus: the target's own answers to half the prompts (prompt + AR answer per row)
+    corpus = corpus_file(tmp_path, [p + a for p, a in zip(prompts[::2], ar_outputs[::2])])
+    drafter = sam(corpus="jsonl", corpus_path=corpus, **params)
     drafter.setup(backbone, str(tmp_path))
     drafter.reset_state()
     accepted, used = 0, {"retrieval_steps": 0.0, "aux_steps": 0.0}
@@ -104,5 +104,6 @@ def test_sam_greedy_equals_ar(backbone, ar_outputs, tmp_path, params):
 @pytest.mark.embedded
 @pytest.mark.slow
 def test_embedded_model_sam_is_lossless():
+    # the training pipeline's default corpus (96 self-written prompts; cached, shared with decodebench-train)
     accepted, drafted = embedded_lossless("sam")
     assert accepted > 0
