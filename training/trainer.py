@@ -73,6 +73,9 @@ def train_network(
     net, backbone: Backbone, sequences: Sequence[FeatureSequence], cfg: DrafterConfig, seed: int, progress: bool = True
 ) -> TrainingResult:
     """Train ``net`` in place on ``sequences``; it ends holding the best held-out epoch's weights."""
+    prepare = getattr(net, "training_sequences", None)  # networks reading more than the stored features (EAGLE-3)
+    if prepare is not None:
+        sequences = prepare(backbone, sequences)
     training, validation = split(sequences, cfg.validation_fraction, seed)
     torch.manual_seed(seed)
     for parameter in backbone.model.parameters():
