@@ -258,63 +258,70 @@ class Eagle3Net(nn.Module):
         return draft_ids + self.d2t[draft_ids]
 
     # -- training: training-time test --------------------------------------------------------------
-    def unroll(self, item: LayeredSequence) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """The TTT unroll over one sequence: per step ``s``, ``(draft logits (n, V'), target
-        probabilities over the draft vocabulary (n, V'), loss-row mask (n,))`` for rows
-        ``t = 0 .. n-1`` (``n = T - 1`` pairs ``(features_t, x_{t+1})``)."""
-        sequence, ids = item.sequence, item.sequence.ids
-        length = ids.shape[0]
-        n = length - 1
+    def unroll(self, item: LayeredSequence) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The TTT unroll over one sequence: per step ``s``, the ``(n, h)`` hidden states of rows
+        ``t = 0 .. n-1`` (``n = T - 1`` pairs ``(features_t, x_{t+1})``) and the ``(n,)`` position
+        whose target distribution each row predicts (``t + 1 + s``; past the end where > n)."""
+        ids = item.sequence.ids
+        n = ids.shape[0] - 1
         device = self.fc.weight.device
-        with torch.no_grad():  # the target's distribution at every position, over the draft vocabulary
-            target_logits = self._target["head"](sequence.features.to(device)).float()
-            target_p = torch.softmax(target_logits[:, self.draft_ids], dim=-1)
-            in_vocab = self.t2d[target_logits.argmax(-1)]
         layer, attn = self.midlayer, self.midlayer.self_attn
         rows = torch.arange(n, device=device)
         causal = rows[None, :] <= rows[:, None]  # (n, n): step 0's keys of rows 0..t
+        scale = 1.0 / math.sqrt(attn.head_dim)
         hidden = self.fc(item.fused[:-1].to(device))
         keys, values, out = [], [], []
         for step in range(self.params.ttt_steps):
-            # row t reads token x_{t+1+step} (padded past the end) at position t + step
+            # row t reads token x_{t+1+step} (padding past the end) at position t + step
             tokens = torch.zeros(n, dtype=torch.long, device=device)
             tokens[: n - step] = ids[1 + step :].to(device)
             x = layer.attention_input(self._target["embed"](tokens), hidden)
             query, key, value = attn.project(x, self._rotary(hidden, rows + step))
             keys.append(attn.expand(key))
             values.append(attn.expand(value))
-            scale = 1.0 / math.sqrt(attn.head_dim)
-            prefix = (query @ keys[0].transpose(2, 3)) * scale  # (1, heads, n, n)
-            prefix = prefix.masked_fill(~causal, float("-inf"))
+            prefix = ((query @ keys[0].transpose(2, 3)) * scale).masked_fill(~causal, float("-inf"))
             own = [(query * k).sum(-1, keepdim=True) * scale for k in keys[1:]]  # row t's key of each later step
             weights = torch.softmax(torch.cat([prefix, *own], dim=-1), dim=-1)
             attended = weights[..., :n] @ values[0]
             for j, v in enumerate(values[1:]):
                 attended = attended + weights[..., n + j : n + j + 1] * v
             hidden = layer.finish(hidden, attn.output(attended))
-            # row t predicts the target's next token at position t + 1 + step
-            target_pos = rows + 1 + step
-            valid = target_pos <= n
-            clamped = target_pos.clamp(max=n)
-            mask = valid & (target_pos >= sequence.answer_start - 1) & in_vocab[clamped]
-            out.append((self.draft_logits(hidden), target_p[clamped], mask))
+            out.append((hidden, rows + 1 + step))
         return out
 
+    def answer_rows(self, item: LayeredSequence, target_positions: torch.Tensor) -> torch.Tensor:
+        """Rows predicting a target distribution inside the sequence at an answer position."""
+        return (target_positions <= item.sequence.ids.shape[0] - 1) & (
+            target_positions >= item.sequence.answer_start - 1
+        )
+
     def loss(self, item: LayeredSequence, backbone: Backbone, noise: bool) -> tuple[torch.Tensor, Agreement]:
-        """Σ_s step_decay^s · soft CE of unroll step s (per answer position), and step 0's top-1
-        agreement with the target's argmax (``noise`` is unused: EAGLE-3 adds no feature noise)."""
+        """Σ_s step_decay^s · soft CE of unroll step s against the target's distribution over the
+        draft vocabulary (answer positions whose target argmax is drafted-able, per step-0 position),
+        and step 0's top-1 agreement with the target's argmax (``noise`` is unused: EAGLE-3 adds no
+        feature noise)."""
+        device = self.fc.weight.device
+        with torch.no_grad():  # the target's distribution at every position, over the draft vocabulary
+            target_logits = self._target["head"](item.sequence.features.to(device)).float()
+            target_p = torch.softmax(target_logits[:, self.draft_ids], dim=-1)
+            in_vocab = self.t2d[target_logits.argmax(-1)]
+        target_next = item.sequence.target_next.to(device)
+        total, agreement = torch.zeros((), device=device), Agreement(0, 0)
         steps = self.unroll(item)
-        positions = max(int(steps[0][2].sum()), 1)
-        total = torch.zeros((), device=self.fc.weight.device)
-        for s, (logits, p, mask) in enumerate(steps):
-            ce = -(p * torch.log_softmax(logits, dim=-1)).sum(-1)
-            total = total + self.params.step_decay**s * (ce * mask).sum() / positions
-        logits, p, mask = steps[0]
-        rows = torch.arange(mask.shape[0], device=mask.device) >= item.sequence.answer_start - 2
-        drafted = self.to_target(logits.argmax(-1))
-        wanted = item.sequence.target_next[1:].to(drafted.device)
-        correct = int(((drafted == wanted) & rows).sum())
-        return total, Agreement(correct, int(rows.sum()))
+        for s, (hidden, positions) in enumerate(steps):
+            answer = self.answer_rows(item, positions)
+            if s == 0:
+                agreement = Agreement(0, max(int(answer.sum()), 1))
+            rows = answer & in_vocab[positions.clamp(max=in_vocab.shape[0] - 1)]
+            if not bool(rows.any()):
+                continue
+            log_q = torch.log_softmax(self.draft_logits(hidden[rows]), dim=-1)
+            ce = -(target_p[positions[rows]] * log_q).sum(-1)
+            total = total + self.params.step_decay**s * ce.sum() / agreement.positions
+            if s == 0:
+                drafted = self.to_target(log_q.argmax(-1))
+                agreement.correct = int((drafted == target_next[positions[rows]]).sum())
+        return total, agreement
 
     @torch.no_grad()
     def step_agreement(self, items: list[LayeredSequence]) -> list[float]:
@@ -323,12 +330,10 @@ class Eagle3Net(nn.Module):
         correct = [0] * self.params.ttt_steps
         counted = [0] * self.params.ttt_steps
         for item in items:
-            ids_next = item.sequence.target_next.to(self.fc.weight.device)
-            n = item.sequence.ids.shape[0] - 1
-            for s, (logits, _, _) in enumerate(self.unroll(item)):
-                target_pos = torch.arange(n, device=ids_next.device) + 1 + s
-                rows = (target_pos <= n) & (target_pos >= item.sequence.answer_start - 1)
-                wanted = ids_next[target_pos.clamp(max=n)]
-                correct[s] += int(((self.to_target(logits.argmax(-1)) == wanted) & rows).sum())
+            target_next = item.sequence.target_next.to(self.fc.weight.device)
+            for s, (hidden, positions) in enumerate(self.unroll(item)):
+                rows = self.answer_rows(item, positions)
+                drafted = self.to_target(self.draft_logits(hidden[rows]).argmax(-1))
+                correct[s] += int((drafted == target_next[positions[rows]]).sum())
                 counted[s] += int(rows.sum())
         return [c / max(k, 1) for c, k in zip(correct, counted)]
