@@ -276,7 +276,9 @@ def test_embedded_model_with_a_briefly_trained_drafter_is_lossless(tmp_path):
     sequences = [target_features(backbone, p, a) for p, a in zip(prompts, answers)]
     counts = torch.bincount(torch.tensor([t for a in answers for t in a]), minlength=backbone.config.vocab_size)
     torch.manual_seed(0)
-    net = Eagle3Net(backbone, Eagle3Net.Params(draft_vocab_size=512, ttt_steps=3), DraftVocab.most_frequent(counts, 512))
+    net = Eagle3Net(
+        backbone, Eagle3Net.Params(draft_vocab_size=512, ttt_steps=3), DraftVocab.most_frequent(counts, 512)
+    )
     assert net.feature_layers == [2, 15, 27]
     train_network(net, backbone, sequences, DrafterConfig(name="eagle3", epochs=1, validation_fraction=0.25), 0, False)
     save(net, backbone, tmp_path)
