@@ -183,7 +183,9 @@ def generate(
     drafter.target_cache = cache  # self-speculative drafters draft on top of its committed prefix
     drafter.start_request(list(prompt_ids), params, generator)
 
-    prefill = backbone.forward(prompt_ids, cache, logits_rows=slice(-1, None))
+    prefill = backbone.forward(
+        prompt_ids, cache, logits_rows=slice(-1, None), output_hidden_states=drafter.needs_hidden_states
+    )
     new_ids = [next_token(prefill.logits[0], params, generator)]
     drafter.prefilled(prefill)
     prefill_s = now(device) - start

@@ -141,3 +141,73 @@ def load_eagle_checkpoint(backbone: Backbone, directory: Path) -> EagleNet:
             f"EAGLE checkpoint {directory} does not fit this target's layer: missing {missing}, unexpected {unexpected}"
         )
     return net.eval()
+
+
+# -- EAGLE-3 -----------------------------------------------------------------------------------------
+# yuhuili/EAGLE3-* (e.g. EAGLE3-LLaMA3.1-Instruct-8B): a LlamaConfig-style config.json with
+# ``hidden_size``, ``vocab_size`` (the target's), ``draft_vocab_size``, ``num_hidden_layers: 1``
+# (``target_hidden_size`` when the drafter is narrower than the target); weights
+# (``model.safetensors`` / ``pytorch_model.bin``): ``fc.weight`` (h × 3h), ``midlayer.*`` (q/k/v over
+# 2h), ``norm.weight``, ``lm_head.weight`` (draft vocabulary × h), ``d2t`` / ``t2d`` (absent when the
+# draft vocabulary is the full one), sometimes the target's ``embed_tokens.weight``. The fused
+# layers are the reference's fixed [2, L // 2, L - 3].
+def load_eagle3_checkpoint(backbone: Backbone, directory: Path):
+    """EAGLE-3 weights from a ``decodebench-train`` checkpoint or a published EAGLE-3 one."""
+    from decodebench.methods.draft_heads import DraftVocab, check_target_shape
+    from decodebench.methods.eagle3_net import Eagle3Net
+
+    directory = resolve_checkpoint(str(directory))
+    config = _read_config(directory)
+    if "network" in config:
+        if config["network"] != Eagle3Net.network:
+            raise DecodeBenchError(f"checkpoint {directory} holds a {config['network']} drafter, not eagle3")
+        check_target_shape(config, backbone, directory)
+        state = _read_weights(directory, ("model.safetensors",))
+        params = Eagle3Net.Params(**config.get("params", {}))
+    else:
+        _check_shape(directory, "EAGLE-3", config.get("hidden_size", -1), backbone, "hidden_size")
+        _check_shape(directory, "EAGLE-3", config.get("vocab_size", -1), backbone, "vocab_size")
+        target_hidden = config.get("target_hidden_size")
+        if target_hidden is not None and int(target_hidden) != int(config["hidden_size"]):
+            raise DecodeBenchError(
+                f"EAGLE-3 checkpoint {directory}: target_hidden_size {target_hidden} differs from the drafter's "
+                f"hidden_size {config['hidden_size']}; drafters narrower than their target are not supported"
+            )
+        if int(config.get("num_hidden_layers", 1)) != 1:
+            raise DecodeBenchError(
+                f"EAGLE-3 checkpoint {directory}: num_hidden_layers={config['num_hidden_layers']}, "
+                "EAGLE-3 drafters have one layer"
+            )
+        state = _read_weights(directory, ("model.safetensors", "pytorch_model.bin"))
+        embedding = state.pop("embed_tokens.weight", None)
+        if embedding is not None and tuple(embedding.shape) != tuple(backbone.embed_tokens.weight.shape):
+            raise DecodeBenchError(
+                f"EAGLE-3 checkpoint {directory}: embed_tokens {tuple(embedding.shape)} does not match "
+                f"the target's {tuple(backbone.embed_tokens.weight.shape)}"
+            )
+        params = Eagle3Net.Params(draft_vocab_size=int(config.get("draft_vocab_size", config["vocab_size"])))
+    if "lm_head.weight" not in state:
+        raise DecodeBenchError(f"EAGLE-3 checkpoint {directory} has no lm_head.weight")
+    draft_size = int(state["lm_head.weight"].shape[0])
+    if "d2t" in state:
+        vocab = DraftVocab.from_maps(state["d2t"], state["t2d"])
+        if vocab.size != draft_size or vocab.target_size != backbone.config.vocab_size:
+            raise DecodeBenchError(
+                f"EAGLE-3 checkpoint {directory}: d2t / t2d cover {vocab.size} of {vocab.target_size} tokens, "
+                f"lm_head has {draft_size} rows and the target {backbone.config.vocab_size} tokens"
+            )
+    elif draft_size == backbone.config.vocab_size:
+        vocab = None
+    else:
+        raise DecodeBenchError(
+            f"EAGLE-3 checkpoint {directory}: lm_head has {draft_size} rows but no d2t / t2d maps to the "
+            f"target's {backbone.config.vocab_size} tokens"
+        )
+    net = Eagle3Net(backbone, params, vocab)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in ("d2t", "t2d") or vocab is not None]
+    if missing or unexpected:
+        raise DecodeBenchError(
+            f"EAGLE-3 checkpoint {directory} does not fit this target: missing {missing}, unexpected {unexpected}"
+        )
+    return net.eval()
