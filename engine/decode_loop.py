@@ -381,13 +381,20 @@ def generate_batch(
 
     # prefill: every prompt right-padded to the longest, each row's logits at its last token
     ids = torch.tensor([[*p, *[pad_token_id] * (max(sizes) - len(p))] for p in prompts], device=device)
-    prefill = backbone.forward_batch(ids, cache, sizes=sizes, last_logits_only=True)
+    hidden_states = any(d.needs_hidden_states for d in drafters)
+    prefill = backbone.forward_batch(ids, cache, sizes=sizes, last_logits_only=True, output_hidden_states=hidden_states)
     cache.commit_rows([0] * batch, [range(n) for n in sizes])
     for index, row in enumerate(rows):
         row.new_ids.append(next_token(prefill.logits[index, -1], params, generator))
         if not shared:
             row.drafter.prefilled(
-                ForwardOutput(logits=prefill.logits[index], last_hidden=prefill.last_hidden[index, : sizes[index]])
+                ForwardOutput(
+                    logits=prefill.logits[index],
+                    hidden_states=None
+                    if prefill.hidden_states is None
+                    else [h[index, : sizes[index]] for h in prefill.hidden_states],
+                    last_hidden=prefill.last_hidden[index, : sizes[index]],
+                )
             )
         row.stop_reason = stopper.check(row.new_ids)
     if shared:
@@ -398,7 +405,6 @@ def generate_batch(
         row.finish_s = prefill_s
     if len(live) < batch:
         cache.keep_rows([rows.index(row) for row in live])
-    hidden_states = any(d.needs_hidden_states for d in drafters)
 
     while live:
         cache.ensure_capacity(max(cache.lengths) + headroom)

@@ -37,6 +37,10 @@ log = logging.getLogger("decodebench")
 
 
 class HiddenTransferDrafter(Drafter):
+    # Its drafts come out of its own single-row verify forward (verify_forward), which the batched
+    # loop's one padded forward over every row does not call: refused at gen.batch_size > 1.
+    supports_batch = False
+
     @dataclass
     class Params:
         tree_nodes: int = 63  # draft nodes of Medusa's sparse tree (depth <= the network's num_future)

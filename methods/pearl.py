@@ -85,6 +85,10 @@ class DraftRun:
 class PearlDrafter(DraftModelDrafter):
     """PEARL: pre-verify / post-verify with the draft model in a concurrent thread."""
 
+    # The draft thread overlaps ONE sequence's verification (the paper's setting, batch size 1);
+    # rows of a batch would each need their own draft thread: refused at gen.batch_size > 1.
+    supports_batch = False
+
     @dataclass
     class Params:
         num_draft_tokens: int = 5  # γ: the window drafted per round (the paper sets γ to the speed ratio c)

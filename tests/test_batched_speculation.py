@@ -82,6 +82,7 @@ LOSSLESS = {
     "dyspec": {},
     "specdec_pp": {},
     "rsd": {},
+    "stand": {},
 }
 NO_ACCEPTANCE_NEEDED = {"aggressive", "del", "aded"}  # their tiny-model drafts may all be rejected
 
@@ -196,37 +197,34 @@ def test_a_method_that_cannot_batch_is_refused_before_loading(monkeypatch):
         validate_before_loading(cfg)
 
 
-@pytest.mark.parametrize("method", ["eagle", "eagle2", "medusa", "hydra", "kangaroo"])
+@pytest.mark.parametrize("method", ["eagle", "eagle2", "eagle3", "medusa", "hydra", "clover", "kangaroo"])
 def test_feature_drafters_batch_losslessly(method, models, stop_settings, ar_reference, tmp_path):
     """Drafters that draft from the target's hidden states (EAGLE, Medusa, Hydra: untrained networks
-    saved as checkpoints; Kangaroo: an adapter trained for one epoch) read each row's own slice."""
+    saved as checkpoints, EAGLE-3, Clover and Kangaroo's adapter too) read each row's own slice."""
     target, _ = models
     torch.manual_seed(1)
-    if method == "kangaroo":
-        from decodebench.methods.kangaroo import adapter_path, save_adapter
-        from decodebench.methods.kangaroo_train import (
-            AdapterTrainingConfig,
-            collect_sequences,
-            self_generate,
-            train_adapter,
-        )
+    from decodebench.methods.clover_net import CloverNet
+    from decodebench.methods.draft_heads import checkpoint_dir, model_key, save_checkpoint
+    from decodebench.methods.eagle3_net import Eagle3Net
+    from decodebench.methods.eagle_net import EagleNet
+    from decodebench.methods.kangaroo_net import KangarooNet
+    from decodebench.methods.medusa_heads import HydraHeads, MedusaHeads
 
-        prompts = batch_prompts()
-        sequences = collect_sequences(target, prompts, self_generate(target, prompts, max_new_tokens=12), exit_layer=2)
-        adapter, metrics = train_adapter(target, sequences, AdapterTrainingConfig(epochs=1))
-        save_adapter(adapter_path(str(tmp_path), target), adapter, metrics)
-    else:
-        from decodebench.methods.draft_heads import checkpoint_dir, model_key, save_checkpoint
-        from decodebench.methods.eagle_net import EagleNet
-        from decodebench.methods.medusa_heads import HydraHeads, MedusaHeads
-
-        network = {"eagle": EagleNet, "eagle2": EagleNet, "medusa": MedusaHeads, "hydra": HydraHeads}[method]
-        net = network(target, network.Params())
-        save_checkpoint(
-            checkpoint_dir(str(tmp_path), model_key(target), net.network),
-            net.checkpoint_state(),
-            net.checkpoint_config(target),
-        )
+    network = {
+        "eagle": EagleNet,
+        "eagle2": EagleNet,
+        "eagle3": Eagle3Net,
+        "medusa": MedusaHeads,
+        "hydra": HydraHeads,
+        "clover": CloverNet,
+        "kangaroo": KangarooNet,
+    }[method]
+    net = network(target, network.Params())
+    save_checkpoint(
+        checkpoint_dir(str(tmp_path), model_key(target), net.network),
+        net.checkpoint_state(),
+        net.checkpoint_config(target),
+    )
     drafter = build_method(method_config(method))
     drafter.setup(target, str(tmp_path))
     out = generate_batch(target, drafter, batch_prompts(), stop_settings, target.new_cache(16, batch_size=BATCH))
