@@ -139,7 +139,9 @@ def _rows_bitwise(kernel: str, weight: torch.Tensor, buckets: Sequence[int]) -> 
             return torch.ops.mkldnn._linear_pointwise(
                 block, torch.ops.mkldnn._reorder_linear_weight(weight, None), None, "none", [], ""
             )
-        return torch.ops.mkl._mkl_linear(block, torch.ops.mkl._mkl_reorder_linear_weight(weight, rows), weight, None, rows)
+        return torch.ops.mkl._mkl_linear(
+            block, torch.ops.mkl._mkl_reorder_linear_weight(weight, rows), weight, None, rows
+        )
 
     one = run(1)
     return all(torch.equal(run(rows)[:1], one) for rows in buckets)
@@ -167,7 +169,10 @@ def measure_kernels(backbone: Backbone, buckets: Sequence[int], repeats: int = K
     us: dict[str, dict[str, float]] = {}
     with torch.inference_mode():
         onednn = (
-            {key: [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights] for key, weights in by_shape.items()}
+            {
+                key: [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights]
+                for key, weights in by_shape.items()
+            }
             if "onednn" in candidates
             else {}
         )

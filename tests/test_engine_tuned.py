@@ -9,15 +9,13 @@ import json
 import pytest
 import torch
 
-from decodebench.config import ConfigValueError, ModelConfig
+from decodebench.config import ConfigValueError, MethodConfig, ModelConfig
 from decodebench.engine import backends, kernels
 from decodebench.engine.backbone import Backbone
 from decodebench.engine.backends import TunedLinear, apply_backend, memory_refusal, remove_backend
 from decodebench.engine.kernels import KernelTable, kernels_path, pick_kernel, row_buckets
-from decodebench.models.tiny import build_tiny
-
-from decodebench.config import MethodConfig
 from decodebench.methods import build_method
+from decodebench.models.tiny import build_tiny
 
 from helpers import TINY, decode, repeating_prompts  # tests/helpers.py (on sys.path via conftest)
 
