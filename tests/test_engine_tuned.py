@@ -121,3 +121,48 @@ def test_a_backend_that_does_not_fit_in_memory_is_refused_or_skipped(monkeypatch
     assert info.name == "eager"
     assert all("does not fit in memory" in why for why in info.rejected.values())
     assert set(info.rejected) == {"onednn", "packed", "tuned"} & set(backends.backends_for("cpu"))
+
+
+# -- the profiler: curve sanity, step breakdown ---------------------------------------------------
+def test_implausible_curves_are_named():
+    from decodebench.engine.profile import curve_problems
+
+    plausible = {1: [0.030, 0.031, 0.029], 2: [0.032] * 3, 4: [0.036] * 3, 8: [0.040] * 3}
+    assert curve_problems(plausible) == []
+    # the packed Qwen curve: T(4)/T(1) = 0.02
+    cheap = {**plausible, 1: [29.1, 29.0, 29.2], 4: [0.6] * 3}
+    assert any("T(4)/T(1) = 0.02" in p for p in curve_problems(cheap))
+    # one block size far slower than a larger one
+    assert any("T(2)" in p and "far slower" in p for p in curve_problems({**plausible, 2: [0.09] * 3}))
+    # repeats all over the place
+    assert any("spread" in p for p in curve_problems({**plausible, 8: [0.01, 0.04, 0.2]}))
+
+
+def test_an_implausible_curve_is_refused_and_not_stored(tmp_path, monkeypatch):
+    from decodebench.engine import profile
+
+    backbone = tiny()
+    backbone.model_name = "tiny-llama"
+    calls = []
+
+    def absurd(backbone, context, ks, repeats, warmup=2):
+        calls.append(1)
+        return {k: [1.0 if k == 1 else 0.01] * 3 for k in ks}, {}
+
+    monkeypatch.setattr(profile, "measure_samples", absurd)
+    with pytest.raises(profile.CurveRefusedError, match="refused after 3 attempts.*T\\(2\\)/T\\(1\\) = 0.01"):
+        profile.ensure_latency_curve(backbone, str(tmp_path), ks=(1, 2), repeats=3, context=8)
+    assert len(calls) == profile.CURVE_ATTEMPTS
+    assert not list(tmp_path.rglob("*.json"))
+
+
+def test_step_breakdown_accounts_for_the_step():
+    from decodebench.engine.profile import BREAKDOWN_PARTS, breakdown_table, step_breakdown
+
+    backbone = tiny()
+    row = step_breakdown(backbone, context=16, k=4, repeats=2)
+    assert set(row.parts_ms) == set(BREAKDOWN_PARTS) and row.wall_ms > 0
+    # the labelled parts were seen, and nothing is left patched on the backbone
+    assert row.parts_ms["lm_head"] > 0 and row.parts_ms["cache_writes"] > 0 and row.parts_ms["decoder_linears"] > 0
+    assert "head" not in vars(backbone) and row.ops_per_step > backbone.num_layers
+    assert "| eager | 4 |" in breakdown_table([("eager", row)])
