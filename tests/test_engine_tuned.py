@@ -166,3 +166,17 @@ def test_step_breakdown_accounts_for_the_step():
     assert row.parts_ms["lm_head"] > 0 and row.parts_ms["cache_writes"] > 0 and row.parts_ms["decoder_linears"] > 0
     assert "head" not in vars(backbone) and row.ops_per_step > backbone.num_layers
     assert "| eager | 4 |" in breakdown_table([("eager", row)])
+
+
+def test_bench_vs_llamacpp_without_llama_cpp_exits_with_the_install_command(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_vs_llamacpp.py"
+    spec = importlib.util.spec_from_file_location("bench_vs_llamacpp", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit) as exited:
+        bench.check_llama_cpp(str(tmp_path / "no-venv" / "bin" / "python"))
+    assert exited.value.code == 2
+    assert bench.INSTALL in capsys.readouterr().err and "pip install llama-cpp-python==" in bench.INSTALL
