@@ -20,7 +20,7 @@ can flip a near-tie argmax, after which the texts diverge). Without llama-cpp-py
 ``--llama-python``'s environment the script exits 2 with the command that installs it.
 
 Usage: python benchmarks/bench_vs_llamacpp.py [--llama-python .venv-llamacpp/bin/python] [--backend auto]
-       [--per-category 1] [--max-new-tokens 128] [--threads 1] [--out results/benchmarks]
+       [--per-category 1] [--categories qa,math_reasoning] [--max-new-tokens 128] [--threads 1] [--out results/benchmarks]
 """
 
 from __future__ import annotations
@@ -145,6 +145,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--backend", default="auto", help="engine.backend for DecodeBench")
     parser.add_argument("--per-category", type=int, default=1)
+    parser.add_argument("--categories", default=None, help="comma list of Spec-Bench categories (default: all 13)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--pld-tokens", type=int, default=10, help="llama.cpp prompt lookup: num_pred_tokens")
@@ -154,9 +155,10 @@ def main() -> None:
     llama_version = check_llama_cpp(args.llama_python)  # before anything is loaded
     torch.set_num_threads(args.threads)
 
-    cfg = compose_run_config(
-        [f"model={args.model}", "method=pld", "task=spec_bench", f"task.per_category={args.per_category}"]
-    )
+    overrides = [f"model={args.model}", "method=pld", "task=spec_bench", f"task.per_category={args.per_category}"]
+    if args.categories:
+        overrides.append(f"task.categories=[{args.categories}]")
+    cfg = compose_run_config(overrides)
     gguf_path = f32_gguf(cfg.model, cfg.cache_dir)
     loaded = load_model(cfg.model, cache_dir=cfg.cache_dir)
     task = build_task(cfg.task, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir)
