@@ -100,6 +100,23 @@ def curve_problems(samples: dict[int, list[float]]) -> list[str]:
     return problems
 
 
+# A draft model's 1-token step streams its weights as the target's does: its cost ratio is at least
+# this share of the parameter ratio (the issue's 0.5B/1.5B pair read 0.003, memory pressure).
+DRAFT_MIN_SHARE_OF_PARAMETERS = 0.5
+
+
+def draft_problem(draft: Backbone, target: Backbone, cost_ratio: float) -> str | None:
+    """Why a draft's measured cost ratio T_draft(1)/T_target(1) cannot be right (None when plausible)."""
+    parameters = sum(p.numel() for p in draft.model.parameters()) / sum(p.numel() for p in target.model.parameters())
+    floor = DRAFT_MIN_SHARE_OF_PARAMETERS * parameters
+    if cost_ratio < floor:
+        return (
+            f"draft cost ratio {cost_ratio:.3f} < {floor:.3f} ({DRAFT_MIN_SHARE_OF_PARAMETERS} x its parameter "
+            f"ratio {parameters:.3f}): one of the two steps was not measured in steady state"
+        )
+    return None
+
+
 def rss_bytes() -> int | None:
     """Current resident set size of this process (Linux /proc), else None."""
     try:
@@ -482,8 +499,17 @@ def ensure_latency_curve(
         }
     if needs_draft:
         log.info("verify-latency curve of %s lacks draft %s: timing its 1-token step", model, draft_name)
-        draft_seconds, _ = measure(draft, context, [1], repeats, warmup=1)
-        draft_ms = draft_seconds[1] * 1e3
+        for attempt in range(1, CURVE_ATTEMPTS + 1):
+            draft_seconds, _ = measure(draft, context, [1], repeats, warmup=1)
+            draft_ms = draft_seconds[1] * 1e3
+            problem = (
+                draft_problem(draft, backbone, draft_ms / curve["ms"][0]) if repeats >= MIN_CHECKED_REPEATS else None
+            )
+            if problem is None:
+                break
+            log.warning("draft step attempt %d/%d is implausible: %s", attempt, CURVE_ATTEMPTS, problem)
+        else:
+            raise CurveRefusedError(f"draft {draft_name} of {model} refused (not stored): {problem}")
         curve["draft"] = {
             "model": draft_name,
             "ms": round(draft_ms, 3),
@@ -605,11 +631,12 @@ def main(argv: list[str] | None = None) -> None:
                 buckets=buckets,
                 cache_dir=cache_dir,
             )
-            curve["draft"] = {
-                "model": draft_name,
-                "ms": draft_curve["ms"][0],
-                "cost_ratio": round(draft_curve["ms"][0] / curve["ms"][0], 4),
-            }
+            cost_ratio = round(draft_curve["ms"][0] / curve["ms"][0], 4)
+            problem = draft_problem(draft, backbone, cost_ratio) if args.repeats >= MIN_CHECKED_REPEATS else None
+            if problem is not None:
+                print(f"draft {draft_name} on {name} refused, not stored (measure again): {problem}")
+            else:
+                curve["draft"] = {"model": draft_name, "ms": draft_curve["ms"][0], "cost_ratio": cost_ratio}
         curves.append(curve)
         if not args.no_store:
             path = profile_path(args.model, curve["backend"], args.device, cache_dir)

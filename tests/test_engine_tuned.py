@@ -180,3 +180,11 @@ def test_bench_vs_llamacpp_without_llama_cpp_exits_with_the_install_command(tmp_
         bench.check_llama_cpp(str(tmp_path / "no-venv" / "bin" / "python"))
     assert exited.value.code == 2
     assert bench.INSTALL in capsys.readouterr().err and "pip install llama-cpp-python==" in bench.INSTALL
+
+
+def test_an_implausibly_cheap_draft_step_is_named():
+    from decodebench.engine.profile import draft_problem
+
+    target, draft = tiny(), tiny()  # same size: the draft step cannot cost 1% of the target's
+    assert "draft cost ratio 0.010" in draft_problem(draft, target, 0.01)
+    assert draft_problem(draft, target, 0.9) is None
