@@ -16,10 +16,11 @@ speculation pays. Eager PyTorch has two costs that flatten differently:
   switch at any k), and a row's output does not depend on how many rows share the call. fp32
   throughout; results differ from eager's by rounding only (the exactness check). Autograd calls
   (adapter / head training through the backbone) use plain ``F.linear``.
-* ``tuned``    — (CPU) the fastest of those linear kernels for each block size, measured on this
-  machine per weight shape and row bucket (:mod:`decodebench.engine.kernels`: e.g. MKL for 1-3 rows
-  and oneDNN above on one CPU, oneDNN everywhere on another) and stored next to the curves, so a
-  second run reuses the choice. Each kernel's weight copy is made only where some bucket picks it.
+* ``tuned``    — (CPU) the fastest of those linear kernels for each row bucket, measured on this
+  machine over all of the model's linear weights (:mod:`decodebench.engine.kernels`: e.g. MKL for
+  1-3 rows and oneDNN above on one Intel Xeon, oneDNN everywhere on one AMD EPYC) and stored next to
+  the curves, so a later run reuses the choice. A kernel's weight copy is made only when some bucket
+  picks it.
 * ``compiled`` — ``torch.compile`` of the whole decode step (embed → layers → norm → LM head) at
   static block sizes: the block is padded to a bucket (``engine.buckets``) and attention runs over a
   fixed-layout view of the preallocated :class:`KVCache` (the span is a dynamic dimension, so the
@@ -31,7 +32,8 @@ speculation pays. Eager PyTorch has two costs that flatten differently:
   over the same cache.
 
 ``auto`` picks the fastest of the backends with a cheap setup (eager, packed, onednn, tuned) for the
-device (from stored latency profiles when there are any, else tuned > onednn > packed > eager) that passes the exactness check: on a probe sequence its
+device (from stored latency profiles when there are any, else tuned > onednn > packed > eager) that
+fits in memory (:func:`memory_refusal`) and passes the exactness check: on a probe sequence its
 logits equal eager's within fp32 rounding and its argmax agrees. Tiny models (fewer than
 ``TINY_MODEL_PARAMETERS``) stay eager under ``auto``: compile time would never be repaid.
 """
