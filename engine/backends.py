@@ -16,6 +16,11 @@ speculation pays. Eager PyTorch has two costs that flatten differently:
   switch at any k), and a row's output does not depend on how many rows share the call. fp32
   throughout; results differ from eager's by rounding only (the exactness check). Autograd calls
   (adapter / head training through the backbone) use plain ``F.linear``.
+* ``tuned``    — (CPU) the fastest of those linear kernels for each row bucket, measured on this
+  machine over all of the model's linear weights (:mod:`decodebench.engine.kernels`: e.g. MKL for
+  1-3 rows and oneDNN above on one Intel Xeon, oneDNN everywhere on one AMD EPYC) and stored next to
+  the curves, so a later run reuses the choice. A kernel's weight copy is made only when some bucket
+  picks it.
 * ``compiled`` — ``torch.compile`` of the whole decode step (embed → layers → norm → LM head) at
   static block sizes: the block is padded to a bucket (``engine.buckets``) and attention runs over a
   fixed-layout view of the preallocated :class:`KVCache` (the span is a dynamic dimension, so the
@@ -26,8 +31,9 @@ speculation pays. Eager PyTorch has two costs that flatten differently:
   than the largest bucket (prefill), layer subsets and hidden-state requests take the eager path
   over the same cache.
 
-``auto`` picks the fastest of the backends with a cheap setup (eager, packed, onednn) for the device
-(from stored latency profiles when there are any, else onednn > packed > eager) that passes the exactness check: on a probe sequence its
+``auto`` picks the fastest of the backends with a cheap setup (eager, packed, onednn, tuned) for the
+device (from stored latency profiles when there are any, else tuned > onednn > packed > eager) that
+fits in memory (:func:`memory_refusal`) and passes the exactness check: on a probe sequence its
 logits equal eager's within fp32 rounding and its argmax agrees. Tiny models (fewer than
 ``TINY_MODEL_PARAMETERS``) stay eager under ``auto``: compile time would never be repaid.
 """
@@ -60,6 +66,9 @@ PACK_MIN_ROWS = 4
 # Attention span granularity of the compiled step (keeps the span dimension away from 0/1).
 SPAN_STEP = 64
 TINY_MODEL_PARAMETERS = 20_000_000
+# A backend's weight copies must fit in this share of the memory available when it is applied
+# (the rest: activations, caches, other processes' growth); beyond it the backend is skipped.
+MEMORY_HEADROOM = 0.8
 # Exactness check: |backend - eager| <= EXACT_RTOL * max|eager logit| and the same argmax per row.
 EXACT_RTOL = 1e-4
 
@@ -76,6 +85,8 @@ class BackendInfo:
     max_abs_logit_diff: float | None = None  # vs eager on the probe (None for eager)
     argmax_agrees: bool | None = None
     rejected: dict[str, str] = field(default_factory=dict)  # backend -> why auto skipped it
+    extra_weight_bytes: int = 0  # backend weight copies (packed / reordered), beyond the model's own
+    kernels: dict | None = None  # tuned: the kernel table (engine/kernels.py KernelTable.to_dict())
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,6 +100,7 @@ def backends_for(device: str | torch.device) -> list[str]:
             "eager",
             *(["packed"] if torch._C.has_mkl else []),
             *(["onednn"] if torch.backends.mkldnn.is_available() else []),
+            "tuned",
             "compiled",
         ]
     return ["eager", "compiled"]
@@ -166,7 +178,7 @@ class OneDNNLinear(_BackendLinear):
 
 
 def _apply_onednn(backbone: Backbone) -> None:
-    for linear in _linears(backbone):
+    for linear in linears_of(backbone):
         if type(linear) is not torch.nn.Linear or linear.weight.dtype != torch.float32:
             continue
         with torch.no_grad():
@@ -175,13 +187,14 @@ def _apply_onednn(backbone: Backbone) -> None:
 
 
 def _remove_onednn(backbone: Backbone) -> None:
-    for linear in _linears(backbone):
+    for linear in linears_of(backbone):
         if isinstance(linear, OneDNNLinear):
             linear.__class__ = torch.nn.Linear
             del linear.onednn_weight
 
 
-def _linears(backbone: Backbone) -> list[torch.nn.Linear]:
+def linears_of(backbone: Backbone) -> list[torch.nn.Linear]:
+    """Every ``nn.Linear`` of the decoder layers, then the LM head (what the CPU backends swap)."""
     found = [m for layer in backbone.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
     return [*found, backbone.lm_head]
 
@@ -189,7 +202,7 @@ def _linears(backbone: Backbone) -> list[torch.nn.Linear]:
 def _apply_packed(backbone: Backbone, buckets: Sequence[int]) -> list[int]:
     # rows 4..7 pad to 8: a 4-row pack would cost one more weight copy for little gain
     packed_buckets = sorted({max(b, 8) for b in buckets if b >= PACK_MIN_ROWS})
-    for linear in _linears(backbone):
+    for linear in linears_of(backbone):
         if type(linear) is not torch.nn.Linear:
             continue
         with torch.no_grad():
@@ -200,10 +213,129 @@ def _apply_packed(backbone: Backbone, buckets: Sequence[int]) -> list[int]:
 
 
 def _remove_packed(backbone: Backbone) -> None:
-    for linear in _linears(backbone):
+    for linear in linears_of(backbone):
         if isinstance(linear, PackedLinear):
             linear.__class__ = torch.nn.Linear
             del linear.packed
+
+
+# -- tuned ----------------------------------------------------------------------------------------
+class TunedLinear(_BackendLinear):
+    """An ``nn.Linear`` running each block size with the kernel measured fastest for it here.
+
+    ``kernel_by_rows[r]`` is the kernel of an ``r``-row block (``r`` <= the largest bucket; larger
+    blocks run ``F.linear``) and ``pad_rows[r]`` the row count its ``mkl_packed`` weight was packed
+    for; ``backend_weights`` holds the copies (``"onednn"`` and one ``mkl_packed`` entry per bucket).
+    """
+
+    kernel_by_rows: list[str]
+    pad_rows: list[int]
+    backend_weights: dict
+    backend_attribute = "backend_weights"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if rows >= len(self.kernel_by_rows) or (
+            torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        ):
+            return F.linear(x, self.weight, self.bias)
+        kernel = self.kernel_by_rows[rows]
+        if kernel == "onednn":
+            return torch.ops.mkldnn._linear_pointwise(x, self.backend_weights["onednn"], self.bias, "none", [], "")
+        if kernel == "mkl":
+            return F.linear(x, self.weight, self.bias)
+        bucket = self.pad_rows[rows]
+        flat = x.reshape(rows, self.in_features)
+        if bucket > rows:
+            flat = torch.cat([flat, flat.new_zeros(bucket - rows, self.in_features)])
+        out = torch.ops.mkl._mkl_linear(flat, self.backend_weights[bucket], self.weight, self.bias, bucket)
+        return out[:rows].reshape(*x.shape[:-1], self.out_features)
+
+
+def _tuned_table(backbone: Backbone, buckets: Sequence[int], cache_dir: str | None):
+    """The stored kernel table of this model / CPU / threads / buckets, else one measured (and stored) now."""
+    from decodebench.engine import kernels  # noqa: PLC0415 (kernels imports this module)
+
+    model = getattr(backbone, "model_name", None)
+    path = kernels.kernels_path(model, backbone.device.type, cache_dir) if model else None
+    table = kernels.load_kernel_table(path, buckets) if path else None
+    if table is None:
+        table = kernels.measure_kernels(backbone, buckets)
+        log.info("engine backend tuned: kernels measured in %.1f s: %s", table.measure_s, table.summary())
+        if path:
+            kernels.store_kernel_table(table, path)
+    else:
+        log.info("engine backend tuned: kernels from %s: %s", path, table.summary())
+    return table
+
+
+def _tuned_extra_bytes(backbone: Backbone, table) -> int:
+    """Bytes of the weight copies :func:`_apply_tuned` makes for ``table``."""
+    copies = ("onednn" in table.choice.values()) + sum(k == "mkl_packed" for k in table.choice.values())
+    linears = [m for m in linears_of(backbone) if m.weight.dtype == torch.float32]
+    return copies * sum(m.weight.numel() * m.weight.element_size() for m in linears)
+
+
+def _apply_tuned(backbone: Backbone, table) -> None:
+    kernel_by_rows = ["mkl", *(table.kernel(rows) for rows in range(1, table.buckets[-1] + 1))]
+    pad_rows = [0, *(next(b for b in table.buckets if b >= rows) for rows in range(1, table.buckets[-1] + 1))]
+    for linear in linears_of(backbone):
+        if type(linear) is not torch.nn.Linear or linear.weight.dtype != torch.float32:
+            continue
+        weights: dict = {}
+        with torch.no_grad():
+            weight = linear.weight.detach()
+            if "onednn" in kernel_by_rows:
+                weights["onednn"] = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+            for bucket, kernel in table.choice.items():
+                if kernel == "mkl_packed":
+                    weights[int(bucket)] = torch.ops.mkl._mkl_reorder_linear_weight(weight, int(bucket))
+        linear.kernel_by_rows, linear.pad_rows, linear.backend_weights = kernel_by_rows, pad_rows, weights
+        linear.__class__ = TunedLinear
+
+
+def _remove_tuned(backbone: Backbone) -> None:
+    for linear in linears_of(backbone):
+        if isinstance(linear, TunedLinear):
+            linear.__class__ = torch.nn.Linear
+            del linear.kernel_by_rows, linear.pad_rows, linear.backend_weights
+
+
+# -- memory ----------------------------------------------------------------------------------------
+def available_memory_bytes() -> int | None:
+    """``MemAvailable`` of /proc/meminfo (Linux), else None (no check possible)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def extra_weight_bytes(backbone: Backbone, name: str, buckets: Sequence[int], table=None) -> int:
+    """Bytes of the weight copies backend ``name`` adds to ``backbone`` (0 for eager; compiled's
+    frozen copies are counted as one copy of the linears on a CPU)."""
+    linears = [m for m in linears_of(backbone) if m.weight.dtype == torch.float32]
+    weights = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    if name == "packed":
+        return weights * len({max(b, 8) for b in buckets if b >= PACK_MIN_ROWS})
+    if name == "onednn" or (name == "compiled" and backbone.device.type == "cpu"):
+        return weights
+    if name == "tuned" and table is not None:
+        return _tuned_extra_bytes(backbone, table)
+    return 0
+
+
+def memory_refusal(needed: int, available: int | None) -> str | None:
+    """Why a backend needing ``needed`` more bytes does not fit (None when it does or is unknown)."""
+    if available is None or needed <= MEMORY_HEADROOM * available:
+        return None
+    return (
+        f"its weight copies need {needed / 2**30:.2f} GiB, more than {MEMORY_HEADROOM:.0%} of the "
+        f"{available / 2**30:.2f} GiB available (MemAvailable)"
+    )
 
 
 # -- compiled ----------------------------------------------------------------------------------
@@ -329,11 +461,15 @@ def remove_backend(backbone: Backbone) -> None:
     """Back to eager (the profiler applies every backend in turn to one model)."""
     _remove_packed(backbone)
     _remove_onednn(backbone)
+    _remove_tuned(backbone)
     backbone.fast_forward = None
     backbone.backend = "eager"
 
 
-def _install(backbone: Backbone, name: str, buckets: Sequence[int]) -> list[int]:
+def _install(backbone: Backbone, name: str, buckets: Sequence[int], table=None) -> list[int]:
+    if name == "tuned":
+        _apply_tuned(backbone, table)
+        return list(table.buckets)
     if name == "packed":
         return _apply_packed(backbone, buckets)
     if name == "onednn":
@@ -347,7 +483,7 @@ def _install(backbone: Backbone, name: str, buckets: Sequence[int]) -> list[int]
 
 def _preference(backbone: Backbone, model_name: str | None, cache_dir: str | None) -> list[str]:
     """auto's candidates, best first: by stored profiles (mean ms over the measured k <= 8), else
-    onednn > packed > eager; tiny models: eager only. ``compiled`` is opt-in (``engine.backend=compiled``):
+    tuned > onednn > packed > eager; tiny models: eager only. ``compiled`` is opt-in (``engine.backend=compiled``):
     its setup costs minutes per model on a CPU (one graph per bucket), more than a typical run."""
     available = [b for b in backends_for(backbone.device) if b != "compiled"]
     if sum(p.numel() for p in backbone.model.parameters()) < TINY_MODEL_PARAMETERS:
@@ -366,7 +502,7 @@ def _preference(backbone: Backbone, model_name: str | None, cache_dir: str | Non
         }
         if measured:
             return sorted(available, key=lambda b: measured.get(b, float("inf")))
-    return [b for b in ("onednn", "packed", "eager") if b in available]
+    return [b for b in ("tuned", "onednn", "packed", "eager") if b in available]
 
 
 def apply_backend(
@@ -402,10 +538,26 @@ def apply_backend(
         if candidate == "eager":
             backbone.backend = "eager"
             return BackendInfo(name, "eager", str(backbone.device), [], 0.0, rejected=rejected)
+        try:
+            table = _tuned_table(backbone, buckets, cache_dir) if candidate == "tuned" else None
+        except Exception as error:  # a kernel that fails to run on this CPU makes auto fall back
+            if name != "auto":
+                raise
+            rejected[candidate] = f"kernel measurement failed: {type(error).__name__}: {error}"[:500]
+            log.warning("engine backend tuned: %s; trying the next one", rejected[candidate])
+            continue
+        extra = extra_weight_bytes(backbone, candidate, buckets, table)
+        refusal = memory_refusal(extra, available_memory_bytes())
+        if refusal is not None:
+            if name != "auto":
+                raise ConfigValueError(f"engine.backend={candidate} does not fit in memory here: {refusal}")
+            rejected[candidate] = f"does not fit in memory: {refusal}"
+            log.warning("engine backend %s skipped: %s", candidate, rejected[candidate])
+            continue
         if reference is None and check:
             reference = _probe(backbone, buckets)
         try:
-            installed = _install(backbone, candidate, buckets)
+            installed = _install(backbone, candidate, buckets, table)
             backbone.backend = candidate
             ours = _probe(backbone, buckets)  # compiles every bucket
         except Exception as error:  # a compiler failure makes auto fall back
@@ -416,6 +568,8 @@ def apply_backend(
             log.warning("engine backend %s failed (%s); trying the next one", candidate, rejected[candidate])
             continue
         info = BackendInfo(name, candidate, str(backbone.device), installed, round(time.perf_counter() - started, 3))
+        info.extra_weight_bytes = extra
+        info.kernels = table.to_dict() if table is not None else None
         if reference is not None:
             diff = max((a - b).abs().max().item() for a, b in zip(ours, reference))
             scale = max(r.abs().max().item() for r in reference)

@@ -81,7 +81,7 @@ def test_blocks_match_eager_logits(backbone):
     """Chains of every size (bucketed, padded, larger than every bucket) and a tree, on a growing
     cache: the backend's logits equal eager's within fp32 rounding."""
     eager = Backbone(backbone.model)
-    swapped = backbone.backend in ("packed", "onednn")
+    swapped = backbone.backend in ("packed", "onednn", "tuned")
     if swapped:  # packing lives in the modules: compare with plain F.linear
         eager = None
     gen = torch.Generator().manual_seed(5)
@@ -187,7 +187,7 @@ def test_bad_backend_names_are_config_errors():
     with pytest.raises(ConfigValueError, match="engine.backend.*fast.*auto \\| eager"):
         apply_backend(backbone, "fast")
     with pytest.raises(
-        ConfigValueError, match="engine.backend.*turbo.*auto \\| eager \\| packed \\| onednn \\| compiled"
+        ConfigValueError, match="engine.backend.*turbo.*auto \\| eager \\| packed \\| onednn \\| tuned \\| compiled"
     ):
         EngineConfig(backend="turbo")
     with pytest.raises(ConfigValueError, match="engine.buckets"):
@@ -196,7 +196,7 @@ def test_bad_backend_names_are_config_errors():
 
 
 def test_engine_config_composes():
-    with pytest.raises(ConfigValueError, match="engine.backend.*packed and onednn need device=cpu"):
+    with pytest.raises(ConfigValueError, match="engine.backend.*packed, onednn and tuned need device=cpu"):
         compose_run_config(["engine.backend=packed", "device=cuda"])
     cfg = compose_run_config(["engine.backend=compiled", "engine.buckets=[1,8]"])
     assert cfg.engine == EngineConfig(backend="compiled", buckets=[1, 8])

@@ -1,0 +1,190 @@
+"""The ``tuned`` backend (kernels per block size, measured here), backend memory costs, curve sanity
+and the profiler's step breakdown. The decode-loop losslessness tests run against ``tuned`` in
+tests/test_backends.py (its ``backbone`` fixture)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from decodebench.config import ConfigValueError, MethodConfig, ModelConfig
+from decodebench.engine import backends, kernels
+from decodebench.engine.backbone import Backbone
+from decodebench.engine.backends import TunedLinear, apply_backend, memory_refusal, remove_backend
+from decodebench.engine.kernels import KernelTable, kernels_path, pick_kernel, row_buckets
+from decodebench.methods import build_method
+from decodebench.models.tiny import build_tiny
+
+from helpers import TINY, decode, repeating_prompts  # tests/helpers.py (on sys.path via conftest)
+
+
+def tiny(arch: str = "llama") -> Backbone:
+    return Backbone(build_tiny(ModelConfig(name=f"tiny-{arch}", source="tiny", architecture=arch, tiny=TINY), seed=0))
+
+
+def hand_table(choice: dict[int, str]) -> KernelTable:
+    return KernelTable(
+        buckets=sorted(choice),
+        choice={str(b): k for b, k in choice.items()},
+        us={},
+        rows_bitwise={},
+        cpu="test",
+        threads=1,
+        measure_s=0.0,
+    )
+
+
+def test_row_buckets_and_pick_kernel():
+    assert row_buckets((1, 4, 8, 16, 32)) == [1, 2, 3, 4, 8, 16, 32]
+    assert row_buckets((2, 6)) == [1, 2, 3, 6]
+    # plain mkl unless another kernel is clearly (MIN_GAIN) faster; among the near-best, fewest copies
+    assert pick_kernel({"mkl": 100.0, "mkl_packed": 95.0, "onednn": 96.0}) == "mkl"
+    assert pick_kernel({"mkl": 200.0, "mkl_packed": 100.0, "onednn": 105.0}) == "onednn"
+    assert pick_kernel({"mkl": 200.0, "mkl_packed": 100.0, "onednn": 150.0}) == "mkl_packed"
+
+
+@pytest.mark.skipif(not (torch._C.has_mkl and torch.backends.mkldnn.is_available()), reason="needs MKL and oneDNN")
+def test_tuned_linear_runs_each_bucket_with_its_kernel():
+    backbone = tiny()
+    table = hand_table({1: "mkl", 2: "mkl", 3: "mkl", 4: "onednn", 8: "mkl_packed"})
+    backends._apply_tuned(backbone, table)
+    linears = backends.linears_of(backbone)
+    assert all(type(m) is TunedLinear for m in linears)
+    layer = linears[0]
+    assert layer.kernel_by_rows[1:] == ["mkl"] * 3 + ["onednn"] + ["mkl_packed"] * 4
+    assert set(layer.backend_weights) == {"onednn", 8}  # one oneDNN copy, one MKL pack for rows 5..8
+    assert backends._tuned_extra_bytes(backbone, table) == 2 * sum(
+        m.weight.numel() * m.weight.element_size() for m in linears
+    )
+    x = torch.randn(12, layer.in_features, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for rows in (1, 3, 4, 5, 8, 12):  # 12 > every bucket: plain F.linear
+            reference = torch.nn.functional.linear(x[:rows], layer.weight, layer.bias)
+            torch.testing.assert_close(layer(x[:rows]), reference, atol=1e-5, rtol=0)
+    remove_backend(backbone)
+    assert all(type(m) is torch.nn.Linear for m in backends.linears_of(backbone))
+
+
+@pytest.mark.skipif(not (torch._C.has_mkl and torch.backends.mkldnn.is_available()), reason="needs MKL and oneDNN")
+def test_mixed_kernels_keep_pld_equal_to_ar():
+    """AR steps run mkl (1 row), PLD's verify blocks onednn / a prepacked MKL weight: the outputs
+    stay identical token for token (kernels differ by summation order only)."""
+    backbone = tiny()
+    backends._apply_tuned(backbone, hand_table({1: "mkl", 2: "mkl", 3: "mkl", 4: "onednn", 8: "mkl_packed"}))
+    backbone.backend = "tuned"
+    ar = build_method(MethodConfig())
+    pld = build_method(
+        MethodConfig(name="pld", impl="decodebench.methods.pld:PromptLookupDrafter", params={"num_draft_tokens": 6})
+    )
+    prompt = repeating_prompts()[0]
+    reference = decode(backbone, ar, prompt, max_new_tokens=32)
+    ours = decode(backbone, pld, prompt, max_new_tokens=32)
+    assert ours.new_ids == reference.new_ids
+    assert sum(s.accepted for s in ours.steps) > 0, "PLD never got a draft accepted: the check proves nothing"
+    remove_backend(backbone)
+
+
+def test_tuned_measures_stores_and_reuses_its_kernel_table(tmp_path, monkeypatch):
+    backbone = tiny()
+    info = apply_backend(backbone, "tuned", buckets=(1, 4, 8), model_name="tiny-llama", cache_dir=str(tmp_path))
+    assert info.name == "tuned" and info.argmax_agrees
+    stored = json.loads(kernels_path("tiny-llama", "cpu", str(tmp_path)).read_text())
+    assert stored["buckets"] == [1, 2, 3, 4, 8] and set(stored["choice"]) == {"1", "2", "3", "4", "8"}
+    assert set(stored["us"]["4"]) == set(kernels.kernels_available())
+    assert stored["rows_bitwise"]["mkl"] in (True, False) and info.kernels["choice"] == stored["choice"]
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("a stored kernel table is reused, not measured again")
+
+    monkeypatch.setattr(kernels, "measure_kernels", not_again)
+    again = apply_backend(backbone, "tuned", buckets=(1, 4, 8), model_name="tiny-llama", cache_dir=str(tmp_path))
+    assert again.kernels["choice"] == stored["choice"]
+    # another bucket set is another table
+    with pytest.raises(AssertionError, match="reused"):
+        apply_backend(backbone, "tuned", buckets=(1, 16), model_name="tiny-llama", cache_dir=str(tmp_path))
+    remove_backend(backbone)
+
+
+def test_a_backend_that_does_not_fit_in_memory_is_refused_or_skipped(monkeypatch):
+    assert memory_refusal(10, None) is None and memory_refusal(10, 100) is None
+    assert "0.80" not in (memory_refusal(90, 100) or "") and "available" in memory_refusal(90, 100)
+    backbone = tiny()
+    monkeypatch.setattr(backends, "TINY_MODEL_PARAMETERS", 0)  # let auto consider the tiny model
+    monkeypatch.setattr(backends, "available_memory_bytes", lambda: 1000)  # 1 kB free
+    table = hand_table({1: "mkl", 2: "mkl", 3: "mkl", 4: "onednn"})
+    monkeypatch.setattr(kernels, "measure_kernels", lambda *args, **kwargs: table)
+    with pytest.raises(ConfigValueError, match="engine.backend=onednn does not fit in memory"):
+        apply_backend(backbone, "onednn", model_name=None)
+    info = apply_backend(backbone, "auto", model_name=None)
+    assert info.name == "eager"
+    assert all("does not fit in memory" in why for why in info.rejected.values())
+    assert set(info.rejected) == {"onednn", "packed", "tuned"} & set(backends.backends_for("cpu"))
+
+
+# -- the profiler: curve sanity, step breakdown ---------------------------------------------------
+def test_implausible_curves_are_named():
+    from decodebench.engine.profile import curve_problems
+
+    plausible = {1: [0.030, 0.031, 0.029], 2: [0.032] * 3, 4: [0.036] * 3, 8: [0.040] * 3}
+    assert curve_problems(plausible) == []
+    # the issue's packed Qwen curve: T(4)/T(1) = 0.02
+    cheap = {**plausible, 1: [29.1, 29.0, 29.2], 4: [0.6] * 3}
+    assert any("T(4)/T(1) = 0.02" in p for p in curve_problems(cheap))
+    # one block size far slower than a larger one
+    assert any("T(2)" in p and "far slower" in p for p in curve_problems({**plausible, 2: [0.09] * 3}))
+    # repeats all over the place
+    assert any("spread" in p for p in curve_problems({**plausible, 8: [0.01, 0.04, 0.2]}))
+
+
+def test_an_implausible_curve_is_refused_and_not_stored(tmp_path, monkeypatch):
+    from decodebench.engine import profile
+
+    backbone = tiny()
+    backbone.model_name = "tiny-llama"
+    calls = []
+
+    def absurd(backbone, context, ks, repeats, warmup=2):
+        calls.append(1)
+        return {k: [1.0 if k == 1 else 0.01] * 3 for k in ks}, {}
+
+    monkeypatch.setattr(profile, "measure_samples", absurd)
+    with pytest.raises(profile.CurveRefusedError, match="refused after 3 attempts.*T\\(2\\)/T\\(1\\) = 0.01"):
+        profile.ensure_latency_curve(backbone, str(tmp_path), ks=(1, 2), repeats=3, context=8)
+    assert len(calls) == profile.CURVE_ATTEMPTS
+    assert not list(tmp_path.rglob("*.json"))
+
+
+def test_step_breakdown_accounts_for_the_step():
+    from decodebench.engine.profile import BREAKDOWN_PARTS, breakdown_table, step_breakdown
+
+    backbone = tiny()
+    row = step_breakdown(backbone, context=16, k=4, repeats=2)
+    assert set(row.parts_ms) == set(BREAKDOWN_PARTS) and row.wall_ms > 0
+    # the labelled parts were seen, and nothing is left patched on the backbone
+    assert row.parts_ms["lm_head"] > 0 and row.parts_ms["cache_writes"] > 0 and row.parts_ms["decoder_linears"] > 0
+    assert "head" not in vars(backbone) and row.ops_per_step > backbone.num_layers
+    assert "| eager | 4 |" in breakdown_table([("eager", row)])
+
+
+def test_bench_vs_llamacpp_without_llama_cpp_exits_with_the_install_command(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_vs_llamacpp.py"
+    spec = importlib.util.spec_from_file_location("bench_vs_llamacpp", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit) as exited:
+        bench.check_llama_cpp(str(tmp_path / "no-venv" / "bin" / "python"))
+    assert exited.value.code == 2
+    assert bench.INSTALL in capsys.readouterr().err and "pip install llama-cpp-python==" in bench.INSTALL
+
+
+def test_an_implausibly_cheap_draft_step_is_named():
+    from decodebench.engine.profile import draft_problem
+
+    target, draft = tiny(), tiny()  # same size: the draft step cannot cost 1% of the target's
+    assert "draft cost ratio 0.010" in draft_problem(draft, target, 0.01)
+    assert draft_problem(draft, target, 0.9) is None
