@@ -35,7 +35,7 @@ BENCH_DIR ?= results/bench/$(shell date +%Y-%m-%d_%H-%M-%S)
 
 ENGINE_BACKENDS ?= eager,packed,onednn
 GPU_CHECK_DEVICE ?= cuda
-.PHONY: help setup lock test-latest sandbox model models-qwen profile bench bench-engine bench-batch bench-vs-hf gpu-check slurm test test-fast lint typecheck report paper clean
+.PHONY: help setup lock test-latest sandbox model models-qwen profile bench bench-engine bench-batch bench-vs-hf bench-vs-llamacpp gpu-check slurm test test-fast lint typecheck report paper clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -131,7 +131,7 @@ lint: $(STAMP) ## ruff check, ruff format --check, and the type check (CI runs i
 # mypy cannot follow setuptools' editable import hooks: it checks a non-editable install of the package
 TYPECHECK_DIR := build/typecheck
 typecheck: $(STAMP) ## mypy on a non-editable install of the package (settings: pyproject.toml [tool.mypy])
-	rm -rf $(TYPECHECK_DIR)
+	rm -rf $(TYPECHECK_DIR) build/lib  # setuptools keeps deleted modules in build/lib
 	$(PIP) install -q --no-deps --no-build-isolation --target $(TYPECHECK_DIR) . >/dev/null
 	cd $(TYPECHECK_DIR) && $(abspath $(VENV))/bin/mypy --config-file $(CURDIR)/pyproject.toml \
 		--cache-dir $(CURDIR)/.mypy_cache -p decodebench
