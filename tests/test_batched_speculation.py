@@ -57,10 +57,11 @@ def ar_reference(models, stop_settings):
     return ids
 
 
-def corpus(tmp_path) -> str:
-    """A token-id prompt file (tiny models have no tokenizer) for the retrieval methods."""
+def corpus(tmp_path, answers: list[list[int]]) -> str:
+    """A token-id corpus file (tiny models have no tokenizer) for the retrieval methods: each prompt
+    followed by the target's greedy answer, as the target's own generations are in the real corpus."""
     path = tmp_path / "corpus.jsonl"
-    path.write_text("".join(json.dumps({"token_ids": p}) + "\n" for p in batch_prompts()))
+    path.write_text("".join(json.dumps({"token_ids": p + a}) + "\n" for p, a in zip(batch_prompts(), answers)))
     return str(path)
 
 
@@ -72,15 +73,15 @@ LOSSLESS = {
     "suffix": {},
     "token_recycling": {},
     "aded": {"corpus_prompts": 0},
-    "rest": {"corpus_prompts": "CORPUS", "corpus_max_new_tokens": NEW_TOKENS},
-    "sam": {"corpus_prompts": "CORPUS", "corpus_max_new_tokens": NEW_TOKENS},
+    "rest": {"corpus": "jsonl", "corpus_path": "CORPUS"},
+    "sam": {"corpus": "jsonl", "corpus_path": "CORPUS"},
     "aggressive": {},
     "swift": {},
     "early_exit_spec": {"exit_layer": 1, "num_draft_tokens": 4},
     "del": {},
     "sps": {},
     "dyspec": {},
-    "specdec_pp": {},
+    "specdec_pp": {"use_head": False},  # the draft's confidence: the head's batching is the same code
     "rsd": {},
     "stand": {},
 }
@@ -91,7 +92,7 @@ NO_ACCEPTANCE_NEEDED = {"aggressive", "del", "aded"}  # their tiny-model drafts 
 def test_batched_speculation_equals_ar_at_batch_size_one(method, models, stop_settings, ar_reference, tmp_path):
     target, draft = models
     base = method_config(method)
-    params = {k: corpus(tmp_path) if v == "CORPUS" else v for k, v in LOSSLESS[method].items()}
+    params = {k: corpus(tmp_path, ar_reference) if v == "CORPUS" else v for k, v in LOSSLESS[method].items()}
     drafter = build_method(MethodConfig(name=method, impl=base.impl, params=params))
     if drafter.needs_draft_model:
         drafter.attach_draft(draft)
