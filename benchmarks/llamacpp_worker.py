@@ -41,6 +41,9 @@ def main() -> None:
         n_threads=args.threads,
         n_threads_batch=args.threads,
         draft_model=draft,
+        # with a draft model llama-cpp-python keeps logits for every token but sizes its score buffer
+        # from this argument (n_batch rows when False): a prompt past n_batch then overflows it
+        logits_all=draft is not None,
         verbose=False,
     )
 
