@@ -14,41 +14,24 @@ nodes that get children). Drafts are deterministic, so sampling verification sta
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from decodebench.config import check
 from decodebench.engine.backbone import Backbone, ForwardOutput
 from decodebench.engine.drafting import Drafter, Proposal, StepOutcome
 from decodebench.methods.clover_net import CloverNet
 from decodebench.methods.draft_heads import checkpoint_dir, model_key, require_checkpoint
 from decodebench.methods.head_tree import MEDUSA_TREE, template_parents, truncate_tree
+from decodebench.methods.medusa import MedusaDrafter
 
 log = logging.getLogger("decodebench")
 
 
 class CloverDrafter(Drafter):
-    @dataclass
-    class Params:
-        tree_nodes: int = 63  # draft nodes of the sparse tree (Clover evaluates on Medusa's mc_sim_7b_63)
-        checkpoint: str | None = None  # null = <cache>/drafters/<model>/clover
-        max_verify_cost: float | None = None  # cpu preset: size the tree from the latency curve
-
-        def __post_init__(self) -> None:
-            check(
-                1 <= self.tree_nodes <= len(MEDUSA_TREE),
-                "method.params.tree_nodes",
-                self.tree_nodes,
-                f"1 .. {len(MEDUSA_TREE)}",
-            )
-            check(
-                self.max_verify_cost is None or self.max_verify_cost >= 1.0,
-                "method.params.max_verify_cost",
-                self.max_verify_cost,
-                ">= 1.0 or null",
-            )
+    # Medusa's settings: the sparse tree (Clover evaluates on Medusa's mc_sim_7b_63), the checkpoint
+    # (null = <cache>/drafters/<model>/clover), the cpu preset's curve-sized tree
+    Params = MedusaDrafter.Params
 
     def __init__(self, params):
         self.params = params
