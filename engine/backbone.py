@@ -136,6 +136,8 @@ class Backbone:
         self.backend = "eager"
         self.model_name: str | None = None
         self.fast_forward = None
+        # Set by the tuned backend: engine/fused_layers.py FusedLayer per layer (None = the HF layers).
+        self.fused_layers: list | None = None
         self.attn_implementation = self.config._attn_implementation
         if self.attn_implementation not in ("sdpa", "eager"):
             raise ValueError(
@@ -352,6 +354,8 @@ class Backbone:
         self, layer_index: int, hidden: torch.Tensor, mask, position_ids: torch.Tensor, cache, position_embeddings
     ) -> torch.Tensor:
         """One decoder layer's own forward (``(batch, q, hidden)`` in and out)."""
+        if self.fused_layers is not None:
+            return self.fused_layers[layer_index](hidden, mask, cache, position_embeddings)
         out = self.layers[layer_index](
             hidden,
             attention_mask=mask,

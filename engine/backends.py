@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from decodebench.config import DEFAULT_BUCKETS, ConfigValueError
+from decodebench.engine.fused_layers import fusion_refusal, install_fused_layers, remove_fused_layers
 
 if TYPE_CHECKING:
     from decodebench.engine.backbone import Backbone, ForwardOutput
@@ -87,6 +88,8 @@ class BackendInfo:
     rejected: dict[str, str] = field(default_factory=dict)  # backend -> why auto skipped it
     extra_weight_bytes: int = 0  # backend weight copies (packed / reordered), beyond the model's own
     kernels: dict | None = None  # tuned: the kernel table (engine/kernels.py KernelTable.to_dict())
+    # tuned: "fused" when the decoder layers run as engine/fused_layers.py FusedLayer, else why not
+    layers: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -194,8 +197,12 @@ def _remove_onednn(backbone: Backbone) -> None:
 
 
 def linears_of(backbone: Backbone) -> list[torch.nn.Linear]:
-    """Every ``nn.Linear`` of the decoder layers, then the LM head (what the CPU backends swap)."""
-    found = [m for layer in backbone.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    """Every ``nn.Linear`` a step runs in the decoder layers, then the LM head (what the CPU
+    backends swap): the fused q/k/v and gate/up linears where the layers are fused."""
+    if backbone.fused_layers is not None:
+        found = [linear for fused in backbone.fused_layers for linear in fused.linears()]
+    else:
+        found = [m for layer in backbone.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
     return [*found, backbone.lm_head]
 
 
@@ -462,12 +469,16 @@ def remove_backend(backbone: Backbone) -> None:
     _remove_packed(backbone)
     _remove_onednn(backbone)
     _remove_tuned(backbone)
+    remove_fused_layers(backbone)
     backbone.fast_forward = None
     backbone.backend = "eager"
 
 
 def _install(backbone: Backbone, name: str, buckets: Sequence[int], table=None) -> list[int]:
     if name == "tuned":
+        refusal = install_fused_layers(backbone)
+        if refusal is not None:
+            log.info("engine backend tuned: decoder layers not fused: %s", refusal)
         _apply_tuned(backbone, table)
         return list(table.buckets)
     if name == "packed":
@@ -570,6 +581,8 @@ def apply_backend(
         info = BackendInfo(name, candidate, str(backbone.device), installed, round(time.perf_counter() - started, 3))
         info.extra_weight_bytes = extra
         info.kernels = table.to_dict() if table is not None else None
+        if candidate == "tuned":
+            info.layers = "fused" if backbone.fused_layers is not None else fusion_refusal(backbone)
         if reference is not None:
             diff = max((a - b).abs().max().item() for a, b in zip(ours, reference))
             scale = max(r.abs().max().item() for r in reference)

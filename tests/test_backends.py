@@ -47,6 +47,8 @@ BACKEND_PARAMS = [
     pytest.param(("qwen2", "packed"), id="qwen2-packed"),
     pytest.param(("llama", "onednn"), id="llama-onednn"),
     pytest.param(("qwen2", "onednn"), id="qwen2-onednn"),
+    pytest.param(("llama", "tuned"), id="llama-tuned"),  # fused layers; qwen2: with q/k/v biases
+    pytest.param(("qwen2", "tuned"), id="qwen2-tuned"),
     pytest.param(("llama", "compiled"), id="llama-compiled", marks=pytest.mark.slow),
     pytest.param(("qwen2", "compiled"), id="qwen2-compiled", marks=pytest.mark.slow),
 ]

@@ -45,11 +45,18 @@ def prompts(lengths=(9, 4, 13, 7)) -> list[list[int]]:
 
 @pytest.fixture(
     scope="module",
-    params=[("llama", "sdpa"), ("qwen2", "sdpa"), ("llama", "eager")],
-    ids=["llama", "qwen2", "llama-eager"],
+    params=[("llama", "sdpa", None), ("qwen2", "sdpa", None), ("llama", "eager", None), ("qwen2", "sdpa", "tuned")],
+    ids=["llama", "qwen2", "llama-eager", "qwen2-fused"],
 )
 def backbone(request):
-    return tiny(*request.param)
+    arch, attn, backend = request.param
+    built = tiny(arch, attn)
+    if backend is not None:  # the tuned backend's fused layers (engine/fused_layers.py) on per-row masks
+        from decodebench.engine.backends import apply_backend
+
+        info = apply_backend(built, backend, buckets=(1, 4, 8), model_name=None)
+        assert info.layers == "fused"
+    return built
 
 
 def test_batched_prefill_logits_equal_unbatched(backbone):

@@ -188,3 +188,28 @@ def test_an_implausibly_cheap_draft_step_is_named():
     target, draft = tiny(), tiny()  # same size: the draft step cannot cost 1% of the target's
     assert "draft cost ratio 0.010" in draft_problem(draft, target, 0.01)
     assert draft_problem(draft, target, 0.9) is None
+
+
+def test_tuned_fuses_plain_layers_without_copying_weights():
+    """q/k/v and gate/up run as one linear each; the HF modules' weights become views into the fused
+    ones (no weight copied), so sublayer skipping and adapters built from a layer read the same values."""
+    backbone = tiny("qwen2")  # q/k/v biases fuse too
+    attention = backbone.layers[0].self_attn
+    before = [attention.q_proj.weight.clone(), attention.v_proj.bias.clone()]
+    info = apply_backend(backbone, "tuned", buckets=(1, 4), model_name=None)
+    assert info.layers == "fused" and info.argmax_agrees
+    fused = backbone.fused_layers[0]
+    assert attention.q_proj.weight.data_ptr() == fused.qkv.weight.data_ptr()
+    assert torch.equal(attention.q_proj.weight, before[0]) and torch.equal(attention.v_proj.bias, before[1])
+    assert len(backends.linears_of(backbone)) == 4 * backbone.num_layers + 1
+    remove_backend(backbone)
+    assert backbone.fused_layers is None and len(backends.linears_of(backbone)) == 7 * backbone.num_layers + 1
+
+
+def test_tuned_names_why_layers_are_not_fused():
+    config = ModelConfig(name="tiny-llama", source="tiny", architecture="llama", tiny=TINY, attn_implementation="eager")
+    backbone = Backbone(build_tiny(config, seed=0))
+    info = apply_backend(backbone, "tuned", buckets=(1, 4), model_name=None)
+    assert info.name == "tuned" and backbone.fused_layers is None and info.argmax_agrees
+    assert info.layers == "attention implementation 'eager' (fused layers run sdpa)"
+    remove_backend(backbone)
