@@ -13,7 +13,9 @@ the same arithmetic in ~20 ops:
 * q, k and v come out of one linear over the concatenated weight (and bias), gate and up out of
   another; the modules' own weights become views into the fused ones, so no weight is copied and
   every other path (sublayer skipping, adapters copied from a layer, training) still reads them;
-* RoPE rotates the q and k heads of the fused output together;
+* RoPE rotates the q and k heads of the fused output together, with the step's cos and
+  sign-folded sin tables built once for all layers (:class:`RotaryTables`): ``rotate_half(x) * sin``
+  is ``roll(x, d/2) * (-sin₁, sin₂)`` exactly (a negation is exact in floating point);
 * RMSNorm is ``F.rms_norm`` (one kernel instead of six ops);
 * attention is ``F.scaled_dot_product_attention`` with exactly the GQA handling, causal flag and
   mask transformers' sdpa path uses, on the :class:`KVCache` through its ``update`` protocol (so
@@ -84,14 +86,32 @@ def _fuse(linears: list[torch.nn.Linear]) -> torch.nn.Linear:
     return fused
 
 
+class RotaryTables:
+    """The step's ``(cos, sign-folded sin)`` with a head axis, shared by every fused layer: built on
+    the first layer of a forward, reused while the position embeddings are the same tensors."""
+
+    def __init__(self) -> None:
+        self._source: torch.Tensor | None = None
+        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def get(self, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = position_embeddings
+        if cos is not self._source:
+            half = sin.shape[-1] // 2
+            signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+            self._source, self._tables = cos, (cos.unsqueeze(1), signed.unsqueeze(1))
+        return self._tables
+
+
 class FusedLayer:
     """One decoder layer with fused q/k/v and gate/up linears (see the module docstring)."""
 
-    def __init__(self, layer: torch.nn.Module, layer_index: int, config):
+    def __init__(self, layer: torch.nn.Module, layer_index: int, config, rotary: RotaryTables):
         attention, mlp = layer.self_attn, layer.mlp
         if (attention.q_proj.bias is None) != (attention.v_proj.bias is None):
             raise ValueError("q/k/v projections must all have a bias or none")
         self.layer_index = layer_index
+        self.rotary = rotary
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = attention.head_dim
@@ -116,10 +136,9 @@ class FusedLayer:
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         qkv = self.qkv.forward(self._norm(self.attention_norm, hidden))
         qkv = qkv.view(batch, q, heads + 2 * kv_heads, dim).transpose(1, 2)
-        cos, sin = (t.unsqueeze(1) for t in position_embeddings)
+        cos, signed_sin = self.rotary.get(position_embeddings)
         qk = qkv[:, : heads + kv_heads]
-        half = dim // 2
-        qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+        qk = qk * cos + qk.roll(dim // 2, dims=-1) * signed_sin
         key, value = cache.update(qk[:, heads:], qkv[:, heads + kv_heads :], self.layer_index)
         attended = self._attend(qk[:, :heads], key, value, mask)
         hidden = hidden + self.o_proj.forward(attended.reshape(batch, q, heads * dim))
@@ -155,8 +174,9 @@ def install_fused_layers(backbone: Backbone) -> str | None:
     """Fuse ``backbone``'s layers (``backbone.fused_layers``); returns why not, or None when fused."""
     refusal = fusion_refusal(backbone)
     if refusal is None:
+        rotary = RotaryTables()
         backbone.fused_layers = [
-            FusedLayer(layer, index, backbone.config) for index, layer in enumerate(backbone.layers)
+            FusedLayer(layer, index, backbone.config, rotary) for index, layer in enumerate(backbone.layers)
         ]
     return refusal
 
