@@ -218,7 +218,8 @@ def kernels_path(model: str, device: str = "cpu", cache_dir: str | None = None, 
 
 
 def load_kernel_table(path: Path, buckets: Sequence[int]) -> KernelTable | None:
-    """The stored table when it was measured on this CPU at this thread count for these buckets."""
+    """The stored table when it was measured on this CPU at this thread count for these buckets,
+    among the kernels available now (a kernel added since, e.g. ``streamed``, means measuring again)."""
     from decodebench.runners.manifest import cpu_model  # noqa: PLC0415
 
     if not path.is_file():
@@ -228,6 +229,9 @@ def load_kernel_table(path: Path, buckets: Sequence[int]) -> KernelTable | None:
     except (OSError, ValueError, TypeError):
         return None
     same = table.cpu == cpu_model() and table.threads == torch.get_num_threads()
+    candidates = set(next(iter(table.us.values()), {}))
+    if candidates and candidates != set(kernels_available()):
+        return None
     return table if same and table.buckets == row_buckets(buckets) else None
 
 
