@@ -504,11 +504,12 @@ def ensure_latency_curve(
     if needs_draft:
         log.info("verify-latency curve of %s lacks draft %s: timing its 1-token step", model, draft_name)
         for attempt in range(1, CURVE_ATTEMPTS + 1):
+            # the target's step is timed again beside the draft's on every attempt: one slow target
+            # timing (machine load) must not make every draft attempt look implausibly cheap
+            target_seconds, _ = measure(backbone, context, [1], repeats, warmup=1)
             draft_seconds, _ = measure(draft, context, [1], repeats, warmup=1)
-            draft_ms = draft_seconds[1] * 1e3
-            problem = (
-                draft_problem(draft, backbone, draft_ms / curve["ms"][0]) if repeats >= MIN_CHECKED_REPEATS else None
-            )
+            target_ms, draft_ms = target_seconds[1] * 1e3, draft_seconds[1] * 1e3
+            problem = draft_problem(draft, backbone, draft_ms / target_ms) if repeats >= MIN_CHECKED_REPEATS else None
             if problem is None:
                 break
             log.warning("draft step attempt %d/%d is implausible: %s", attempt, CURVE_ATTEMPTS, problem)
@@ -517,7 +518,7 @@ def ensure_latency_curve(
         curve["draft"] = {
             "model": draft_name,
             "ms": round(draft_ms, 3),
-            "cost_ratio": round(draft_ms / curve["ms"][0], 4),
+            "cost_ratio": round(draft_ms / target_ms, 4),
         }
     measure_s = round(time.perf_counter() - started, 3)
     path = profile_path(model, backbone.backend, device, cache_dir, threads)
