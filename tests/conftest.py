@@ -14,6 +14,18 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DECODEBENCH_ENGINE_BACKEND", "eager")
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (make test: PYTEST_WORKERS processes) each worker uses one torch thread, and
+    so do the runs it starts (``threads: null`` is torch's default, OMP_NUM_THREADS): workers of N
+    threads each on N cores oversubscribe them, and OpenMP spin-waits make that 10-50x slower."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        os.environ.setdefault("MKL_NUM_THREADS", "1")
+        import torch
+
+        torch.set_num_threads(1)
+
+
 # --- shared test scaffolding (tests/helpers.py) -----------------------------------------------
 # test modules `from helpers import ...`: pyproject.toml puts tests/ on the path (pythonpath)
 
