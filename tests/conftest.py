@@ -32,15 +32,15 @@ def pytest_configure(config):
 # run does not end with one worker alone on a long file. A file missing here only runs later.
 LONGEST_FILES = [
     "test_backends.py",  # 535 s
+    "test_faults_slurm.py",  # 416 s (one test: a SLURM array killed and resumed)
     "test_cli.py",  # 393 s
-    "test_faults_slurm.py",  # one SLURM array killed and resumed: minutes
     "test_faults.py",  # 262 s
-    "test_slurm.py",  # SLURM array sweeps, preemption
     "test_method_lade.py",  # 240 s
     "test_training_pipeline.py",  # 223 s
     "test_method_token_recycling.py",  # 219 s
     "test_method_aded.py",  # 210 s
     "test_method_suffix.py",  # 200 s
+    "test_slurm.py",  # 176 s
     "test_first_use_curve.py",  # 172 s
     "test_method_clover_hidden_transfer.py",  # 168 s
     "test_speed_bench.py",  # 160 s
