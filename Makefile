@@ -115,9 +115,13 @@ slurm: ## Start the local single-node SLURM cluster of the sweep tests (root + a
 	bash scripts/slurm.sh start
 
 # The SLURM tests fail (not skip) when the cluster is down; they skip only where apt-get is missing.
+# PYTEST_WORKERS pytest-xdist processes (one torch thread each: tests/conftest.py), one test file per
+# worker at a time (--dist loadfile: a file's module fixtures are built once), the longest files first
+# (tests/conftest.py LONGEST_FILES; --no-loadscope-reorder keeps that order); PYTEST_WORKERS=0: one process.
+PYTEST_WORKERS ?= 2
 test: setup ## The full test suite (sets everything up from nothing, the local SLURM cluster included)
 	@bash scripts/slurm.sh start || echo "make test: the local SLURM cluster did not start (exit $$?): the SLURM tests will fail, or skip without apt-get" >&2
-	$(VENV)/bin/pytest $(PYTEST_ARGS); rc=$$?; \
+	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
 test-fast: $(STAMP) ## Tests that need no embedded model

@@ -14,6 +14,51 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DECODEBENCH_ENGINE_BACKEND", "eager")
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (make test: PYTEST_WORKERS processes) each worker uses one torch thread, and
+    so do the runs it starts (``threads: null`` is torch's default, OMP_NUM_THREADS): workers of N
+    threads each on N cores oversubscribe them, and OpenMP spin-waits make that 10-50x slower."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        os.environ.setdefault("MKL_NUM_THREADS", "1")
+        import torch
+
+        torch.set_num_threads(1)
+
+
+# The longest test files, longest first (seconds of one worker, make test under load average 4.5 on
+# the 2-core Xeon, 2026-12-05). With --dist loadfile a file runs whole on one worker, and the workers
+# take files in collection order (make test passes --no-loadscope-reorder): long files first, so the
+# run does not end with one worker alone on a long file. A file missing here only runs later.
+LONGEST_FILES = [
+    "test_backends.py",  # 535 s
+    "test_faults_slurm.py",  # 416 s (one test: a SLURM array killed and resumed)
+    "test_cli.py",  # 393 s
+    "test_faults.py",  # 262 s
+    "test_method_lade.py",  # 240 s
+    "test_training_pipeline.py",  # 223 s
+    "test_method_token_recycling.py",  # 219 s
+    "test_method_aded.py",  # 210 s
+    "test_method_suffix.py",  # 200 s
+    "test_slurm.py",  # 176 s
+    "test_first_use_curve.py",  # 172 s
+    "test_method_clover_hidden_transfer.py",  # 168 s
+    "test_speed_bench.py",  # 160 s
+    "test_resume.py",  # 152 s
+    "test_method_lookahead.py",  # 147 s
+    "test_own_model.py",  # 121 s
+    "test_method_swift.py",  # 99 s
+    "test_sweeps.py",  # 73 s
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist: the LONGEST_FILES first, in that order; the rest keep collection order."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 # --- shared test scaffolding (tests/helpers.py) -----------------------------------------------
 # test modules `from helpers import ...`: pyproject.toml puts tests/ on the path (pythonpath)
 

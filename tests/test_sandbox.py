@@ -27,11 +27,29 @@ FAST = SandboxLimits(timeout_s=15, cpu_time_s=10, memory_mb=384)
 SHORT = SandboxLimits(timeout_s=1.5, cpu_time_s=2, memory_mb=384)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def workdir_root():
+    """This module's sandbox work dirs are made in a folder of its own (``tempfile.tempdir``), so that
+    sandbox_children() sees this module's programs only, not those that another pytest process on the
+    machine (a pytest-xdist worker, another checkout's suite) runs at the same moment."""
+    root = tempfile.mkdtemp(prefix="decodebench-test-sandbox-")
+    os.chmod(root, 0o711)  # the sandbox user reaches its work dir through it
+    previous, tempfile.tempdir = tempfile.tempdir, root
+    yield root
+    tempfile.tempdir = previous
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def sandbox_children() -> list[psutil.Process]:
-    """Processes still running the sandbox bootstrap (leftovers of a run)."""
+    """Processes still running the sandbox bootstrap on a work dir of this module (leftovers of a run)."""
+    root = tempfile.gettempdir() + os.sep
     found = []
     for process in psutil.process_iter(["cmdline", "status"]):
-        if CHILD_MARKER in (process.info["cmdline"] or []) and process.info["status"] != psutil.STATUS_ZOMBIE:
+        cmdline = process.info["cmdline"] or []
+        if CHILD_MARKER not in cmdline or process.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        workdir = cmdline[cmdline.index(CHILD_MARKER) + 1 :][:1]
+        if workdir and workdir[0].startswith(root):
             found.append(process)
     return found
 
