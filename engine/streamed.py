@@ -26,9 +26,7 @@ import torch
 
 log = logging.getLogger("decodebench")
 SOURCE = Path(__file__).with_name("streamed_linear.cpp")
-# fp contraction only where the source asks (std::fma); 512-bit vectors where the CPU has them (GCC
-# prefers 256 on Intel by default: half the registers for the kernel's accumulators, measured slower)
-FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off"]
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off"]  # fp contraction only where the source asks (std::fma)
 
 
 def build_directory(cache_dir: str | None = None) -> Path:
