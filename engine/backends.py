@@ -16,13 +16,11 @@ speculation pays. Eager PyTorch has two costs that flatten differently:
   switch at any k), and a row's output does not depend on how many rows share the call. fp32
   throughout; results differ from eager's by rounding only (the exactness check). Autograd calls
   (adapter / head training through the backbone) use plain ``F.linear``.
-* ``tuned``    — (CPU) the fastest of those linear kernels (and DecodeBench's own ``streamed`` one,
-  :mod:`decodebench.engine.streamed`) for each row bucket, measured on this
+* ``tuned``    — (CPU) the fastest of those linear kernels for each row bucket, measured on this
   machine over all of the model's linear weights (:mod:`decodebench.engine.kernels`: e.g. MKL for
   1-3 rows and oneDNN above on one Intel Xeon, oneDNN everywhere on one AMD EPYC) and stored next to
   the curves, so a later run reuses the choice. A kernel's weight copy is made only when some bucket
-  picks it. Its decoder layers run fused where the family allows (:mod:`decodebench.engine.fused_layers`:
-  q/k/v and gate/up as one linear each, a third of HF's ops per layer).
+  picks it.
 * ``compiled`` — ``torch.compile`` of the whole decode step (embed → layers → norm → LM head) at
   static block sizes: the block is padded to a bucket (``engine.buckets``) and attention runs over a
   fixed-layout view of the preallocated :class:`KVCache` (the span is a dynamic dimension, so the
@@ -57,7 +55,6 @@ import torch.nn.functional as F
 
 from decodebench.config import DEFAULT_BUCKETS, ConfigValueError
 from decodebench.engine.fused_layers import fusion_refusal, install_fused_layers, remove_fused_layers
-from decodebench.engine.streamed import streamed_linear
 
 if TYPE_CHECKING:
     from decodebench.engine.backbone import Backbone, ForwardOutput
@@ -254,8 +251,6 @@ class TunedLinear(_BackendLinear):
             return torch.ops.mkldnn._linear_pointwise(x, self.backend_weights["onednn"], self.bias, "none", [], "")
         if kernel == "mkl":
             return F.linear(x, self.weight, self.bias)
-        if kernel == "streamed":
-            return streamed_linear(x, self.weight, self.bias)
         bucket = self.pad_rows[rows]
         flat = x.reshape(rows, self.in_features)
         if bucket > rows:
