@@ -209,7 +209,7 @@ def kernels_path(model: str, device: str = "cpu", cache_dir: str | None = None, 
 
 def load_kernel_table(path: Path, buckets: Sequence[int]) -> KernelTable | None:
     """The stored table when it was measured on this CPU at this thread count for these buckets,
-    among the kernels available now (a kernel added since, e.g. ``streamed``, means measuring again)."""
+    among the kernels available now (a kernel added or gone since means measuring again)."""
     from decodebench.runners.manifest import cpu_model  # noqa: PLC0415
 
     if not path.is_file():
