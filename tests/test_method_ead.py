@@ -7,7 +7,6 @@ catch-up of both caches is exact), the switching rule itself, the token fraction
 from __future__ import annotations
 
 import pytest
-import torch
 
 from decodebench.config import MethodConfig
 from decodebench.engine.backbone import Backbone
