@@ -73,6 +73,7 @@ def main() -> None:
         generate(backbone, drafter, warm, settings, cache, torch.Generator().manual_seed(0))
     stand.reset_state()
     totals = {"ar": [0.0, 0, 0, 0.0], "stand": [0.0, 0, 0, 0.0]}  # wall, tokens, target forwards, correct
+    shares = {"ar": [0.0, 0.0], "stand": [0.0, 0.0]}  # Σ draft_s (propose + feedback), Σ forward_s
     for sample in samples:
         prompt = encode_prompt(
             loaded.tokenizer, [{"role": "user", "content": sample.turns[0]}], model_cfg.chat_template
@@ -87,6 +88,8 @@ def main() -> None:
                 total[1] += len(out.new_ids)
                 total[2] += out.target_forwards
                 total[3] += float(score.get("exact_match_flexible", score.get("exact_match", 0.0)))
+                shares[name][0] += sum(s.draft_s for s in out.steps)
+                shares[name][1] += sum(s.forward_s for s in out.steps)
             print(
                 f"{sample.sample_id} trace {seed + 1}: stand steps {len(out.steps)}, accepted "
                 f"{sum(s.accepted for s in out.steps)}, memory {out.method_stats['memory_ngrams']:.0f} n-grams",
@@ -96,6 +99,8 @@ def main() -> None:
     for name, (wall, tokens, forwards, correct) in totals.items():
         print(
             f"{name:6s} wall {wall:7.1f} s  tokens {tokens:5d}  tau {tokens / forwards:.2f}  accuracy {correct / traces:.2f}"
+            f"  draft {shares[name][0] / wall:.1%}  target forwards {shares[name][1] / wall:.1%} of wall"
+            f"  ({1000 * shares[name][1] / max(forwards - traces, 1):.1f} ms each after prefill)"
         )
     print(f"speedup (sum AR wall / sum STAND wall): {totals['ar'][0] / totals['stand'][0]:.2f}")
 

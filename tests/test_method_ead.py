@@ -7,9 +7,11 @@ catch-up of both caches is exact), the switching rule itself, the token fraction
 from __future__ import annotations
 
 import pytest
+import torch
 
 from decodebench.config import MethodConfig
 from decodebench.engine.backbone import Backbone
+from decodebench.engine.drafting import Drafter, Proposal
 from decodebench.methods import build_method
 from decodebench.methods.ead import LARGE, SMALL, EntropyAdaptiveDecoding, EntropySwitch
 
@@ -82,6 +84,38 @@ def test_mixed_threshold_switches_and_catches_up_exactly(sharp_pair):
         caught_up += sum(s.tree_size > 1 for s in out.steps)  # a target forward over lagging tokens
         switches += stats["switches"]
     assert caught_up >= 3 and switches >= 6, (caught_up, switches)
+
+
+def test_catch_up_in_front_of_tree_and_aux_blocks_is_exact(backbone):
+    """The decode loop's catch-up (any drafter may emit unverified tokens): AR's own tokens emitted
+    unverified, then a tree (a wrong and a right branch) or a draft with aux tokens verified in the
+    same forward as the lagging tokens. The output stays AR's, so the K/V and masks are right."""
+    ar = build_method(MethodConfig())
+    prompt = random_prompts(1)[0]
+    reference = decode(backbone, ar, prompt).new_ids
+
+    class Oracle(Drafter):
+        def begin(self, prompt_ids):
+            self.prompt_len, self.step = len(prompt_ids), 0
+
+        def propose(self, context, max_tokens):
+            done, self.step = len(context) - self.prompt_len, self.step + 1
+            truth = reference[done : done + 2]
+            if self.step % 3:  # two unverified steps of the true tokens, then a verified block
+                return Proposal(tokens=truth[:1], unverified=True)
+            if len(truth) < 2 or max_tokens < 2:
+                return Proposal()
+            if self.step % 2:
+                return Proposal(tokens=[(truth[0] + 1) % 101, truth[0], 5, truth[1]], parents=[-1, -1, 0, 1])
+            mask = torch.ones(2, 2 + 2, dtype=torch.bool).tril(2)  # aux chain over [root, draft, aux0, aux1]
+            return Proposal(tokens=truth[:1], aux_tokens=[7, 8], aux_mask=mask, aux_offsets=[2, 3])
+
+    out = decode(backbone, Oracle(), prompt)
+    assert out.new_ids == reference
+    verified = [s for s in out.steps if s.tree_size]
+    assert sum(s.accepted for s in verified) >= 8  # drafts behind caught-up tokens were accepted
+    assert all(s.tree_size > 2 for s in verified[:-1])  # each verified block carried the 2 lagging tokens
+    assert out.target_forwards == len(verified) + 1
 
 
 def test_switching_rule_holds_each_model_for_the_minimum_duration():
