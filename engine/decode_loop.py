@@ -8,6 +8,10 @@ Per step:
   5. feedback  — the drafter sees the outcome (acceptance, target logits);
   6. emit/stop — append accepted tokens + bonus token; stop on EOS, max new tokens, stop strings.
 
+A lossy method may instead emit tokens of its own with no target forward (``Proposal.unverified``:
+EAD's small-model tokens): steps 2-5 are skipped, and the target's KV cache catches up on those
+tokens at its next forward, as a chain in front of that step's block (:func:`with_catch_up`).
+
 :class:`StepStats` are recorded here, where the truth is, and never re-derived later. Every time
 reading is :func:`decodebench.engine.timing.now`, which synchronises a CUDA device first.
 
@@ -40,7 +44,9 @@ class StepStats:
     drafted: int  # draft tokens proposed this step (tree nodes, root excluded)
     accepted: int  # draft tokens accepted (bonus excluded)
     emitted: int  # tokens appended to the output this step (accepted + bonus, after stop truncation)
-    tree_size: int  # tokens in the target forward (root, drafts and auxiliary tokens)
+    # tokens in the target forward (caught-up tokens, root, drafts and auxiliary tokens); 0 = the step
+    # ran no target forward (Proposal.unverified)
+    tree_size: int
     draft_s: float  # propose + feedback time
     verify_s: float  # target forward + verification + cache commit time
     # the target forward alone (part of verify_s); decode time outside model forwards, i.e. the
@@ -69,7 +75,8 @@ class GenerationOutput:
 
     @property
     def target_forwards(self) -> int:
-        return len(self.steps) + 1  # the prefill emits the first token
+        # the prefill emits the first token; unverified steps (tree_size 0) run no target forward
+        return sum(1 for step in self.steps if step.tree_size) + 1
 
 
 class StopChecker:
@@ -144,6 +151,41 @@ def verify_block(last_token: int, proposal: Proposal) -> VerifyBlock:
     return VerifyBlock(tokens=tokens, parents=parents, aux_tokens=list(proposal.aux_tokens), layout=layout)
 
 
+def with_catch_up(block: VerifyBlock, lag: list[int]) -> tuple[list[int], BlockLayout]:
+    """The target forward's tokens and layout for ``block`` preceded by ``lag``: tokens emitted
+    without a target forward (unverified steps) whose K/V the cache still lacks. They form a causal
+    chain that every block token sees; the block keeps its own mask among its tokens."""
+    if not lag:
+        return block.all_tokens, block.layout
+    tokens = [*lag, *block.all_tokens]
+    layout = block.layout
+    if layout.parents is None and layout.mask is None:
+        return tokens, BlockLayout()  # a chain after a chain
+    inner = ancestor_mask(layout.parents) if layout.mask is None else layout.mask.to(torch.bool).cpu()
+    offsets = tree_depths(layout.parents) if layout.mask is None else layout.offsets
+    n, q = len(lag), block.size
+    mask = torch.zeros(n + q, n + q, dtype=torch.bool)
+    mask[:n, :n] = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    mask[n:, :n] = True
+    mask[n:, n:] = inner
+    return tokens, BlockLayout(mask=mask, offsets=[*range(n), *(n + o for o in offsets)])
+
+
+def append_tokens(
+    tokens: Sequence[int], new_ids: list[int], context: list[int], stopper: StopChecker
+) -> tuple[int, str | None]:
+    """Step 6: append ``tokens`` to the output one by one until a stop; returns (appended, stop reason)."""
+    emitted = 0
+    for token in tokens:
+        new_ids.append(token)
+        context.append(token)
+        emitted += 1
+        stop_reason = stopper.check(new_ids)
+        if stop_reason:
+            return emitted, stop_reason
+    return emitted, None
+
+
 def verify_rows(
     drafter: Drafter,
     block: VerifyBlock,
@@ -200,22 +242,33 @@ def generate(
         if drafter.speculation is not None:  # SmartSpec: the goodput-optimal length this step
             allowed = min(allowed, drafter.speculation.choose(1))
         proposal = drafter.propose(context, allowed)
+        if proposal.unverified:  # a lossy method's own tokens, emitted without a target forward
+            emitted, stop_reason = append_tokens(proposal.tokens, new_ids, context, stopper)
+            draft_s = now(device) - t_propose
+            steps.append(StepStats(drafted=0, accepted=0, emitted=emitted, tree_size=0, draft_s=draft_s, verify_s=0.0))
+            continue
         plan = drafter.forward_plan(len(new_ids))  # the full model unless the method is lossy
         t_forward = now(device)
 
-        # 2. one target forward over [last emitted token] + drafts (+ auxiliary tokens)
+        # 2. one target forward over [tokens emitted unverified, if any] + [last emitted token] + drafts
+        # (+ auxiliary tokens)
         block = verify_block(context[-1], proposal)
         block_tokens, block_parents = block.tokens, block.parents
         base = cache.length
+        lag = context[base:-1]  # emitted by unverified steps: the target's cache catches up on them now
+        if lag and drafter.needs_hidden_states:
+            raise ValueError(f"{type(drafter).__name__} reads target hidden states: it cannot emit unverified tokens")
         # early-exit drafters finish the forward they started (their first layers' K/V are reused)
-        target = None if proposal.aux_tokens else drafter.verify_forward(block_tokens, block_parents, cache)
+        target = None if proposal.aux_tokens or lag else drafter.verify_forward(block_tokens, block_parents, cache)
         if target is None:
+            forward_tokens, layout = with_catch_up(block, lag)
             target = backbone.forward(
-                block.all_tokens,
+                forward_tokens,
                 cache,
-                layout=block.layout,
+                layout=layout,
                 output_hidden_states=drafter.needs_hidden_states,
                 plan=plan,
+                logits_rows=slice(len(lag), None) if lag else None,
             )
         candidate_logits = target.logits[: len(block_tokens)]
         t_verify = now(device)  # the verifier reads the logits on the host next: no extra stall on CUDA
@@ -223,8 +276,9 @@ def generate(
         # 3. verify
         result = verify_rows(drafter, block, candidate_logits, proposal, params, generator)
 
-        # 4. commit: keep the root and the accepted path (drops rejected drafts and aux tokens)
-        cache.compact(base, [0, *result.accepted_nodes])
+        # 4. commit: keep the caught-up tokens, the root and the accepted path (drops rejected drafts
+        # and aux tokens)
+        cache.compact(base, [*range(len(lag)), *(len(lag) + node for node in [0, *result.accepted_nodes])])
         if drafter.speculation is not None:
             drafter.speculation.observe(allowed, [(len(proposal), result.accepted, t_forward - t_propose)])
         t_feedback = now(device)
@@ -243,20 +297,13 @@ def generate(
         t_done = now(device)
 
         # 6. emit and check stops token by token
-        emitted = 0
-        for token in result.emitted_tokens:
-            new_ids.append(token)
-            context.append(token)
-            emitted += 1
-            stop_reason = stopper.check(new_ids)
-            if stop_reason:
-                break
+        emitted, stop_reason = append_tokens(result.emitted_tokens, new_ids, context, stopper)
         steps.append(
             StepStats(
                 drafted=len(proposal),
                 accepted=result.accepted,
                 emitted=emitted,
-                tree_size=len(block_tokens) + len(proposal.aux_tokens),
+                tree_size=len(lag) + block.size,
                 draft_s=(t_forward - t_propose) + (t_done - t_feedback),
                 verify_s=t_feedback - t_forward,
                 forward_s=t_verify - t_forward,
@@ -419,6 +466,8 @@ def generate_batch(
                 row.drafter.target_cache = cache.row_view(slot)
             limit = settings.max_new_tokens - len(row.new_ids) - 1
             proposals.append(row.drafter.propose(row.context, limit if allowed is None else min(limit, allowed)))
+            if proposals[-1].unverified:  # such drafters set supports_batch = False (refused before loading)
+                raise ValueError(f"{type(row.drafter).__name__} emits unverified tokens: not in a batch")
             draft_s.append(now(device) - t_propose)
         plan = live[0].drafter.forward_plan(len(live[0].new_ids))
         t_forward = now(device)

@@ -45,6 +45,11 @@ class Proposal:
     aux_tokens: list[int] = field(default_factory=list)
     aux_mask: torch.Tensor | None = None
     aux_offsets: list[int] | None = None
+    # ``unverified``: the tokens are emitted as they are, with NO target forward this step (a lossy
+    # method generating with another model: EAD's small model); ``parents``, ``probs`` and aux tokens
+    # must be empty. The target's KV cache lags behind them and catches up on them, as a chain in
+    # front of the block, at its next forward.
+    unverified: bool = False
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -163,7 +163,8 @@ class StandDrafter(Drafter):
         if self.sampling.greedy:
             k = min(k, int((q > 0).sum()))
             return [(int(t), q) for t in q.topk(k).indices]
-        chosen = gumbel_top_k(q, k, self.generator)
+        support = q.nonzero().squeeze(-1)  # ≤ top_k × (stored distributions): Gumbel noise only there
+        chosen = support[gumbel_top_k(q[support], k, self.generator)].tolist()
         return [(token, without(q, chosen[:i])) for i, token in enumerate(chosen)]
 
     def prefilled(self, output) -> None:
