@@ -94,12 +94,18 @@ class RotaryTables:
         self._source: torch.Tensor | None = None
         self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    @staticmethod
+    def build(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        half = sin.shape[-1] // 2
+        signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        return cos.unsqueeze(1), signed.unsqueeze(1)
+
     def get(self, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = position_embeddings
+        if torch.compiler.is_compiling():  # in a traced step: no Python state (it would be guarded on)
+            return self.build(cos, sin)
         if cos is not self._source:
-            half = sin.shape[-1] // 2
-            signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-            self._source, self._tables = cos, (cos.unsqueeze(1), signed.unsqueeze(1))
+            self._source, self._tables = cos, self.build(cos, sin)
         return self._tables
 
 
