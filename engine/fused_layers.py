@@ -69,7 +69,8 @@ def _fuse(linears: list[torch.nn.Linear]) -> torch.nn.Linear:
     """One linear over the rows of ``linears``; each module's weight (and bias) becomes a view into it."""
     weight = torch.cat([linear.weight.detach() for linear in linears])
     has_bias = linears[0].bias is not None
-    fused = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device=weight.device, dtype=weight.dtype)
+    # built on the meta device: its own random initialisation would be thrown away at once
+    fused = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta", dtype=weight.dtype)
     with torch.no_grad():
         fused.weight = torch.nn.Parameter(weight, requires_grad=False)
         if has_bias:
@@ -79,9 +80,10 @@ def _fuse(linears: list[torch.nn.Linear]) -> torch.nn.Linear:
         start = 0
         for linear in linears:
             rows = linear.out_features
-            linear.weight = torch.nn.Parameter(fused.weight[start : start + rows], requires_grad=False)
+            trainable = linear.weight.requires_grad
+            linear.weight = torch.nn.Parameter(fused.weight[start : start + rows], requires_grad=trainable)
             if has_bias:
-                linear.bias = torch.nn.Parameter(fused.bias[start : start + rows], requires_grad=False)
+                linear.bias = torch.nn.Parameter(fused.bias[start : start + rows], requires_grad=trainable)
             start += rows
     return fused
 
