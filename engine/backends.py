@@ -16,11 +16,13 @@ speculation pays. Eager PyTorch has two costs that flatten differently:
   switch at any k), and a row's output does not depend on how many rows share the call. fp32
   throughout; results differ from eager's by rounding only (the exactness check). Autograd calls
   (adapter / head training through the backbone) use plain ``F.linear``.
-* ``tuned``    — (CPU) the fastest of those linear kernels for each row bucket, measured on this
+* ``tuned``    — (CPU) the fastest of those linear kernels (and DecodeBench's own ``streamed`` one,
+  :mod:`decodebench.engine.streamed`) for each row bucket, measured on this
   machine over all of the model's linear weights (:mod:`decodebench.engine.kernels`: e.g. MKL for
   1-3 rows and oneDNN above on one Intel Xeon, oneDNN everywhere on one AMD EPYC) and stored next to
   the curves, so a later run reuses the choice. A kernel's weight copy is made only when some bucket
-  picks it.
+  picks it. Its decoder layers run fused where the family allows (:mod:`decodebench.engine.fused_layers`:
+  q/k/v and gate/up as one linear each, a third of HF's ops per layer).
 * ``compiled`` — ``torch.compile`` of the whole decode step (embed → layers → norm → LM head) at
   static block sizes: the block is padded to a bucket (``engine.buckets``) and attention runs over a
   fixed-layout view of the preallocated :class:`KVCache` (the span is a dynamic dimension, so the
@@ -58,6 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from decodebench.config import DEFAULT_BUCKETS, ConfigValueError
+from decodebench.engine import streamed
 from decodebench.engine.fused_layers import fusion_refusal, install_fused_layers, remove_fused_layers
 
 if TYPE_CHECKING:
@@ -231,6 +234,10 @@ def _remove_packed(backbone: Backbone) -> None:
 
 
 # -- tuned ----------------------------------------------------------------------------------------
+#: kernels of the tuned table that run on the module's own weight (no prepacked copy)
+UNPACKED_KERNELS = ("mkl", "streamed")
+
+
 class TunedLinear(_BackendLinear):
     """An ``nn.Linear`` running each block size with the kernel measured fastest for it here.
 
@@ -255,6 +262,8 @@ class TunedLinear(_BackendLinear):
             return torch.ops.mkldnn._linear_pointwise(x, self.backend_weights["onednn"], self.bias, "none", [], "")
         if kernel == "mkl":
             return F.linear(x, self.weight, self.bias)
+        if kernel == "streamed":  # the operator itself (loaded by _apply_tuned): torch.compile traces it
+            return torch.ops.decodebench.streamed_linear(x, self.weight, self.bias)
         bucket = self.pad_rows[rows]
         flat = x.reshape(rows, self.in_features)
         if bucket > rows:
@@ -287,9 +296,14 @@ def _tuned_extra_bytes(backbone: Backbone, table) -> int:
     return copies * sum(m.weight.numel() * m.weight.element_size() for m in linears)
 
 
-def _apply_tuned(backbone: Backbone, table) -> None:
-    kernel_by_rows = ["mkl", *(table.kernel(rows) for rows in range(1, table.buckets[-1] + 1))]
+def _apply_tuned(backbone: Backbone, table, kernels: Sequence[str] | None = None) -> None:
+    """Make every fp32 linear a :class:`TunedLinear` following ``table``; a block size whose kernel is
+    not in ``kernels`` (None: all) runs plain ``F.linear`` (the compiled step: inductor's own linear)."""
+    chosen = [table.kernel(rows) for rows in range(1, table.buckets[-1] + 1)]
+    kernel_by_rows = ["mkl", *(k if kernels is None or k in kernels else "mkl" for k in chosen)]
     pad_rows = [0, *(next(b for b in table.buckets if b >= rows) for rows in range(1, table.buckets[-1] + 1))]
+    if "streamed" in kernel_by_rows and (reason := streamed.unavailable_reason()) is not None:
+        raise RuntimeError(f"the kernel table picks the streamed kernel, which is unavailable here: {reason}")
     for linear in linears_of(backbone):
         if type(linear) is not torch.nn.Linear or linear.weight.dtype != torch.float32:
             continue
@@ -299,7 +313,7 @@ def _apply_tuned(backbone: Backbone, table) -> None:
             if "onednn" in kernel_by_rows:
                 weights["onednn"] = torch.ops.mkldnn._reorder_linear_weight(weight, None)
             for bucket, kernel in table.choice.items():
-                if kernel == "mkl_packed":
+                if kernel == "mkl_packed" and kernel in kernel_by_rows:
                     weights[int(bucket)] = torch.ops.mkl._mkl_reorder_linear_weight(weight, int(bucket))
         linear.kernel_by_rows, linear.pad_rows, linear.backend_weights = kernel_by_rows, pad_rows, weights
         linear.__class__ = TunedLinear
@@ -335,7 +349,7 @@ def extra_weight_bytes(backbone: Backbone, name: str, buckets: Sequence[int], ta
     if name == "onednn":
         return weights
     if name == "compiled" and backbone.device.type == "cpu":  # a frozen copy where a bucket prepacks
-        return weights if table is None or any(table.kernel(b) != "mkl" for b in buckets) else 0
+        return weights if table is None or any(table.kernel(b) not in UNPACKED_KERNELS for b in buckets) else 0
     if name == "tuned" and table is not None:
         return _tuned_extra_bytes(backbone, table)
     return 0
@@ -380,12 +394,13 @@ class CompiledStep:
         # which it would silently run eager
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         # On a CPU, inductor freezing prepacks the linear weights unless told not to; the tuned kernel
-        # table (measured here) says per bucket whether a packed / oneDNN weight beats plain MKL: one
-        # Intel Xeon runs a 1-token step 13 % faster with MKL on the plain weights in the graph.
+        # table (measured here) says per bucket whether a packed / oneDNN weight beats plain MKL or the
+        # streamed kernel (the graph calls it where the table picks it, _install): one Intel Xeon runs
+        # a 1-token step 13 % faster with MKL on the plain weights in the graph than with packed ones.
         self.prepack: dict[int, bool] = {}
         self.compiled: dict[bool, object] = {}
         for bucket in self.buckets:
-            prepack = backbone.device.type == "cpu" and (table is None or table.kernel(bucket) != "mkl")
+            prepack = backbone.device.type == "cpu" and (table is None or table.kernel(bucket) not in UNPACKED_KERNELS)
             self.prepack[bucket] = prepack
             if prepack not in self.compiled:
                 options = {"freezing": True, "cpp.weight_prepack": prepack} if backbone.device.type == "cpu" else {}
@@ -506,6 +521,8 @@ def _install(backbone: Backbone, name: str, buckets: Sequence[int], table=None) 
         refusal = install_fused_layers(backbone)  # the graph traces the fused layers: fewer ops to compile
         if refusal is not None:
             log.info("engine backend compiled: decoder layers not fused: %s", refusal)
+        if table is not None:  # streamed buckets call DecodeBench's kernel inside the graph
+            _apply_tuned(backbone, table, kernels=("streamed",))
         backbone.fast_forward = CompiledStep(backbone, buckets, table)
         return sorted(buckets)
     return []

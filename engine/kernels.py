@@ -9,7 +9,10 @@ weight shape of the model and per row bucket, among the kernels this PyTorch bui
 * ``mkl_packed`` — ``torch.ops.mkl._mkl_linear`` on a weight MKL-prepacked for exactly the bucket's
   row count (the block is zero-padded up to it; one weight copy per bucket that picks it);
 * ``onednn``     — ``torch.ops.mkldnn._linear_pointwise`` on a weight reordered once into oneDNN's
-  blocked layout (one weight copy, shared by every bucket that picks it).
+  blocked layout (one weight copy, shared by every bucket that picks it);
+* ``streamed``   — DecodeBench's own kernel (:mod:`decodebench.engine.streamed`, compiled here once):
+  each weight row streamed once against every row of the block, on the plain weight (no copy);
+  a row's output is bitwise independent of the block it is in.
 
 A measurement runs the model's real weights (every layer's and the LM head, as in a decode step), so
 they come from memory as in a step, not from a warm L2 cache as in a one-matrix loop.
@@ -18,7 +21,7 @@ The choice (and every time measured) is stored next to the verify-latency curves
 another CPU, thread count or bucket set is measured again.
 
 Exactness: every kernel computes the same fp32 dot products; they differ by summation order only.
-No kernel here keeps a row's output bitwise independent of the rows sharing the call except oneDNN
+Only oneDNN and ``streamed`` keep a row's output bitwise independent of the rows sharing the call
 (``rows_bitwise`` in the table says which, measured); the backend passes the same exactness probe as
 every other backend (logits within ``EXACT_RTOL`` of eager's, the same argmax per row).
 """
@@ -36,6 +39,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from decodebench.engine import streamed
+
 if TYPE_CHECKING:
     from decodebench.engine.backbone import Backbone
 
@@ -45,9 +50,11 @@ KERNEL_REPEATS = 5  # median of 5 passes over the shape's weights per (bucket, k
 KERNEL_WARMUP = 1
 # A kernel with a weight copy replaces plain mkl only when it is at least this much faster (timing
 # noise must not buy a copy of the weights); among kernels within it of the fastest, the one with
-# the fewest copies wins: mkl (none) < onednn (one, shared by its buckets) < mkl_packed (one per bucket).
+# the fewest copies wins: streamed, mkl (none; streamed first: its rows are bitwise independent of the
+# block, so AR and verification agree exactly) < onednn (one, shared by its buckets) < mkl_packed (one
+# per bucket).
 MIN_GAIN = 0.10
-FEWEST_COPIES_FIRST = ("mkl", "onednn", "mkl_packed")
+FEWEST_COPIES_FIRST = ("streamed", "mkl", "onednn", "mkl_packed")
 
 
 def kernels_available() -> list[str]:
@@ -56,6 +63,7 @@ def kernels_available() -> list[str]:
         "mkl",
         *(["mkl_packed"] if torch._C.has_mkl else []),
         *(["onednn"] if torch.backends.mkldnn.is_available() else []),
+        *(["streamed"] if streamed.unavailable_reason() is None else []),
     ]
 
 
@@ -123,6 +131,8 @@ def _runner(kernel: str, weights: list[torch.Tensor], rows: int, onednn: list[to
         return lambda: [F.linear(x, w) for w in weights]
     if kernel == "onednn":
         return lambda: [torch.ops.mkldnn._linear_pointwise(x, c, None, "none", [], "") for c in onednn]
+    if kernel == "streamed":
+        return lambda: [streamed.streamed_linear(x, w) for w in weights]
     packed = [torch.ops.mkl._mkl_reorder_linear_weight(w, rows) for w in weights]
     return lambda: [torch.ops.mkl._mkl_linear(x, p, w, None, rows) for p, w in zip(packed, weights)]
 
@@ -135,6 +145,8 @@ def _rows_bitwise(kernel: str, weight: torch.Tensor, buckets: Sequence[int]) -> 
         block = x[:rows]
         if kernel == "mkl":
             return F.linear(block, weight)
+        if kernel == "streamed":
+            return streamed.streamed_linear(block, weight)
         if kernel == "onednn":
             return torch.ops.mkldnn._linear_pointwise(
                 block, torch.ops.mkldnn._reorder_linear_weight(weight, None), None, "none", [], ""

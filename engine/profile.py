@@ -240,6 +240,7 @@ LINEAR_OPS = (
     "aten::addmm",
     "mkl::_mkl_linear",
     "mkldnn::_linear_pointwise",
+    "decodebench::streamed_linear",
 )
 ATTENTION_OPS = ("scaled_dot_product", "aten::softmax", "aten::_softmax", "aten::bmm", "aten::baddbmm")
 LM_HEAD_LABEL = "decodebench::lm_head"

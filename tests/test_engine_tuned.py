@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from decodebench.config import ConfigValueError, MethodConfig, ModelConfig
-from decodebench.engine import backends, kernels
+from decodebench.engine import backends, kernels, streamed
 from decodebench.engine.backbone import Backbone
 from decodebench.engine.backends import TunedLinear, apply_backend, memory_refusal, remove_backend
 from decodebench.engine.kernels import KernelTable, kernels_path, pick_kernel, row_buckets
@@ -213,3 +213,62 @@ def test_tuned_names_why_layers_are_not_fused():
     assert info.name == "tuned" and backbone.fused_layers is None and info.argmax_agrees
     assert info.layers == "attention implementation 'eager' (fused layers run sdpa)"
     remove_backend(backbone)
+
+
+@pytest.mark.skipif(streamed.unavailable_reason() is not None, reason="no C++ toolchain for the streamed kernel")
+def test_streamed_kernel_is_a_linear_whose_rows_do_not_depend_on_the_block():
+    gen = torch.Generator().manual_seed(11)
+    for out_features, in_features in ((37, 50), (96, 64), (5, 3)):  # K tails and N tails of the kernel's blocks
+        weight = torch.randn(out_features, in_features, generator=gen)
+        bias = torch.randn(out_features, generator=gen)
+        x = torch.randn(20, in_features, generator=gen)  # 20 > 16 rows: two passes over the weights
+        full = streamed.streamed_linear(x, weight, bias)
+        torch.testing.assert_close(full, torch.nn.functional.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
+        for rows in range(1, 21):
+            assert torch.equal(streamed.streamed_linear(x[:rows], weight, bias), full[:rows]), rows
+    assert streamed.streamed_linear(torch.randn(2, 3, 50, generator=gen), torch.randn(7, 50)).shape == (2, 3, 7)
+
+
+@pytest.mark.skipif(streamed.unavailable_reason() is not None, reason="no C++ toolchain for the streamed kernel")
+def test_streamed_kernel_keeps_pld_equal_to_ar_on_fused_layers():
+    backbone = tiny()
+    backends.install_fused_layers(backbone)
+    backends._apply_tuned(backbone, hand_table({1: "streamed", 2: "streamed", 3: "mkl", 4: "streamed", 8: "streamed"}))
+    backbone.backend = "tuned"
+    assert backends.linears_of(backbone)[0].kernel_by_rows[1:5] == ["streamed", "streamed", "mkl", "streamed"]
+    ar = build_method(MethodConfig())
+    pld = build_method(
+        MethodConfig(name="pld", impl="decodebench.methods.pld:PromptLookupDrafter", params={"num_draft_tokens": 6})
+    )
+    prompt = repeating_prompts()[0]
+    reference = decode(backbone, ar, prompt, max_new_tokens=32)
+    ours = decode(backbone, pld, prompt, max_new_tokens=32)
+    assert ours.new_ids == reference.new_ids
+    assert sum(s.accepted for s in ours.steps) > 0, "PLD never got a draft accepted: the check proves nothing"
+    remove_backend(backbone)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(streamed.unavailable_reason() is not None, reason="no C++ toolchain for the streamed kernel")
+def test_compiled_step_calls_the_streamed_kernel_where_the_table_picks_it():
+    from torch.profiler import profile
+
+    backbone = tiny()
+    eager_ar = decode(backbone, build_method(MethodConfig()), repeating_prompts()[0], max_new_tokens=24)
+    backends._install(backbone, "compiled", [1, 8], hand_table({1: "streamed", 8: "mkl_packed"}))
+    backbone.backend = "compiled"
+    linear = backends.linears_of(backbone)[0]
+    assert linear.kernel_by_rows[1] == "streamed" and linear.kernel_by_rows[8] == "mkl"  # inductor's linear at 8
+    assert linear.backend_weights == {}  # no copy: freezing packs bucket 8 inside the graph
+    assert backbone.fast_forward.prepack == {1: False, 8: True}
+    cache = backbone.new_cache(64)
+    backbone.forward([1, 2, 3, 4, 5], cache)
+    with profile() as one_token:
+        backbone.forward([6], cache)
+    assert any(event.name == "decodebench::streamed_linear" for event in one_token.events())
+    pld = build_method(
+        MethodConfig(name="pld", impl="decodebench.methods.pld:PromptLookupDrafter", params={"num_draft_tokens": 6})
+    )
+    assert decode(backbone, pld, repeating_prompts()[0], max_new_tokens=24).new_ids == eager_ar.new_ids
+    remove_backend(backbone)
+    assert type(backends.linears_of(backbone)[0]) is torch.nn.Linear

@@ -1,0 +1,139 @@
+// The ``streamed`` linear kernel of the tuned backend (engine/streamed.py builds and loads it).
+//
+// y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for a block of a few rows m (a decode step or a
+// verify block). A step of a small model is bound by streaming its weights from memory; BLAS small-M
+// paths switch to compute-oriented kernels that pack or re-read the weights from 4 rows on. Here a
+// task holds R weight rows in flight at once, loads each 16 (AVX-512) or 8 (AVX2) weights once and
+// multiplies them against every row of the block, which stays in L1 (M x R accumulator registers),
+// and prefetches the weight rows the next tile reads into L2 while it computes. A block of up to
+// MAX_ROWS rows thus costs about what one row costs; larger blocks take several passes.
+//
+// Exactness: the sum of (m, n) is computed the same way whatever the number of rows in the call and
+// whatever R: one vector of partial sums (k mod LANES), each lane a chain of fused multiply-adds in
+// k order (the k tail as a masked / zero-padded last vector), then a fixed-order horizontal sum. A
+// row's output is therefore bitwise the same in a 1-row call (an AR step) and in a k-row call
+// (verification), and the weights are the module's own (no copy).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <array>
+#include <utility>
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int LANES = 16;
+constexpr int MAX_ROWS = 16;  // 32 vector registers: M x R accumulators + R weight vectors + 1 input vector
+using Vec = __m512;
+inline Vec zero() { return _mm512_setzero_ps(); }
+inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec load_tail(const float* p, int count) { return _mm512_maskz_loadu_ps((__mmask16)((1u << count) - 1), p); }
+inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float hsum(Vec v) {  // fixed order: halves, then quarters, ...
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  const __m128 e = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_add_ss(e, _mm_movehdup_ps(e)));
+}
+// weight rows in flight per block size (index = rows): fills the register file
+constexpr int R_FOR[MAX_ROWS + 1] = {0, 8, 8, 6, 5, 4, 4, 3, 3, 2, 2, 2, 1, 1, 1, 1, 1};
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int LANES = 8;
+constexpr int MAX_ROWS = 8;  // 16 vector registers
+using Vec = __m256;
+inline Vec zero() { return _mm256_setzero_ps(); }
+inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec load_tail(const float* p, int count) {
+  alignas(32) static const int ones[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  return _mm256_maskload_ps(p, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ones + 8 - count)));
+}
+inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float hsum(Vec v) {
+  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 e = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_add_ss(e, _mm_movehdup_ps(e)));
+}
+constexpr int R_FOR[MAX_ROWS + 1] = {0, 6, 4, 3, 2, 2, 2, 1, 1};
+#else
+#error "the streamed kernel needs AVX-512F or AVX2 with FMA (engine/streamed.py reports this as the reason it is unavailable)"
+#endif
+
+// Rows [n, n + R) of the weight against the M rows of the block; prefetches `ahead` floats further on.
+template <int M, int R>
+inline void tile(const float* __restrict x, const float* __restrict w, float* __restrict y, int64_t K, int64_t N,
+                 int64_t n, int64_t ahead) {
+  Vec acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = zero();
+  const int64_t k_vec = K / LANES * LANES;
+  for (int64_t k = 0; k < k_vec; k += LANES) {
+    Vec wr[R];
+    for (int r = 0; r < R; ++r) {
+      wr[r] = load(w + (n + r) * K + k);
+      _mm_prefetch(reinterpret_cast<const char*>(w + (n + r) * K + k + ahead), _MM_HINT_T1);
+    }
+    for (int m = 0; m < M; ++m) {
+      const Vec xm = load(x + m * K + k);
+      for (int r = 0; r < R; ++r) acc[r][m] = fma(wr[r], xm, acc[r][m]);
+    }
+  }
+  if (k_vec < K) {
+    const int tail = static_cast<int>(K - k_vec);
+    for (int m = 0; m < M; ++m) {
+      const Vec xm = load_tail(x + m * K + k_vec, tail);
+      for (int r = 0; r < R; ++r) acc[r][m] = fma(load_tail(w + (n + r) * K + k_vec, tail), xm, acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) y[m * N + n + r] = hsum(acc[r][m]);
+}
+
+template <int M>
+void pass(const float* x, const float* w, float* y, int64_t K, int64_t N) {
+  constexpr int R = R_FOR[M];
+  const int64_t tiles = N / R;
+  const int64_t ahead = std::max<int64_t>(R, 4) * K;  // the next few weight rows, into L2
+  at::parallel_for(0, tiles, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) tile<M, R>(x, w, y, K, N, t * R, ahead);
+  });
+  for (int64_t n = tiles * R; n < N; ++n) tile<M, 1>(x, w, y, K, N, n, 0);
+}
+
+using Pass = void (*)(const float*, const float*, float*, int64_t, int64_t);
+
+template <int... M>
+constexpr auto passes(std::integer_sequence<int, M...>) {
+  return std::array<Pass, sizeof...(M)>{(M == 0 ? nullptr : &pass<(M == 0 ? 1 : M)>)...};
+}
+const auto PASSES = passes(std::make_integer_sequence<int, MAX_ROWS + 1>{});
+
+}  // namespace
+
+torch::Tensor streamed_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && weight.scalar_type() == torch::kFloat, "streamed_linear: fp32 only");
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "streamed_linear: CPU tensors only");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "streamed_linear: weight must be a contiguous (out, in) matrix");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(x.size(-1) == K, "streamed_linear: input has ", x.size(-1), " features, weight ", K);
+  const auto flat = x.reshape({-1, K}).contiguous();
+  const int64_t rows = flat.size(0);
+  auto out = torch::empty({rows, N}, x.options());
+  const float* wp = weight.data_ptr<float>();
+  for (int64_t start = 0; start < rows; start += MAX_ROWS) {
+    const int64_t count = std::min<int64_t>(MAX_ROWS, rows - start);
+    PASSES[count](flat.data_ptr<float>() + start * K, wp, out.data_ptr<float>() + start * N, K, N);
+  }
+  if (bias.has_value() && bias->defined()) out.add_(*bias);
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  return out.view(shape);
+}
+
+// torch.ops.decodebench.streamed_linear: an operator (seen by the profiler and by torch.compile, which
+// gets its shape function from engine/streamed.py); the Python module only makes the library loadable
+TORCH_LIBRARY(decodebench, m) { m.def("streamed_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor"); }
+TORCH_LIBRARY_IMPL(decodebench, CPU, m) { m.impl("streamed_linear", &streamed_linear); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}
