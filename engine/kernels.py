@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from decodebench.engine import streamed
+from decodebench.engine.revision import engine_revision
 
 if TYPE_CHECKING:
     from decodebench.engine.backbone import Backbone
@@ -90,6 +91,7 @@ class KernelTable:
     measure_s: float
     created: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    engine_revision: str = ""  # the engine that measured it (decodebench.engine.revision)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -208,6 +210,7 @@ def measure_kernels(backbone: Backbone, buckets: Sequence[int], repeats: int = K
         threads=torch.get_num_threads(),
         measure_s=round(time.perf_counter() - started, 3),
         created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        engine_revision=engine_revision(),
     )
 
 
@@ -221,7 +224,8 @@ def kernels_path(model: str, device: str = "cpu", cache_dir: str | None = None, 
 
 def load_kernel_table(path: Path, buckets: Sequence[int]) -> KernelTable | None:
     """The stored table when it was measured on this CPU at this thread count for these buckets,
-    among the kernels available now (a kernel added or gone since means measuring again)."""
+    among the kernels available now (a kernel added or gone since means measuring again), by this
+    engine revision."""
     from decodebench.runners.manifest import cpu_model  # noqa: PLC0415
 
     if not path.is_file():
@@ -231,6 +235,8 @@ def load_kernel_table(path: Path, buckets: Sequence[int]) -> KernelTable | None:
     except (OSError, ValueError, TypeError):
         return None
     same = table.cpu == cpu_model() and table.threads == torch.get_num_threads()
+    if table.engine_revision != engine_revision():  # the kernels themselves may have changed
+        return None
     candidates = set(next(iter(table.us.values()), {}))
     if candidates and candidates != set(kernels_available()):
         return None

@@ -11,11 +11,13 @@ Each curve is stored as ``$DECODEBENCH_CACHE/profiles/<model>__<backend>__cpu__<
 (CPU: the thread count changes the curve's shape) or ``<model>__<backend>__<device type>.json``::
 
     {"model": str, "backend": str, "device": str, "threads": int, "context": int,
-     "k": [...], "ms": [...], "ratio": [...], "measured_by": "decodebench-profile" | "first use", ...extras,
+     "k": [...], "ms": [...], "ratio": [...], "measured_by": "decodebench-profile" | "first use",
+     "engine_revision": str, ...extras,
      "draft": {"model": str, "ms": float, "cost_ratio": float}}   # models with a draft (--draft)
 
 and read back by :func:`load_latency_curve` (``auto`` backend choice, the CPU presets' budgets).
-A CPU curve stored before curves were keyed by threads (no ``__<threads>t``) is read when its
+A curve measured by another engine revision (:mod:`decodebench.engine.revision`: a hash of the
+step's sources) is not read. A CPU curve stored before curves were keyed by threads (no ``__<threads>t``) is read when its
 ``threads`` field matches. A run whose ``cpu`` preset sizes its drafts from the curve and finds
 none measures a short one first (:func:`ensure_latency_curve`, called by the runner before timing).
 
@@ -26,6 +28,7 @@ Usage: decodebench-profile [--model smollm2-135m] [--backend all] [--context 175
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -41,6 +44,7 @@ from decodebench.config import ConfigValueError, default_cache_dir
 from decodebench.engine.backbone import Backbone
 from decodebench.engine.backends import DEFAULT_BUCKETS, apply_backend, backends_for, linears_of, remove_backend
 from decodebench.engine.memory import peak_memory
+from decodebench.engine.revision import engine_revision
 from decodebench.engine.timing import now
 from decodebench.registry import DecodeBenchError
 
@@ -147,7 +151,23 @@ def _read_curve(path: Path) -> dict[str, Any] | None:
         curve = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return curve if curve.get("k") and len(curve["k"]) == len(curve.get("ratio", [])) else None
+    if not curve.get("k") or len(curve["k"]) != len(curve.get("ratio", [])):
+        return None
+    if curve.get("engine_revision") != engine_revision():
+        _warn_stale(path, curve.get("engine_revision"))
+        return None
+    return curve
+
+
+@functools.cache
+def _warn_stale(path: Path, revision: str | None) -> None:
+    log.warning(
+        "%s was measured by engine revision %s, not this one (%s): not used; it is measured again where needed "
+        "(decodebench-profile)",
+        path,
+        revision or "(none stored)",
+        engine_revision(),
+    )
 
 
 def stored_curve_path(
@@ -405,6 +425,7 @@ def profile_backend(
         "checked": repeats >= MIN_CHECKED_REPEATS,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "measured_by": "decodebench-profile",
+        "engine_revision": engine_revision(),
         # memory cost: the backend's weight copies, and this process's RSS with them in place
         "extra_weight_bytes": info.extra_weight_bytes,
         "rss_bytes": rss_bytes(),
@@ -501,6 +522,7 @@ def ensure_latency_curve(
             "checked": repeats >= MIN_CHECKED_REPEATS,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "measured_by": "first use",
+            "engine_revision": engine_revision(),
         }
     if needs_draft:
         log.info("verify-latency curve of %s lacks draft %s: timing its 1-token step", model, draft_name)

@@ -25,12 +25,15 @@ import torch
 from decodebench.config import ModelConfig
 from decodebench.engine.backbone import Backbone
 from decodebench.engine.decode_loop import DecodeSettings, GenerationOutput, generate
+from decodebench.engine.revision import engine_revision
 from decodebench.engine.sampling import SamplingParams, logits_to_probs
 from decodebench.models.tiny import build_tiny
 from decodebench.records import Record
 
 # --- tiny models -------------------------------------------------------------------------------
 VOCAB = 101
+#: the field a hand-written verify-latency curve needs to be read (curves of other engine revisions are not)
+REVISION = {"engine_revision": engine_revision()}
 #: The tiny random model of the method tests (3 layers, GQA 4/2 heads, 101-token vocabulary).
 TINY = dict(
     vocab_size=VOCAB,

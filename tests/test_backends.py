@@ -26,7 +26,7 @@ from decodebench.engine.profile import load_latency_curve, profile_backend, prof
 from decodebench.methods import build_method
 from decodebench.models.tiny import build_tiny
 
-from helpers import TINY, decode, repeating_prompts  # tests/helpers.py (on sys.path via conftest)
+from helpers import REVISION, TINY, decode, repeating_prompts  # tests/helpers.py (on sys.path via conftest)
 
 # The decode-loop tests, loaded from their file (pytest runs with --import-mode=importlib).
 _spec = importlib.util.spec_from_file_location("_decode_loop_tests", Path(__file__).with_name("test_decode_loop.py"))
@@ -271,7 +271,7 @@ def test_tree_methods_size_their_budget_from_the_curve(tmp_path, method, attribu
     backbone.model_name = "tiny-x"
     path = profile_path("tiny-x", "eager", "cpu", str(tmp_path))
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({**FLAT, "model": "tiny-x", "backend": "eager", "device": "cpu"}))
+    path.write_text(json.dumps({**FLAT, "model": "tiny-x", "backend": "eager", "device": "cpu", **REVISION}))
     overrides = {"max_verify_cost": 1.25, "corpus_prompts": 0} if method == "aded" else {"max_verify_cost": 1.25}
     cfg = method_config(method)
     cfg.preset, cfg.pinned = "paper", list(overrides)
@@ -322,6 +322,7 @@ def test_profile_stores_curves_and_pld_reads_them(tmp_path):
                 "threads": 2,
                 "context": 175,
                 "ms": [50.0] * 6,
+                **REVISION,
             }
         )
     )

@@ -104,6 +104,11 @@ def test_tuned_measures_stores_and_reuses_its_kernel_table(tmp_path, monkeypatch
     # another bucket set is another table
     with pytest.raises(AssertionError, match="reused"):
         apply_backend(backbone, "tuned", buckets=(1, 16), model_name="tiny-llama", cache_dir=str(tmp_path))
+    # so is a table another engine revision measured (its kernels may have changed since)
+    path = kernels_path("tiny-llama", "cpu", str(tmp_path))
+    path.write_text(json.dumps({**stored, "engine_revision": "0123456789ab"}))
+    with pytest.raises(AssertionError, match="reused"):
+        apply_backend(backbone, "tuned", buckets=(1, 4, 8), model_name="tiny-llama", cache_dir=str(tmp_path))
     remove_backend(backbone)
 
 

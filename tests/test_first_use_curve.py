@@ -20,9 +20,9 @@ from decodebench.methods import build_method, method_config
 from decodebench.models.tiny import build_tiny
 from decodebench.runners.run_dir import read_records
 
-from helpers import TINY, run_cli
+from helpers import REVISION, TINY, run_cli
 
-CURVE = {"k": [1, 2, 4, 8], "ms": [1.0, 1.1, 1.2, 2.0], "ratio": [1.0, 1.1, 1.2, 2.0]}
+CURVE = {"k": [1, 2, 4, 8], "ms": [1.0, 1.1, 1.2, 2.0], "ratio": [1.0, 1.1, 1.2, 2.0], **REVISION}
 
 
 def named_backbone(name: str, seed: int = 0, layers: int = 3) -> Backbone:
@@ -162,3 +162,13 @@ def test_runs_without_a_curve_reading_preset_measure_nothing(tmp_path, data_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((run_dir / "manifest.json").read_text())["latency_curve"] is None
     assert not (tmp_path / "cache" / "profiles").exists()
+
+
+def test_a_curve_of_another_engine_revision_is_not_read(tmp_path, caplog):
+    path = profile_path("m", "eager", "cpu", str(tmp_path), 1)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({**CURVE, "threads": 1, "engine_revision": "0123456789ab"}))
+    assert load_latency_curve("m", "eager", "cpu", str(tmp_path), threads=1) is None
+    assert "engine revision 0123456789ab" in caplog.text
+    path.write_text(json.dumps({**CURVE, "threads": 1, "engine_revision": None}))  # stored before revisions
+    assert load_latency_curve("m", "eager", "cpu", str(tmp_path), threads=1) is None

@@ -16,7 +16,7 @@ from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import build_method, method_config
 from decodebench.methods.sps import DraftModelState, SpeculativeSamplingDrafter
 
-from helpers import chi_square_p_value, decode, exact_second_and_third, random_prompts, tiny_pair
+from helpers import REVISION, chi_square_p_value, decode, exact_second_and_third, random_prompts, tiny_pair
 
 SPS = "decodebench.methods.sps:SpeculativeSamplingDrafter"
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -129,6 +129,7 @@ def test_gamma_from_the_curve_and_the_draft_cost_ratio(pair, tmp_path):
         "backend": "eager",
         "device": "cpu",
         "draft": {"model": "tiny-d", "ms": 1.0, "cost_ratio": 0.385},
+        **REVISION,
     }
     path = profile_path("tiny-t", "eager", "cpu", str(tmp_path))
     path.parent.mkdir(parents=True)
