@@ -348,6 +348,22 @@ def prompt_totals(frame: pd.DataFrame) -> pd.DataFrame:
     return totals
 
 
+def problem_totals(frame: pd.DataFrame, totals: pd.DataFrame) -> pd.DataFrame:
+    """``totals`` (:func:`prompt_totals` of ``frame``) summed over the samples of each problem
+    (records with ``sample_index``, ``gen.num_samples`` > 1; indexed by :func:`problem_of`): the
+    units the bootstrap draws, since the samples of one problem are not independent prompts. Every
+    ratio of :data:`RATIOS` is Σ / Σ, so the point estimate is the same; ``totals`` when every
+    problem was decoded once."""
+    if "sample_index" not in frame.columns or frame["sample_index"].isna().all():
+        return totals
+    problems = {
+        str(sample_id): problem_of(sample_id)
+        for sample_id, index in zip(frame["sample_id"], frame["sample_index"])
+        if not _missing(index)
+    }
+    return totals.groupby(totals.index.map(lambda sample_id: problems.get(sample_id, sample_id)), sort=False).sum()
+
+
 def ratio_metrics(totals: pd.DataFrame) -> dict[str, float | None]:
     """Every metric of :data:`RATIOS` from per-prompt totals (None where the denominator is 0)."""
     sums = totals.sum()

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from decodebench.config import compose_run_config
+from decodebench.records import problem_totals, prompt_totals, records_frame
 from decodebench.runners import local
 
 pytestmark = pytest.mark.embedded  # tiny-llama borrows the embedded model's tokenizer
@@ -62,6 +63,12 @@ def test_samples_run_back_to_back_with_own_seeds_carry_stand_memory_and_resume(t
     # per-record scores and answers; the summary adds the majority vote over the 3 samples
     assert all(set(r.answers) == set(r.quality) == {"exact_match_strict", "exact_match_flexible"} for r in records)
     assert {"exact_match_flexible", "exact_match_flexible maj@3"} <= set(result.summary["quality"])
+    # the bootstrap draws problems (all their samples together): the same sums, one unit per problem
+    method = records_frame([r for r in records if r.role == "method"], [r for r in records if r.role == "baseline"])
+    per_sample = prompt_totals(method)
+    per_problem = problem_totals(method, per_sample)
+    assert list(per_problem.index) == list(PROBLEMS) and len(per_sample) == len(PROBLEMS) * SAMPLES
+    assert per_problem.sum().to_dict() == pytest.approx(per_sample.sum().to_dict())
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert (manifest["task_problems"], manifest["task_samples"]) == (len(PROBLEMS), len(PROBLEMS) * SAMPLES)
 
