@@ -86,14 +86,15 @@ def _means(frame: pd.DataFrame, records: pd.DataFrame) -> dict[str, float]:
 
 def _deltas(method: pd.DataFrame, baseline: pd.DataFrame, records: pd.DataFrame) -> dict[str, float]:
     """Method mean − AR mean per metric over the (run, sample, turn) pairs both scored; method −
-    AR for the aggregates over samples both have."""
+    AR of the same runs for the aggregates over samples both have."""
     keys = ["run_dir", "sample_id", "turn", "metric"]
     paired = method.merge(baseline[keys + ["value"]], on=keys, suffixes=("", "_ar"))
     deltas = {
         f"Δ {metric}": float((group["value"] - group["value_ar"]).mean())
         for metric, group in paired.groupby("metric", sort=False)
     }
-    method_k, baseline_k = _over_samples(method, records), _over_samples(baseline, records)
+    paired_runs = baseline[baseline["run_dir"].isin(set(method["run_dir"]))]  # the baseline of the same runs
+    method_k, baseline_k = _over_samples(method, records), _over_samples(paired_runs, records)
     deltas.update({f"Δ {metric}": method_k[metric] - baseline_k[metric] for metric in method_k if metric in baseline_k})
     return deltas
 
