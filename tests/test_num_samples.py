@@ -95,3 +95,24 @@ def test_repeat_samples_keeps_a_problem_together():
     repeated = local.repeat_samples(problems, 2)
     assert [(s.sample_id, s.sample_index) for s in repeated] == [("a#0", 0), ("a#1", 1), ("b#0", 0), ("b#1", 1)]
     assert problems[0].sample_id == "a"  # the task's samples are not changed
+
+
+def test_humaneval_pass_at_k_over_gen_num_samples(tmp_path, data_dir):
+    """HumanEval's pass@k comes from gen.num_samples (no task-level setting any more)."""
+    cfg = compose_run_config(
+        [
+            *TINY,
+            "method=ar",
+            "task=humaneval",
+            "task.limit=1",
+            "gen.num_samples=10",
+            "gen.temperature=1.0",
+            "gen.max_new_tokens=6",
+            f"data_dir={data_dir}",
+        ]
+    )
+    cfg.run_dir = str(tmp_path / "run")
+    result = local.run(cfg)
+    assert [r.sample_id for r in result.records] == [f"HumanEval/0#{i}" for i in range(10)]
+    passed = sum(r.quality["pass@1"] for r in result.records)
+    assert result.summary["quality"] == {"pass@1": passed / 10, "pass@10": float(passed > 0)}
