@@ -14,8 +14,9 @@ Each (sample, turn, role) becomes one flushed record. Rerunning the same directo
 config (hash in ``manifest.json``) skips it when ``summary.json`` exists and otherwise resumes
 after the last complete record; a changed config or ``overwrite=true`` starts over (except in a
 SLURM task that was requeued after preemption or timeout: it resumes its own records). Drafters that
-learn across prompts (``per_task`` state) restart from their initial state on resume: their
-lossless outputs are unchanged, their acceptance after the resume point may differ.
+learn across prompts (``per_task`` state, STAND's memory of a problem's earlier samples) restart from
+their initial state on resume: their lossless outputs are unchanged, their acceptance after the
+resume point may differ.
 """
 
 from __future__ import annotations
