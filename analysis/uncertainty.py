@@ -1,7 +1,7 @@
 """Uncertainty of the aggregated numbers: a seeded bootstrap over prompts, and latency percentiles.
 
-Bootstrap (:func:`bootstrap_interval`): prompts (``sample_id``; all turns of a prompt together)
-are drawn with replacement, :data:`BOOTSTRAP_SAMPLES` times, from a generator seeded with
+Bootstrap (:func:`bootstrap_interval`): prompts (``sample_id``; all turns of a prompt together;
+with ``gen.num_samples`` > 1 the problem, all its samples together: ``records.problem_totals``) are drawn with replacement, :data:`BOOTSTRAP_SAMPLES` times, from a generator seeded with
 :data:`BOOTSTRAP_SEED`, so a report is reproducible to the last digit. Each ratio metric of
 :data:`decodebench.records.RATIOS` is recomputed on every draw from the per-prompt totals
 (:func:`decodebench.records.prompt_totals`) — the same numerator and denominator as the point

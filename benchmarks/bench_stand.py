@@ -1,12 +1,14 @@
-"""STAND vs AR on GSM8K with several sampled traces per problem (test-time scaling).
+"""STAND vs AR on GSM8K with several sampled traces per problem (test-time scaling), through the runner.
 
-The runner decodes each prompt once; STAND's point is the 2nd, 3rd, ... trace of the same problem,
-so this script decodes ``--samples`` traces per problem back to back, AR and STAND alternating per
-trace (same prompt, same temperature, seeds 0..n-1 for both), on one engine in one process, and
-prints Σ AR wall / Σ STAND wall (prefill included), τ, and GSM8K flexible-extraction accuracy of
-both (lossless under sampling: the same distribution, not the same tokens). The target runs the
-engine backend ``--backend`` (default ``auto``, as the runner's ``engine.backend``), installed before
-anything is timed.
+A thin wrapper over ``decodebench method=stand task=gsm8k gen.num_samples=N``: the runner decodes
+each problem's N traces back to back, its AR baseline and STAND alternating per trace (same prompt,
+same temperature, the same RNG stream per trace, derived from the run seed), on one engine in one
+process, with the engine backend ``--backend`` installed before anything is timed. This script
+prints, from the run's records, STAND's memory per trace, then per method Σ wall (prefill
+included), tokens, τ, GSM8K flexible-extraction accuracy (mean over traces, and majority vote
+over each problem's traces) and the draft / target-forward shares of the wall time, and the
+runner's speedup (Σ AR wall / Σ STAND wall). Lossless under sampling: the same distribution, not
+the same tokens. The run directory (``--run-dir``) is a normal one: ``decodebench-report`` reads it.
 
     python benchmarks/bench_stand.py --problems 3 --samples 4 --max-new-tokens 96 --threads 1
 """
@@ -14,9 +16,7 @@ anything is timed.
 from __future__ import annotations
 
 import argparse
-import os
-
-import torch
+import time
 
 
 def main() -> None:
@@ -30,79 +30,51 @@ def main() -> None:
     parser.add_argument("--branching", help="children per node per depth, e.g. 2,1,1 (default: the preset's)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--backend", default="auto", help="engine.backend: auto | eager | onednn | ...")
+    parser.add_argument("--run-dir", help="default: results/bench_stand/<time>")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
 
-    from decodebench.config import MethodConfig, TaskConfig, default_cache_dir, group_config
-    from decodebench.engine.backbone import Backbone
-    from decodebench.engine.backends import apply_backend
-    from decodebench.engine.decode_loop import DecodeSettings, generate
-    from decodebench.engine.sampling import SamplingParams
-    from decodebench.methods import build_method, method_config
-    from decodebench.models.loading import load_model, load_model_config
-    from decodebench.tasks import build_task
-    from decodebench.tasks.prompts import encode_prompt
+    from decodebench.config import compose_run_config
+    from decodebench.records import problem_of
+    from decodebench.runners.local import run
 
-    model_cfg = load_model_config(args.model)
-    loaded = load_model(model_cfg)
-    backbone = Backbone(loaded.model)
-    engine = apply_backend(backbone, args.backend, model_name=model_cfg.name, cache_dir=default_cache_dir())
-    print(f"engine backend {engine.name} ({args.backend})", flush=True)
-    task = build_task(
-        TaskConfig(**{**group_config("task", "gsm8k"), "limit": args.problems}),
-        os.environ.get("DECODEBENCH_DATA"),
-        default_cache_dir(),
-    )
-    samples = task.load_samples()
-    cfg = method_config("stand")
-    cfg.preset = args.preset
+    overrides = [
+        f"model={args.model}",
+        "method=stand",
+        f"method.preset={args.preset}",
+        "task=gsm8k",
+        f"task.limit={args.problems}",
+        f"gen.num_samples={args.samples}",
+        f"gen.temperature={args.temperature}",
+        f"gen.max_new_tokens={args.max_new_tokens}",
+        f"threads={args.threads}",
+        f"engine.backend={args.backend}",
+        "progress=false",
+    ]
     if args.branching:
-        cfg.params["branching"] = [int(b) for b in args.branching.split(",")]
-        cfg.pinned = ["branching"]
-    stand = build_method(cfg)
-    stand.setup(backbone)
-    ar = build_method(MethodConfig())
-    settings = DecodeSettings(
-        max_new_tokens=args.max_new_tokens,
-        sampling=SamplingParams(temperature=args.temperature),
-        eos_token_ids=[loaded.tokenizer.eos_token_id],
-    )
-    cache = backbone.new_cache(1024)
-    warm = encode_prompt(loaded.tokenizer, [{"role": "user", "content": "Warm up."}], model_cfg.chat_template)
-    for drafter in (ar, stand):  # one-time costs (kernels, allocations) outside the timed traces
-        generate(backbone, drafter, warm, settings, cache, torch.Generator().manual_seed(0))
-    stand.reset_state()
-    totals = {"ar": [0.0, 0, 0, 0.0], "stand": [0.0, 0, 0, 0.0]}  # wall, tokens, target forwards, correct
-    shares = {"ar": [0.0, 0.0], "stand": [0.0, 0.0]}  # Σ draft_s (propose + feedback), Σ forward_s
-    for sample in samples:
-        prompt = encode_prompt(
-            loaded.tokenizer, [{"role": "user", "content": sample.turns[0]}], model_cfg.chat_template
-        )
-        for seed in range(args.samples):
-            for name, drafter in (("ar", ar), ("stand", stand)):
-                out = generate(backbone, drafter, prompt, settings, cache, torch.Generator().manual_seed(seed))
-                text = loaded.tokenizer.decode(out.new_ids, skip_special_tokens=True)
-                score = task.score(sample, 0, text)
-                total = totals[name]
-                total[0] += out.wall_s
-                total[1] += len(out.new_ids)
-                total[2] += out.target_forwards
-                total[3] += float(score.get("exact_match_flexible", score.get("exact_match", 0.0)))
-                shares[name][0] += sum(s.draft_s for s in out.steps)
-                shares[name][1] += sum(s.forward_s for s in out.steps)
-            print(
-                f"{sample.sample_id} trace {seed + 1}: stand steps {len(out.steps)}, accepted "
-                f"{sum(s.accepted for s in out.steps)}, memory {out.method_stats['memory_ngrams']:.0f} n-grams",
-                flush=True,
-            )
-    traces = len(samples) * args.samples
-    for name, (wall, tokens, forwards, correct) in totals.items():
+        overrides.append(f"method.params.branching=[{args.branching}]")
+    cfg = compose_run_config(overrides)
+    cfg.run_dir = args.run_dir or f"results/bench_stand/{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+    result = run(cfg)
+
+    for record in (r for r in result.records if r.role == "method" and not r.error):
         print(
-            f"{name:6s} wall {wall:7.1f} s  tokens {tokens:5d}  tau {tokens / forwards:.2f}  accuracy {correct / traces:.2f}"
-            f"  draft {shares[name][0] / wall:.1%}  target forwards {shares[name][1] / wall:.1%} of wall"
-            f"  ({1000 * shares[name][1] / max(forwards - traces, 1):.1f} ms each after prefill)"
+            f"{problem_of(record.sample_id)} trace {record.sample_index + 1}: stand steps {len(record.emitted_lengths)}, "
+            f"accepted {record.accepted}, memory {record.method_stats['memory_ngrams']:.0f} n-grams"
         )
-    print(f"speedup (sum AR wall / sum STAND wall): {totals['ar'][0] / totals['stand'][0]:.2f}")
+    summaries = {"ar": result.summary["baseline"], "stand": result.summary}
+    for name, role in (("ar", "baseline"), ("stand", "method")):
+        records = [r for r in result.records if r.role == role and not r.error]
+        wall, forward_s = sum(r.wall_s for r in records), sum(r.forward_s for r in records)
+        decode_forwards = sum(r.steps for r in records) - len(records)
+        quality = summaries[name]["quality"]
+        print(
+            f"{name:6s} wall {wall:7.1f} s  tokens {sum(r.new_tokens for r in records):5d}  tau {summaries[name]['tau']:.2f}"
+            f"  accuracy {quality['exact_match_flexible']:.2f}"
+            f" (maj@{args.samples} {quality.get(f'exact_match_flexible maj@{args.samples}', float('nan')):.2f})"
+            f"  draft {sum(r.draft_s for r in records) / wall:.1%}  target forwards {forward_s / wall:.1%} of wall"
+            f"  ({1000 * forward_s / max(decode_forwards, 1):.1f} ms each after prefill)"
+        )
+    print(f"speedup (sum AR wall / sum STAND wall): {result.summary['speedup']:.2f}  (run dir {result.run_dir})")
 
 
 if __name__ == "__main__":

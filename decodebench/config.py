@@ -232,9 +232,22 @@ class GenConfig:
     # (Drafter.supports_batch); the AR baseline then decodes the same batches, so speedups compare
     # at the same batch size. 1 = one prompt at a time (Spec-Bench's setting).
     batch_size: int = 1
+    # samples per problem (test-time scaling): every prompt is decoded n times back to back (sample
+    # ids "<id>#<i>", each with its own seed from the run seed), so methods that remember a problem
+    # (STAND) see its earlier traces; the report adds pass@k / majority vote over the n samples
+    # (decodebench.records.sample_aggregates). Sampling only: under greedy the n outputs are equal.
+    num_samples: int = 1
 
     def __post_init__(self) -> None:
         check(self.batch_size >= 1, "gen.batch_size", self.batch_size, ">= 1")
+        check(self.num_samples >= 1, "gen.num_samples", self.num_samples, ">= 1")
+        check(
+            self.num_samples == 1 or self.temperature > 0.0,
+            "gen.num_samples",
+            self.num_samples,
+            "1 under greedy decoding (gen.temperature=0 makes every sample the same output); "
+            "sample with gen.temperature > 0, e.g. gen=sampling",
+        )
         check(1 <= self.max_new_tokens <= 1_000_000, "gen.max_new_tokens", self.max_new_tokens, "1 .. 1000000")
         check(self.temperature >= 0.0, "gen.temperature", self.temperature, ">= 0 (0 = greedy)")
         check(0.0 < self.top_p <= 1.0, "gen.top_p", self.top_p, "(0, 1]")

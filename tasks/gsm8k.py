@@ -10,7 +10,10 @@ Prompt styles (``params.prompt_style``):
 
 Both answer extractions are reported for every output, as lm-evaluation-harness does:
 ``exact_match_strict`` (the first ``#### N``) and ``exact_match_flexible`` (the last number); see
-:mod:`decodebench.tasks.quality` and the ``gsm8k_exact_match`` metric module.
+:mod:`decodebench.tasks.quality` and the ``gsm8k_exact_match`` metric module. With
+``gen.num_samples`` n > 1 the samples of a problem vote with their extracted answers
+(:meth:`GSM8K.answers`): the report adds ``exact_match_strict maj@n`` / ``exact_match_flexible maj@n``
+beside the mean accuracy.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from decodebench.config import check
 from decodebench.tasks.base import Sample, Task, TurnSettings
 from decodebench.tasks.data import load_jsonl_records
 from decodebench.tasks.metrics import compute
-from decodebench.tasks.quality import GSM8K_FLEXIBLE_PATTERN, GSM8K_STRICT_PATTERN, truncate_at_stop
+from decodebench.tasks.quality import GSM8K_FLEXIBLE_PATTERN, GSM8K_STRICT_PATTERN, gsm8k_answers, truncate_at_stop
 
 PROMPT_STYLES = ("chat", "fewshot")
 ROW_INDEX = "_row_index"  # key under which all_samples passes a row's line number to to_sample
@@ -136,3 +139,8 @@ class GSM8K(Task):
             strict_pattern=self.params.strict_pattern,
             flexible_pattern=self.params.flexible_pattern,
         )
+
+    def answers(self, sample: Sample, turn: int, output_text: str) -> dict[str, str]:
+        """The strict and flexible answers that :meth:`score` judged (normalised; ``[invalid]``)."""
+        answer = truncate_at_stop(output_text, self.stop_strings())
+        return gsm8k_answers(answer, self.params.strict_pattern, self.params.flexible_pattern)

