@@ -30,7 +30,7 @@ log = logging.getLogger("decodebench")
 SOURCE = Path(__file__).with_name("streamed_linear.cpp")
 # fp contraction only where the source asks (std::fma); 512-bit vectors where the CPU has them (GCC
 # prefers 256 on Intel by default: half the registers for the kernel's accumulators, measured slower)
-FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off"]
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off", "-fopenmp"]
 
 
 def build_directory(cache_dir: str | None = None) -> Path:
@@ -51,7 +51,11 @@ def _load():
     directory.mkdir(parents=True, exist_ok=True)
     try:
         module = cpp_extension.load(
-            name="decodebench_streamed", sources=[str(SOURCE)], extra_cflags=FLAGS, build_directory=str(directory)
+            name="decodebench_streamed",
+            sources=[str(SOURCE)],
+            extra_cflags=FLAGS,
+            extra_ldflags=["-fopenmp"],  # at::parallel_for is OpenMP in these builds: without it one thread
+            build_directory=str(directory),
         )
     except Exception as error:  # no compiler / ninja, or a build failure: the kernel is not offered
         reason = f"{type(error).__name__}: {error}".strip()[:400]
