@@ -189,6 +189,7 @@ def main() -> None:
 
     def engine(method: MethodConfig) -> Callable[[list[int]], tuple[list[int], float]]:
         drafter = build_method(method)
+        drafter.tokenizer = loaded.tokenizer  # as the runner: retrieval corpora (REST, SAM-Decoding) read text
         drafter.setup(backbone, cfg.cache_dir)
         cache = backbone.new_cache(2048)
 
