@@ -84,7 +84,7 @@ def test_stand_sampling_preserves_target_distribution():
 
 
 def test_config_and_errors():
-    assert method_config("stand").resolved_params("cpu")["branching"] == [2, 1, 1, 1]
+    assert method_config("stand").resolved_params("cpu")["branching"] == [2, 1, 1]
     with pytest.raises(ConfigValueError, match="method.params.scope"):
         build_method(MethodConfig(**STAND, params=dict(scope="global")))
     with pytest.raises(ConfigValueError, match="method.params.branching"):

@@ -194,7 +194,7 @@ def test_draft_vocab_maps_round_trip():
 def test_presets_are_sized_from_the_latency_curve():
     for name in ("eagle", "eagle2", "medusa", "hydra"):
         cfg = method_config(name)
-        assert cfg.resolved_params("cpu")["max_verify_cost"] == 1.1  # the cap below holds without a curve
+        assert cfg.resolved_params("cpu")["max_verify_cost"] == 1.15  # the cap below holds without a curve
         assert cfg.resolved_params("cpu")["total_tokens" if name == "eagle2" else "tree_nodes"] == (
             6 if name == "eagle2" else 5
         )
