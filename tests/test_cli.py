@@ -12,7 +12,7 @@ from decodebench.config import GenConfig, RunConfig, to_run_config
 from decodebench.registry import DecodeBenchError
 from decodebench.runners.run_dir import read_records
 
-from helpers import run_cli
+from helpers import REVISION, run_cli
 
 
 @pytest.mark.parametrize(
@@ -317,6 +317,7 @@ def test_run_copies_the_stored_latency_curve_for_the_cost_model(tmp_path, data_d
                 "k": [1, 2, 4, 8],
                 "ms": [1.0, 1.2, 1.5, 2.0],
                 "ratio": [1.0, 1.2, 1.5, 2.0],
+                **REVISION,
             }
         )
     )
