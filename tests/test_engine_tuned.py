@@ -24,6 +24,20 @@ def tiny(arch: str = "llama") -> Backbone:
     return Backbone(build_tiny(ModelConfig(name=f"tiny-{arch}", source="tiny", architecture=arch, tiny=TINY), seed=0))
 
 
+def assert_pld_equals_ar(backbone: Backbone) -> None:
+    """PLD's output equals AR's token for token on ``backbone``, with drafts accepted (so the
+    verify blocks ran through the multi-row kernels)."""
+    ar = build_method(MethodConfig())
+    pld = build_method(
+        MethodConfig(name="pld", impl="decodebench.methods.pld:PromptLookupDrafter", params={"num_draft_tokens": 6})
+    )
+    prompt = repeating_prompts()[0]
+    reference = decode(backbone, ar, prompt, max_new_tokens=32)
+    ours = decode(backbone, pld, prompt, max_new_tokens=32)
+    assert ours.new_ids == reference.new_ids
+    assert sum(s.accepted for s in ours.steps) > 0, "PLD never got a draft accepted: the check proves nothing"
+
+
 def hand_table(choice: dict[int, str]) -> KernelTable:
     return KernelTable(
         buckets=sorted(choice),
@@ -74,15 +88,7 @@ def test_mixed_kernels_keep_pld_equal_to_ar():
     backbone = tiny()
     backends._apply_tuned(backbone, hand_table({1: "mkl", 2: "mkl", 3: "mkl", 4: "onednn", 8: "mkl_packed"}))
     backbone.backend = "tuned"
-    ar = build_method(MethodConfig())
-    pld = build_method(
-        MethodConfig(name="pld", impl="decodebench.methods.pld:PromptLookupDrafter", params={"num_draft_tokens": 6})
-    )
-    prompt = repeating_prompts()[0]
-    reference = decode(backbone, ar, prompt, max_new_tokens=32)
-    ours = decode(backbone, pld, prompt, max_new_tokens=32)
-    assert ours.new_ids == reference.new_ids
-    assert sum(s.accepted for s in ours.steps) > 0, "PLD never got a draft accepted: the check proves nothing"
+    assert_pld_equals_ar(backbone)
     remove_backend(backbone)
 
 
@@ -241,15 +247,7 @@ def test_streamed_kernel_keeps_pld_equal_to_ar_on_fused_layers():
     backends._apply_tuned(backbone, hand_table({1: "streamed", 2: "streamed", 3: "mkl", 4: "streamed", 8: "streamed"}))
     backbone.backend = "tuned"
     assert backends.linears_of(backbone)[0].kernel_by_rows[1:5] == ["streamed", "streamed", "mkl", "streamed"]
-    ar = build_method(MethodConfig())
-    pld = build_method(
-        MethodConfig(name="pld", impl="decodebench.methods.pld:PromptLookupDrafter", params={"num_draft_tokens": 6})
-    )
-    prompt = repeating_prompts()[0]
-    reference = decode(backbone, ar, prompt, max_new_tokens=32)
-    ours = decode(backbone, pld, prompt, max_new_tokens=32)
-    assert ours.new_ids == reference.new_ids
-    assert sum(s.accepted for s in ours.steps) > 0, "PLD never got a draft accepted: the check proves nothing"
+    assert_pld_equals_ar(backbone)
     remove_backend(backbone)
 
 
