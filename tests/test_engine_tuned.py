@@ -217,6 +217,32 @@ def test_tuned_fuses_plain_layers_without_copying_weights():
     assert backbone.fused_layers is None and len(backends.linears_of(backbone)) == 7 * backbone.num_layers + 1
 
 
+def test_fused_gqa_attention_over_a_tree_and_a_batch_matches_the_hf_layers():
+    """Masked blocks (a tree, padded batch rows) on GQA fold each kv head's query heads into its
+    query rows instead of repeating the cached K/V: the logits are the HF layers' (4 heads on 2)."""
+    from decodebench.engine.backbone import BlockLayout  # noqa: PLC0415
+
+    backbone = tiny("llama")
+    prefix, block, parents = list(range(3, 40)), [7, 8, 9, 10, 11], [-1, 0, 0, 1, 1]
+    rows = [[5, 6, 7, 8], [9, 10]]
+
+    def logits() -> tuple[torch.Tensor, torch.Tensor]:
+        cache = backbone.new_cache(16)
+        backbone.forward(prefix, cache)
+        tree = backbone.forward(block, cache, layout=BlockLayout(parents=parents)).logits
+        batch_cache = backbone.new_cache(16, batch_size=2)
+        batched = backbone.forward_batch(torch.tensor([rows[0], [*rows[1], 0, 0]]), batch_cache, sizes=[4, 2]).logits
+        return tree, batched
+
+    reference = logits()
+    apply_backend(backbone, "tuned", buckets=(1, 4, 8), model_name=None)
+    assert backbone.fused_layers is not None
+    fused = logits()
+    torch.testing.assert_close(fused[0], reference[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused[1][0], reference[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused[1][1, :2], reference[1][1, :2], rtol=1e-5, atol=1e-5)
+
+
 def test_tuned_names_why_layers_are_not_fused():
     config = ModelConfig(name="tiny-llama", source="tiny", architecture="llama", tiny=TINY, attn_implementation="eager")
     backbone = Backbone(build_tiny(config, seed=0))
