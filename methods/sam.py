@@ -18,6 +18,13 @@ many tokens follow it). Otherwise the auxiliary drafter — Token Recycling
 (:mod:`decodebench.methods.token_recycling`), the paper's training-free choice — drafts its tree.
 Token Recycling's adjacency matrix learns from every verified block, whichever drafter proposed it.
 
+The reference's retrieval-only variant (``samd_sam_only``, the paper's plain "SAM-Decoding" row; preset
+``sam_only``) drafts without an auxiliary drafter (``auxiliary: none``) and sizes every draft by its
+match: ``min(n_predicts, 1 + int(alpha × match length))`` tokens counting the start token (``alpha``
+4, ``n_predicts`` 60, ``len_bias`` 0); its corpus automaton drafts a tree instead of a chain
+(``static_tree``): best-first by the product of the continuations' frequencies (each state's
+occurrence count over its parent's), at most ``tree_topk`` (8) nodes per depth.
+
 Followed from the reference: the automata and their update rules (request automaton rebuilt per
 request; the static cursor reset per request and moved over prompt and accepted tokens), the
 first-occurrence continuation, ``to_anc`` for the dynamic automaton only, ``n_predicts`` 40,
@@ -35,6 +42,7 @@ Differs, and why:
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 from dataclasses import dataclass, field
@@ -49,6 +57,7 @@ from decodebench.methods.token_recycling import PAPER_TREE, TokenRecyclingDrafte
 log = logging.getLogger("decodebench")
 
 SEPARATOR = -1  # between corpus entries in the static automaton
+AUXILIARIES = ("token_recycling", "none")
 
 
 class SamDecodingDrafter(Drafter):
@@ -67,6 +76,12 @@ class SamDecodingDrafter(Drafter):
         corpus_split: str = "train"
         corpus_field: str = "text"
         corpus_limit: int = 2000
+        # draft length from the match (reference samd_sam_only): min(n_predicts, 1 + int(alpha * match))
+        # tokens with the start token; None = always n_predicts (samd, with an auxiliary drafter)
+        alpha: float | None = None
+        static_tree: bool = False  # the corpus match drafts a frequency-ranked tree (samd_sam_only)
+        tree_topk: int = 8  # the static tree's nodes per depth (reference K 8)
+        auxiliary: str = "token_recycling"  # token_recycling | none (retrieval only: no draft below len_threshold)
         # the auxiliary Token Recycling drafter (methods/token_recycling.py)
         candidates: int = 8
         tree: list[list[int]] = field(default_factory=lambda: [list(p) for p in PAPER_TREE])
@@ -81,6 +96,9 @@ class SamDecodingDrafter(Drafter):
             check(self.n_predicts >= 2, "method.params.n_predicts", self.n_predicts, ">= 2")
             check(self.len_threshold >= 1, "method.params.len_threshold", self.len_threshold, ">= 1")
             check(self.len_bias >= 0, "method.params.len_bias", self.len_bias, ">= 0")
+            check(self.alpha is None or self.alpha > 0, "method.params.alpha", self.alpha, "> 0 or null")
+            check(self.tree_topk >= 1, "method.params.tree_topk", self.tree_topk, ">= 1")
+            check(self.auxiliary in AUXILIARIES, "method.params.auxiliary", self.auxiliary, " | ".join(AUXILIARIES))
             check(
                 self.max_verify_cost is None or self.max_verify_cost >= 1.0,
                 "method.params.max_verify_cost",
@@ -131,6 +149,8 @@ class SamDecodingDrafter(Drafter):
         for sequence in corpus.sequences:
             self.static.extend(sequence)
             self.static.add(SEPARATOR)
+        if self.params.static_tree:
+            self.static.count_occurrences()
         build_s = time.perf_counter() - start
         self.static_stats = {
             "datastore_tokens": float(corpus.tokens),
@@ -176,27 +196,68 @@ class SamDecodingDrafter(Drafter):
         self.fed = len(context) - 1
 
     # -- drafting --------------------------------------------------------------------------------
-    def retrieve(self, context: list[int]) -> list[int]:
-        """The chain draft from the better automaton match, or [] when neither reaches len_threshold."""
+    def retrieve(self, context: list[int]) -> Proposal | None:
+        """The draft from the better automaton match (a chain, or the corpus tree with
+        ``static_tree``), or None when neither reaches ``len_threshold``."""
         self._read(context)
-        start, n = context[-1], self.n_predicts
+        start = context[-1]
         dyn_state, dyn_len = self.dynamic.lookup(start)
         static_state, static_len = self.static.lookup(start) if self.params.use_static else (0, 0)
         static_len -= self.params.len_bias
         if max(dyn_len, static_len) < self.params.len_threshold:
-            return []
+            return None
+        n = self.draft_size(max(dyn_len, static_len))
         if dyn_len >= static_len:
-            return self.dynamic.continuation(self.dynamic.shorter_with_room(dyn_state, n), n - 1)
+            return Proposal(tokens=self.dynamic.continuation(self.dynamic.shorter_with_room(dyn_state, n), n - 1))
+        if self.params.static_tree:
+            return self.static_tree(static_state, n - 1)
         draft = self.static.continuation(static_state, n - 1)
-        return draft[: draft.index(SEPARATOR)] if SEPARATOR in draft else draft
+        return Proposal(tokens=draft[: draft.index(SEPARATOR)] if SEPARATOR in draft else draft)
+
+    def draft_size(self, match: int) -> int:
+        """Tokens of a retrieval draft counting the start token: ``n_predicts``, or with ``alpha`` the
+        reference's ``min(n_predicts, 1 + int(alpha * match))``."""
+        if self.params.alpha is None:
+            return self.n_predicts
+        return min(self.n_predicts, 1 + int(self.params.alpha * match))
+
+    def static_tree(self, state: int, size: int) -> Proposal:
+        """Best-first tree of up to ``size`` drafts below the corpus match (reference
+        ``StaticSAM.gen_draft``): pop the likeliest frontier node (product of the continuation
+        frequencies on its path), keep it unless its depth already has ``tree_topk`` nodes, push its
+        ``tree_topk`` most frequent continuations (never the entry separator)."""
+        k = self.params.tree_topk
+        # (-probability, push order, token, automaton state, parent draft, depth); the root is the start token
+        frontier: list[tuple[float, int, int, int, int, int]] = [(-1.0, 0, -1, state, -1, 0)]
+        tokens: list[int] = []
+        parents: list[int] = []
+        per_depth: dict[int, int] = {}
+        pushed = 1
+        while frontier and len(tokens) < size:
+            neg_prob, _, node_token, node_state, parent, depth = heapq.heappop(frontier)
+            if depth and per_depth.get(depth, 0) >= k:
+                continue
+            index = parent
+            if depth:  # depth 0 is the start token: the verify block's root
+                per_depth[depth] = per_depth.get(depth, 0) + 1
+                index = len(tokens)
+                tokens.append(node_token)
+                parents.append(parent)
+            for token, nxt, prob in self.static.likeliest_next(node_state, k):
+                if token != SEPARATOR:
+                    heapq.heappush(frontier, (neg_prob * prob, pushed, token, nxt, index, depth + 1))
+                    pushed += 1
+        return Proposal(tokens=tokens, parents=parents)
 
     def propose(self, context: list[int], max_tokens: int) -> Proposal:
         if max_tokens <= 0:
             return Proposal()
-        draft = self.retrieve(context)[:max_tokens]
-        if draft:
+        proposal = self.retrieve(context)
+        if proposal is not None and proposal.tokens:
             self.counts["retrieval_steps"] += 1
-            return Proposal(tokens=draft)
+            return first_drafts(proposal, max_tokens)
+        if self.params.auxiliary == "none":
+            return Proposal()
         self.counts["aux_steps"] += 1
         return self.recycling.propose(context, max_tokens)
 
@@ -205,3 +266,9 @@ class SamDecodingDrafter(Drafter):
 
     def request_stats(self) -> dict[str, float]:
         return {**super().request_stats(), **self.static_stats, **{k: float(v) for k, v in self.counts.items()}}
+
+
+def first_drafts(proposal: Proposal, n: int) -> Proposal:
+    """The first ``n`` drafts of a chain or of a tree whose parents precede their children."""
+    parents = None if proposal.parents is None else proposal.parents[:n]
+    return Proposal(tokens=proposal.tokens[:n], parents=parents)

@@ -11,6 +11,10 @@ in ``s``. Reading a token follows ``next`` or, when there is none, falls back al
 (exactly the longest-suffix match, updated in amortised O(1) per token). A draft is what followed
 the first occurrence of the matched suffix: ``s[min_endpos : min_endpos + n]``.
 
+``occurrences`` (after :meth:`count_occurrences`) is the number of end positions of a state's
+substrings, i.e. how often they occur in ``s`` (the reference's ``cnt_endpos``);
+:meth:`likeliest_next` orders a state's transitions by it (the static automaton's draft tree).
+
 States are parallel lists (not objects) for speed in Python.
 """
 
@@ -30,6 +34,9 @@ class SuffixAutomaton:
         self.tokens: list[int] = []  # s; min_endpos e means s[e - 1] ends the first occurrence
         self.last = 0  # the state of the whole of s
         self.cursor = (0, 0)  # (state, match length) of the text read with transfer()
+        self.clones: set[int] = set()  # states made by splitting (they own no end position)
+        self.occurrences: list[int] = []  # per state, filled by count_occurrences()
+        self._likeliest: dict[int, list[tuple[int, int]]] = {}
         self.extend(tokens)
 
     def __len__(self) -> int:
@@ -63,6 +70,7 @@ class SuffixAutomaton:
                 self.link[cur] = q
             else:
                 clone = self._new_state(self.length[p] + 1, self.min_endpos[q], self.link[q], dict(self.next[q]))
+                self.clones.add(clone)
                 while p != -1 and self.next[p].get(token) == q:
                     self.next[p][token] = clone
                     p = self.link[p]
@@ -105,6 +113,27 @@ class SuffixAutomaton:
         while self.link[state] != 0 and len(self.tokens) - self.min_endpos[state] < n:
             state = self.link[state]
         return state
+
+    def count_occurrences(self) -> None:
+        """How often each state's substrings occur: 1 per prefix end (the state created for each
+        token; clones own none), summed up the suffix-link tree (longest states first). Call after
+        the last :meth:`add`; the reference keeps the same counts incrementally (``cnt_endpos``)."""
+        counts = [0, *(0 if state in self.clones else 1 for state in range(1, self.states))]
+        for state in sorted(range(1, self.states), key=self.length.__getitem__, reverse=True):
+            if self.link[state] > 0:
+                counts[self.link[state]] += counts[state]
+        self.occurrences = counts
+        self._likeliest = {}
+
+    def likeliest_next(self, state: int, k: int) -> list[tuple[int, int, float]]:
+        """The ``k`` most frequent ``(token, next state, probability)`` after ``state``'s substrings,
+        the probability being the next state's share of ``state``'s occurrences (the reference's
+        ``states_topk_next``, ranked by ``cnt_endpos``)."""
+        if state not in self._likeliest:
+            ranked = sorted(self.next[state].items(), key=lambda item: self.occurrences[item[1]], reverse=True)
+            self._likeliest[state] = ranked
+        total = self.occurrences[state] if state else len(self.tokens)
+        return [(token, nxt, self.occurrences[nxt] / total) for token, nxt in self._likeliest[state][:k]]
 
     def continuation(self, state: int, n: int) -> list[int]:
         """Up to ``n`` tokens after the first occurrence of ``state``'s substrings."""

@@ -64,6 +64,29 @@ def test_shorter_with_room_walks_to_an_earlier_occurrence():
     assert automaton.continuation(shorter, 2) == [4, 5]
 
 
+def test_occurrence_counts_and_likeliest_next_match_brute_force():
+    rng = random.Random(1)
+    for _ in range(20):
+        s = [rng.randrange(3) for _ in range(rng.randint(1, 40))]
+        automaton = SuffixAutomaton(s)
+        automaton.count_occurrences()
+        for length in (1, 2, 3):
+            for start in range(len(s) - length + 1):
+                pattern = s[start : start + length]
+                state = 0
+                for token in pattern:
+                    state = automaton.next[state][token]
+                occurs = sum(s[i : i + length] == pattern for i in range(len(s) - length + 1))
+                assert automaton.occurrences[state] == occurs
+                following = {
+                    t: sum(s[i : i + length + 1] == [*pattern, t] for i in range(len(s) - length)) for t in range(3)
+                }
+                ranked = automaton.likeliest_next(state, 2)
+                assert [prob * occurs for _, _, prob in ranked] == pytest.approx(
+                    sorted((c for c in following.values() if c), reverse=True)[:2]
+                )
+
+
 # -- the drafter's choice ---------------------------------------------------------------------------
 def test_request_corpus_and_auxiliary_drafts(tmp_path):
     corpus = corpus_file(tmp_path, [[30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42]])
@@ -81,8 +104,50 @@ def test_request_corpus_and_auxiliary_drafts(tmp_path):
     assert stats["retrieval_steps"] == 2 and stats["aux_steps"] == 1 and stats["datastore_tokens"] == 13
 
 
+def test_retrieval_only_sizes_drafts_by_the_match_and_the_corpus_drafts_a_frequency_tree(tmp_path):
+    # after "1 2" the corpus continues 3 4 (twice), 5 (once); after "1 2 3": 4 (twice)
+    corpus = corpus_file(tmp_path, [[1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 5]])
+    drafter = sam(
+        corpus="jsonl",
+        corpus_path=corpus,
+        auxiliary="none",
+        alpha=1.0,
+        static_tree=True,
+        tree_topk=8,
+        len_threshold=1,
+        len_bias=0,
+        n_predicts=60,
+    )
+    drafter.setup(tiny_backbone("llama"))
+    drafter.start_request([9, 1], None, None)
+    # "1 2" matches 2 corpus tokens -> 1 + int(1.0 * 2) = 3 tokens with the start token: 2 drafts, the
+    # likeliest first (3: 2/3), then the likelier of 5 (1/3) and 3's child 4 (2/3 x 1)
+    proposal = drafter.propose([9, 1, 2], 8)
+    assert proposal.tokens == [3, 4] and proposal.parents == [-1, 0]
+    drafter.params.alpha = 2.0  # 1 + 4 = 5 tokens: every node of the corpus tree below "1 2"
+    proposal = drafter.propose([9, 1, 2], 8)
+    assert proposal.tokens == [3, 4, 5] and proposal.parents == [-1, 0, -1]
+    assert drafter.propose([9, 1, 2], 2).tokens == [3, 4]  # the loop's limit keeps the first drafts
+    # no match: retrieval only drafts nothing (no Token Recycling)
+    assert len(drafter.propose([9, 1, 2, 77], 8)) == 0
+    assert drafter.request_stats()["aux_steps"] == 0
+
+
+def test_bad_auxiliary_is_refused_with_the_key_and_the_choices():
+    with pytest.raises(ValueError, match=r"method.params.auxiliary.*token_recycling \| none"):
+        sam(auxiliary="eagle2")
+
+
 # -- losslessness ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("params", [{"use_static": False}, {"n_predicts": 6, "len_threshold": 2, "len_bias": 1}])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"use_static": False},
+        {"n_predicts": 6, "len_threshold": 2, "len_bias": 1},
+        # the reference's retrieval-only variant (preset sam_only): match-sized drafts, corpus tree
+        {"auxiliary": "none", "alpha": 4.0, "n_predicts": 12, "len_bias": 0, "len_threshold": 1, "static_tree": True},
+    ],
+)
 def test_sam_greedy_equals_ar(backbone, ar_outputs, tmp_path, params):
     prompts = repeating_prompts()
     # the corpus: the target's own answers to half the prompts (prompt + AR answer per row)
@@ -98,7 +163,8 @@ def test_sam_greedy_equals_ar(backbone, ar_outputs, tmp_path, params):
         for key in used:
             used[key] += ours.method_stats[key]
     assert accepted > 0, "no draft was ever accepted: the losslessness check proves nothing"
-    assert used["retrieval_steps"] > 0 and used["aux_steps"] > 0  # both drafters were exercised
+    assert used["retrieval_steps"] > 0  # the automata drafted
+    assert (used["aux_steps"] > 0) == (params.get("auxiliary") != "none")  # Token Recycling only as auxiliary
 
 
 @pytest.mark.embedded
