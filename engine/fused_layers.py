@@ -139,9 +139,20 @@ class FusedLayer:
     def _norm(norm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(hidden, (hidden.shape[-1],), norm.weight, norm.variance_epsilon)
 
+    def native_for(self, rows: int) -> bool:
+        """Whether an ``rows``-row block of one sequence runs as the C++ decoder layer: where the
+        tuned backend's kernel table picked the streamed kernel for all four linears (the layer
+        runs its matmuls on that kernel), never inside a torch.compile trace."""
+        return all(
+            rows < len(getattr(linear, "kernel_by_rows", ())) and linear.kernel_by_rows[rows] == "streamed"
+            for linear in self.linears()
+        )
+
     def __call__(self, hidden: torch.Tensor, mask, cache, position_embeddings) -> torch.Tensor:
         """``(batch, q, hidden)`` in and out; K/V of the block appended to ``cache``."""
         batch, q, _ = hidden.shape
+        if batch == 1 and cache.batch_size == 1 and self.native_for(q) and not torch.compiler.is_compiling():
+            return self._native_layer(hidden, mask, cache, position_embeddings)
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         qkv = self.qkv.forward(self._norm(self.attention_norm, hidden))
         qkv = qkv.view(batch, q, heads + 2 * kv_heads, dim).transpose(1, 2)
@@ -154,6 +165,36 @@ class FusedLayer:
         gate_up = self.gate_up.forward(self._norm(self.mlp_norm, hidden))
         return hidden + self.down_proj.forward(
             F.silu(gate_up[..., : self.intermediate]) * gate_up[..., self.intermediate :]
+        )
+
+    def _native_layer(self, hidden: torch.Tensor, mask, cache, position_embeddings) -> torch.Tensor:
+        """The whole layer as one ``decodebench::decode_layer`` call (engine/decode_layer.cpp): the K/V
+        of the block are written straight into the cache's buffers."""
+        q = hidden.shape[1]
+        cos, sin = position_embeddings
+        start = cache.claim(self.layer_index, q)
+        return torch.ops.decodebench.decode_layer(
+            hidden.contiguous(),
+            self.attention_norm.weight,
+            self.qkv.weight,
+            self.qkv.bias,
+            self.o_proj.weight,
+            self.o_proj.bias,
+            self.mlp_norm.weight,
+            self.gate_up.weight,
+            self.gate_up.bias,
+            self.down_proj.weight,
+            self.down_proj.bias,
+            cos.reshape(q, -1).contiguous(),
+            sin.reshape(q, -1).contiguous(),
+            cache.keys[self.layer_index],
+            cache.values[self.layer_index],
+            start,
+            mask,
+            self.heads,
+            self.kv_heads,
+            self.attention_norm.variance_epsilon,
+            self.scaling,
         )
 
     def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask) -> torch.Tensor:

@@ -119,6 +119,18 @@ class KVCache:
         self.lengths[layer_idx] = end
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
+    def claim(self, layer_idx: int, q: int) -> int:
+        """Grow layer ``layer_idx`` of a one-row cache by ``q`` entries that the caller writes into
+        ``keys[layer_idx]`` / ``values[layer_idx]`` itself (the fused C++ decoder layer); returns
+        where they start."""
+        if self.batch_size != 1:
+            raise ValueError("claim() is for one-row caches (a batch appends through update())")
+        start = self.lengths[layer_idx]
+        self.ensure_capacity(start + q)
+        self.lengths[layer_idx] = start + q
+        self._row_lengths[layer_idx] = [start + q]
+        return start
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.lengths[layer_idx]
 

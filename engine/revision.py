@@ -22,6 +22,8 @@ STEP_SOURCES = (
     "kv_cache.py",
     "streamed.py",
     "streamed_linear.cpp",
+    "decode_layer.cpp",
+    "simd.h",
 )
 
 

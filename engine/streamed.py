@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("decodebench")
-SOURCE = Path(__file__).with_name("streamed_linear.cpp")
+# the streamed linear kernel and the fused decoder layer built on it (decode_layer.cpp; simd.h is shared)
+SOURCES = [Path(__file__).with_name(name) for name in ("streamed_linear.cpp", "decode_layer.cpp")]
 # fp contraction only where the source asks (std::fma); 512-bit vectors where the CPU has them (GCC
 # prefers 256 on Intel by default: half the registers for the kernel's accumulators, measured slower)
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off", "-fopenmp"]
@@ -52,7 +53,7 @@ def _load():
     try:
         module = cpp_extension.load(
             name="decodebench_streamed",
-            sources=[str(SOURCE)],
+            sources=[str(source) for source in SOURCES],
             extra_cflags=FLAGS,
             extra_ldflags=["-fopenmp"],  # at::parallel_for is OpenMP in these builds: without it one thread
             build_directory=str(directory),
@@ -62,12 +63,18 @@ def _load():
         log.warning("engine kernel 'streamed' unavailable here: %s", reason)
         return reason
     torch.library.register_fake("decodebench::streamed_linear")(_shape)
+    torch.library.register_fake("decodebench::decode_layer")(_layer_shape)
     return module
 
 
 def _shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The operator's output for tracing (torch.compile): ``x``'s shape with ``weight``'s out features."""
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _layer_shape(hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The fused decoder layer's output for tracing: the hidden states' shape."""
+    return torch.empty_like(hidden)
 
 
 def unavailable_reason() -> str | None:

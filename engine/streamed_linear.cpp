@@ -15,49 +15,21 @@
 // (verification), and the weights are the module's own (no copy).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
+
+#include "simd.h"
 
 #include <algorithm>
 #include <array>
 #include <utility>
 
+namespace decodebench {
 namespace {
 
 #if defined(__AVX512F__)
-constexpr int LANES = 16;
-constexpr int MAX_ROWS = 16;  // 32 vector registers: M x R accumulators + R weight vectors + 1 input vector
-using Vec = __m512;
-inline Vec zero() { return _mm512_setzero_ps(); }
-inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
-inline Vec load_tail(const float* p, int count) { return _mm512_maskz_loadu_ps((__mmask16)((1u << count) - 1), p); }
-inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline float hsum(Vec v) {  // fixed order: halves, then quarters, ...
-  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
-  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-  const __m128 e = _mm_add_ps(q, _mm_movehl_ps(q, q));
-  return _mm_cvtss_f32(_mm_add_ss(e, _mm_movehdup_ps(e)));
-}
 // weight rows in flight per block size (index = rows): fills the register file
 constexpr int R_FOR[MAX_ROWS + 1] = {0, 8, 8, 6, 5, 4, 4, 3, 3, 2, 2, 2, 1, 1, 1, 1, 1};
-#elif defined(__AVX2__) && defined(__FMA__)
-constexpr int LANES = 8;
-constexpr int MAX_ROWS = 8;  // 16 vector registers
-using Vec = __m256;
-inline Vec zero() { return _mm256_setzero_ps(); }
-inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
-inline Vec load_tail(const float* p, int count) {
-  alignas(32) static const int ones[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
-  return _mm256_maskload_ps(p, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ones + 8 - count)));
-}
-inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline float hsum(Vec v) {
-  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 e = _mm_add_ps(q, _mm_movehl_ps(q, q));
-  return _mm_cvtss_f32(_mm_add_ss(e, _mm_movehdup_ps(e)));
-}
-constexpr int R_FOR[MAX_ROWS + 1] = {0, 6, 4, 3, 2, 2, 2, 1, 1};
 #else
-#error "the streamed kernel needs AVX-512F or AVX2 with FMA (engine/streamed.py reports this as the reason it is unavailable)"
+constexpr int R_FOR[MAX_ROWS + 1] = {0, 6, 4, 3, 2, 2, 2, 1, 1};
 #endif
 
 // Rows [n, n + R) of the weight against the M rows of the block; prefetches `ahead` floats further on.
@@ -111,6 +83,15 @@ const auto PASSES = passes(std::make_integer_sequence<int, MAX_ROWS + 1>{});
 
 }  // namespace
 
+void streamed_rows(const float* x, int64_t rows, const float* w, int64_t K, int64_t N, float* y) {
+  for (int64_t start = 0; start < rows; start += MAX_ROWS) {
+    const int64_t count = std::min<int64_t>(MAX_ROWS, rows - start);
+    PASSES[count](x + start * K, w, y + start * N, K, N);
+  }
+}
+
+}  // namespace decodebench
+
 torch::Tensor streamed_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat && weight.scalar_type() == torch::kFloat, "streamed_linear: fp32 only");
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "streamed_linear: CPU tensors only");
@@ -120,11 +101,7 @@ torch::Tensor streamed_linear(const torch::Tensor& x, const torch::Tensor& weigh
   const auto flat = x.reshape({-1, K}).contiguous();
   const int64_t rows = flat.size(0);
   auto out = torch::empty({rows, N}, x.options());
-  const float* wp = weight.data_ptr<float>();
-  for (int64_t start = 0; start < rows; start += MAX_ROWS) {
-    const int64_t count = std::min<int64_t>(MAX_ROWS, rows - start);
-    PASSES[count](flat.data_ptr<float>() + start * K, wp, out.data_ptr<float>() + start * N, K, N);
-  }
+  decodebench::streamed_rows(flat.data_ptr<float>(), rows, weight.data_ptr<float>(), K, N, out.data_ptr<float>());
   if (bias.has_value() && bias->defined()) out.add_(*bias);
   auto shape = x.sizes().vec();
   shape.back() = N;

@@ -277,6 +277,46 @@ def test_streamed_kernel_keeps_pld_equal_to_ar_on_fused_layers():
     remove_backend(backbone)
 
 
+@pytest.mark.skipif(streamed.unavailable_reason() is not None, reason="no C++ toolchain for the streamed kernel")
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases
+def test_the_cpp_decoder_layer_matches_the_hf_layers_and_a_row_does_not_depend_on_its_block(arch):
+    """Where the table picks the streamed kernel, a fused layer runs as one ``decode_layer`` call:
+    a step, a chain and a tree give the HF layers' logits, and a row's logits are bitwise the same
+    in a 1-token step and in a verify block (AR and verification agree exactly)."""
+    from torch.profiler import profile  # noqa: PLC0415
+
+    from decodebench.engine.backbone import BlockLayout  # noqa: PLC0415
+
+    backbone = tiny(arch)
+    prefix = list(range(3, 40))
+    blocks = [([7], None), ([7, 8, 9], None), ([7, 8, 9, 10, 11], [-1, 0, 0, 1, 1])]
+
+    def run() -> list[torch.Tensor]:
+        out = []
+        for tokens, parents in blocks:
+            cache = backbone.new_cache(16)
+            backbone.forward(prefix, cache)
+            out.append(backbone.forward(tokens, cache, layout=BlockLayout(parents=parents)).logits)
+        return out
+
+    reference = run()
+    backends.install_fused_layers(backbone)
+    backends._apply_tuned(backbone, hand_table({1: "streamed", 4: "streamed", 8: "streamed", 16: "mkl"}))
+    assert backbone.fused_layers[0].native_for(5) and not backbone.fused_layers[0].native_for(16)
+    with profile() as traced:
+        native = run()
+    assert sum(event.name == "decodebench::decode_layer" for event in traced.events()) == 3 * backbone.num_layers
+    backbone.backend = "tuned"
+    for ours, theirs in zip(native, reference):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    # token 8 after [prefix, 7]: as a 1-token step, and as row 1 of the 3-token chain
+    cache = backbone.new_cache(16)
+    backbone.forward(prefix, cache)
+    backbone.forward([7], cache)
+    assert torch.equal(backbone.forward([8], cache).logits[0], native[1][1])
+    remove_backend(backbone)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(streamed.unavailable_reason() is not None, reason="no C++ toolchain for the streamed kernel")
 def test_compiled_step_calls_the_streamed_kernel_where_the_table_picks_it():
