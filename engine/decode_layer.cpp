@@ -63,6 +63,63 @@ void rope(float* x, const float* cos, const float* sin, int64_t d) {
   for (int64_t j = 0; j < d; ++j) x[j] = x[j] * cos[j] + rotated[j] * sin[j];
 }
 
+// One query row of one head against the cache: which keys it sees (mask row, or causal up to `last`).
+struct Attention {
+  const float* query;
+  const float* keys;    // (capacity, d) rows of the query's kv head
+  const float* values;  // idem
+  const bool* visible;  // the row's mask over the L keys, or nullptr: keys 0..last
+  int64_t last, L, d;
+  float scale;
+};
+
+// Scores (masked keys -inf), their softmax weights (unnormalised) into `weights`; returns the sum.
+float softmax_weights(const Attention& a, float* weights) {
+  float best = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < a.L; ++j) {
+    const bool seen = a.visible ? a.visible[j] : j <= a.last;
+    weights[j] = seen ? dot(a.query, a.keys + j * a.d, a.d) * a.scale : -std::numeric_limits<float>::infinity();
+    best = std::max(best, weights[j]);
+  }
+  float total = 0.0f;
+  for (int64_t j = 0; j < a.L; ++j) {
+    weights[j] = weights[j] == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(weights[j] - best);
+    total += weights[j];
+  }
+  return total;
+}
+
+// dest = Σ_j weights[j] · v_j / Σ weights: per lane a chain of fused multiply-adds in j order
+void attend(const Attention& a, float* weights, float* dest) {
+  const float total = softmax_weights(a, weights);
+  std::fill_n(dest, a.d, 0.0f);
+  const int64_t d_vec = a.d / LANES * LANES;
+  for (int64_t j = 0; j < a.L; ++j) {
+    if (weights[j] == 0.0f) continue;
+    const float* v = a.values + j * a.d;
+    const Vec w = broadcast(weights[j]);
+    for (int64_t c = 0; c < d_vec; c += LANES) store(dest + c, fma(w, load(v + c), load(dest + c)));
+    for (int64_t c = d_vec; c < a.d; ++c) dest[c] = std::fma(weights[j], v[c], dest[c]);
+  }
+  for (int64_t c = 0; c < a.d; ++c) dest[c] /= total;
+}
+
+// attend() for d = V · LANES with the output row in V registers (the same operations, bitwise)
+template <int V>
+void attend_in_registers(const Attention& a, float* weights, float* dest) {
+  const float total = softmax_weights(a, weights);
+  Vec out[V];
+  for (int c = 0; c < V; ++c) out[c] = zero();
+  for (int64_t j = 0; j < a.L; ++j) {
+    if (weights[j] == 0.0f) continue;
+    const float* v = a.values + j * a.d;
+    const Vec w = broadcast(weights[j]);
+    for (int c = 0; c < V; ++c) out[c] = fma(w, load(v + c * LANES), out[c]);
+  }
+  for (int c = 0; c < V; ++c) store(dest + c * LANES, out[c]);
+  for (int64_t c = 0; c < a.d; ++c) dest[c] /= total;
+}
+
 }  // namespace
 }  // namespace decodebench
 
@@ -123,31 +180,15 @@ torch::Tensor decode_layer(const torch::Tensor& hidden, const torch::Tensor& att
     std::vector<float> weights(L);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t h = task / q, m = task % q, kv = h / groups;
-      const float* query = qkv.data() + m * qkv_width + h * d;
-      const float* key_rows = keys + kv * capacity * d;
-      const float* value_rows = values + kv * capacity * d;
-      float best = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < L; ++j) {
-        const bool seen = visible ? visible[m * L + j] : j <= start + m;
-        weights[j] = seen ? dot(query, key_rows + j * d, d) * scale : -std::numeric_limits<float>::infinity();
-        best = std::max(best, weights[j]);
-      }
-      float total = 0.0f;
-      for (int64_t j = 0; j < L; ++j) {
-        weights[j] = weights[j] == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(weights[j] - best);
-        total += weights[j];
-      }
+      const Attention one{qkv.data() + m * qkv_width + h * d, keys + kv * capacity * d, values + kv * capacity * d,
+                          visible ? visible + m * L : nullptr, start + m, L, d, scale};
       float* dest = attended.data() + m * heads * d + h * d;
-      std::fill_n(dest, d, 0.0f);
-      const int64_t d_vec = d / LANES * LANES;
-      for (int64_t j = 0; j < L; ++j) {
-        if (weights[j] == 0.0f) continue;
-        const float* v = value_rows + j * d;
-        const Vec w = broadcast(weights[j]);
-        for (int64_t c = 0; c < d_vec; c += LANES) store(dest + c, fma(w, load(v + c), load(dest + c)));
-        for (int64_t c = d_vec; c < d; ++c) dest[c] = std::fma(weights[j], v[c], dest[c]);
+      switch (d == LANES * 2 ? 2 : d == LANES * 4 ? 4 : d == LANES * 8 ? 8 : 0) {
+        case 2: attend_in_registers<2>(one, weights.data(), dest); break;
+        case 4: attend_in_registers<4>(one, weights.data(), dest); break;
+        case 8: attend_in_registers<8>(one, weights.data(), dest); break;
+        default: attend(one, weights.data(), dest);
       }
-      for (int64_t c = 0; c < d; ++c) dest[c] /= total;
     }
   });
   streamed_rows(attended.data(), q, o_weight.data_ptr<float>(), heads * d, H, residual.data());

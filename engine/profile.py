@@ -263,9 +263,18 @@ LINEAR_OPS = (
     "decodebench::streamed_linear",
 )
 ATTENTION_OPS = ("scaled_dot_product", "aten::softmax", "aten::_softmax", "aten::bmm", "aten::baddbmm")
+NATIVE_LAYER_OPS = ("decodebench::decode_layer",)  # a whole decoder layer in C++ (engine/decode_layer.cpp)
 LM_HEAD_LABEL = "decodebench::lm_head"
 CACHE_WRITE_LABEL = "decodebench::cache_write"
-BREAKDOWN_PARTS = ("decoder_linears", "lm_head", "attention", "cache_writes", "other_ops", "python_dispatch")
+BREAKDOWN_PARTS = (
+    "native_layers",
+    "decoder_linears",
+    "lm_head",
+    "attention",
+    "cache_writes",
+    "other_ops",
+    "python_dispatch",
+)
 
 
 @dataclass
@@ -273,8 +282,9 @@ class StepBreakdown:
     """Where one forward of ``k`` tokens spends its time (ms per step).
 
     ``wall_ms`` is the median unprofiled step; the op categories come from ``torch.profiler`` over
-    ``BREAKDOWN_REPEATS`` steps (top-level ops, children included): ``decoder_linears`` (every
-    linear of the decoder layers), ``lm_head`` (the vocabulary projection of the rows asked for),
+    ``BREAKDOWN_REPEATS`` steps (top-level ops, children included): ``native_layers`` (decoder
+    layers run whole by the C++ ``decode_layer`` operator: their linears, attention and cache writes
+    included), ``decoder_linears`` (every linear of the decoder layers run op by op), ``lm_head`` (the vocabulary projection of the rows asked for),
     ``attention`` (sdpa / softmax / bmm), ``cache_writes`` (:class:`KVCache` updates),
     ``other_ops`` (embedding, norms, rotary, residual adds, masks); ``python_dispatch`` = wall minus
     all ops: the Python of the loop and HF's modules and the dispatcher between ops. ``weights_gbps``
@@ -292,6 +302,8 @@ class StepBreakdown:
 
 
 def _classify(event) -> str:
+    if event.name in NATIVE_LAYER_OPS:
+        return "native_layers"
     if event.name == LM_HEAD_LABEL:
         return "lm_head"
     if event.name == CACHE_WRITE_LABEL:
