@@ -76,8 +76,8 @@ KEPT_STATEMENTS = (
 
 def first_code_block(answer: str) -> str:
     """The first python (or untagged) markdown code block of ``answer``: up to its closing fence,
-    to the end of ``answer`` when it is not closed (cut by a stop string or the token limit), the
-    whole answer when it has no fence at all."""
+    to the end of ``answer`` when it is not closed (cut by a stop string or the token limit); the
+    whole answer when it has no fence at all, nothing when its blocks are all in other languages."""
     fences = list(FENCE.finditer(answer))
     index = 0
     while index < len(fences):
