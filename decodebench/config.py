@@ -564,7 +564,8 @@ def sweep_cells(overrides: Sequence[str]) -> list[list[str]]:
 
 def validate_before_loading(cfg: RunConfig) -> None:
     """Checks that need the chosen method or this machine, run before any model is loaded: the
-    device exists, a draft-model method has ``model.draft``, batched decoding has a method that
+    device exists, the task's params pass their ``Params`` checks (e.g. ``task.params.prompt_style``),
+    a draft-model method has ``model.draft``, batched decoding has a method that
     batches (``Drafter.supports_batch``), the optional features chosen have their extras (decodebench/extras.py)."""
     import torch
 
@@ -572,10 +573,12 @@ def validate_before_loading(cfg: RunConfig) -> None:
     from decodebench.methods import batchable_methods, build_method
     from decodebench.models.loading import available_models
     from decodebench.tasks import metrics
+    from decodebench.tasks.base import params_from_dict
 
     if cfg.logger.name == "wandb":
         require_extra("wandb", "wandb", "logger=wandb")
     task_module = sys.modules[import_entry(cfg.task.impl).__module__]
+    params_from_dict(import_entry(cfg.task.impl).Params, cfg.task.params, "task.params")
     if getattr(task_module, "compute", None) is metrics.compute:  # scores with the evaluate metric modules
         for module in metrics.QUALITY_MODULES:
             require_extra("quality", module, f"task={cfg.task.name} (its quality metrics)")

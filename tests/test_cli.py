@@ -91,6 +91,10 @@ def test_bad_values_exit_2_naming_the_key(args, expected, tmp_path):
             "invalid value for 'task.params.sandbox.timeout_s': 'long'",
         ),
         (["task=gsm8k", "task.params.prompt_styl=chat"], "unknown key 'prompt_styl' for task 'gsm8k'"),
+        (
+            ["task=humaneval", "task.params.prompt_style=instruct"],
+            "invalid value for 'task.params.prompt_style': 'instruct' (allowed: completion | chat)",
+        ),
         # every cell of a sweep is checked before the first one runs
         (["-m", "method=ar,pld", "gen.max_new_tokens=8,abc"], "invalid value for 'gen.max_new_tokens': 'abc'"),
         (

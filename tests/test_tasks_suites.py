@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import typing
@@ -163,6 +164,84 @@ def test_humaneval_prompt_and_package_fallback(data_dir, tmp_path, monkeypatch):
         task_of("humaneval", data_dir, tmp_path, "+task.params.sandbox.timeout=3")
 
 
+# --- HumanEval, chat style (instruct models) ----------------------------------------------------
+@pytest.fixture(scope="module")
+def humaneval_chat(data_dir, tmp_path_factory):
+    return task_of("humaneval", data_dir, tmp_path_factory.mktemp("cache"), "task.params.prompt_style=chat")
+
+
+# a Qwen2.5-Coder-Instruct-like answer to HumanEval/0, cut after the block's closing fence ("\n```\n")
+HAS_CLOSE_ELEMENTS = """def has_close_elements(numbers: List[float], threshold: float) -> bool:
+    for i, a in enumerate(numbers):
+        for b in numbers[i + 1 :]:
+            if abs(a - b) < threshold:
+                return True
+    return False
+"""
+
+
+def chat_answer(code: str) -> str:
+    return (
+        "Certainly! Below is the completed function:\n\n```python\n"
+        + code
+        + "\n# Example usage\nprint(has_close_elements([1.0, 2.0, 3.0], 0.5))\n"
+        + "assert has_close_elements([1.0], 0.5)  # a wrong example the program must not run\n```\n"
+    )
+
+
+def test_humaneval_chat_prompt(humaneval_chat):
+    sample = humaneval_chat.load_samples()[0]
+    [message] = humaneval_chat.build_messages(sample, 0, [])
+    text = message["content"]
+    assert message["role"] == "user" and text.startswith("Complete the following Python function.")
+    assert text.endswith("```python\n" + sample.extra["prompt"].strip() + "\n```")  # the whole function prefix
+    settings = humaneval_chat.turn_settings(sample, 0)
+    assert settings.chat_template and settings.stop_strings == ("\n```\n",)  # no top-level stop strings
+
+
+def test_humaneval_first_code_block():
+    from decodebench.tasks.humaneval import first_code_block
+
+    answer = "Use it so:\n```bash\npip install x\n```\nThe code:\n```Python\nx = 1\n```\n```python\ny = 2\n```"
+    assert first_code_block(answer) == "x = 1\n"  # the first python block, another language's skipped
+    assert first_code_block("Here:\n```\nx = 1\n") == "x = 1\n"  # untagged, not closed: to the end
+    assert first_code_block("def f():\n    return 1\n") == "def f():\n    return 1\n"  # no block: all
+    assert first_code_block("```bash\nls\n```\n") == ""
+
+
+def test_humaneval_chat_answers_run_as_programs(humaneval_chat):
+    samples = humaneval_chat.load_samples()
+    sample = samples[0]
+    imports = "from typing import List\n\n\n"
+    correct = {
+        "redefined with its imports": chat_answer(imports + HAS_CLOSE_ELEMENTS),
+        "redefined, the prompt's imports": chat_answer(HAS_CLOSE_ELEMENTS),
+        "the body only": "Here is the body:\n```python\n" + sample.extra["canonical_solution"] + "```\n",
+    }
+    for shape, answer in correct.items():
+        assert humaneval_chat.score(sample, 0, answer) == {"pass@1": 1.0}, shape
+    program, _ = humaneval_chat.program_and_test(sample, correct["redefined with its imports"])
+    assert "print(" not in program and "assert" not in program  # only imports and definitions kept
+    wrong = chat_answer(HAS_CLOSE_ELEMENTS.replace("return False", "return True"))
+    assert humaneval_chat.score(sample, 0, wrong) == {"pass@1": 0.0}
+    assert humaneval_chat.score(sample, 0, "I cannot help with that.") == {"pass@1": 0.0}
+    cyclic = samples[38]  # decode_cyclic uses encode_cyclic, a helper the prompt defines
+    decode = "def decode_cyclic(s: str):\n    return encode_cyclic(encode_cyclic(s))\n"
+    assert humaneval_chat.score(cyclic, 0, f"```python\n{decode}```\n") == {"pass@1": 1.0}
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("task.params.prompt_style=instruct", "'task.params.prompt_style': 'instruct' (allowed: completion | chat)"),
+        ("task.params.chat_instruction=no-placeholder", "a text containing {prompt}"),
+    ],
+)
+def test_humaneval_bad_params_are_config_errors(data_dir, tmp_path, override, message):
+    with pytest.raises(ConfigValueError, match=re.escape(message)):
+        task_of("humaneval", data_dir, tmp_path, override)
+
+
 def test_runner_merges_turn_settings_into_generation(tmp_path):
     from types import SimpleNamespace
 
@@ -183,6 +262,7 @@ def test_runner_merges_turn_settings_into_generation(tmp_path):
     [
         ("gsm8k", [], {"exact_match_strict", "exact_match_flexible"}),
         ("humaneval", [], {"pass@1"}),
+        ("humaneval", ["task.params.prompt_style=chat"], {"pass@1"}),
         (
             "spec_bench",
             ["task.categories=[translation,summarization]", "task.per_category=1"],
