@@ -59,6 +59,53 @@ def pytest_collection_modifyitems(config, items):
         items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
+# --- fixed verify-latency curves for the tiny test models -------------------------------------
+# A tiny model's step takes ~1 ms, so a curve measured for it is noise: under load a first-use
+# measurement inside an unrelated run (a CLI or SLURM test) can be refused as implausible
+# (T(2)/T(1) < 0.5) and fail that test, and every engine change (a new engine revision) makes the
+# stored ones stale. Runs on the default cache read these fixed curves instead; the first-use
+# measurement itself is tested on its own caches (tests/test_first_use_curve.py).
+TINY_CURVE_MODELS = ("tiny-llama", "tiny-qwen2")
+TINY_CURVE_RATIOS = {1: 1.0, 2: 1.1, 3: 1.15, 4: 1.2, 6: 1.3, 8: 1.4, 12: 1.7, 16: 2.0}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fixed_tiny_model_curves():
+    import json
+
+    import torch
+
+    from decodebench.config import default_cache_dir
+    from decodebench.engine.profile import profile_path
+    from decodebench.engine.revision import engine_revision
+
+    ks = list(TINY_CURVE_RATIOS)
+    for model in TINY_CURVE_MODELS:
+        for backend in ("eager", "tuned"):
+            for threads in {1, 2, torch.get_num_threads()}:
+                path = profile_path(model, backend, "cpu", default_cache_dir(), threads)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                curve = {
+                    "model": model,
+                    "backend": backend,
+                    "device": "cpu",
+                    "threads": threads,
+                    "context": 175,
+                    "k": ks,
+                    "ms": [TINY_CURVE_RATIOS[k] for k in ks],
+                    "ratio": [TINY_CURVE_RATIOS[k] for k in ks],
+                    "seconds": {str(k): TINY_CURVE_RATIOS[k] / 1000 for k in ks},
+                    "repeats": 5,
+                    "checked": True,
+                    "measured_by": "tests/conftest.py (fixed)",
+                    "engine_revision": engine_revision(),
+                }
+                # atomically: pytest-xdist workers write the same files while others read them
+                partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                partial.write_text(json.dumps(curve, indent=2))
+                os.replace(partial, path)
+
+
 # --- shared test scaffolding (tests/helpers.py) -----------------------------------------------
 # test modules `from helpers import ...`: pyproject.toml puts tests/ on the path (pythonpath)
 
