@@ -12,7 +12,8 @@
 // glue as plain loops on the block's few rows; attention runs in parallel over (head, row).
 //
 // Arithmetic: the same fp32 operations as the Python layer (RoPE as x·cos + rotate_half(x)·sin with
-// separate products; RMSNorm x·rsqrt(mean(x²) + eps)·g; SiLU x / (1 + e^(−x))). Reductions (the
+// separate products; RMSNorm x·rsqrt(mean(x²) + eps)·g; SiLU x / (1 + e^(−x)); the softmax's
+// exponentials vectorised, simd.h exp_lanes, within 2 ulp). Reductions (the
 // RMSNorm mean, attention dot products, softmax sums and the weighted sum of the values, as fused
 // multiply-adds) are in this file's fixed order, so a row's
 // result does not depend on the other rows of its block: AR steps and verify blocks agree bitwise.
@@ -81,11 +82,18 @@ float softmax_weights(const Attention& a, float* weights) {
     weights[j] = seen ? dot(a.query, a.keys + j * a.d, a.d) * a.scale : -std::numeric_limits<float>::infinity();
     best = std::max(best, weights[j]);
   }
-  float total = 0.0f;
-  for (int64_t j = 0; j < a.L; ++j) {
-    weights[j] = weights[j] == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(weights[j] - best);
-    total += weights[j];
+  const Vec shift = broadcast(best);
+  const int64_t l_vec = a.L / LANES * LANES;
+  for (int64_t j = 0; j < l_vec; j += LANES) store(weights + j, exp_lanes(sub(load(weights + j), shift)));
+  if (l_vec < a.L) {  // the tail through a padded vector (padding lanes are −inf: weight 0, never stored)
+    alignas(64) float tail[LANES];
+    std::fill_n(tail, LANES, -std::numeric_limits<float>::infinity());
+    std::copy(weights + l_vec, weights + a.L, tail);
+    store(tail, exp_lanes(sub(load(tail), shift)));
+    std::copy_n(tail, a.L - l_vec, weights + l_vec);
   }
+  float total = 0.0f;
+  for (int64_t j = 0; j < a.L; ++j) total += weights[j];
   return total;
 }
 

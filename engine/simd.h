@@ -4,6 +4,7 @@
 #pragma once
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstdint>
 
 namespace decodebench {
@@ -18,6 +19,16 @@ inline Vec load_tail(const float* p, int count) { return _mm512_maskz_loadu_ps((
 inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline Vec broadcast(float a) { return _mm512_set1_ps(a); }
 inline void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+inline Vec sub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
+inline Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+inline Vec fnma(Vec a, Vec b, Vec c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a·b
+inline Vec clamp(Vec x, float lo, float hi) { return _mm512_min_ps(_mm512_max_ps(x, broadcast(lo)), broadcast(hi)); }
+inline Vec floor(Vec x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+inline Vec times_pow2(Vec y, Vec n) { return _mm512_scalef_ps(y, n); }  // y · 2ⁿ, n integral
+inline Vec zero_where_neg_inf(Vec x, Vec y) {
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, broadcast(-INFINITY), _CMP_EQ_OQ), y, zero());
+}
 inline float hsum(Vec v) {  // fixed order: halves, then quarters, ...
   const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
   const __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
@@ -37,6 +48,19 @@ inline Vec load_tail(const float* p, int count) {
 inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline Vec broadcast(float a) { return _mm256_set1_ps(a); }
 inline void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+inline Vec sub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
+inline Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+inline Vec fnma(Vec a, Vec b, Vec c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a·b
+inline Vec clamp(Vec x, float lo, float hi) { return _mm256_min_ps(_mm256_max_ps(x, broadcast(lo)), broadcast(hi)); }
+inline Vec floor(Vec x) { return _mm256_floor_ps(x); }
+inline Vec times_pow2(Vec y, Vec n) {  // y · 2ⁿ, n integral and in the normal exponent range
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+}
+inline Vec zero_where_neg_inf(Vec x, Vec y) {
+  return _mm256_blendv_ps(y, zero(), _mm256_cmp_ps(x, broadcast(-INFINITY), _CMP_EQ_OQ));
+}
 inline float hsum(Vec v) {
   const __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 e = _mm_add_ps(q, _mm_movehl_ps(q, q));
@@ -45,6 +69,24 @@ inline float hsum(Vec v) {
 #else
 #error "the streamed kernel needs AVX-512F or AVX2 with FMA (engine/streamed.py reports this as the reason it is unavailable)"
 #endif
+
+// e^x lane by lane (Cephes' expf: x = n·ln 2 + r with |r| <= ln 2 / 2, a degree-6 polynomial in r,
+// times 2ⁿ; within 2 ulp of the exact value over the clamped range), exactly 0 where x = −inf (a masked
+// attention score). The same operations in the same order for every lane: deterministic.
+inline Vec exp_lanes(Vec x) {
+  const Vec clamped = clamp(x, -87.3365447505531f, 88.3762626647949f);
+  const Vec n = floor(fma(clamped, broadcast(1.44269504088896341f), broadcast(0.5f)));
+  Vec r = fnma(n, broadcast(0.693359375f), clamped);
+  r = fnma(n, broadcast(-2.12194440e-4f), r);
+  Vec poly = broadcast(1.9875691500e-4f);
+  poly = fma(poly, r, broadcast(1.3981999507e-3f));
+  poly = fma(poly, r, broadcast(8.3334519073e-3f));
+  poly = fma(poly, r, broadcast(4.1665795894e-2f));
+  poly = fma(poly, r, broadcast(1.6666665459e-1f));
+  poly = fma(poly, r, broadcast(5.0000001201e-1f));
+  const Vec y = add(fma(poly, mul(r, r), r), broadcast(1.0f));
+  return zero_where_neg_inf(x, times_pow2(y, n));
+}
 
 // y[m, n] = sum_k x[m, k] * w[n, k] for `rows` rows of x (row-major, K features) against the N rows of
 // w, with the streamed kernel (streamed_linear.cpp); parallel over weight rows (at::parallel_for).
