@@ -151,7 +151,9 @@ class FusedLayer:
     def __call__(self, hidden: torch.Tensor, mask, cache, position_embeddings) -> torch.Tensor:
         """``(batch, q, hidden)`` in and out; K/V of the block appended to ``cache``."""
         batch, q, _ = hidden.shape
-        if batch == 1 and cache.batch_size == 1 and self.native_for(q) and not torch.compiler.is_compiling():
+        # one sequence on a KVCache (the compiled step's cache view has no batch_size: never native)
+        native = not torch.compiler.is_compiling() and batch == 1 and getattr(cache, "batch_size", None) == 1
+        if native and self.native_for(q):
             return self._native_layer(hidden, mask, cache, position_embeddings)
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         qkv = self.qkv.forward(self._norm(self.attention_norm, hidden))
