@@ -12,8 +12,8 @@
 // glue as plain loops on the block's few rows; attention runs in parallel over (head, row).
 //
 // Arithmetic: the same fp32 operations as the Python layer (RoPE as x·cos + rotate_half(x)·sin with
-// separate products; RMSNorm x·rsqrt(mean(x²) + eps)·g; SiLU x / (1 + e^(−x)); the softmax's
-// exponentials vectorised, simd.h exp_lanes, within 2 ulp). Reductions (the
+// separate products; RMSNorm x·rsqrt(mean(x²) + eps)·g; SiLU x / (1 + e^(−x)); the exponentials of SiLU and the
+// softmax vectorised, simd.h exp_lanes, within 2 ulp). Reductions (the
 // RMSNorm mean, attention dot products, softmax sums and the weighted sum of the values, as fused
 // multiply-adds) are in this file's fixed order, so a row's
 // result does not depend on the other rows of its block: AR steps and verify blocks agree bitwise.
@@ -62,6 +62,21 @@ void rope(float* x, const float* cos, const float* sin, int64_t d) {
   for (int64_t j = 0; j < half; ++j) rotated[j] = -x[j + half];
   for (int64_t j = half; j < d; ++j) rotated[j] = x[j - half];
   for (int64_t j = 0; j < d; ++j) x[j] = x[j] * cos[j] + rotated[j] * sin[j];
+}
+
+// act[i] = SiLU(gate[i]) · up[i] = gate[i] / (1 + e^(−gate[i])) · up[i] for one row ([gate | up], I each),
+// the exponential vectorised (exp_lanes); the I tail through a zero-padded vector
+void silu_times(const float* gate_up, int64_t I, float* act) {
+  const auto one = [](Vec g, Vec u) { return mul(div(g, add(broadcast(1.0f), exp_lanes(sub(zero(), g)))), u); };
+  const int64_t i_vec = I / LANES * LANES;
+  for (int64_t i = 0; i < i_vec; i += LANES) store(act + i, one(load(gate_up + i), load(gate_up + I + i)));
+  if (i_vec < I) {
+    alignas(64) float g[LANES] = {}, u[LANES] = {}, out[LANES];
+    std::copy(gate_up + i_vec, gate_up + I, g);
+    std::copy(gate_up + I + i_vec, gate_up + 2 * I, u);
+    store(out, one(load(g), load(u)));
+    std::copy_n(out, I - i_vec, act + i_vec);
+  }
 }
 
 // One query row of one head against the cache: which keys it sees (mask row, or causal up to `last`).
@@ -207,11 +222,7 @@ torch::Tensor decode_layer(const torch::Tensor& hidden, const torch::Tensor& att
   rms_norm(residual.data(), mlp_norm.data_ptr<float>(), static_cast<float>(eps), q, H, normed.data());
   streamed_rows(normed.data(), q, gate_up_weight.data_ptr<float>(), H, 2 * I, gate_up.data());
   add_bias(gate_up.data(), gate_up_bias, q, 2 * I);
-  for (int64_t m = 0; m < q; ++m)
-    for (int64_t i = 0; i < I; ++i) {
-      const float g = gate_up[m * 2 * I + i];
-      act[m * I + i] = g / (1.0f + std::exp(-g)) * gate_up[m * 2 * I + I + i];
-    }
+  for (int64_t m = 0; m < q; ++m) silu_times(gate_up.data() + m * 2 * I, I, act.data() + m * I);
   streamed_rows(act.data(), q, down_weight.data_ptr<float>(), I, H, y);
   add_bias(y, down_bias, q, H);
   for (int64_t i = 0; i < q * H; ++i) y[i] = residual[i] + y[i];
