@@ -7,7 +7,8 @@ engine backend; each method's speedup is Σ decode time of the first method (nor
 its own (prefill left out of both: it is the same forward for every method). Greedy: every method's
 output is checked token for token against the first method's (a lossless method must agree).
 
-Also printed per method: τ (tokens per target forward) and the median forward time per verify-block
+Also printed per method: τ (tokens per target forward), the drafting time per step (propose +
+feedback, ``StepStats.draft_s``) and the median forward time per verify-block
 size (``size:count x ms``, sizes seen ≥ 5 times): what each block really cost in this decode, at
 the contexts the task has, next to the stored latency curve's T(k)/T(1) the ``cpu`` presets read.
 
@@ -34,6 +35,7 @@ class MethodRow:
     tokens: int = 0
     steps: int = 0
     decode_s: float = 0.0
+    draft_s: float = 0.0  # drafting and feedback (StepStats.draft_s), summed
     forward_s_by_block: dict[int, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
 
 
@@ -127,13 +129,14 @@ def main() -> None:
             row.tokens += len(out.new_ids)
             row.steps += len(out.steps)
             row.decode_s += out.wall_s - out.prefill_s
+            row.draft_s += sum(step.draft_s for step in out.steps)
             for step in out.steps:
                 row.forward_s_by_block[step.tree_size].append(step.forward_s)
         print(f"prompt {index + 1}/{len(prompts)} done", file=sys.stderr)
 
     first = rows[args.methods[0]]
-    print("| method | speedup | τ | tokens/s | forward ms by block size (size:count x ms) |")
-    print("|---|---|---|---|---|")
+    print("| method | speedup | τ | tokens/s | draft ms/step | forward ms by block size (size:count x ms) |")
+    print("|---|---|---|---|---|---|")
     for spec, row in rows.items():
         blocks = " ".join(
             f"{size}:{len(times)}x{1000 * statistics.median(times):.1f}"
@@ -142,7 +145,7 @@ def main() -> None:
         )
         print(
             f"| {spec} | {first.decode_s / row.decode_s:.3f} | {row.tokens / row.steps:.2f} | "
-            f"{row.tokens / row.decode_s:.1f} | {blocks} |"
+            f"{row.tokens / row.decode_s:.1f} | {1000 * row.draft_s / row.steps:.2f} | {blocks} |"
         )
 
 
