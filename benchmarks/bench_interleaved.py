@@ -78,6 +78,7 @@ def main() -> None:
     from decodebench.engine.backbone import Backbone  # noqa: PLC0415
     from decodebench.engine.backends import apply_backend  # noqa: PLC0415
     from decodebench.engine.decode_loop import DecodeSettings, generate  # noqa: PLC0415
+    from decodebench.engine.profile import ensure_latency_curve  # noqa: PLC0415
     from decodebench.engine.sampling import SamplingParams  # noqa: PLC0415
     from decodebench.methods import build_method, method_config  # noqa: PLC0415
     from decodebench.models.loading import load_model, load_model_config  # noqa: PLC0415
@@ -90,6 +91,7 @@ def main() -> None:
     loaded = load_model(model_config, cache_dir=cache_dir)
     backbone = Backbone(loaded.model)
     info = apply_backend(backbone, args.backend, model_name=loaded.name, cache_dir=cache_dir)
+    ensure_latency_curve(backbone, cache_dir)  # as the runner: the cpu presets size drafts from it
     task = build_task(
         TaskConfig(**{**group_config("task", "spec_bench"), "per_category": args.per_category}),
         args.data_dir,

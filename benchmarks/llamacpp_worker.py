@@ -44,6 +44,9 @@ def main() -> None:
         # with a draft model llama-cpp-python keeps logits for every token but sizes its score buffer
         # from this argument (n_batch rows when False): a prompt past n_batch then overflows it
         logits_all=draft is not None,
+        # the weights in process memory, as DecodeBench's (models/loading.py into_process_memory): a mapped
+        # GGUF is page cache the kernel may drop mid-run (proactive reclaim), costing a full re-read
+        use_mmap=False,
         verbose=False,
     )
 

@@ -132,6 +132,8 @@ def load_model(
         if cfg.source == "tiny":  # a random model knows nothing of the tokenizer's special ids
             _adopt_special_tokens(model, tokenizer)
     model = model.to(device=device, dtype=DTYPES[dtype]).eval()  # type: ignore[call-arg]  # transformers' typing
+    if model.device.type == "cpu":
+        into_process_memory(model)
     config = model.config
     info.update(
         source=cfg.source,
@@ -148,6 +150,22 @@ def load_model(
         load_seconds=round(time.perf_counter() - started, 3),
     )
     return LoadedModel(model=model, tokenizer=tokenizer, name=cfg.name, source=cfg.source, info=info)
+
+
+def into_process_memory(model: torch.nn.Module) -> None:
+    """Copy every parameter and buffer of a CPU model out of the checkpoint's memory map.
+
+    transformers maps safetensors files, and on the CPU a tensor of the right dtype stays a view of
+    the file's pages: page cache, which the kernel may drop whenever it likes, after which the next
+    forward reads the weights from disk again. On a VM with proactive reclaim (DAMON ``pageout`` on
+    physical regions, the Xeon machine of issue 23) that happened every few seconds during benchmarks:
+    one forward in ~30 took ~1.2 s (the 540 MB file read back), so a 27 ms AR step averaged 60-190 ms
+    and a method's speedup depended on when the stalls fell. In the process's own memory (no swap)
+    the weights stay resident. Shared (tied) parameters are copied once and stay shared.
+    """
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()
 
 
 def resolve_dtype(cfg: ModelConfig, requested: str, location: str | None, revision: str | None) -> tuple[str, str]:

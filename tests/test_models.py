@@ -138,6 +138,29 @@ def test_embedded_smollm2_answers_and_reloads_fast():
     assert "Paris" in answer, answer
 
 
+def file_mappings() -> list[tuple[int, int, str]]:
+    """(start, end, path) of every file-backed mapping of this process (Linux /proc/self/maps)."""
+    spans = []
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        if len(fields) >= 6 and fields[5].startswith("/"):
+            start, end = (int(part, 16) for part in fields[0].split("-"))
+            spans.append((start, end, fields[5]))
+    return spans
+
+
+@pytest.mark.embedded
+def test_embedded_weights_live_in_process_memory_not_in_the_checkpoints_page_cache():
+    # mapped weights are page cache the kernel may drop mid-benchmark (models/loading.py into_process_memory)
+    cfg = _embedded_or_skip()
+    model = load_model(cfg).model
+    mapped = [(a, b, path) for a, b, path in file_mappings() if path.endswith(".safetensors")]
+    tensors = [*model.parameters(), *model.buffers()]
+    inside = [t.shape for t in tensors if any(a <= t.data_ptr() < b for a, b, _ in mapped)]
+    assert not inside, f"{len(inside)} of {len(tensors)} tensors are views of {mapped[0][2]}"
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied weights stay one tensor
+
+
 @pytest.mark.embedded
 def test_tiny_model_borrows_embedded_tokenizer():
     _embedded_or_skip()
