@@ -152,60 +152,72 @@ torch::Tensor decode_layer(const torch::Tensor& hidden, const torch::Tensor& att
                            const torch::Tensor& mlp_norm, const torch::Tensor& gate_up_weight,
                            const c10::optional<torch::Tensor>& gate_up_bias, const torch::Tensor& down_weight,
                            const c10::optional<torch::Tensor>& down_bias, const torch::Tensor& cos,
-                           const torch::Tensor& sin, torch::Tensor& key_cache, torch::Tensor& value_cache, int64_t start,
-                           const c10::optional<torch::Tensor>& mask, int64_t heads, int64_t kv_heads, double eps,
-                           double scaling) {
+                           const torch::Tensor& sin, torch::Tensor& key_cache, torch::Tensor& value_cache,
+                           c10::IntArrayRef starts, const c10::optional<torch::Tensor>& mask, int64_t heads,
+                           int64_t kv_heads, double eps, double scaling) {
   using namespace decodebench;
-  TORCH_CHECK(hidden.scalar_type() == torch::kFloat && hidden.is_contiguous() && hidden.dim() == 3 && hidden.size(0) == 1,
-              "decode_layer: hidden must be a contiguous fp32 (1, q, hidden) tensor");
-  TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous() && key_cache.size(0) == 1,
-              "decode_layer: the K/V caches must be contiguous (1, kv_heads, capacity, head_dim) tensors");
-  const int64_t q = hidden.size(1), H = hidden.size(2);
-  const int64_t d = key_cache.size(3), capacity = key_cache.size(2), L = start + q;
+  TORCH_CHECK(hidden.scalar_type() == torch::kFloat && hidden.is_contiguous() && hidden.dim() == 3,
+              "decode_layer: hidden must be a contiguous fp32 (batch, q, hidden) tensor");
+  const int64_t batch = hidden.size(0), q = hidden.size(1), H = hidden.size(2), rows = batch * q;
+  TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous() && key_cache.size(0) == batch &&
+                  static_cast<int64_t>(starts.size()) == batch,
+              "decode_layer: the K/V caches must be contiguous (batch, kv_heads, capacity, head_dim) tensors "
+              "with one start per row");
+  const int64_t d = key_cache.size(3), capacity = key_cache.size(2);
+  const int64_t L = *std::max_element(starts.begin(), starts.end()) + q;  // key slots of the block's mask
   const int64_t qkv_width = (heads + 2 * kv_heads) * d, I = gate_up_weight.size(0) / 2, groups = heads / kv_heads;
   TORCH_CHECK(qkv_weight.size(0) == qkv_width && key_cache.size(1) == kv_heads && L <= capacity && d <= 1024,
               "decode_layer: shapes disagree (qkv ", qkv_weight.size(0), " vs ", qkv_width, ", cache ", key_cache.sizes(),
               ", block ends at ", L, ")");
-  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == q * d && sin.numel() == q * d,
-              "decode_layer: cos / sin must be contiguous (q, head_dim)");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == rows * d && sin.numel() == rows * d,
+              "decode_layer: cos / sin must be contiguous (batch * q, head_dim)");
   const bool* visible = nullptr;
   torch::Tensor mask_rows;
   if (mask.has_value() && mask->defined()) {
-    TORCH_CHECK(mask->scalar_type() == torch::kBool && mask->numel() == q * L, "decode_layer: mask must be bool (q, start + q)");
-    mask_rows = mask->reshape({q, L}).contiguous();
+    TORCH_CHECK(mask->scalar_type() == torch::kBool && mask->numel() == rows * L,
+                "decode_layer: mask must be bool (batch, q, max(starts) + q)");
+    mask_rows = mask->reshape({rows, L}).contiguous();
     visible = mask_rows.data_ptr<bool>();
+  } else {
+    TORCH_CHECK(batch == 1, "decode_layer: a batch needs its mask (rows sit at their own lengths)");
   }
 
   const float* x = hidden.data_ptr<float>();
-  std::vector<float> normed(q * H), qkv(q * qkv_width), attended(q * heads * d), residual(q * H);
-  std::vector<float> gate_up(q * 2 * I), act(q * I);
+  std::vector<float> normed(rows * H), qkv(rows * qkv_width), attended(rows * heads * d), residual(rows * H);
+  std::vector<float> gate_up(rows * 2 * I), act(rows * I);
   auto out = torch::empty_like(hidden);
   float* y = out.data_ptr<float>();
 
-  // attention half
-  rms_norm(x, attention_norm.data_ptr<float>(), static_cast<float>(eps), q, H, normed.data());
-  streamed_rows(normed.data(), q, qkv_weight.data_ptr<float>(), H, qkv_width, qkv.data());
-  add_bias(qkv.data(), qkv_bias, q, qkv_width);
+  // attention half (the linears over every row of the batch at once)
+  rms_norm(x, attention_norm.data_ptr<float>(), static_cast<float>(eps), rows, H, normed.data());
+  streamed_rows(normed.data(), rows, qkv_weight.data_ptr<float>(), H, qkv_width, qkv.data());
+  add_bias(qkv.data(), qkv_bias, rows, qkv_width);
   const float* cos_p = cos.data_ptr<float>();
   const float* sin_p = sin.data_ptr<float>();
-  float* keys = key_cache.data_ptr<float>();
-  float* values = value_cache.data_ptr<float>();
-  for (int64_t m = 0; m < q; ++m) {
-    float* row = qkv.data() + m * qkv_width;
-    for (int64_t h = 0; h < heads + kv_heads; ++h) rope(row + h * d, cos_p + m * d, sin_p + m * d, d);
+  const int64_t cache_row = kv_heads * capacity * d;  // one batch row of a K or V buffer
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t b = r / q, m = r % q;
+    float* row = qkv.data() + r * qkv_width;
+    for (int64_t h = 0; h < heads + kv_heads; ++h) rope(row + h * d, cos_p + r * d, sin_p + r * d, d);
+    float* keys = key_cache.data_ptr<float>() + b * cache_row;
+    float* values = value_cache.data_ptr<float>() + b * cache_row;
     for (int64_t h = 0; h < kv_heads; ++h) {
-      std::copy_n(row + (heads + h) * d, d, keys + (h * capacity + start + m) * d);
-      std::copy_n(row + (heads + kv_heads + h) * d, d, values + (h * capacity + start + m) * d);
+      std::copy_n(row + (heads + h) * d, d, keys + (h * capacity + starts[b] + m) * d);
+      std::copy_n(row + (heads + kv_heads + h) * d, d, values + (h * capacity + starts[b] + m) * d);
     }
   }
   const float scale = static_cast<float>(scaling);
-  at::parallel_for(0, heads * q, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, heads * rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> weights(L);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t h = task / q, m = task % q, kv = h / groups;
-      const Attention one{qkv.data() + m * qkv_width + h * d, keys + kv * capacity * d, values + kv * capacity * d,
-                          visible ? visible + m * L : nullptr, start + m, L, d, scale};
-      float* dest = attended.data() + m * heads * d + h * d;
+      // a row sees only its own entries (slots < its start + q): the same keys, in the same order, as
+      // when it decodes alone, so its result does not depend on the batch
+      const int64_t h = task / rows, r = task % rows, b = r / q, m = r % q, kv = h / groups;
+      const float* keys = key_cache.data_ptr<float>() + b * cache_row + kv * capacity * d;
+      const float* values = value_cache.data_ptr<float>() + b * cache_row + kv * capacity * d;
+      const Attention one{qkv.data() + r * qkv_width + h * d, keys, values, visible ? visible + r * L : nullptr,
+                          starts[b] + m, starts[b] + q, d, scale};
+      float* dest = attended.data() + r * heads * d + h * d;
       switch (d == LANES * 2 ? 2 : d == LANES * 4 ? 4 : d == LANES * 8 ? 8 : 0) {
         case 2: attend_in_registers<2>(one, weights.data(), dest); break;
         case 4: attend_in_registers<4>(one, weights.data(), dest); break;
@@ -214,18 +226,18 @@ torch::Tensor decode_layer(const torch::Tensor& hidden, const torch::Tensor& att
       }
     }
   });
-  streamed_rows(attended.data(), q, o_weight.data_ptr<float>(), heads * d, H, residual.data());
-  add_bias(residual.data(), o_bias, q, H);
-  for (int64_t i = 0; i < q * H; ++i) residual[i] = x[i] + residual[i];
+  streamed_rows(attended.data(), rows, o_weight.data_ptr<float>(), heads * d, H, residual.data());
+  add_bias(residual.data(), o_bias, rows, H);
+  for (int64_t i = 0; i < rows * H; ++i) residual[i] = x[i] + residual[i];
 
   // MLP half
-  rms_norm(residual.data(), mlp_norm.data_ptr<float>(), static_cast<float>(eps), q, H, normed.data());
-  streamed_rows(normed.data(), q, gate_up_weight.data_ptr<float>(), H, 2 * I, gate_up.data());
-  add_bias(gate_up.data(), gate_up_bias, q, 2 * I);
-  for (int64_t m = 0; m < q; ++m) silu_times(gate_up.data() + m * 2 * I, I, act.data() + m * I);
-  streamed_rows(act.data(), q, down_weight.data_ptr<float>(), I, H, y);
-  add_bias(y, down_bias, q, H);
-  for (int64_t i = 0; i < q * H; ++i) y[i] = residual[i] + y[i];
+  rms_norm(residual.data(), mlp_norm.data_ptr<float>(), static_cast<float>(eps), rows, H, normed.data());
+  streamed_rows(normed.data(), rows, gate_up_weight.data_ptr<float>(), H, 2 * I, gate_up.data());
+  add_bias(gate_up.data(), gate_up_bias, rows, 2 * I);
+  for (int64_t r = 0; r < rows; ++r) silu_times(gate_up.data() + r * 2 * I, I, act.data() + r * I);
+  streamed_rows(act.data(), rows, down_weight.data_ptr<float>(), I, H, y);
+  add_bias(y, down_bias, rows, H);
+  for (int64_t i = 0; i < rows * H; ++i) y[i] = residual[i] + y[i];
   return out;
 }
 
@@ -233,7 +245,7 @@ TORCH_LIBRARY_FRAGMENT(decodebench, m) {
   m.def(
       "decode_layer(Tensor hidden, Tensor attention_norm, Tensor qkv_weight, Tensor? qkv_bias, Tensor o_weight, "
       "Tensor? o_bias, Tensor mlp_norm, Tensor gate_up_weight, Tensor? gate_up_bias, Tensor down_weight, "
-      "Tensor? down_bias, Tensor cos, Tensor sin, Tensor(a!) key_cache, Tensor(b!) value_cache, int start, "
+      "Tensor? down_bias, Tensor cos, Tensor sin, Tensor(a!) key_cache, Tensor(b!) value_cache, int[] starts, "
       "Tensor? mask, int heads, int kv_heads, float eps, float scaling) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(decodebench, CPU, m) { m.impl("decode_layer", &decode_layer); }

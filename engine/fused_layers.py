@@ -140,7 +140,7 @@ class FusedLayer:
         return F.rms_norm(hidden, (hidden.shape[-1],), norm.weight, norm.variance_epsilon)
 
     def native_for(self, rows: int) -> bool:
-        """Whether an ``rows``-row block of one sequence runs as the C++ decoder layer: where the
+        """Whether ``rows`` block rows (one sequence's, or all rows of a batch) run as the C++ decoder layer: where the
         tuned backend's kernel table picked the streamed kernel for all four linears (the layer
         runs its matmuls on that kernel), never inside a torch.compile trace."""
         return all(
@@ -151,9 +151,11 @@ class FusedLayer:
     def __call__(self, hidden: torch.Tensor, mask, cache, position_embeddings) -> torch.Tensor:
         """``(batch, q, hidden)`` in and out; K/V of the block appended to ``cache``."""
         batch, q, _ = hidden.shape
-        # one sequence on a KVCache (the compiled step's cache view has no batch_size: never native)
-        native = not torch.compiler.is_compiling() and batch == 1 and getattr(cache, "batch_size", None) == 1
-        if native and self.native_for(q):
+        # rows on a KVCache (the compiled step's cache view has no batch_size: never native); a batch
+        # needs its boolean mask (rows at their own lengths; an additive float mask stays in Python)
+        on_cache = not torch.compiler.is_compiling() and getattr(cache, "batch_size", None) == batch
+        native = on_cache and (batch == 1 or (mask is not None and mask.dtype == torch.bool))
+        if native and self.native_for(batch * q):
             return self._native_layer(hidden, mask, cache, position_embeddings)
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         qkv = self.qkv.forward(self._norm(self.attention_norm, hidden))
@@ -170,11 +172,12 @@ class FusedLayer:
         )
 
     def _native_layer(self, hidden: torch.Tensor, mask, cache, position_embeddings) -> torch.Tensor:
-        """The whole layer as one ``decodebench::decode_layer`` call (engine/decode_layer.cpp): the K/V
-        of the block are written straight into the cache's buffers."""
-        q = hidden.shape[1]
+        """The whole layer as one ``decodebench::decode_layer`` call (engine/decode_layer.cpp) for one
+        sequence or a batch of rows at their own cache lengths: the K/V of the block are written
+        straight into the cache's buffers, each row's at its own length."""
+        batch, q, _ = hidden.shape
         cos, sin = position_embeddings
-        start = cache.claim(self.layer_index, q)
+        starts = cache.claim(self.layer_index, q)
         return torch.ops.decodebench.decode_layer(
             hidden.contiguous(),
             self.attention_norm.weight,
@@ -187,11 +190,11 @@ class FusedLayer:
             self.gate_up.bias,
             self.down_proj.weight,
             self.down_proj.bias,
-            cos.reshape(q, -1).contiguous(),
-            sin.reshape(q, -1).contiguous(),
+            cos.reshape(batch * q, -1).contiguous(),
+            sin.reshape(batch * q, -1).contiguous(),
             cache.keys[self.layer_index],
             cache.values[self.layer_index],
-            start,
+            starts,
             mask,
             self.heads,
             self.kv_heads,

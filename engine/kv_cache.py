@@ -104,9 +104,8 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``(batch, kv_heads, q, head_dim)`` states to layer ``layer_idx``; return all of them."""
         q = key_states.shape[2]
-        starts = self.row_lengths[layer_idx] if self.batch_size > 1 else [self.lengths[layer_idx]]
+        starts = self.claim(layer_idx, q)
         end = max(starts) + q
-        self.ensure_capacity(end)
         if min(starts) == max(starts):
             self.keys[layer_idx][:, :, end - q : end] = key_states
             self.values[layer_idx][:, :, end - q : end] = value_states
@@ -115,21 +114,18 @@ class KVCache:
             slots = slots[:, None, :, None]  # (batch, 1, q, 1)
             self.keys[layer_idx].scatter_(2, slots.expand_as(key_states), key_states)
             self.values[layer_idx].scatter_(2, slots.expand_as(value_states), value_states)
-        self._row_lengths[layer_idx] = [start + q for start in starts]
-        self.lengths[layer_idx] = end
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
-    def claim(self, layer_idx: int, q: int) -> int:
-        """Grow layer ``layer_idx`` of a one-row cache by ``q`` entries that the caller writes into
-        ``keys[layer_idx]`` / ``values[layer_idx]`` itself (the fused C++ decoder layer); returns
-        where they start."""
-        if self.batch_size != 1:
-            raise ValueError("claim() is for one-row caches (a batch appends through update())")
-        start = self.lengths[layer_idx]
-        self.ensure_capacity(start + q)
-        self.lengths[layer_idx] = start + q
-        self._row_lengths[layer_idx] = [start + q]
-        return start
+    def claim(self, layer_idx: int, q: int) -> list[int]:
+        """Grow every row of layer ``layer_idx`` by ``q`` entries at the row's own length and return
+        those lengths (where each row's entries start). :meth:`update` writes the entries; the fused
+        C++ decoder layer writes them into ``keys[layer_idx]`` / ``values[layer_idx]`` itself."""
+        starts = list(self.row_lengths[layer_idx]) if self.batch_size > 1 else [self.lengths[layer_idx]]
+        end = max(starts) + q
+        self.ensure_capacity(end)
+        self._row_lengths[layer_idx] = [start + q for start in starts]
+        self.lengths[layer_idx] = end
+        return starts
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.lengths[layer_idx]

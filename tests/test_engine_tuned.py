@@ -317,6 +317,58 @@ def test_the_cpp_decoder_layer_matches_the_hf_layers_and_a_row_does_not_depend_o
     remove_backend(backbone)
 
 
+@pytest.mark.skipif(streamed.unavailable_reason() is not None, reason="no C++ toolchain for the streamed kernel")
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_the_cpp_decoder_layer_runs_a_batch_of_rows_at_their_own_lengths_bitwise_as_each_alone(arch):
+    """A batch whose rows sit at different cache lengths (10 / 17 / 24 tokens) runs each block as one
+    ``decode_layer`` call per layer, and each row's logits (a chain, and a tree with padding) are
+    bitwise those of the row decoding alone on the same cache contents; the Python layer agrees."""
+    from torch.profiler import profile  # noqa: PLC0415
+
+    from decodebench.engine.backbone import BlockLayout  # noqa: PLC0415
+
+    backbone = tiny(arch)
+    backends.install_fused_layers(backbone)
+    backends._apply_tuned(backbone, hand_table({1: "streamed", 4: "streamed", 8: "streamed", 16: "streamed"}))
+    prompts = [list(range(3, 13)), list(range(5, 22)), list(range(7, 31))]
+    blocks = [([7, 8, 9], None), ([7, 8, 9], [-1, 0, 0]), ([7, 8], None)]  # the last one padded to 3
+
+    def alone(prompt: list[int], tokens: list[int], parents) -> torch.Tensor:
+        cache = backbone.new_cache(64)
+        backbone.forward(prompt, cache)
+        return backbone.forward(tokens, cache, layout=BlockLayout(parents=parents)).logits
+
+    def batched(traced: list | None = None) -> torch.Tensor:
+        cache = backbone.new_cache(64, batch_size=3)
+        cache.ensure_capacity(40)
+        for row, prompt in enumerate(prompts):  # each row's cache = its prompt's own prefill
+            one = backbone.new_cache(64)
+            backbone.forward(prompt, one)
+            for layer in range(backbone.num_layers):
+                cache.keys[layer][row, :, : len(prompt)] = one.keys[layer][0, :, : len(prompt)]
+                cache.values[layer][row, :, : len(prompt)] = one.values[layer][0, :, : len(prompt)]
+        cache.row_lengths = [[len(prompt) for prompt in prompts]] * backbone.num_layers
+        ids = torch.tensor([[*tokens, *[0] * (3 - len(tokens))] for tokens, _ in blocks])
+        layouts = [BlockLayout(parents=parents) for _, parents in blocks]
+        with profile() as profiler:
+            logits = backbone.forward_batch(ids, cache, sizes=[len(t) for t, _ in blocks], layouts=layouts).logits
+        if traced is not None:
+            traced.extend(event.name for event in profiler.events())
+        return logits
+
+    traced: list[str] = []
+    native = batched(traced)
+    assert traced.count("decodebench::decode_layer") == backbone.num_layers
+    for row, (prompt, (tokens, parents)) in enumerate(zip(prompts, blocks)):
+        assert torch.equal(native[row, : len(tokens)], alone(prompt, tokens, parents)[: len(tokens)])
+    for linear in backends.linears_of(backbone):  # the Python fused layer on the same batch
+        linear.kernel_by_rows = ["mkl"] * len(linear.kernel_by_rows)
+    python = batched()
+    for row, (tokens, _) in enumerate(blocks):
+        torch.testing.assert_close(native[row, : len(tokens)], python[row, : len(tokens)], rtol=1e-5, atol=1e-5)
+    remove_backend(backbone)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(streamed.unavailable_reason() is not None, reason="no C++ toolchain for the streamed kernel")
 def test_compiled_step_calls_the_streamed_kernel_where_the_table_picks_it():
