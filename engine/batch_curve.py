@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from decodebench.engine.backbone import Backbone
+from decodebench.engine.revision import engine_revision
 from decodebench.engine.timing import now
 
 log = logging.getLogger("decodebench")
@@ -86,17 +87,20 @@ def measure_batch_curve(
         "ms": ms,
         "ratio": [[t / row[0] for t in row] for row in ms],
         "repeats": repeats,
+        "engine_revision": engine_revision(),
     }
 
 
 def ensure_batch_curve(backbone: Backbone, cache_dir: str | None, max_k: int = max(BATCH_KS)) -> dict[str, Any]:
     """The stored T(B, k) surface of ``backbone`` reaching blocks of ``max_k`` tokens; measured now
     (for the ks of :data:`BATCH_KS` up to ``max_k``; logged, and stored when the model has a catalogue
-    name) when none is stored or the stored one stops short of ``max_k``."""
+    name) when none is stored, the stored one stops short of ``max_k``, or another engine revision
+    measured it (:mod:`decodebench.engine.revision`: a changed step, e.g. the batched C++ layer, makes
+    the old surface wrong)."""
     path = batch_curve_path(backbone, cache_dir)
     if path is not None and path.exists():
         stored = json.loads(path.read_text())
-        if max(stored["k"]) >= max_k:
+        if stored.get("engine_revision") == engine_revision() and max(stored["k"]) >= max_k:
             return stored
     ks = tuple(sorted({*(k for k in BATCH_KS if k < max_k), max_k}))
     log.info(
