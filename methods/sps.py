@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -325,7 +326,7 @@ class SpeculativeSamplingDrafter(DraftModelDrafter):
     @classmethod
     def propose_rows(
         cls,
-        drafters: Sequence[SpeculativeSamplingDrafter],
+        drafters: Sequence[Drafter],
         contexts: Sequence[list[int]],
         limits: Sequence[int],
         device: torch.device,
@@ -337,25 +338,26 @@ class SpeculativeSamplingDrafter(DraftModelDrafter):
         sampling from the shared generator: the same distribution as row by row, not the same
         draws). The batch's draft time is split evenly over the rows that drafted."""
         start = now(device)
-        budgets = [min(drafter.gamma, limit) for drafter, limit in zip(drafters, limits)]
-        tokens: list[list[int]] = [[] for _ in drafters]
-        probs: list[list[torch.Tensor]] = [[] for _ in drafters]
+        rows = cast("list[SpeculativeSamplingDrafter]", list(drafters))  # the decode loop's row copies
+        budgets = [min(drafter.gamma, limit) for drafter, limit in zip(rows, limits)]
+        tokens: list[list[int]] = [[] for _ in rows]
+        probs: list[list[torch.Tensor]] = [[] for _ in rows]
         drafting = [row for row, budget in enumerate(budgets) if budget > 0]
         if drafting:
-            states = [drafter.draft for drafter in drafters]
+            states = [drafter.draft for drafter in rows]
             capacity = max(map(len, contexts)) + max(budgets) + 64
             batch = DraftBatch.of(states, capacity)
             logits = batch.catch_up([context if budget > 0 else None for context, budget in zip(contexts, budgets)])
             while True:
                 for row in drafting:
-                    token, q = drafters[row].choose(logits[row])
+                    token, q = rows[row].choose(logits[row])
                     tokens[row].append(token)
                     if q is not None:
                         probs[row].append(q)
                 drafting = [row for row in drafting if len(tokens[row]) < budgets[row]]
                 if not drafting:
                     break
-                logits = batch.feed([[tokens[row][-1]] if row in drafting else [] for row in range(len(drafters))])
+                logits = batch.feed([[tokens[row][-1]] if row in drafting else [] for row in range(len(rows))])
         proposals = [Proposal(tokens=t, probs=torch.stack(p) if p else None) for t, p in zip(tokens, probs)]
         drafted_rows = sum(1 for t in tokens if t)
         share = (now(device) - start) / max(drafted_rows, 1)
