@@ -22,7 +22,7 @@ from decodebench.engine.backends import apply_backend
 from decodebench.engine.decode_loop import DecodeSettings, generate_batch
 from decodebench.engine.drafting import Drafter
 from decodebench.methods import build_method, method_config
-from decodebench.methods.sps import SpeculativeSamplingDrafter
+from decodebench.methods.sps import ChainDrafter, SpeculativeSamplingDrafter
 from decodebench.models.loading import load_model, load_model_config
 from decodebench.tasks.prompts import encode_prompt
 
@@ -37,7 +37,7 @@ PROMPTS = [
     "Write a bash one-liner that counts the lines of every .py file in a directory.",
 ]
 ROW_BY_ROW = classmethod(Drafter.propose_rows.__func__)  # the base class's loop: propose() per row
-BATCHED = SpeculativeSamplingDrafter.__dict__["propose_rows"]
+BATCHED = ChainDrafter.__dict__["propose_rows"]  # the batched draft forwards
 
 
 def backbone_of(name: str, backend: str, cache_dir: str):

@@ -20,10 +20,11 @@ then only the missing tokens — the accepted drafts it has not seen and the bon
 
 Batched speculation (``gen.batch_size > 1``): the rows' drafters share one batched draft cache
 (:class:`DraftBatch`, one row per live row, each with its ``fed`` list) and
-:meth:`SpeculativeSamplingDrafter.propose_rows` drafts for all rows at once: ONE catch-up forward
+:meth:`ChainDrafter.propose_rows` (SpS, SpecDec++) drafts for all rows at once: ONE catch-up forward
 (every row feeds its own missing tokens, padded) and then one batched one-token forward per further
-draft level, instead of one draft forward per row and draft token. A row that reached its ``γ``
-(heuristic schedule, the last tokens of a request) sits out the remaining levels as padding.
+draft level, instead of one draft forward per row and draft token. A row whose chain ended (its
+``γ`` under the heuristic schedule, the last tokens of a request, SpecDec++'s stopping rule) sits
+out the remaining levels as padding.
 """
 
 from __future__ import annotations
@@ -156,14 +157,15 @@ class DraftBatch:
             common = reusable_prefix(state.fed, context)
             del state.fed[common:]
             tails.append(context[common:])
-        return self.feed(tails)
+        return self.feed(tails)[0]
 
-    def feed(self, tails: Sequence[Sequence[int]]) -> torch.Tensor:
+    def feed(self, tails: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``tails[r]`` (a chain, possibly empty) to row ``r``'s entries, all rows in one
         forward padded to the longest tail; logits only at each row's last fed token.
 
         Returns:
-            ``(batch, vocab)`` logits (junk for rows with an empty tail).
+            ``(batch, vocab)`` logits and ``(batch, hidden)`` final hidden states (after the final
+            norm) at each row's last fed token (junk for rows with an empty tail).
         """
         sizes = [len(tail) for tail in tails]
         width = max(sizes)
@@ -173,7 +175,8 @@ class DraftBatch:
         for state, tail in zip(self.states, tails):
             state.fed.extend(int(token) for token in tail)
         self._settle()
-        return out.logits[:, -1]
+        last = torch.tensor([max(size, 1) - 1 for size in sizes], device=out.last_hidden.device)
+        return out.logits[:, -1], out.last_hidden[torch.arange(len(tails), device=last.device), last]
 
     def _settle(self) -> None:
         """Every row's length in ``cache`` := its ``fed`` length (the single source of truth)."""
@@ -231,7 +234,92 @@ class DraftModelDrafter(Drafter):
         return sample(q, self.generator), q
 
 
-class SpeculativeSamplingDrafter(DraftModelDrafter):
+class ChainDrafter(DraftModelDrafter):
+    """A draft-model chain per step (SpS, SpecDec++): draft, feed, draft again until the row's
+    budget is spent or its stopping rule says stop; batched over the rows of a batch by
+    :meth:`propose_rows`. Subclasses say how long a chain may get (:meth:`start_chain`) and, if they
+    stop early, when (:meth:`keeps_drafting`, :meth:`keeps_drafting_after`)."""
+
+    def start_chain(self, max_tokens: int) -> int:
+        """Called before each chain: how many drafts it may hold (at most ``max_tokens``)."""
+        raise NotImplementedError
+
+    def keeps_drafting(self, logits: torch.Tensor, token: int, q: torch.Tensor | None, drafted: int) -> bool:
+        """After the ``drafted``-th draft ``token`` was chosen from ``logits`` (``q``: its distribution
+        under sampling), before it is fed: whether the chain goes on (the budget aside)."""
+        return True
+
+    def keeps_drafting_after(self, hidden: torch.Tensor, drafted: int) -> bool:
+        """After the ``drafted``-th draft was fed (``hidden``: its final hidden state): whether the
+        chain goes on."""
+        return True
+
+    def propose(self, context: list[int], max_tokens: int) -> Proposal:
+        budget = self.start_chain(max_tokens)
+        if budget <= 0:
+            return Proposal()
+        logits = self.draft.sync(context).logits[-1]
+        tokens: list[int] = []
+        rows: list[torch.Tensor] = []
+        while True:
+            token, q = self.choose(logits)
+            tokens.append(token)
+            if q is not None:
+                rows.append(q)
+            if len(tokens) == budget or not self.keeps_drafting(logits, token, q, len(tokens)):
+                break
+            out = self.draft.feed([token])
+            if not self.keeps_drafting_after(out.last_hidden[-1], len(tokens)):
+                break
+            logits = out.logits[-1]
+        return Proposal(tokens=tokens, probs=torch.stack(rows) if rows else None)
+
+    @classmethod
+    def propose_rows(
+        cls,
+        drafters: Sequence[Drafter],
+        contexts: Sequence[list[int]],
+        limits: Sequence[int],
+        device: torch.device,
+    ) -> RowProposals:
+        """:meth:`propose` for every live row of a batch with the draft model run batched: one
+        catch-up forward (each row feeds what its draft cache lacks, padded), then one one-token
+        forward per further draft level over the rows still drafting; a row whose chain ended sits
+        out the remaining levels as padding. Drafts are chosen level by level, row after row (under
+        sampling from the shared generator: the same distribution as row by row, not the same
+        draws). The batch's draft time is split evenly over the rows that drafted."""
+        start = now(device)
+        rows = cast("list[ChainDrafter]", list(drafters))  # the decode loop's row copies
+        budgets = [drafter.start_chain(limit) for drafter, limit in zip(rows, limits)]
+        tokens: list[list[int]] = [[] for _ in rows]
+        probs: list[list[torch.Tensor]] = [[] for _ in rows]
+        drafting = [row for row, budget in enumerate(budgets) if budget > 0]
+        if drafting:
+            batch = DraftBatch.of([drafter.draft for drafter in rows], max(map(len, contexts)) + max(budgets) + 64)
+            logits = batch.catch_up([context if budget > 0 else None for context, budget in zip(contexts, budgets)])
+            while True:
+                going = []
+                for row in drafting:
+                    token, q = rows[row].choose(logits[row])
+                    tokens[row].append(token)
+                    if q is not None:
+                        probs[row].append(q)
+                    drafted = len(tokens[row])
+                    if drafted < budgets[row] and rows[row].keeps_drafting(logits[row], token, q, drafted):
+                        going.append(row)
+                if not going:
+                    break
+                logits, hidden = batch.feed([[tokens[row][-1]] if row in going else [] for row in range(len(rows))])
+                drafting = [row for row in going if rows[row].keeps_drafting_after(hidden[row], len(tokens[row]))]
+                if not drafting:
+                    break
+        proposals = [Proposal(tokens=t, probs=torch.stack(p) if p else None) for t, p in zip(tokens, probs)]
+        drafted_rows = sum(1 for t in tokens if t)
+        share = (now(device) - start) / max(drafted_rows, 1)
+        return RowProposals(proposals=proposals, draft_s=[share if t else 0.0 for t in tokens])
+
+
+class SpeculativeSamplingDrafter(ChainDrafter):
     """SpS: a chain of ``γ`` draft-model tokens per step (fixed or heuristic ``γ``)."""
 
     @dataclass
@@ -306,62 +394,8 @@ class SpeculativeSamplingDrafter(DraftModelDrafter):
         if self.params.schedule == "heuristic_transient":
             self.gamma = self.start_gamma
 
-    def propose(self, context: list[int], max_tokens: int) -> Proposal:
-        budget = min(self.gamma, max_tokens)
-        if budget <= 0:
-            return Proposal()
-        out = self.draft.sync(context)
-        tokens: list[int] = []
-        rows: list[torch.Tensor] = []
-        while True:
-            token, q = self.choose(out.logits[-1])
-            tokens.append(token)
-            if q is not None:
-                rows.append(q)
-            if len(tokens) == budget:
-                break
-            out = self.draft.feed([token])
-        return Proposal(tokens=tokens, probs=torch.stack(rows) if rows else None)
-
-    @classmethod
-    def propose_rows(
-        cls,
-        drafters: Sequence[Drafter],
-        contexts: Sequence[list[int]],
-        limits: Sequence[int],
-        device: torch.device,
-    ) -> RowProposals:
-        """:meth:`propose` for every live row of a batch with the draft model run batched: one
-        catch-up forward (each row feeds what its draft cache lacks, padded), then one one-token
-        forward per further draft level over all rows; a row that has its ``γ`` drafts sits out
-        the remaining levels as padding. Drafts are chosen level by level, row after row (under
-        sampling from the shared generator: the same distribution as row by row, not the same
-        draws). The batch's draft time is split evenly over the rows that drafted."""
-        start = now(device)
-        rows = cast("list[SpeculativeSamplingDrafter]", list(drafters))  # the decode loop's row copies
-        budgets = [min(drafter.gamma, limit) for drafter, limit in zip(rows, limits)]
-        tokens: list[list[int]] = [[] for _ in rows]
-        probs: list[list[torch.Tensor]] = [[] for _ in rows]
-        drafting = [row for row, budget in enumerate(budgets) if budget > 0]
-        if drafting:
-            states = [drafter.draft for drafter in rows]
-            capacity = max(map(len, contexts)) + max(budgets) + 64
-            batch = DraftBatch.of(states, capacity)
-            logits = batch.catch_up([context if budget > 0 else None for context, budget in zip(contexts, budgets)])
-            while True:
-                for row in drafting:
-                    token, q = rows[row].choose(logits[row])
-                    tokens[row].append(token)
-                    if q is not None:
-                        probs[row].append(q)
-                drafting = [row for row in drafting if len(tokens[row]) < budgets[row]]
-                if not drafting:
-                    break
-                logits = batch.feed([[tokens[row][-1]] if row in drafting else [] for row in range(len(rows))])
-        proposals = [Proposal(tokens=t, probs=torch.stack(p) if p else None) for t, p in zip(tokens, probs)]
-        drafted_rows = sum(1 for t in tokens if t)
-        share = (now(device) - start) / max(drafted_rows, 1)
-        return RowProposals(proposals=proposals, draft_s=[share if t else 0.0 for t in tokens])
+    def start_chain(self, max_tokens: int) -> int:
+        return min(self.gamma, max_tokens)
 
     def feedback(self, outcome: StepOutcome) -> None:
         if self.params.schedule == "constant" or self.speculation is not None or not outcome.proposal.tokens:

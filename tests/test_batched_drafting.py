@@ -14,7 +14,7 @@ from decodebench.engine.decode_loop import DecodeSettings, generate, generate_ba
 from decodebench.engine.drafting import Drafter
 from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import build_method, method_config
-from decodebench.methods.sps import SpeculativeSamplingDrafter
+from decodebench.methods.sps import ChainDrafter, SpeculativeSamplingDrafter
 
 from helpers import VOCAB, random_prompts, tiny_pair
 
@@ -63,12 +63,25 @@ def ar_reference(models, stop_settings) -> list[list[int]]:
     return ids
 
 
-def sps(models, **params) -> SpeculativeSamplingDrafter:
+def chain_drafter(models, method: str = "sps", cache_dir: str | None = None, **params) -> ChainDrafter:
     target, draft = models
-    drafter = build_method(MethodConfig(name="sps", impl=method_config("sps").impl, params=params))
+    drafter = build_method(MethodConfig(name=method, impl=method_config(method).impl, params=params))
     drafter.attach_draft(draft)
-    drafter.setup(target)
+    drafter.setup(target, cache_dir)
     return drafter
+
+
+def untrained_specdec_head(models, cache_dir: str) -> None:
+    """A random SpecDec++ acceptance head saved where the method looks (its stopping decisions are
+    what batching must keep, not their quality)."""
+    from decodebench.methods.draft_heads import checkpoint_dir, model_key, save_checkpoint
+    from decodebench.methods.specdec_pp_net import SpecDecPPNet
+
+    target, draft = models
+    torch.manual_seed(0)
+    net = SpecDecPPNet(target, SpecDecPPNet.Params(mode="greedy"), None, draft=draft)
+    directory = checkpoint_dir(cache_dir, model_key(target), net.network)
+    save_checkpoint(directory, net.checkpoint_state(), net.checkpoint_config(target))
 
 
 def batch_steps(outputs) -> list[list[int]]:
@@ -93,7 +106,9 @@ def test_the_draft_model_runs_once_per_draft_level_for_the_whole_batch(
 
     monkeypatch.setattr(draft, "forward_batch", counting_forward_batch)
     monkeypatch.setattr(draft, "forward", refused_forward)
-    out = generate_batch(target, sps(models), batch_prompts(), stop_settings, target.new_cache(16, batch_size=BATCH))
+    out = generate_batch(
+        target, chain_drafter(models), batch_prompts(), stop_settings, target.new_cache(16, batch_size=BATCH)
+    )
     assert [o.new_ids for o in out.outputs] == ar_reference
 
     # per step: one catch-up forward + (γ - 1) one-token forwards, each over every live row
@@ -111,10 +126,10 @@ def test_the_draft_model_runs_once_per_draft_level_for_the_whole_batch(
         assert step == 0 or max(catch_up) <= 2
 
 
-def proposals_of(models, settings, runs: int, row_by_row: bool, monkeypatch, **params) -> list:
+def proposals_of(models, settings, runs: int, row_by_row: bool, monkeypatch, method: str, cache_dir, **params):
     """Every step's draft tokens per live row over ``runs`` batches decoded with one drafter (its
     row copies and their draft caches kept from batch to batch), and the outputs."""
-    implementation = (Drafter if row_by_row else SpeculativeSamplingDrafter).propose_rows.__func__
+    implementation = (Drafter if row_by_row else ChainDrafter).propose_rows.__func__
     log: list[list[list[int]]] = []
 
     def recording(cls, drafters, contexts, limits, device):
@@ -122,9 +137,9 @@ def proposals_of(models, settings, runs: int, row_by_row: bool, monkeypatch, **p
         log.append([p.tokens for p in drafted.proposals])
         return drafted
 
-    monkeypatch.setattr(SpeculativeSamplingDrafter, "propose_rows", classmethod(recording))
     target, _ = models
-    drafter = sps(models, **params)
+    drafter = chain_drafter(models, method, cache_dir, **params)
+    monkeypatch.setattr(type(drafter), "propose_rows", classmethod(recording))
     outputs = [
         generate_batch(target, drafter, batch_prompts(), settings, target.new_cache(16, batch_size=BATCH))
         for _ in range(runs)
@@ -133,19 +148,34 @@ def proposals_of(models, settings, runs: int, row_by_row: bool, monkeypatch, **p
     return log, outputs
 
 
-@pytest.mark.parametrize("schedule", ["constant", "heuristic"])
-def test_batched_drafts_equal_row_by_row_drafts(schedule, models, stop_settings, ar_reference, monkeypatch):
+@pytest.mark.parametrize(
+    "method, params",
+    [
+        ("sps", {"schedule": "constant"}),
+        ("sps", {"schedule": "heuristic"}),
+        ("specdec_pp", {"use_head": False}),
+        ("specdec_pp", {}),
+    ],
+    ids=["sps-constant", "sps-heuristic", "specdec_pp-confidence", "specdec_pp-head"],
+)
+def test_batched_drafts_equal_row_by_row_drafts(
+    method, params, models, stop_settings, ar_reference, monkeypatch, tmp_path
+):
     """Greedy fp32: the same draft tokens for every row at every step, batched or row by row, also
-    when the rows draft different numbers of tokens (heuristic γ, the last tokens) and leave the
-    batch at different steps, and again in a second batch on the same row drafters."""
-    batched, batched_out = proposals_of(models, stop_settings, 2, False, monkeypatch, schedule=schedule)
-    rows, rows_out = proposals_of(models, stop_settings, 2, True, monkeypatch, schedule=schedule)
+    when the rows draft different numbers of tokens (heuristic γ, SpecDec++'s stopping rule, the last
+    tokens) and leave the batch at different steps, and again in a second batch on the same row
+    drafters."""
+    if method == "specdec_pp" and params.get("use_head", True):
+        untrained_specdec_head(models, str(tmp_path))
+    run = (models, stop_settings, 2)
+    batched, batched_out = proposals_of(*run, False, monkeypatch, method, str(tmp_path), **params)
+    rows, rows_out = proposals_of(*run, True, monkeypatch, method, str(tmp_path), **params)
     assert batched == rows
     for out in (*batched_out, *rows_out):
         assert [o.new_ids for o in out.outputs] == ar_reference
-    assert any(len({len(tokens) for tokens in step}) > 1 for step in batched), "rows should draft different γ"
+    assert any(len({len(tokens) for tokens in step}) > 1 for step in batched), "rows should draft different lengths"
     assert sum(s.accepted for o in batched_out[0].outputs for s in o.steps) > 0
-    if schedule == "constant":  # nothing carries over between batches: the second batch drafts the same
+    if params.get("schedule") != "heuristic":  # nothing carries over between batches: the second drafts the same
         half = len(batched) // 2
         assert batched[:half] == batched[half:]
 
@@ -165,7 +195,9 @@ def test_batched_sampling_drafts_carry_their_distributions(models, monkeypatch):
     target, _ = models
     settings = DecodeSettings(max_new_tokens=12, sampling=SamplingParams(temperature=0.8))
     cache = target.new_cache(16, batch_size=BATCH)
-    out = generate_batch(target, sps(models), batch_prompts(), settings, cache, torch.Generator().manual_seed(0))
+    out = generate_batch(
+        target, chain_drafter(models), batch_prompts(), settings, cache, torch.Generator().manual_seed(0)
+    )
     assert all(len(o.new_ids) == 12 and all(0 <= t < VOCAB for t in o.new_ids) for o in out.outputs)
     assert seen
     for proposal in seen:
