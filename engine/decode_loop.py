@@ -385,8 +385,9 @@ def generate_batch(
     instance for drafters that never draft), proposes its own chain or tree, and sits at its own
     length in ``cache`` (right padding, :class:`KVCache` per-row lengths). Per step:
 
-      1. propose   — each unfinished row's drafter drafts from its own context (self-speculative
-                     drafters on a one-row view of the batch cache, so they draft row by row);
+      1. propose   — each unfinished row's drafter drafts from its own context
+                     (:meth:`Drafter.propose_rows`: row by row by default, self-speculative drafters
+                     on a one-row view of the batch cache; SpS runs its draft model batched);
       2. forward   — ONE target forward over every row's [last emitted token] + drafts (+ aux),
                      padded to the longest block and masked (:meth:`Backbone.forward_batch`);
       3. verify    — per row, on that row's logits (greedy or lossless sampling);
@@ -455,20 +456,24 @@ def generate_batch(
 
     while live:
         cache.ensure_capacity(max(cache.lengths) + headroom)
-        # 1. propose, row by row (a lossy method's forward plan is the batch's: its rows never draft,
-        # so all of them have generated the same number of tokens)
+        # 1. propose, for every live row at once (row by row unless the drafter batches its drafting,
+        # Drafter.propose_rows; a lossy method's forward plan is the batch's: its rows never draft, so
+        # all of them have generated the same number of tokens)
         policy = live[0].drafter.speculation  # SmartSpec (shared by the rows): this step's length
         allowed = None if policy is None else policy.choose(len(live))
-        proposals, draft_s = [], []
-        for slot, row in enumerate(live):
-            t_propose = now(device)
-            if not shared:
+        limits = [settings.max_new_tokens - len(row.new_ids) - 1 for row in live]
+        if not shared:
+            for slot, row in enumerate(live):
                 row.drafter.target_cache = cache.row_view(slot)
-            limit = settings.max_new_tokens - len(row.new_ids) - 1
-            proposals.append(row.drafter.propose(row.context, limit if allowed is None else min(limit, allowed)))
-            if proposals[-1].unverified:  # such drafters set supports_batch = False (refused before loading)
-                raise ValueError(f"{type(row.drafter).__name__} emits unverified tokens: not in a batch")
-            draft_s.append(now(device) - t_propose)
+        drafted = live[0].drafter.propose_rows(
+            [row.drafter for row in live],
+            [row.context for row in live],
+            limits if allowed is None else [min(limit, allowed) for limit in limits],
+            device,
+        )
+        proposals, draft_s = drafted.proposals, drafted.draft_s
+        if any(proposal.unverified for proposal in proposals):  # such drafters set supports_batch = False
+            raise ValueError(f"{type(live[0].drafter).__name__} emits unverified tokens: not in a batch")
         plan = live[0].drafter.forward_plan(len(live[0].new_ids))
         t_forward = now(device)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ from decodebench.engine.backbone import FULL_MODEL, Backbone, ForwardOutput, For
 from decodebench.engine.kv_cache import KVCache
 from decodebench.engine.sampling import SamplingParams
 from decodebench.engine.smartspec import SmartSpec
+from decodebench.engine.timing import now
 from decodebench.engine.verify import VerifyResult
 
 log = logging.getLogger("decodebench")
@@ -53,6 +55,16 @@ class Proposal:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+
+@dataclass
+class RowProposals:
+    """One step's proposals for the live rows of a batch (:meth:`Drafter.propose_rows`), in row order,
+    with the drafting seconds charged to each row (a batched draft forward's time is split evenly over
+    the rows that drafted in it)."""
+
+    proposals: list[Proposal]
+    draft_s: list[float]
 
 
 @dataclass
@@ -178,6 +190,25 @@ class Drafter:
     def propose(self, context: list[int], max_tokens: int) -> Proposal:
         """Draft at most ``max_tokens`` tokens to follow ``context`` (prompt + emitted tokens)."""
         return Proposal()
+
+    @classmethod
+    def propose_rows(
+        cls,
+        drafters: Sequence[Drafter],
+        contexts: Sequence[list[int]],
+        limits: Sequence[int],
+        device: torch.device,
+    ) -> RowProposals:
+        """Proposals for the live rows of a batch (``drafters[r]`` is row ``r``'s drafter, all of this
+        class): :meth:`propose` row after row, each row timed on ``device``. Drafters that draft with a
+        model override it to run that model once for all rows (SpS: one batched draft forward per
+        draft level)."""
+        proposals, draft_s = [], []
+        for drafter, context, limit in zip(drafters, contexts, limits):
+            start = now(device)
+            proposals.append(drafter.propose(context, limit))
+            draft_s.append(now(device) - start)
+        return RowProposals(proposals=proposals, draft_s=draft_s)
 
     def feedback(self, outcome: StepOutcome) -> None:
         """Learn from the verification outcome (acceptance, target logits)."""

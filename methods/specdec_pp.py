@@ -20,6 +20,11 @@ itself), so the engine's Leviathan verifier keeps the target distribution (greed
 With a head, ``y_i`` is fed to the draft before the decision (its hidden state is the feature);
 that forward also yields ``y_{i+1}``'s distribution, so continuing costs nothing extra. The
 confidence rule decides before feeding ``y_i`` and saves that forward when it stops.
+
+The chain loop is SpS's (:class:`~decodebench.methods.sps.ChainDrafter`: the stopping rule is its
+``keeps_drafting`` / ``keeps_drafting_after``), so in a batch (``gen.batch_size > 1``) the rows'
+chains are drafted together, one batched draft forward per draft level, each row stopping by its
+own rule.
 """
 
 from __future__ import annotations
@@ -34,7 +39,6 @@ from torch import nn
 
 from decodebench.config import check
 from decodebench.engine.backbone import Backbone
-from decodebench.engine.drafting import Proposal
 from decodebench.methods.draft_heads import (
     WEIGHTS_FILE,
     MissingCheckpointError,
@@ -42,7 +46,7 @@ from decodebench.methods.draft_heads import (
     load_checkpoint,
     model_key,
 )
-from decodebench.methods.sps import DraftModelDrafter
+from decodebench.methods.sps import ChainDrafter
 from decodebench.registry import DecodeBenchError
 
 log = logging.getLogger("decodebench")
@@ -90,7 +94,7 @@ def load_head(directory: Path, draft_hidden_size: int) -> AcceptanceHead:
     return head.eval()
 
 
-class SpecDecPPDrafter(DraftModelDrafter):
+class SpecDecPPDrafter(ChainDrafter):
     """Draft-model chain whose length is chosen by a predicted P(at least one rejection)."""
 
     @dataclass
@@ -120,6 +124,7 @@ class SpecDecPPDrafter(DraftModelDrafter):
         self.head: AcceptanceHead | None = None
         self.cache_dir: str | None = None
         self.target: Backbone | None = None
+        self.log_all_accepted = 0.0  # log Π a_j over the current chain's drafts (start_chain resets it)
 
     def setup(self, backbone: Backbone, cache_dir: str | None = None) -> None:
         super().setup(backbone, cache_dir)
@@ -171,31 +176,20 @@ class SpecDecPPDrafter(DraftModelDrafter):
     def _head_acceptance(self, hidden: torch.Tensor) -> float:
         return float(torch.sigmoid(self.head(hidden.float())))
 
-    def propose(self, context: list[int], max_tokens: int) -> Proposal:
-        budget = min(self.params.max_draft_tokens, max_tokens)
-        if budget <= 0:
-            return Proposal()
-        out = self.draft.sync(context)
-        tokens: list[int] = []
-        rows: list[torch.Tensor] = []
-        log_all_accepted = 0.0  # log Π a_j
-        stop_below = math.log1p(-self.params.stop_threshold)  # stop once Π a_j < 1 - threshold
-        while True:
-            token, q = self.choose(out.logits[-1])
-            tokens.append(token)
-            if q is not None:
-                rows.append(q)
-            if len(tokens) == budget:
-                break
-            if self.head is None:
-                accept = self._confidence(out.logits[-1], token, q)
-                out = None
-            else:
-                out = self.draft.feed([token])
-                accept = self._head_acceptance(out.last_hidden[-1])
-            log_all_accepted += math.log(max(accept, 1e-12))
-            if len(tokens) >= self.params.min_draft_tokens and log_all_accepted < stop_below:
-                break
-            if out is None:
-                out = self.draft.feed([token])
-        return Proposal(tokens=tokens, probs=torch.stack(rows) if rows else None)
+    def start_chain(self, max_tokens: int) -> int:
+        self.log_all_accepted = 0.0  # log Π a_j over this chain's drafts
+        return min(self.params.max_draft_tokens, max_tokens)
+
+    def keeps_drafting(self, logits: torch.Tensor, token: int, q: torch.Tensor | None, drafted: int) -> bool:
+        # without a head the acceptance estimate needs no forward: decide before feeding the draft
+        return self.head is not None or self._still_likely(self._confidence(logits, token, q), drafted)
+
+    def keeps_drafting_after(self, hidden: torch.Tensor, drafted: int) -> bool:
+        return self.head is None or self._still_likely(self._head_acceptance(hidden), drafted)
+
+    def _still_likely(self, accept: float, drafted: int) -> bool:
+        """Count draft ``drafted``'s acceptance estimate in; False once Π a_j < 1 - threshold (and the
+        chain holds at least ``min_draft_tokens``)."""
+        self.log_all_accepted += math.log(max(accept, 1e-12))
+        stop_below = math.log1p(-self.params.stop_threshold)
+        return drafted < self.params.min_draft_tokens or self.log_all_accepted >= stop_below

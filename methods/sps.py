@@ -17,21 +17,41 @@ token ids whose K/V it holds (:class:`DraftModelState`). Each step it is cropped
 common prefix of that list and the context (everything up to the first rejected draft survives),
 then only the missing tokens — the accepted drafts it has not seen and the bonus token, usually
 1 or 2 — are fed. The last draft of a step is never fed (its distribution is not needed).
+
+Batched speculation (``gen.batch_size > 1``): the rows' drafters share one batched draft cache
+(:class:`DraftBatch`, one row per live row, each with its ``fed`` list) and
+:meth:`ChainDrafter.propose_rows` (SpS, SpecDec++) drafts for all rows at once: ONE catch-up forward
+(every row feeds its own missing tokens, padded) and then one batched one-token forward per further
+draft level, instead of one draft forward per row and draft token. A row whose chain ended (its
+``γ`` under the heuristic schedule, the last tokens of a request, SpecDec++'s stopping rule) sits
+out the remaining levels as padding.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
 from decodebench.config import check
 from decodebench.engine.backbone import Backbone, ForwardOutput
-from decodebench.engine.drafting import Drafter, Proposal, StepOutcome
+from decodebench.engine.drafting import Drafter, Proposal, RowProposals, StepOutcome
 from decodebench.engine.sampling import logits_to_probs, sample
+from decodebench.engine.timing import now
 
 SCHEDULES = ("constant", "heuristic", "heuristic_transient")
+
+
+def reusable_prefix(fed: Sequence[int], context: Sequence[int]) -> int:
+    """How many cached entries of ``fed`` still serve ``context``: their longest common prefix, but
+    never the last context token, which is always (re)fed since its logits are what the caller needs."""
+    limit = min(len(fed), len(context) - 1)
+    common = 0
+    while common < limit and fed[common] == context[common]:
+        common += 1
+    return common
 
 
 class DraftModelState:
@@ -42,17 +62,21 @@ class DraftModelState:
         cache: its KV cache; entry ``i`` holds the K/V of ``fed[i]``.
         fed: token ids whose K/V are in ``cache`` (a prefix of the request's context, possibly
             followed by drafts that were later rejected).
+        batch: while the request drafts in a batch, the :class:`DraftBatch` whose cache holds the
+            K/V of ``fed`` (in this state's row) instead of ``cache``.
     """
 
     def __init__(self, backbone: Backbone, capacity: int = 512):
         self.backbone = backbone
         self.cache = backbone.new_cache(capacity)
         self.fed: list[int] = []
+        self.batch: DraftBatch | None = None
 
     def reset(self) -> None:
-        """Forget the previous request."""
+        """Forget the previous request (and the batch it drafted in)."""
         self.cache.reset()
         self.fed = []
+        self.batch = None
 
     def sync(self, context: Sequence[int]) -> ForwardOutput:
         """Crop the cache to its common prefix with ``context`` and feed the rest.
@@ -66,10 +90,9 @@ class DraftModelState:
             ForwardOutput whose last logits row predicts the token after ``context``
             (``last_hidden`` holds the fed tokens' final hidden states).
         """
-        limit = min(len(self.fed), len(context) - 1)
-        common = 0
-        while common < limit and self.fed[common] == context[common]:
-            common += 1
+        if self.batch is not None:
+            raise RuntimeError("this request drafts in a batch: its K/V are in the batch's draft cache")
+        common = reusable_prefix(self.fed, context)
         self.crop(common)
         return self.feed(context[common:])
 
@@ -83,6 +106,81 @@ class DraftModelState:
         out = self.backbone.forward(list(tokens), self.cache, logits_rows=slice(-1, None))
         self.fed.extend(int(t) for t in tokens)
         return out
+
+
+class DraftBatch:
+    """The draft model's KV cache for the live rows of a batch (batched drafting): row ``r`` of
+    ``cache`` holds the K/V of ``states[r].fed``, each row at its own length (right padding).
+
+    Made at a batch's first batched proposal (every state's ``fed`` starts empty, as after
+    :meth:`DraftModelState.reset`); rows whose sequence finished leave it as they leave the target's
+    cache (:meth:`KVCache.keep_rows`), so they cost nothing afterwards.
+    """
+
+    def __init__(self, states: Sequence[DraftModelState], capacity: int):
+        self.backbone = states[0].backbone
+        self.cache = self.backbone.new_cache(capacity, batch_size=len(states))
+        self.states = list(states)
+        for state in self.states:
+            state.fed, state.batch = [], self
+
+    @classmethod
+    def of(cls, states: Sequence[DraftModelState], capacity: int) -> DraftBatch:
+        """The batch ``states`` (the live rows, in row order) draft in: the one they share, less the
+        rows that left it since the last step; a new one when they share none (a new request)."""
+        batch = states[0].batch
+        if batch is None or any(state.batch is not batch for state in states):
+            return cls(states, capacity)
+        held = [id(state) for state in batch.states]
+        if held != [id(state) for state in states]:
+            kept = {id(state) for state in states}
+            for state in batch.states:
+                if id(state) not in kept:
+                    state.batch = None  # its sequence finished; its next request starts afresh
+            batch.cache.keep_rows([held.index(id(state)) for state in states])
+            batch.states = list(states)
+        return batch
+
+    def catch_up(self, contexts: Sequence[Sequence[int] | None]) -> torch.Tensor:
+        """Crop every row to what still serves its context (:func:`reusable_prefix`) and feed the
+        rest, all rows in one forward; a ``None`` context feeds nothing (the row does not draft).
+
+        Returns:
+            ``(batch, vocab)`` logits predicting the token after each row's context (junk for rows
+            that fed nothing).
+        """
+        tails: list[Sequence[int]] = []
+        for state, context in zip(self.states, contexts):
+            if context is None:
+                tails.append([])
+                continue
+            common = reusable_prefix(state.fed, context)
+            del state.fed[common:]
+            tails.append(context[common:])
+        return self.feed(tails)[0]
+
+    def feed(self, tails: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``tails[r]`` (a chain, possibly empty) to row ``r``'s entries, all rows in one
+        forward padded to the longest tail; logits only at each row's last fed token.
+
+        Returns:
+            ``(batch, vocab)`` logits and ``(batch, hidden)`` final hidden states (after the final
+            norm) at each row's last fed token (junk for rows with an empty tail).
+        """
+        sizes = [len(tail) for tail in tails]
+        width = max(sizes)
+        ids = torch.tensor([[*tail, *[0] * (width - len(tail))] for tail in tails], device=self.backbone.device)
+        self._settle()  # rows at the lengths of their fed lists (drops rejected drafts and padding)
+        out = self.backbone.forward_batch(ids, self.cache, sizes=sizes, last_logits_only=True)
+        for state, tail in zip(self.states, tails):
+            state.fed.extend(int(token) for token in tail)
+        self._settle()
+        last = torch.tensor([max(size, 1) - 1 for size in sizes], device=out.last_hidden.device)
+        return out.logits[:, -1], out.last_hidden[torch.arange(len(tails), device=last.device), last]
+
+    def _settle(self) -> None:
+        """Every row's length in ``cache`` := its ``fed`` length (the single source of truth)."""
+        self.cache.row_lengths = [[len(state.fed) for state in self.states]] * self.cache.num_layers
 
 
 def fit_vocab(row: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -136,7 +234,92 @@ class DraftModelDrafter(Drafter):
         return sample(q, self.generator), q
 
 
-class SpeculativeSamplingDrafter(DraftModelDrafter):
+class ChainDrafter(DraftModelDrafter):
+    """A draft-model chain per step (SpS, SpecDec++): draft, feed, draft again until the row's
+    budget is spent or its stopping rule says stop; batched over the rows of a batch by
+    :meth:`propose_rows`. Subclasses say how long a chain may get (:meth:`start_chain`) and, if they
+    stop early, when (:meth:`keeps_drafting`, :meth:`keeps_drafting_after`)."""
+
+    def start_chain(self, max_tokens: int) -> int:
+        """Called before each chain: how many drafts it may hold (at most ``max_tokens``)."""
+        raise NotImplementedError
+
+    def keeps_drafting(self, logits: torch.Tensor, token: int, q: torch.Tensor | None, drafted: int) -> bool:
+        """After the ``drafted``-th draft ``token`` was chosen from ``logits`` (``q``: its distribution
+        under sampling), before it is fed: whether the chain goes on (the budget aside)."""
+        return True
+
+    def keeps_drafting_after(self, hidden: torch.Tensor, drafted: int) -> bool:
+        """After the ``drafted``-th draft was fed (``hidden``: its final hidden state): whether the
+        chain goes on."""
+        return True
+
+    def propose(self, context: list[int], max_tokens: int) -> Proposal:
+        budget = self.start_chain(max_tokens)
+        if budget <= 0:
+            return Proposal()
+        logits = self.draft.sync(context).logits[-1]
+        tokens: list[int] = []
+        rows: list[torch.Tensor] = []
+        while True:
+            token, q = self.choose(logits)
+            tokens.append(token)
+            if q is not None:
+                rows.append(q)
+            if len(tokens) == budget or not self.keeps_drafting(logits, token, q, len(tokens)):
+                break
+            out = self.draft.feed([token])
+            if not self.keeps_drafting_after(out.last_hidden[-1], len(tokens)):
+                break
+            logits = out.logits[-1]
+        return Proposal(tokens=tokens, probs=torch.stack(rows) if rows else None)
+
+    @classmethod
+    def propose_rows(
+        cls,
+        drafters: Sequence[Drafter],
+        contexts: Sequence[list[int]],
+        limits: Sequence[int],
+        device: torch.device,
+    ) -> RowProposals:
+        """:meth:`propose` for every live row of a batch with the draft model run batched: one
+        catch-up forward (each row feeds what its draft cache lacks, padded), then one one-token
+        forward per further draft level over the rows still drafting; a row whose chain ended sits
+        out the remaining levels as padding. Drafts are chosen level by level, row after row (under
+        sampling from the shared generator: the same distribution as row by row, not the same
+        draws). The batch's draft time is split evenly over the rows that drafted."""
+        start = now(device)
+        rows = cast("list[ChainDrafter]", list(drafters))  # the decode loop's row copies
+        budgets = [drafter.start_chain(limit) for drafter, limit in zip(rows, limits)]
+        tokens: list[list[int]] = [[] for _ in rows]
+        probs: list[list[torch.Tensor]] = [[] for _ in rows]
+        drafting = [row for row, budget in enumerate(budgets) if budget > 0]
+        if drafting:
+            batch = DraftBatch.of([drafter.draft for drafter in rows], max(map(len, contexts)) + max(budgets) + 64)
+            logits = batch.catch_up([context if budget > 0 else None for context, budget in zip(contexts, budgets)])
+            while True:
+                going = []
+                for row in drafting:
+                    token, q = rows[row].choose(logits[row])
+                    tokens[row].append(token)
+                    if q is not None:
+                        probs[row].append(q)
+                    drafted = len(tokens[row])
+                    if drafted < budgets[row] and rows[row].keeps_drafting(logits[row], token, q, drafted):
+                        going.append(row)
+                if not going:
+                    break
+                logits, hidden = batch.feed([[tokens[row][-1]] if row in going else [] for row in range(len(rows))])
+                drafting = [row for row in going if rows[row].keeps_drafting_after(hidden[row], len(tokens[row]))]
+                if not drafting:
+                    break
+        proposals = [Proposal(tokens=t, probs=torch.stack(p) if p else None) for t, p in zip(tokens, probs)]
+        drafted_rows = sum(1 for t in tokens if t)
+        share = (now(device) - start) / max(drafted_rows, 1)
+        return RowProposals(proposals=proposals, draft_s=[share if t else 0.0 for t in tokens])
+
+
+class SpeculativeSamplingDrafter(ChainDrafter):
     """SpS: a chain of ``γ`` draft-model tokens per step (fixed or heuristic ``γ``)."""
 
     @dataclass
@@ -211,22 +394,8 @@ class SpeculativeSamplingDrafter(DraftModelDrafter):
         if self.params.schedule == "heuristic_transient":
             self.gamma = self.start_gamma
 
-    def propose(self, context: list[int], max_tokens: int) -> Proposal:
-        budget = min(self.gamma, max_tokens)
-        if budget <= 0:
-            return Proposal()
-        out = self.draft.sync(context)
-        tokens: list[int] = []
-        rows: list[torch.Tensor] = []
-        while True:
-            token, q = self.choose(out.logits[-1])
-            tokens.append(token)
-            if q is not None:
-                rows.append(q)
-            if len(tokens) == budget:
-                break
-            out = self.draft.feed([token])
-        return Proposal(tokens=tokens, probs=torch.stack(rows) if rows else None)
+    def start_chain(self, max_tokens: int) -> int:
+        return min(self.gamma, max_tokens)
 
     def feedback(self, outcome: StepOutcome) -> None:
         if self.params.schedule == "constant" or self.speculation is not None or not outcome.proposal.tokens:
