@@ -150,6 +150,26 @@ def decode(
 
 
 # --- distribution checks -----------------------------------------------------------------------
+def stop_at_different_steps(target: Backbone, prompts: Sequence[Sequence[int]], new_tokens: int) -> DecodeSettings:
+    """Greedy, ``new_tokens`` tokens, with a stop id that ends AR on ``prompts`` after as many different
+    numbers of decode steps as any token can (a token AR emits in some rows, never among a row's first
+    two tokens): batched decoding then sees rows leave the batch at different steps."""
+    from decodebench.config import MethodConfig  # noqa: PLC0415
+    from decodebench.methods import build_method  # noqa: PLC0415
+
+    ar = build_method(MethodConfig())
+    answers = [generate(target, ar, p, DecodeSettings(new_tokens), target.new_cache(16)).new_ids for p in prompts]
+
+    def row_lengths(stop: int) -> list[int]:
+        return [answer.index(stop) + 1 if stop in answer else len(answer) for answer in answers]
+
+    candidates = sorted(
+        {t for answer in answers for t in answer if all(t not in a or a.index(t) >= 2 for a in answers)}
+    )
+    stop = max(candidates, key=lambda token: len(set(row_lengths(token))))
+    return DecodeSettings(max_new_tokens=new_tokens, eos_token_ids=(stop,))
+
+
 def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
     """Pearson chi-square goodness of fit (Wilson–Hilferty approximation of the p-value)."""
     keep = probs > 0

@@ -16,7 +16,7 @@ from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import build_method, method_config
 from decodebench.methods.sps import ChainDrafter, SpeculativeSamplingDrafter
 
-from helpers import VOCAB, random_prompts, tiny_pair
+from helpers import VOCAB, random_prompts, stop_at_different_steps, tiny_pair
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,20 +38,7 @@ def models():
 def stop_settings(models) -> DecodeSettings:
     """Greedy, NEW_TOKENS tokens, with a stop id that ends the rows after different numbers of decode
     steps (a token AR emits in some rows, never among a row's first two tokens)."""
-    target, _ = models
-    ar = build_method(MethodConfig())
-    answers = [
-        generate(target, ar, p, DecodeSettings(NEW_TOKENS), target.new_cache(16)).new_ids for p in batch_prompts()
-    ]
-
-    def row_lengths(stop: int) -> list[int]:
-        return [answer.index(stop) + 1 if stop in answer else len(answer) for answer in answers]
-
-    candidates = sorted(
-        {t for answer in answers for t in answer if all(t not in a or a.index(t) >= 2 for a in answers)}
-    )
-    stop = max(candidates, key=lambda token: len(set(row_lengths(token))))
-    return DecodeSettings(max_new_tokens=NEW_TOKENS, eos_token_ids=(stop,))
+    return stop_at_different_steps(models[0], batch_prompts(), NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")
