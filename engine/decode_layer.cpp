@@ -1,12 +1,12 @@
-// One fused pre-norm SwiGLU decoder layer for a small block (a decode step or a verify block) in a
-// single operator call: torch.ops.decodebench.decode_layer (engine/fused_layers.py calls it; built
+// One fused pre-norm SwiGLU decoder layer for a small block (a decode step or a verify block, of one
+// sequence or of a batch of rows, each at its own cache length `starts[b]`) in a single operator call: torch.ops.decodebench.decode_layer (engine/fused_layers.py calls it; built
 // with streamed_linear.cpp by engine/streamed.py).
 //
 // A step of a small model spends ~30 % of its time outside the matmuls in the Python layer: ~25 small
 // torch ops per layer (norms, RoPE, cache writes, attention, SiLU, residuals), each paying dispatch
 // and, for the parallel ones, a thread-pool wake-up. Here a layer is
 //   x̂ = RMSNorm(x) · g₁;  q, k, v = x̂ W_qkvᵀ (+ b);  RoPE(q, k) from the step's cos / sin;
-//   K/V written into the cache at [start, start + q);  a = softmax(q kᵀ · scaling + mask) v (GQA);
+//   K/V written into row b's cache at [starts[b], starts[b] + q);  a = softmax(q kᵀ · scaling + mask) v (GQA);
 //   x' = x + a W_oᵀ;  x̂' = RMSNorm(x') · g₂;  x'' = x' + (SiLU(x̂' W_gateᵀ) ⊙ x̂' W_upᵀ) W_downᵀ
 // with the four matmuls on the streamed kernel (streamed_rows, parallel over weight rows) and the
 // glue as plain loops on the block's few rows; attention runs in parallel over (head, row).

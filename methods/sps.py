@@ -29,6 +29,7 @@ out the remaining levels as padding.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -234,15 +235,15 @@ class DraftModelDrafter(Drafter):
         return sample(q, self.generator), q
 
 
-class ChainDrafter(DraftModelDrafter):
+class ChainDrafter(DraftModelDrafter, abc.ABC):
     """A draft-model chain per step (SpS, SpecDec++): draft, feed, draft again until the row's
     budget is spent or its stopping rule says stop; batched over the rows of a batch by
     :meth:`propose_rows`. Subclasses say how long a chain may get (:meth:`start_chain`) and, if they
     stop early, when (:meth:`keeps_drafting`, :meth:`keeps_drafting_after`)."""
 
+    @abc.abstractmethod
     def start_chain(self, max_tokens: int) -> int:
         """Called before each chain: how many drafts it may hold (at most ``max_tokens``)."""
-        raise NotImplementedError
 
     def keeps_drafting(self, logits: torch.Tensor, token: int, q: torch.Tensor | None, drafted: int) -> bool:
         """After the ``drafted``-th draft ``token`` was chosen from ``logits`` (``q``: its distribution
