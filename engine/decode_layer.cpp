@@ -9,7 +9,8 @@
 //   K/V written into row b's cache at [starts[b], starts[b] + q);  a = softmax(q kᵀ · scaling + mask) v (GQA);
 //   x' = x + a W_oᵀ;  x̂' = RMSNorm(x') · g₂;  x'' = x' + (SiLU(x̂' W_gateᵀ) ⊙ x̂' W_upᵀ) W_downᵀ
 // with the four matmuls on the streamed kernel (streamed_rows, parallel over weight rows) and the
-// glue as plain loops on the block's few rows; attention runs in parallel over (head, row).
+// glue as plain loops on the block's few rows; attention runs in parallel over (batch row, head), each
+// task taking the block's queries of its head key tile by key tile.
 //
 // Arithmetic: the same fp32 operations as the Python layer (RoPE as x·cos + rotate_half(x)·sin with
 // separate products; RMSNorm x·rsqrt(mean(x²) + eps)·g; SiLU x / (1 + e^(−x)); the exponentials of SiLU and the
@@ -79,68 +80,122 @@ void silu_times(const float* gate_up, int64_t I, float* act) {
   }
 }
 
-// One query row of one head against the cache: which keys it sees (mask row, or causal up to `last`).
-struct Attention {
-  const float* query;
-  const float* keys;    // (capacity, d) rows of the query's kv head
-  const float* values;  // idem
-  const bool* visible;  // the row's mask over the L keys, or nullptr: keys 0..last
-  int64_t last, L, d;
+// The rows of one head of one batch row (the block's q queries) against that row's cache. Work goes
+// key tile by key tile (LANES keys, L1-resident) over every query, so a key or value vector is read
+// from L2 once per block instead of once per query row, and LANES scores come out of one
+// butterfly (hsum_lanes) instead of LANES horizontal sums.
+struct HeadBlock {
+  const float* queries;  // query m at queries + m * query_stride
+  int64_t query_stride;
+  const float* keys;     // (capacity, d) rows of the head's kv head
+  const float* values;   // idem
+  const bool* visible;   // query m's mask over the L keys at visible + m * mask_stride, or nullptr: keys 0..start + m
+  int64_t mask_stride, start, q, L, d;
   float scale;
+  float* dest;  // query m's output at dest + m * dest_stride
+  int64_t dest_stride;
 };
 
-// Scores (masked keys -inf), their softmax weights (unnormalised) into `weights`; returns the sum.
-float softmax_weights(const Attention& a, float* weights) {
+// score[j] = dot(query, keys_j) for j < L: LANES keys at a time (lane i = dot's value for key
+// j0 + i, bitwise: the same fused multiply-adds in k order and hsum's tree), the tail one by one
+void scores(const float* query, const float* keys, int64_t L, int64_t d, float* score) {
+  const int64_t l_vec = d % LANES == 0 ? L / LANES * LANES : 0;
+  for (int64_t j0 = 0; j0 < l_vec; j0 += LANES) {
+    Vec acc[LANES];
+    for (int i = 0; i < LANES; ++i) acc[i] = zero();
+    for (int64_t k = 0; k < d; k += LANES) {
+      const Vec x = load(query + k);
+      for (int i = 0; i < LANES; ++i) acc[i] = fma(x, load(keys + (j0 + i) * d + k), acc[i]);
+    }
+    store(score + j0, hsum_lanes(acc));
+  }
+  for (int64_t j = l_vec; j < L; ++j) score[j] = dot(query, keys + j * d, d);
+}
+
+// Scaled scores (masked keys −inf) → unnormalised softmax weights in place; returns their sum
+float softmax_weights(float* weights, const bool* visible, int64_t last, int64_t L, float scale) {
   float best = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < a.L; ++j) {
-    const bool seen = a.visible ? a.visible[j] : j <= a.last;
-    weights[j] = seen ? dot(a.query, a.keys + j * a.d, a.d) * a.scale : -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < L; ++j) {
+    const bool seen = visible ? visible[j] : j <= last;
+    weights[j] = seen ? weights[j] * scale : -std::numeric_limits<float>::infinity();
     best = std::max(best, weights[j]);
   }
   const Vec shift = broadcast(best);
-  const int64_t l_vec = a.L / LANES * LANES;
+  const int64_t l_vec = L / LANES * LANES;
   for (int64_t j = 0; j < l_vec; j += LANES) store(weights + j, exp_lanes(sub(load(weights + j), shift)));
-  if (l_vec < a.L) {  // the tail through a padded vector (padding lanes are −inf: weight 0, never stored)
+  if (l_vec < L) {  // the tail through a padded vector (padding lanes are −inf: weight 0, never stored)
     alignas(64) float tail[LANES];
     std::fill_n(tail, LANES, -std::numeric_limits<float>::infinity());
-    std::copy(weights + l_vec, weights + a.L, tail);
+    std::copy(weights + l_vec, weights + L, tail);
     store(tail, exp_lanes(sub(load(tail), shift)));
-    std::copy_n(tail, a.L - l_vec, weights + l_vec);
+    std::copy_n(tail, L - l_vec, weights + l_vec);
   }
   float total = 0.0f;
-  for (int64_t j = 0; j < a.L; ++j) total += weights[j];
+  for (int64_t j = 0; j < L; ++j) total += weights[j];
   return total;
 }
 
-// dest = Σ_j weights[j] · v_j / Σ weights: per lane a chain of fused multiply-adds in j order
-void attend(const Attention& a, float* weights, float* dest) {
-  const float total = softmax_weights(a, weights);
-  std::fill_n(dest, a.d, 0.0f);
-  const int64_t d_vec = a.d / LANES * LANES;
-  for (int64_t j = 0; j < a.L; ++j) {
-    if (weights[j] == 0.0f) continue;
-    const float* v = a.values + j * a.d;
-    const Vec w = broadcast(weights[j]);
-    for (int64_t c = 0; c < d_vec; c += LANES) store(dest + c, fma(w, load(v + c), load(dest + c)));
-    for (int64_t c = d_vec; c < a.d; ++c) dest[c] = std::fma(weights[j], v[c], dest[c]);
+// dest[m] += Σ_{j in [j0, j1)} weights[m][j] · v_j for every query m: per lane a chain of fused
+// multiply-adds in j order (a query's sum does not depend on the tiling), the output row in V
+// registers for d = V · LANES
+template <int V>
+void accumulate_values(const HeadBlock& a, const float* weights, int64_t j0, int64_t j1) {
+  for (int64_t m = 0; m < a.q; ++m) {
+    const float* w = weights + m * a.L;
+    float* dest = a.dest + m * a.dest_stride;
+    Vec out[V];
+    for (int c = 0; c < V; ++c) out[c] = load(dest + c * LANES);
+    for (int64_t j = j0; j < j1; ++j) {
+      if (w[j] == 0.0f) continue;
+      const float* v = a.values + j * a.d;
+      const Vec wj = broadcast(w[j]);
+      for (int c = 0; c < V; ++c) out[c] = fma(wj, load(v + c * LANES), out[c]);
+    }
+    for (int c = 0; c < V; ++c) store(dest + c * LANES, out[c]);
   }
-  for (int64_t c = 0; c < a.d; ++c) dest[c] /= total;
 }
 
-// attend() for d = V · LANES with the output row in V registers (the same operations, bitwise)
-template <int V>
-void attend_in_registers(const Attention& a, float* weights, float* dest) {
-  const float total = softmax_weights(a, weights);
-  Vec out[V];
-  for (int c = 0; c < V; ++c) out[c] = zero();
-  for (int64_t j = 0; j < a.L; ++j) {
-    if (weights[j] == 0.0f) continue;
-    const float* v = a.values + j * a.d;
-    const Vec w = broadcast(weights[j]);
-    for (int c = 0; c < V; ++c) out[c] = fma(w, load(v + c * LANES), out[c]);
+void accumulate_values_any(const HeadBlock& a, const float* weights, int64_t j0, int64_t j1) {
+  const int64_t d_vec = a.d / LANES * LANES;
+  for (int64_t m = 0; m < a.q; ++m) {
+    const float* w = weights + m * a.L;
+    float* dest = a.dest + m * a.dest_stride;
+    for (int64_t j = j0; j < j1; ++j) {
+      if (w[j] == 0.0f) continue;
+      const float* v = a.values + j * a.d;
+      const Vec wj = broadcast(w[j]);
+      for (int64_t c = 0; c < d_vec; c += LANES) store(dest + c, fma(wj, load(v + c), load(dest + c)));
+      for (int64_t c = d_vec; c < a.d; ++c) dest[c] = std::fma(w[j], v[c], dest[c]);
+    }
   }
-  for (int c = 0; c < V; ++c) store(dest + c * LANES, out[c]);
-  for (int64_t c = 0; c < a.d; ++c) dest[c] /= total;
+}
+
+// softmax(q kᵀ · scale + mask) v for the block's q queries of one head; `weights` holds q · L floats
+void attend_block(const HeadBlock& a, float* weights) {
+  constexpr int64_t TILE = 4 * LANES;  // keys per tile: TILE · d floats of K or V stay in L1
+  for (int64_t j0 = 0; j0 < a.L; j0 += TILE) {
+    const int64_t n = std::min(TILE, a.L - j0);
+    for (int64_t m = 0; m < a.q; ++m)
+      scores(a.queries + m * a.query_stride, a.keys + j0 * a.d, n, a.d, weights + m * a.L + j0);
+  }
+  std::vector<float> totals(a.q);
+  for (int64_t m = 0; m < a.q; ++m) {
+    totals[m] = softmax_weights(weights + m * a.L, a.visible ? a.visible + m * a.mask_stride : nullptr,
+                                a.start + m, a.L, a.scale);
+    std::fill_n(a.dest + m * a.dest_stride, a.d, 0.0f);
+  }
+  const int vectors = a.d == LANES * 2 ? 2 : a.d == LANES * 4 ? 4 : a.d == LANES * 8 ? 8 : 0;
+  for (int64_t j0 = 0; j0 < a.L; j0 += TILE) {
+    const int64_t j1 = std::min(j0 + TILE, a.L);
+    switch (vectors) {
+      case 2: accumulate_values<2>(a, weights, j0, j1); break;
+      case 4: accumulate_values<4>(a, weights, j0, j1); break;
+      case 8: accumulate_values<8>(a, weights, j0, j1); break;
+      default: accumulate_values_any(a, weights, j0, j1);
+    }
+  }
+  for (int64_t m = 0; m < a.q; ++m)
+    for (int64_t c = 0; c < a.d; ++c) a.dest[m * a.dest_stride + c] /= totals[m];
 }
 
 }  // namespace
@@ -207,23 +262,26 @@ torch::Tensor decode_layer(const torch::Tensor& hidden, const torch::Tensor& att
     }
   }
   const float scale = static_cast<float>(scaling);
-  at::parallel_for(0, heads * rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> weights(L);
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> weights(q * L);
     for (int64_t task = begin; task < end; ++task) {
       // a row sees only its own entries (slots < its start + q): the same keys, in the same order, as
-      // when it decodes alone, so its result does not depend on the batch
-      const int64_t h = task / rows, r = task % rows, b = r / q, m = r % q, kv = h / groups;
-      const float* keys = key_cache.data_ptr<float>() + b * cache_row + kv * capacity * d;
-      const float* values = value_cache.data_ptr<float>() + b * cache_row + kv * capacity * d;
-      const Attention one{qkv.data() + r * qkv_width + h * d, keys, values, visible ? visible + r * L : nullptr,
-                          starts[b] + m, starts[b] + q, d, scale};
-      float* dest = attended.data() + r * heads * d + h * d;
-      switch (d == LANES * 2 ? 2 : d == LANES * 4 ? 4 : d == LANES * 8 ? 8 : 0) {
-        case 2: attend_in_registers<2>(one, weights.data(), dest); break;
-        case 4: attend_in_registers<4>(one, weights.data(), dest); break;
-        case 8: attend_in_registers<8>(one, weights.data(), dest); break;
-        default: attend(one, weights.data(), dest);
-      }
+      // when it decodes alone, so its result does not depend on the batch or on the block's other queries
+      const int64_t b = task / heads, h = task % heads, kv = h / groups;
+      const HeadBlock block{qkv.data() + b * q * qkv_width + h * d,
+                            qkv_width,
+                            key_cache.data_ptr<float>() + b * cache_row + kv * capacity * d,
+                            value_cache.data_ptr<float>() + b * cache_row + kv * capacity * d,
+                            visible ? visible + b * q * L : nullptr,
+                            L,
+                            starts[b],
+                            q,
+                            starts[b] + q,
+                            d,
+                            scale,
+                            attended.data() + b * q * heads * d + h * d,
+                            heads * d};
+      attend_block(block, weights.data());
     }
   });
   streamed_rows(attended.data(), rows, o_weight.data_ptr<float>(), heads * d, H, residual.data());

@@ -36,6 +36,28 @@ inline float hsum(Vec v) {  // fixed order: halves, then quarters, ...
   const __m128 e = _mm_add_ps(q, _mm_movehl_ps(q, q));
   return _mm_cvtss_f32(_mm_add_ss(e, _mm_movehdup_ps(e)));
 }
+// lane i = hsum(acc[i]) for LANES accumulators, with hsum's tree (halves, quarters, pairs, the last
+// pair) as a butterfly: ~2 shuffles per sum instead of 4. The butterfly leaves acc[4g + r]'s sum in
+// lane 4r + g, so the accumulators go in transposed.
+inline Vec hsum_lanes(const Vec* acc) {
+  Vec halves[8], quarters[4], pairs[2];
+  for (int p = 0; p < 8; ++p) {
+    const Vec a = acc[((2 * p) % 4) * 4 + (2 * p) / 4], b = acc[((2 * p + 1) % 4) * 4 + (2 * p + 1) / 4];
+    halves[p] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
+                              _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  for (int p = 0; p < 4; ++p) {
+    const Vec c = halves[2 * p], d = halves[2 * p + 1];
+    quarters[p] = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(2, 0, 2, 0)),
+                                _mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+  for (int p = 0; p < 2; ++p) {
+    const Vec u = quarters[2 * p], w = quarters[2 * p + 1];
+    pairs[p] = _mm512_add_ps(_mm512_shuffle_ps(u, w, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(u, w, _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  return _mm512_add_ps(_mm512_shuffle_ps(pairs[0], pairs[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_ps(pairs[0], pairs[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int LANES = 8;
 constexpr int MAX_ROWS = 8;  // 16 vector registers
@@ -67,6 +89,22 @@ inline float hsum(Vec v) {
   const __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 e = _mm_add_ps(q, _mm_movehl_ps(q, q));
   return _mm_cvtss_f32(_mm_add_ss(e, _mm_movehdup_ps(e)));
+}
+// lane i = hsum(acc[i]) for LANES accumulators with hsum's tree (see the AVX-512 version); the
+// butterfly leaves acc[2r + g]'s sum in lane 4g + r, so the accumulators go in transposed.
+inline Vec hsum_lanes(const Vec* acc) {
+  Vec quarters[4], pairs[2];
+  for (int p = 0; p < 4; ++p) {
+    const int i = 2 * p, k = 2 * p + 1;  // slots 2r + g hold acc[4g + r]
+    const Vec a = acc[(i % 2) * 4 + i / 2], b = acc[(k % 2) * 4 + k / 2];
+    quarters[p] = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+  }
+  for (int p = 0; p < 2; ++p) {
+    const Vec u = quarters[2 * p], w = quarters[2 * p + 1];
+    pairs[p] = _mm256_add_ps(_mm256_shuffle_ps(u, w, _MM_SHUFFLE(1, 0, 1, 0)), _mm256_shuffle_ps(u, w, _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  return _mm256_add_ps(_mm256_shuffle_ps(pairs[0], pairs[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm256_shuffle_ps(pairs[0], pairs[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 #else
 #error "the streamed kernel needs AVX-512F or AVX2 with FMA (engine/streamed.py reports this as the reason it is unavailable)"

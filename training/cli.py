@@ -99,6 +99,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         cfg.cache_dir,
         cfg.regenerate,
         cfg.progress,
+        cfg.engine,
     )
     vocab_size = getattr(params, "draft_vocab_size", None)
     vocab = DraftVocab.most_frequent(corpus.token_counts, vocab_size) if vocab_size else None

@@ -12,7 +12,16 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from decodebench.config import OPEN, ModelConfig, _open_dicts, check, check_params, default_cache_dir, schema
+from decodebench.config import (
+    OPEN,
+    EngineConfig,
+    ModelConfig,
+    _open_dicts,
+    check,
+    check_params,
+    default_cache_dir,
+    schema,
+)
 from decodebench.registry import import_entry
 
 PROMPT_SOURCES = ("self", "jsonl", "dataset")
@@ -97,6 +106,10 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     drafter: DrafterConfig = field(default_factory=DrafterConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    # the backend that generates the corpus (batched AR + one teacher-forced forward per sequence),
+    # as a run's engine.backend; training itself runs the eager layers (autograd through the frozen
+    # target where a network needs it)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     seed: int = 0
     threads: int | None = None
     device: str = "cpu"

@@ -35,7 +35,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from decodebench.config import EngineConfig
 from decodebench.engine.backbone import Backbone
+from decodebench.engine.backends import apply_backend, remove_backend
 from decodebench.engine.decode_loop import DecodeSettings, generate_batch
 from decodebench.engine.drafting import Drafter
 from decodebench.engine.sampling import SamplingParams
@@ -323,9 +325,11 @@ def build_corpus(
     cache_dir: str,
     regenerate: bool = False,
     progress: bool = True,
+    engine: EngineConfig | None = None,
 ) -> Corpus:
     """The corpus of ``cfg`` for this model: from the cache, else built (prompts → overlap check →
-    greedy answers → features) and stored."""
+    greedy answers → features) and stored. ``engine``: the backend to build it with, applied only
+    when the corpus is built and removed afterwards (None: the backbone as it is)."""
     from decodebench.tasks.prompts import encode_prompt
 
     directory = corpus_dir(cache_dir, model_name, cfg, seed)
@@ -339,12 +343,22 @@ def build_corpus(
         )
         return stored
     start = time.perf_counter()
-    prompts = gather_prompts(cfg, backbone, tokenizer, eos_ids, seed, cache_dir, progress)
-    check_no_overlap(prompts, data_dir, cache_dir)
-    prompt_ids = [encode_prompt(tokenizer, [{"role": "user", "content": p}], chat_template) for p in prompts]
-    answers = greedy_answers(backbone, prompt_ids, cfg.answer_tokens, cfg.batch_size, eos_ids, progress)
-    kept = [(p, ids, a) for p, ids, a in zip(prompts, prompt_ids, answers) if len(a) >= 2]
-    sequences = [target_features(backbone, ids, a) for _, ids, a in kept]
+    backend = None
+    if engine is not None:
+        backend = apply_backend(backbone, engine.backend, buckets=engine.buckets, cache_dir=cache_dir)
+        log.info("corpus: built with engine backend %s (setup %.1f s)", backend.name, backend.setup_s)
+    try:
+        prompts = gather_prompts(cfg, backbone, tokenizer, eos_ids, seed, cache_dir, progress)
+        check_no_overlap(prompts, data_dir, cache_dir)
+        prompt_ids = [encode_prompt(tokenizer, [{"role": "user", "content": p}], chat_template) for p in prompts]
+        answers = greedy_answers(backbone, prompt_ids, cfg.answer_tokens, cfg.batch_size, eos_ids, progress)
+        kept = [(p, ids, a) for p, ids, a in zip(prompts, prompt_ids, answers) if len(a) >= 2]
+        sequences = [
+            target_features(backbone, ids, a) for _, ids, a in tqdm(kept, desc="target features", disable=not progress)
+        ]
+    finally:
+        if engine is not None:
+            remove_backend(backbone)
     counts = torch.bincount(torch.tensor([t for _, _, a in kept for t in a]), minlength=backbone.config.vocab_size)
     info = {
         "key": directory.name,
@@ -357,6 +371,7 @@ def build_corpus(
         "total_tokens": int(sum(s.ids.shape[0] for s in sequences)),
         "generation_s": round(time.perf_counter() - start, 1),
         "threads": torch.get_num_threads(),
+        "engine_backend": backbone.backend if backend is None else backend.name,
     }
     corpus = Corpus(prompts=[p for p, _, _ in kept], sequences=sequences, token_counts=counts, info=info)
     save_corpus(directory, corpus)
