@@ -71,7 +71,7 @@ class RestDrafter(Drafter):
         continuation_length: int = 10  # tokens after each occurrence (DraftRetriever "long")
         corpus: str = "training"  # training | jsonl | datasets (methods/corpus.py)
         corpus_path: str | None = None  # jsonl: file; datasets: dataset name
-        corpus_prompts: int = 96  # training: self-written prompts (decodebench-train's default: one cached corpus)
+        corpus_prompts: int = 96  # training: self-written prompts (decodebench-train corpus.prompts=96 corpus.answer_tokens=96 builds the same)
         corpus_max_new_tokens: int = 96  # training: tokens per answer
         corpus_split: str = "train"  # datasets
         corpus_field: str = "text"  # datasets

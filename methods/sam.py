@@ -71,7 +71,7 @@ class SamDecodingDrafter(Drafter):
         use_static: bool = True  # the corpus automaton (False: request text only)
         corpus: str = "training"  # training | jsonl | datasets (methods/corpus.py)
         corpus_path: str | None = None
-        corpus_prompts: int = 96  # training: self-written prompts (decodebench-train's default: one cached corpus)
+        corpus_prompts: int = 96  # training: self-written prompts (decodebench-train corpus.prompts=96 corpus.answer_tokens=96 builds the same)
         corpus_max_new_tokens: int = 96  # training: tokens per answer
         corpus_split: str = "train"
         corpus_field: str = "text"

@@ -39,13 +39,15 @@ class CorpusConfig:
     name: str | None = None
     split: str = "train"
     column: str = "prompt"
-    # sized for a CPU (on 2 busy cores SmolLM2-135M writes and answers these 96 in ~17 min)
-    prompts: int = 96  # prompts kept (after deduplication)
-    answer_tokens: int = 96  # max new tokens of each answer
+    # sized for a CPU: on 2 quiet cores SmolLM2-135M (engine.backend=tuned) writes these 1024 prompts
+    # in ~4 min and answers them in ~30 (~170k answer tokens); the retrieval methods' training corpus
+    # (REST, SAM, ADED: method.params.corpus_prompts / corpus_max_new_tokens) is a smaller one, 96 x 96
+    prompts: int = 1024  # prompts kept (after deduplication)
+    answer_tokens: int = 192  # max new tokens of each answer
     prompt_tokens: int = 32  # max tokens of a self-written prompt
     prompt_temperature: float = 1.0  # sampling of self-written prompts (Magpie: 1.0, top-p 0.99)
     prompt_top_p: float = 0.99
-    batch_size: int = 16  # prompts generated together (batched AR)
+    batch_size: int = 32  # prompts generated together (batched AR)
 
     def __post_init__(self) -> None:
         check(self.source in PROMPT_SOURCES, "corpus.source", self.source, " | ".join(PROMPT_SOURCES))
