@@ -9,8 +9,8 @@
 //   K/V written into row b's cache at [starts[b], starts[b] + q);  a = softmax(q kᵀ · scaling + mask) v (GQA);
 //   x' = x + a W_oᵀ;  x̂' = RMSNorm(x') · g₂;  x'' = x' + (SiLU(x̂' W_gateᵀ) ⊙ x̂' W_upᵀ) W_downᵀ
 // with the four matmuls on the streamed kernel (streamed_rows, parallel over weight rows) and the
-// glue as plain loops on the block's few rows; attention runs in parallel over (batch row, head), each
-// task taking the block's queries of its head key tile by key tile.
+// glue as plain loops on the block's few rows; attention runs in parallel over (batch row, head, 4 of
+// the block's queries), each task taking its queries key tile by key tile.
 //
 // Arithmetic: the same fp32 operations as the Python layer (RoPE as x·cos + rotate_half(x)·sin with
 // separate products; RMSNorm x·rsqrt(mean(x²) + eps)·g; SiLU x / (1 + e^(−x)); the exponentials of SiLU and the
@@ -84,6 +84,8 @@ void silu_times(const float* gate_up, int64_t I, float* act) {
 // key tile by key tile (LANES keys, L1-resident) over every query, so a key or value vector is read
 // from L2 once per block instead of once per query row, and LANES scores come out of one
 // butterfly (hsum_lanes) instead of LANES horizontal sums.
+constexpr int64_t QUERIES_PER_TASK = 4;  // a task's queries: enough tasks to balance the threads
+
 struct HeadBlock {
   const float* queries;  // query m at queries + m * query_stride
   int64_t query_stride;
@@ -112,47 +114,66 @@ void scores(const float* query, const float* keys, int64_t L, int64_t d, float* 
   for (int64_t j = l_vec; j < L; ++j) score[j] = dot(query, keys + j * d, d);
 }
 
-// Scaled scores (masked keys −inf) → unnormalised softmax weights in place; returns their sum
+// Scaled scores (masked keys −inf) → unnormalised softmax weights in place; returns their sum, taken
+// lane-wise (j mod LANES) and then with hsum: a fixed order for a given L, whatever the block
 float softmax_weights(float* weights, const bool* visible, int64_t last, int64_t L, float scale) {
-  float best = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < L; ++j) {
-    const bool seen = visible ? visible[j] : j <= last;
-    weights[j] = seen ? weights[j] * scale : -std::numeric_limits<float>::infinity();
-    best = std::max(best, weights[j]);
-  }
-  const Vec shift = broadcast(best);
+  const float hidden = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < L; ++j) weights[j] = (visible ? visible[j] : j <= last) ? weights[j] * scale : hidden;
   const int64_t l_vec = L / LANES * LANES;
-  for (int64_t j = 0; j < l_vec; j += LANES) store(weights + j, exp_lanes(sub(load(weights + j), shift)));
-  if (l_vec < L) {  // the tail through a padded vector (padding lanes are −inf: weight 0, never stored)
-    alignas(64) float tail[LANES];
-    std::fill_n(tail, LANES, -std::numeric_limits<float>::infinity());
-    std::copy(weights + l_vec, weights + L, tail);
-    store(tail, exp_lanes(sub(load(tail), shift)));
-    std::copy_n(tail, L - l_vec, weights + l_vec);
+  alignas(64) float tail[LANES];  // the L tail through a padded vector (padding −inf: weight 0, never stored)
+  std::fill_n(tail, LANES, hidden);
+  std::copy(weights + l_vec, weights + L, tail);
+  Vec best = load(tail);
+  for (int64_t j = 0; j < l_vec; j += LANES) best = max(best, load(weights + j));
+  const Vec shift = broadcast(hmax(best));  // exact whatever the order
+  Vec total = zero();
+  for (int64_t j = 0; j < l_vec; j += LANES) {
+    const Vec e = exp_lanes(sub(load(weights + j), shift));
+    store(weights + j, e);
+    total = add(total, e);
   }
-  float total = 0.0f;
-  for (int64_t j = 0; j < L; ++j) total += weights[j];
-  return total;
+  if (l_vec < L) {
+    const Vec e = exp_lanes(sub(load(tail), shift));
+    store(tail, e);
+    std::copy_n(tail, L - l_vec, weights + l_vec);
+    total = add(total, e);
+  }
+  return hsum(total);
 }
 
-// dest[m] += Σ_{j in [j0, j1)} weights[m][j] · v_j for every query m: per lane a chain of fused
-// multiply-adds in j order (a query's sum does not depend on the tiling), the output row in V
-// registers for d = V · LANES
-template <int V>
-void accumulate_values(const HeadBlock& a, const float* weights, int64_t j0, int64_t j1) {
-  for (int64_t m = 0; m < a.q; ++m) {
-    const float* w = weights + m * a.L;
-    float* dest = a.dest + m * a.dest_stride;
-    Vec out[V];
-    for (int c = 0; c < V; ++c) out[c] = load(dest + c * LANES);
-    for (int64_t j = j0; j < j1; ++j) {
-      if (w[j] == 0.0f) continue;
-      const float* v = a.values + j * a.d;
-      const Vec wj = broadcast(w[j]);
-      for (int c = 0; c < V; ++c) out[c] = fma(wj, load(v + c * LANES), out[c]);
+// dest[m] += Σ_{j in [j0, j1)} weights[m][j] · v_j for the G queries from m0: per lane a chain of
+// fused multiply-adds in j order, skipping zero weights (masked keys), so a query's sum does not
+// depend on the tiling or on the queries beside it; the G output rows in registers (d = V · LANES)
+// and each value vector loaded once for all of them
+template <int V, int G>
+void accumulate_values(const HeadBlock& a, const float* weights, int64_t m0, int64_t j0, int64_t j1) {
+  Vec out[G][V];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < V; ++c) out[g][c] = load(a.dest + (m0 + g) * a.dest_stride + c * LANES);
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* v = a.values + j * a.d;
+    Vec value[V];
+    for (int c = 0; c < V; ++c) value[c] = load(v + c * LANES);
+    for (int g = 0; g < G; ++g) {
+      const float w = weights[(m0 + g) * a.L + j];
+      const Vec wj = broadcast(w);
+      for (int c = 0; c < V; ++c) out[g][c] = fma_if(w != 0.0f, wj, value[c], out[g][c]);
     }
-    for (int c = 0; c < V; ++c) store(dest + c * LANES, out[c]);
   }
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < V; ++c) store(a.dest + (m0 + g) * a.dest_stride + c * LANES, out[g][c]);
+}
+
+// as many queries per pass as the registers hold beside one value row (at most 4)
+template <int V>
+constexpr int GROUP = std::max(1, std::min(4, (REGISTERS - V - 2) / V));
+
+template <int V>
+void accumulate_all(const HeadBlock& a, const float* weights, int64_t j0, int64_t j1) {
+  constexpr int G = GROUP<V>;
+  int64_t m = 0;
+  for (; m + G <= a.q; m += G) accumulate_values<V, G>(a, weights, m, j0, j1);
+  for (; m < a.q; ++m) accumulate_values<V, 1>(a, weights, m, j0, j1);
 }
 
 void accumulate_values_any(const HeadBlock& a, const float* weights, int64_t j0, int64_t j1) {
@@ -178,7 +199,7 @@ void attend_block(const HeadBlock& a, float* weights) {
     for (int64_t m = 0; m < a.q; ++m)
       scores(a.queries + m * a.query_stride, a.keys + j0 * a.d, n, a.d, weights + m * a.L + j0);
   }
-  std::vector<float> totals(a.q);
+  float totals[QUERIES_PER_TASK];
   for (int64_t m = 0; m < a.q; ++m) {
     totals[m] = softmax_weights(weights + m * a.L, a.visible ? a.visible + m * a.mask_stride : nullptr,
                                 a.start + m, a.L, a.scale);
@@ -188,9 +209,9 @@ void attend_block(const HeadBlock& a, float* weights) {
   for (int64_t j0 = 0; j0 < a.L; j0 += TILE) {
     const int64_t j1 = std::min(j0 + TILE, a.L);
     switch (vectors) {
-      case 2: accumulate_values<2>(a, weights, j0, j1); break;
-      case 4: accumulate_values<4>(a, weights, j0, j1); break;
-      case 8: accumulate_values<8>(a, weights, j0, j1); break;
+      case 2: accumulate_all<2>(a, weights, j0, j1); break;
+      case 4: accumulate_all<4>(a, weights, j0, j1); break;
+      case 8: accumulate_all<8>(a, weights, j0, j1); break;
       default: accumulate_values_any(a, weights, j0, j1);
     }
   }
@@ -262,24 +283,26 @@ torch::Tensor decode_layer(const torch::Tensor& hidden, const torch::Tensor& att
     }
   }
   const float scale = static_cast<float>(scaling);
-  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> weights(q * L);
+  const int64_t chunks = (q + QUERIES_PER_TASK - 1) / QUERIES_PER_TASK;
+  at::parallel_for(0, batch * heads * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> weights(QUERIES_PER_TASK * L);
     for (int64_t task = begin; task < end; ++task) {
       // a row sees only its own entries (slots < its start + q): the same keys, in the same order, as
       // when it decodes alone, so its result does not depend on the batch or on the block's other queries
-      const int64_t b = task / heads, h = task % heads, kv = h / groups;
-      const HeadBlock block{qkv.data() + b * q * qkv_width + h * d,
+      const int64_t b = task / (heads * chunks), h = task / chunks % heads, kv = h / groups;
+      const int64_t m0 = task % chunks * QUERIES_PER_TASK, count = std::min(QUERIES_PER_TASK, q - m0);
+      const HeadBlock block{qkv.data() + (b * q + m0) * qkv_width + h * d,
                             qkv_width,
                             key_cache.data_ptr<float>() + b * cache_row + kv * capacity * d,
                             value_cache.data_ptr<float>() + b * cache_row + kv * capacity * d,
-                            visible ? visible + b * q * L : nullptr,
+                            visible ? visible + (b * q + m0) * L : nullptr,
                             L,
-                            starts[b],
-                            q,
+                            starts[b] + m0,
+                            count,
                             starts[b] + q,
                             d,
                             scale,
-                            attended.data() + b * q * heads * d + h * d,
+                            attended.data() + (b * q + m0) * heads * d + h * d,
                             heads * d};
       attend_block(block, weights.data());
     }

@@ -22,6 +22,10 @@ inline void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
 inline Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
 inline Vec sub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
 inline Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+inline Vec max(Vec a, Vec b) { return _mm512_max_ps(a, b); }
+inline float hmax(Vec v) { return _mm512_reduce_max_ps(v); }
+inline Vec fma_if(bool take, Vec a, Vec b, Vec c) { return _mm512_mask3_fmadd_ps(a, b, c, take ? 0xFFFF : 0); }  // c unless take
+constexpr int REGISTERS = 32;
 inline Vec div(Vec a, Vec b) { return _mm512_div_ps(a, b); }
 inline Vec fnma(Vec a, Vec b, Vec c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a·b
 inline Vec clamp(Vec x, float lo, float hi) { return _mm512_min_ps(_mm512_max_ps(x, broadcast(lo)), broadcast(hi)); }
@@ -74,6 +78,14 @@ inline void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
 inline Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
 inline Vec sub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
 inline Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+inline Vec max(Vec a, Vec b) { return _mm256_max_ps(a, b); }
+inline float hmax(Vec v) {
+  const __m128 q = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 e = _mm_max_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_max_ss(e, _mm_movehdup_ps(e)));
+}
+inline Vec fma_if(bool take, Vec a, Vec b, Vec c) { return take ? fma(a, b, c) : c; }  // c unless take
+constexpr int REGISTERS = 16;
 inline Vec div(Vec a, Vec b) { return _mm256_div_ps(a, b); }
 inline Vec fnma(Vec a, Vec b, Vec c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a·b
 inline Vec clamp(Vec x, float lo, float hi) { return _mm256_min_ps(_mm256_max_ps(x, broadcast(lo)), broadcast(hi)); }

@@ -6,8 +6,9 @@
 // task holds R weight rows in flight at once, loads each 16 (AVX-512) or 8 (AVX2) weights once and
 // multiplies them against every row of the block, which stays in L1 (M x R accumulator registers),
 // and prefetches the weight rows the next tile reads into L2 while it computes. A block of up to
-// MAX_ROWS rows thus costs about what one row costs; a larger block still reads the weights from memory
-// once: a task multiplies a group of weight rows, held in L1 / L2, against it MAX_ROWS rows at a time.
+// SLICE_ROWS rows thus costs about what one row costs; a larger block still reads the weights from
+// memory once: a task multiplies a group of weight rows, held in L1 / L2, against it SLICE_ROWS rows at
+// a time.
 //
 // Exactness: the sum of (m, n) is computed the same way whatever the number of rows in the call and
 // whatever R: one vector of partial sums (k mod LANES), each lane a chain of fused multiply-adds in
@@ -74,18 +75,18 @@ void pass(const float* x, const float* w, float* y, int64_t K, int64_t N) {
   for (int64_t n = tiles * R; n < N; ++n) tile<M, 1>(x, w, y, K, N, n, 0);
 }
 
-// Weight rows [n0, n1) against the M rows of the block (R at a time, the rest one by one)
+// Weight rows [n0, n1) against the M rows of the block (R at a time, the rest one by one), prefetching
+// `ahead` floats further on: the next group's rows, so every slice of the block keeps the stream going
 template <int M>
-void group(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+void group(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t ahead) {
   constexpr int R = R_FOR[M];
-  const int64_t ahead = std::max<int64_t>(R, 4) * K;
   int64_t n = n0;
   for (; n + R <= n1; n += R) tile<M, R>(x, w, y, K, N, n, ahead);
   for (; n < n1; ++n) tile<M, 1>(x, w, y, K, N, n, 0);
 }
 
 using Pass = void (*)(const float*, const float*, float*, int64_t, int64_t);
-using Group = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
+using Group = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t);
 
 template <int... M>
 constexpr auto passes(std::integer_sequence<int, M...>) {
@@ -98,25 +99,29 @@ constexpr auto groups(std::integer_sequence<int, M...>) {
 const auto PASSES = passes(std::make_integer_sequence<int, MAX_ROWS + 1>{});
 const auto GROUPS = groups(std::make_integer_sequence<int, MAX_ROWS + 1>{});
 
-// weight rows per task of a block larger than MAX_ROWS: 16 · K floats stay in L1 / L2 while every
-// MAX_ROWS-row slice of the block is multiplied against them
+// weight rows per task of a block larger than SLICE_ROWS: 16 · K floats stay in L1 / L2 while every
+// SLICE_ROWS-row slice of the block is multiplied against them
 constexpr int64_t GROUP_ROWS = 16;
+// rows of one register pass: up to here a single pass over the weights (pass<M>), beyond it slices
+constexpr int64_t SLICE_ROWS = MAX_ROWS / 2;
 
 }  // namespace
 
 void streamed_rows(const float* x, int64_t rows, const float* w, int64_t K, int64_t N, float* y) {
-  if (rows <= MAX_ROWS) {
+  if (rows <= SLICE_ROWS) {
     PASSES[rows](x, w, y, K, N);
     return;
   }
-  // more rows than the registers hold: still one pass over the weights from memory, each group of
-  // weight rows taking the block MAX_ROWS rows at a time (the same tiles, so the same sums)
+  // more rows than one pass keeps cheap: still one pass over the weights from memory, each group of
+  // weight rows taking the block SLICE_ROWS rows at a time (the same tiles, so the same sums). Past
+  // SLICE_ROWS rows a register tile holds too few weight rows: every loaded input vector would feed
+  // one or two multiply-adds, and the loads, not the arithmetic, would set the pace.
   at::parallel_for(0, (N + GROUP_ROWS - 1) / GROUP_ROWS, 4, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const int64_t n0 = g * GROUP_ROWS, n1 = std::min(N, n0 + GROUP_ROWS);
-      for (int64_t start = 0; start < rows; start += MAX_ROWS) {
-        const int64_t count = std::min<int64_t>(MAX_ROWS, rows - start);
-        GROUPS[count](x + start * K, w, y + start * N, K, N, n0, n1);
+      for (int64_t start = 0; start < rows; start += SLICE_ROWS) {
+        const int64_t count = std::min<int64_t>(SLICE_ROWS, rows - start);
+        GROUPS[count](x + start * K, w, y + start * N, K, N, n0, n1, GROUP_ROWS * K);
       }
     }
   });
