@@ -57,6 +57,9 @@ def test_row_buckets_and_pick_kernel():
     assert pick_kernel({"mkl": 100.0, "mkl_packed": 95.0, "onednn": 96.0}) == "mkl"
     assert pick_kernel({"mkl": 200.0, "mkl_packed": 100.0, "onednn": 105.0}) == "onednn"
     assert pick_kernel({"mkl": 200.0, "mkl_packed": 100.0, "onednn": 150.0}) == "mkl_packed"
+    # streamed (the kernel of the fused C++ layer) within STREAMED_MARGIN of the fastest, not beyond
+    assert pick_kernel({"mkl": 27.2, "mkl_packed": 30.1, "streamed": 30.3}) == "streamed"
+    assert pick_kernel({"mkl": 100.0, "mkl_packed": 50.0, "streamed": 66.0}) == "mkl_packed"
 
 
 @pytest.mark.skipif(not (torch._C.has_mkl and torch.backends.mkldnn.is_available()), reason="needs MKL and oneDNN")
