@@ -80,10 +80,10 @@ void silu_times(const float* gate_up, int64_t I, float* act) {
   }
 }
 
-// The rows of one head of one batch row (the block's q queries) against that row's cache. Work goes
-// key tile by key tile (LANES keys, L1-resident) over every query, so a key or value vector is read
-// from L2 once per block instead of once per query row, and LANES scores come out of one
-// butterfly (hsum_lanes) instead of LANES horizontal sums.
+// Up to QUERIES_PER_TASK queries of one head of one batch row against that row's cache. Work goes key
+// tile by key tile (4 · LANES keys, L1-resident) over every query, so a key or value vector is read
+// from L2 once per task instead of once per query, and LANES scores come out of one butterfly
+// (hsum_lanes) instead of LANES horizontal sums.
 constexpr int64_t QUERIES_PER_TASK = 4;  // a task's queries: enough tasks to balance the threads
 
 struct HeadBlock {

@@ -64,19 +64,8 @@ inline void tile(const float* __restrict x, const float* __restrict w, float* __
     for (int m = 0; m < M; ++m) y[m * N + n + r] = hsum(acc[r][m]);
 }
 
-template <int M>
-void pass(const float* x, const float* w, float* y, int64_t K, int64_t N) {
-  constexpr int R = R_FOR[M];
-  const int64_t tiles = N / R;
-  const int64_t ahead = std::max<int64_t>(R, 4) * K;  // the next few weight rows, into L2
-  at::parallel_for(0, tiles, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) tile<M, R>(x, w, y, K, N, t * R, ahead);
-  });
-  for (int64_t n = tiles * R; n < N; ++n) tile<M, 1>(x, w, y, K, N, n, 0);
-}
-
 // Weight rows [n0, n1) against the M rows of the block (R at a time, the rest one by one), prefetching
-// `ahead` floats further on: the next group's rows, so every slice of the block keeps the stream going
+// `ahead` floats further on
 template <int M>
 void group(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t ahead) {
   constexpr int R = R_FOR[M];
@@ -85,37 +74,36 @@ void group(const float* x, const float* w, float* y, int64_t K, int64_t N, int64
   for (; n < n1; ++n) tile<M, 1>(x, w, y, K, N, n, 0);
 }
 
-using Pass = void (*)(const float*, const float*, float*, int64_t, int64_t);
 using Group = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t);
 
-template <int... M>
-constexpr auto passes(std::integer_sequence<int, M...>) {
-  return std::array<Pass, sizeof...(M)>{(M == 0 ? nullptr : &pass<(M == 0 ? 1 : M)>)...};
-}
 template <int... M>
 constexpr auto groups(std::integer_sequence<int, M...>) {
   return std::array<Group, sizeof...(M)>{(M == 0 ? nullptr : &group<(M == 0 ? 1 : M)>)...};
 }
-const auto PASSES = passes(std::make_integer_sequence<int, MAX_ROWS + 1>{});
 const auto GROUPS = groups(std::make_integer_sequence<int, MAX_ROWS + 1>{});
 
 // weight rows per task of a block larger than SLICE_ROWS: 16 · K floats stay in L1 / L2 while every
 // SLICE_ROWS-row slice of the block is multiplied against them
 constexpr int64_t GROUP_ROWS = 16;
-// rows of one register pass: up to here a single pass over the weights (pass<M>), beyond it slices
+// rows of one register pass: up to here one tile holds the whole block, beyond it slices
 constexpr int64_t SLICE_ROWS = MAX_ROWS / 2;
 
 }  // namespace
 
 void streamed_rows(const float* x, int64_t rows, const float* w, int64_t K, int64_t N, float* y) {
-  if (rows <= SLICE_ROWS) {
-    PASSES[rows](x, w, y, K, N);
+  if (rows <= SLICE_ROWS) {  // one register pass: tiles of R weight rows split among the threads
+    const int64_t R = R_FOR[rows], tiles = std::max<int64_t>(N / R, 1);
+    const int64_t ahead = std::max<int64_t>(R, 4) * K;  // the next few weight rows, into L2
+    at::parallel_for(0, tiles, 16, [&](int64_t begin, int64_t end) {
+      GROUPS[rows](x, w, y, K, N, begin * R, end == tiles ? N : end * R, ahead);  // the last takes the N tail
+    });
     return;
   }
   // more rows than one pass keeps cheap: still one pass over the weights from memory, each group of
-  // weight rows taking the block SLICE_ROWS rows at a time (the same tiles, so the same sums). Past
-  // SLICE_ROWS rows a register tile holds too few weight rows: every loaded input vector would feed
-  // one or two multiply-adds, and the loads, not the arithmetic, would set the pace.
+  // weight rows taking the block SLICE_ROWS rows at a time (the same tiles, so the same sums), and
+  // prefetching the next group's rows, so every slice keeps the stream going. Past SLICE_ROWS rows a
+  // register tile holds too few weight rows: every loaded input vector would feed one or two
+  // multiply-adds, and the loads, not the arithmetic, would set the pace.
   at::parallel_for(0, (N + GROUP_ROWS - 1) / GROUP_ROWS, 4, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const int64_t n0 = g * GROUP_ROWS, n1 = std::min(N, n0 + GROUP_ROWS);

@@ -40,8 +40,9 @@ class CorpusConfig:
     split: str = "train"
     column: str = "prompt"
     # sized for a CPU: on 2 quiet cores SmolLM2-135M (engine.backend=tuned) writes these 1024 prompts
-    # in ~4 min and answers them in ~30 (~170k answer tokens); the retrieval methods' training corpus
-    # (REST, SAM, ADED: method.params.corpus_prompts / corpus_max_new_tokens) is a smaller one, 96 x 96
+    # in ~4 min, answers them in ~14 and takes their features in ~6 (157k answer tokens); the retrieval
+    # methods' training corpus (REST, SAM, ADED: method.params.corpus_prompts / corpus_max_new_tokens)
+    # is a smaller one, 96 x 96
     prompts: int = 1024  # prompts kept (after deduplication)
     answer_tokens: int = 192  # max new tokens of each answer
     prompt_tokens: int = 32  # max tokens of a self-written prompt
