@@ -351,11 +351,19 @@ class Backbone:
         return ForwardOutput(logits=logits.float(), hidden_states=all_hidden, last_hidden=normed)
 
     def _layer(
-        self, layer_index: int, hidden: torch.Tensor, mask, position_ids: torch.Tensor, cache, position_embeddings
+        self,
+        layer_index: int,
+        hidden: torch.Tensor,
+        mask,
+        position_ids: torch.Tensor,
+        cache,
+        position_embeddings,
+        sizes: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """One decoder layer's own forward (``(batch, q, hidden)`` in and out)."""
+        """One decoder layer's own forward (``(batch, q, hidden)`` in and out; ``sizes``: real tokens
+        of each row's padded block, which a fused layer may run alone)."""
         if self.fused_layers is not None:
-            return self.fused_layers[layer_index](hidden, mask, cache, position_embeddings)
+            return self.fused_layers[layer_index](hidden, mask, cache, position_embeddings, sizes)
         out = self.layers[layer_index](
             hidden,
             attention_mask=mask,
@@ -490,7 +498,8 @@ class Backbone:
             output_hidden_states: also return every layer's input/output hidden states.
 
         Returns:
-            ForwardOutput with ``logits`` ``(batch, rows, vocab)``, ``last_hidden`` ``(batch, q,
+            ForwardOutput with ``logits`` ``(batch, rows, vocab)`` (zeros in padding rows, whose logits
+            are not computed), ``last_hidden`` ``(batch, q,
             hidden)`` and ``hidden_states[i]`` ``(batch, q, hidden)`` when requested.
         """
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
@@ -529,12 +538,18 @@ class Backbone:
                     gate=plan.mlp_gate,
                 )
             else:
-                hidden = self._layer(layer_index, hidden, masks[key], positions, cache, rotary)
+                hidden = self._layer(layer_index, hidden, masks[key], positions, cache, rotary, sizes)
             if output_hidden_states:
                 all_hidden.append(hidden)
         normed = self.norm(hidden)  # (batch, q, hidden)
         if last_logits_only:
             rows = normed[torch.arange(batch, device=self.device), torch.tensor(sizes, device=self.device) - 1][:, None]
+        elif logits_rows is None and sum(sizes) < batch * q:  # the head on the real rows only; padding gets 0
+            real = torch.arange(q, device=self.device)[None, :] < torch.tensor(sizes, device=self.device)[:, None]
+            packed = self.head(normed[real]).float()
+            logits = packed.new_zeros(batch, q, packed.shape[-1])
+            logits[real] = packed
+            return ForwardOutput(logits=logits, hidden_states=all_hidden, last_hidden=normed)
         else:
             rows = normed if logits_rows is None else normed[:, logits_rows]
         logits = self.head(rows)

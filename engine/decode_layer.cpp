@@ -1,6 +1,8 @@
 // One fused pre-norm SwiGLU decoder layer for a small block (a decode step or a verify block, of one
 // sequence or of a batch of rows, each at its own cache length `starts[b]`) in a single operator call: torch.ops.decodebench.decode_layer (engine/fused_layers.py calls it; built
-// with streamed_linear.cpp by engine/streamed.py).
+// with streamed_linear.cpp by engine/streamed.py). A batch's blocks are padded to a common width; only
+// each row's `sizes[b]` real tokens run (packed into one run of rows), so a verify costs the rows the
+// drafts hold, not batch × the longest draft.
 //
 // A step of a small model spends ~30 % of its time outside the matmuls in the Python layer: ~25 small
 // torch ops per layer (norms, RoPE, cache writes, attention, SiLU, residuals), each paying dispatch
@@ -229,7 +231,7 @@ torch::Tensor decode_layer(const torch::Tensor& hidden, const torch::Tensor& att
                            const c10::optional<torch::Tensor>& gate_up_bias, const torch::Tensor& down_weight,
                            const c10::optional<torch::Tensor>& down_bias, const torch::Tensor& cos,
                            const torch::Tensor& sin, torch::Tensor& key_cache, torch::Tensor& value_cache,
-                           c10::IntArrayRef starts, const c10::optional<torch::Tensor>& mask, int64_t heads,
+                           c10::IntArrayRef starts, c10::IntArrayRef sizes, const c10::optional<torch::Tensor>& mask, int64_t heads,
                            int64_t kv_heads, double eps, double scaling) {
   using namespace decodebench;
   TORCH_CHECK(hidden.scalar_type() == torch::kFloat && hidden.is_contiguous() && hidden.dim() == 3,
@@ -258,28 +260,47 @@ torch::Tensor decode_layer(const torch::Tensor& hidden, const torch::Tensor& att
     TORCH_CHECK(batch == 1, "decode_layer: a batch needs its mask (rows sit at their own lengths)");
   }
 
+  // only the blocks' real rows run (row b's first sizes[b] tokens; the rest is padding): packed in
+  // order, packed row first[b] + m is block row b · q + m
+  TORCH_CHECK(static_cast<int64_t>(sizes.size()) == batch, "decode_layer: one size per row");
+  std::vector<int64_t> first(batch + 1, 0);
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(sizes[b] >= 1 && sizes[b] <= q, "decode_layer: row ", b, " has ", sizes[b], " real tokens of ", q);
+    first[b + 1] = first[b] + sizes[b];
+  }
+  const int64_t n = first[batch];
+  const bool padded = n < rows;
+  std::vector<float> packed_in, packed_out;
   const float* x = hidden.data_ptr<float>();
-  std::vector<float> normed(rows * H), qkv(rows * qkv_width), attended(rows * heads * d), residual(rows * H);
-  std::vector<float> gate_up(rows * 2 * I), act(rows * I);
+  if (padded) {
+    packed_in.resize(n * H);
+    for (int64_t b = 0; b < batch; ++b) std::copy_n(x + b * q * H, sizes[b] * H, packed_in.data() + first[b] * H);
+    x = packed_in.data();
+  }
+  std::vector<float> normed(n * H), qkv(n * qkv_width), attended(n * heads * d), residual(n * H);
+  std::vector<float> gate_up(n * 2 * I), act(n * I);
   auto out = torch::empty_like(hidden);
-  float* y = out.data_ptr<float>();
+  if (padded) packed_out.resize(n * H);
+  float* y = padded ? packed_out.data() : out.data_ptr<float>();
 
-  // attention half (the linears over every row of the batch at once)
-  rms_norm(x, attention_norm.data_ptr<float>(), static_cast<float>(eps), rows, H, normed.data());
-  streamed_rows(normed.data(), rows, qkv_weight.data_ptr<float>(), H, qkv_width, qkv.data());
-  add_bias(qkv.data(), qkv_bias, rows, qkv_width);
+  // attention half (the linears over every real row of the batch at once)
+  rms_norm(x, attention_norm.data_ptr<float>(), static_cast<float>(eps), n, H, normed.data());
+  streamed_rows(normed.data(), n, qkv_weight.data_ptr<float>(), H, qkv_width, qkv.data());
+  add_bias(qkv.data(), qkv_bias, n, qkv_width);
   const float* cos_p = cos.data_ptr<float>();
   const float* sin_p = sin.data_ptr<float>();
   const int64_t cache_row = kv_heads * capacity * d;  // one batch row of a K or V buffer
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t b = r / q, m = r % q;
-    float* row = qkv.data() + r * qkv_width;
-    for (int64_t h = 0; h < heads + kv_heads; ++h) rope(row + h * d, cos_p + r * d, sin_p + r * d, d);
+  for (int64_t b = 0; b < batch; ++b) {
     float* keys = key_cache.data_ptr<float>() + b * cache_row;
     float* values = value_cache.data_ptr<float>() + b * cache_row;
-    for (int64_t h = 0; h < kv_heads; ++h) {
-      std::copy_n(row + (heads + h) * d, d, keys + (h * capacity + starts[b] + m) * d);
-      std::copy_n(row + (heads + kv_heads + h) * d, d, values + (h * capacity + starts[b] + m) * d);
+    for (int64_t m = 0; m < sizes[b]; ++m) {
+      const int64_t r = b * q + m;  // block row (cos / sin, mask)
+      float* row = qkv.data() + (first[b] + m) * qkv_width;
+      for (int64_t h = 0; h < heads + kv_heads; ++h) rope(row + h * d, cos_p + r * d, sin_p + r * d, d);
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        std::copy_n(row + (heads + h) * d, d, keys + (h * capacity + starts[b] + m) * d);
+        std::copy_n(row + (heads + kv_heads + h) * d, d, values + (h * capacity + starts[b] + m) * d);
+      }
     }
   }
   const float scale = static_cast<float>(scaling);
@@ -287,11 +308,12 @@ torch::Tensor decode_layer(const torch::Tensor& hidden, const torch::Tensor& att
   at::parallel_for(0, batch * heads * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> weights(QUERIES_PER_TASK * L);
     for (int64_t task = begin; task < end; ++task) {
-      // a row sees only its own entries (slots < its start + q): the same keys, in the same order, as
-      // when it decodes alone, so its result does not depend on the batch or on the block's other queries
+      // a row sees only its own entries (slots < its start + its size): the same keys, in the same order,
+      // as when it decodes alone, so its result does not depend on the batch or on the block's other queries
       const int64_t b = task / (heads * chunks), h = task / chunks % heads, kv = h / groups;
-      const int64_t m0 = task % chunks * QUERIES_PER_TASK, count = std::min(QUERIES_PER_TASK, q - m0);
-      const HeadBlock block{qkv.data() + (b * q + m0) * qkv_width + h * d,
+      const int64_t m0 = task % chunks * QUERIES_PER_TASK, count = std::min(QUERIES_PER_TASK, sizes[b] - m0);
+      if (count <= 0) continue;  // padding queries
+      const HeadBlock block{qkv.data() + (first[b] + m0) * qkv_width + h * d,
                             qkv_width,
                             key_cache.data_ptr<float>() + b * cache_row + kv * capacity * d,
                             value_cache.data_ptr<float>() + b * cache_row + kv * capacity * d,
@@ -299,26 +321,31 @@ torch::Tensor decode_layer(const torch::Tensor& hidden, const torch::Tensor& att
                             L,
                             starts[b] + m0,
                             count,
-                            starts[b] + q,
+                            starts[b] + sizes[b],
                             d,
                             scale,
-                            attended.data() + (b * q + m0) * heads * d + h * d,
+                            attended.data() + (first[b] + m0) * heads * d + h * d,
                             heads * d};
       attend_block(block, weights.data());
     }
   });
-  streamed_rows(attended.data(), rows, o_weight.data_ptr<float>(), heads * d, H, residual.data());
-  add_bias(residual.data(), o_bias, rows, H);
-  for (int64_t i = 0; i < rows * H; ++i) residual[i] = x[i] + residual[i];
+  streamed_rows(attended.data(), n, o_weight.data_ptr<float>(), heads * d, H, residual.data());
+  add_bias(residual.data(), o_bias, n, H);
+  for (int64_t i = 0; i < n * H; ++i) residual[i] = x[i] + residual[i];
 
   // MLP half
-  rms_norm(residual.data(), mlp_norm.data_ptr<float>(), static_cast<float>(eps), rows, H, normed.data());
-  streamed_rows(normed.data(), rows, gate_up_weight.data_ptr<float>(), H, 2 * I, gate_up.data());
-  add_bias(gate_up.data(), gate_up_bias, rows, 2 * I);
-  for (int64_t r = 0; r < rows; ++r) silu_times(gate_up.data() + r * 2 * I, I, act.data() + r * I);
-  streamed_rows(act.data(), rows, down_weight.data_ptr<float>(), I, H, y);
-  add_bias(y, down_bias, rows, H);
-  for (int64_t i = 0; i < rows * H; ++i) y[i] = residual[i] + y[i];
+  rms_norm(residual.data(), mlp_norm.data_ptr<float>(), static_cast<float>(eps), n, H, normed.data());
+  streamed_rows(normed.data(), n, gate_up_weight.data_ptr<float>(), H, 2 * I, gate_up.data());
+  add_bias(gate_up.data(), gate_up_bias, n, 2 * I);
+  for (int64_t r = 0; r < n; ++r) silu_times(gate_up.data() + r * 2 * I, I, act.data() + r * I);
+  streamed_rows(act.data(), n, down_weight.data_ptr<float>(), I, H, y);
+  add_bias(y, down_bias, n, H);
+  for (int64_t i = 0; i < n * H; ++i) y[i] = residual[i] + y[i];
+  if (padded) {  // real rows back in place; a padding row passes its input through (never read)
+    float* o = out.data_ptr<float>();
+    std::copy_n(hidden.data_ptr<float>(), rows * H, o);
+    for (int64_t b = 0; b < batch; ++b) std::copy_n(y + first[b] * H, sizes[b] * H, o + b * q * H);
+  }
   return out;
 }
 
@@ -327,6 +354,6 @@ TORCH_LIBRARY_FRAGMENT(decodebench, m) {
       "decode_layer(Tensor hidden, Tensor attention_norm, Tensor qkv_weight, Tensor? qkv_bias, Tensor o_weight, "
       "Tensor? o_bias, Tensor mlp_norm, Tensor gate_up_weight, Tensor? gate_up_bias, Tensor down_weight, "
       "Tensor? down_bias, Tensor cos, Tensor sin, Tensor(a!) key_cache, Tensor(b!) value_cache, int[] starts, "
-      "Tensor? mask, int heads, int kv_heads, float eps, float scaling) -> Tensor");
+      "int[] sizes, Tensor? mask, int heads, int kv_heads, float eps, float scaling) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(decodebench, CPU, m) { m.impl("decode_layer", &decode_layer); }

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from decodebench.engine.backbone import Backbone
 
 # Families whose decoder layer is plain pre-norm attention + SwiGLU MLP with half-rotation RoPE
@@ -148,15 +150,20 @@ class FusedLayer:
             for linear in self.linears()
         )
 
-    def __call__(self, hidden: torch.Tensor, mask, cache, position_embeddings) -> torch.Tensor:
-        """``(batch, q, hidden)`` in and out; K/V of the block appended to ``cache``."""
+    def __call__(
+        self, hidden: torch.Tensor, mask, cache, position_embeddings, sizes: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """``(batch, q, hidden)`` in and out; K/V of the block appended to ``cache``. ``sizes``: real
+        tokens of each row's block (default ``q`` each); the C++ layer runs only those rows, the
+        Python layer all of them (a padding row's output is never read)."""
         batch, q, _ = hidden.shape
+        sizes = [q] * batch if sizes is None else list(sizes)
         # rows on a KVCache (the compiled step's cache view has no batch_size: never native); a batch
         # needs its boolean mask (rows at their own lengths; an additive float mask stays in Python)
         on_cache = not torch.compiler.is_compiling() and getattr(cache, "batch_size", None) == batch
         native = on_cache and (batch == 1 or (mask is not None and mask.dtype == torch.bool))
-        if native and self.native_for(batch * q):
-            return self._native_layer(hidden, mask, cache, position_embeddings)
+        if native and self.native_for(sum(sizes)):
+            return self._native_layer(hidden, mask, cache, position_embeddings, sizes)
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         qkv = self.qkv.forward(self._norm(self.attention_norm, hidden))
         qkv = qkv.view(batch, q, heads + 2 * kv_heads, dim).transpose(1, 2)
@@ -171,10 +178,10 @@ class FusedLayer:
             F.silu(gate_up[..., : self.intermediate]) * gate_up[..., self.intermediate :]
         )
 
-    def _native_layer(self, hidden: torch.Tensor, mask, cache, position_embeddings) -> torch.Tensor:
+    def _native_layer(self, hidden: torch.Tensor, mask, cache, position_embeddings, sizes: list[int]) -> torch.Tensor:
         """The whole layer as one ``decodebench::decode_layer`` call (engine/decode_layer.cpp) for one
-        sequence or a batch of rows at their own cache lengths: the K/V of the block are written
-        straight into the cache's buffers, each row's at its own length."""
+        sequence or a batch of rows at their own cache lengths: the K/V of the block's real rows are
+        written straight into the cache's buffers, each row's at its own length."""
         batch, q, _ = hidden.shape
         cos, sin = position_embeddings
         starts = cache.claim(self.layer_index, q)
@@ -195,6 +202,7 @@ class FusedLayer:
             cache.keys[self.layer_index],
             cache.values[self.layer_index],
             starts,
+            sizes,
             mask,
             self.heads,
             self.kv_heads,

@@ -326,17 +326,19 @@ def test_the_cpp_decoder_layer_matches_the_hf_layers_and_a_row_does_not_depend_o
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_the_cpp_decoder_layer_runs_a_batch_of_rows_at_their_own_lengths_bitwise_as_each_alone(arch):
     """A batch whose rows sit at different cache lengths (10 / 17 / 24 tokens) runs each block as one
-    ``decode_layer`` call per layer, and each row's logits (a chain, and a tree with padding) are
-    bitwise those of the row decoding alone on the same cache contents; the Python layer agrees."""
+    ``decode_layer`` call per layer, and each row's logits (a chain, a tree and a single token, padded
+    to 4) are bitwise those of the row decoding alone on the same cache contents; the Python layer
+    agrees. Only the 8 real rows run: the 12 padded ones would have left the streamed buckets."""
     from torch.profiler import profile  # noqa: PLC0415
 
     from decodebench.engine.backbone import BlockLayout  # noqa: PLC0415
 
     backbone = tiny(arch)
     backends.install_fused_layers(backbone)
-    backends._apply_tuned(backbone, hand_table({1: "streamed", 4: "streamed", 8: "streamed", 16: "streamed"}))
+    backends._apply_tuned(backbone, hand_table({1: "streamed", 4: "streamed", 8: "streamed", 16: "mkl"}))
+    assert backbone.fused_layers[0].native_for(8) and not backbone.fused_layers[0].native_for(12)
     prompts = [list(range(3, 13)), list(range(5, 22)), list(range(7, 31))]
-    blocks = [([7, 8, 9], None), ([7, 8, 9], [-1, 0, 0]), ([7, 8], None)]  # the last one padded to 3
+    blocks = [([7, 8, 9, 10], None), ([7, 8, 9], [-1, 0, 0]), ([7], None)]  # padded to 4
 
     def alone(prompt: list[int], tokens: list[int], parents) -> torch.Tensor:
         cache = backbone.new_cache(64)
@@ -353,7 +355,7 @@ def test_the_cpp_decoder_layer_runs_a_batch_of_rows_at_their_own_lengths_bitwise
                 cache.keys[layer][row, :, : len(prompt)] = one.keys[layer][0, :, : len(prompt)]
                 cache.values[layer][row, :, : len(prompt)] = one.values[layer][0, :, : len(prompt)]
         cache.row_lengths = [[len(prompt) for prompt in prompts]] * backbone.num_layers
-        ids = torch.tensor([[*tokens, *[0] * (3 - len(tokens))] for tokens, _ in blocks])
+        ids = torch.tensor([[*tokens, *[0] * (4 - len(tokens))] for tokens, _ in blocks])
         layouts = [BlockLayout(parents=parents) for _, parents in blocks]
         with profile() as profiler:
             logits = backbone.forward_batch(ids, cache, sizes=[len(t) for t, _ in blocks], layouts=layouts).logits
