@@ -14,7 +14,7 @@ tidy frame (:func:`decodebench.analysis.frame.load_frame`), one row per (model, 
 * ``tau`` / ``block`` — tokens per target forward and mean tokens per row in it (root, drafts, aux);
 * ``predicted`` (with a T(B, k) surface, :mod:`decodebench.engine.batch_curve`) — the cost model at
   batch size B: ``tau / (T(B, block) / T(B, 1))``, what the speedup would be if drafting, the
-  harness and padding to the batch's longest block cost nothing.
+  harness and padding to the batch's longest block cost nothing (the C++ decoder layer packs padding out).
 
 :func:`crossover` finds where a method's speedup falls below 1 (interpolated in log2 batch size);
 :func:`speedup_vs_batch_figure` plots speedup vs batch size per method with it marked.
@@ -82,7 +82,7 @@ def throughput_table(frame: pd.DataFrame, surface: dict | None = None) -> pd.Dat
         from decodebench.engine.batch_curve import cost_ratio
 
         table["predicted"] = [
-            row.tau / cost_ratio(surface, int(row.batch_size), max(1, round(row.block))) for row in table.itertuples()
+            row.tau / cost_ratio(surface, int(row.batch_size), max(1.0, row.block)) for row in table.itertuples()
         ]
     return table
 

@@ -119,9 +119,9 @@ def ensure_batch_curve(backbone: Backbone, cache_dir: str | None, max_k: int = m
     return curve
 
 
-def cost_ratio(curve: dict[str, Any], batch: int, k: int) -> float:
-    """T(B, k) / T(B, 1) for any batch size and block length: the measured batch size nearest above
-    ``batch`` (the largest measured beyond it), linear in k between measured ks and beyond the last."""
+def cost_ratio(curve: dict[str, Any], batch: int, k: float) -> float:
+    """T(B, k) / T(B, 1) for any batch size and (mean) block length: the measured batch size nearest
+    above ``batch`` (the largest measured beyond it), linear in k between measured ks and beyond the last."""
     sizes = curve["batch_sizes"]
     row = next((i for i, b in enumerate(sizes) if b >= batch), len(sizes) - 1)
     points = list(zip(curve["k"], curve["ratio"][row]))

@@ -150,10 +150,11 @@ class Drafter:
         when none is stored), the measured acceptance and draft time; the prior acceptance is the
         method's ``expected_acceptance`` param when it has one."""
         from decodebench.engine.batch_curve import ensure_batch_curve
+        from decodebench.engine.fused_layers import packs_padding
 
         prior = getattr(getattr(self, "params", None), "expected_acceptance", 0.5)
         surface = ensure_batch_curve(backbone, cache_dir, max_k=max_draft + 1)  # blocks: root + drafts
-        self.speculation = SmartSpec(surface, max_draft, prior_acceptance=prior)
+        self.speculation = SmartSpec(surface, max_draft, prior_acceptance=prior, packs_padding=packs_padding(backbone))
 
     def attach_draft(self, draft: Backbone) -> None:
         """Receive the draft model (only when ``needs_draft_model``)."""

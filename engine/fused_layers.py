@@ -237,6 +237,12 @@ class FusedLayer:
         return out.reshape(batch, heads, q, dim).transpose(1, 2)
 
 
+def packs_padding(backbone: Backbone, rows: int = 8) -> bool:
+    """Whether a batch forward of up to ``rows`` real rows runs only those rows (the C++ decoder
+    layer packs each row's padding out), so a row without drafts costs one row, not the block width."""
+    return backbone.fused_layers is not None and all(backbone.fused_layers[0].native_for(r) for r in range(1, rows + 1))
+
+
 def install_fused_layers(backbone: Backbone) -> str | None:
     """Fuse ``backbone``'s layers (``backbone.fused_layers``); returns why not, or None when fused."""
     refusal = fusion_refusal(backbone)

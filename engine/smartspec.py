@@ -6,19 +6,21 @@ and batching eats the spare compute it lives on. SmartSpec estimates, before eve
 goodput (tokens generated per unit time) of each speculation length ``k`` for the current batch,
 and drafts the best one — ``k = 0``, no speculation, when plain batched decoding wins:
 
-    goodput(k) = Σ_rows E_row(k) / (T(B, k + 1) + k · Σ_rows draft_time_per_token)
+    goodput(k) = Σ_rows E_row(k) / (T(B, w) + k · Σ_rows draft_time_per_token)
 
 * ``E_row(k) = 1 + p · (α + α² + … + α^k)``: tokens a row emits with ``k`` chain drafts (the bonus
   token always, drafts while accepted), ``α`` the per-token acceptance rate and ``p`` the
   fraction of steps whose drafter found something to propose (model-free drafters such as PLD
   propose nothing without a match); both are moving averages (exponential, weight ``DECAY`` per
   step) of what the verifier counted, started from the method's ``expected_acceptance``;
-* ``T(B, k)``: the measured batched verify surface (:mod:`decodebench.engine.batch_curve`);
+* ``T(B, w)``: the measured batched verify surface (:mod:`decodebench.engine.batch_curve`) at the
+  block width ``w`` a step costs: ``k + 1`` where the forward runs every padded row, ``1 + p · k``
+  (the rows that propose) where it packs the padding out (the C++ decoder layer,
+  :func:`decodebench.engine.fused_layers.packs_padding`);
 * draft time per token: a moving average of the drafter's measured propose time per drafted token
   (zero-cost for lookup drafters, a draft model's forward for SpS).
 
-As in the paper, one length serves every row of a step (the batch's forward is padded to the
-longest block anyway). A step without speculation observes no acceptance, so after ``PROBE_EVERY``
+As in the paper, one length serves every row of a step. A step without speculation observes no acceptance, so after ``PROBE_EVERY``
 such steps one step drafts 1 token to keep ``α`` current. Used by the decode loop through
 ``Drafter.speculation`` (``method.params.smartspec=true`` for PLD, SpS and SuffixDecoding); every
 row of a batch shares the drafter's one controller.
@@ -43,6 +45,7 @@ class SmartSpec:
     surface: dict[str, Any]  # T(B, k) (batch_curve.measure_batch_curve)
     max_draft: int  # the drafter's cap (its fixed setting's budget or more)
     prior_acceptance: float = 0.5
+    packs_padding: bool = False  # the batch forward runs only real rows (rows without drafts cost 1)
     accepted: float = field(init=False)  # moving sums: accepted drafts, acceptance trials
     trials: float = field(init=False)
     proposing: float = 1.0  # p: fraction of rows that proposed when allowed
@@ -63,7 +66,8 @@ class SmartSpec:
         """Expected tokens per millisecond of a step with ``k`` drafts per row for ``batch`` rows."""
         alpha = self.acceptance
         tokens = batch * (1.0 + self.proposing * sum(alpha**i for i in range(1, k + 1)))
-        step_ms = cost_ratio(self.surface, batch, k + 1) * self._ar_step_ms(batch)
+        width = 1.0 + self.proposing * k if self.packs_padding else k + 1.0
+        step_ms = cost_ratio(self.surface, batch, width) * self._ar_step_ms(batch)
         draft_ms = k * batch * self.proposing * self.draft_s_per_token * 1000.0
         return tokens / (step_ms + draft_ms)
 

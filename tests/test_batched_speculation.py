@@ -288,6 +288,19 @@ def test_smartspec_speculates_where_it_pays_and_not_where_it_does_not():
     assert costly.choose(4) == 0
 
 
+def test_smartspec_prices_a_packed_batch_by_the_rows_that_propose():
+    """Where the forward packs padding out, only proposing rows pay for drafts: with 30 % of rows
+    proposing, speculation pays on a curve where a padded batch should not speculate."""
+    from decodebench.engine.smartspec import SmartSpec
+
+    ks, ratio = [1, 2, 4, 8], [[1.0, 1.3, 1.9, 3.1]] * 2
+    curve = {"batch_sizes": [1, 4], "k": ks, "ratio": ratio, "ms": [[10 * r for r in row] for row in ratio]}
+    padded, packed = (SmartSpec(curve, 4, prior_acceptance=0.6, packs_padding=p) for p in (False, True))
+    padded.proposing = packed.proposing = 0.3
+    assert padded.choose(4) == 0 and packed.choose(4) >= 1
+    assert packed.goodput(4, 2) > packed.goodput(4, 0) > padded.goodput(4, 2)
+
+
 @pytest.mark.parametrize("method", ["pld", "sps", "suffix"])
 def test_smartspec_is_lossless_at_batch_sizes_one_and_three(method, models, stop_settings, ar_reference):
     target, draft = models
