@@ -45,20 +45,26 @@ from decodebench.methods.head_tree import EAGLE_TREE, draft_attention_mask, temp
 log = logging.getLogger("decodebench")
 
 
-def load_eagle(backbone: Backbone, directory) -> EagleNet:
-    """An :class:`EagleNet` from a checkpoint written by ``decodebench-train`` (or converted from the
-    published layout, :mod:`decodebench.methods.published`)."""
+def load_eagle(backbone: Backbone, directory, network: type[EagleNet] = EagleNet) -> EagleNet:
+    """A ``network`` (:class:`EagleNet` or a subclass) from a checkpoint written by ``decodebench-train``
+    (or converted from the published layout, :mod:`decodebench.methods.published`)."""
+    from decodebench.registry import DecodeBenchError
+
     state, config = load_checkpoint(directory)
     check_target_shape(config, backbone, directory)
+    if config.get("network", network.network) != network.network:
+        raise DecodeBenchError(
+            f"checkpoint {directory} holds a {config['network']} drafter, not the {network.network} drafter this method needs"
+        )
     vocab = DraftVocab.from_maps(state["d2t"], state["t2d"]) if "d2t" in state else None
-    params = EagleNet.Params(**config.get("params", {}))
-    net = EagleNet(backbone, params, vocab)
+    params = network.Params(**config.get("params", {}))
+    net = network(backbone, params, vocab)
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("head.")]
     if missing or unexpected:
-        from decodebench.registry import DecodeBenchError
-
-        raise DecodeBenchError(f"EAGLE checkpoint {directory} does not fit: missing {missing}, unexpected {unexpected}")
+        raise DecodeBenchError(
+            f"{network.network} checkpoint {directory} does not fit: missing {missing}, unexpected {unexpected}"
+        )
     return net.eval()
 
 
@@ -86,27 +92,32 @@ class EagleDrafter(Drafter):
             )
 
     method_name = "eagle"
+    network: type[EagleNet] = EagleNet  # its checkpoint: <cache>/drafters/<model>/<network.network>
 
     def __init__(self, params):
         self.params = params
         self.net: EagleNet | None = None
 
     # -- setup -------------------------------------------------------------------------------------
-    def setup(self, backbone: Backbone, cache_dir: str | None = None) -> None:
+    def load_network(self, backbone: Backbone, directory: Path) -> EagleNet:
+        """The drafter network from ``directory`` (EAGLE: a trained or a published checkpoint)."""
         from decodebench.methods.published import load_eagle_checkpoint
 
+        return load_eagle_checkpoint(backbone, directory)
+
+    def setup(self, backbone: Backbone, cache_dir: str | None = None) -> None:
         self.backbone = backbone
         directory = (
             Path(self.params.checkpoint).expanduser()
             if self.params.checkpoint
             else require_checkpoint(
-                checkpoint_dir(cache_dir, model_key(backbone), EagleNet.network),
+                checkpoint_dir(cache_dir, model_key(backbone), self.network.network),
                 self.method_name,
-                EagleNet.network,
+                self.network.network,
                 model_key(backbone),
             )
         )
-        self.net = load_eagle_checkpoint(backbone, directory)
+        self.net = self.load_network(backbone, directory)
         self.cache = self.net.new_cache(backbone)
         self.max_nodes = (
             self.budget_from_curve(backbone, cache_dir, self.params.max_verify_cost, self.largest_block()) - 1
@@ -160,9 +171,10 @@ class EagleDrafter(Drafter):
         forwarded_parents: list[int],
         committed: int,
     ) -> torch.Tensor:
-        """Forward draft nodes (appended to the drafter cache after the forwarded ones); returns their
-        predicted features. ``forwarded_parents`` = parent pointers among all forwarded nodes, these
-        last (-1 = the root pair, last of the committed prefix)."""
+        """Forward draft nodes (appended to the drafter cache after the forwarded ones), each with its
+        parent's output (``parent_features``; the network takes the feature it feeds back from it);
+        returns their outputs. ``forwarded_parents`` = parent pointers among all forwarded nodes,
+        these last (-1 = the root pair, last of the committed prefix)."""
         start = len(forwarded_parents) - len(nodes)
         device = self.backbone.device
         positions = torch.tensor([committed - 1 + node_depths[n] for n in nodes], device=device)
@@ -175,7 +187,7 @@ class EagleDrafter(Drafter):
             device,
         )
         tokens = torch.tensor([node_tokens[n] for n in nodes], device=device)
-        return self.net(parent_features, tokens, positions, mask, self.cache)
+        return self.net(self.net.next_feature(parent_features), tokens, positions, mask, self.cache)
 
     @torch.inference_mode()
     def propose(self, context: list[int], max_tokens: int) -> Proposal:

@@ -251,6 +251,10 @@ class Eagle3Net(nn.Module):
         """``(q, h)`` hidden states → ``(q, draft vocab)`` logits."""
         return self.lm_head(self.norm(predicted)).float()
 
+    def next_feature(self, predicted: torch.Tensor) -> torch.Tensor:
+        """A draft node's hidden state is what its children read."""
+        return predicted
+
     def to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids + self.d2t[draft_ids]
 

@@ -137,23 +137,35 @@ class EagleNet(nn.Module):
         cache: KVCache | None,
     ) -> torch.Tensor:
         """``(q, hidden)`` features ``f_t`` and ``(q,)`` next tokens ``x_{t+1}`` at ``positions`` →
-        ``(q, hidden)`` predicted features ``f̂_{t+1}``. ``attention_mask`` None with ``cache`` None
-        = causal."""
-        hidden = self.fc(torch.cat([self._target["embed"](tokens), features.to(self.fc.weight.dtype)], dim=-1))[None]
+        the drafter's ``(q, ·)`` output for ``x_{t+1}``: here the predicted features ``f̂_{t+1}``
+        (:meth:`draft_logits` reads tokens from it, :meth:`next_feature` the feature fed back).
+        ``attention_mask`` None with ``cache`` None = causal."""
+        hidden = self.layer_input(self._target["embed"](tokens), features.to(self.fc.weight.dtype))[None]
         rotary = self._target["rotary"](hidden, positions[None])
-        out = self.layers[0](
+        return self.decoder_layer(hidden, attention_mask, positions[None], cache, rotary)[0]
+
+    def layer_input(self, embeddings: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """What the decoder layer reads: ``fc([embed(x_{t+1}); f_t])``."""
+        return self.fc(torch.cat([embeddings, features], dim=-1))
+
+    def decoder_layer(self, hidden: torch.Tensor, attention_mask, position_ids, cache, rotary) -> torch.Tensor:
+        """The one decoder layer, ``(1, q, hidden)`` in and out."""
+        return self.layers[0](
             hidden,
             attention_mask=attention_mask,
-            position_ids=positions[None],
+            position_ids=position_ids,
             **{self.cache_keyword: cache},
             use_cache=cache is not None,
             position_embeddings=rotary,
         )
-        return out[0]
 
     def draft_logits(self, predicted: torch.Tensor) -> torch.Tensor:
-        """``(q, hidden)`` predicted features → ``(q, draft vocab)`` logits."""
+        """The network's ``(q, ·)`` output → ``(q, draft vocab)`` logits."""
         return self.head(predicted).float()
+
+    def next_feature(self, predicted: torch.Tensor) -> torch.Tensor:
+        """The network's output → the ``(q, hidden)`` feature a child node reads (the prediction itself)."""
+        return predicted
 
     def to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids if self.vocab is None else draft_ids + self.d2t[draft_ids]
@@ -172,10 +184,10 @@ class EagleNet(nn.Module):
         predicted = self(inputs, ids[1:], positions, mask, None)
         rows = slice(max(sequence.answer_start - 2, 0), length - 1)  # predicting f_{t+1}, t+1 >= answer start - 1
         predicted, wanted = predicted[rows], features[1:][rows]
-        feature_loss = F.smooth_l1_loss(predicted, wanted)
+        feature_loss = F.smooth_l1_loss(self.next_feature(predicted), wanted)
         log_q = torch.log_softmax(self.draft_logits(predicted), dim=-1)
         with torch.no_grad():
-            p = torch.softmax(self.draft_logits(wanted), dim=-1)
+            p = torch.softmax(self.head(wanted).float(), dim=-1)
         token_loss = -(p * log_q).sum(-1).mean()
         loss = self.params.feature_weight * feature_loss + self.params.token_weight * token_loss
         drafted = self.to_target(log_q.argmax(-1))

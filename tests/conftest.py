@@ -43,6 +43,7 @@ LONGEST_FILES = [
     "test_slurm.py",  # 176 s
     "test_first_use_curve.py",  # 172 s
     "test_method_clover_hidden_transfer.py",  # 168 s
+    "test_method_fspad.py",  # ~200 s under load (the embedded-model test trains a drafter)
     "test_speed_bench.py",  # 160 s
     "test_resume.py",  # 152 s
     "test_method_lookahead.py",  # 147 s
