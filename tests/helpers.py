@@ -197,6 +197,19 @@ def exact_second_and_third(target: Backbone, prompt: list[int], params: Sampling
 CLI = [sys.executable, "-m", "decodebench.cli"]
 
 
+def sample_second_and_third(
+    target: Backbone, drafter, prompt: list[int], params: SamplingParams, runs: int
+) -> tuple[torch.Tensor, int]:
+    """Counts of the (2nd, 3rd) sampled tokens over ``runs`` seeds of ``drafter`` on a 5-token
+    vocabulary (compare with :func:`exact_second_and_third`), and the drafts accepted in all."""
+    counts, accepted = torch.zeros(25), 0
+    for seed in range(runs):
+        out = decode(target, drafter, prompt, max_new_tokens=4, sampling=params, seed=seed)
+        counts[out.new_ids[1] * 5 + out.new_ids[2]] += 1
+        accepted += sum(s.accepted for s in out.steps)
+    return counts, accepted
+
+
 def run_cli(*overrides: str, cwd: Path, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
     """``python -m decodebench.cli *overrides`` in ``cwd`` (offline hub; ``env`` adds variables);
     returns the completed process with text stdout / stderr."""
@@ -277,3 +290,47 @@ def make_record(**fields) -> Record:
     they measure."""
     identity = {"task": "t", "model": "m", "sample_id": "1", "category": "c", "group": "g", "turn": 0, "seed": 0}
     return Record(**{**identity, **fields})
+
+
+# -- trained drafters ---------------------------------------------------------------------------------
+def save_network(net, backbone: Backbone, cache_dir) -> None:
+    """A drafter network's checkpoint where its method looks: ``<cache_dir>/drafters/<model>/<network>``."""
+    from decodebench.methods.draft_heads import checkpoint_dir, model_key, save_checkpoint
+
+    save_checkpoint(
+        checkpoint_dir(str(cache_dir), model_key(backbone), net.network),
+        net.checkpoint_state(),
+        net.checkpoint_config(backbone),
+    )
+
+
+def own_answers(backbone: Backbone, prompts: Sequence[Sequence[int]], answer_tokens: int, stop_ids: Sequence[int] = ()):
+    """``backbone``'s greedy answers to ``prompts`` as training sequences (target features), and the
+    answer tokens' counts over the vocabulary (for a reduced draft vocabulary)."""
+    from decodebench.training.corpus import greedy_answers, target_features
+
+    answers = greedy_answers(backbone, [list(p) for p in prompts], answer_tokens, 8, list(stop_ids), progress=False)
+    sequences = [target_features(backbone, list(p), a) for p, a in zip(prompts, answers)]
+    counts = torch.bincount(torch.tensor([t for a in answers for t in a]), minlength=backbone.config.vocab_size)
+    return sequences, counts
+
+
+def embedded_own_answers(texts: Sequence[str], answer_tokens: int, stop_at_eos: bool = False):
+    """SmolLM2-135M (``model_name`` set) and its greedy answers to chat prompts ``texts``
+    (:func:`own_answers`); skips the test when the embedded model is not prepared."""
+    import pytest
+
+    from decodebench.config import default_cache_dir
+    from decodebench.models.embedded import embedded_model_dir, read_prepared_marker
+    from decodebench.models.loading import load_model, load_model_config
+    from decodebench.tasks.prompts import encode_prompt
+
+    cfg = load_model_config("smollm2-135m")
+    if read_prepared_marker(embedded_model_dir(cfg, default_cache_dir())) is None:
+        pytest.skip("smollm2-135m is not prepared (make setup)")
+    loaded = load_model(cfg)
+    backbone = Backbone(loaded.model)
+    backbone.model_name = "smollm2-135m"
+    prompts = [encode_prompt(loaded.tokenizer, [{"role": "user", "content": t}], cfg.chat_template) for t in texts]
+    stop_ids = [loaded.tokenizer.eos_token_id] if stop_at_eos else []
+    return (backbone, *own_answers(backbone, prompts, answer_tokens, stop_ids))

@@ -17,23 +17,23 @@ from decodebench.methods.clover_net import CloverNet
 from decodebench.methods.draft_heads import (
     DraftVocab,
     MissingCheckpointError,
-    checkpoint_dir,
-    model_key,
-    save_checkpoint,
 )
 from decodebench.methods.hidden_transfer import HiddenTransferDrafter
 from decodebench.methods.hidden_transfer_net import HiddenTransferNet
 from decodebench.registry import DecodeBenchError
 from decodebench.training.config import DrafterConfig
-from decodebench.training.corpus import greedy_answers, target_features
 from decodebench.training.trainer import train_network
 
 from helpers import (
     chi_square_p_value,
     decode,
+    embedded_own_answers,
     exact_second_and_third,
+    own_answers,
     random_prompts,
     repeating_prompts,
+    sample_second_and_third,
+    save_network,
     tiny_backbone,
     tiny_pair,
 )
@@ -46,19 +46,7 @@ LEARNING_RATES = {"clover": 1e-3, "hidden_transfer": 3e-3}
 
 
 def corpus(backbone, count: int = 16, answer_tokens: int = 32):
-    prompts = random_prompts(count, length=10, seed=3)
-    answers = greedy_answers(backbone, prompts, answer_tokens, 8, (), progress=False)
-    sequences = [target_features(backbone, p, a) for p, a in zip(prompts, answers)]
-    counts = torch.bincount(torch.tensor([t for a in answers for t in a]), minlength=backbone.config.vocab_size)
-    return sequences, counts
-
-
-def save(net, backbone, cache_dir) -> None:
-    save_checkpoint(
-        checkpoint_dir(str(cache_dir), model_key(backbone), net.network),
-        net.checkpoint_state(),
-        net.checkpoint_config(backbone),
-    )
+    return own_answers(backbone, random_prompts(count, length=10, seed=3), answer_tokens)
 
 
 def drafter(name: str, backbone, cache_dir: str, **params):
@@ -102,7 +90,7 @@ def trained(tmp_path_factory):
             seed=0,
             progress=False,
         )
-        save(net, backbone, cache)
+        save_network(net, backbone, cache)
     return backbone, str(cache), results
 
 
@@ -134,7 +122,7 @@ def test_untrained_networks_are_lossless(name, arch, tmp_path):
     backbone = tiny_backbone(arch)
     torch.manual_seed(1)
     cls = NETWORKS[name]
-    save(cls(backbone, cls.Params()), backbone, tmp_path)
+    save_network(cls(backbone, cls.Params()), backbone, tmp_path)
     ar, spec = build_method(MethodConfig()), drafter(name, backbone, str(tmp_path), tree_nodes=8)
     for prompt in random_prompts(2, seed=4):
         assert (
@@ -150,7 +138,7 @@ def test_pseudo_states_leave_the_real_forward_exact(tmp_path):
     net = HiddenTransferNet(backbone, HiddenTransferNet.Params(transfer_layer=2, num_future=2))
     for linear in net.transfer:
         torch.nn.init.normal_(linear.weight, std=0.3)
-    save(net, backbone, tmp_path)
+    save_network(net, backbone, tmp_path)
     spec = drafter("hidden_transfer", backbone, str(tmp_path))
     prompt, block, parents = [5, 9, 11, 3, 7], [4, 8, 6, 10], [-1, 0, 0, 1]
     plain, fused = backbone.new_cache(64), backbone.new_cache(64)
@@ -173,14 +161,12 @@ def test_sampling_preserves_target_distribution(name, tmp_path):
     target, _ = tiny_pair(vocab=5, layers=2)
     torch.manual_seed(2)
     cls = NETWORKS[name]
-    save(cls(target, cls.Params(transfer_layer=1) if name == "hidden_transfer" else cls.Params()), target, tmp_path)
+    save_network(
+        cls(target, cls.Params(transfer_layer=1) if name == "hidden_transfer" else cls.Params()), target, tmp_path
+    )
     spec = drafter(name, target, str(tmp_path), tree_nodes=5)
     params, prompt, runs = SamplingParams(temperature=1.0), [1, 4, 2, 3], 300
-    counts, accepted = torch.zeros(25), 0
-    for seed in range(runs):
-        out = decode(target, spec, prompt, max_new_tokens=4, sampling=params, seed=seed)
-        counts[out.new_ids[1] * 5 + out.new_ids[2]] += 1
-        accepted += sum(s.accepted for s in out.steps)
+    counts, accepted = sample_second_and_third(target, spec, prompt, params, runs)
     assert accepted > 30
     assert chi_square_p_value(counts, exact_second_and_third(target, prompt, params)) > 1e-3
 
@@ -217,27 +203,9 @@ CORPUS_PROMPTS = [
 def embedded_drafters(tmp_path_factory):
     """Clover and Hidden Transfer trained for one epoch on SmolLM2-135M's answers to 4 prompts (a
     few seconds; enough for drafts that are sometimes right), saved in a temporary cache."""
-    from decodebench.config import default_cache_dir
-    from decodebench.engine.backbone import Backbone
-    from decodebench.models.embedded import embedded_model_dir, read_prepared_marker
-    from decodebench.models.loading import load_model, load_model_config
-    from decodebench.tasks.prompts import encode_prompt
-
     torch.set_num_threads(1)
-    cfg = load_model_config("smollm2-135m")
-    if read_prepared_marker(embedded_model_dir(cfg, default_cache_dir())) is None:
-        pytest.skip("smollm2-135m is not prepared (make setup)")
-    loaded = load_model(cfg)
-    backbone = Backbone(loaded.model)
-    prompts = [
-        encode_prompt(loaded.tokenizer, [{"role": "user", "content": text}], cfg.chat_template)
-        for text in CORPUS_PROMPTS
-    ]
-    answers = greedy_answers(backbone, prompts, 32, 4, [loaded.tokenizer.eos_token_id], progress=False)
-    sequences = [target_features(backbone, p, a) for p, a in zip(prompts, answers)]
-    counts = torch.bincount(torch.tensor([t for a in answers for t in a]), minlength=backbone.config.vocab_size)
+    backbone, sequences, counts = embedded_own_answers(CORPUS_PROMPTS, 32, stop_at_eos=True)
     cache = tmp_path_factory.mktemp("drafters-embedded")
-    backbone.model_name = "smollm2-135m"
     for name, cls in NETWORKS.items():
         vocab = DraftVocab.most_frequent(counts, 1024) if name == "clover" else None
         torch.manual_seed(0)
@@ -250,7 +218,7 @@ def embedded_drafters(tmp_path_factory):
             seed=0,
             progress=False,
         )
-        save(net, backbone, cache)
+        save_network(net, backbone, cache)
     return cache
 
 

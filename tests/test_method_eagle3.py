@@ -18,23 +18,23 @@ from decodebench.methods import build_method, method_config
 from decodebench.methods.draft_heads import (
     DraftVocab,
     MissingCheckpointError,
-    checkpoint_dir,
-    model_key,
-    save_checkpoint,
 )
 from decodebench.methods.eagle3 import Eagle3Drafter
 from decodebench.methods.eagle3_net import Eagle3Net, reference_layers
 from decodebench.registry import DecodeBenchError
 from decodebench.training.config import DrafterConfig
-from decodebench.training.corpus import greedy_answers, target_features
 from decodebench.training.trainer import train_network
 
 from helpers import (
     chi_square_p_value,
     decode,
+    embedded_own_answers,
     exact_second_and_third,
+    own_answers,
     random_prompts,
     repeating_prompts,
+    sample_second_and_third,
+    save_network,
     tiny_backbone,
     tiny_pair,
 )
@@ -42,14 +42,6 @@ from helpers import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = dict(total_tokens=6, depth=3, top_k=4)
-
-
-def save(net, backbone, cache_dir) -> None:
-    save_checkpoint(
-        checkpoint_dir(str(cache_dir), model_key(backbone), net.network),
-        net.checkpoint_state(),
-        net.checkpoint_config(backbone),
-    )
 
 
 def drafter(backbone, cache_dir, **params) -> Eagle3Drafter:
@@ -64,10 +56,7 @@ def trained(tmp_path_factory):
     a temporary cache; its per-step own-prediction agreement before and after, and the training result."""
     torch.set_num_threads(1)
     backbone = tiny_backbone("llama")
-    prompts = random_prompts(24, length=10, seed=3)
-    answers = greedy_answers(backbone, prompts, 40, 8, (), progress=False)
-    sequences = [target_features(backbone, p, a) for p, a in zip(prompts, answers)]
-    counts = torch.bincount(torch.tensor([t for a in answers for t in a]), minlength=backbone.config.vocab_size)
+    sequences, counts = own_answers(backbone, random_prompts(24, length=10, seed=3), 40)
     torch.manual_seed(0)
     net = Eagle3Net(backbone, Eagle3Net.Params(draft_vocab_size=60), DraftVocab.most_frequent(counts, 60))
     probe = [net.prepare(s, backbone) for s in sequences[:6]]
@@ -82,7 +71,7 @@ def trained(tmp_path_factory):
     )
     after = net.step_agreement(probe)
     cache = tmp_path_factory.mktemp("eagle3")
-    save(net, backbone, cache)
+    save_network(net, backbone, cache)
     return backbone, cache, result, before, after
 
 
@@ -119,7 +108,7 @@ def test_greedy_equals_ar(trained, size):
 def test_untrained_full_vocabulary_is_lossless_on_qwen2(tmp_path):
     backbone = tiny_backbone("qwen2")
     torch.manual_seed(1)
-    save(Eagle3Net(backbone, Eagle3Net.Params(draft_vocab_size=None)), backbone, tmp_path)
+    save_network(Eagle3Net(backbone, Eagle3Net.Params(draft_vocab_size=None)), backbone, tmp_path)
     ar, spec = build_method(MethodConfig()), drafter(backbone, tmp_path, **SMALL)
     assert spec.net.lm_head.weight.shape[0] == backbone.config.vocab_size
     for prompt in random_prompts(2, seed=4):
@@ -132,14 +121,10 @@ def test_untrained_full_vocabulary_is_lossless_on_qwen2(tmp_path):
 def test_sampling_preserves_target_distribution(tmp_path):
     target, _ = tiny_pair(vocab=5, layers=3)
     torch.manual_seed(2)
-    save(Eagle3Net(target, Eagle3Net.Params(draft_vocab_size=None)), target, tmp_path)
+    save_network(Eagle3Net(target, Eagle3Net.Params(draft_vocab_size=None)), target, tmp_path)
     spec = drafter(target, tmp_path, total_tokens=5, depth=2, top_k=2)
     params, prompt, runs = SamplingParams(temperature=1.0), [1, 4, 2, 3], 300
-    counts, accepted = torch.zeros(25), 0
-    for seed in range(runs):
-        out = decode(target, spec, prompt, max_new_tokens=4, sampling=params, seed=seed)
-        counts[out.new_ids[1] * 5 + out.new_ids[2]] += 1
-        accepted += sum(s.accepted for s in out.steps)
+    counts, accepted = sample_second_and_third(target, spec, prompt, params, runs)
     assert accepted > 50
     assert chi_square_p_value(counts, exact_second_and_third(target, prompt, params)) > 1e-3
 
@@ -256,31 +241,16 @@ def test_cpu_preset_is_eagle2s():
 def test_embedded_model_with_a_briefly_trained_drafter_is_lossless(tmp_path):
     """SmolLM2-135M: an EAGLE-3 drafter trained for one short epoch on four of the model's own
     answers, then greedy decoding equals AR on two chat prompts (helpers.embedded_lossless)."""
-    from decodebench.config import default_cache_dir
-    from decodebench.engine.backbone import Backbone
-    from decodebench.models.embedded import embedded_model_dir, read_prepared_marker
-    from decodebench.models.loading import load_model, load_model_config
-    from decodebench.tasks.prompts import encode_prompt
-
     from helpers import embedded_lossless
 
-    cfg = load_model_config("smollm2-135m")
-    if read_prepared_marker(embedded_model_dir(cfg, default_cache_dir())) is None:
-        pytest.skip("smollm2-135m is not prepared (make setup)")
-    loaded = load_model(cfg)
-    backbone = Backbone(loaded.model)
-    backbone.model_name = "smollm2-135m"
     texts = ["Name three colours.", "What is a cat?", "Say hello in French.", "Count to five."]
-    prompts = [encode_prompt(loaded.tokenizer, [{"role": "user", "content": t}], True) for t in texts]
-    answers = greedy_answers(backbone, prompts, 16, 4, (), progress=False)
-    sequences = [target_features(backbone, p, a) for p, a in zip(prompts, answers)]
-    counts = torch.bincount(torch.tensor([t for a in answers for t in a]), minlength=backbone.config.vocab_size)
+    backbone, sequences, counts = embedded_own_answers(texts, 16)
     torch.manual_seed(0)
     net = Eagle3Net(
         backbone, Eagle3Net.Params(draft_vocab_size=512, ttt_steps=3), DraftVocab.most_frequent(counts, 512)
     )
     assert net.feature_layers == [2, 15, 27]
     train_network(net, backbone, sequences, DrafterConfig(name="eagle3", epochs=1, validation_fraction=0.25), 0, False)
-    save(net, backbone, tmp_path)
+    save_network(net, backbone, tmp_path)
     accepted, drafted = embedded_lossless("eagle3", cache_dir=tmp_path)
     assert drafted > 0

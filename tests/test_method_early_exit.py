@@ -15,7 +15,14 @@ from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import build_method, method_config
 from decodebench.methods.early_exit_spec import EarlyExitSpecDrafter
 
-from helpers import chi_square_p_value, damped_tiny, embedded_lossless, exact_second_and_third, random_prompts
+from helpers import (
+    chi_square_p_value,
+    damped_tiny,
+    embedded_lossless,
+    exact_second_and_third,
+    random_prompts,
+    sample_second_and_third,
+)
 from helpers import decode as helpers_decode
 
 IMPL = "decodebench.methods.early_exit_spec:EarlyExitSpecDrafter"
@@ -142,11 +149,7 @@ def test_early_exit_sampling_preserves_target_distribution():
     backbone = damped_tiny(layers=3, vocab=5, damped=slice(1, None), factor=0.5)
     prompt, params = [1, 4, 2, 3], SamplingParams(temperature=1.0)
     drafter = drafter_for(backbone, exit_layer=1, num_draft_tokens=3)
-    counts, accepted = torch.zeros(25), 0
-    for seed in range(400):
-        out = decode(backbone, drafter, prompt, max_new_tokens=4, sampling=params, seed=seed)
-        counts[out.new_ids[1] * 5 + out.new_ids[2]] += 1
-        accepted += sum(s.accepted for s in out.steps)
+    counts, accepted = sample_second_and_third(backbone, drafter, prompt, params, 400)
     assert 100 < accepted < 800  # both branches of the acceptance rule run
     assert chi_square_p_value(counts, exact_second_and_third(backbone, prompt, params)) > 1e-3
 

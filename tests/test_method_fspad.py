@@ -19,7 +19,6 @@ from decodebench.methods.draft_heads import (
     MissingCheckpointError,
     checkpoint_dir,
     model_key,
-    save_checkpoint,
 )
 from decodebench.methods.eagle import Eagle2Drafter
 from decodebench.methods.eagle_net import EagleNet
@@ -27,15 +26,18 @@ from decodebench.methods.fspad import FspadDrafter
 from decodebench.methods.fspad_net import FspadNet
 from decodebench.registry import DecodeBenchError
 from decodebench.training.config import DrafterConfig
-from decodebench.training.corpus import greedy_answers, target_features
 from decodebench.training.trainer import train_network
 
 from helpers import (
     chi_square_p_value,
     decode,
+    embedded_own_answers,
     exact_second_and_third,
+    own_answers,
     random_prompts,
     repeating_prompts,
+    sample_second_and_third,
+    save_network,
     tiny_backbone,
     tiny_pair,
 )
@@ -43,14 +45,6 @@ from helpers import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = dict(total_tokens=6, depth=3, top_k=4)
-
-
-def save(net, backbone, cache_dir) -> None:
-    save_checkpoint(
-        checkpoint_dir(str(cache_dir), model_key(backbone), net.network),
-        net.checkpoint_state(),
-        net.checkpoint_config(backbone),
-    )
 
 
 def drafter(backbone, cache_dir, cls=FspadDrafter, **params):
@@ -65,10 +59,7 @@ def trained(tmp_path_factory):
     a temporary cache, and the training result."""
     torch.set_num_threads(1)
     backbone = tiny_backbone("llama")
-    prompts = random_prompts(24, length=10, seed=3)
-    answers = greedy_answers(backbone, prompts, 40, 8, (), progress=False)
-    sequences = [target_features(backbone, p, a) for p, a in zip(prompts, answers)]
-    counts = torch.bincount(torch.tensor([t for a in answers for t in a]), minlength=backbone.config.vocab_size)
+    sequences, counts = own_answers(backbone, random_prompts(24, length=10, seed=3), 40)
     torch.manual_seed(0)
     net = FspadNet(backbone, FspadNet.Params(draft_vocab_size=60), DraftVocab.most_frequent(counts, 60))
     result = train_network(
@@ -80,7 +71,7 @@ def trained(tmp_path_factory):
         progress=False,
     )
     cache = tmp_path_factory.mktemp("fspad")
-    save(net, backbone, cache)
+    save_network(net, backbone, cache)
     return backbone, cache, result, sequences
 
 
@@ -148,7 +139,7 @@ def test_greedy_equals_ar(trained, size):
 def test_untrained_full_vocabulary_is_lossless_on_qwen2(tmp_path):
     backbone = tiny_backbone("qwen2")
     torch.manual_seed(1)
-    save(FspadNet(backbone, FspadNet.Params()), backbone, tmp_path)
+    save_network(FspadNet(backbone, FspadNet.Params()), backbone, tmp_path)
     ar, spec = build_method(MethodConfig()), drafter(backbone, tmp_path, **SMALL)
     for prompt in random_prompts(2, seed=4):
         assert (
@@ -160,14 +151,10 @@ def test_untrained_full_vocabulary_is_lossless_on_qwen2(tmp_path):
 def test_sampling_preserves_target_distribution(tmp_path):
     target, _ = tiny_pair(vocab=5, layers=3)
     torch.manual_seed(2)
-    save(FspadNet(target, FspadNet.Params()), target, tmp_path)
+    save_network(FspadNet(target, FspadNet.Params()), target, tmp_path)
     spec = drafter(target, tmp_path, total_tokens=5, depth=2, top_k=2)
     params, prompt, runs = SamplingParams(temperature=1.0), [1, 4, 2, 3], 300
-    counts, accepted = torch.zeros(25), 0
-    for seed in range(runs):
-        out = decode(target, spec, prompt, max_new_tokens=4, sampling=params, seed=seed)
-        counts[out.new_ids[1] * 5 + out.new_ids[2]] += 1
-        accepted += sum(s.accepted for s in out.steps)
+    counts, accepted = sample_second_and_third(target, spec, prompt, params, runs)
     assert accepted > 50
     assert chi_square_p_value(counts, exact_second_and_third(target, prompt, params)) > 1e-3
 
@@ -189,7 +176,7 @@ def test_an_eagle_checkpoint_is_refused_by_name_and_the_other_way_round(trained,
     with pytest.raises(DecodeBenchError, match="holds a fspad drafter, not the eagle drafter"):
         drafter(backbone, cache, Eagle2Drafter, checkpoint=str(fspad_dir))
     torch.manual_seed(0)
-    save(EagleNet(backbone, EagleNet.Params()), backbone, tmp_path)
+    save_network(EagleNet(backbone, EagleNet.Params()), backbone, tmp_path)
     with pytest.raises(DecodeBenchError, match="holds a eagle drafter, not the fspad drafter"):
         drafter(backbone, cache, checkpoint=str(checkpoint_dir(str(tmp_path), model_key(backbone), "eagle")))
 
@@ -209,28 +196,13 @@ def test_cpu_preset_is_eagle2s():
 def test_embedded_model_with_a_briefly_trained_drafter_is_lossless(tmp_path):
     """SmolLM2-135M: an FSPAD drafter trained for one short epoch on four of the model's own answers,
     then greedy decoding equals AR on two chat prompts (helpers.embedded_lossless)."""
-    from decodebench.config import default_cache_dir
-    from decodebench.engine.backbone import Backbone
-    from decodebench.models.embedded import embedded_model_dir, read_prepared_marker
-    from decodebench.models.loading import load_model, load_model_config
-    from decodebench.tasks.prompts import encode_prompt
-
     from helpers import embedded_lossless
 
-    cfg = load_model_config("smollm2-135m")
-    if read_prepared_marker(embedded_model_dir(cfg, default_cache_dir())) is None:
-        pytest.skip("smollm2-135m is not prepared (make setup)")
-    loaded = load_model(cfg)
-    backbone = Backbone(loaded.model)
-    backbone.model_name = "smollm2-135m"
     texts = ["Name three colours.", "What is a cat?", "Say hello in French.", "Count to five."]
-    prompts = [encode_prompt(loaded.tokenizer, [{"role": "user", "content": t}], True) for t in texts]
-    answers = greedy_answers(backbone, prompts, 16, 4, (), progress=False)
-    sequences = [target_features(backbone, p, a) for p, a in zip(prompts, answers)]
-    counts = torch.bincount(torch.tensor([t for a in answers for t in a]), minlength=backbone.config.vocab_size)
+    backbone, sequences, counts = embedded_own_answers(texts, 16)
     torch.manual_seed(0)
     net = FspadNet(backbone, FspadNet.Params(draft_vocab_size=512), DraftVocab.most_frequent(counts, 512))
     train_network(net, backbone, sequences, DrafterConfig(name="fspad", epochs=1, validation_fraction=0.25), 0, False)
-    save(net, backbone, tmp_path)
+    save_network(net, backbone, tmp_path)
     accepted, drafted = embedded_lossless("fspad", cache_dir=tmp_path)
     assert drafted > 0

@@ -14,24 +14,23 @@ from decodebench.methods import build_method, method_config
 from decodebench.methods.draft_heads import (
     DraftVocab,
     MissingCheckpointError,
-    checkpoint_dir,
-    model_key,
-    save_checkpoint,
 )
 from decodebench.methods.eagle import Eagle2Drafter, EagleDrafter
 from decodebench.methods.eagle_net import EagleNet
 from decodebench.methods.medusa import HydraDrafter, MedusaDrafter
 from decodebench.methods.medusa_heads import HydraHeads, MedusaHeads
 from decodebench.training.config import DrafterConfig
-from decodebench.training.corpus import greedy_answers, target_features
 from decodebench.training.trainer import train_network
 
 from helpers import (
     chi_square_p_value,
     decode,
     exact_second_and_third,
+    own_answers,
     random_prompts,
     repeating_prompts,
+    sample_second_and_third,
+    save_network,
     tiny_backbone,
     tiny_pair,
 )
@@ -48,19 +47,7 @@ METHODS = {
 
 
 def corpus(backbone, count: int = 24, answer_tokens: int = 40):
-    prompts = random_prompts(count, length=10, seed=3)
-    answers = greedy_answers(backbone, prompts, answer_tokens, 8, (), progress=False)
-    sequences = [target_features(backbone, p, a) for p, a in zip(prompts, answers)]
-    counts = torch.bincount(torch.tensor([t for a in answers for t in a]), minlength=backbone.config.vocab_size)
-    return sequences, counts
-
-
-def save(net, backbone, cache_dir) -> None:
-    save_checkpoint(
-        checkpoint_dir(str(cache_dir), model_key(backbone), net.network),
-        net.checkpoint_state(),
-        net.checkpoint_config(backbone),
-    )
+    return own_answers(backbone, random_prompts(count, length=10, seed=3), answer_tokens)
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -84,7 +71,7 @@ def trained(request, tmp_path_factory):
             seed=0,
             progress=False,
         )
-        save(net, backbone, cache)
+        save_network(net, backbone, cache)
     return backbone, str(cache), results
 
 
@@ -132,7 +119,7 @@ def test_untrained_networks_are_lossless_too(method, tmp_path):
     backbone = tiny_backbone("llama")
     torch.manual_seed(1)
     network = NETWORKS[METHODS[method][1]]
-    save(network(backbone, network.Params()), backbone, tmp_path)
+    save_network(network(backbone, network.Params()), backbone, tmp_path)
     ar, spec = build_method(MethodConfig()), drafter(method, backbone, str(tmp_path))
     for prompt in random_prompts(2, seed=4):
         assert (
@@ -146,7 +133,7 @@ def test_sampling_preserves_target_distribution(method, tmp_path):
     target, _ = tiny_pair(vocab=5, layers=1)
     torch.manual_seed(2)
     network = NETWORKS[METHODS[method][1]]
-    save(network(target, network.Params()), target, tmp_path)
+    save_network(network(target, network.Params()), target, tmp_path)
     spec = drafter(
         method,
         target,
@@ -154,11 +141,7 @@ def test_sampling_preserves_target_distribution(method, tmp_path):
         **({"total_tokens": 5, "depth": 2, "top_k": 2} if method == "eagle2" else {"tree_nodes": 5}),
     )
     params, prompt, runs = SamplingParams(temperature=1.0), [1, 4, 2, 3], 300
-    counts, accepted = torch.zeros(25), 0
-    for seed in range(runs):
-        out = decode(target, spec, prompt, max_new_tokens=4, sampling=params, seed=seed)
-        counts[out.new_ids[1] * 5 + out.new_ids[2]] += 1
-        accepted += sum(s.accepted for s in out.steps)
+    counts, accepted = sample_second_and_third(target, spec, prompt, params, runs)
     assert accepted > 50
     assert chi_square_p_value(counts, exact_second_and_third(target, prompt, params)) > 1e-3
 
