@@ -10,7 +10,11 @@ tidy frame (:func:`decodebench.analysis.frame.load_frame`), one row per (model, 
 * ``speedup`` — Σ AR wall / Σ method wall over the records paired with their AR record;
 * ``latency_p50_s`` / ``latency_p95_s`` — per-sequence latency (``Record.sequence_s``: from the
   batch's start until the sequence's last token; a lone sequence's wall time);
-* ``peak_rss_mb`` — the run process's peak RSS (``manifest.json``), largest over the cell's runs;
+* ``batch_rows`` — mean rows of the batch each sequence was decoded in (``Record.batch_size``): below
+  ``batch_size`` where the task has fewer prompts than B, in a run's last, smaller batch, and for
+  multi-turn samples' later turns (decoded in their own batches);
+* ``peak_rss_mb`` — the run's peak RSS (``manifest.json``; on Linux the cell's own, not the sweep
+  process's, :mod:`decodebench.engine.memory`), largest over the cell's runs;
 * ``tau`` / ``block`` — tokens per target forward and mean tokens per row in it (root, drafts, aux);
 * ``predicted`` (with a T(B, k) surface, :mod:`decodebench.engine.batch_curve`) — the cost model at
   batch size B: ``tau / (T(B, block) / T(B, 1))``, what the speedup would be if drafting, the
@@ -34,7 +38,18 @@ from decodebench.analysis.merge import read_config
 from decodebench.analysis.plots import FigureFile, _figure, _legend_outside, _save
 
 KEYS = ["model", "task", "method", "batch_size"]
-COLUMNS = [*KEYS, "tokens_per_s", "speedup", "latency_p50_s", "latency_p95_s", "peak_rss_mb", "tau", "block", "records"]
+COLUMNS = [
+    *KEYS,
+    "batch_rows",
+    "tokens_per_s",
+    "speedup",
+    "latency_p50_s",
+    "latency_p95_s",
+    "peak_rss_mb",
+    "tau",
+    "block",
+    "records",
+]
 MB = 1024 * 1024
 
 
@@ -59,7 +74,8 @@ def throughput_table(frame: pd.DataFrame, surface: dict | None = None) -> pd.Dat
     runs = list(dict.fromkeys(rows["run_dir"]))
     batch = {run: _run_batch_size(run) for run in runs}
     rss = {run: _peak_rss_mb(run) for run in runs}
-    rows = rows.assign(batch_size=rows["run_dir"].map(batch))
+    actual = rows["batch_size"].fillna(1) if "batch_size" in rows else pd.Series(1.0, index=rows.index)
+    rows = rows.assign(batch_rows=actual, batch_size=rows["run_dir"].map(batch))
     out = []
     for key, cell in rows.groupby(KEYS, sort=True):
         paired = cell[cell["ar_wall_s"].notna()]
@@ -67,6 +83,7 @@ def throughput_table(frame: pd.DataFrame, surface: dict | None = None) -> pd.Dat
         out.append(
             {
                 **dict(zip(KEYS, key)),
+                "batch_rows": float(cell["batch_rows"].mean()),
                 "tokens_per_s": cell["new_tokens"].sum() / cell["wall_s"].sum(),
                 "speedup": paired["ar_wall_s"].sum() / paired["wall_s"].sum() if len(paired) else math.nan,
                 "latency_p50_s": float(np.percentile(latency, 50)),

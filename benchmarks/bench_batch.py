@@ -13,8 +13,14 @@ Then prints one table (speedup per method × B, tokens/s, per-sequence latency p
 marked, and checks the issue's targets: SmartSpec >= 0.95 × max(AR, its fixed setting) at every
 B, PLD >= 1.2 × AR at B = 4.
 
+Every B must be filled: Spec-Bench's ``per_category`` counts its 6 groups, so ``--per-category 1``
+gives 6 prompts and B = 8 or 16 would decode batches of 6 (the same work as each other). The default
+``--per-category`` is the smallest that fills the largest B (3 for B = 16: 18 prompts); a smaller one
+given explicitly is refused (exit 2). The table's ``batch_rows`` shows the rows each sequence's batch
+really had (a run's last batch and mt_bench's second turns are smaller).
+
 Usage: python benchmarks/bench_batch.py [--batch-sizes 1,2,4,8,16] [--methods pld,suffix,...]
-       [--smartspec pld,suffix] [--per-category 1] [--categories ...] [--max-new-tokens 128]
+       [--smartspec pld,suffix] [--per-category N] [--categories ...] [--max-new-tokens 128]
        [--threads 1] [--out results/bench_batch] [override ...]
 """
 
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -32,11 +39,36 @@ import pandas as pd
 from decodebench.analysis.frame import load_frame
 from decodebench.analysis.throughput import crossover, speedup_vs_batch_figure, throughput_table
 from decodebench.config import default_cache_dir
+from decodebench.tasks.spec_bench import GROUP_OF_CATEGORY
 
 # lossless methods that run on the embedded model without a trained drafter or a draft model
 DEFAULT_METHODS = "pld,lookahead,lade,suffix,token_recycling,rest,sam,swift,aggressive"
 SMARTSPEC_TOLERANCE = 0.95  # the issue's target: SmartSpec >= 0.95 x the better of AR and the fixed setting
 PLD_TARGET = (4, 1.2)  # PLD >= 1.2x AR at B = 4
+SPEC_BENCH_GROUPS = 6  # per_category counts these (tasks/spec_bench.py); each holds 80 questions
+
+
+def groups_of(categories: str | None) -> int:
+    """How many Spec-Bench groups ``--categories`` (groups or categories) selects; all 6 without it."""
+    if not categories:
+        return SPEC_BENCH_GROUPS
+    return len({GROUP_OF_CATEGORY.get(name.strip(), name.strip()) for name in categories.split(",")})
+
+
+def per_category_filling(batch_sizes: list[int], categories: str | None, given: int | None) -> int:
+    """``--per-category``: the smallest that gives the largest B a full first batch, or ``given`` when
+    that fills it (SystemExit 2 naming the one that would, when it does not)."""
+    groups, largest = groups_of(categories), max(batch_sizes)
+    needed = math.ceil(largest / groups)
+    if given is not None and given * groups < largest:
+        print(
+            f"bench_batch: error: --batch-sizes up to {largest} needs at least {largest} prompts per batch, and "
+            f"--per-category {given} over {groups} Spec-Bench group(s) gives {given * groups}: "
+            f"use --per-category {needed} (or leave it out), or drop the batch sizes above {given * groups}",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    return needed if given is None else given
 
 
 def sweep(out: Path, args: argparse.Namespace, *overrides: str) -> None:
@@ -86,7 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-sizes", default="1,2,4,8,16")
     parser.add_argument("--methods", default=DEFAULT_METHODS)
     parser.add_argument("--smartspec", default="pld,suffix", help="methods also run with method.preset=smartspec")
-    parser.add_argument("--per-category", type=int, default=1)
+    parser.add_argument(
+        "--per-category", type=int, default=None, help="Spec-Bench questions per group (default: fills the largest B)"
+    )
     parser.add_argument("--categories", default=None, help="comma-separated Spec-Bench categories / groups")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
@@ -94,6 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="more CLI overrides for every cell (e.g. engine.backend=eager)")
     parser.add_argument("--out", type=Path, default=Path("results/bench_batch") / time.strftime("%Y-%m-%d_%H-%M-%S"))
     args = parser.parse_args(argv)
+    args.per_category = per_category_filling(
+        [int(b) for b in args.batch_sizes.split(",")], args.categories, args.per_category
+    )
 
     start = time.perf_counter()
     sweep(args.out / "fixed", args, f"method={args.methods}")

@@ -7,6 +7,7 @@ batch."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -319,7 +320,8 @@ def test_smartspec_is_lossless_at_batch_sizes_one_and_three(method, models, stop
 # -- throughput mode (analysis/throughput.py) --------------------------------------------------------
 def throughput_run(root, batch_size: int, method_wall: float, sequence_s: float, rss_mb: float):
     """A run dir of 4 prompts at ``gen.batch_size``: AR records of 1.0 s each (their share of the
-    batch wall), the method's of ``method_wall``; 9 tokens each, the method in 5 forwards."""
+    batch wall), the method's of ``method_wall``; 9 tokens each, the method in 5 forwards; a batch
+    holds at most the 4 prompts."""
     from decodebench.records import Record
     from decodebench.runners.run_dir import MANIFEST, RunDirectory
 
@@ -344,7 +346,7 @@ def throughput_run(root, batch_size: int, method_wall: float, sequence_s: float,
                 Record(
                     method=method, role=role, task="spec_bench", model="tiny", sample_id=str(sample), category="qa",
                     group="qa", turn=0, seed=0, new_tokens=9, wall_s=wall, steps=steps, sequence_s=sequence_s * (1 + sample),
-                    tree_sizes=[3] * (steps - 1), output_ids=list(range(9)), batch_size=batch_size,
+                    tree_sizes=[3] * (steps - 1), output_ids=list(range(9)), batch_size=min(batch_size, 4),
                 )
             )  # fmt: skip
 
@@ -360,9 +362,28 @@ def test_throughput_table_and_figure_against_ar_at_the_same_batch_size(tmp_path)
     assert method["speedup"].round(3).tolist() == [2.0, 1.25, 0.8]  # Σ AR wall / Σ method wall, per B
     assert method.loc[4, "tokens_per_s"] == pytest.approx(36 / 3.2)
     assert method.loc[16, "peak_rss_mb"] == 900.0 and method.loc[4, "latency_p50_s"] == pytest.approx(1.0)
+    assert method["batch_rows"].tolist() == [1.0, 4.0, 4.0]  # B = 16 over 4 prompts decodes batches of 4
     assert method.loc[1, "tau"] == pytest.approx(9 / 5) and method.loc[1, "block"] == 3.0
     assert method.loc[1, "predicted"] == pytest.approx((9 / 5) / 1.035)  # τ / (T(1, 3) / T(1, 1)), k=3 interpolated
     assert crossover([1, 4, 16], [2.0, 1.25, 0.8]) == pytest.approx(2 ** (2 + 0.25 / 0.45 * 2))
     assert crossover([1, 4], [0.9, 0.8]) is None
     figure = speedup_vs_batch_figure(table, tmp_path / "fig")
     assert figure.png.stat().st_size > 0 and "pld[cpu] at B≈" in figure.caption
+
+
+def test_bench_batch_fills_every_batch_size_or_refuses(capsys):
+    """Spec-Bench's per_category counts 6 groups: B = 16 needs 3 per group (1 would decode B = 8 and
+    16 as the same batches of 6); an explicit smaller one exits 2 naming the one that fills it."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_batch.py"
+    spec = importlib.util.spec_from_file_location("bench_batch", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.per_category_filling([1, 2, 4, 8, 16], None, None) == 3
+    assert bench.per_category_filling([1, 4], None, None) == 1 and bench.per_category_filling([1, 4], None, 2) == 2
+    assert bench.per_category_filling([4], "qa,math_reasoning,writing,roleplay", None) == 2  # 3 groups
+    with pytest.raises(SystemExit) as exited:
+        bench.per_category_filling([1, 2, 4, 8, 16], None, 1)
+    assert exited.value.code == 2
+    assert "gives 6: use --per-category 3" in capsys.readouterr().err

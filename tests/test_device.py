@@ -6,6 +6,7 @@ chain step, a small tree), masks and caches live on the device, PLD decodes exac
 and every time reading synchronises the device (checked with a fake CUDA synchronise on a CPU).
 """
 
+import json
 import os
 import time
 
@@ -141,3 +142,29 @@ def test_peak_memory_reports_cuda_counters(monkeypatch):
     assert (gpu["peak_gpu_allocated_bytes"], gpu["peak_gpu_reserved_bytes"]) == (123, 456) and gpu["peak_rss_bytes"] > 0
     cpu = memory.peak_memory("cpu")
     assert cpu["peak_gpu_allocated_bytes"] is None and cpu["peak_rss_bytes"] > 1_000_000
+
+
+def test_a_runs_peak_rss_is_its_own_not_the_sweep_processes(monkeypatch, tmp_path):
+    """A sweep's cells share one process: after the reset a cell's peak RSS forgets an earlier cell's
+    larger one (Linux high-water mark); where it cannot be reset the lifetime peak is marked as such.
+    In a fresh process: this one's heap may hand a freed block back without the RSS moving."""
+    import subprocess
+    import sys
+
+    script = (
+        "import json, torch\n"
+        "from decodebench.engine import memory\n"
+        "earlier = torch.ones(64 * 2**20); earlier.add_(1); del earlier  # 256 MiB an earlier cell held\n"
+        "lifetime = memory.peak_memory('cpu')\n"
+        "memory.reset_peak_memory('cpu')\n"
+        "print(json.dumps([lifetime, memory.peak_memory('cpu')]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    lifetime, run = json.loads(out.splitlines()[-1])
+    assert lifetime["peak_rss_scope"] == "process"
+    if run["peak_rss_scope"] == "run":  # Linux with a writable /proc/self/clear_refs
+        assert run["peak_rss_bytes"] < lifetime["peak_rss_bytes"] - 200 * 2**20
+    monkeypatch.setattr(memory, "CLEAR_REFS", tmp_path / "missing" / "clear_refs")
+    monkeypatch.setattr(memory, "_scope", {"rss": "process"})
+    memory.reset_peak_memory("cpu")
+    assert memory.peak_memory("cpu")["peak_rss_scope"] == "process"
