@@ -210,6 +210,16 @@ def sample_second_and_third(
     return counts, accepted
 
 
+def load_benchmark(name: str):
+    """The module of ``benchmarks/<name>.py`` (a script folder, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_cli(*overrides: str, cwd: Path, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
     """``python -m decodebench.cli *overrides`` in ``cwd`` (offline hub; ``env`` adds variables);
     returns the completed process with text stdout / stderr."""

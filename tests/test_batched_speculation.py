@@ -7,7 +7,6 @@ batch."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from decodebench.engine.drafting import forget_row_drafters, row_drafters
 from decodebench.engine.sampling import SamplingParams
 from decodebench.methods import batchable_methods, build_method, method_config
 
-from helpers import repeating_prompts, stop_at_different_steps, tiny_backbone, tiny_pair
+from helpers import load_benchmark, repeating_prompts, stop_at_different_steps, tiny_backbone, tiny_pair
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -374,12 +373,7 @@ def test_throughput_table_and_figure_against_ar_at_the_same_batch_size(tmp_path)
 def test_bench_batch_fills_every_batch_size_or_refuses(capsys):
     """Spec-Bench's per_category counts 6 groups: B = 16 needs 3 per group (1 would decode B = 8 and
     16 as the same batches of 6); an explicit smaller one exits 2 naming the one that fills it."""
-    import importlib.util
-
-    path = Path(__file__).parents[1] / "benchmarks" / "bench_batch.py"
-    spec = importlib.util.spec_from_file_location("bench_batch", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_batch")
     assert bench.per_category_filling([1, 2, 4, 8, 16], None, None) == 3
     assert bench.per_category_filling([1, 4], None, None) == 1 and bench.per_category_filling([1, 4], None, 2) == 2
     assert bench.per_category_filling([4], "qa,math_reasoning,writing,roleplay", None) == 2  # 3 groups

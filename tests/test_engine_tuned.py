@@ -17,7 +17,7 @@ from decodebench.engine.kernels import KernelTable, kernels_path, pick_kernel, r
 from decodebench.methods import build_method
 from decodebench.models.tiny import build_tiny
 
-from helpers import TINY, decode, repeating_prompts  # tests/helpers.py (on sys.path via conftest)
+from helpers import TINY, decode, load_benchmark, repeating_prompts  # tests/helpers.py (on sys.path via conftest)
 
 
 def tiny(arch: str = "llama") -> Backbone:
@@ -183,13 +183,7 @@ def test_step_breakdown_accounts_for_the_step():
 
 
 def test_bench_vs_llamacpp_without_llama_cpp_exits_with_the_install_command(tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parents[1] / "benchmarks" / "bench_vs_llamacpp.py"
-    spec = importlib.util.spec_from_file_location("bench_vs_llamacpp", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_vs_llamacpp")
     with pytest.raises(SystemExit) as exited:
         bench.check_llama_cpp(str(tmp_path / "no-venv" / "bin" / "python"))
     assert exited.value.code == 2
