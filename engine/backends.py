@@ -188,7 +188,11 @@ class OneDNNLinear(_BackendLinear):
 
 
 def _apply_onednn(backbone: Backbone) -> None:
-    for linear in linears_of(backbone):
+    _onednn_linears(linears_of(backbone))
+
+
+def _onednn_linears(linears: Sequence[torch.nn.Linear]) -> None:
+    for linear in linears:
         if type(linear) is not torch.nn.Linear or linear.weight.dtype != torch.float32:
             continue
         with torch.no_grad():
@@ -216,14 +220,18 @@ def linears_of(backbone: Backbone) -> list[torch.nn.Linear]:
 def _apply_packed(backbone: Backbone, buckets: Sequence[int]) -> list[int]:
     # rows 4..7 pad to 8: a 4-row pack would cost one more weight copy for little gain
     packed_buckets = sorted({max(b, 8) for b in buckets if b >= PACK_MIN_ROWS})
-    for linear in linears_of(backbone):
+    _pack_linears(linears_of(backbone), packed_buckets)
+    return packed_buckets
+
+
+def _pack_linears(linears: Sequence[torch.nn.Linear], packed_buckets: Sequence[int]) -> None:
+    for linear in linears:
         if type(linear) is not torch.nn.Linear:
             continue
         with torch.no_grad():
             weight = linear.weight.detach()
             linear.packed = {b: torch.ops.mkl._mkl_reorder_linear_weight(weight, b) for b in packed_buckets}
         linear.__class__ = PackedLinear
-    return packed_buckets
 
 
 def _remove_packed(backbone: Backbone) -> None:
@@ -304,7 +312,14 @@ def _apply_tuned(backbone: Backbone, table, kernels: Sequence[str] | None = None
     pad_rows = [0, *(next(b for b in table.buckets if b >= rows) for rows in range(1, table.buckets[-1] + 1))]
     if "streamed" in kernel_by_rows and (reason := streamed.unavailable_reason()) is not None:
         raise RuntimeError(f"the kernel table picks the streamed kernel, which is unavailable here: {reason}")
-    for linear in linears_of(backbone):
+    _tune_linears(linears_of(backbone), kernel_by_rows, pad_rows)
+
+
+def _tune_linears(linears: Sequence[torch.nn.Linear], kernel_by_rows: list[str], pad_rows: list[int]) -> None:
+    """Make each fp32 ``nn.Linear`` a :class:`TunedLinear` running ``kernel_by_rows[r]`` for ``r`` rows
+    (``mkl_packed`` on a weight packed for ``pad_rows[r]`` rows)."""
+    packed_for = sorted({pad_rows[rows] for rows, kernel in enumerate(kernel_by_rows) if kernel == "mkl_packed"})
+    for linear in linears:
         if type(linear) is not torch.nn.Linear or linear.weight.dtype != torch.float32:
             continue
         weights: dict = {}
@@ -312,11 +327,32 @@ def _apply_tuned(backbone: Backbone, table, kernels: Sequence[str] | None = None
             weight = linear.weight.detach()
             if "onednn" in kernel_by_rows:
                 weights["onednn"] = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-            for bucket, kernel in table.choice.items():
-                if kernel == "mkl_packed" and kernel in kernel_by_rows:
-                    weights[int(bucket)] = torch.ops.mkl._mkl_reorder_linear_weight(weight, int(bucket))
+            for bucket in packed_for:
+                weights[bucket] = torch.ops.mkl._mkl_reorder_linear_weight(weight, bucket)
         linear.kernel_by_rows, linear.pad_rows, linear.backend_weights = kernel_by_rows, pad_rows, weights
         linear.__class__ = TunedLinear
+
+
+def follow_backend(backbone: Backbone, network: torch.nn.Module) -> str:
+    """Run a drafter network's fp32 linears (its fc, decoder layer, heads) with the kernels the
+    target's linears run: the tuned backend's kernel per row count, oneDNN's weight layout or MKL's
+    packed weights (eager and the compiled step's non-streamed rows: plain ``F.linear``). A draft only
+    steers what is accepted, so the target's verification keeps every method lossless; on a CPU the
+    drafter's 1-4-row products are bound by streaming its weights, as the target's are (measured: the
+    8192-token EAGLE head 2-3x faster on the streamed kernel than on MKL). Returns what was followed.
+    Call it once the network is loaded (a TunedLinear keeps copies of the weights it had then)."""
+    reference = backbone.lm_head
+    linears = [m for m in network.modules() if type(m) is torch.nn.Linear]
+    if isinstance(reference, TunedLinear):
+        _tune_linears(linears, reference.kernel_by_rows, reference.pad_rows)
+        return "tuned: " + ",".join(sorted(set(reference.kernel_by_rows[1:])))
+    if isinstance(reference, OneDNNLinear):
+        _onednn_linears(linears)
+        return "onednn"
+    if isinstance(reference, PackedLinear):
+        _pack_linears(linears, sorted(reference.packed))
+        return "packed"
+    return "eager"
 
 
 def _remove_tuned(backbone: Backbone) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from decodebench.engine.backbone import Backbone, ForwardOutput
+from decodebench.engine.backends import follow_backend
 from decodebench.engine.drafting import Drafter, Proposal, StepOutcome
 from decodebench.methods.clover_net import CloverNet
 from decodebench.methods.draft_heads import checkpoint_dir, model_key, require_checkpoint
@@ -47,6 +48,7 @@ class CloverDrafter(Drafter):
             )
         )
         self.net = CloverNet.load(backbone, directory)
+        kernels = follow_backend(backbone, self.net)
         nodes = self.budget_from_curve(backbone, cache_dir, self.params.max_verify_cost, self.params.tree_nodes + 1) - 1
         vocab = self.net.vocab.size if self.net.vocab is not None else backbone.config.vocab_size
         depth = self.net.params.num_heads
@@ -54,7 +56,7 @@ class CloverDrafter(Drafter):
         self.parents = template_parents(self.paths)
         self.widest = max(p[-1] for p in self.paths) + 1
         self.cache = self.net.new_cache(backbone)
-        log.info("clover: network %s (%d draft nodes per step)", directory, len(self.paths))
+        log.info("clover: network %s (%d draft nodes per step; its linears: %s)", directory, len(self.paths), kernels)
 
     # -- the sequence knowledge: augmented states of every committed position ------------------------
     def begin(self, prompt_ids: list[int]) -> None:

@@ -30,6 +30,7 @@ import torch
 
 from decodebench.config import check
 from decodebench.engine.backbone import Backbone, ForwardOutput
+from decodebench.engine.backends import follow_backend
 from decodebench.engine.drafting import Drafter, Proposal, StepOutcome
 from decodebench.methods.draft_heads import (
     DraftVocab,
@@ -118,11 +119,18 @@ class EagleDrafter(Drafter):
             )
         )
         self.net = self.load_network(backbone, directory)
+        kernels = follow_backend(backbone, self.net)
         self.cache = self.net.new_cache(backbone)
         self.max_nodes = (
             self.budget_from_curve(backbone, cache_dir, self.params.max_verify_cost, self.largest_block()) - 1
         )
-        log.info("%s: drafter %s (%d draft nodes per step)", self.method_name, directory, self.max_nodes)
+        log.info(
+            "%s: drafter %s (%d draft nodes per step; its linears: %s)",
+            self.method_name,
+            directory,
+            self.max_nodes,
+            kernels,
+        )
 
     def largest_block(self) -> int:
         return self.params.tree_nodes + 1

@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 
 from decodebench.engine.backbone import Backbone, ForwardOutput
+from decodebench.engine.backends import follow_backend
 from decodebench.engine.drafting import StepOutcome
 from decodebench.methods.draft_heads import checkpoint_dir, model_key, require_checkpoint
 from decodebench.methods.eagle import Eagle2Drafter
@@ -46,16 +47,18 @@ class Eagle3Drafter(Eagle2Drafter):
             )
         )
         self.net = load_eagle3_checkpoint(backbone, directory)
+        kernels = follow_backend(backbone, self.net)
         self.cache = self.net.new_cache(backbone)
         self.max_nodes = (
             self.budget_from_curve(backbone, cache_dir, self.params.max_verify_cost, self.largest_block()) - 1
         )
         log.info(
-            "%s: drafter %s (target layers %s, %d draft nodes per step)",
+            "%s: drafter %s (target layers %s, %d draft nodes per step; its linears: %s)",
             self.method_name,
             directory,
             self.net.feature_layers,
             self.max_nodes,
+            kernels,
         )
 
     # -- committed features: the fused layers instead of the last hidden state ----------------------

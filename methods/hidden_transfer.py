@@ -26,6 +26,7 @@ import torch
 
 from decodebench.config import check
 from decodebench.engine.backbone import Backbone, BlockLayout, ForwardOutput, ForwardPlan
+from decodebench.engine.backends import follow_backend
 from decodebench.engine.drafting import Drafter, Proposal, StepOutcome
 from decodebench.engine.kv_cache import KVCache
 from decodebench.engine.tree import tree_depths
@@ -69,17 +70,19 @@ class HiddenTransferDrafter(Drafter):
             )
         )
         self.net = HiddenTransferNet.load(backbone, directory)
+        kernels = follow_backend(backbone, self.net)
         self.future = self.net.params.num_future
         self.paths = truncate_tree([p for p in MEDUSA_TREE if len(p) <= self.future], self.params.tree_nodes)
         self.parents = template_parents(self.paths)
         self.widest = max(p[-1] for p in self.paths) + 1
         log.info(
-            "hidden_transfer: transfer at layer %d of %d, %d pseudo states per node, %d draft nodes (%s)",
+            "hidden_transfer: transfer at layer %d of %d, %d pseudo states per node, %d draft nodes (%s; its linears: %s)",
             self.net.layer,
             backbone.num_layers,
             self.future,
             len(self.paths),
             directory,
+            kernels,
         )
 
     def begin(self, prompt_ids: list[int]) -> None:

@@ -37,6 +37,7 @@ from torch import nn
 from decodebench.config import check
 from decodebench.engine.architectures import UnsupportedArchitectureError, cache_keyword
 from decodebench.engine.backbone import Backbone, ForwardPlan
+from decodebench.engine.backends import follow_backend
 from decodebench.engine.drafting import Proposal
 from decodebench.engine.kv_cache import KVCache
 from decodebench.methods.draft_heads import (
@@ -214,8 +215,9 @@ class KangarooDrafter(EarlyExitDrafter):
                 f"{self.params.exit_layer}; retrain with {train_command('kangaroo', model_key(backbone))} "
                 f"drafter.params.exit_layer={self.params.exit_layer}"
             )
+        kernels = follow_backend(backbone, adapter)
         self.adapter_state = AdapterState(backbone, adapter)
-        log.info("kangaroo: adapter %s", directory)
+        log.info("kangaroo: adapter %s (its linears: %s)", directory, kernels)
 
     def begin(self, prompt_ids: list[int]) -> None:
         super().begin(prompt_ids)

@@ -26,6 +26,7 @@ import torch
 
 from decodebench.config import check
 from decodebench.engine.backbone import Backbone, ForwardOutput
+from decodebench.engine.backends import follow_backend
 from decodebench.engine.drafting import Drafter, Proposal, StepOutcome
 from decodebench.engine.sampling import SamplingParams
 from decodebench.engine.verify import VerifyResult
@@ -78,13 +79,20 @@ class MedusaDrafter(Drafter):
             )
         )
         self.heads = load_heads(self.heads_class, backbone, directory)
+        kernels = follow_backend(backbone, self.heads)
         nodes = self.budget_from_curve(backbone, cache_dir, self.params.max_verify_cost, self.params.tree_nodes + 1) - 1
         depth = self.heads.params.num_heads
         vocab = self.heads.vocab.size if self.heads.vocab is not None else backbone.config.vocab_size
         self.paths = truncate_tree([p for p in MEDUSA_TREE if len(p) <= depth and max(p) < vocab], nodes)
         self.parents = template_parents(self.paths)
         self.widest = max(p[-1] for p in self.paths) + 1
-        log.info("%s: heads %s (%d draft nodes per step)", self.method_name, directory, len(self.paths))
+        log.info(
+            "%s: heads %s (%d draft nodes per step; their linears: %s)",
+            self.method_name,
+            directory,
+            len(self.paths),
+            kernels,
+        )
 
     def begin(self, prompt_ids: list[int]) -> None:
         self.feature: torch.Tensor | None = None

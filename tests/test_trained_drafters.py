@@ -128,6 +128,37 @@ def test_untrained_networks_are_lossless_too(method, tmp_path):
         )
 
 
+@pytest.mark.skipif(not (torch._C.has_mkl and torch.backends.mkldnn.is_available()), reason="needs MKL and oneDNN")
+@pytest.mark.parametrize("method", ["eagle2", "medusa"])
+def test_drafter_networks_follow_the_targets_kernels_and_stay_lossless(method, tmp_path):
+    """On a tuned target every fp32 linear of the drafter network runs the target's kernel per row
+    count (a 1-row draft on one kernel, a 4-row tree level on another); drafts only steer acceptance,
+    so the output still equals AR's token for token."""
+    from decodebench.engine import backends
+    from decodebench.engine.kernels import KernelTable
+
+    backbone = tiny_backbone("llama")
+    torch.manual_seed(2)
+    network = NETWORKS[METHODS[method][1]]
+    save_network(network(backbone, network.Params()), backbone, tmp_path)
+    ar = build_method(MethodConfig())
+    references = [decode(backbone, ar, prompt, max_new_tokens=24).new_ids for prompt in random_prompts(2, seed=4)]
+    choice = {1: "mkl", 2: "onednn", 4: "onednn", 8: "mkl_packed"}
+    table = KernelTable(sorted(choice), {str(b): k for b, k in choice.items()}, {}, {}, "test", 1, 0.0)
+    backends._apply_tuned(backbone, table)
+    backbone.backend = "tuned"
+    try:
+        spec = drafter(method, backbone, str(tmp_path))
+        net = spec.net if method == "eagle2" else spec.heads
+        linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear) and m.weight.requires_grad]
+        assert linears and all(type(m) is backends.TunedLinear for m in linears)
+        assert all(m.kernel_by_rows == backbone.lm_head.kernel_by_rows for m in linears)
+        for prompt, reference in zip(random_prompts(2, seed=4), references):
+            assert decode(backbone, spec, prompt, max_new_tokens=24).new_ids == reference
+    finally:
+        backends.remove_backend(backbone)
+
+
 @pytest.mark.parametrize("method", ["eagle2", "medusa"])
 def test_sampling_preserves_target_distribution(method, tmp_path):
     target, _ = tiny_pair(vocab=5, layers=1)
