@@ -16,6 +16,8 @@ tidy frame (:func:`decodebench.analysis.frame.load_frame`), one row per (model, 
 * ``peak_rss_mb`` — the run's peak RSS (``manifest.json``; on Linux the cell's own, not the sweep
   process's, :mod:`decodebench.engine.memory`), largest over the cell's runs;
 * ``tau`` / ``block`` — tokens per target forward and mean tokens per row in it (root, drafts, aux);
+* ``lossless_rate`` — :class:`decodebench.records.Summary`'s: the share of audited records whose output
+  equals AR's (empty for the AR rows and lossy methods);
 * ``predicted`` (with a T(B, k) surface, :mod:`decodebench.engine.batch_curve`) — the cost model at
   batch size B: ``tau / (T(B, block) / T(B, 1))``, what the speedup would be if drafting, the
   harness and padding to the batch's longest block cost nothing (the C++ decoder layer packs padding out).
@@ -36,6 +38,7 @@ import pandas as pd
 from decodebench.analysis.frame import labelled
 from decodebench.analysis.merge import read_config
 from decodebench.analysis.plots import FigureFile, _figure, _legend_outside, _save
+from decodebench.records import summarize_frame
 
 KEYS = ["model", "task", "method", "batch_size"]
 COLUMNS = [
@@ -48,6 +51,7 @@ COLUMNS = [
     "peak_rss_mb",
     "tau",
     "block",
+    "lossless_rate",
     "records",
 ]
 MB = 1024 * 1024
@@ -91,6 +95,7 @@ def throughput_table(frame: pd.DataFrame, surface: dict | None = None) -> pd.Dat
                 "peak_rss_mb": max((rss[r] for r in dict.fromkeys(cell["run_dir"])), default=math.nan),
                 "tau": cell["new_tokens"].sum() / cell["steps"].sum(),
                 "block": float(np.mean([t for sizes in cell["tree_sizes"].dropna() for t in sizes] or [1.0])),
+                "lossless_rate": summarize_frame(cell)["lossless_rate"],
                 "records": len(cell),
             }
         )

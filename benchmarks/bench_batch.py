@@ -8,6 +8,11 @@ comes from one process):
   2. ``-m method=<smartspec methods> method.preset=smartspec gen.batch_size=<B list>`` — the same
      chain drafters with SmartSpec choosing each step's length (engine/smartspec.py).
 
+With ``--baseline shared`` the cells decode no AR themselves: one ``method=ar`` cell per B in the fixed
+sweep is every cell's baseline at that B (``baseline=shared``, paired by :mod:`decodebench.analysis.merge`
+on the same prompts, generation settings and node type), which halves the benchmark's time; the
+default ``in-process`` keeps each cell's own AR run beside it (drift cancels, twice the time).
+
 Then prints one table (speedup per method × B, tokens/s, per-sequence latency p50/p95, peak RSS,
 τ and the T(B, k) cost model's prediction), writes the speedup-vs-batch figure with the crossover
 marked, and checks the issue's targets: SmartSpec >= 0.95 × max(AR, its fixed setting) at every
@@ -21,7 +26,7 @@ really had (a run's last batch and mt_bench's second turns are smaller).
 
 Usage: python benchmarks/bench_batch.py [--batch-sizes 1,2,4,8,16] [--methods pld,suffix,...]
        [--smartspec pld,suffix] [--per-category N] [--categories ...] [--max-new-tokens 128]
-       [--threads 1] [--out results/bench_batch] [override ...]
+       [--threads 1] [--baseline in-process|shared] [--out results/bench_batch] [override ...]
 """
 
 from __future__ import annotations
@@ -41,10 +46,12 @@ from decodebench.analysis.throughput import crossover, speedup_vs_batch_figure, 
 from decodebench.config import default_cache_dir
 from decodebench.tasks.spec_bench import GROUP_OF_CATEGORY
 
-# lossless methods that run on the embedded model without a trained drafter or a draft model
-DEFAULT_METHODS = "pld,lookahead,lade,suffix,token_recycling,rest,sam,swift,aggressive"
+# every lossless method that runs on the embedded model without a trained drafter or a draft model
+# (the trained-drafter methods join with --methods once their checkpoints exist); the slow ones last
+DEFAULT_METHODS = "pld,suffix,aggressive,lookahead,lade,token_recycling,rest,sam,stand,aded,del,swift,early_exit_spec"
 SMARTSPEC_TOLERANCE = 0.95  # the issue's target: SmartSpec >= 0.95 x the better of AR and the fixed setting
 PLD_TARGET = (4, 1.2)  # PLD >= 1.2x AR at B = 4
+SHARED_BASELINE_KEY = "bench_batch"  # baseline_key of the method=ar cells with --baseline shared
 SPEC_BENCH_GROUPS = 6  # per_category counts these (tasks/spec_bench.py); each holds 80 questions
 
 
@@ -125,6 +132,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument(
+        "--baseline",
+        choices=("in-process", "shared"),
+        default="in-process",
+        help="in-process: each cell decodes its own AR; shared: one method=ar cell per B is every cell's baseline",
+    )
     parser.add_argument("overrides", nargs="*", help="more CLI overrides for every cell (e.g. engine.backend=eager)")
     parser.add_argument("--out", type=Path, default=Path("results/bench_batch") / time.strftime("%Y-%m-%d_%H-%M-%S"))
     args = parser.parse_args(argv)
@@ -132,8 +145,13 @@ def main(argv: list[str] | None = None) -> None:
         [int(b) for b in args.batch_sizes.split(",")], args.categories, args.per_category
     )
 
+    methods = args.methods
+    if args.baseline == "shared":
+        methods = f"ar,{methods}"
+        args.overrides = ["baseline=shared", f"baseline_key={SHARED_BASELINE_KEY}", *args.overrides]
+
     start = time.perf_counter()
-    sweep(args.out / "fixed", args, f"method={args.methods}")
+    sweep(args.out / "fixed", args, f"method={methods}")
     if args.smartspec:
         sweep(args.out / "smartspec", args, f"method={args.smartspec}", "method.preset=smartspec")
     frame = load_frame([args.out])
@@ -141,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     surfaces = sorted((Path(default_cache_dir()) / "profiles").glob(f"smollm2-135m__*__{args.threads}t__batch.json"))
     surface = json.loads(surfaces[-1].read_text()) if surfaces else None
     table = throughput_table(frame, surface)
+    if args.baseline == "shared":  # the method=ar cells are the baseline rows (their own memory, not a consumer's)
+        table = table[table["method"] != "ar (baseline)"].replace({"method": {"ar": "ar (baseline)"}})
     print(f"\nbench-batch: {time.perf_counter() - start:.0f} s, out {args.out}\n")
     speedup = table.pivot_table(index="method", columns="batch_size", values="speedup")
     print("Speedup vs AR at the same batch size\n")

@@ -478,6 +478,7 @@ class Backbone:
         logits_rows: slice | Sequence[int] | None = None,
         last_logits_only: bool = False,
         output_hidden_states: bool = False,
+        input_hidden: torch.Tensor | None = None,
     ) -> ForwardOutput:
         """One block per row of a batch, each on top of that row's own cache length.
 
@@ -496,6 +497,8 @@ class Backbone:
             logits_rows: which block rows get logits, the same for every row (default: all).
             last_logits_only: logits only for each row's last real token (a prefill).
             output_hidden_states: also return every layer's input/output hidden states.
+            input_hidden: ``(batch, q, hidden)`` states fed to the first layer run instead of the
+                token embeddings (as in :meth:`forward`; ``input_ids`` then only sets the shape).
 
         Returns:
             ForwardOutput with ``logits`` ``(batch, rows, vocab)`` (zeros in padding rows, whose logits
@@ -515,7 +518,7 @@ class Backbone:
         positions = torch.tensor(bases)[:, None] + offsets  # (batch, q)
         positions, block = positions.to(self.device), block.to(self.device)
         cache.ensure_capacity(max(cache.lengths) + q)
-        hidden = self.embed(ids)  # (batch, q, hidden)
+        hidden = self.embed(ids) if input_hidden is None else input_hidden.to(self.dtype)  # (batch, q, hidden)
         position_embeddings = self.position_embeddings(hidden, positions)
         all_hidden = [hidden] if output_hidden_states else None
         row_lengths = [list(lengths) for lengths in cache.row_lengths]  # before the block, per layer

@@ -477,19 +477,26 @@ def generate_batch(
         plan = live[0].drafter.forward_plan(len(live[0].new_ids))
         t_forward = now(device)
 
-        # 2. one target forward over every row's block, padded to the longest and masked
+        # 2. one target forward over every row's block, padded to the longest and masked (or the
+        # drafter's own forward of the same blocks, Drafter.verify_forward_rows)
         blocks = [verify_block(row.context[-1], proposal) for row, proposal in zip(live, proposals)]
-        width = max(block.size for block in blocks)
-        ids = torch.tensor([[*b.all_tokens, *[pad_token_id] * (width - b.size)] for b in blocks], device=device)
         bases = [cache.row_length(slot) for slot in range(len(live))]
-        target = backbone.forward_batch(
-            ids,
-            cache,
-            sizes=[block.size for block in blocks],
-            layouts=[block.layout for block in blocks],
-            plan=plan,
-            output_hidden_states=hidden_states,
+        own = live[0].drafter.verify_forward_rows(
+            [row.drafter for row in live], [b.tokens for b in blocks], [b.parents for b in blocks], cache
         )
+        if own is None:
+            width = max(block.size for block in blocks)
+            target = backbone.forward_batch(
+                torch.tensor([[*b.all_tokens, *[pad_token_id] * (width - b.size)] for b in blocks], device=device),
+                cache,
+                sizes=[block.size for block in blocks],
+                layouts=[block.layout for block in blocks],
+                plan=plan,
+                output_hidden_states=hidden_states,
+            )
+            row_sizes = [block.size for block in blocks]
+        else:
+            target, row_sizes = own.output, own.sizes
         t_verify = now(device)
 
         # 3. verify, per row
@@ -506,7 +513,7 @@ def generate_batch(
         verify_s = t_feedback - t_forward
 
         # 5. feedback, per row with its slice of the target output
-        for slot, (row, block, proposal, result) in enumerate(zip(live, blocks, proposals, results)):
+        for slot, (row, block, proposal, result, size) in enumerate(zip(live, blocks, proposals, results, row_sizes)):
             t_start = now(device)
             if not shared:
                 row.drafter.target_cache = cache.row_view(slot)
@@ -517,11 +524,11 @@ def generate_batch(
                     block_tokens=block.tokens,
                     block_parents=block.parents,
                     target=ForwardOutput(
-                        logits=target.logits[slot, : block.size],
+                        logits=target.logits[slot, :size],
                         hidden_states=None
                         if target.hidden_states is None
-                        else [h[slot, : block.size] for h in target.hidden_states],
-                        last_hidden=target.last_hidden[slot, : block.size],
+                        else [h[slot, :size] for h in target.hidden_states],
+                        last_hidden=target.last_hidden[slot, :size],
                     ),
                     context_length=bases[slot] + 1,
                 )

@@ -68,6 +68,17 @@ class RowProposals:
 
 
 @dataclass
+class RowForward:
+    """A batch's target forward run by the drafter (:meth:`Drafter.verify_forward_rows`): ``output``
+    has ``(batch, width, ...)`` rows, of which row ``r``'s first ``sizes[r]`` are its own (the first
+    ``len(block_tokens[r])`` are the verify logits; more may follow, e.g. Hidden Transfer's pseudo
+    rows); the feedback of row ``r`` gets exactly those ``sizes[r]`` rows."""
+
+    output: ForwardOutput
+    sizes: list[int]
+
+
+@dataclass
 class StepOutcome:
     """What the loop tells the drafter after verifying its proposal."""
 
@@ -231,6 +242,19 @@ class Drafter:
         cheaper than a plain full forward with the same logits (LayerSkip: the draft already ran
         the first E layers of most block tokens, with exact K/V); ``None`` = the loop runs
         ``backbone.forward``. Must append every layer's K/V of the whole block to ``cache``."""
+        return None
+
+    def verify_forward_rows(
+        self,
+        drafters: Sequence[Drafter],
+        block_tokens: Sequence[list[int]],
+        block_parents: Sequence[list[int]],
+        cache: KVCache,
+    ) -> RowForward | None:
+        """:meth:`verify_forward` for the live rows of a batch (``drafters[r]`` is row ``r``'s, all of
+        this class; row ``r`` sits in cache row ``r``): one forward over every row's block, or
+        ``None`` = the loop runs ``backbone.forward_batch``. Drafters whose drafts come out of their
+        own verify forward (Hidden Transfer) override both."""
         return None
 
     def forward_plan(self, generated: int) -> ForwardPlan:

@@ -19,6 +19,7 @@ block; that is the method's draft cost (inside ``verify_s``; ``draft_s`` is only
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import torch
 from decodebench.config import check
 from decodebench.engine.backbone import Backbone, BlockLayout, ForwardOutput, ForwardPlan
 from decodebench.engine.backends import follow_backend
-from decodebench.engine.drafting import Drafter, Proposal, StepOutcome
+from decodebench.engine.drafting import Drafter, Proposal, RowForward, StepOutcome
 from decodebench.engine.kv_cache import KVCache
 from decodebench.engine.tree import tree_depths
 from decodebench.methods.draft_heads import checkpoint_dir, model_key, require_checkpoint
@@ -38,9 +39,8 @@ log = logging.getLogger("decodebench")
 
 
 class HiddenTransferDrafter(Drafter):
-    # Its drafts come out of its own single-row verify forward (verify_forward), which the batched
-    # loop's one padded forward over every row does not call: refused at gen.batch_size > 1.
-    supports_batch = False
+    # Its drafts come out of its own verify forward: verify_forward for one sequence,
+    # verify_forward_rows for a batch (every row's real and pseudo rows in one padded forward).
 
     @dataclass
     class Params:
@@ -107,15 +107,67 @@ class HiddenTransferDrafter(Drafter):
             output_hidden_states=True,
         )
         hidden = lower.hidden_states[-1]  # (q, hidden): the input of layer l
-        mask, offsets = pseudo_layout(block_parents, tree_depths(block_parents), self.future)
         upper = backbone.forward(
             [*block_tokens, *[0] * (q * self.future)],  # pseudo rows carry states, not tokens
             cache,
-            layout=BlockLayout(mask=mask, offsets=offsets, start=base),
+            layout=self._upper_layout(block_parents, base),
             plan=ForwardPlan(layers=range(layer, backbone.num_layers)),
             input_hidden=torch.cat([hidden, self.net.pseudo_states(hidden)]),
         )
         return ForwardOutput(logits=upper.logits, last_hidden=upper.last_hidden)
+
+    def _upper_layout(self, block_parents: list[int], base: int) -> BlockLayout:
+        """The upper layers' block: the real nodes, then ``k`` pseudo states per node, at ``base``."""
+        mask, offsets = pseudo_layout(block_parents, tree_depths(block_parents), self.future)
+        return BlockLayout(mask=mask, offsets=offsets, start=base)
+
+    def verify_forward_rows(
+        self,
+        drafters: Sequence[Drafter],
+        block_tokens: Sequence[list[int]],
+        block_parents: Sequence[list[int]],
+        cache: KVCache,
+    ) -> RowForward:
+        # as verify_forward: grown before inference mode; the lower layers take width, the upper
+        # width * (1 + k) more slots per row
+        width = max(len(tokens) for tokens in block_tokens)
+        cache.ensure_capacity(max(cache.lengths) + width * (2 + self.future))
+        return self._fused_forward_rows(block_tokens, block_parents, cache)
+
+    @torch.inference_mode()
+    def _fused_forward_rows(
+        self, block_tokens: Sequence[list[int]], block_parents: Sequence[list[int]], cache: KVCache
+    ) -> RowForward:
+        """:meth:`_fused_forward` for every row of a batch at once: one padded forward of the lower
+        layers, then one of the upper layers over each row's real nodes and their pseudo states."""
+        backbone, layer, device = self.backbone, self.net.layer, self.backbone.device
+        sizes = [len(tokens) for tokens in block_tokens]
+        width = max(sizes)
+        bases = [cache.row_length(row) for row in range(len(sizes))]
+        lower = backbone.forward_batch(
+            torch.tensor([[*tokens, *[0] * (width - len(tokens))] for tokens in block_tokens], device=device),
+            cache,
+            sizes=sizes,
+            layouts=[BlockLayout(parents=parents) for parents in block_parents],
+            plan=ForwardPlan(layers=range(layer)),
+            logits_rows=slice(0, 0),
+            output_hidden_states=True,
+        )
+        hidden = lower.hidden_states[-1]  # (batch, width, hidden): the input of layer l
+        upper_sizes = [size * (1 + self.future) for size in sizes]
+        states = hidden.new_zeros(len(sizes), max(upper_sizes), hidden.shape[-1])
+        for row, size in enumerate(sizes):
+            states[row, :size] = hidden[row, :size]
+            states[row, size : upper_sizes[row]] = self.net.pseudo_states(hidden[row, :size])
+        upper = backbone.forward_batch(
+            torch.zeros(states.shape[:2], dtype=torch.long, device=device),  # pseudo rows carry states, not tokens
+            cache,
+            sizes=upper_sizes,
+            layouts=[self._upper_layout(parents, base) for parents, base in zip(block_parents, bases)],
+            plan=ForwardPlan(layers=range(layer, backbone.num_layers)),
+            input_hidden=states,
+        )
+        return RowForward(ForwardOutput(logits=upper.logits, last_hidden=upper.last_hidden), upper_sizes)
 
     def feedback(self, outcome: StepOutcome) -> None:
         accepted = outcome.result.accepted_nodes

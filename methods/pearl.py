@@ -47,6 +47,7 @@ Differs, and why:
 
 from __future__ import annotations
 
+import copy
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -85,9 +86,9 @@ class DraftRun:
 class PearlDrafter(DraftModelDrafter):
     """PEARL: pre-verify / post-verify with the draft model in a concurrent thread."""
 
-    # The draft thread overlaps ONE sequence's verification (the paper's setting, batch size 1);
-    # rows of a batch would each need their own draft thread: refused at gen.batch_size > 1.
-    supports_batch = False
+    # The paper's setting is one sequence (batch size 1). In a batch each row is its own PEARL
+    # stream: its own draft cache, pending run and background thread (a row copy gets fresh ones,
+    # __deepcopy__), so every row's draft thread overlaps the batch's one target forward.
 
     @dataclass
     class Params:
@@ -109,6 +110,16 @@ class PearlDrafter(DraftModelDrafter):
         self.stop = threading.Event()
         self.draft_generator: torch.Generator | None = None
         self.counts = {"pre_verify_steps": 0, "post_verify_steps": 0, "background_drafts": 0}
+
+    def __deepcopy__(self, memo: dict) -> PearlDrafter:
+        """A row copy (``engine.drafting.row_copy``): everything copied or shared as usual, except
+        the thread machinery, which is the row's own (an idle pool, no pending run, a new stop flag)."""
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        own = {"executor": None, "pending": None, "stop": threading.Event()}
+        for name, value in vars(self).items():
+            setattr(clone, name, own[name] if name in own else copy.deepcopy(value, memo))
+        return clone
 
     # -- lifecycle -------------------------------------------------------------------------------
     def begin(self, prompt_ids: list[int]) -> None:

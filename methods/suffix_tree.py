@@ -248,6 +248,41 @@ class SuffixTree:
         self.seqs: dict[int, list[int]] = {}
         self.active: dict[int, deque[Node]] = {}  # per sequence: where its last suffixes end
 
+    def __deepcopy__(self, memo: dict) -> SuffixTree:
+        """A copy without recursion: ``copy.deepcopy`` would follow the sibling lists (``next``)
+        one frame per sibling and overflow Python's stack on a grown tree (a batch's row copies,
+        ``engine.drafting.row_copy``, copy the learned global tree)."""
+        nodes: dict[int, Node] = {}
+        pending = [self.root, *(node for active in self.active.values() for node in active)]
+        while pending:
+            node = pending.pop()
+            if node is None or id(node) in nodes:
+                continue
+            nodes[id(node)] = node
+            pending += [node.parent, node.first_child, node.last_child, node.prev, node.next]
+            pending += [*node.children.values(), *node.group_head.values()]
+        copies = {key: Node(n.count, n.seq, n.start, n.length, None) for key, n in nodes.items()}
+
+        def twin(node: Node | None) -> Node | None:
+            return None if node is None else copies[id(node)]
+
+        for key, node in nodes.items():
+            twin_node = copies[key]
+            twin_node.parent, twin_node.prev, twin_node.next = twin(node.parent), twin(node.prev), twin(node.next)
+            twin_node.first_child, twin_node.last_child = twin(node.first_child), twin(node.last_child)
+            if node.children is not NO_CHILDREN:
+                twin_node.children = {token: twin(child) for token, child in node.children.items()}
+                twin_node.group_head = {count: twin(child) for count, child in node.group_head.items()}
+            memo[key] = twin_node
+        clone = SuffixTree.__new__(SuffixTree)
+        memo[id(self)] = clone
+        clone.max_depth, clone.root = self.max_depth, twin(self.root)
+        clone.seqs = {seq_id: list(tokens) for seq_id, tokens in self.seqs.items()}
+        clone.active = {
+            seq_id: deque(map(twin, active), maxlen=active.maxlen) for seq_id, active in self.active.items()
+        }
+        return clone
+
     # -- building --------------------------------------------------------------------------------
     def extend(self, seq_id: int, tokens: Sequence[int]) -> None:
         """Append ``tokens`` to sequence ``seq_id`` (created on first use)."""

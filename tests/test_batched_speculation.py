@@ -16,7 +16,7 @@ from decodebench.engine.backbone import BlockLayout
 from decodebench.engine.decode_loop import DecodeSettings, generate, generate_batch
 from decodebench.engine.drafting import forget_row_drafters, row_drafters
 from decodebench.engine.sampling import SamplingParams
-from decodebench.methods import batchable_methods, build_method, method_config
+from decodebench.methods import available_methods, batchable_methods, build_method, method_config
 
 from helpers import load_benchmark, repeating_prompts, stop_at_different_steps, tiny_backbone, tiny_pair
 
@@ -54,11 +54,13 @@ def ar_reference(models, stop_settings):
     return ids
 
 
-def corpus(tmp_path, answers: list[list[int]]) -> str:
+def corpus(tmp_path, answers: list[list[int]], prompts: list[list[int]] | None = None) -> str:
     """A token-id corpus file (tiny models have no tokenizer) for the retrieval methods: each prompt
-    followed by the target's greedy answer, as the target's own generations are in the real corpus."""
+    (``batch_prompts()`` by default) followed by the target's greedy answer, as the target's own
+    generations are in the real corpus."""
     path = tmp_path / "corpus.jsonl"
-    path.write_text("".join(json.dumps({"token_ids": p + a}) + "\n" for p, a in zip(batch_prompts(), answers)))
+    pairs = zip(batch_prompts() if prompts is None else prompts, answers)
+    path.write_text("".join(json.dumps({"token_ids": p + a}) + "\n" for p, a in pairs))
     return str(path)
 
 
@@ -81,6 +83,7 @@ LOSSLESS = {
     "specdec_pp": {"use_head": False},  # the draft's confidence: the head's batching is the same code
     "rsd": {},
     "stand": {},
+    "pearl": {},  # one background draft thread per row
 }
 NO_ACCEPTANCE_NEEDED = {"aggressive", "del", "aded"}  # their tiny-model drafts may all be rejected
 
@@ -104,9 +107,16 @@ def test_batched_speculation_equals_ar_at_batch_size_one(method, models, stop_se
     assert len(out.finish_s) == BATCH and max(out.finish_s) <= out.wall_s
 
 
-def test_every_lossless_method_batches():
-    """The refusal is only for methods that say they cannot batch; every catalogue method batches."""
-    assert {"ar", "pld", "sps", "token_recycling", "suffix", "lookahead", "swift"} <= set(batchable_methods())
+def lossless_methods() -> list[str]:
+    """Every lossless method of the catalogue (conf/method/*.yaml with ``lossless: true``), AR aside."""
+    return sorted(name for name in available_methods() if name != "ar" and method_config(name).lossless)
+
+
+def test_every_lossless_method_batches_and_is_tested_here():
+    """The refusal is only for methods that say they cannot batch; no lossless method does, and the
+    tiny-model tests above and below cover each of them."""
+    assert set(lossless_methods()) <= set(batchable_methods())
+    assert set(LOSSLESS) | set(FEATURE_NETWORKS) == set(lossless_methods())
 
 
 def test_one_drafter_per_row_shares_models_not_state(models, tmp_path):
@@ -195,34 +205,44 @@ def test_a_method_that_cannot_batch_is_refused_before_loading(monkeypatch):
         validate_before_loading(cfg)
 
 
-@pytest.mark.parametrize("method", ["eagle", "eagle2", "eagle3", "medusa", "hydra", "clover", "kangaroo"])
+# method -> its network's module and class, and the network's params for a 3-layer model
+FEATURE_NETWORKS = {
+    "eagle": ("eagle_net", "EagleNet", {}),
+    "eagle2": ("eagle_net", "EagleNet", {}),
+    "eagle3": ("eagle3_net", "Eagle3Net", {}),
+    "fspad": ("fspad_net", "FspadNet", {}),
+    "medusa": ("medusa_heads", "MedusaHeads", {}),
+    "hydra": ("medusa_heads", "HydraHeads", {}),
+    "clover": ("clover_net", "CloverNet", {}),
+    "kangaroo": ("kangaroo_net", "KangarooNet", {}),
+    "hidden_transfer": ("hidden_transfer_net", "HiddenTransferNet", {"transfer_layer": 1, "num_future": 2}),
+}
+
+
+def save_untrained_network(method: str, backbone, cache_dir) -> None:
+    """``method``'s drafter network, untrained (seeded by the caller), saved where its drafter looks."""
+    import importlib
+
+    from decodebench.methods.draft_heads import checkpoint_dir, model_key, save_checkpoint
+
+    module, name, params = FEATURE_NETWORKS[method]
+    network = getattr(importlib.import_module(f"decodebench.methods.{module}"), name)
+    net = network(backbone, network.Params(**params))
+    save_checkpoint(
+        checkpoint_dir(str(cache_dir), model_key(backbone), net.network),
+        net.checkpoint_state(),
+        net.checkpoint_config(backbone),
+    )
+
+
+@pytest.mark.parametrize("method", sorted(FEATURE_NETWORKS))
 def test_feature_drafters_batch_losslessly(method, models, stop_settings, ar_reference, tmp_path):
     """Drafters that draft from the target's hidden states (EAGLE, Medusa, Hydra: untrained networks
-    saved as checkpoints, EAGLE-3, Clover and Kangaroo's adapter too) read each row's own slice."""
+    saved as checkpoints, EAGLE-3, FSPAD, Clover and Kangaroo's adapter too) read each row's own
+    slice; Hidden Transfer's pseudo rows ride in the batch's one forward (verify_forward_rows)."""
     target, _ = models
     torch.manual_seed(1)
-    from decodebench.methods.clover_net import CloverNet
-    from decodebench.methods.draft_heads import checkpoint_dir, model_key, save_checkpoint
-    from decodebench.methods.eagle3_net import Eagle3Net
-    from decodebench.methods.eagle_net import EagleNet
-    from decodebench.methods.kangaroo_net import KangarooNet
-    from decodebench.methods.medusa_heads import HydraHeads, MedusaHeads
-
-    network = {
-        "eagle": EagleNet,
-        "eagle2": EagleNet,
-        "eagle3": Eagle3Net,
-        "medusa": MedusaHeads,
-        "hydra": HydraHeads,
-        "clover": CloverNet,
-        "kangaroo": KangarooNet,
-    }[method]
-    net = network(target, network.Params())
-    save_checkpoint(
-        checkpoint_dir(str(tmp_path), model_key(target), net.network),
-        net.checkpoint_state(),
-        net.checkpoint_config(target),
-    )
+    save_untrained_network(method, target, tmp_path)
     drafter = build_method(method_config(method))
     drafter.setup(target, str(tmp_path))
     out = generate_batch(target, drafter, batch_prompts(), stop_settings, target.new_cache(16, batch_size=BATCH))
@@ -230,11 +250,40 @@ def test_feature_drafters_batch_losslessly(method, models, stop_settings, ar_ref
     assert sum(s.drafted for o in out.outputs for s in o.steps) > 0
 
 
-@pytest.mark.embedded
-def test_embedded_model_batched_speculation_is_lossless():
-    """SmolLM2-135M (fp32, greedy), three chat prompts of different lengths decoded together: a chain
-    drafter (PLD) and a stateful tree drafter (Token Recycling, a 6-node tree) each equal AR at batch
-    size 1, with drafts accepted."""
+def test_hidden_transfer_batched_pseudo_rows_draft_what_one_row_alone_drafts(
+    models, stop_settings, tmp_path, monkeypatch
+):
+    """The pseudo rows of a batch's one forward (verify_forward_rows) give each row the drafts the
+    row's own single-sequence forward (verify_forward) gives it, step for step."""
+    target, _ = models
+    torch.manual_seed(2)
+    from decodebench.methods.hidden_transfer import HiddenTransferDrafter
+
+    save_untrained_network("hidden_transfer", target, tmp_path)
+    drafter = build_method(method_config("hidden_transfer"))
+    drafter.setup(target, str(tmp_path))
+    proposals: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    propose = HiddenTransferDrafter.propose
+
+    def recording(self, context, max_tokens):
+        proposal = propose(self, context, max_tokens)
+        proposals.append((tuple(context), tuple(proposal.tokens)))
+        return proposal
+
+    monkeypatch.setattr(HiddenTransferDrafter, "propose", recording)
+    for prompt in batch_prompts():
+        generate(target, drafter, prompt, stop_settings, target.new_cache(16))
+    alone = sorted(proposals)
+    proposals.clear()
+    generate_batch(target, drafter, batch_prompts(), stop_settings, target.new_cache(16, batch_size=BATCH))
+    assert sorted(proposals) == alone
+    assert sum(len(tokens) for _, tokens in alone) > len(alone), "too few drafts to compare"
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    """SmolLM2-135M (fp32), three chat prompts of different lengths, greedy 24 tokens, and AR's ids
+    for each prompt at batch size 1."""
     from decodebench.config import default_cache_dir
     from decodebench.engine.backbone import Backbone
     from decodebench.models.embedded import embedded_model_dir, read_prepared_marker
@@ -255,13 +304,46 @@ def test_embedded_model_batched_speculation_is_lossless():
     settings = DecodeSettings(max_new_tokens=24, eos_token_ids=[loaded.tokenizer.eos_token_id])
     ar = build_method(MethodConfig())
     reference = [generate(backbone, ar, p, settings, backbone.new_cache(256)).new_ids for p in prompts]
-    small = {"pld": {"num_draft_tokens": 5}, "token_recycling": {"tree": [[0], [1], [0, 0], [0, 0, 0], [0, 0, 0, 0]]}}
-    for method, params in small.items():
-        drafter = build_method(MethodConfig(name=method, impl=method_config(method).impl, params=params))
-        drafter.setup(backbone)
-        out = generate_batch(backbone, drafter, prompts, settings, backbone.new_cache(256, batch_size=len(prompts)))
-        assert [o.new_ids for o in out.outputs] == reference, method
-        assert sum(s.accepted for o in out.outputs for s in o.steps) > 0, method
+    return backbone, loaded.tokenizer, prompts, settings, reference
+
+
+# the embedded model's batch: what each method needs besides its cpu preset (trees pinned: no curve)
+EMBEDDED_PARAMS = {
+    "aded": {"corpus_prompts": 0},
+    "rest": {"corpus": "jsonl", "corpus_path": "CORPUS"},
+    "sam": {"corpus": "jsonl", "corpus_path": "CORPUS"},
+    "specdec_pp": {"use_head": False},
+}
+
+
+@pytest.mark.embedded
+@pytest.mark.parametrize("method", lossless_methods())
+def test_embedded_model_batched_speculation_is_lossless(method, embedded, tmp_path, monkeypatch):
+    """Every lossless method on SmolLM2-135M (fp32, greedy), three prompts decoded together: each
+    row equals AR at batch size 1. Trained drafters run untrained networks saved as checkpoints
+    (their drafts are mostly rejected: the check is the batched verify and bookkeeping);
+    draft-model methods draft with the target itself (same tokenizer, every draft accepted)."""
+    backbone, tokenizer, prompts, settings, reference = embedded
+    torch.manual_seed(0)
+    if method == "del":  # its cost model rightly never drafts on this 30-layer model: 3 drafts from layer 15
+        monkeypatch.setattr("decodebench.methods.dynamic_exit.best_exit", lambda _, __, most: (15, min(3, most), 1.0))
+    if method in FEATURE_NETWORKS:
+        save_untrained_network(method, backbone, tmp_path)
+    cfg = method_config(method)
+    cfg.params.update(cfg.presets.get("cpu", {}), **EMBEDDED_PARAMS.get(method, {}))
+    if cfg.params.get("max_verify_cost") is not None:
+        cfg.params["max_verify_cost"] = None
+    if cfg.params.get("corpus_path") == "CORPUS":
+        cfg.params["corpus_path"] = corpus(tmp_path, reference, prompts)
+    cfg.preset = None
+    drafter = build_method(cfg)
+    drafter.tokenizer = tokenizer
+    if drafter.needs_draft_model:
+        drafter.attach_draft(backbone)
+    drafter.setup(backbone, str(tmp_path))
+    out = generate_batch(backbone, drafter, prompts, settings, backbone.new_cache(256, batch_size=len(prompts)))
+    assert [o.new_ids for o in out.outputs] == reference
+    assert sum(s.drafted for o in out.outputs for s in o.steps) > 0, "nothing drafted: the check proves nothing"
 
 
 # -- SmartSpec ---------------------------------------------------------------------------------------

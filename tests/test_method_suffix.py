@@ -117,6 +117,27 @@ def test_known_suffix_ends_give_the_same_drafts_as_matching():
                 assert (fast.tokens, fast.parents, fast.match_len) == (plain.tokens, plain.parents, plain.match_len)
 
 
+def test_a_grown_tree_copies_without_recursion_drafts_the_same_and_grows_on_its_own():
+    """A batch's row copies deep-copy the learned tree: thousands of root children (one sibling
+    list) overflowed copy.deepcopy's recursion; the copy is whole, drafts the same, and is independent."""
+    import copy
+
+    rng = random.Random(0)
+    tree = SuffixTree(max_depth=64)
+    for seq in range(3):
+        tree.extend(seq, [rng.randrange(4000) for _ in range(3000)] + [1, 2, 3, 1, 2, 4, 1, 2, 3])
+    assert len(tree.root.children) > 2000
+    twin = copy.deepcopy(tree)
+    assert twin.node_count() == tree.node_count() and twin.root is not tree.root
+    for context in ([5, 1, 2], [1, 2, 3], [rng.randrange(4000) for _ in range(4)]):
+        for use_tree in (False, True):
+            ours, theirs = (t.speculate(context, 8, 1.0, 0.0, 0.1, use_tree=use_tree) for t in (tree, twin))
+            assert (ours.tokens, ours.parents) == (theirs.tokens, theirs.parents)
+    twin.extend(1, [1, 2, 3, 1, 2, 3])
+    assert twin.root.count == tree.root.count + 6 and twin.match([1, 2, 3])[0].count > tree.match([1, 2, 3])[0].count
+    assert twin.speculate([9, 1, 2], 8, 1.0, 0.0, 0.1, use_tree=False).tokens[0] == 3
+
+
 def test_std_max_heap_pops_like_libstdcxx():
     # equal keys: libstdc++'s heap does not pop in insertion order (hand-traced push/pop_heap)
     heap = StdMaxHeap()
