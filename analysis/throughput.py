@@ -13,8 +13,10 @@ tidy frame (:func:`decodebench.analysis.frame.load_frame`), one row per (model, 
 * ``batch_rows`` — mean rows of the batch each sequence was decoded in (``Record.batch_size``): below
   ``batch_size`` where the task has fewer prompts than B, in a run's last, smaller batch, and for
   multi-turn samples' later turns (decoded in their own batches);
-* ``peak_rss_mb`` — the run's peak RSS (``manifest.json``; on Linux the cell's own, not the sweep
-  process's, :mod:`decodebench.engine.memory`), largest over the cell's runs;
+* ``peak_rss_mb`` — the run's peak RSS (``manifest.json``; on Linux the high-water mark is reset
+  when the run starts, :mod:`decodebench.engine.memory`, but a multirun process that ran other cells
+  before still holds their heap: ``benchmarks/bench_batch.py`` runs each cell in its own process),
+  largest over the cell's runs;
 * ``tau`` / ``block`` — tokens per target forward and mean tokens per row in it (root, drafts, aux);
 * ``lossless_rate`` — :class:`decodebench.records.Summary`'s: the share of audited records whose output
   equals AR's (empty for the AR rows and lossy methods);

@@ -1,8 +1,8 @@
 """Batched speculation: every method's speedup vs AR at the SAME batch size, B in {1, 2, 4, 8, 16}.
 
-Runs two Hydra multiruns of the ordinary CLI on the embedded model and a Spec-Bench subset (each
-cell decodes its batches with the method and with its in-process AR baseline, so every ratio
-comes from one process):
+Runs two Hydra sweeps of the ordinary CLI on the embedded model and a Spec-Bench subset, each cell
+in a process of its own (its peak RSS is its own); each cell decodes its batches with the method
+and with its in-process AR baseline, so every ratio comes from one process:
 
   1. ``-m method=<methods> gen.batch_size=<B list>``        — each method's fixed setting (cpu preset);
   2. ``-m method=<smartspec methods> method.preset=smartspec gen.batch_size=<B list>`` — the same
@@ -78,26 +78,36 @@ def per_category_filling(batch_sizes: list[int], categories: str | None, given: 
     return needed if given is None else given
 
 
-def sweep(out: Path, args: argparse.Namespace, *overrides: str) -> None:
-    command = [
-        sys.executable,
-        "-m",
-        "decodebench.cli",
-        "-m",
-        *overrides,
-        f"gen.batch_size={args.batch_sizes}",
-        f"task.per_category={args.per_category}",
-        f"gen.max_new_tokens={args.max_new_tokens}",
-        f"threads={args.threads}",
-        "progress=false",
-        f"hydra.sweep.dir={out}",
-        "hydra.callbacks.sweep_status.print_report=false",
-        *([f"task.categories=[{args.categories}]"] if args.categories else []),
-        *([f"data_dir={args.data_dir}"] if args.data_dir else []),
-        *args.overrides,
-    ]
-    print("$", " ".join(command[2:]), flush=True)
-    subprocess.run(command, check=True)
+def sweep(out: Path, args: argparse.Namespace, methods: str, *overrides: str) -> list[str]:
+    """Every (method, B) cell into the Hydra sweep dir ``out``, each in a process of its own: a
+    long sweep process keeps the heap of earlier cells resident, so its later cells' peak RSS
+    would count them (measured: 18-20 GB for cells that need 2-5 GB alone). A cell that completed
+    before is skipped (resume). Returns the cells that failed; the others go on."""
+    failed = []
+    for method in methods.split(","):
+        for batch in args.batch_sizes.split(","):
+            command = [
+                sys.executable,
+                "-m",
+                "decodebench.cli",
+                "-m",
+                f"method={method}",
+                *overrides,
+                f"gen.batch_size={batch}",
+                f"task.per_category={args.per_category}",
+                f"gen.max_new_tokens={args.max_new_tokens}",
+                f"threads={args.threads}",
+                "progress=false",
+                f"hydra.sweep.dir={out}",
+                "hydra.callbacks.sweep_status.print_report=false",
+                *([f"task.categories=[{args.categories}]"] if args.categories else []),
+                *([f"data_dir={args.data_dir}"] if args.data_dir else []),
+                *args.overrides,
+            ]
+            print("$", " ".join(command[2:]), flush=True)
+            if subprocess.run(command).returncode != 0:
+                failed.append(f"{out.name}: method={method} gen.batch_size={batch}")
+    return failed
 
 
 def targets(table: pd.DataFrame) -> list[str]:
@@ -151,9 +161,9 @@ def main(argv: list[str] | None = None) -> None:
         args.overrides = ["baseline=shared", f"baseline_key={SHARED_BASELINE_KEY}", *args.overrides]
 
     start = time.perf_counter()
-    sweep(args.out / "fixed", args, f"method={methods}")
+    failed = sweep(args.out / "fixed", args, methods)
     if args.smartspec:
-        sweep(args.out / "smartspec", args, f"method={args.smartspec}", "method.preset=smartspec")
+        failed += sweep(args.out / "smartspec", args, args.smartspec, "method.preset=smartspec")
     frame = load_frame([args.out])
     # the T(B, k) surface SmartSpec measured (or found) for the embedded model, for the cost model
     surfaces = sorted((Path(default_cache_dir()) / "profiles").glob(f"smollm2-135m__*__{args.threads}t__batch.json"))
@@ -177,6 +187,10 @@ def main(argv: list[str] | None = None) -> None:
     if figure is not None:
         print(f"\nfigure: {figure.png}  ({figure.caption})")
     print("\n" + "\n".join(targets(table)))
+    if failed:
+        print("\nbench-batch: these cells failed (their status.json says why; rerun the same command to retry them):")
+        print("\n".join(f"  {cell}" for cell in failed))
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
