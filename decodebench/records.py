@@ -128,8 +128,9 @@ class Record:
     # agreement of a LOSSY method with the same-process AR baseline under greedy decoding (null for
     # lossless methods, which have ``lossless``, and without a baseline): see token_match_rate() above.
     token_match_rate: float | None = None
-    # batch_size: generations decoded together in one batch (gen.batch_size > 1); wall_s and
-    # prefill_s are then the batch's times divided by it (so Σ wall_s = the batch's wall time).
+    # batch_size: generations decoded together in one batch (gen.batch_size > 1); wall_s, prefill_s,
+    # verify_s and forward_s are then the batch's shared times divided by it (so Σ wall_s = the
+    # batch's wall time and the shares of wall stay within it); draft_s is the row's own drafting.
     batch_size: int | None = None
     # sequence_s: per-sequence latency, seconds from the start of its generation (in a batch: the
     # batch's start, prefill included) until its last token; = wall_s when decoded alone

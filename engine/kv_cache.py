@@ -61,7 +61,8 @@ class KVCache:
 
     # -- sizing -------------------------------------------------------------------------------
     def _allocate(self, capacity: int) -> None:
-        shape = (self.batch_size, self.num_kv_heads, capacity, self.head_dim)
+        # buffers for every allocated row; the first ``batch_size`` of them are the live rows (keep_rows)
+        shape = (self.allocated_rows, self.num_kv_heads, capacity, self.head_dim)
         value_shape = (*shape[:3], self.value_head_dim)
         # zeros, not empty: the compiled backend attends over whole fixed-size views with masks, and a
         # masked NaN left in uninitialised memory would still poison the softmax (0 * NaN = NaN)
@@ -69,9 +70,12 @@ class KVCache:
         new_values = [torch.zeros(value_shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         for layer, length in enumerate(self.lengths):
             if length:
-                new_keys[layer][:, :, :length] = self.keys[layer][:, :, :length]
-                new_values[layer][:, :, :length] = self.values[layer][:, :, :length]
-        self.keys, self.values, self.capacity = new_keys, new_values, capacity
+                new_keys[layer][: self.batch_size, :, :length] = self.keys[layer][:, :, :length]
+                new_values[layer][: self.batch_size, :, :length] = self.values[layer][:, :, :length]
+        self._all_rows = (new_keys, new_values)
+        self.keys = [k[: self.batch_size] for k in new_keys]
+        self.values = [v[: self.batch_size] for v in new_values]
+        self.capacity = capacity
 
     def ensure_capacity(self, needed: int) -> None:
         """Grow (doubling) so that ``needed`` positions fit; existing entries are kept."""
@@ -81,9 +85,9 @@ class KVCache:
     def reset(self) -> None:
         """Forget every entry (buffers are kept for the next request)."""
         self.lengths = [0] * self.num_layers
-        if self.batch_size != self.allocated_rows:
+        if self.batch_size != self.allocated_rows:  # the rows keep_rows let go: the same buffers again
             self.batch_size = self.allocated_rows
-            self._allocate(self.capacity)
+            self.keys, self.values = list(self._all_rows[0]), list(self._all_rows[1])
         self._row_lengths = [[0] * self.batch_size for _ in range(self.num_layers)]
 
     @property
@@ -204,10 +208,17 @@ class KVCache:
     @torch.inference_mode()
     def keep_rows(self, rows: Sequence[int]) -> None:
         """Drop every row not in ``rows`` (finished sequences leave the batch and stop costing work);
-        the kept rows are renumbered ``0 .. len(rows)-1`` in the given order."""
+        the kept rows are renumbered ``0 .. len(rows)-1`` in the given order. In place: the kept rows
+        move to the front of the same buffers (a new copy per call would leave every earlier copy
+        alive wherever a row view of it is still held, e.g. by a finished row's drafter)."""
         index = torch.tensor(list(rows), device=self.device)
-        self.keys = [k.index_select(0, index) for k in self.keys]
-        self.values = [v.index_select(0, index) for v in self.values]
+        kept_rows = len(rows)
+        for layer in range(self.num_layers):
+            end = self.lengths[layer]
+            for buffers, live in zip(self._all_rows, (self.keys, self.values)):
+                if end:  # index_select copies first: a kept row may move onto another's slot
+                    buffers[layer][:kept_rows, :, :end] = live[layer][:, :, :end].index_select(0, index)
+                live[layer] = buffers[layer][:kept_rows]
         kept = [[lengths[r] for r in rows] for lengths in self.row_lengths]
         self.batch_size = len(rows)
         self.row_lengths = kept

@@ -479,7 +479,8 @@ class Runner:
         sequence_s: float | None = None,
     ) -> Record:
         """The record's measurements from one generation; in a batch of ``batch_size`` the batch's
-        wall and prefill times are shared equally (Σ wall_s over the batch = its wall time)."""
+        shared times (wall, prefill, the target's verify steps and forwards) are shared equally
+        (Σ wall_s over the batch = its wall time); drafting is the row's own."""
         record.prompt_tokens = len(prompt)
         record.new_tokens = len(out.new_ids)
         record.wall_s = out.wall_s / batch_size
@@ -488,7 +489,7 @@ class Runner:
         record.sequence_s = out.wall_s if sequence_s is None else sequence_s
         record.method_stats = out.method_stats or None
         record.draft_s = sum(s.draft_s for s in out.steps)
-        record.verify_s = sum(s.verify_s for s in out.steps)
+        record.verify_s = sum(s.verify_s for s in out.steps) / batch_size
         record.forward_s = sum(s.forward_s for s in out.steps) / batch_size
         record.steps = out.target_forwards
         record.drafted = sum(s.drafted for s in out.steps)

@@ -148,6 +148,9 @@ def test_runner_batches_and_writes_one_record_per_sample(tmp_path, data_dir):
     ]
     assert all(r.token_match_rate is not None and 0.0 <= r.token_match_rate <= 1.0 for r in methods)
     assert all(r.lossless is None and r.method_stats["layer_fraction"] < 1.0 for r in methods)
+    # the batch's shared step time is shared like its wall time: a row's verify time fits in its decode share
+    assert all(r.verify_s <= r.wall_s - r.prefill_s + 1e-9 for r in methods if r.batch_size)
+    assert 0.0 < lossy.summary["verify_share"] <= 1.0
     assert lossy.summary["token_match_rate"] is not None and lossy.summary["speedup"] > 0
 
     from decodebench.analysis.report import load_records, report_table
